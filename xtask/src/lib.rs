@@ -1,0 +1,5 @@
+//! Developer tasks shared by the `xtask` binary and its tests. Codegen lives here so that the
+//! staleness test runs exactly the code `cargo xtask codegen` runs. This crate must build even
+//! when the checked-in generated code is broken, so it depends on no Latch crate.
+
+pub mod codegen;
