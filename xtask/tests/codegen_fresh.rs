@@ -8,7 +8,11 @@ fn read_dir_files(dir: &Path) -> BTreeMap<String, String> {
         .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
         .map(|entry| {
             let path = entry.expect("dir entry").path();
-            let name = path.file_name().expect("file name").to_string_lossy().into_owned();
+            let name = path
+                .file_name()
+                .expect("file name")
+                .to_string_lossy()
+                .into_owned();
             let text = std::fs::read_to_string(&path).expect("read generated file");
             (name, text)
         })
