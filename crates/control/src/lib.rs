@@ -1,1 +1,240 @@
+//! latch-control: the Latch control plane. Owns the CA, the certificate service (gRPC over TLS)
+//! and the admin HTTP server; `ControlPlane::start` wires them together for the binary and for
+//! the in-process test harness.
 
+pub mod admin;
+pub mod ca;
+pub mod certificate_service;
+pub mod config;
+pub mod identity;
+pub mod metrics;
+pub mod tls_incoming;
+pub mod tokens;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use latch_identity::{ClientAuth, SpiffeClientVerifier, files};
+use latch_proto::ca::certificate_service_server::CertificateServiceServer;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{Args, Config};
+
+use crate::ca::Ca;
+use crate::certificate_service::{CertificateServer, MAX_REQUEST_BYTES};
+use crate::metrics::Metrics;
+use crate::tokens::JoinTokens;
+
+/// Why the control plane could not start.
+#[derive(Debug, Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Ca(#[from] ca::CaError),
+    #[error(transparent)]
+    Tokens(#[from] tokens::TokenError),
+    #[error("{0}")]
+    Config(String),
+    #[error(
+        "cannot listen on {addr}: {source} (is another control plane running? pick another address with {flag})"
+    )]
+    Bind {
+        addr: SocketAddr,
+        flag: &'static str,
+        source: std::io::Error,
+    },
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// A running control plane.
+pub struct ControlPlane {
+    /// Where the certificate service listens.
+    pub grpc_addr: SocketAddr,
+    /// Where the admin HTTP server listens.
+    pub admin_addr: SocketAddr,
+    /// The trust bundle file (PEM) clients need to trust the control plane.
+    pub bundle_path: PathBuf,
+    /// The admin credential file (0600) latchctl reads.
+    pub admin_token_path: PathBuf,
+    pub ca: Arc<Ca>,
+    pub metrics: Arc<Metrics>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// Reads the admin credential, creating a random one (0600) on first start.
+fn admin_credential(path: &std::path::Path) -> Result<String, StartError> {
+    let data_dir_err = |source| StartError::DataDir {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::read_to_string(path) {
+        Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_string()),
+        Ok(_) => Err(StartError::Config(format!(
+            "admin credential file {} is empty; delete it to have a new one generated",
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut bytes = [0u8; 32];
+            aws_lc_rs::rand::fill(&mut bytes)
+                .map_err(|_| data_dir_err(std::io::Error::other("system RNG failed")))?;
+            let credential: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            files::write_private(path, format!("{credential}\n").as_bytes())
+                .map_err(data_dir_err)?;
+            Ok(credential)
+        }
+        Err(e) => Err(data_dir_err(e)),
+    }
+}
+
+async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, flag, source })
+}
+
+impl ControlPlane {
+    /// Loads or creates the CA, then serves the certificate service and the admin API.
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        let data_dir = &config.data_dir;
+        files::ensure_private_dir(data_dir).map_err(|source| StartError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
+        let ca = Arc::new(match &config.plugin {
+            Some(plugin) => Ca::from_files(plugin, &config.trust_domain, config.ttl)?,
+            None => Ca::load_or_create(data_dir, &config.trust_domain, config.ttl)?,
+        });
+        let bundle_path = data_dir.join("bundle.pem");
+        files::write_public(&bundle_path, ca.bundle().to_pem().as_bytes()).map_err(|source| {
+            StartError::DataDir {
+                path: bundle_path.clone(),
+                source,
+            }
+        })?;
+        let admin_token_path = data_dir.join("admin.token");
+        let credential = admin_credential(&admin_token_path)?;
+
+        let tokens = Arc::new(JoinTokens::open(data_dir.join("join-tokens.json"))?);
+        if let Some(path) = &config.config_file {
+            config::FileConfig::load(path)
+                .and_then(|file| file.apply_tokens(&config.trust_domain, &tokens))
+                .map_err(StartError::Config)?;
+        }
+        let metrics = Arc::new(Metrics::new());
+        metrics.ca_expiry.set(
+            ca.not_after()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                .unwrap_or(0),
+        );
+
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let own_identity = identity::serving_identity(&ca, &tracker, cancel.clone())?;
+
+        let mut tls = latch_identity::tls::server_config(
+            own_identity.clone(),
+            Arc::new(SpiffeClientVerifier::new(
+                own_identity.clone(),
+                ClientAuth::Deferred,
+            )),
+            &[latch_identity::tls::ALPN_H2],
+        )?;
+        // Renewal re-validates the presented chain on every request; resumption would only
+        // save a handshake per (rare) connection, so keep every session fresh.
+        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        tls.send_tls13_tickets = 0;
+
+        let grpc_listener = bind(config.listen, "--listen").await?;
+        let grpc_addr = grpc_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                flag: "--listen",
+                source,
+            })?;
+        let admin_listener = bind(config.admin, "--admin").await?;
+        let admin_addr = admin_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: config.admin,
+                flag: "--admin",
+                source,
+            })?;
+
+        let incoming = tls_incoming::incoming(
+            grpc_listener,
+            Arc::new(tls),
+            config.limits,
+            &tracker,
+            cancel.clone(),
+        );
+        let service = CertificateServiceServer::new(CertificateServer::new(
+            ca.clone(),
+            tokens.clone(),
+            metrics.clone(),
+        ))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let server = tonic::transport::Server::builder()
+            .concurrency_limit_per_connection(64)
+            .max_concurrent_streams(Some(128))
+            .timeout(std::time::Duration::from_secs(10))
+            .add_service(service);
+        let shutdown = cancel.clone();
+        tracker.spawn(async move {
+            if let Err(e) = server
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                .await
+            {
+                tracing::error!("certificate service stopped: {e}");
+            }
+        });
+
+        admin::serve(
+            admin_listener,
+            Arc::new(admin::AdminState {
+                ca: ca.clone(),
+                tokens,
+                metrics: metrics.clone(),
+                own_identity,
+                admin_credential_hash: tokens::token_hash(&credential),
+            }),
+            &tracker,
+            cancel.clone(),
+        );
+        tracing::info!(
+            trust_domain = %config.trust_domain,
+            grpc = %grpc_addr,
+            admin = %admin_addr,
+            bundle = %bundle_path.display(),
+            "control plane started; clients trust it through the bundle file"
+        );
+        Ok(Self {
+            grpc_addr,
+            admin_addr,
+            bundle_path,
+            admin_token_path,
+            ca,
+            metrics,
+            cancel,
+            tracker,
+        })
+    }
+
+    /// Stops accepting, closes connections and waits for every task to finish.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}

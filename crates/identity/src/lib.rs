@@ -3,11 +3,15 @@
 //! The control plane, the proxy and latchctl all build on this crate.
 
 pub mod bundle;
+pub mod client;
 pub mod csr;
+pub mod files;
 pub mod pem;
 pub mod spiffe_id;
 pub mod store;
 pub mod svid;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 pub mod verifier;
 

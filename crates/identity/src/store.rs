@@ -108,3 +108,181 @@ impl ResolvesClientCert for SvidResolver {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SvidError;
+    use crate::svid::SvidInfo;
+    use crate::testing::{Ca, HOUR, Pair, at, client, leaf_params, server, spiffe_id, svid_error};
+    use crate::verifier::{ClientAuth, ExpectedPeer};
+
+    const SERVER: &str = "/ns/demo/sa/server";
+    const CLIENT: &str = "/ns/demo/sa/client";
+
+    fn expired_svid(ca: &Ca, path: &str) -> Svid {
+        let mut params = leaf_params(path);
+        params.not_before = at(-2 * HOUR).into();
+        params.not_after = at(-HOUR).into();
+        ca.sign(&params).svid(&[])
+    }
+
+    /// Handshakes a fresh client (trusting `client_store`) with a fresh server (presenting
+    /// `server_store`'s SVID) and returns the pair.
+    fn connect(client_store: &Arc<CertStore>, server_store: &Arc<CertStore>) -> Pair {
+        let mut pair = Pair::new(
+            client(client_store, ExpectedPeer::AnyInBundle),
+            server(
+                server_store,
+                ClientAuth::Required(ExpectedPeer::AnyInBundle),
+            ),
+        );
+        pair.handshake().expect("handshake");
+        pair
+    }
+
+    fn presented_serial(pair: &Pair) -> String {
+        let certs = pair.client.peer_certificates().expect("server cert");
+        SvidInfo::from_leaf(&certs[0]).expect("server SVID").serial
+    }
+
+    #[test]
+    fn valid_svid_hides_an_expired_svid() {
+        let root = Ca::root("Latch Root");
+        let store = CertStore::new(root.bundle());
+        assert!(store.svid().is_none());
+        assert!(store.valid_svid(SystemTime::now()).is_none());
+
+        store.set_svid(root.svid(SERVER));
+        let not_after = store.svid().unwrap().info().not_after;
+        assert!(store.valid_svid(not_after).is_some());
+        assert!(
+            store
+                .valid_svid(not_after + std::time::Duration::from_secs(1))
+                .is_none()
+        );
+        assert!(
+            store.svid().is_some(),
+            "svid() still returns the expired SVID"
+        );
+    }
+
+    #[test]
+    fn set_svid_and_set_bundle_replace_what_readers_load() {
+        let (old_root, new_root) = (Ca::root("Latch Root"), Ca::root("Latch Root"));
+        let store = CertStore::with_svid(old_root.svid(SERVER), old_root.bundle());
+        let before = store.svid().unwrap();
+        let new = new_root.svid(SERVER);
+        let new_serial = new.info().serial.clone();
+
+        store.set_svid(new);
+        store.set_bundle(new_root.bundle());
+        assert_eq!(store.svid().unwrap().info().serial, new_serial);
+        assert_ne!(before.info().serial, new_serial);
+        assert_eq!(store.bundle().roots(), &[new_root.cert()]);
+    }
+
+    #[test]
+    fn new_svid_is_presented_to_new_connections_while_old_ones_keep_working() {
+        let root = Ca::root("Latch Root");
+        let server_store = Arc::new(CertStore::with_svid(root.svid(SERVER), root.bundle()));
+        let client_store = Arc::new(CertStore::with_svid(root.svid(CLIENT), root.bundle()));
+        let old_serial = server_store.svid().unwrap().info().serial.clone();
+
+        let mut established = connect(&client_store, &server_store);
+        assert_eq!(presented_serial(&established), old_serial);
+
+        server_store.set_svid(root.svid(SERVER));
+        let new_serial = server_store.svid().unwrap().info().serial.clone();
+        assert_ne!(new_serial, old_serial);
+
+        let fresh = connect(&client_store, &server_store);
+        assert_eq!(presented_serial(&fresh), new_serial);
+
+        assert_eq!(established.client_to_server(b"still here"), b"still here");
+        assert_eq!(established.server_to_client(b"me too"), b"me too");
+        assert_eq!(presented_serial(&established), old_serial);
+    }
+
+    #[test]
+    fn new_bundle_is_used_by_the_next_handshake() {
+        let (old_root, new_root) = (Ca::root("Latch Root"), Ca::root("Latch Root"));
+        let server_store = Arc::new(CertStore::with_svid(
+            old_root.svid(SERVER),
+            old_root.bundle(),
+        ));
+        let client_store = Arc::new(CertStore::with_svid(
+            old_root.svid(CLIENT),
+            old_root.bundle(),
+        ));
+        connect(&client_store, &server_store);
+
+        client_store.set_bundle(new_root.bundle());
+        let err = Pair::new(
+            client(&client_store, ExpectedPeer::AnyInBundle),
+            server(
+                &server_store,
+                ClientAuth::Required(ExpectedPeer::AnyInBundle),
+            ),
+        )
+        .handshake()
+        .unwrap_err()
+        .by_client();
+        assert!(
+            matches!(svid_error(&err), Some(SvidError::Chain { id, .. }) if *id == spiffe_id(SERVER)),
+            "{err:?}"
+        );
+
+        // A server that moved to the new root is accepted again.
+        server_store.set_svid(new_root.svid(SERVER));
+        let pair = connect(&client_store, &server_store);
+        assert_eq!(
+            presented_serial(&pair),
+            server_store.svid().unwrap().info().serial
+        );
+    }
+
+    #[test]
+    fn expired_svid_fails_closed() {
+        let root = Ca::root("Latch Root");
+        let good = Arc::new(CertStore::with_svid(root.svid(CLIENT), root.bundle()));
+        let stale_server = Arc::new(CertStore::with_svid(
+            expired_svid(&root, SERVER),
+            root.bundle(),
+        ));
+        let no_svid = Arc::new(CertStore::new(root.bundle()));
+
+        // A server with nothing valid to present refuses the handshake.
+        for store in [&stale_server, &no_svid] {
+            let err = Pair::new(
+                client(&good, ExpectedPeer::AnyInBundle),
+                server(store, ClientAuth::Required(ExpectedPeer::AnyInBundle)),
+            )
+            .handshake()
+            .unwrap_err()
+            .by_server();
+            assert!(
+                matches!(err, rustls::Error::General(_)),
+                "{store:?}: {err:?}"
+            );
+        }
+
+        // A client with only an expired SVID presents none, and required auth refuses it.
+        let stale_client = Arc::new(CertStore::with_svid(
+            expired_svid(&root, CLIENT),
+            root.bundle(),
+        ));
+        let server_store = Arc::new(CertStore::with_svid(root.svid(SERVER), root.bundle()));
+        let err = Pair::new(
+            client(&stale_client, ExpectedPeer::AnyInBundle),
+            server(
+                &server_store,
+                ClientAuth::Required(ExpectedPeer::AnyInBundle),
+            ),
+        )
+        .handshake()
+        .unwrap_err()
+        .by_server();
+        assert_eq!(err, rustls::Error::NoCertificatesPresented);
+    }
+}

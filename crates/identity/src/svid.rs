@@ -306,3 +306,367 @@ impl Svid {
         crate::pem::encode("PRIVATE KEY", self.key.secret_pkcs8_der())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CustomExtension, ExtendedKeyUsagePurpose, IsCa,
+        KeyUsagePurpose, SanType, SerialNumber,
+    };
+
+    use super::*;
+    use crate::spiffe_id::SpiffeIdError;
+    use crate::testing::{Ca, HOUR, at, leaf_params, spiffe_id, uri_sans};
+
+    const PATH: &str = "/ns/demo/sa/web";
+
+    fn verify(chain: &[CertificateDer<'_>], bundle: &TrustBundle, role: PeerRole) -> SvidResult {
+        verify_svid(chain, bundle, SystemTime::now(), role)
+    }
+
+    type SvidResult = Result<SvidInfo, SvidError>;
+
+    #[test]
+    fn conforming_leaf_verifies_for_both_roles() {
+        let root = Ca::root("Latch Root");
+        let (not_before, not_after) = (at(-HOUR), at(2 * HOUR));
+        let mut params = leaf_params(PATH);
+        params.serial_number = Some(SerialNumber::from_slice(&[0x0a, 0x1b, 0x2c]));
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        let leaf = root.sign(&params);
+        let want = SvidInfo {
+            id: spiffe_id(PATH),
+            serial: "0a1b2c".to_string(),
+            not_before,
+            not_after,
+        };
+
+        assert_eq!(SvidInfo::from_leaf(&leaf.cert).unwrap(), want);
+        for role in [PeerRole::Server, PeerRole::Client] {
+            let info = verify(&leaf.chain(&[]), &root.bundle(), role)
+                .unwrap_or_else(|e| panic!("{role:?}: {e}"));
+            assert_eq!(info, want, "{role:?}");
+        }
+        assert_eq!(want.lifetime(), Duration::from_secs(3 * 3600));
+    }
+
+    #[test]
+    fn chain_through_intermediate_needs_the_intermediate() {
+        let root = Ca::root("Latch Root");
+        let intermediate = root.intermediate("Latch Intermediate");
+        let leaf = intermediate.sign(&leaf_params(PATH));
+
+        let info = verify(
+            &leaf.chain(&[&intermediate]),
+            &root.bundle(),
+            PeerRole::Server,
+        )
+        .expect("leaf + intermediate chains to the root");
+        assert_eq!(info.id, spiffe_id(PATH));
+
+        let err = verify(&leaf.chain(&[]), &root.bundle(), PeerRole::Server).unwrap_err();
+        assert!(
+            matches!(&err, SvidError::Chain { id, .. } if *id == spiffe_id(PATH)),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn bundle_with_two_roots_accepts_leaves_of_either() {
+        // Same subject name, as when a root is rotated; only the keys differ.
+        let old = Ca::root("Latch Root");
+        let new = Ca::root("Latch Root");
+        let bundle = TrustBundle::new(vec![old.cert(), new.cert()]).unwrap();
+        for (name, ca) in [("old", &old), ("new", &new)] {
+            let leaf = ca.sign(&leaf_params(PATH));
+            let info = verify(&leaf.chain(&[]), &bundle, PeerRole::Client)
+                .unwrap_or_else(|e| panic!("leaf from {name} root: {e}"));
+            assert_eq!(info.id, spiffe_id(PATH));
+        }
+    }
+
+    #[test]
+    fn leaf_from_foreign_root_is_refused() {
+        let root = Ca::root("Latch Root");
+        let foreign = Ca::root("Latch Root"); // same name, different key
+        let leaf = foreign.sign(&leaf_params(PATH));
+        let err = verify(&leaf.chain(&[]), &root.bundle(), PeerRole::Server).unwrap_err();
+        assert!(
+            matches!(&err, SvidError::Chain { id, .. } if *id == spiffe_id(PATH)),
+            "{err:?}"
+        );
+    }
+
+    fn leaf_valid_between(
+        root: &Ca,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Vec<CertificateDer<'static>> {
+        let mut params = leaf_params(PATH);
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
+        root.sign(&params).chain(&[])
+    }
+
+    #[test]
+    fn expired_and_not_yet_valid_leaves_are_refused() {
+        let root = Ca::root("Latch Root");
+
+        let not_after = at(-HOUR);
+        let expired = leaf_valid_between(&root, at(-2 * HOUR), not_after);
+        let err = verify(&expired, &root.bundle(), PeerRole::Server).unwrap_err();
+        assert!(
+            matches!(&err, SvidError::Expired { id, not_after: t }
+                if *id == spiffe_id(PATH) && *t == format_time(not_after)),
+            "{err:?}"
+        );
+
+        let not_before = at(HOUR);
+        let early = leaf_valid_between(&root, not_before, at(2 * HOUR));
+        let err = verify(&early, &root.bundle(), PeerRole::Server).unwrap_err();
+        assert!(
+            matches!(&err, SvidError::NotYetValid { id, not_before: t }
+                if *id == spiffe_id(PATH) && *t == format_time(not_before)),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn validity_window_is_inclusive_at_both_ends() {
+        let root = Ca::root("Latch Root");
+        let (not_before, not_after) = (at(-HOUR), at(HOUR));
+        let chain = leaf_valid_between(&root, not_before, not_after);
+        let second = Duration::from_secs(1);
+        let check = |now| verify_svid(&chain, &root.bundle(), now, PeerRole::Server);
+
+        assert!(check(not_before).is_ok());
+        assert!(check(not_after).is_ok());
+        assert!(matches!(
+            check(not_before - second),
+            Err(SvidError::NotYetValid { .. })
+        ));
+        assert!(matches!(
+            check(not_after + second),
+            Err(SvidError::Expired { .. })
+        ));
+    }
+
+    /// A keyUsage extension with only digitalSignature, left non-critical (rcgen always
+    /// marks its own keyUsage critical).
+    fn non_critical_key_usage(params: &mut CertificateParams) {
+        params.key_usages.clear();
+        // BIT STRING, 7 unused bits, bit 0 (digitalSignature) set.
+        let ext = CustomExtension::from_oid_content(&[2, 5, 29, 15], vec![0x03, 0x02, 0x07, 0x80]);
+        assert!(!ext.criticality());
+        params.custom_extensions.push(ext);
+    }
+
+    #[test]
+    fn leaf_rules_are_enforced() {
+        type Case = (
+            &'static str,
+            fn(&mut CertificateParams),
+            fn(&SvidError) -> bool,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "leaf is a CA",
+                |p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained),
+                |e| matches!(e, SvidError::LeafIsCa),
+            ),
+            (
+                "DNS SAN only",
+                |p| p.subject_alt_names = vec![SanType::DnsName("web.test".try_into().unwrap())],
+                |e| matches!(e, SvidError::NoUriSan),
+            ),
+            (
+                "no SAN at all",
+                |p| p.subject_alt_names.clear(),
+                |e| matches!(e, SvidError::NoUriSan),
+            ),
+            (
+                "two URI SANs",
+                |p| {
+                    p.subject_alt_names =
+                        uri_sans(&["spiffe://test.latch/a", "spiffe://test.latch/b"])
+                },
+                |e| matches!(e, SvidError::MultipleUriSans(2)),
+            ),
+            (
+                "uppercase trust domain",
+                |p| p.subject_alt_names = uri_sans(&["spiffe://TD/x"]),
+                |e| {
+                    matches!(e, SvidError::BadSpiffeId { uri, source }
+                    if uri == "spiffe://TD/x"
+                        && *source == SpiffeIdError::BadTrustDomainChar { ch: 'T', pos: 9 })
+                },
+            ),
+            (
+                "not a spiffe URI",
+                |p| p.subject_alt_names = uri_sans(&["https://x"]),
+                |e| {
+                    matches!(e, SvidError::BadSpiffeId { uri, source }
+                    if uri == "https://x" && *source == SpiffeIdError::WrongScheme)
+                },
+            ),
+            (
+                "no keyUsage",
+                |p| p.key_usages.clear(),
+                |e| matches!(e, SvidError::MissingKeyUsage),
+            ),
+            ("keyUsage not critical", non_critical_key_usage, |e| {
+                matches!(e, SvidError::KeyUsageNotCritical)
+            }),
+            (
+                "keyUsage keyCertSign",
+                |p| p.key_usages.push(KeyUsagePurpose::KeyCertSign),
+                |e| matches!(e, SvidError::LeafCanSign),
+            ),
+            (
+                "keyUsage cRLSign",
+                |p| p.key_usages.push(KeyUsagePurpose::CrlSign),
+                |e| matches!(e, SvidError::LeafCanSign),
+            ),
+            (
+                "keyUsage without digitalSignature",
+                |p| p.key_usages = vec![KeyUsagePurpose::KeyEncipherment],
+                |e| matches!(e, SvidError::NoDigitalSignature),
+            ),
+        ];
+        let root = Ca::root("Latch Root");
+        for (name, break_rule, is_expected) in cases {
+            let mut params = leaf_params(PATH);
+            break_rule(&mut params);
+            let leaf = root.sign(&params);
+
+            let err = SvidInfo::from_leaf(&leaf.cert).expect_err(name);
+            assert!(is_expected(&err), "{name}: from_leaf gave {err:?}");
+            let err = verify(&leaf.chain(&[]), &root.bundle(), PeerRole::Server).expect_err(name);
+            assert!(is_expected(&err), "{name}: verify_svid gave {err:?}");
+        }
+    }
+
+    #[test]
+    fn empty_and_malformed_chains_are_refused() {
+        let root = Ca::root("Latch Root");
+        let bundle = root.bundle();
+        let err = verify(&[], &bundle, PeerRole::Server).unwrap_err();
+        assert!(matches!(err, SvidError::EmptyChain), "{err:?}");
+
+        let good = root.sign(&leaf_params(PATH)).cert;
+        let truncated = CertificateDer::from(good[..good.len() / 2].to_vec());
+        let garbage = CertificateDer::from(b"not a certificate".to_vec());
+        for chain in [[garbage], [truncated]] {
+            let err = verify(&chain, &bundle, PeerRole::Server).unwrap_err();
+            assert!(matches!(err, SvidError::Malformed(_)), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn extended_key_usage_must_match_the_role() {
+        let root = Ca::root("Latch Root");
+        for (only, refused_as) in [
+            (ExtendedKeyUsagePurpose::ServerAuth, PeerRole::Client),
+            (ExtendedKeyUsagePurpose::ClientAuth, PeerRole::Server),
+        ] {
+            let mut params = leaf_params(PATH);
+            params.extended_key_usages = vec![only.clone()];
+            let chain = root.sign(&params).chain(&[]);
+            let allowed_as = match refused_as {
+                PeerRole::Client => PeerRole::Server,
+                PeerRole::Server => PeerRole::Client,
+            };
+            assert!(
+                verify(&chain, &root.bundle(), allowed_as).is_ok(),
+                "{only:?} as {allowed_as:?}"
+            );
+            let err = verify(&chain, &root.bundle(), refused_as).unwrap_err();
+            assert!(
+                matches!(err, SvidError::Chain { .. }),
+                "{only:?} as {refused_as:?}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn svid_new_pairs_key_and_chain() {
+        let root = Ca::root("Latch Root");
+        let intermediate = root.intermediate("Latch Intermediate");
+        let leaf = intermediate.sign(&leaf_params(PATH));
+        let svid = Svid::new(leaf.chain(&[&intermediate]), leaf.key_der()).unwrap();
+        assert_eq!(svid.id(), &spiffe_id(PATH));
+        assert_eq!(svid.chain(), leaf.chain(&[&intermediate]).as_slice());
+        assert_eq!(svid.certified_key().cert, svid.chain());
+        assert_eq!(
+            svid.chain_pem()
+                .matches("-----BEGIN CERTIFICATE-----")
+                .count(),
+            2
+        );
+        assert!(svid.key_pem().starts_with("-----BEGIN PRIVATE KEY-----"));
+    }
+
+    #[test]
+    fn svid_new_refuses_a_key_that_does_not_match_the_leaf() {
+        let root = Ca::root("Latch Root");
+        let leaf = root.sign(&leaf_params(PATH));
+        let other = root.sign(&leaf_params(PATH));
+        let err = Svid::new(leaf.chain(&[]), other.key_der()).unwrap_err();
+        assert!(
+            matches!(&err, SvidError::Malformed(m) if m.contains("does not fit")),
+            "{err:?}"
+        );
+
+        let err = Svid::new(Vec::new(), leaf.key_der()).unwrap_err();
+        assert!(matches!(err, SvidError::EmptyChain), "{err:?}");
+    }
+
+    #[test]
+    fn svid_new_refuses_a_leaf_that_is_not_an_svid() {
+        let root = Ca::root("Latch Root");
+        let mut params = leaf_params(PATH);
+        params.subject_alt_names.clear();
+        let leaf = root.sign(&params);
+        let err = Svid::new(leaf.chain(&[]), leaf.key_der()).unwrap_err();
+        assert!(matches!(err, SvidError::NoUriSan), "{err:?}");
+    }
+
+    #[test]
+    fn rustls_errors_keep_the_meaning() {
+        use rustls::CertificateError as C;
+        let id = spiffe_id(PATH);
+        let cert_error = |e: SvidError| match e.to_rustls() {
+            rustls::Error::InvalidCertificate(c) => c,
+            other => panic!("{other:?}"),
+        };
+        let expired = SvidError::Expired {
+            id: id.clone(),
+            not_after: String::new(),
+        };
+        assert_eq!(cert_error(expired), C::Expired);
+        let early = SvidError::NotYetValid {
+            id: id.clone(),
+            not_before: String::new(),
+        };
+        assert_eq!(cert_error(early), C::NotValidYet);
+        assert_eq!(cert_error(SvidError::EmptyChain), C::BadEncoding);
+        assert_eq!(
+            cert_error(SvidError::Malformed(String::new())),
+            C::BadEncoding
+        );
+
+        let chain = SvidError::Chain {
+            id: id.clone(),
+            reason: "r".into(),
+        };
+        let C::Other(other) = cert_error(chain) else {
+            panic!("Chain should map to Other")
+        };
+        let inner = other.0.downcast_ref::<SvidError>();
+        assert!(
+            matches!(inner, Some(SvidError::Chain { id: got, .. }) if *got == id),
+            "{inner:?}"
+        );
+    }
+}

@@ -246,3 +246,197 @@ pub fn peer_spiffe_id(peer_certificates: Option<&[CertificateDer<'_>]>) -> Optio
     let leaf = peer_certificates?.first()?;
     SvidInfo::from_leaf(leaf).ok().map(|info| info.id)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{Ca, Pair, anonymous_client, client, server, spiffe_id, svid_error};
+
+    const SERVER: &str = "/ns/demo/sa/server";
+    const CLIENT: &str = "/ns/demo/sa/client";
+
+    fn store(ca: &Ca, path: &str, trusts: &Ca) -> Arc<CertStore> {
+        Arc::new(CertStore::with_svid(ca.svid(path), trusts.bundle()))
+    }
+
+    #[test]
+    fn expected_peer_matches_ids() {
+        let td = TrustDomain::new("test.latch").unwrap();
+        let other_td = TrustDomain::new("other.latch").unwrap();
+        let web = spiffe_id("/ns/demo/sa/web");
+        let cases = [
+            (ExpectedPeer::AnyInBundle, true),
+            (ExpectedPeer::TrustDomain(td), true),
+            (ExpectedPeer::TrustDomain(other_td), false),
+            (ExpectedPeer::Exactly(web.clone()), true),
+            (ExpectedPeer::Exactly(spiffe_id("/ns/demo/sa/db")), false),
+        ];
+        for (expected, ok) in cases {
+            match expected.check(&web) {
+                Ok(()) => assert!(ok, "{expected:?} accepted {web}"),
+                Err(SvidError::UnexpectedId {
+                    expected: shown,
+                    got,
+                }) => {
+                    assert!(!ok, "{expected:?} refused {web}");
+                    assert_eq!(shown, expected.to_string());
+                    assert_eq!(got, web);
+                }
+                Err(e) => panic!("{expected:?}: {e:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn mutual_tls_with_exact_ids() {
+        let root = Ca::root("Latch Root");
+        let server_store = store(&root, SERVER, &root);
+        let client_store = store(&root, CLIENT, &root);
+        let mut pair = Pair::new(
+            client(&client_store, ExpectedPeer::Exactly(spiffe_id(SERVER))),
+            server(
+                &server_store,
+                ClientAuth::Required(ExpectedPeer::Exactly(spiffe_id(CLIENT))),
+            ),
+        );
+        pair.handshake().expect("handshake");
+
+        assert_eq!(
+            peer_spiffe_id(pair.client.peer_certificates()),
+            Some(spiffe_id(SERVER))
+        );
+        assert_eq!(
+            peer_spiffe_id(pair.server.peer_certificates()),
+            Some(spiffe_id(CLIENT))
+        );
+        assert_eq!(
+            pair.client.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
+        assert_eq!(pair.client_to_server(b"ping"), b"ping");
+        assert_eq!(pair.server_to_client(b"pong"), b"pong");
+    }
+
+    #[test]
+    fn unexpected_peer_id_fails_the_handshake() {
+        let root = Ca::root("Latch Root");
+        let server_store = store(&root, SERVER, &root);
+        let client_store = store(&root, CLIENT, &root);
+        let other = spiffe_id("/ns/demo/sa/other");
+
+        // The client wants another server.
+        let err = Pair::new(
+            client(&client_store, ExpectedPeer::Exactly(other.clone())),
+            server(
+                &server_store,
+                ClientAuth::Required(ExpectedPeer::AnyInBundle),
+            ),
+        )
+        .handshake()
+        .unwrap_err()
+        .by_client();
+        assert!(
+            matches!(svid_error(&err), Some(SvidError::UnexpectedId { expected, got })
+                if *expected == other.to_string() && *got == spiffe_id(SERVER)),
+            "{err:?}"
+        );
+
+        // The server wants another client.
+        let err = Pair::new(
+            client(&client_store, ExpectedPeer::AnyInBundle),
+            server(
+                &server_store,
+                ClientAuth::Required(ExpectedPeer::Exactly(other)),
+            ),
+        )
+        .handshake()
+        .unwrap_err()
+        .by_server();
+        assert!(
+            matches!(svid_error(&err), Some(SvidError::UnexpectedId { got, .. })
+                if *got == spiffe_id(CLIENT)),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn required_client_auth_refuses_missing_and_foreign_certs() {
+        let root = Ca::root("Latch Root");
+        let foreign = Ca::root("Latch Root");
+        let server_store = store(&root, SERVER, &root);
+        let required = || {
+            server(
+                &server_store,
+                ClientAuth::Required(ExpectedPeer::AnyInBundle),
+            )
+        };
+
+        let err = Pair::new(
+            anonymous_client(&server_store, ExpectedPeer::AnyInBundle),
+            required(),
+        )
+        .handshake()
+        .unwrap_err()
+        .by_server();
+        assert_eq!(err, rustls::Error::NoCertificatesPresented);
+
+        // The foreign client trusts our root, so only the server's check can stop it.
+        let foreign_store = store(&foreign, CLIENT, &root);
+        let err = Pair::new(
+            client(&foreign_store, ExpectedPeer::AnyInBundle),
+            required(),
+        )
+        .handshake()
+        .unwrap_err()
+        .by_server();
+        assert!(
+            matches!(svid_error(&err), Some(SvidError::Chain { id, .. }) if *id == spiffe_id(CLIENT)),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn deferred_client_auth_hands_any_cert_to_the_application() {
+        let root = Ca::root("Latch Root");
+        let foreign = Ca::root("Latch Root");
+        let server_store = store(&root, SERVER, &root);
+        let foreign_store = store(&foreign, CLIENT, &root);
+
+        let mut pair = Pair::new(
+            client(&foreign_store, ExpectedPeer::AnyInBundle),
+            server(&server_store, ClientAuth::Deferred),
+        );
+        pair.handshake()
+            .expect("deferred auth lets a foreign cert through");
+        let presented = pair
+            .server
+            .peer_certificates()
+            .expect("client cert")
+            .to_vec();
+        let foreign_svid = foreign_store.svid().unwrap();
+        assert_eq!(presented, foreign_svid.chain());
+        assert_eq!(pair.client_to_server(b"renew me"), b"renew me");
+        // ...and the application's own check refuses it with a precise error.
+        let err = verify_svid(
+            &presented,
+            &server_store.bundle(),
+            SystemTime::now(),
+            PeerRole::Client,
+        )
+        .unwrap_err();
+        assert!(matches!(err, SvidError::Chain { .. }), "{err:?}");
+
+        // Without a client certificate the handshake succeeds and there is no peer ID.
+        let mut pair = Pair::new(
+            anonymous_client(&server_store, ExpectedPeer::AnyInBundle),
+            server(&server_store, ClientAuth::Deferred),
+        );
+        pair.handshake()
+            .expect("deferred auth allows no client cert");
+        assert_eq!(peer_spiffe_id(pair.server.peer_certificates()), None);
+        assert_eq!(
+            peer_spiffe_id(pair.client.peer_certificates()),
+            Some(spiffe_id(SERVER))
+        );
+    }
+}

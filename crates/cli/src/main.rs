@@ -1,0 +1,183 @@
+//! `latchctl`, the operator CLI: create join tokens through the control plane's admin API and
+//! fetch SVIDs as files. Each subcommand is a thin shell over latch-identity and the admin API.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use latch_identity::client::{CaClient, control_plane_id};
+use latch_identity::{CertStore, ExpectedPeer, TrustBundle, TrustDomain, files};
+
+mod admin_client;
+
+#[derive(Debug, Parser)]
+#[command(name = "latchctl", version, about = "Operate a Latch mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Join tokens: credentials bound to one SPIFFE ID, for workloads outside Kubernetes.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// X509-SVIDs.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a join token and print it (the only time it is shown).
+    Create {
+        /// The SPIFFE ID the token grants.
+        #[arg(long)]
+        spiffe_id: String,
+        /// How long the token can be used.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Allow the token to be used more than once (workloads that restart).
+        #[arg(long)]
+        reusable: bool,
+        /// The control plane's admin address.
+        #[arg(long, env = "LATCH_ADMIN", default_value = "127.0.0.1:15014")]
+        admin: String,
+        /// The control plane's data dir, where the admin credential (admin.token) lives.
+        #[arg(long, env = "LATCH_DATA_DIR", default_value = "./latch-data")]
+        data_dir: PathBuf,
+        /// Print the whole answer as JSON instead of just the token.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Generate a key, get an SVID for it, and write svid.pem, svid.key (0600) and bundle.pem.
+    Request {
+        /// Join token (or set LATCH_JOIN_TOKEN).
+        #[arg(long, env = "LATCH_JOIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The control plane's gRPC address.
+        #[arg(long, env = "LATCH_CONTROL_PLANE", default_value = "127.0.0.1:15010")]
+        control_plane: String,
+        /// Trust bundle (PEM) to verify the control plane with: <data-dir>/bundle.pem.
+        #[arg(long, env = "LATCH_CA_BUNDLE")]
+        bundle: PathBuf,
+        /// Output folder (created 0700).
+        #[arg(long)]
+        out: PathBuf,
+        /// Requested lifetime (the server's default when absent).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Trust domain of the control plane (its SVID must be
+        /// spiffe://<trust-domain>/ns/latch-system/sa/latch-control).
+        #[arg(long, env = "LATCH_TRUST_DOMAIN", default_value = "cluster.local")]
+        trust_domain: String,
+    },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> std::process::ExitCode {
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    spiffe_id,
+                    ttl,
+                    reusable,
+                    admin,
+                    data_dir,
+                    json,
+                },
+        } => {
+            let created =
+                admin_client::create_token(&admin, &data_dir, &spiffe_id, ttl, reusable).await?;
+            if json {
+                println!("{created}");
+            } else {
+                let token = created["token"]
+                    .as_str()
+                    .context("control plane answered without a token")?;
+                println!("{token}");
+            }
+            Ok(())
+        }
+        Command::Cert {
+            command:
+                CertCommand::Request {
+                    token,
+                    control_plane,
+                    bundle,
+                    out,
+                    ttl,
+                    trust_domain,
+                },
+        } => request_cert(&token, &control_plane, &bundle, &out, ttl, &trust_domain).await,
+    }
+}
+
+async fn request_cert(
+    token: &str,
+    control_plane: &str,
+    bundle_path: &Path,
+    out: &Path,
+    ttl: Option<Duration>,
+    trust_domain: &str,
+) -> Result<()> {
+    if token.is_empty() {
+        bail!("--token is empty");
+    }
+    let trust_domain = TrustDomain::new(trust_domain)
+        .with_context(|| format!("--trust-domain {trust_domain:?}"))?;
+    let pem = std::fs::read(bundle_path)
+        .with_context(|| format!("reading the trust bundle {}", bundle_path.display()))?;
+    let bundle = TrustBundle::from_pem(&pem)
+        .with_context(|| format!("trust bundle {}", bundle_path.display()))?;
+    let store = Arc::new(CertStore::new(bundle));
+    let expected = ExpectedPeer::Exactly(control_plane_id(&trust_domain));
+    let mut client = CaClient::connect(control_plane, store, expected, false).await?;
+    let (svid, bundle) = client
+        .fetch_svid(None, ttl, Some(token.to_string()))
+        .await?;
+    files::ensure_private_dir(out).with_context(|| format!("creating {}", out.display()))?;
+    let write = |name: &str, contents: String, private: bool| -> Result<()> {
+        let path = out.join(name);
+        if private {
+            files::write_private(&path, contents.as_bytes())
+        } else {
+            files::write_public(&path, contents.as_bytes())
+        }
+        .with_context(|| format!("writing {}", path.display()))
+    };
+    write("svid.key", svid.key_pem(), true)?;
+    write("svid.pem", svid.chain_pem(), false)?;
+    write("bundle.pem", bundle.to_pem(), false)?;
+    let info = svid.info();
+    println!(
+        "{}\n  serial     {}\n  not before {}\n  not after  {}\n  wrote      {}/{{svid.pem,svid.key,bundle.pem}}",
+        info.id,
+        info.serial,
+        latch_identity::svid::format_time(info.not_before),
+        latch_identity::svid::format_time(info.not_after),
+        out.display()
+    );
+    Ok(())
+}

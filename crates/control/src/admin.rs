@@ -1,0 +1,214 @@
+//! The control plane's admin HTTP server: `/healthz`, `/ready`, `/metrics`, and the mutating
+//! `POST /v1/join-tokens`, which requires the admin credential from `<data-dir>/admin.token`
+//! as a bearer token. latchctl is its client.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use latch_identity::{CertStore, SpiffeId};
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::ca::Ca;
+use crate::metrics::Metrics;
+use crate::tokens::JoinTokens;
+
+/// Largest admin request body accepted.
+const MAX_BODY: usize = 16 * 1024;
+/// Default lifetime of a join token created without --ttl.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+/// Everything the admin endpoints read.
+pub struct AdminState {
+    pub ca: Arc<Ca>,
+    pub tokens: Arc<JoinTokens>,
+    pub metrics: Arc<Metrics>,
+    /// The control plane's own serving identity; /ready is false without a valid one.
+    pub own_identity: Arc<CertStore>,
+    /// SHA-256 of the admin credential.
+    pub admin_credential_hash: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct CreateTokenRequest {
+    spiffe_id: String,
+    #[serde(default)]
+    ttl_seconds: Option<u64>,
+    #[serde(default)]
+    reusable: bool,
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.into())));
+    *response.status_mut() = status;
+    response
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Full<Bytes>> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut response = text(status, String::new());
+    *response.body_mut() = Full::new(Bytes::from(body));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
+    json(status, &serde_json::json!({ "error": message.into() }))
+}
+
+impl AdminState {
+    fn ready(&self) -> Result<(), String> {
+        let now = SystemTime::now();
+        if now >= self.ca.not_after() {
+            return Err("CA certificate has expired".into());
+        }
+        if self.own_identity.valid_svid(now).is_none() {
+            return Err("control plane has no valid serving certificate".into());
+        }
+        Ok(())
+    }
+
+    fn authorized(&self, request: &Request<Incoming>) -> bool {
+        let presented = request
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        // Comparing hashes keeps the comparison's timing independent of the secret.
+        presented.is_some_and(|p| crate::tokens::token_hash(p.trim()) == self.admin_credential_hash)
+    }
+
+    async fn create_token(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        if !self.authorized(&request) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong admin credential: latchctl reads it from <data-dir>/admin.token \
+                 (set --data-dir or LATCH_DATA_DIR to the control plane's data dir)",
+            );
+        }
+        let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {e}")),
+        };
+        let req: CreateTokenRequest = match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("request body: {e}")),
+        };
+        let id = match SpiffeId::parse(&req.spiffe_id) {
+            Ok(id) => id,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("{:?} is not a SPIFFE ID: {e}", req.spiffe_id),
+                );
+            }
+        };
+        if !id.is_member_of(self.ca.trust_domain()) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "{id} is not in this control plane's trust domain {}",
+                    self.ca.trust_domain()
+                ),
+            );
+        }
+        let ttl = req
+            .ttl_seconds
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_TOKEN_TTL);
+        if ttl.is_zero() {
+            return error(StatusCode::BAD_REQUEST, "ttl_seconds must be positive");
+        }
+        match self.tokens.create(&id, ttl, req.reusable) {
+            Ok(new) => {
+                self.metrics.join_tokens_created.inc();
+                tracing::info!(spiffe_id = %id, reusable = req.reusable, ttl = ?ttl, "created join token");
+                json(StatusCode::CREATED, &new)
+            }
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        }
+    }
+
+    async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+        match (request.method(), request.uri().path()) {
+            (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+            (&Method::GET, "/ready") => match self.ready() {
+                Ok(()) => text(StatusCode::OK, "ready\n"),
+                Err(why) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n"),
+                ),
+            },
+            (&Method::GET, "/metrics") => {
+                let mut response = text(StatusCode::OK, self.metrics.render());
+                response.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                response
+            }
+            (&Method::POST, "/v1/join-tokens") => self.create_token(request).await,
+            (_, "/healthz" | "/ready" | "/metrics" | "/v1/join-tokens") => {
+                error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+            }
+            _ => error(StatusCode::NOT_FOUND, "not found"),
+        }
+    }
+}
+
+/// Serves the admin API on `listener` until `cancel` fires.
+pub fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) {
+    let connections = tracker.clone();
+    tracker.spawn(async move {
+        loop {
+            let (tcp, _) = tokio::select! {
+                _ = cancel.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!("admin accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let state = state.clone();
+            let cancel = cancel.clone();
+            connections.spawn(async move {
+                let service = service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(state.handle(req).await) }
+                });
+                let conn = http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(tcp), service);
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    result = conn => if let Err(e) = result {
+                        tracing::debug!("admin connection: {e}");
+                    },
+                }
+            });
+        }
+    });
+}

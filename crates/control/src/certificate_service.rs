@@ -1,0 +1,271 @@
+//! `latch.ca.v1.CertificateService`: authenticates the caller (join token, or its current SVID
+//! as TLS client certificate for renewal), checks the CSR, and asks the `Ca` to sign. Every
+//! refusal has the gRPC status an operator would expect and says what to do about it.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use latch_identity::csr::{CsrError, verify_csr};
+use latch_identity::{PeerRole, SpiffeId, SvidError, verify_svid};
+use latch_proto::ca::certificate_service_server::CertificateService;
+use latch_proto::ca::create_certificate_request::Proof;
+use latch_proto::ca::{CreateCertificateRequest, CreateCertificateResponse};
+use tonic::{Request, Response, Status};
+
+use crate::ca::{Ca, CaError, TtlError};
+use crate::metrics::{Metrics, ProofLabel};
+use crate::tls_incoming::PeerConn;
+use crate::tokens::{JoinTokens, TokenError, TokenGrant};
+
+/// Largest request the service decodes; a CSR is well under 2 KiB.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// How the caller proved who it is.
+enum Proven {
+    Token(TokenGrant),
+    Renewal(SpiffeId),
+}
+
+impl Proven {
+    fn id(&self) -> &SpiffeId {
+        match self {
+            Proven::Token(grant) => &grant.id,
+            Proven::Renewal(id) => id,
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Proven::Token(_) => "join_token",
+            Proven::Renewal(_) => "renewal",
+        }
+    }
+}
+
+/// A refusal: the status to return and the metric reason to count it under.
+struct Refusal {
+    reason: &'static str,
+    status: Status,
+}
+
+impl Refusal {
+    fn new(reason: &'static str, status: Status) -> Self {
+        Self { reason, status }
+    }
+}
+
+impl From<TokenError> for Refusal {
+    fn from(e: TokenError) -> Self {
+        let reason = match &e {
+            TokenError::Unknown => "token_unknown",
+            TokenError::Expired { .. } => "token_expired",
+            TokenError::AlreadyUsed { .. } => "token_used",
+            _ => "token_state",
+        };
+        let status = match &e {
+            TokenError::Persist { .. } | TokenError::Corrupt { .. } => {
+                Status::unavailable(e.to_string())
+            }
+            _ => Status::unauthenticated(e.to_string()),
+        };
+        Self::new(reason, status)
+    }
+}
+
+impl From<CsrError> for Refusal {
+    fn from(e: CsrError) -> Self {
+        let reason = match &e {
+            CsrError::DisallowedKeyType(_) => "csr_key_type",
+            CsrError::BadSignature | CsrError::AlgorithmMismatch { .. } => "csr_signature",
+            _ => "csr_malformed",
+        };
+        Self::new(reason, Status::invalid_argument(e.to_string()))
+    }
+}
+
+impl From<TtlError> for Refusal {
+    fn from(e: TtlError) -> Self {
+        Self::new("ttl", Status::invalid_argument(e.to_string()))
+    }
+}
+
+impl From<CaError> for Refusal {
+    fn from(e: CaError) -> Self {
+        match e {
+            CaError::PublicKey(_) => {
+                Self::new("csr_malformed", Status::invalid_argument(e.to_string()))
+            }
+            other => Self::new("ca_unavailable", Status::unavailable(other.to_string())),
+        }
+    }
+}
+
+/// The gRPC service.
+pub struct CertificateServer {
+    ca: Arc<Ca>,
+    tokens: Arc<JoinTokens>,
+    metrics: Arc<Metrics>,
+}
+
+impl CertificateServer {
+    pub fn new(ca: Arc<Ca>, tokens: Arc<JoinTokens>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            ca,
+            tokens,
+            metrics,
+        }
+    }
+
+    fn authenticate(
+        &self,
+        proof: Option<&Proof>,
+        peer: Option<&PeerConn>,
+        now: SystemTime,
+    ) -> Result<Proven, Refusal> {
+        if let Some(Proof::JoinToken(token)) = proof {
+            return Ok(Proven::Token(self.tokens.authenticate(token, now)?));
+        }
+        let Some(chain) = peer.and_then(|p| p.certs.as_deref()) else {
+            return Err(Refusal::new(
+                "no_proof",
+                Status::unauthenticated(
+                    "no proof of identity: send a join token, or present your current SVID as \
+                     the TLS client certificate to renew",
+                ),
+            ));
+        };
+        let info = verify_svid(chain, self.ca.bundle(), now, PeerRole::Client).map_err(|e| {
+            let reason = match e {
+                SvidError::Expired { .. } => "renewal_expired",
+                SvidError::Chain { .. } => "renewal_untrusted",
+                _ => "renewal_invalid",
+            };
+            let hint = match e {
+                SvidError::Expired { .. } => {
+                    "; an expired SVID cannot be renewed, authenticate with a join token again"
+                }
+                _ => "",
+            };
+            Refusal::new(
+                reason,
+                Status::unauthenticated(format!("renewal refused: {e}{hint}")),
+            )
+        })?;
+        if !info.id.is_member_of(self.ca.trust_domain()) {
+            return Err(Refusal::new(
+                "renewal_untrusted",
+                Status::unauthenticated(format!(
+                    "renewal refused: {} is not in trust domain {}",
+                    info.id,
+                    self.ca.trust_domain()
+                )),
+            ));
+        }
+        Ok(Proven::Renewal(info.id))
+    }
+
+    fn create(
+        &self,
+        request: &CreateCertificateRequest,
+        peer: Option<&PeerConn>,
+    ) -> Result<(CreateCertificateResponse, &'static str), Refusal> {
+        let now = SystemTime::now();
+        let requested_ttl = match &request.ttl {
+            None => None,
+            Some(d) if d.seconds < 0 || d.nanos < 0 => {
+                return Err(Refusal::new(
+                    "ttl",
+                    Status::invalid_argument("requested TTL is negative"),
+                ));
+            }
+            Some(d) => Some(Duration::new(
+                d.seconds.unsigned_abs(),
+                d.nanos.unsigned_abs(),
+            )),
+        };
+        let ttl = self.ca.ttl_policy().resolve(requested_ttl)?;
+        let proven = self.authenticate(request.proof.as_ref(), peer, now)?;
+        let csr = verify_csr(&request.csr)?;
+        if let Some(other) = csr
+            .requested_uris
+            .iter()
+            .find(|u| *u != proven.id().as_str())
+        {
+            let why = match &proven {
+                Proven::Token(_) => format!("the join token grants {}", proven.id()),
+                Proven::Renewal(_) => format!(
+                    "renewal keeps the SPIFFE ID of the presented certificate, {}",
+                    proven.id()
+                ),
+            };
+            return Err(Refusal::new(
+                "csr_identity",
+                Status::permission_denied(format!("CSR asks for {other}, but {why}")),
+            ));
+        }
+        if let Proven::Token(grant) = &proven {
+            self.tokens.consume(grant, now)?;
+        }
+        let issued = self.ca.issue(proven.id(), &csr.public_key_spki, ttl, now)?;
+        tracing::info!(
+            spiffe_id = %issued.info.id,
+            serial = %issued.info.serial,
+            not_after = %latch_identity::svid::format_time(issued.info.not_after),
+            proof = proven.label(),
+            "issued SVID"
+        );
+        let expires_at = issued
+            .info
+            .not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        Ok((
+            CreateCertificateResponse {
+                spiffe_id: issued.info.id.to_string(),
+                certificate_chain: issued.chain.iter().map(|c| c.to_vec()).collect(),
+                trust_bundle: self
+                    .ca
+                    .bundle()
+                    .roots()
+                    .iter()
+                    .map(|c| c.to_vec())
+                    .collect(),
+                expires_at: Some(prost_types::Timestamp {
+                    seconds: i64::try_from(expires_at.as_secs()).unwrap_or(i64::MAX),
+                    nanos: 0,
+                }),
+            },
+            proven.label(),
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl CertificateService for CertificateServer {
+    async fn create_certificate(
+        &self,
+        request: Request<CreateCertificateRequest>,
+    ) -> Result<Response<CreateCertificateResponse>, Status> {
+        let peer = request.extensions().get::<PeerConn>().cloned();
+        match self.create(request.get_ref(), peer.as_ref()) {
+            Ok((response, proof)) => {
+                self.metrics
+                    .svids_issued
+                    .get_or_create(&ProofLabel { proof })
+                    .inc();
+                Ok(Response::new(response))
+            }
+            Err(refusal) => {
+                self.metrics.refused(refusal.reason);
+                tracing::info!(
+                    remote = ?peer.map(|p| p.remote),
+                    reason = refusal.reason,
+                    code = ?refusal.status.code(),
+                    "refused certificate request: {}",
+                    refusal.status.message()
+                );
+                Err(refusal.status)
+            }
+        }
+    }
+}

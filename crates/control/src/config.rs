@@ -1,0 +1,211 @@
+//! The control plane's configuration: command-line flags (each with a LATCH_* environment
+//! variable) and the optional YAML config file, which lists join tokens for now.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use latch_identity::{SpiffeId, TrustDomain};
+use serde::Deserialize;
+
+use crate::ca::{PluginFiles, TtlPolicy};
+use crate::tls_incoming::AcceptLimits;
+use crate::tokens::{JoinTokens, TokenRecord};
+
+/// `latch-control` command line.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "latch-control",
+    version,
+    about = "Latch control plane: SPIFFE certificate authority"
+)]
+pub struct Args {
+    /// Trust domain of the SPIFFE IDs this control plane issues.
+    #[arg(long, env = "LATCH_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Folder for the CA key and certificate, the trust bundle, the admin credential and
+    /// join-token state. Created 0700.
+    #[arg(long, env = "LATCH_DATA_DIR", default_value = "./latch-data")]
+    pub data_dir: PathBuf,
+    /// gRPC over TLS (certificate service).
+    #[arg(long, env = "LATCH_LISTEN", default_value = "127.0.0.1:15010")]
+    pub listen: SocketAddr,
+    /// Admin HTTP: /healthz, /ready, /metrics, join-token creation.
+    #[arg(long, env = "LATCH_ADMIN", default_value = "127.0.0.1:15014")]
+    pub admin: SocketAddr,
+    /// YAML config file (join tokens).
+    #[arg(long, env = "LATCH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Lifetime of an SVID when the caller does not ask for one.
+    #[arg(long, env = "LATCH_DEFAULT_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub default_ttl: Duration,
+    /// Longest lifetime a caller may ask for.
+    #[arg(long, env = "LATCH_MAX_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub max_ttl: Duration,
+    /// Plug-in CA: the signing certificate (root or intermediate), PEM.
+    #[arg(long, env = "LATCH_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// Plug-in CA: the signing key, PEM (PKCS#8 or SEC1).
+    #[arg(long, env = "LATCH_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// Plug-in CA: intermediates between --ca-cert and the root, PEM.
+    #[arg(long, env = "LATCH_CA_CHAIN", requires = "ca_cert")]
+    pub ca_chain: Option<PathBuf>,
+    /// Plug-in CA: the root certificate(s) to distribute as the trust bundle, PEM.
+    #[arg(long, env = "LATCH_CA_BUNDLE", requires = "ca_cert")]
+    pub ca_bundle: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long, env = "LATCH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+/// Everything `ControlPlane::start` needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub trust_domain: TrustDomain,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_file: Option<PathBuf>,
+    pub ttl: TtlPolicy,
+    pub plugin: Option<PluginFiles>,
+    pub limits: AcceptLimits,
+}
+
+impl Config {
+    /// Defaults for a trust domain and data dir, listening on the given addresses.
+    pub fn new(
+        trust_domain: TrustDomain,
+        data_dir: PathBuf,
+        listen: SocketAddr,
+        admin: SocketAddr,
+    ) -> Self {
+        Self {
+            trust_domain,
+            data_dir,
+            listen,
+            admin,
+            config_file: None,
+            ttl: TtlPolicy::default(),
+            plugin: None,
+            limits: AcceptLimits::default(),
+        }
+    }
+}
+
+impl TryFrom<Args> for Config {
+    type Error = String;
+    fn try_from(args: Args) -> Result<Self, String> {
+        let trust_domain = TrustDomain::new(&args.trust_domain)
+            .map_err(|e| format!("--trust-domain {:?}: {e}", args.trust_domain))?;
+        if args.default_ttl > args.max_ttl {
+            return Err(format!(
+                "--default-ttl {:?} is over --max-ttl {:?}",
+                args.default_ttl, args.max_ttl
+            ));
+        }
+        let plugin = match (args.ca_cert, args.ca_key) {
+            (Some(cert), Some(key)) => Some(PluginFiles {
+                cert,
+                key,
+                chain: args.ca_chain,
+                bundle: args.ca_bundle,
+            }),
+            _ => None,
+        };
+        Ok(Self {
+            trust_domain,
+            data_dir: args.data_dir,
+            listen: args.listen,
+            admin: args.admin,
+            config_file: args.config,
+            ttl: TtlPolicy {
+                default: args.default_ttl,
+                max: args.max_ttl,
+            },
+            plugin,
+            limits: AcceptLimits::default(),
+        })
+    }
+}
+
+/// The YAML config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub join_tokens: Vec<ConfiguredToken>,
+}
+
+/// A join token listed in the config file: the token itself, or its SHA-256 (hex) so the
+/// file need not hold the secret.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfiguredToken {
+    pub spiffe_id: String,
+    #[serde(default)]
+    pub token: Option<String>,
+    #[serde(default)]
+    pub token_sha256: Option<String>,
+    #[serde(default)]
+    pub reusable: bool,
+    /// RFC 3339 time, e.g. 2027-01-01T00:00:00Z; absent never expires.
+    #[serde(default)]
+    pub expires_at: Option<String>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        serde_yaml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+    }
+
+    /// Registers the configured join tokens.
+    pub fn apply_tokens(
+        &self,
+        trust_domain: &TrustDomain,
+        tokens: &JoinTokens,
+    ) -> Result<(), String> {
+        for (i, entry) in self.join_tokens.iter().enumerate() {
+            let at = format!("join_tokens[{i}]");
+            let id = SpiffeId::parse(&entry.spiffe_id)
+                .map_err(|e| format!("{at}.spiffe_id {:?}: {e}", entry.spiffe_id))?;
+            if !id.is_member_of(trust_domain) {
+                return Err(format!(
+                    "{at}.spiffe_id {id} is not in trust domain {trust_domain}"
+                ));
+            }
+            if entry.token.is_some() == entry.token_sha256.is_some() {
+                return Err(format!("{at}: give exactly one of token and token_sha256"));
+            }
+            let expires_at = entry
+                .expires_at
+                .as_deref()
+                .map(|t| {
+                    humantime::parse_rfc3339(t)
+                        .map_err(|e| format!("{at}.expires_at {t:?}: {e}"))
+                        .map(|t| {
+                            t.duration_since(std::time::UNIX_EPOCH)
+                                .unwrap_or_default()
+                                .as_secs()
+                        })
+                })
+                .transpose()?;
+            tokens
+                .add_configured(
+                    entry.token.as_deref(),
+                    entry.token_sha256.as_deref(),
+                    TokenRecord {
+                        spiffe_id: id.to_string(),
+                        expires_at,
+                        reusable: entry.reusable,
+                        used_at: None,
+                    },
+                )
+                .map_err(|e| format!("{at}: {e}"))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,48 @@
+//! The `latch-control` binary: parses flags, sets up logging, runs the control plane until
+//! SIGINT or SIGTERM.
+
+use anyhow::Context;
+use clap::Parser;
+use latch_control::{Args, Config, ControlPlane};
+use tracing_subscriber::EnvFilter;
+
+fn init_logging(format: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run(Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    init_logging(&args.log_format);
+    let config = Config::try_from(args).map_err(anyhow::Error::msg)?;
+    let control_plane = ControlPlane::start(config)
+        .await
+        .context("latch-control could not start")?;
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("shutting down");
+    control_plane.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,393 @@
+//! Join tokens: one-time (or reusable) credentials bound to one SPIFFE ID, for workloads outside
+//! Kubernetes. Only SHA-256 hashes are kept, in memory and in `<data-dir>/join-tokens.json`
+//! (0600); the token itself is shown once, to whoever created it, and never logged.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use latch_identity::SpiffeId;
+use latch_identity::bundle::sha256_hex;
+use latch_identity::svid::format_time;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+const TOKEN_PREFIX: &str = "latch-jt-";
+/// Configured tokens shorter than this are refused: they could be guessed.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+#[derive(Debug, Error)]
+pub enum TokenError {
+    #[error(
+        "join token is not known to this control plane (mistyped, or created against another \
+         data dir); create one with `latchctl token create`"
+    )]
+    Unknown,
+    #[error("join token for {id} expired {ago} ago; create a new one with `latchctl token create`")]
+    Expired { id: String, ago: String },
+    #[error(
+        "join token for {id} is single-use and was already used at {at}; create a new one, or \
+         a --reusable one for workloads that restart"
+    )]
+    AlreadyUsed { id: String, at: String },
+    #[error("cannot record join tokens in {path}: {source}")]
+    Persist {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("join token state file {path} is unreadable or corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("join token is {0} characters; at least {MIN_TOKEN_LEN} are required")]
+    TooShort(usize),
+    #[error("token_sha256 {0:?} is not 64 lowercase hex characters")]
+    BadHash(String),
+}
+
+/// One token's record, keyed by the token's SHA-256.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub spiffe_id: String,
+    /// Unix seconds; `None` never expires.
+    pub expires_at: Option<u64>,
+    pub reusable: bool,
+    /// Unix seconds of the first use.
+    pub used_at: Option<u64>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StateFile {
+    version: u32,
+    tokens: BTreeMap<String, TokenRecord>,
+}
+
+/// A token that authenticated a request; `JoinTokens::consume` spends it.
+#[derive(Debug, Clone)]
+pub struct TokenGrant {
+    hash: String,
+    pub id: SpiffeId,
+    pub reusable: bool,
+}
+
+/// A token just created: the only time its value exists outside the caller.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewToken {
+    pub token: String,
+    pub spiffe_id: String,
+    pub expires_at: Option<u64>,
+    pub reusable: bool,
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+fn from_unix(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+/// The hash under which a token is stored.
+pub fn token_hash(token: &str) -> String {
+    sha256_hex(token.as_bytes())
+}
+
+/// All known join tokens.
+#[derive(Debug)]
+pub struct JoinTokens {
+    entries: DashMap<String, TokenRecord>,
+    state_path: Option<PathBuf>,
+    /// Serializes writes of the state file.
+    persist_lock: Mutex<()>,
+}
+
+impl JoinTokens {
+    /// An in-memory store (tests, or a control plane without a data dir).
+    pub fn in_memory() -> Self {
+        Self {
+            entries: DashMap::new(),
+            state_path: None,
+            persist_lock: Mutex::new(()),
+        }
+    }
+
+    /// Loads the state file if present; later changes are written back to it.
+    pub fn open(state_path: PathBuf) -> Result<Self, TokenError> {
+        let mut entries = DashMap::new();
+        match std::fs::read(&state_path) {
+            Ok(bytes) => {
+                let state: StateFile =
+                    serde_json::from_slice(&bytes).map_err(|e| TokenError::Corrupt {
+                        path: state_path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                entries.extend(state.tokens);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(TokenError::Corrupt {
+                    path: state_path,
+                    reason: e.to_string(),
+                });
+            }
+        }
+        Ok(Self {
+            entries,
+            state_path: Some(state_path),
+            persist_lock: Mutex::new(()),
+        })
+    }
+
+    /// Adds a token listed in the config file, given either as the token or as its SHA-256.
+    /// A use already recorded in the state file is kept: a restart does not revive a spent
+    /// single-use token.
+    pub fn add_configured(
+        &self,
+        token: Option<&str>,
+        token_sha256: Option<&str>,
+        record: TokenRecord,
+    ) -> Result<(), TokenError> {
+        let hash = match (token, token_sha256) {
+            (Some(t), _) if t.len() < MIN_TOKEN_LEN => return Err(TokenError::TooShort(t.len())),
+            (Some(t), _) => token_hash(t),
+            (None, Some(h))
+                if h.len() == 64
+                    && h.bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) =>
+            {
+                h.to_string()
+            }
+            (None, Some(h)) => return Err(TokenError::BadHash(h.to_string())),
+            (None, None) => return Err(TokenError::BadHash(String::new())),
+        };
+        match self.entries.entry(hash) {
+            Entry::Occupied(mut e) => {
+                let used_at = e.get().used_at;
+                *e.get_mut() = TokenRecord { used_at, ..record };
+            }
+            Entry::Vacant(e) => {
+                e.insert(record);
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates a random token for `id`, valid for `ttl`.
+    pub fn create(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+        reusable: bool,
+    ) -> Result<NewToken, TokenError> {
+        let mut bytes = [0u8; 32];
+        aws_lc_rs::rand::fill(&mut bytes).map_err(|_| TokenError::Persist {
+            path: PathBuf::from("<random>"),
+            source: std::io::Error::other("the system random number generator failed"),
+        })?;
+        let token = format!(
+            "{TOKEN_PREFIX}{}",
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let expires_at = Some(unix(SystemTime::now() + ttl));
+        self.entries.insert(
+            token_hash(&token),
+            TokenRecord {
+                spiffe_id: id.to_string(),
+                expires_at,
+                reusable,
+                used_at: None,
+            },
+        );
+        self.persist()?;
+        Ok(NewToken {
+            token,
+            spiffe_id: id.to_string(),
+            expires_at,
+            reusable,
+        })
+    }
+
+    /// Checks a presented token without spending it.
+    pub fn authenticate(&self, token: &str, now: SystemTime) -> Result<TokenGrant, TokenError> {
+        let hash = token_hash(token);
+        let record = self.entries.get(&hash).ok_or(TokenError::Unknown)?;
+        if let Some(expires_at) = record.expires_at
+            && unix(now) >= expires_at
+        {
+            let ago = now
+                .duration_since(from_unix(expires_at))
+                .unwrap_or_default();
+            return Err(TokenError::Expired {
+                id: record.spiffe_id.clone(),
+                ago: humantime::format_duration(Duration::from_secs(ago.as_secs())).to_string(),
+            });
+        }
+        if !record.reusable
+            && let Some(at) = record.used_at
+        {
+            return Err(TokenError::AlreadyUsed {
+                id: record.spiffe_id.clone(),
+                at: format_time(from_unix(at)),
+            });
+        }
+        let id = SpiffeId::parse(&record.spiffe_id).map_err(|_| TokenError::Unknown)?;
+        Ok(TokenGrant {
+            hash,
+            id,
+            reusable: record.reusable,
+        })
+    }
+
+    /// Spends a single-use token (atomically: of two concurrent uses, one fails) and records the
+    /// use on disk before returning, so a restart cannot revive it. Reusable tokens only record
+    /// their first use.
+    pub fn consume(&self, grant: &TokenGrant, now: SystemTime) -> Result<(), TokenError> {
+        {
+            let mut record = self
+                .entries
+                .get_mut(&grant.hash)
+                .ok_or(TokenError::Unknown)?;
+            match record.used_at {
+                Some(at) if !record.reusable => {
+                    return Err(TokenError::AlreadyUsed {
+                        id: record.spiffe_id.clone(),
+                        at: format_time(from_unix(at)),
+                    });
+                }
+                Some(_) => return Ok(()),
+                None => record.used_at = Some(unix(now)),
+            }
+        }
+        if let Err(e) = self.persist() {
+            // Not recorded: undo, so the caller may retry once the disk is fixed.
+            if let Some(mut record) = self.entries.get_mut(&grant.hash) {
+                record.used_at = None;
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Writes all records (hashes only) to the state file.
+    fn persist(&self) -> Result<(), TokenError> {
+        let Some(path) = &self.state_path else {
+            return Ok(());
+        };
+        let _guard = self
+            .persist_lock
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let state = StateFile {
+            version: 1,
+            tokens: self
+                .entries
+                .iter()
+                .map(|e| (e.key().clone(), e.value().clone()))
+                .collect(),
+        };
+        let json = serde_json::to_vec_pretty(&state).map_err(|e| TokenError::Persist {
+            path: path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        latch_identity::files::write_private(path, &json).map_err(|source| TokenError::Persist {
+            path: path.clone(),
+            source,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> SpiffeId {
+        SpiffeId::parse("spiffe://cluster.local/ns/demo/sa/web").unwrap()
+    }
+
+    #[test]
+    fn single_use_token_is_spent_once_and_stays_spent_after_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("join-tokens.json");
+        let tokens = JoinTokens::open(path.clone()).unwrap();
+        let new = tokens
+            .create(&id(), Duration::from_secs(60), false)
+            .unwrap();
+        assert!(new.token.starts_with(TOKEN_PREFIX));
+        let grant = tokens.authenticate(&new.token, SystemTime::now()).unwrap();
+        assert_eq!(grant.id, id());
+        tokens.consume(&grant, SystemTime::now()).unwrap();
+        assert!(matches!(
+            tokens.consume(&grant, SystemTime::now()),
+            Err(TokenError::AlreadyUsed { .. })
+        ));
+        let file = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            !file.contains(&new.token),
+            "the token itself must never be stored"
+        );
+        assert!(file.contains(&token_hash(&new.token)));
+
+        let reloaded = JoinTokens::open(path).unwrap();
+        assert!(matches!(
+            reloaded.authenticate(&new.token, SystemTime::now()),
+            Err(TokenError::AlreadyUsed { .. })
+        ));
+    }
+
+    #[test]
+    fn reusable_token_survives_use_and_expiry_is_enforced() {
+        let tokens = JoinTokens::in_memory();
+        let new = tokens.create(&id(), Duration::from_secs(60), true).unwrap();
+        for _ in 0..3 {
+            let grant = tokens.authenticate(&new.token, SystemTime::now()).unwrap();
+            tokens.consume(&grant, SystemTime::now()).unwrap();
+        }
+        let later = SystemTime::now() + Duration::from_secs(120);
+        let err = tokens.authenticate(&new.token, later).unwrap_err();
+        assert!(matches!(err, TokenError::Expired { .. }), "{err}");
+        assert!(matches!(
+            tokens.authenticate("latch-jt-nope", SystemTime::now()),
+            Err(TokenError::Unknown)
+        ));
+    }
+
+    #[test]
+    fn configured_tokens_by_value_or_hash() {
+        let tokens = JoinTokens::in_memory();
+        let record = TokenRecord {
+            spiffe_id: id().to_string(),
+            expires_at: None,
+            reusable: true,
+            used_at: None,
+        };
+        tokens
+            .add_configured(Some("a-long-enough-token"), None, record.clone())
+            .unwrap();
+        tokens
+            .add_configured(
+                None,
+                Some(&token_hash("another-long-token")),
+                record.clone(),
+            )
+            .unwrap();
+        assert!(
+            tokens
+                .authenticate("a-long-enough-token", SystemTime::now())
+                .is_ok()
+        );
+        assert!(
+            tokens
+                .authenticate("another-long-token", SystemTime::now())
+                .is_ok()
+        );
+        assert!(matches!(
+            tokens.add_configured(Some("short"), None, record.clone()),
+            Err(TokenError::TooShort(5))
+        ));
+        assert!(matches!(
+            tokens.add_configured(None, Some("XYZ"), record),
+            Err(TokenError::BadHash(_))
+        ));
+    }
+}
