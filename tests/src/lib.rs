@@ -1,1 +1,127 @@
+//! The in-process test harness: starts a control plane on ephemeral ports with a temporary
+//! data dir, and builds certificate-service clients that present whatever a test needs.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use latch_control::{Config, ControlPlane};
+use latch_identity::client::{CaClient, control_plane_id};
+use latch_identity::{CertStore, ExpectedPeer, SpiffeId, Svid, TrustBundle, TrustDomain};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+pub use latch_identity;
+
+/// A control plane running in this process.
+pub struct Harness {
+    pub control_plane: ControlPlane,
+    pub trust_domain: TrustDomain,
+    pub data_dir: tempfile::TempDir,
+}
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+impl Harness {
+    /// Starts a control plane for `cluster.local` with default settings.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a control plane after letting the test adjust its config.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let trust_domain = TrustDomain::new("cluster.local").expect("trust domain");
+        let mut config = Config::new(
+            trust_domain.clone(),
+            data_dir.path().join("data"),
+            loopback(),
+            loopback(),
+        );
+        adjust(&mut config);
+        let control_plane = ControlPlane::start(config)
+            .await
+            .expect("control plane starts");
+        Self {
+            control_plane,
+            trust_domain,
+            data_dir,
+        }
+    }
+
+    pub fn bundle(&self) -> TrustBundle {
+        self.control_plane.ca.bundle().clone()
+    }
+
+    pub fn grpc_addr(&self) -> String {
+        self.control_plane.grpc_addr.to_string()
+    }
+
+    pub fn id(&self, namespace: &str, service_account: &str) -> SpiffeId {
+        SpiffeId::workload(&self.trust_domain, namespace, service_account).expect("valid id")
+    }
+
+    /// Creates a join token for `id`.
+    pub fn token(&self, id: &SpiffeId, ttl: Duration, reusable: bool) -> String {
+        self.control_plane
+            .tokens
+            .create(id, ttl, reusable)
+            .expect("token created")
+            .token
+    }
+
+    /// A client that presents no certificate.
+    pub async fn client(&self) -> CaClient {
+        let store = Arc::new(CertStore::new(self.bundle()));
+        CaClient::connect(
+            &self.grpc_addr(),
+            store,
+            ExpectedPeer::Exactly(control_plane_id(&self.trust_domain)),
+            false,
+        )
+        .await
+        .expect("client connects")
+    }
+
+    /// A client that presents `svid` as its TLS client certificate.
+    pub async fn client_presenting(&self, svid: &Svid) -> CaClient {
+        self.client_presenting_raw(svid.chain().to_vec(), svid.private_key().clone_key())
+            .await
+    }
+
+    /// A client that presents an arbitrary chain and key, valid or not.
+    pub async fn client_presenting_raw(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivatePkcs8KeyDer<'static>,
+    ) -> CaClient {
+        let store = Arc::new(CertStore::new(self.bundle()));
+        let verifier = Arc::new(latch_identity::SpiffeServerVerifier::new(
+            store,
+            ExpectedPeer::Exactly(control_plane_id(&self.trust_domain)),
+        ));
+        let tls = rustls::ClientConfig::builder_with_provider(latch_identity::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_auth_cert(chain, PrivateKeyDer::Pkcs8(key))
+            .expect("client cert");
+        let mut tls = tls;
+        tls.enable_sni = false;
+        tls.alpn_protocols = vec![latch_identity::tls::ALPN_H2.to_vec()];
+        CaClient::connect_with(&self.grpc_addr(), tls)
+            .await
+            .expect("client connects")
+    }
+
+    /// SVIDs issued so far.
+    pub fn issued(&self) -> u64 {
+        self.control_plane.metrics.issued_total()
+    }
+
+    pub async fn stop(self) {
+        self.control_plane.shutdown().await;
+    }
+}

@@ -66,6 +66,7 @@ pub struct ControlPlane {
     /// The admin credential file (0600) latchctl reads.
     pub admin_token_path: PathBuf,
     pub ca: Arc<Ca>,
+    pub tokens: Arc<JoinTokens>,
     pub metrics: Arc<Metrics>,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -204,7 +205,7 @@ impl ControlPlane {
             admin_listener,
             Arc::new(admin::AdminState {
                 ca: ca.clone(),
-                tokens,
+                tokens: tokens.clone(),
                 metrics: metrics.clone(),
                 own_identity,
                 admin_credential_hash: tokens::token_hash(&credential),
@@ -225,6 +226,7 @@ impl ControlPlane {
             bundle_path,
             admin_token_path,
             ca,
+            tokens,
             metrics,
             cancel,
             tracker,

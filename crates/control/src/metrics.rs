@@ -70,6 +70,21 @@ impl Metrics {
             .inc();
     }
 
+    /// SVIDs issued so far, all proofs together.
+    pub fn issued_total(&self) -> u64 {
+        ["join_token", "renewal"]
+            .into_iter()
+            .map(|proof| self.svids_issued.get_or_create(&ProofLabel { proof }).get())
+            .sum()
+    }
+
+    /// Refusals counted so far under `reason`.
+    pub fn refusals(&self, reason: &'static str) -> u64 {
+        self.svid_refusals
+            .get_or_create(&ReasonLabel { reason })
+            .get()
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
