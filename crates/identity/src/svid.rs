@@ -86,8 +86,14 @@ impl SvidInfo {
     /// CA:false, critical keyUsage with digitalSignature and without keyCertSign/cRLSign).
     /// Does not check the chain or the time.
     pub fn from_leaf(der: &[u8]) -> Result<Self, SvidError> {
-        let (_, cert) =
+        let (rest, cert) =
             X509Certificate::from_der(der).map_err(|e| SvidError::Malformed(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(SvidError::Malformed(format!(
+                "{} bytes of trailing data after the certificate",
+                rest.len()
+            )));
+        }
         let id = leaf_spiffe_id(&cert)?;
         check_leaf_extensions(&cert)?;
         let validity = cert.validity();
@@ -557,7 +563,8 @@ mod tests {
         let good = root.sign(&leaf_params(PATH)).cert;
         let truncated = CertificateDer::from(good[..good.len() / 2].to_vec());
         let garbage = CertificateDer::from(b"not a certificate".to_vec());
-        for chain in [[garbage], [truncated]] {
+        let trailing = CertificateDer::from([&good[..], b"junk"].concat());
+        for chain in [[garbage], [truncated], [trailing]] {
             let err = verify(&chain, &bundle, PeerRole::Server).unwrap_err();
             assert!(matches!(err, SvidError::Malformed(_)), "{err:?}");
         }

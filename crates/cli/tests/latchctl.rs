@@ -1,0 +1,238 @@
+//! latchctl end to end against a control plane, with openssl as the outside judge of what the
+//! CA issues: the chain verifies, the extensions are exactly the X509-SVID set, TTL one hour.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use latch_control::{Config, ControlPlane};
+use latch_identity::TrustDomain;
+
+fn latchctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_latchctl"))
+        .args(args)
+        .env_remove("LATCH_JOIN_TOKEN")
+        .output()
+        .expect("latchctl runs")
+}
+
+fn stdout_of(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+fn openssl(args: &[&str]) -> String {
+    let output = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl is installed");
+    stdout_of(&output)
+}
+
+async fn start(data_dir: &Path) -> ControlPlane {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let config = Config::new(
+        TrustDomain::new("cluster.local").unwrap(),
+        data_dir.to_path_buf(),
+        any,
+        any,
+    );
+    ControlPlane::start(config)
+        .await
+        .expect("control plane starts")
+}
+
+/// Unix seconds of an openssl `-startdate`/`-enddate` line, via `date`.
+fn openssl_time(line: &str) -> i64 {
+    let value = line.split_once('=').expect("key=value").1;
+    let out = Command::new("date")
+        .args(["-u", "-d", value, "+%s"])
+        .output()
+        .unwrap();
+    stdout_of(&out).parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_create_then_cert_request_yields_an_svid_openssl_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let cp = start(&data_dir).await;
+    let admin = cp.admin_addr.to_string();
+    let grpc = cp.grpc_addr.to_string();
+    let data = data_dir.to_str().unwrap().to_string();
+    let id = "spiffe://cluster.local/ns/demo/sa/web";
+
+    let token = stdout_of(
+        &tokio::task::spawn_blocking({
+            let (admin, data) = (admin.clone(), data.clone());
+            move || {
+                latchctl(&[
+                    "token",
+                    "create",
+                    "--spiffe-id",
+                    id,
+                    "--admin",
+                    &admin,
+                    "--data-dir",
+                    &data,
+                ])
+            }
+        })
+        .await
+        .unwrap(),
+    );
+    assert!(token.starts_with("latch-jt-"), "{token}");
+
+    let out = dir.path().join("out");
+    let out_str = out.to_str().unwrap().to_string();
+    let bundle = cp.bundle_path.to_str().unwrap().to_string();
+    let printed = stdout_of(
+        &tokio::task::spawn_blocking({
+            let (token, grpc, bundle, out_str) =
+                (token.clone(), grpc.clone(), bundle.clone(), out_str.clone());
+            move || {
+                latchctl(&[
+                    "cert",
+                    "request",
+                    "--token",
+                    &token,
+                    "--control-plane",
+                    &grpc,
+                    "--bundle",
+                    &bundle,
+                    "--out",
+                    &out_str,
+                ])
+            }
+        })
+        .await
+        .unwrap(),
+    );
+    assert!(printed.starts_with(id), "{printed}");
+
+    let svid = out.join("svid.pem");
+    let svid = svid.to_str().unwrap();
+    let key_mode = std::fs::metadata(out.join("svid.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(key_mode, 0o600, "private key must be 0600");
+
+    // The chain verifies against the bundle file the control plane wrote.
+    let verified = openssl(&[
+        "verify",
+        "-CAfile",
+        out.join("bundle.pem").to_str().unwrap(),
+        svid,
+    ]);
+    assert!(verified.ends_with(": OK"), "{verified}");
+
+    // Exactly the X509-SVID extensions, with the right criticality and values.
+    let text = openssl(&["x509", "-in", svid, "-noout", "-text"]);
+    let extensions: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("X509v3 ") && *l != "X509v3 extensions:")
+        .collect();
+    assert_eq!(
+        extensions,
+        vec![
+            "X509v3 Authority Key Identifier:",
+            "X509v3 Subject Alternative Name: critical",
+            "X509v3 Key Usage: critical",
+            "X509v3 Extended Key Usage:",
+            "X509v3 Subject Key Identifier:",
+            "X509v3 Basic Constraints: critical",
+        ],
+        "{text}"
+    );
+    let after = |header: &str| -> String {
+        let mut lines = text.lines().map(str::trim);
+        lines.find(|l| l.starts_with(header)).unwrap();
+        lines.next().unwrap().to_string()
+    };
+    assert_eq!(
+        after("X509v3 Subject Alternative Name"),
+        format!("URI:{id}")
+    );
+    assert_eq!(after("X509v3 Key Usage"), "Digital Signature");
+    assert_eq!(
+        after("X509v3 Extended Key Usage"),
+        "TLS Web Server Authentication, TLS Web Client Authentication"
+    );
+    assert_eq!(after("X509v3 Basic Constraints"), "CA:FALSE");
+    // AKI is the root's SKI.
+    let root_text = openssl(&["x509", "-in", &bundle, "-noout", "-text"]);
+    let root_ski = {
+        let mut lines = root_text.lines().map(str::trim);
+        lines
+            .find(|l| l.starts_with("X509v3 Subject Key Identifier"))
+            .unwrap();
+        lines.next().unwrap().to_string()
+    };
+    assert_eq!(after("X509v3 Authority Key Identifier"), root_ski);
+
+    // TTL one hour: NotAfter - NotBefore = 1 h + the 60 s backdate.
+    let start = openssl_time(&openssl(&["x509", "-in", svid, "-noout", "-startdate"]));
+    let end = openssl_time(&openssl(&["x509", "-in", svid, "-noout", "-enddate"]));
+    assert_eq!(end - start, 3600 + 60);
+
+    // The token was single-use: a second request is refused with an actionable message.
+    let again = tokio::task::spawn_blocking(move || {
+        latchctl(&[
+            "cert",
+            "request",
+            "--token",
+            &token,
+            "--control-plane",
+            &grpc,
+            "--bundle",
+            &bundle,
+            "--out",
+            &out_str,
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(!again.status.success());
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("already used"), "{stderr}");
+    cp.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_create_needs_the_admin_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = start(&dir.path().join("data")).await;
+    let admin = cp.admin_addr.to_string();
+    let wrong_dir = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&wrong_dir).unwrap();
+    std::fs::write(wrong_dir.join("admin.token"), "not-the-credential\n").unwrap();
+    let output = tokio::task::spawn_blocking(move || {
+        latchctl(&[
+            "token",
+            "create",
+            "--spiffe-id",
+            "spiffe://cluster.local/ns/a/sa/b",
+            "--admin",
+            &admin,
+            "--data-dir",
+            wrong_dir.to_str().unwrap(),
+        ])
+    })
+    .await
+    .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("401") && stderr.contains("admin credential"),
+        "{stderr}"
+    );
+    cp.shutdown().await;
+}
