@@ -12,6 +12,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 pub use latch_identity;
 
+pub mod procs;
+
 /// A control plane running in this process.
 pub struct Harness {
     pub control_plane: ControlPlane,

@@ -111,6 +111,13 @@ impl ControlPlane {
             path: data_dir.clone(),
             source,
         })?;
+        // Read the config file first: a typo in it must not leave a new CA behind.
+        let file_config = config
+            .config_file
+            .as_deref()
+            .map(config::FileConfig::load)
+            .transpose()
+            .map_err(StartError::Config)?;
         let ca = Arc::new(match &config.plugin {
             Some(plugin) => Ca::from_files(plugin, &config.trust_domain, config.ttl)?,
             None => Ca::load_or_create(data_dir, &config.trust_domain, config.ttl)?,
@@ -126,9 +133,8 @@ impl ControlPlane {
         let credential = admin_credential(&admin_token_path)?;
 
         let tokens = Arc::new(JoinTokens::open(data_dir.join("join-tokens.json"))?);
-        if let Some(path) = &config.config_file {
-            config::FileConfig::load(path)
-                .and_then(|file| file.apply_tokens(&config.trust_domain, &tokens))
+        if let Some(file) = &file_config {
+            file.apply_tokens(&config.trust_domain, &tokens)
                 .map_err(StartError::Config)?;
         }
         let metrics = Arc::new(Metrics::new());

@@ -564,9 +564,15 @@ mod tests {
         let truncated = CertificateDer::from(good[..good.len() / 2].to_vec());
         let garbage = CertificateDer::from(b"not a certificate".to_vec());
         let trailing = CertificateDer::from([&good[..], b"junk"].concat());
-        for chain in [[garbage], [truncated], [trailing]] {
-            let err = verify(&chain, &bundle, PeerRole::Server).unwrap_err();
-            assert!(matches!(err, SvidError::Malformed(_)), "{err:?}");
+        for (name, der) in [
+            ("garbage", garbage),
+            ("truncated", truncated),
+            ("trailing data", trailing),
+        ] {
+            let err = SvidInfo::from_leaf(&der).unwrap_err();
+            assert!(matches!(err, SvidError::Malformed(_)), "{name}: {err:?}");
+            let err = verify(&[der], &bundle, PeerRole::Server).unwrap_err();
+            assert!(matches!(err, SvidError::Malformed(_)), "{name}: {err:?}");
         }
     }
 

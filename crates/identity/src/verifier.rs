@@ -240,8 +240,10 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 }
 
-/// The SPIFFE ID in a verified peer's leaf certificate (`peer_certificates()` of a finished
-/// handshake); `None` when the peer sent no certificate or it carries no valid ID.
+/// The SPIFFE ID in the peer's leaf certificate (`peer_certificates()` of a finished
+/// handshake); `None` when the peer sent no certificate or it carries no valid ID. Only an
+/// identity once the chain was validated: by a `Required` verifier at the handshake, or by
+/// `verify_svid` when the server uses `ClientAuth::Deferred`.
 pub fn peer_spiffe_id(peer_certificates: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
     let leaf = peer_certificates?.first()?;
     SvidInfo::from_leaf(leaf).ok().map(|info| info.id)

@@ -1,0 +1,255 @@
+//! Runs the real `latch-control` binary as an operator would: the first start makes a root that
+//! a restart keeps, every flag has its LATCH_* variable, and a corrupt CA key or a bad config
+//! file stops start-up with a message naming the culprit. Every child is killed on drop.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use latch_identity::TrustBundle;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_latch-control");
+/// How long start-up (or a refusal to start) may take.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `latch-control` with info logs, no colour, and no LATCH_* variable leaking in from the caller.
+fn command() -> Command {
+    let mut cmd = Command::new(BINARY);
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("LATCH_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.env("RUST_LOG", "info").env("NO_COLOR", "1");
+    cmd
+}
+
+/// Calls `check` every 50 ms until it yields a value or `TIMEOUT` passes.
+fn poll<T>(mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Everything the child wrote to stderr so far.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<String>>);
+
+impl Log {
+    fn text(&self) -> String {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// A `latch-control` process this test started; killed when dropped, so a failing assert
+/// never leaves it behind.
+struct Running {
+    child: Child,
+    log: Log,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Starts the binary on `data_dir` with both listeners on port 0, plus `extra` flags.
+    fn start(data_dir: &Path, extra: &[&str]) -> Self {
+        let mut child = command()
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn latch-control");
+        let pipe = child.stderr.take().expect("stderr is piped");
+        let log = Log::default();
+        let sink = log.clone();
+        let reader = thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut text = sink.0.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+            }
+        });
+        Self {
+            child,
+            log,
+            reader: Some(reader),
+        }
+    }
+
+    /// Waits until the bundle file exists and the start-up line is logged.
+    fn wait_started(&mut self, data_dir: &Path) {
+        let bundle = data_dir.join("bundle.pem");
+        let started = poll(|| {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "latch-control exited ({status}) instead of starting:\n{}",
+                    self.log.text()
+                );
+            }
+            (bundle.exists() && self.log.text().contains("control plane started")).then_some(())
+        });
+        assert!(
+            started.is_some(),
+            "latch-control did not start within {TIMEOUT:?}:\n{}",
+            self.log.text()
+        );
+    }
+
+    /// Waits for the process to exit on its own; returns its status and all of its stderr.
+    fn exit(mut self) -> (ExitStatus, String) {
+        let status = poll(|| self.child.try_wait().unwrap());
+        let Some(status) = status else {
+            panic!(
+                "latch-control still running after {TIMEOUT:?}:\n{}",
+                self.log.text()
+            );
+        };
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+        (status, self.log.text())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the control plane on `data_dir`, waits until it serves, and kills it.
+fn start_and_stop(data_dir: &Path) {
+    Running::start(data_dir, &[]).wait_started(data_dir);
+}
+
+fn read(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+#[test]
+fn first_start_creates_a_root_and_restart_keeps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let root_path = data_dir.join("ca/root.crt.pem");
+    let bundle_path = data_dir.join("bundle.pem");
+
+    start_and_stop(&data_dir);
+    let root = read(&root_path);
+    let bundle = read(&bundle_path);
+    assert_eq!(
+        TrustBundle::from_pem(&bundle).unwrap().roots(),
+        TrustBundle::from_pem(&root).unwrap().roots(),
+        "bundle.pem must hold the root"
+    );
+
+    start_and_stop(&data_dir);
+    assert_eq!(read(&root_path), root, "restart replaced the root");
+    assert_eq!(read(&bundle_path), bundle);
+}
+
+#[test]
+fn every_flag_has_its_latch_environment_variable() {
+    let out = command().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    // Each option's entry starts at a line whose first word is `--flag` or `-x,`; clap puts
+    // the description and `[env: ...]` on that line or, when wrapping, on the lines below.
+    let mut entries: Vec<(String, String)> = Vec::new();
+    for line in help.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            [first, ..] if first.starts_with("--") => {
+                entries.push((first.to_string(), line.to_string()));
+            }
+            [short, long, ..] if short.len() == 3 && short.starts_with('-') => {
+                entries.push((long.to_string(), line.to_string()));
+            }
+            _ => {
+                if let Some((_, text)) = entries.last_mut() {
+                    text.push_str(line);
+                }
+            }
+        }
+    }
+    let flags: Vec<&str> = entries.iter().map(|(flag, _)| flag.as_str()).collect();
+    assert_eq!(
+        flags,
+        [
+            "--trust-domain",
+            "--data-dir",
+            "--listen",
+            "--admin",
+            "--config",
+            "--default-ttl",
+            "--max-ttl",
+            "--ca-cert",
+            "--ca-key",
+            "--ca-chain",
+            "--ca-bundle",
+            "--log-format",
+            "--help",
+            "--version",
+        ],
+        "{help}"
+    );
+    for (flag, text) in entries
+        .iter()
+        .filter(|(f, _)| f != "--help" && f != "--version")
+    {
+        let env = format!("LATCH_{}", flag[2..].replace('-', "_").to_uppercase());
+        assert!(
+            text.contains(&format!("[env: {env}=")),
+            "{flag} does not name {env}:\n{text}"
+        );
+    }
+}
+
+#[test]
+fn corrupt_ca_key_stops_start_up_and_keeps_the_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    start_and_stop(&data_dir);
+    let key_path = data_dir.join("ca/root.key.pem");
+    let root_path = data_dir.join("ca/root.crt.pem");
+    std::fs::write(&key_path, b"\x00\xffthis is not a key").unwrap();
+    let root = read(&root_path);
+
+    let (status, stderr) = Running::start(&data_dir, &[]).exit();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("corrupt"), "{stderr}");
+    assert!(stderr.contains(&key_path.display().to_string()), "{stderr}");
+    assert_eq!(read(&root_path), root, "a refused start replaced the root");
+    assert_eq!(read(&key_path), b"\x00\xffthis is not a key");
+}
+
+#[test]
+fn short_join_token_in_config_file_stops_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("latch.yaml");
+    std::fs::write(
+        &config,
+        "join_tokens:\n  - spiffe_id: spiffe://cluster.local/ns/demo/sa/web\n    token: too-short\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let (status, stderr) = Running::start(&dir.path().join("data"), &["--config", config]).exit();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("join_tokens[0]: join token is 9 characters; at least 16 are required"),
+        "{stderr}"
+    );
+}
