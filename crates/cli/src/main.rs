@@ -172,12 +172,14 @@ async fn request_cert(
     write("bundle.pem", bundle.to_pem(), false)?;
     let info = svid.info();
     println!(
-        "{}\n  serial     {}\n  not before {}\n  not after  {}\n  wrote      {}/{{svid.pem,svid.key,bundle.pem}}",
+        "{}\n  serial     {}\n  not before {}\n  not after  {}\n  wrote      {}",
         info.id,
         info.serial,
         latch_identity::svid::format_time(info.not_before),
         latch_identity::svid::format_time(info.not_after),
-        out.display()
+        ["svid.pem", "svid.key", "bundle.pem"]
+            .map(|f| out.join(f).display().to_string())
+            .join(", ")
     );
     Ok(())
 }

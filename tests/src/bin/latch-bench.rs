@@ -89,7 +89,7 @@ async fn one_request(
                     ),
                 })
                 .await?;
-            if n % 16 == 0 {
+            if n.is_multiple_of(16) {
                 let chain: Vec<_> = response
                     .certificate_chain
                     .into_iter()
