@@ -12,4 +12,10 @@ pub mod latch {
     }
 }
 
+/// The SPIFFE Workload API. Its .proto has no package, so prost writes it to `_.rs` and the
+/// gRPC paths are `/SpiffeWorkloadAPI/<Method>`.
+pub mod workload {
+    include!("generated/_.rs");
+}
+
 pub use latch::ca::v1 as ca;

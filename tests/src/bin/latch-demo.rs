@@ -27,7 +27,13 @@ fn step(text: &str) {
 fn run(binary: &str, args: &[&str]) -> Result<String> {
     let shown: Vec<&str> = args
         .iter()
-        .map(|a| if a.starts_with("latch-jt-") { "$TOKEN" } else { a })
+        .map(|a| {
+            if a.starts_with("latch-jt-") {
+                "$TOKEN"
+            } else {
+                a
+            }
+        })
         .collect();
     println!("$ {binary} {}", shown.join(" "));
     let output = Command::new(sibling_binary(binary)).args(args).output()?;
@@ -139,7 +145,10 @@ async fn main() -> Result<()> {
                 data,
             ],
         )?;
-        println!("TOKEN={}… (single-use, valid 1 h)", &token[..token.len().min(16)]);
+        println!(
+            "TOKEN={}… (single-use, valid 1 h)",
+            &token[..token.len().min(16)]
+        );
         let out = root.join(service);
         let out_str = out.to_str().context("path")?;
         let bundle = data_dir.join("bundle.pem");

@@ -8,7 +8,7 @@ pub struct CreateCertificateRequest {
     /// Requested lifetime; unset means the server's default.
     #[prost(message, optional, tag = "2")]
     pub ttl: ::core::option::Option<::prost_types::Duration>,
-    #[prost(oneof = "create_certificate_request::Proof", tags = "3")]
+    #[prost(oneof = "create_certificate_request::Proof", tags = "3, 4")]
     pub proof: ::core::option::Option<create_certificate_request::Proof>,
 }
 /// Nested message and enum types in `CreateCertificateRequest`.
@@ -18,6 +18,9 @@ pub mod create_certificate_request {
         /// A join token bound to one SPIFFE ID.
         #[prost(string, tag = "3")]
         JoinToken(::prost::alloc::string::String),
+        /// A Kubernetes projected service-account token (audience `latch`).
+        #[prost(string, tag = "4")]
+        ServiceAccountToken(::prost::alloc::string::String),
     }
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
@@ -132,6 +135,8 @@ pub mod certificate_service_client {
         ///
         /// * `join_token`: a token created by `latchctl token create` or listed in the control
         ///  plane's config file, bound to one SPIFFE ID;
+        /// * `service_account_token`: a Kubernetes projected service-account token with audience
+        ///  `latch` (not accepted yet: answered UNAUTHENTICATED until TokenReview is built);
         /// * no proof field: the caller's current, valid SVID presented as the TLS client
         ///  certificate (renewal); the new SVID carries the same SPIFFE ID.
         ///
@@ -188,6 +193,8 @@ pub mod certificate_service_server {
         ///
         /// * `join_token`: a token created by `latchctl token create` or listed in the control
         ///  plane's config file, bound to one SPIFFE ID;
+        /// * `service_account_token`: a Kubernetes projected service-account token with audience
+        ///  `latch` (not accepted yet: answered UNAUTHENTICATED until TokenReview is built);
         /// * no proof field: the caller's current, valid SVID presented as the TLS client
         ///  certificate (renewal); the new SVID carries the same SPIFFE ID.
         ///
