@@ -21,6 +21,27 @@ pub struct Harness {
     pub data_dir: tempfile::TempDir,
 }
 
+/// A stopped control plane that can be started again on the same addresses and data dir.
+pub struct Paused {
+    config: Config,
+    trust_domain: TrustDomain,
+    data_dir: tempfile::TempDir,
+}
+
+impl Paused {
+    /// Starts the control plane again: same CA, same ports.
+    pub async fn resume(self) -> Harness {
+        let control_plane = ControlPlane::start(self.config)
+            .await
+            .expect("control plane restarts");
+        Harness {
+            control_plane,
+            trust_domain: self.trust_domain,
+            data_dir: self.data_dir,
+        }
+    }
+}
+
 fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
@@ -125,5 +146,50 @@ impl Harness {
 
     pub async fn stop(self) {
         self.control_plane.shutdown().await;
+    }
+
+    /// Stops the control plane, keeping what is needed to start it again where it was.
+    pub async fn pause(self) -> Paused {
+        let config = Config::new(
+            self.trust_domain.clone(),
+            self.data_dir.path().join("data"),
+            self.control_plane.grpc_addr,
+            self.control_plane.admin_addr,
+        );
+        self.control_plane.shutdown().await;
+        Paused {
+            config,
+            trust_domain: self.trust_domain,
+            data_dir: self.data_dir,
+        }
+    }
+
+    /// Starts an in-process latch-proxy against this control plane with a join token for `id`.
+    pub async fn start_proxy(
+        &self,
+        id: &SpiffeId,
+        ttl: Option<Duration>,
+        workload_api: Option<std::path::PathBuf>,
+    ) -> latch_proxy::Proxy {
+        let token = self.token(id, Duration::from_secs(3600), false);
+        let config = latch_proxy::Config {
+            agent: latch_proxy::AgentConfig {
+                control_plane: self.grpc_addr(),
+                control_plane_id: ExpectedPeer::Exactly(control_plane_id(&self.trust_domain)),
+                credential: latch_proxy::Credential::JoinToken(token),
+                ttl,
+            },
+            bundle: self.bundle(),
+            workload_api,
+            admin: loopback(),
+        };
+        let proxy = latch_proxy::Proxy::start(config)
+            .await
+            .expect("proxy starts");
+        assert!(
+            proxy.wait_for_svid(Duration::from_secs(10)).await,
+            "proxy obtained its first SVID"
+        );
+        proxy
     }
 }

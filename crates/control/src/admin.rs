@@ -2,16 +2,13 @@
 //! `POST /v1/join-tokens`, which requires the admin credential from `<data-dir>/admin.token`
 //! as a bearer token. latchctl is its client.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
+use latch_admin::{HttpResponse, error, json, text};
 use latch_identity::{CertStore, SpiffeId};
 use serde::Deserialize;
 use tokio::net::TcpListener;
@@ -47,27 +44,6 @@ struct CreateTokenRequest {
     reusable: bool,
 }
 
-fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.into())));
-    *response.status_mut() = status;
-    response
-}
-
-fn json(status: StatusCode, value: &impl serde::Serialize) -> Response<Full<Bytes>> {
-    let body = serde_json::to_vec(value).unwrap_or_default();
-    let mut response = text(status, String::new());
-    *response.body_mut() = Full::new(Bytes::from(body));
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-fn error(status: StatusCode, message: impl Into<String>) -> Response<Full<Bytes>> {
-    json(status, &serde_json::json!({ "error": message.into() }))
-}
-
 impl AdminState {
     fn ready(&self) -> Result<(), String> {
         let now = SystemTime::now();
@@ -90,7 +66,7 @@ impl AdminState {
         presented.is_some_and(|p| crate::tokens::token_hash(p.trim()) == self.admin_credential_hash)
     }
 
-    async fn create_token(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn create_token(&self, request: Request<Incoming>) -> HttpResponse {
         if !self.authorized(&request) {
             return error(
                 StatusCode::UNAUTHORIZED,
@@ -141,7 +117,7 @@ impl AdminState {
         }
     }
 
-    async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn handle(self: Arc<Self>, request: Request<Incoming>) -> HttpResponse {
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/ready") => match self.ready() {
@@ -177,38 +153,10 @@ pub fn serve(
     tracker: &TaskTracker,
     cancel: CancellationToken,
 ) {
-    let connections = tracker.clone();
-    tracker.spawn(async move {
-        loop {
-            let (tcp, _) = tokio::select! {
-                _ = cancel.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!("admin accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let state = state.clone();
-            let cancel = cancel.clone();
-            connections.spawn(async move {
-                let service = service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(state.handle(req).await) }
-                });
-                let conn = http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
-                    .serve_connection(TokioIo::new(tcp), service);
-                tokio::select! {
-                    _ = cancel.cancelled() => {}
-                    result = conn => if let Err(e) = result {
-                        tracing::debug!("admin connection: {e}");
-                    },
-                }
-            });
-        }
-    });
+    latch_admin::serve(
+        listener,
+        move |request| state.clone().handle(request),
+        tracker,
+        cancel,
+    );
 }

@@ -122,8 +122,20 @@ impl CertificateServer {
         peer: Option<&PeerConn>,
         now: SystemTime,
     ) -> Result<Proven, Refusal> {
-        if let Some(Proof::JoinToken(token)) = proof {
-            return Ok(Proven::Token(self.tokens.authenticate(token, now)?));
+        match proof {
+            Some(Proof::JoinToken(token)) => {
+                return Ok(Proven::Token(self.tokens.authenticate(token, now)?));
+            }
+            Some(Proof::ServiceAccountToken(_)) => {
+                return Err(Refusal::new(
+                    "sa_token_unsupported",
+                    Status::unauthenticated(
+                        "this control plane does not accept Kubernetes service-account tokens \
+                         yet (no TokenReview support); use a join token",
+                    ),
+                ));
+            }
+            None => {}
         }
         let Some(chain) = peer.and_then(|p| p.certs.as_deref()) else {
             return Err(Refusal::new(

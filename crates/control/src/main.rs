@@ -4,19 +4,6 @@
 use anyhow::Context;
 use clap::Parser;
 use latch_control::{Args, Config, ControlPlane};
-use tracing_subscriber::EnvFilter;
-
-fn init_logging(format: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -30,7 +17,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    init_logging(&args.log_format);
+    latch_admin::init_logging(&args.log_format);
     let config = Config::try_from(args).map_err(anyhow::Error::msg)?;
     let control_plane = ControlPlane::start(config)
         .await

@@ -134,6 +134,17 @@ impl CaClient {
         ttl: Option<Duration>,
         join_token: Option<String>,
     ) -> Result<(Svid, TrustBundle), ClientError> {
+        self.fetch_svid_with(id_hint, ttl, join_token.map(Proof::JoinToken))
+            .await
+    }
+
+    /// Like `fetch_svid`, with any kind of proof.
+    pub async fn fetch_svid_with(
+        &mut self,
+        id_hint: Option<&SpiffeId>,
+        ttl: Option<Duration>,
+        proof: Option<Proof>,
+    ) -> Result<(Svid, TrustBundle), ClientError> {
         let request = generate_csr(id_hint)?;
         let response = self
             .create_certificate(CreateCertificateRequest {
@@ -142,7 +153,7 @@ impl CaClient {
                     seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
                     nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
                 }),
-                proof: join_token.map(Proof::JoinToken),
+                proof,
             })
             .await?;
         svid_from_response(response, request.key)

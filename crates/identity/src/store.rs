@@ -15,10 +15,12 @@ use rustls::sign::CertifiedKey;
 use crate::bundle::TrustBundle;
 use crate::svid::Svid;
 
-/// Current SVID (if any yet) and trust bundle.
+/// Current SVID (if any yet) and trust bundle. Every change bumps a generation number that
+/// `subscribe` watchers see (the Workload API streams a new message on each).
 pub struct CertStore {
     svid: ArcSwapOption<Svid>,
     bundle: ArcSwap<TrustBundle>,
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl fmt::Debug for CertStore {
@@ -37,6 +39,7 @@ impl CertStore {
         Self {
             svid: ArcSwapOption::empty(),
             bundle: ArcSwap::from_pointee(bundle),
+            changes: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -59,6 +62,7 @@ impl CertStore {
     /// Swaps in a new SVID; handshakes from now on present it.
     pub fn set_svid(&self, svid: Svid) {
         self.svid.store(Some(Arc::new(svid)));
+        self.changes.send_modify(|generation| *generation += 1);
     }
 
     pub fn bundle(&self) -> Arc<TrustBundle> {
@@ -68,6 +72,21 @@ impl CertStore {
     /// Swaps in a new trust bundle; verification from now on uses it.
     pub fn set_bundle(&self, bundle: TrustBundle) {
         self.bundle.store(Arc::new(bundle));
+        self.changes.send_modify(|generation| *generation += 1);
+    }
+
+    /// Swaps in a new SVID and, if given, a new bundle, waking subscribers once.
+    pub fn rotate(&self, svid: Svid, bundle: Option<TrustBundle>) {
+        if let Some(bundle) = bundle {
+            self.bundle.store(Arc::new(bundle));
+        }
+        self.svid.store(Some(Arc::new(svid)));
+        self.changes.send_modify(|generation| *generation += 1);
+    }
+
+    /// A receiver that wakes on every `set_svid` / `set_bundle` / `rotate`.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     fn current_certified_key(&self) -> Option<Arc<CertifiedKey>> {

@@ -1,0 +1,130 @@
+//! What both binaries share to be operable: the admin HTTP server (`/healthz`, `/ready`,
+//! `/metrics`, debug and management endpoints) as an HTTP/1 accept loop owned by a
+//! `TaskTracker`, response helpers, and logging set-up. Each binary supplies its own routes.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use hyper::{Method, StatusCode as Status};
+
+/// Logs to stderr as text or JSON (`--log-format`), filtered by RUST_LOG (default info).
+pub fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// What handlers return.
+pub type HttpResponse = Response<Full<Bytes>>;
+
+/// A plain-text response.
+pub fn text(status: StatusCode, body: impl Into<String>) -> HttpResponse {
+    let mut response = Response::new(Full::new(Bytes::from(body.into())));
+    *response.status_mut() = status;
+    response
+}
+
+/// A JSON response.
+pub fn json(status: StatusCode, value: &impl serde::Serialize) -> HttpResponse {
+    let mut response = Response::new(Full::new(Bytes::from(
+        serde_json::to_vec_pretty(value).unwrap_or_default(),
+    )));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// A JSON `{"error": message}` response.
+pub fn error(status: StatusCode, message: impl Into<String>) -> HttpResponse {
+    json(status, &serde_json::json!({ "error": message.into() }))
+}
+
+/// Prometheus/OpenMetrics text.
+pub fn metrics(body: String) -> HttpResponse {
+    let mut response = text(StatusCode::OK, body);
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    response
+}
+
+/// `/ready`: 200 "ready" or 503 with the reason.
+pub fn readiness(state: Result<(), String>) -> HttpResponse {
+    match state {
+        Ok(()) => text(StatusCode::OK, "ready\n"),
+        Err(why) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
+
+/// Serves HTTP/1 on `listener` with `handler` until `cancel` fires.
+pub fn serve<H, F>(
+    listener: TcpListener,
+    handler: H,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = HttpResponse> + Send + 'static,
+{
+    let connections = tracker.clone();
+    tracker.spawn(async move {
+        loop {
+            let (tcp, _) = tokio::select! {
+                _ = cancel.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!("admin accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let handler = handler.clone();
+            let cancel = cancel.clone();
+            connections.spawn(async move {
+                let service = service_fn(move |req| {
+                    let response = handler(req);
+                    async move { Ok::<_, Infallible>(response.await) }
+                });
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(tcp), service);
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    result = conn => if let Err(e) = result {
+                        tracing::debug!("admin connection: {e}");
+                    },
+                }
+            });
+        }
+    });
+}

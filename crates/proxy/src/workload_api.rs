@@ -1,0 +1,229 @@
+//! The SPIFFE Workload API on a Unix socket (mode 0600), so SPIFFE-aware applications get the
+//! proxy's SVID and bundle: FetchX509SVID and FetchX509Bundles answer at once and again on every
+//! rotation or bundle change. JWT methods answer UNIMPLEMENTED. Reads the `CertStore` only.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use latch_identity::{CertStore, Svid, TrustBundle};
+use latch_proto::workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
+use latch_proto::workload::{
+    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
+    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
+    X509svidResponse,
+};
+use thiserror::Error;
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status};
+
+/// The metadata every Workload API request must carry (SPIFFE Workload API spec).
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[derive(Debug, Error)]
+pub enum WorkloadApiError {
+    #[error("--workload-api must be unix:///absolute/path, got {0:?}")]
+    Address(String),
+    #[error("cannot create the Workload API socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Parses `unix:///path` (or a bare absolute path) into a socket path.
+pub fn socket_path(address: &str) -> Result<PathBuf, WorkloadApiError> {
+    let path = address.strip_prefix("unix://").unwrap_or(address);
+    if !path.starts_with('/') {
+        return Err(WorkloadApiError::Address(address.to_string()));
+    }
+    Ok(PathBuf::from(path))
+}
+
+fn concat_der<'a>(
+    certs: impl IntoIterator<Item = &'a rustls_pki_types::CertificateDer<'a>>,
+) -> Vec<u8> {
+    certs
+        .into_iter()
+        .flat_map(|c| c.as_ref().iter().copied())
+        .collect()
+}
+
+fn x509_svid_response(svid: &Svid, bundle: &TrustBundle) -> X509svidResponse {
+    X509svidResponse {
+        svids: vec![X509svid {
+            spiffe_id: svid.id().to_string(),
+            x509_svid: concat_der(svid.chain()),
+            x509_svid_key: svid.private_key().secret_pkcs8_der().to_vec(),
+            bundle: concat_der(bundle.roots()),
+            hint: String::new(),
+        }],
+        crl: Vec::new(),
+        federated_bundles: Default::default(),
+    }
+}
+
+fn x509_bundles_response(store: &CertStore) -> Option<X509BundlesResponse> {
+    let svid = store.svid()?;
+    let trust_domain_id = svid.id().trust_domain().id().to_string();
+    let bundle = store.bundle();
+    Some(X509BundlesResponse {
+        crl: Vec::new(),
+        bundles: [(trust_domain_id, concat_der(bundle.roots()))].into(),
+    })
+}
+
+fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
+    match request
+        .metadata()
+        .get(SECURITY_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some("true") => Ok(()),
+        _ => Err(Status::invalid_argument(format!(
+            "security header missing from request: set the gRPC metadata {SECURITY_HEADER}: true"
+        ))),
+    }
+}
+
+/// The gRPC service.
+pub struct WorkloadApi {
+    store: Arc<CertStore>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl WorkloadApi {
+    /// Streams `make(store)` now (once an SVID exists) and after every store change, until the
+    /// client goes away or the proxy stops.
+    fn stream<T: Send + 'static>(&self, make: fn(&CertStore) -> Option<T>) -> ResponseStream<T> {
+        let (tx, rx) = mpsc::channel(4);
+        let store = self.store.clone();
+        let cancel = self.cancel.clone();
+        let mut changes = store.subscribe();
+        self.tracker.spawn(async move {
+            loop {
+                changes.mark_unchanged();
+                if let Some(message) = make(&store)
+                    && tx.send(Ok(message)).await.is_err()
+                {
+                    return;
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tx.closed() => return,
+                    changed = changes.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+        Box::pin(ReceiverStream::new(rx))
+    }
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = ResponseStream<X509svidResponse>;
+    type FetchX509BundlesStream = ResponseStream<X509BundlesResponse>;
+    type FetchJWTBundlesStream = ResponseStream<JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        check_header(&request)?;
+        Ok(Response::new(self.stream(|store| {
+            store
+                .svid()
+                .map(|svid| x509_svid_response(&svid, &store.bundle()))
+        })))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        check_header(&request)?;
+        Ok(Response::new(self.stream(x509_bundles_response)))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        check_header(&request)?;
+        Err(jwt_unimplemented())
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        check_header(&request)?;
+        Err(jwt_unimplemented())
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        check_header(&request)?;
+        Err(jwt_unimplemented())
+    }
+}
+
+fn jwt_unimplemented() -> Status {
+    Status::unimplemented("JWT-SVIDs are not implemented by latch-proxy yet; use X.509-SVIDs")
+}
+
+/// Binds the socket (replacing a stale one, mode 0600) and serves until `cancel`.
+pub fn serve(
+    path: &Path,
+    store: Arc<CertStore>,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> Result<(), WorkloadApiError> {
+    let socket_err = |source| WorkloadApiError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(socket_err)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(socket_err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(socket_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(socket_err)?;
+    let service = SpiffeWorkloadApiServer::new(WorkloadApi {
+        store,
+        tracker: tracker.clone(),
+        cancel: cancel.clone(),
+    });
+    let path = path.to_path_buf();
+    tracker.spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                UnixListenerStream::new(listener),
+                cancel.cancelled_owned(),
+            )
+            .await;
+        if let Err(e) = result {
+            tracing::error!("Workload API on {} stopped: {e}", path.display());
+        }
+        let _ = std::fs::remove_file(&path);
+    });
+    Ok(())
+}
