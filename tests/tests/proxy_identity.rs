@@ -159,7 +159,9 @@ async fn control_plane_outage_keeps_the_svid_and_renewal_resumes() {
         store.valid_svid(SystemTime::now()).is_some(),
         "and it is still valid"
     );
-    let ready = reqwest_ready(proxy.admin_addr).await;
+    let (ready, _) = latch_tests::http_get(&proxy.admin_addr.to_string(), "/ready")
+        .await
+        .unwrap();
     assert_eq!(ready, 200, "/ready stays true while the SVID is valid");
 
     let h = paused.resume().await;
@@ -177,17 +179,6 @@ async fn control_plane_outage_keeps_the_svid_and_renewal_resumes() {
     );
     proxy.shutdown().await;
     h.stop().await;
-}
-
-/// GET /ready on the proxy's admin port; returns the status code.
-async fn reqwest_ready(addr: std::net::SocketAddr) -> u16 {
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    tcp.read_to_string(&mut response).await.unwrap();
-    response.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

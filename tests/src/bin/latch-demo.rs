@@ -210,9 +210,79 @@ async fn main() -> Result<()> {
     server.await??;
     println!("web got: {reply}");
 
+    step("Start latch-proxy for web: it makes its own key, fetches an SVID and rotates it");
+    let proxy_dir = root.join("web-proxy");
+    latch_identity::files::ensure_private_dir(&proxy_dir)?;
+    let token = run(
+        "latchctl",
+        &[
+            "token",
+            "create",
+            "--spiffe-id",
+            "spiffe://cluster.local/ns/demo/sa/web",
+            "--admin",
+            &admin,
+            "--data-dir",
+            data,
+        ],
+    )?;
+    let token_file = proxy_dir.join("join-token");
+    latch_identity::files::write_private(&token_file, token.as_bytes())?;
+    let proxy_admin = format!("127.0.0.1:{}", free_port()?);
+    let socket = proxy_dir.join("workload.sock");
+    let bundle_file = data_dir.join("bundle.pem");
+    let proxy_args = [
+        "--control-plane",
+        &listen,
+        "--ca-bundle",
+        bundle_file.to_str().context("path")?,
+        "--join-token-file",
+        token_file.to_str().context("path")?,
+        "--svid-ttl",
+        "10s",
+        "--workload-api",
+        &format!("unix://{}", socket.display()),
+        "--admin",
+        &proxy_admin,
+    ];
+    println!("$ latch-proxy {}", proxy_args.join(" "));
+    let proxy_log = proxy_dir.join("proxy.log");
+    let _proxy = ChildGuard::spawn("latch-proxy", &proxy_args, &proxy_log)?;
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while seen.len() < 3 && std::time::Instant::now() < deadline {
+        if let Ok((200, body)) = latch_tests::http_get(&proxy_admin, "/debug/certs").await {
+            let certs: serde_json::Value = serde_json::from_str(&body)?;
+            let serial = certs["serial"].as_str().unwrap_or_default().to_string();
+            if !serial.is_empty() && !seen.contains(&serial) {
+                if seen.is_empty() {
+                    println!("$ curl http://{proxy_admin}/debug/certs\n{body}");
+                } else {
+                    println!(
+                        "rotated: serial {serial}, valid until {}, next rotation {}",
+                        certs["not_after"].as_str().unwrap_or("?"),
+                        certs["next_rotation"].as_str().unwrap_or("?")
+                    );
+                }
+                seen.push(serial);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if seen.len() < 3 {
+        bail!(
+            "the proxy did not rotate twice in 30 s; see {}",
+            proxy_log.display()
+        );
+    }
+    println!(
+        "SPIFFE-aware apps can fetch the same SVID from the Workload API at unix://{}",
+        socket.display()
+    );
+
     step("Done");
     println!(
-        "Files are under {} (keys 0600). The control plane has stopped.",
+        "Files are under {} (keys 0600). The proxy and the control plane have stopped.",
         root.display()
     );
     Ok(())
