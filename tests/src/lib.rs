@@ -184,15 +184,16 @@ impl Harness {
         }
     }
 
-    /// Starts an in-process latch-proxy against this control plane with a join token for `id`.
-    pub async fn start_proxy(
+    /// A latch-proxy config for this control plane with a new join token for `id`.
+    pub fn proxy_config(
         &self,
         id: &SpiffeId,
         ttl: Option<Duration>,
         workload_api: Option<std::path::PathBuf>,
-    ) -> latch_proxy::Proxy {
-        let token = self.token(id, Duration::from_secs(3600), false);
-        let config = latch_proxy::Config {
+        reusable_token: bool,
+    ) -> latch_proxy::Config {
+        let token = self.token(id, Duration::from_secs(3600), reusable_token);
+        latch_proxy::Config {
             agent: latch_proxy::AgentConfig {
                 control_plane: self.grpc_addr(),
                 control_plane_id: ExpectedPeer::Exactly(control_plane_id(&self.trust_domain)),
@@ -202,14 +203,29 @@ impl Harness {
             bundle: self.bundle(),
             workload_api,
             admin: loopback(),
-        };
-        let proxy = latch_proxy::Proxy::start(config)
-            .await
-            .expect("proxy starts");
-        assert!(
-            proxy.wait_for_svid(Duration::from_secs(10)).await,
-            "proxy obtained its first SVID"
-        );
-        proxy
+        }
     }
+
+    /// Starts an in-process latch-proxy with a single-use join token for `id` and waits for its
+    /// first SVID.
+    pub async fn start_proxy(
+        &self,
+        id: &SpiffeId,
+        ttl: Option<Duration>,
+        workload_api: Option<std::path::PathBuf>,
+    ) -> latch_proxy::Proxy {
+        start_proxy(self.proxy_config(id, ttl, workload_api, false)).await
+    }
+}
+
+/// Starts an in-process latch-proxy and waits for its first SVID.
+pub async fn start_proxy(config: latch_proxy::Config) -> latch_proxy::Proxy {
+    let proxy = latch_proxy::Proxy::start(config)
+        .await
+        .expect("proxy starts");
+    assert!(
+        proxy.wait_for_svid(Duration::from_secs(10)).await,
+        "proxy obtained its first SVID"
+    );
+    proxy
 }

@@ -182,6 +182,68 @@ async fn control_plane_outage_keeps_the_svid_and_renewal_resumes() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_expired_svid_fails_closed_and_the_token_brings_the_proxy_back() {
+    let h = Harness::start().await;
+    let id = h.id("demo", "batch");
+    let config = h.proxy_config(&id, Some(Duration::from_secs(3)), None, true);
+    let proxy = latch_tests::start_proxy(config).await;
+    let store = proxy.store().clone();
+    let addr = echo_server(store.clone()).await;
+    let client_token = h.token(&h.id("demo", "client"), Duration::from_secs(3600), false);
+    let (client_svid, bundle) = h
+        .client()
+        .await
+        .fetch_svid(None, None, Some(client_token))
+        .await
+        .unwrap();
+    let client = Arc::new(CertStore::with_svid(client_svid, bundle));
+    let admin = proxy.admin_addr.to_string();
+
+    let paused = h.pause().await;
+    let expired_at = store.svid().unwrap().info().not_after;
+    tokio::time::sleep(
+        expired_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            + Duration::from_millis(1500),
+    )
+    .await;
+    let (status, body) = latch_tests::http_get(&admin, "/ready").await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("expired"), "{body}");
+    // New handshakes fail closed: the server has nothing to present.
+    let verifier = SpiffeServerVerifier::new(client.clone(), ExpectedPeer::AnyInBundle);
+    let config =
+        latch_identity::tls::client_config(Some(client.clone()), Arc::new(verifier), &[b"test"])
+            .unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let handshake = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(latch_identity::tls::placeholder_server_name(), tcp)
+        .await;
+    assert!(
+        handshake.is_err(),
+        "a proxy with an expired SVID must not complete handshakes"
+    );
+
+    // Back: the expired SVID cannot be renewed, so the reusable join token is used.
+    let h = paused.resume().await;
+    let mut changes = store.subscribe();
+    tokio::time::timeout(Duration::from_secs(6), changes.changed())
+        .await
+        .expect("new SVID")
+        .unwrap();
+    assert!(store.valid_svid(SystemTime::now()).is_some());
+    assert_eq!(
+        latch_tests::http_get(&admin, "/ready").await.unwrap().0,
+        200
+    );
+    let mut conn = connect(addr, &client).await;
+    echo(&mut conn, b"serving again").await;
+    proxy.shutdown().await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_spiffe_library_client_fetches_and_follows_the_svid() {
     let h = Harness::start().await;
     let id = h.id("demo", "spiffe-aware");
