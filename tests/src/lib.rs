@@ -12,6 +12,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 pub use latch_identity;
 
+pub mod netns;
 pub mod procs;
 
 /// GET `path` from an admin endpoint over HTTP/1.0; returns the status code and body.
@@ -83,6 +84,7 @@ impl Harness {
             loopback(),
         );
         adjust(&mut config);
+        let trust_domain = config.trust_domain.clone();
         let control_plane = ControlPlane::start(config)
             .await
             .expect("control plane starts");
@@ -203,7 +205,16 @@ impl Harness {
             bundle: self.bundle(),
             workload_api,
             admin: loopback(),
+            data: latch_proxy::DataPathConfig::none(self.trust_domain.clone()),
         }
+    }
+
+    /// A proxy config with an inbound mTLS listener on an ephemeral loopback port, apps reached
+    /// on 127.0.0.1 (tests add explicit outbound listeners or change limits as they need).
+    pub fn mesh_proxy_config(&self, id: &SpiffeId, ttl: Option<Duration>) -> latch_proxy::Config {
+        let mut config = self.proxy_config(id, ttl, None, false);
+        config.data.inbound = Some(loopback());
+        config
     }
 
     /// Starts an in-process latch-proxy with a single-use join token for `id` and waits for its

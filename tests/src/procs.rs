@@ -1,16 +1,75 @@
-//! Child processes of the project's own binaries, for the demo and the benchmarks: found next
-//! to the running executable, killed (by PID, through `Child`) when dropped.
+//! Child processes of the project's own binaries, for the demo, the benchmarks and the
+//! end-to-end tests: found next to the running executable (built on demand for tests), killed
+//! (by PID, through `Child`) when dropped.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// The path of a sibling binary (e.g. `latch-control` next to `latch-bench`).
+/// The path of a sibling binary (e.g. `latch-control` next to `latch-bench`). From an
+/// integration test, which runs from `target/<profile>/deps`, the binaries' folder is the
+/// parent: `target/<profile>`.
 pub fn sibling_binary(name: &str) -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
+    binary_dir()
+        .map(|dir| dir.join(name))
         .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn binary_dir() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    match dir.file_name() {
+        Some(deps) if deps == "deps" => dir.parent().map(Path::to_path_buf),
+        _ => Some(dir.to_path_buf()),
+    }
+}
+
+/// A binary of this workspace (`latch-control`, `latch-proxy`, `latchctl`, ...), built first if
+/// needed. `cargo test` builds only the tested package's own binaries, so the first call in a
+/// process runs `cargo build --workspace --bins` into the running test's target dir and
+/// profile: a no-op when they are up to date, e.g. after `.ci/run` (which runs the same
+/// command before the tests) or `cargo build`.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    if let Err(e) = BUILT.get_or_init(build_binaries) {
+        panic!("{e}; run `cargo build --workspace --bins` first");
+    }
+    sibling_binary(name)
+}
+
+fn build_binaries() -> Result<(), String> {
+    let dir = binary_dir().ok_or("cannot locate the running executable")?;
+    let (Some(target_dir), Some(profile)) = (dir.parent(), dir.file_name()) else {
+        return Err(format!(
+            "{} is not a target/<profile> folder",
+            dir.display()
+        ));
+    };
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let mut command = Command::new(cargo);
+    command
+        .args(["build", "--workspace", "--bins", "--manifest-path"])
+        .arg(&manifest)
+        .env("CARGO_TARGET_DIR", target_dir);
+    match profile.to_str() {
+        Some("debug") => {}
+        Some("release") => {
+            command.arg("--release");
+        }
+        Some(other) => {
+            command.args(["--profile", other]);
+        }
+        None => return Err(format!("odd profile folder {}", dir.display())),
+    }
+    let status = command
+        .status()
+        .map_err(|e| format!("running {command:?}: {e}"))?;
+    if !status.success() {
+        return Err(format!("{command:?} failed: {status}"));
+    }
+    Ok(())
 }
 
 /// A child process that is killed when this guard is dropped.

@@ -439,6 +439,7 @@ async fn the_private_key_never_reaches_the_ca() {
         bundle: h.bundle(),
         workload_api: None,
         admin: "127.0.0.1:0".parse().unwrap(),
+        data: latch_proxy::DataPathConfig::none(h.trust_domain.clone()),
     };
     let proxy = latch_proxy::Proxy::start(config).await.unwrap();
     assert!(proxy.wait_for_svid(Duration::from_secs(10)).await);

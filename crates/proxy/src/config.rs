@@ -1,24 +1,103 @@
 //! The proxy's command line; every flag also reads a LATCH_* environment variable.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand, ValueEnum};
+use latch_identity::SpiffeId;
+
+use crate::outbound::ExplicitTarget;
+use crate::state::{MESH_PORT, MeshPeer};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "latch-proxy",
     version,
-    about = "Latch sidecar proxy: workload identity and mTLS"
+    about = "Latch sidecar proxy: workload identity and mTLS",
+    args_conflicts_with_subcommands = true
 )]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: Args,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Manage the iptables rules that capture the app's TCP (run as root in the pod's netns).
+    Iptables {
+        #[arg(value_enum)]
+        action: IptablesAction,
+        /// The uid the proxy runs as; its traffic is not captured.
+        #[arg(long, env = "LATCH_PROXY_UID", default_value_t = crate::capture::PROXY_UID)]
+        proxy_uid: u32,
+        /// Destination ports the app reaches directly (comma-separated).
+        #[arg(long, env = "LATCH_EXCLUDE_OUTBOUND_PORTS", value_delimiter = ',')]
+        exclude_outbound_ports: Vec<u16>,
+        /// Local ports reachable directly from outside (comma-separated).
+        #[arg(long, env = "LATCH_EXCLUDE_INBOUND_PORTS", value_delimiter = ',')]
+        exclude_inbound_ports: Vec<u16>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IptablesAction {
+    Install,
+    Uninstall,
+    Print,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InboundModeArg {
+    Strict,
+    Permissive,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutboundPolicyArg {
+    Passthrough,
+    RegistryOnly,
+}
+
+/// A `--peer IP=SPIFFE_ID` or `--peer IP:PORT=SPIFFE_ID` flag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerFlag {
+    pub ip: IpAddr,
+    pub peer: MeshPeer,
+}
+
+impl std::str::FromStr for PeerFlag {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, id) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: expected IP=SPIFFE_ID or IP:MESH_PORT=SPIFFE_ID"))?;
+        let (ip, mesh_port) = match addr.parse::<SocketAddr>() {
+            Ok(sa) => (sa.ip(), sa.port()),
+            Err(_) => (
+                addr.parse::<IpAddr>()
+                    .map_err(|e| format!("{s:?}: {addr:?}: {e}"))?,
+                MESH_PORT,
+            ),
+        };
+        let id = SpiffeId::parse(id).map_err(|e| format!("{s:?}: {id:?}: {e}"))?;
+        Ok(Self {
+            ip,
+            peer: MeshPeer { id, mesh_port },
+        })
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// The control plane's gRPC address (host:port).
     #[arg(long, env = "LATCH_CONTROL_PLANE", default_value = "127.0.0.1:15010")]
     pub control_plane: String,
     /// Trust bundle (PEM) that the control plane's certificate chains to.
     #[arg(long, env = "LATCH_CA_BUNDLE")]
-    pub ca_bundle: PathBuf,
+    pub ca_bundle: Option<PathBuf>,
     /// Trust domain; the control plane must present
     /// spiffe://<trust-domain>/ns/latch-system/sa/latch-control.
     #[arg(long, env = "LATCH_TRUST_DOMAIN", default_value = "cluster.local")]
@@ -47,7 +126,85 @@ pub struct Args {
     /// Admin HTTP: /healthz, /ready, /metrics, /debug/certs.
     #[arg(long, env = "LATCH_ADMIN", default_value = "127.0.0.1:15020")]
     pub admin: SocketAddr,
+    /// Inbound mTLS listener for other proxies.
+    #[arg(long, env = "LATCH_INBOUND", default_value = "0.0.0.0:15008")]
+    pub inbound: SocketAddr,
+    /// Run the transparent-capture listeners (outbound 15001, inbound plaintext 15006); use
+    /// with `latch-proxy iptables install`.
+    #[arg(long, env = "LATCH_TRANSPARENT")]
+    pub transparent: bool,
+    /// Outbound capture listener (with --transparent).
+    #[arg(long, env = "LATCH_OUTBOUND_CAPTURE", default_value = "0.0.0.0:15001")]
+    pub outbound_capture: SocketAddr,
+    /// Inbound plaintext capture listener (with --transparent).
+    #[arg(long, env = "LATCH_INBOUND_PLAINTEXT", default_value = "0.0.0.0:15006")]
+    pub inbound_plaintext: SocketAddr,
+    /// Plaintext arriving for the app: refused (strict) or passed to it (permissive).
+    #[arg(long, env = "LATCH_INBOUND_MODE", value_enum, default_value = "strict")]
+    pub inbound_mode: InboundModeArg,
+    /// A meshed peer: IP=SPIFFE_ID (mesh port 15008) or IP:PORT=SPIFFE_ID; repeatable.
+    #[arg(long = "peer", env = "LATCH_PEERS", value_delimiter = ',')]
+    pub peers: Vec<PeerFlag>,
+    /// Traffic to destinations outside the mesh: passed through or refused.
+    #[arg(
+        long,
+        env = "LATCH_OUTBOUND_POLICY",
+        value_enum,
+        default_value = "passthrough"
+    )]
+    pub outbound_policy: OutboundPolicyArg,
+    /// Explicit outbound listener, LISTEN=SPIFFE_ID@MESH_HOST:MESH_PORT/TARGET_PORT; repeatable.
+    #[arg(long = "outbound", env = "LATCH_OUTBOUND", value_delimiter = ',')]
+    pub outbound: Vec<ExplicitTarget>,
+    /// Inbound allow-list of SPIFFE IDs; default: every ID of the trust domain. Repeatable.
+    #[arg(long = "allow", env = "LATCH_ALLOW", value_delimiter = ',')]
+    pub allow: Vec<SpiffeId>,
+    /// Address of the local app for inbound connections.
+    #[arg(long, env = "LATCH_APP_HOST", default_value = "127.0.0.1")]
+    pub app_host: IpAddr,
+    /// Most proxied connections at once; more are refused.
+    #[arg(long, env = "LATCH_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Timeout for connecting to peers and apps.
+    #[arg(long, env = "LATCH_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+    /// Timeout for TLS handshakes and the transport header.
+    #[arg(long, env = "LATCH_HANDSHAKE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+    /// Close connections with no bytes in either direction for this long.
+    #[arg(long, env = "LATCH_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// On SIGTERM, how long open connections may take to finish.
+    #[arg(long, env = "LATCH_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
     /// Log format: text or json.
     #[arg(long, env = "LATCH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_flags_parse() {
+        let p: PeerFlag = "10.0.0.2=spiffe://cluster.local/ns/a/sa/web"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            (p.ip.to_string(), p.peer.mesh_port),
+            ("10.0.0.2".into(), 15008)
+        );
+        let p: PeerFlag = "10.0.0.2:25008=spiffe://cluster.local/ns/a/sa/web"
+            .parse()
+            .unwrap();
+        assert_eq!(p.peer.mesh_port, 25008);
+        assert!("10.0.0.2".parse::<PeerFlag>().is_err());
+        assert!("nope=spiffe://cluster.local/x".parse::<PeerFlag>().is_err());
+        assert!(
+            "10.0.0.2=spiffe://cluster.local/"
+                .parse::<PeerFlag>()
+                .is_err()
+        );
+    }
 }

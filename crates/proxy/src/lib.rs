@@ -1,11 +1,20 @@
-//! latch-proxy: the sidecar. For now it keeps the workload's identity alive (identity agent),
-//! serves it to SPIFFE-aware apps (Workload API) and reports on it (admin); the mTLS data path
-//! builds on the same `CertStore`. `Proxy::start` wires the parts for the binary and the tests.
+//! latch-proxy: the sidecar. It keeps the workload's identity alive (identity agent), serves it
+//! to SPIFFE-aware apps (Workload API), carries the app's TCP over mTLS to other proxies
+//! (outbound, inbound, capture) and reports on all of it (admin). `Proxy::start` wires the
+//! parts for the binary and the tests.
 
 pub mod admin;
+pub mod authorizer;
+pub mod capture;
 pub mod config;
+pub mod copy;
+pub mod data_path;
 pub mod identity;
+pub mod inbound;
 pub mod metrics;
+pub mod outbound;
+pub mod state;
+pub mod transport;
 pub mod workload_api;
 
 use std::net::SocketAddr;
@@ -14,15 +23,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use latch_identity::client::control_plane_id;
-use latch_identity::{CertStore, ExpectedPeer, TrustBundle, TrustDomain};
+use latch_identity::{CertStore, ExpectedPeer, SpiffeId, TrustBundle, TrustDomain};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use config::Args;
+pub use config::{Args, Cli};
+pub use data_path::{InboundMode, Limits};
 pub use identity::{AgentConfig, Credential, IdentityAgent};
 pub use metrics::Metrics;
+pub use outbound::ExplicitTarget;
+pub use state::{MeshPeer, MeshSnapshot, OutboundPolicy};
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -38,6 +50,46 @@ pub enum StartError {
     },
     #[error(transparent)]
     WorkloadApi(#[from] workload_api::WorkloadApiError),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// The data path's listeners and rules. With no listener configured, the proxy only manages
+/// identity.
+#[derive(Debug, Clone)]
+pub struct DataPathConfig {
+    pub trust_domain: TrustDomain,
+    /// Inbound mTLS listener (15008).
+    pub inbound: Option<SocketAddr>,
+    /// Transparent capture listeners: outbound (15001) and inbound plaintext (15006).
+    pub transparent: Option<(SocketAddr, SocketAddr)>,
+    pub explicit: Vec<ExplicitTarget>,
+    pub peers: Vec<(std::net::IpAddr, MeshPeer)>,
+    pub outbound_policy: OutboundPolicy,
+    pub inbound_mode: InboundMode,
+    pub allow: Vec<SpiffeId>,
+    pub app_host: std::net::IpAddr,
+    pub limits: Limits,
+    pub drain_timeout: Duration,
+}
+
+impl DataPathConfig {
+    /// No listeners: identity only.
+    pub fn none(trust_domain: TrustDomain) -> Self {
+        Self {
+            trust_domain,
+            inbound: None,
+            transparent: None,
+            explicit: Vec::new(),
+            peers: Vec::new(),
+            outbound_policy: OutboundPolicy::Passthrough,
+            inbound_mode: InboundMode::Strict,
+            allow: Vec::new(),
+            app_host: std::net::Ipv4Addr::LOCALHOST.into(),
+            limits: Limits::default(),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Everything `Proxy::start` needs.
@@ -48,6 +100,7 @@ pub struct Config {
     pub bundle: TrustBundle,
     pub workload_api: Option<PathBuf>,
     pub admin: SocketAddr,
+    pub data: DataPathConfig,
 }
 
 impl Config {
@@ -56,11 +109,16 @@ impl Config {
         let trust_domain = TrustDomain::new(&args.trust_domain).map_err(|e| {
             StartError::Config(format!("--trust-domain {:?}: {e}", args.trust_domain))
         })?;
-        let bundle = std::fs::read(&args.ca_bundle)
+        let bundle_path = args.ca_bundle.clone().ok_or_else(|| {
+            StartError::Config(
+                "--ca-bundle (LATCH_CA_BUNDLE) is required: the control plane's bundle.pem".into(),
+            )
+        })?;
+        let bundle = std::fs::read(&bundle_path)
             .map_err(|e| e.to_string())
             .and_then(|pem| TrustBundle::from_pem(&pem).map_err(|e| e.to_string()))
             .map_err(|reason| StartError::Bundle {
-                path: args.ca_bundle.clone(),
+                path: bundle_path.clone(),
                 reason,
             })?;
         let credential = match (&args.join_token, &args.join_token_file, &args.token_file) {
@@ -79,6 +137,34 @@ impl Config {
             .as_deref()
             .map(workload_api::socket_path)
             .transpose()?;
+        let data = DataPathConfig {
+            trust_domain: trust_domain.clone(),
+            inbound: Some(args.inbound),
+            transparent: args
+                .transparent
+                .then_some((args.outbound_capture, args.inbound_plaintext)),
+            explicit: args.outbound.clone(),
+            peers: args.peers.iter().map(|p| (p.ip, p.peer.clone())).collect(),
+            outbound_policy: match args.outbound_policy {
+                config::OutboundPolicyArg::Passthrough => OutboundPolicy::Passthrough,
+                config::OutboundPolicyArg::RegistryOnly => OutboundPolicy::RegistryOnly,
+            },
+            inbound_mode: match args.inbound_mode {
+                config::InboundModeArg::Strict => InboundMode::Strict,
+                config::InboundModeArg::Permissive => InboundMode::Permissive,
+            },
+            allow: args.allow.clone(),
+            app_host: args.app_host,
+            limits: Limits {
+                connect_timeout: args.connect_timeout,
+                handshake_timeout: args.handshake_timeout,
+                header_timeout: args.handshake_timeout,
+                idle_timeout: args.idle_timeout,
+                max_connections: args.max_connections,
+                ..Limits::default()
+            },
+            drain_timeout: args.drain_timeout,
+        };
         Ok(Self {
             agent: AgentConfig {
                 control_plane: args.control_plane.clone(),
@@ -89,6 +175,7 @@ impl Config {
             bundle,
             workload_api,
             admin: args.admin,
+            data,
         })
     }
 }
@@ -96,10 +183,30 @@ impl Config {
 /// A running proxy.
 pub struct Proxy {
     pub admin_addr: SocketAddr,
+    /// Bound address of the inbound mTLS listener, if any.
+    pub inbound_addr: Option<SocketAddr>,
+    /// Bound addresses of the transparent listeners (outbound, inbound plaintext), if any.
+    pub capture_addrs: Option<(SocketAddr, SocketAddr)>,
+    /// Bound addresses of the explicit outbound listeners, in flag order.
+    pub explicit_addrs: Vec<SocketAddr>,
     pub agent: Arc<IdentityAgent>,
     pub metrics: Arc<Metrics>,
+    data_path: Option<Arc<data_path::DataPath>>,
+    drain_timeout: Duration,
     cancel: CancellationToken,
+    stop_accepting: CancellationToken,
     tracker: TaskTracker,
+    connections: TaskTracker,
+}
+
+async fn bind(
+    addr: SocketAddr,
+    what: &'static str,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    let bind_err = |source| StartError::Bind { addr, what, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
+    let local = listener.local_addr().map_err(bind_err)?;
+    Ok((listener, local))
 }
 
 impl Proxy {
@@ -107,7 +214,9 @@ impl Proxy {
     /// first SVID arrives in the background; /ready turns true once it does.
     pub async fn start(config: Config) -> Result<Self, StartError> {
         let cancel = CancellationToken::new();
+        let stop_accepting = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let connections = TaskTracker::new();
         let metrics = Arc::new(Metrics::new());
         let store = Arc::new(CertStore::new(config.bundle));
         let agent = Arc::new(IdentityAgent::new(
@@ -116,21 +225,7 @@ impl Proxy {
             metrics.clone(),
         ));
 
-        let admin_listener =
-            TcpListener::bind(config.admin)
-                .await
-                .map_err(|source| StartError::Bind {
-                    addr: config.admin,
-                    what: "admin (--admin)",
-                    source,
-                })?;
-        let admin_addr = admin_listener
-            .local_addr()
-            .map_err(|source| StartError::Bind {
-                addr: config.admin,
-                what: "admin (--admin)",
-                source,
-            })?;
+        let (admin_listener, admin_addr) = bind(config.admin, "admin (--admin)").await?;
         if let Some(path) = &config.workload_api {
             workload_api::serve(path, store.clone(), &tracker, cancel.clone())?;
             tracing::info!(socket = %path.display(), "serving the SPIFFE Workload API");
@@ -146,14 +241,104 @@ impl Proxy {
             cancel.clone(),
         );
         tracker.spawn(agent.clone().run(cancel.clone()));
-        tracing::info!(admin = %admin_addr, "proxy started");
-        Ok(Self {
+
+        let data = config.data;
+        let any_listener =
+            data.inbound.is_some() || data.transparent.is_some() || !data.explicit.is_empty();
+        let mut proxy = Self {
             admin_addr,
+            inbound_addr: None,
+            capture_addrs: None,
+            explicit_addrs: Vec::new(),
             agent,
-            metrics,
+            metrics: metrics.clone(),
+            data_path: None,
+            drain_timeout: data.drain_timeout,
             cancel,
+            stop_accepting,
             tracker,
-        })
+            connections,
+        };
+        if any_listener {
+            proxy.start_data_path(data, store, metrics).await?;
+        }
+        tracing::info!(admin = %admin_addr, inbound = ?proxy.inbound_addr, "proxy started");
+        Ok(proxy)
+    }
+
+    async fn start_data_path(
+        &mut self,
+        data: DataPathConfig,
+        store: Arc<CertStore>,
+        metrics: Arc<Metrics>,
+    ) -> Result<(), StartError> {
+        let snapshot = MeshSnapshot {
+            peers: data.peers.into_iter().collect(),
+            outbound_policy: data.outbound_policy,
+        };
+        let authorizer = Arc::new(authorizer::StaticAuthorizer::new(
+            data.trust_domain.clone(),
+            data.allow,
+        ));
+        let dp = Arc::new(data_path::DataPath::new(
+            transport::MeshTls::new(store, data.trust_domain)?,
+            snapshot,
+            authorizer,
+            metrics,
+            data.limits,
+            data.app_host,
+            data.inbound_mode,
+        ));
+        let (tracker, connections, stop) = (&self.tracker, &self.connections, &self.stop_accepting);
+        if let Some(addr) = data.inbound {
+            let (listener, local) = bind(addr, "inbound mTLS (--inbound)").await?;
+            dp.serve(
+                "inbound",
+                listener,
+                tracker,
+                connections,
+                stop.clone(),
+                inbound::mtls,
+            );
+            self.inbound_addr = Some(local);
+        }
+        if let Some((outbound, plaintext)) = data.transparent {
+            let (listener, out_local) =
+                bind(outbound, "outbound capture (--outbound-capture)").await?;
+            dp.serve(
+                "outbound",
+                listener,
+                tracker,
+                connections,
+                stop.clone(),
+                outbound::transparent,
+            );
+            let (listener, in_local) =
+                bind(plaintext, "inbound plaintext (--inbound-plaintext)").await?;
+            dp.serve(
+                "inbound_plaintext",
+                listener,
+                tracker,
+                connections,
+                stop.clone(),
+                inbound::plaintext,
+            );
+            self.capture_addrs = Some((out_local, in_local));
+        }
+        for target in data.explicit {
+            let (listener, local) = bind(target.listen, "explicit outbound (--outbound)").await?;
+            dp.serve(
+                "outbound",
+                listener,
+                tracker,
+                connections,
+                stop.clone(),
+                move |dp, app, _, permit| outbound::explicit(dp, target.clone(), app, permit),
+            );
+            self.explicit_addrs.push(local);
+        }
+        self.data_path = Some(dp);
+        Ok(())
     }
 
     pub fn store(&self) -> &Arc<CertStore> {
@@ -175,8 +360,24 @@ impl Proxy {
             && self.store().svid().is_some()
     }
 
-    /// Stops every task and waits for them.
+    /// Drains: stops accepting, lets open connections finish for up to the drain timeout,
+    /// closes what is left, then stops every task.
     pub async fn shutdown(self) {
+        self.stop_accepting.cancel();
+        self.connections.close();
+        if tokio::time::timeout(self.drain_timeout, self.connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                open = self.connections.len(),
+                "drain timeout reached; closing the remaining connections"
+            );
+            if let Some(dp) = &self.data_path {
+                dp.close_connections.cancel();
+            }
+            self.connections.wait().await;
+        }
         self.cancel.cancel();
         self.tracker.close();
         self.tracker.wait().await;

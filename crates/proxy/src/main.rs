@@ -3,7 +3,9 @@
 
 use anyhow::Context;
 use clap::Parser;
-use latch_proxy::{Args, Config, Proxy};
+use latch_proxy::capture::CaptureRules;
+use latch_proxy::config::{Command, IptablesAction};
+use latch_proxy::{Args, Cli, Config, Proxy};
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let config = Config::from_args(&args)?;
@@ -16,16 +18,46 @@ async fn run(args: Args) -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
     }
-    tracing::info!("shutting down");
+    tracing::info!("shutting down: draining open connections");
     proxy.shutdown().await;
+    Ok(())
+}
+
+fn iptables(command: Command) -> anyhow::Result<()> {
+    let Command::Iptables {
+        action,
+        proxy_uid,
+        exclude_outbound_ports,
+        exclude_inbound_ports,
+    } = command;
+    let rules = CaptureRules {
+        proxy_uid,
+        exclude_outbound_ports,
+        exclude_inbound_ports,
+    };
+    match action {
+        IptablesAction::Print => print!("{}", rules.render()),
+        IptablesAction::Install => {
+            rules.install()?;
+            tracing::info!("capture rules installed");
+        }
+        IptablesAction::Uninstall => {
+            latch_proxy::capture::uninstall()?;
+            tracing::info!("capture rules removed");
+        }
+    }
     Ok(())
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let args = Args::parse();
-    latch_admin::init_logging(&args.log_format);
-    match run(args).await {
+    let cli = Cli::parse();
+    latch_admin::init_logging(&cli.run.log_format);
+    let result = match cli.command {
+        Some(command) => iptables(command),
+        None => run(cli.run).await,
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

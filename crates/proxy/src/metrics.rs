@@ -11,6 +11,20 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    /// "inbound", "inbound_plaintext", "outbound" or "passthrough".
+    pub direction: &'static str,
+    /// The peer's SPIFFE ID, or "unknown" for plaintext peers.
+    pub peer: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    pub direction: &'static str,
+    pub reason: &'static str,
+}
+
 /// Every metric the proxy exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -18,6 +32,14 @@ pub struct Metrics {
     pub svid_expiry: Gauge,
     pub rotations: Counter,
     pub rotation_failures: Family<ReasonLabel, Counter>,
+    pub connections_opened: Family<ConnLabels, Counter>,
+    pub connections_closed: Family<ConnLabels, Counter>,
+    pub connections_active: Family<ConnLabels, Gauge>,
+    pub bytes_sent: Family<ConnLabels, Counter>,
+    pub bytes_received: Family<ConnLabels, Counter>,
+    pub handshake_failures: Family<FailureLabels, Counter>,
+    pub connections_refused: Family<FailureLabels, Counter>,
+    pub authorization_denials: Family<ConnLabels, Counter>,
 }
 
 impl Metrics {
@@ -41,17 +63,89 @@ impl Metrics {
             "Failed attempts to obtain or renew the SVID, by reason",
             rotation_failures.clone(),
         );
+        let connections_opened = Family::<ConnLabels, Counter>::default();
+        let connections_closed = Family::<ConnLabels, Counter>::default();
+        let connections_active = Family::<ConnLabels, Gauge>::default();
+        let bytes_sent = Family::<ConnLabels, Counter>::default();
+        let bytes_received = Family::<ConnLabels, Counter>::default();
+        let handshake_failures = Family::<FailureLabels, Counter>::default();
+        let connections_refused = Family::<FailureLabels, Counter>::default();
+        let authorization_denials = Family::<ConnLabels, Counter>::default();
+        for (name, help, metric) in [
+            (
+                "latch_proxy_tcp_connections_opened",
+                "Proxied connections opened",
+                &connections_opened,
+            ),
+            (
+                "latch_proxy_tcp_connections_closed",
+                "Proxied connections closed",
+                &connections_closed,
+            ),
+            (
+                "latch_proxy_tcp_sent_bytes",
+                "Bytes sent towards the peer",
+                &bytes_sent,
+            ),
+            (
+                "latch_proxy_tcp_received_bytes",
+                "Bytes received from the peer",
+                &bytes_received,
+            ),
+            (
+                "latch_proxy_authorization_denials",
+                "Inbound connections denied by policy",
+                &authorization_denials,
+            ),
+        ] {
+            registry.register(name, help, metric.clone());
+        }
+        registry.register(
+            "latch_proxy_tcp_connections_active",
+            "Proxied connections open now",
+            connections_active.clone(),
+        );
+        registry.register(
+            "latch_proxy_tls_handshake_failures",
+            "mTLS handshakes that failed, by direction and reason",
+            handshake_failures.clone(),
+        );
+        registry.register(
+            "latch_proxy_tcp_connections_refused",
+            "Connections refused before proxying (limit, policy, bad transport header...)",
+            connections_refused.clone(),
+        );
         Self {
             registry,
             svid_expiry,
             rotations,
             rotation_failures,
+            connections_opened,
+            connections_closed,
+            connections_active,
+            bytes_sent,
+            bytes_received,
+            handshake_failures,
+            connections_refused,
+            authorization_denials,
         }
     }
 
     pub fn failed(&self, reason: &'static str) {
         self.rotation_failures
             .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub fn handshake_failed(&self, direction: &'static str, reason: &'static str) {
+        self.handshake_failures
+            .get_or_create(&FailureLabels { direction, reason })
+            .inc();
+    }
+
+    pub fn refused(&self, direction: &'static str, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&FailureLabels { direction, reason })
             .inc();
     }
 

@@ -1,0 +1,151 @@
+//! Inbound: the mTLS listener (15008) that other proxies connect to, and the plaintext capture
+//! listener (15006). mTLS: handshake (client SVID of the trust domain required) -> ALPN check ->
+//! transport header -> authorize the peer's SPIFFE ID -> connect to the local app -> copy.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use latch_identity::SvidError;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::authorizer::Decision;
+use crate::data_path::{DataPath, InboundMode};
+use crate::transport::{ALPN_LATCH, HeaderError, TransportHeader};
+
+const DIRECTION: &str = "inbound";
+
+/// A short, stable reason for a failed handshake, for metrics.
+pub fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
+    if e.kind() == std::io::ErrorKind::TimedOut {
+        return "timeout";
+    }
+    let Some(tls) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return "io";
+    };
+    match tls {
+        rustls::Error::NoCertificatesPresented => "no_client_cert",
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Expired) => "expired_cert",
+        rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidYet) => {
+            "not_yet_valid_cert"
+        }
+        rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other)) => {
+            match other.0.downcast_ref::<SvidError>() {
+                Some(SvidError::Chain { .. }) => "untrusted_cert",
+                Some(SvidError::UnexpectedId { .. }) => "unexpected_peer",
+                _ => "bad_cert",
+            }
+        }
+        rustls::Error::InvalidCertificate(_) => "bad_cert",
+        rustls::Error::PeerIncompatible(_) => "incompatible_peer",
+        rustls::Error::NoApplicationProtocol => "alpn",
+        rustls::Error::AlertReceived(_) => "alert_received",
+        _ => "other",
+    }
+}
+
+/// Handles one connection on the mTLS listener.
+pub async fn mtls(
+    dp: Arc<DataPath>,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(dp.tls.server());
+    let handshake = tokio::time::timeout(dp.limits.handshake_timeout, acceptor.accept(tcp)).await;
+    let mut tls = match handshake {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            let reason = handshake_failure_reason(&e);
+            dp.metrics.handshake_failed(DIRECTION, reason);
+            tracing::info!(%remote, reason, "inbound mTLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            dp.metrics.handshake_failed(DIRECTION, "timeout");
+            tracing::info!(%remote, "inbound mTLS handshake timed out");
+            return;
+        }
+    };
+    let (_, conn) = tls.get_ref();
+    if conn.alpn_protocol() != Some(ALPN_LATCH) {
+        dp.metrics.handshake_failed(DIRECTION, "alpn");
+        tracing::info!(%remote, "peer did not negotiate ALPN latch/1; closing");
+        return;
+    }
+    // The verifier required a valid SVID, so the leaf carries the peer's ID.
+    let Some(peer) = latch_identity::verifier::peer_spiffe_id(conn.peer_certificates()) else {
+        dp.metrics.handshake_failed(DIRECTION, "bad_cert");
+        return;
+    };
+    let header = match TransportHeader::read_from(&mut tls, dp.limits.header_timeout).await {
+        Ok(h) => h,
+        Err(e) => {
+            let reason = match e {
+                HeaderError::Timeout(_) => "header_timeout",
+                HeaderError::TooLong(_) => "header_too_long",
+                _ => "header_invalid",
+            };
+            dp.metrics.refused(DIRECTION, reason);
+            tracing::info!(%remote, peer = %peer, "refusing connection: {e}");
+            return;
+        }
+    };
+    if let Decision::Deny(why) = dp.authorizer.authorize(&peer, header.target_port) {
+        dp.metrics
+            .authorization_denials
+            .get_or_create(&crate::metrics::ConnLabels {
+                direction: DIRECTION,
+                peer: peer.to_string(),
+            })
+            .inc();
+        tracing::warn!(%remote, peer = %peer, port = header.target_port, "denied: {why}");
+        return;
+    }
+    let app = SocketAddr::new(dp.app_host, header.target_port);
+    let upstream = match dp.connect(app).await {
+        Ok(s) => s,
+        Err(e) => {
+            dp.metrics.refused(DIRECTION, "app_unreachable");
+            tracing::warn!(peer = %peer, %app, "cannot reach the local app: {e}");
+            return;
+        }
+    };
+    tracing::debug!(peer = %peer, %app, "inbound connection");
+    dp.proxy(DIRECTION, peer.to_string(), upstream, tls).await;
+}
+
+/// Handles one connection captured on the plaintext inbound listener: refused in STRICT mode,
+/// forwarded to the app's original port in PERMISSIVE mode.
+pub async fn plaintext(
+    dp: Arc<DataPath>,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
+    const PLAINTEXT: &str = "inbound_plaintext";
+    if dp.inbound_mode == InboundMode::Strict {
+        dp.metrics.refused(PLAINTEXT, "strict_mtls");
+        tracing::info!(%remote, "refused plaintext connection: inbound mode is STRICT (mTLS only)");
+        return;
+    }
+    let port = match crate::capture::original_dst(&tcp) {
+        Ok(dst) => dst.port(),
+        Err(e) => {
+            dp.metrics.refused(PLAINTEXT, "no_original_dst");
+            tracing::warn!(%remote, "no original destination on a captured connection: {e}");
+            return;
+        }
+    };
+    let app = SocketAddr::new(dp.app_host, port);
+    match dp.connect(app).await {
+        Ok(upstream) => dp.proxy(PLAINTEXT, "unknown".into(), upstream, tcp).await,
+        Err(e) => {
+            dp.metrics.refused(PLAINTEXT, "app_unreachable");
+            tracing::warn!(%remote, %app, "cannot reach the local app: {e}");
+        }
+    }
+}

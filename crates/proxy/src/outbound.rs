@@ -1,0 +1,190 @@
+//! Outbound: connections from the local app to other services, captured transparently (15001,
+//! original destination looked up in the mesh snapshot) or on explicit `--outbound` listeners.
+//! Meshed destinations go over mTLS to the peer proxy, which must present exactly the expected
+//! SPIFFE ID; unknown ones pass through or are refused, per the outbound policy.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use latch_identity::SpiffeId;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::data_path::DataPath;
+use crate::inbound::handshake_failure_reason;
+use crate::state::Route;
+use crate::transport::{ALPN_LATCH, TransportHeader};
+
+const DIRECTION: &str = "outbound";
+
+/// An explicit listener's fixed destination.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExplicitTarget {
+    pub listen: SocketAddr,
+    pub id: SpiffeId,
+    pub mesh_addr: SocketAddr,
+    pub target_port: u16,
+}
+
+impl std::str::FromStr for ExplicitTarget {
+    type Err = String;
+    /// `LISTEN=SPIFFE_ID@MESH_HOST:MESH_PORT/TARGET_PORT`, e.g.
+    /// `127.0.0.1:18080=spiffe://cluster.local/ns/demo/sa/api@127.0.0.1:15008/8080`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let usage = "expected LISTEN=SPIFFE_ID@MESH_HOST:MESH_PORT/TARGET_PORT";
+        let (listen, rest) = s.split_once('=').ok_or_else(|| format!("{s:?}: {usage}"))?;
+        let (id, target) = rest
+            .split_once('@')
+            .ok_or_else(|| format!("{s:?}: {usage}"))?;
+        let (mesh, port) = target
+            .rsplit_once('/')
+            .ok_or_else(|| format!("{s:?}: {usage}"))?;
+        Ok(Self {
+            listen: listen
+                .parse()
+                .map_err(|e| format!("{s:?}: listen address {listen:?}: {e}"))?,
+            id: SpiffeId::parse(id).map_err(|e| format!("{s:?}: {id:?}: {e}"))?,
+            mesh_addr: mesh
+                .parse()
+                .map_err(|e| format!("{s:?}: mesh address {mesh:?}: {e}"))?,
+            target_port: port
+                .parse()
+                .map_err(|e| format!("{s:?}: target port {port:?}: {e}"))?,
+        })
+    }
+}
+
+/// Carries `app` to `route`.
+async fn forward(dp: &DataPath, app: TcpStream, route: Route) {
+    match route {
+        Route::Mesh {
+            mesh_addr,
+            id,
+            target_port,
+        } => {
+            let Ok(config) = dp.tls.client(&id) else {
+                dp.metrics.refused(DIRECTION, "tls_config");
+                return;
+            };
+            let tcp = match dp.connect(mesh_addr).await {
+                Ok(t) => t,
+                Err(e) => {
+                    dp.metrics.refused(DIRECTION, "peer_unreachable");
+                    tracing::warn!(peer = %id, %mesh_addr, "cannot reach the peer proxy: {e}");
+                    return;
+                }
+            };
+            let connector = tokio_rustls::TlsConnector::from(config);
+            let handshake = tokio::time::timeout(
+                dp.limits.handshake_timeout,
+                connector.connect(latch_identity::tls::placeholder_server_name(), tcp),
+            )
+            .await;
+            let mut tls = match handshake {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    let reason = handshake_failure_reason(&e);
+                    dp.metrics.handshake_failed(DIRECTION, reason);
+                    tracing::warn!(expected = %id, %mesh_addr, reason, "outbound mTLS handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    dp.metrics.handshake_failed(DIRECTION, "timeout");
+                    tracing::warn!(expected = %id, %mesh_addr, "outbound mTLS handshake timed out");
+                    return;
+                }
+            };
+            if tls.get_ref().1.alpn_protocol() != Some(ALPN_LATCH) {
+                dp.metrics.handshake_failed(DIRECTION, "alpn");
+                tracing::warn!(expected = %id, %mesh_addr, "peer did not negotiate ALPN latch/1");
+                return;
+            }
+            if let Err(e) = (TransportHeader { target_port }).write_to(&mut tls).await {
+                dp.metrics.refused(DIRECTION, "header_write");
+                tracing::warn!(peer = %id, "sending the transport header failed: {e}");
+                return;
+            }
+            dp.proxy(DIRECTION, id.to_string(), app, tls).await;
+        }
+        Route::Passthrough(destination) => match dp.connect(destination).await {
+            Ok(upstream) => {
+                dp.proxy("passthrough", "unknown".into(), app, upstream)
+                    .await
+            }
+            Err(e) => {
+                dp.metrics.refused("passthrough", "destination_unreachable");
+                tracing::debug!(%destination, "passthrough connect failed: {e}");
+            }
+        },
+        Route::Refused(why) => {
+            dp.metrics.refused(DIRECTION, "registry_only");
+            tracing::info!("refused outbound connection: {why}");
+        }
+    }
+}
+
+/// Handles a connection on an explicit listener.
+pub async fn explicit(
+    dp: Arc<DataPath>,
+    target: ExplicitTarget,
+    app: TcpStream,
+    _permit: OwnedSemaphorePermit,
+) {
+    let route = Route::Mesh {
+        mesh_addr: target.mesh_addr,
+        id: target.id,
+        target_port: target.target_port,
+    };
+    forward(&dp, app, route).await;
+}
+
+/// Handles a connection captured by iptables on the transparent listener.
+pub async fn transparent(
+    dp: Arc<DataPath>,
+    app: TcpStream,
+    remote: SocketAddr,
+    _permit: OwnedSemaphorePermit,
+) {
+    let destination = match crate::capture::original_dst(&app) {
+        Ok(d) => d,
+        Err(e) => {
+            dp.metrics.refused(DIRECTION, "no_original_dst");
+            tracing::warn!(%remote, "no original destination on a captured connection: {e}");
+            return;
+        }
+    };
+    // Connecting straight to the capture port would loop back into this listener.
+    if app.local_addr().is_ok_and(|local| local == destination) {
+        dp.metrics.refused(DIRECTION, "loop");
+        tracing::warn!(%remote, "connection addressed to the capture port itself; closing");
+        return;
+    }
+    let route = dp.snapshot.load().route(destination);
+    forward(&dp, app, route).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explicit_targets_parse() {
+        let t: ExplicitTarget =
+            "127.0.0.1:18080=spiffe://cluster.local/ns/demo/sa/api@127.0.0.1:25008/8080"
+                .parse()
+                .unwrap();
+        assert_eq!(t.listen, "127.0.0.1:18080".parse().unwrap());
+        assert_eq!(t.id.as_str(), "spiffe://cluster.local/ns/demo/sa/api");
+        assert_eq!(t.mesh_addr, "127.0.0.1:25008".parse().unwrap());
+        assert_eq!(t.target_port, 8080);
+        for bad in [
+            "127.0.0.1:18080",
+            "127.0.0.1:18080=spiffe://cluster.local/x",
+            "127.0.0.1:18080=spiffe://cluster.local/x@127.0.0.1:15008",
+            "nope=spiffe://cluster.local/x@127.0.0.1:15008/80",
+            "127.0.0.1:1=spiffe://Bad/x@127.0.0.1:15008/80",
+        ] {
+            assert!(bad.parse::<ExplicitTarget>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,500 @@
+//! Test networks made of Linux network namespaces: a "router" namespace holding a bridge, and
+//! one namespace per pod joined to it by a veth pair. Nothing touches the host's interfaces;
+//! dropping the `TestNet` deletes every namespace it made. Pods run real tools (nginx, curl,
+//! tcpdump, our binaries) through `ip netns exec`. Used by tests/tests/netns.rs; needs root.
+
+use std::cell::RefCell;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::marker::PhantomData;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use crate::procs::{ChildGuard, wait_for};
+
+/// Tools every namespace test needs, besides root.
+const TOOLS: &[&str] = &["ip", "iptables", "nginx", "curl", "tcpdump"];
+
+/// Set to 1 (CI does) to turn a missing prerequisite into a failure instead of a skip.
+const REQUIRE_ENV: &str = "LATCH_REQUIRE_NETNS";
+
+/// The bridge's name and address suffix inside the router namespace.
+const BRIDGE: &str = "br0";
+const ROUTER_HOST: u8 = 1;
+/// Pods get 10.X.0.10, 10.X.0.11, ... in the order they are added.
+const FIRST_POD_HOST: u8 = 10;
+
+/// Numbers the networks of this process, for unique names and subnets.
+static NETS_CREATED: AtomicU32 = AtomicU32::new(0);
+
+/// True when this process can build test networks: root, and `ip`, `iptables`, `nginx`, `curl`
+/// and `tcpdump` on PATH. Otherwise prints a loud SKIPPED line and returns false, or panics
+/// when `LATCH_REQUIRE_NETNS=1`. Tests start with `if !require_netns() { return; }`.
+pub fn require_netns() -> bool {
+    require_netns_with(&[])
+}
+
+/// `require_netns`, plus `extra_tools` that one test needs (e.g. `tshark`).
+pub fn require_netns_with(extra_tools: &[&str]) -> bool {
+    let is_root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    let mut missing: Vec<&str> = if is_root { vec![] } else { vec!["root"] };
+    let tools = TOOLS.iter().chain(extra_tools);
+    missing.extend(tools.clone().filter(|tool| !on_path(tool)));
+    if missing.is_empty() {
+        return true;
+    }
+    let needs = std::iter::once(&"root")
+        .chain(tools)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
+    let missing = missing.join(", ");
+    if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
+        panic!("{REQUIRE_ENV}=1 but this machine lacks: {missing} (this test needs {needs})");
+    }
+    eprintln!(
+        "\n*** SKIPPED: needs {needs}; missing: {missing} (set {REQUIRE_ENV}=1 to fail instead) ***\n"
+    );
+    false
+}
+
+fn on_path(tool: &str) -> bool {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).any(|dir| {
+        std::fs::metadata(dir.join(tool)).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0)
+    })
+}
+
+/// The namespaces that exist now (`ip netns list`, names only).
+pub fn netns_list() -> Vec<String> {
+    let output = ip(&["netns", "list"]);
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Runs `ip args`, returning its output whatever the exit status.
+fn ip(args: &[&str]) -> Output {
+    Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running ip {}: {e}", args.join(" ")))
+}
+
+/// Runs `ip args` and panics, with ip's message, if it fails.
+fn ip_ok(args: &[&str]) {
+    let output = ip(args);
+    assert!(
+        output.status.success(),
+        "ip {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+}
+
+/// A private network: namespace `<name>-br` holds bridge `br0` at 10.X.0.1/24, and each pod
+/// namespace `<name>-<pod>` has `eth0` on 10.X.0.0/24, cabled to the bridge by veth `v-<pod>`.
+/// `<name>` is `latch-<prefix>-<pid>-<n>`, so tests run in parallel without clashing and
+/// leftovers of a killed run are easy to spot (`ip netns list | grep ^latch-`).
+pub struct TestNet {
+    name: String,
+    subnet: u8,
+    dir: tempfile::TempDir,
+    /// Namespaces created so far, router first; deleted in reverse order on drop.
+    namespaces: RefCell<Vec<String>>,
+}
+
+impl TestNet {
+    pub fn new(prefix: &str) -> Self {
+        let n = NETS_CREATED.fetch_add(1, Ordering::Relaxed);
+        let dir = tempfile::Builder::new()
+            .prefix("latch-netns-")
+            .tempdir()
+            .expect("temp dir");
+        // Processes that run as another uid (the proxy) must reach their own subfolders.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod temp dir");
+        let net = Self {
+            name: format!("latch-{prefix}-{}-{n}", std::process::id()),
+            subnet: u8::try_from(1 + n % 250).expect("below 251"),
+            dir,
+            namespaces: RefCell::new(Vec::new()),
+        };
+        let router = net.add_namespace("br");
+        let cidr = format!("{}/24", net.host(ROUTER_HOST));
+        ip_ok(&["-n", &router, "link", "add", BRIDGE, "type", "bridge"]);
+        ip_ok(&["-n", &router, "addr", "add", &cidr, "dev", BRIDGE]);
+        ip_ok(&["-n", &router, "link", "set", BRIDGE, "up"]);
+        net
+    }
+
+    /// Adds a pod: its own namespace, cabled to the bridge, with the next free address.
+    pub fn add_pod(&self, name: &str) -> Pod<'_> {
+        let port = format!("v-{name}");
+        assert!(
+            name != "br" && port.len() <= 15,
+            "pod name {name:?} is reserved or too long (interface names hold 15 bytes)"
+        );
+        let pods_so_far = self.namespaces.borrow().len() - 1;
+        let host = FIRST_POD_HOST + u8::try_from(pods_so_far).expect("fewer than 245 pods");
+        let netns = self.add_namespace(name);
+        let router = self.router_netns();
+        let cidr = format!("{}/24", self.host(host));
+        // Created inside the router namespace with the peer moved straight into the pod's, so
+        // neither end ever appears in the host's namespace.
+        ip_ok(&[
+            "-n", &router, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+            &netns,
+        ]);
+        ip_ok(&["-n", &router, "link", "set", &port, "master", BRIDGE, "up"]);
+        ip_ok(&["-n", &netns, "addr", "add", &cidr, "dev", "eth0"]);
+        ip_ok(&["-n", &netns, "link", "set", "eth0", "up"]);
+        Pod {
+            net: self,
+            name: name.to_string(),
+            netns,
+            ip: self.host(host),
+            port,
+        }
+    }
+
+    /// The router namespace as a pod: it owns the bridge's address (10.X.0.1), so shared
+    /// services (the control plane) run here; `capture()` on it sees traffic to and from that
+    /// address only (on `br0`), not what the bridge forwards between pods.
+    pub fn router(&self) -> Pod<'_> {
+        Pod {
+            net: self,
+            name: "router".to_string(),
+            netns: self.router_netns(),
+            ip: self.host(ROUTER_HOST),
+            port: BRIDGE.to_string(),
+        }
+    }
+
+    /// A temp folder for configs, logs and captures, removed on drop.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The namespaces this network made (all deleted on drop).
+    pub fn namespaces(&self) -> Vec<String> {
+        self.namespaces.borrow().clone()
+    }
+
+    fn host(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, self.subnet, 0, host)
+    }
+
+    fn router_netns(&self) -> String {
+        self.namespaces.borrow()[0].clone()
+    }
+
+    /// Creates namespace `<name>-<suffix>` with `lo` up and records it for deletion.
+    fn add_namespace(&self, suffix: &str) -> String {
+        let netns = format!("{}-{suffix}", self.name);
+        ip_ok(&["netns", "add", &netns]);
+        self.namespaces.borrow_mut().push(netns.clone());
+        ip_ok(&["-n", &netns, "link", "set", "lo", "up"]);
+        netns
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        // Processes are gone already: a PodProcess borrows the net, so it is dropped first.
+        // Deleting a pod's namespace destroys its veth pair; the router's takes the bridge.
+        for netns in self.namespaces.get_mut().drain(..).rev() {
+            let pids = ip(&["netns", "pids", &netns]);
+            if !pids.stdout.is_empty() {
+                eprintln!(
+                    "warning: processes still in {netns}: {}",
+                    String::from_utf8_lossy(&pids.stdout).trim()
+                );
+            }
+            let output = ip(&["netns", "del", &netns]);
+            if !output.status.success() {
+                eprintln!(
+                    "warning: ip netns del {netns}: {}",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                );
+            }
+        }
+    }
+}
+
+/// A namespace on the test network with one address. Cheap to clone.
+#[derive(Clone)]
+pub struct Pod<'n> {
+    net: &'n TestNet,
+    pub name: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    /// This pod's interface on the bridge side (in the router namespace).
+    port: String,
+}
+
+impl<'n> Pod<'n> {
+    /// `ip netns exec <netns> [setpriv --reuid U --regid U --clear-groups] cmd args`.
+    fn command(&self, cmd: impl AsRef<OsStr>, args: &[&str], uid: Option<u32>) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.netns]);
+        if let Some(uid) = uid {
+            let uid = uid.to_string();
+            command.args([
+                "setpriv",
+                "--reuid",
+                &uid,
+                "--regid",
+                &uid,
+                "--clear-groups",
+            ]);
+        }
+        command.arg(cmd).args(args);
+        command
+    }
+
+    /// Starts `cmd args` in this pod, as `uid` when given (root otherwise), stdout and stderr
+    /// to `log`. The process is killed when the returned handle is dropped.
+    pub fn spawn(
+        &self,
+        cmd: impl AsRef<OsStr>,
+        args: &[&str],
+        uid: Option<u32>,
+        log: &Path,
+    ) -> PodProcess<'n> {
+        let name = format!("{} in {}", cmd.as_ref().to_string_lossy(), self.name);
+        let file = File::create(log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+        let stdout = file.try_clone().expect("dup log file");
+        let child = self
+            .command(cmd, args, uid)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        PodProcess {
+            guard: ChildGuard { child, name },
+            log: log.to_path_buf(),
+            _net: PhantomData,
+        }
+    }
+
+    /// Runs `cmd args` in this pod as root, to completion.
+    pub fn exec(&self, cmd: impl AsRef<OsStr>, args: &[&str]) -> Output {
+        let what = format!("{} in {}", cmd.as_ref().to_string_lossy(), self.name);
+        self.command(cmd, args, None)
+            .output()
+            .unwrap_or_else(|e| panic!("running {what}: {e}"))
+    }
+
+    /// `exec`, panicking with stderr unless it succeeds; returns stdout, trimmed.
+    pub fn run(&self, cmd: impl AsRef<OsStr>, args: &[&str]) -> String {
+        let what = format!("{} {}", cmd.as_ref().to_string_lossy(), args.join(" "));
+        let output = self.exec(cmd, args);
+        assert!(
+            output.status.success(),
+            "`{what}` in {} failed ({}): {}",
+            self.name,
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    /// GETs `url` with curl from this pod (as root, 5 s timeout, HTTP errors count as
+    /// failures). Ok(body), or Err(curl's exit status and message).
+    pub fn curl(&self, url: &str) -> Result<String, String> {
+        let output = self.exec("curl", &["-sS", "-f", "--max-time", "5", url]);
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            Err(format!(
+                "curl {url} from {}: {}: {}",
+                self.name,
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        }
+    }
+
+    /// Starts nginx in this pod answering every request on port 80 with `body` (printable
+    /// ASCII, no quotes or backslashes), and waits until it does. Its config, pid and temp
+    /// paths live in the net's temp dir; one process (`master_process off`), so dropping the
+    /// handle stops all of nginx.
+    pub fn start_nginx(&self, body: &str) -> PodProcess<'n> {
+        assert!(
+            body.chars()
+                .all(|c| c == ' ' || (c.is_ascii_graphic() && !matches!(c, '"' | '\\'))),
+            "nginx body {body:?} needs quoting this helper does not do"
+        );
+        let dir = self.net.dir().join(format!("nginx-{}", self.name));
+        std::fs::create_dir_all(&dir).expect("nginx dir");
+        let d = dir.display();
+        let config = format!(
+            "daemon off;\n\
+             master_process off;\n\
+             pid {d}/nginx.pid;\n\
+             error_log stderr;\n\
+             events {{ worker_connections 64; }}\n\
+             http {{\n\
+             \x20 access_log /dev/stderr;\n\
+             \x20 client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
+             \x20 fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
+             \x20 server {{ listen 80; default_type text/plain; location / {{ return 200 \"{body}\"; }} }}\n\
+             }}\n"
+        );
+        let conf = dir.join("nginx.conf");
+        std::fs::write(&conf, config).expect("nginx.conf");
+        let conf = conf.to_str().expect("utf-8 temp path");
+        let prefix = dir.to_str().expect("utf-8 temp path");
+        let nginx = self.spawn(
+            "nginx",
+            &["-e", "stderr", "-p", prefix, "-c", conf],
+            None,
+            &dir.join("nginx.log"),
+        );
+        nginx.wait_until(Duration::from_secs(10), "nginx answers on port 80", || {
+            self.curl("http://127.0.0.1/").is_ok()
+        });
+        nginx
+    }
+
+    /// Starts tcpdump on this pod's cable at the bridge (so it sees exactly what crosses the
+    /// wire, not what the pod's own iptables rewrites), and waits until it is listening.
+    pub fn capture(&self) -> Capture<'n> {
+        let file = self.net.dir().join(format!("{}.pcap", self.port));
+        let log = self.net.dir().join(format!("tcpdump-{}.log", self.port));
+        let path = file.to_str().expect("utf-8 temp path");
+        // --immediate-mode: without it libpcap's TPACKET_V3 ring hands packets over in blocks,
+        // and those in the unfinished block are lost when tcpdump is interrupted. -Z root:
+        // tcpdump would otherwise switch to user tcpdump, who cannot write in the temp dir.
+        let process = self.net.router().spawn(
+            "tcpdump",
+            &[
+                "--immediate-mode",
+                "-U",
+                "-Z",
+                "root",
+                "-i",
+                &self.port,
+                "-w",
+                path,
+            ],
+            None,
+            &log,
+        );
+        process.wait_until(Duration::from_secs(10), "tcpdump is listening", || {
+            process.log().contains("listening on")
+        });
+        Capture { process, file }
+    }
+}
+
+/// A process started in a pod: killed (SIGKILL, by its `Child`) when dropped. It borrows the
+/// `TestNet`, so it always ends before the namespaces are deleted.
+pub struct PodProcess<'n> {
+    guard: ChildGuard,
+    log: PathBuf,
+    _net: PhantomData<&'n TestNet>,
+}
+
+impl PodProcess<'_> {
+    pub fn pid(&self) -> u32 {
+        self.guard.pid()
+    }
+
+    /// "<command> in <pod>".
+    pub fn name(&self) -> &str {
+        &self.guard.name
+    }
+
+    /// What the process wrote so far (stdout and stderr).
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    /// Waits for `ready`, panicking with the process's log if it is not within `timeout`.
+    pub fn wait_until(&self, timeout: Duration, what: &str, ready: impl FnMut() -> bool) {
+        if !wait_for(timeout, ready) {
+            panic!(
+                "timed out after {timeout:?} waiting until {what}; log of {}:\n{}",
+                self.guard.name,
+                self.log()
+            );
+        }
+    }
+
+    /// Sends SIGINT (with `kill -INT <pid>`) and waits up to `timeout` for the process to exit.
+    pub fn interrupt(&mut self, timeout: Duration) -> bool {
+        let status = Command::new("kill")
+            .args(["-INT", &self.pid().to_string()])
+            .status();
+        status.is_ok_and(|s| s.success())
+            && wait_for(timeout, || {
+                self.guard.child.try_wait().is_ok_and(|s| s.is_some())
+            })
+    }
+}
+
+/// A running tcpdump on one bridge port.
+pub struct Capture<'n> {
+    process: PodProcess<'n>,
+    file: PathBuf,
+}
+
+impl Capture<'_> {
+    /// Stops tcpdump cleanly (SIGINT, so it flushes the file) and returns the capture.
+    pub fn stop(mut self) -> Pcap {
+        assert!(
+            self.process.interrupt(Duration::from_secs(10)),
+            "tcpdump did not stop on SIGINT; its log:\n{}",
+            self.process.log()
+        );
+        Pcap {
+            file: self.file.clone(),
+        }
+    }
+}
+
+/// A finished capture file.
+pub struct Pcap {
+    pub file: PathBuf,
+}
+
+impl Pcap {
+    /// `tcpdump -r <file> -A -nn <filter>`: one summary line per packet, then its payload as
+    /// ASCII. `filter` is a pcap filter ("tcp port 80"), or "" for every packet.
+    pub fn text(&self, filter: &str) -> String {
+        let mut command = Command::new("tcpdump");
+        command.arg("-r").arg(&self.file).args(["-A", "-nn"]);
+        if !filter.is_empty() {
+            command.arg(filter);
+        }
+        self.read_with(command)
+    }
+
+    /// `tshark -r <file> args`, stdout.
+    pub fn tshark(&self, args: &[&str]) -> String {
+        let mut command = Command::new("tshark");
+        command.arg("-r").arg(&self.file).args(args);
+        self.read_with(command)
+    }
+
+    fn read_with(&self, mut command: Command) -> String {
+        let output = command
+            .output()
+            .unwrap_or_else(|e| panic!("reading {}: {e}", self.file.display()));
+        assert!(
+            output.status.success(),
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}
