@@ -1,21 +1,15 @@
 //! `cargo xtask demo`: the README's quick start. Runs the real binaries on loopback, no root and
-//! no Docker: a control plane with a self-made CA, join tokens and SVIDs for two services
-//! (fetched with latchctl, checked with openssl when present), then the two services talk over
-//! mutual TLS with those SVIDs, each seeing the other's SPIFFE ID.
+//! no Docker: a control plane with a self-made CA, two latch-proxy sidecars in explicit mode,
+//! and two small apps ("web" calls "api") that speak plain TCP while the proxies carry it over
+//! mTLS. Shows the request crossing, the SPIFFE ID each proxy saw, and an SVID rotation; keeps
+//! running until Ctrl-C when started from a terminal, which stops everything cleanly.
 
+use std::io::IsTerminal;
 use std::path::Path;
-use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use latch_identity::{
-    CertStore, ClientAuth, ExpectedPeer, SpiffeClientVerifier, SpiffeId, SpiffeServerVerifier,
-    Svid, TrustBundle,
-};
+use anyhow::{Result, bail};
 use latch_tests::procs::{ChildGuard, free_port, sibling_binary, wait_for};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn step(text: &str) {
@@ -36,7 +30,9 @@ fn run(binary: &str, args: &[&str]) -> Result<String> {
         })
         .collect();
     println!("$ {binary} {}", shown.join(" "));
-    let output = Command::new(sibling_binary(binary)).args(args).output()?;
+    let output = std::process::Command::new(sibling_binary(binary))
+        .args(args)
+        .output()?;
     if !output.status.success() {
         bail!(
             "{binary} failed: {}",
@@ -46,76 +42,142 @@ fn run(binary: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
 }
 
-fn load_svid(dir: &Path) -> Result<(Svid, TrustBundle)> {
-    let chain =
-        CertificateDer::pem_file_iter(dir.join("svid.pem"))?.collect::<Result<Vec<_>, _>>()?;
-    let key = PrivatePkcs8KeyDer::from_pem_file(dir.join("svid.key"))?;
-    let bundle = TrustBundle::from_pem(&std::fs::read(dir.join("bundle.pem"))?)?;
-    Ok((Svid::new(chain, key)?, bundle))
+/// The "api" app: plain TCP, answers each line with a greeting.
+async fn api_app() -> Result<(tokio::net::TcpListener, u16)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    Ok((listener, port))
 }
 
-/// The "api" service: a TLS server that requires a client SVID of the trust domain and answers
-/// with both identities.
-async fn serve_api(listener: tokio::net::TcpListener, store: Arc<CertStore>) -> Result<()> {
-    let trust_domain = store.svid().context("api has an SVID")?.id().trust_domain();
-    let verifier = SpiffeClientVerifier::new(
-        store.clone(),
-        ClientAuth::Required(ExpectedPeer::TrustDomain(trust_domain)),
-    );
-    let config = latch_identity::tls::server_config(store.clone(), Arc::new(verifier), &[b"demo"])?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let (tcp, _) = listener.accept().await?;
-    let mut tls = acceptor.accept(tcp).await?;
-    let peer = latch_identity::verifier::peer_spiffe_id(tls.get_ref().1.peer_certificates())
-        .context("client presented an SVID")?;
-    let mut request = vec![0u8; 64];
-    let n = tls.read(&mut request).await?;
-    let own = store.svid().context("api has an SVID")?.id().clone();
-    let reply = format!(
-        "{} -> hello {peer}, this is {own}",
-        String::from_utf8_lossy(&request[..n])
-    );
-    tls.write_all(reply.as_bytes()).await?;
-    tls.shutdown().await?;
-    Ok(())
+async fn serve_api(listener: tokio::net::TcpListener) {
+    while let Ok((mut tcp, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let mut request = vec![0u8; 256];
+            let Ok(n) = tcp.read(&mut request).await else {
+                return;
+            };
+            let reply = format!(
+                "api says hello; you sent {:?} (plain TCP here, mTLS between the proxies)",
+                String::from_utf8_lossy(&request[..n]).trim()
+            );
+            let _ = tcp.write_all(reply.as_bytes()).await;
+        });
+    }
 }
 
-/// The "web" service: connects to api, accepting only api's SPIFFE ID.
-async fn call_api(
-    addr: std::net::SocketAddr,
-    store: Arc<CertStore>,
-    api: SpiffeId,
-) -> Result<String> {
-    let verifier = SpiffeServerVerifier::new(store.clone(), ExpectedPeer::Exactly(api));
-    let config = latch_identity::tls::client_config(Some(store), Arc::new(verifier), &[b"demo"])?;
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    let mut tls = connector
-        .connect(latch_identity::tls::placeholder_server_name(), tcp)
-        .await?;
-    let version = tls.get_ref().1.protocol_version();
-    tls.write_all(b"GET /").await?;
+/// The "web" app: connects to its proxy's outbound listener as if it were api.
+async fn call_api(entry: &str, request: &str) -> Result<String> {
+    let mut tcp = tokio::net::TcpStream::connect(entry).await?;
+    tcp.write_all(request.as_bytes()).await?;
     let mut reply = String::new();
-    tls.read_to_string(&mut reply).await?;
-    Ok(format!("{reply}  [{version:?}]"))
+    tcp.read_to_string(&mut reply).await?;
+    Ok(reply)
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
-    let root = std::env::current_dir()?.join("target/latch-demo");
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root)?;
-    let data_dir = root.join("control");
-    let data = data_dir.to_str().context("path")?;
-    let listen = format!("127.0.0.1:{}", free_port()?);
+/// The admin endpoint's JSON or text, or an error.
+async fn admin_get(addr: &str, path: &str) -> Result<String> {
+    match latch_tests::http_get(addr, path).await? {
+        (200, body) => Ok(body),
+        (status, body) => bail!("GET {path} on {addr}: {status} {body}"),
+    }
+}
+
+/// Lines of /metrics that name a peer's SPIFFE ID on proxied connections.
+async fn peers_seen(admin: &str) -> Result<Vec<String>> {
+    Ok(admin_get(admin, "/metrics")
+        .await?
+        .lines()
+        .filter(|l| l.starts_with("latch_proxy_tcp_connections_opened_total"))
+        .map(str::to_string)
+        .collect())
+}
+
+/// Starts a latch-proxy with its own join token file; returns the guard.
+async fn start_proxy(
+    root: &Path,
+    name: &str,
+    control: &Control,
+    extra: &[String],
+) -> Result<(ChildGuard, String)> {
+    let id = format!("spiffe://cluster.local/ns/demo/sa/{name}");
+    let dir = root.join(format!("{name}-proxy"));
+    latch_identity::files::ensure_private_dir(&dir)?;
+    let token = run(
+        "latchctl",
+        &[
+            "token",
+            "create",
+            "--spiffe-id",
+            &id,
+            "--admin",
+            &control.admin,
+            "--data-dir",
+            &control.data,
+        ],
+    )?;
+    let token_file = dir.join("join-token");
+    latch_identity::files::write_private(&token_file, token.as_bytes())?;
     let admin = format!("127.0.0.1:{}", free_port()?);
+    let mut args = vec![
+        "--control-plane".to_string(),
+        control.listen.clone(),
+        "--ca-bundle".into(),
+        control.bundle.clone(),
+        "--join-token-file".into(),
+        token_file.display().to_string(),
+        "--svid-ttl".into(),
+        "20s".into(),
+        "--admin".into(),
+        admin.clone(),
+    ];
+    args.extend(extra.iter().cloned());
+    let shown: Vec<&str> = args.iter().map(String::as_str).collect();
+    println!("$ latch-proxy {}", shown.join(" "));
+    let guard = ChildGuard::spawn("latch-proxy", &shown, &dir.join("proxy.log"))?;
+    if !wait_for(Duration::from_secs(15), || {
+        futures::executor::block_on(latch_tests::http_get(&admin, "/ready"))
+            .is_ok_and(|(s, _)| s == 200)
+    }) {
+        bail!(
+            "{name}'s proxy did not become ready:\n{}",
+            std::fs::read_to_string(dir.join("proxy.log"))?
+        );
+    }
+    Ok((guard, admin))
+}
+
+struct Control {
+    data: String,
+    listen: String,
+    admin: String,
+    bundle: String,
+}
+
+async fn demo(root: &Path) -> Result<()> {
+    let data_dir = root.join("control");
+    let control = Control {
+        data: data_dir.display().to_string(),
+        listen: format!("127.0.0.1:{}", free_port()?),
+        admin: format!("127.0.0.1:{}", free_port()?),
+        bundle: data_dir.join("bundle.pem").display().to_string(),
+    };
 
     step("Start the control plane (a CA is created on first start)");
-    println!("$ latch-control --data-dir {data} --listen {listen} --admin {admin}");
+    println!(
+        "$ latch-control --data-dir {} --listen {} --admin {}",
+        control.data, control.listen, control.admin
+    );
     let log = root.join("control.log");
     let _control = ChildGuard::spawn(
         "latch-control",
-        &["--data-dir", data, "--listen", &listen, "--admin", &admin],
+        &[
+            "--data-dir",
+            &control.data,
+            "--listen",
+            &control.listen,
+            "--admin",
+            &control.admin,
+        ],
         &log,
     )?;
     if !wait_for(Duration::from_secs(15), || {
@@ -126,164 +188,110 @@ async fn main() -> Result<()> {
             std::fs::read_to_string(&log)?
         );
     }
-    println!("trust bundle: {}", data_dir.join("bundle.pem").display());
+    println!("trust bundle: {}", control.bundle);
 
-    let mut stores = Vec::new();
-    for service in ["api", "web"] {
-        let id = format!("spiffe://cluster.local/ns/demo/sa/{service}");
-        step(&format!("Create a join token for {id} and fetch its SVID"));
-        let token = run(
-            "latchctl",
-            &[
-                "token",
-                "create",
-                "--spiffe-id",
-                &id,
-                "--admin",
-                &admin,
-                "--data-dir",
-                data,
-            ],
-        )?;
-        println!(
-            "TOKEN={}… (single-use, valid 1 h)",
-            &token[..token.len().min(16)]
-        );
-        let out = root.join(service);
-        let out_str = out.to_str().context("path")?;
-        let bundle = data_dir.join("bundle.pem");
-        println!(
-            "{}",
-            run(
-                "latchctl",
-                &[
-                    "cert",
-                    "request",
-                    "--token",
-                    &token,
-                    "--control-plane",
-                    &listen,
-                    "--bundle",
-                    bundle.to_str().context("path")?,
-                    "--out",
-                    out_str,
-                ],
-            )?
-        );
-        stores.push(load_svid(&out)?);
-    }
+    step("Start the api app (plain TCP on loopback) and its sidecar, which accepts mTLS");
+    let (api_listener, api_port) = api_app().await?;
+    tokio::spawn(serve_api(api_listener));
+    println!("api app listening on 127.0.0.1:{api_port}");
+    let api_mesh = format!("127.0.0.1:{}", free_port()?);
+    let (_api_proxy, api_admin) = start_proxy(
+        root,
+        "api",
+        &control,
+        &["--inbound".into(), api_mesh.clone()],
+    )
+    .await?;
 
-    let web_dir = root.join("web");
-    if Command::new("openssl").arg("version").output().is_ok() {
-        step("Check web's SVID with openssl");
-        let svid = web_dir.join("svid.pem");
-        let verify = Command::new("openssl")
-            .args(["verify", "-CAfile"])
-            .arg(web_dir.join("bundle.pem"))
-            .arg(&svid)
-            .output()?;
-        print!("{}", String::from_utf8_lossy(&verify.stdout));
-        let text = Command::new("openssl")
-            .args([
-                "x509",
-                "-noout",
-                "-ext",
-                "subjectAltName,keyUsage,extendedKeyUsage,basicConstraints",
-                "-dates",
-                "-in",
-            ])
-            .arg(&svid)
-            .output()?;
-        print!("{}", String::from_utf8_lossy(&text.stdout));
-    }
-
-    step("web calls api over mutual TLS 1.3, each side checking the other's SPIFFE ID");
-    let (web, web_bundle) = stores.pop().context("web SVID")?;
-    let (api, api_bundle) = stores.pop().context("api SVID")?;
-    let api_id = api.id().clone();
-    let api_store = Arc::new(CertStore::with_svid(api, api_bundle));
-    let web_store = Arc::new(CertStore::with_svid(web, web_bundle));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let server = tokio::spawn(serve_api(listener, api_store));
-    let reply = call_api(addr, web_store, api_id).await?;
-    server.await??;
-    println!("web got: {reply}");
-
-    step("Start latch-proxy for web: it makes its own key, fetches an SVID and rotates it");
-    let proxy_dir = root.join("web-proxy");
-    latch_identity::files::ensure_private_dir(&proxy_dir)?;
-    let token = run(
-        "latchctl",
+    step("Start web's sidecar: its outbound listener stands for api, reached over mTLS");
+    let entry = format!("127.0.0.1:{}", free_port()?);
+    let web_mesh = format!("127.0.0.1:{}", free_port()?);
+    let outbound = format!("{entry}=spiffe://cluster.local/ns/demo/sa/api@{api_mesh}/{api_port}");
+    let socket = root.join("web-proxy/workload.sock");
+    let (_web_proxy, web_admin) = start_proxy(
+        root,
+        "web",
+        &control,
         &[
-            "token",
-            "create",
-            "--spiffe-id",
-            "spiffe://cluster.local/ns/demo/sa/web",
-            "--admin",
-            &admin,
-            "--data-dir",
-            data,
+            "--inbound".into(),
+            web_mesh,
+            "--outbound".into(),
+            outbound,
+            "--workload-api".into(),
+            format!("unix://{}", socket.display()),
         ],
-    )?;
-    let token_file = proxy_dir.join("join-token");
-    latch_identity::files::write_private(&token_file, token.as_bytes())?;
-    let proxy_admin = format!("127.0.0.1:{}", free_port()?);
-    let socket = proxy_dir.join("workload.sock");
-    let bundle_file = data_dir.join("bundle.pem");
-    let proxy_args = [
-        "--control-plane",
-        &listen,
-        "--ca-bundle",
-        bundle_file.to_str().context("path")?,
-        "--join-token-file",
-        token_file.to_str().context("path")?,
-        "--svid-ttl",
-        "10s",
-        "--workload-api",
-        &format!("unix://{}", socket.display()),
-        "--admin",
-        &proxy_admin,
-    ];
-    println!("$ latch-proxy {}", proxy_args.join(" "));
-    let proxy_log = proxy_dir.join("proxy.log");
-    let _proxy = ChildGuard::spawn("latch-proxy", &proxy_args, &proxy_log)?;
-    let mut seen = Vec::new();
+    )
+    .await?;
+    println!(
+        "$ curl http://{web_admin}/debug/certs\n{}",
+        admin_get(&web_admin, "/debug/certs").await?
+    );
+
+    step("web sends a request to api through the mesh");
+    println!(
+        "web app -> {entry} (web's proxy) -> mTLS -> {api_mesh} (api's proxy) -> 127.0.0.1:{api_port} (api app)"
+    );
+    println!("web got: {}", call_api(&entry, "GET /hello").await?);
+    println!("\nwhat each proxy saw (from /metrics):");
+    for (name, admin) in [("web's proxy", &web_admin), ("api's proxy", &api_admin)] {
+        for line in peers_seen(admin).await? {
+            println!("  {name}: {line}");
+        }
+    }
+
+    step("Wait for web's SVID to rotate (20 s TTL: renewal at about half-life)");
+    let before: serde_json::Value =
+        serde_json::from_str(&admin_get(&web_admin, "/debug/certs").await?)?;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while seen.len() < 3 && std::time::Instant::now() < deadline {
-        if let Ok((200, body)) = latch_tests::http_get(&proxy_admin, "/debug/certs").await {
-            let certs: serde_json::Value = serde_json::from_str(&body)?;
-            let serial = certs["serial"].as_str().unwrap_or_default().to_string();
-            if !serial.is_empty() && !seen.contains(&serial) {
-                if seen.is_empty() {
-                    println!("$ curl http://{proxy_admin}/debug/certs\n{body}");
-                } else {
-                    println!(
-                        "rotated: serial {serial}, valid until {}, next rotation {}",
-                        certs["not_after"].as_str().unwrap_or("?"),
-                        certs["next_rotation"].as_str().unwrap_or("?")
-                    );
-                }
-                seen.push(serial);
-            }
+    let after = loop {
+        let now: serde_json::Value =
+            serde_json::from_str(&admin_get(&web_admin, "/debug/certs").await?)?;
+        if now["serial"] != before["serial"] {
+            break now;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("no rotation within 30 s");
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    if seen.len() < 3 {
-        bail!(
-            "the proxy did not rotate twice in 30 s; see {}",
-            proxy_log.display()
-        );
-    }
+    };
     println!(
-        "SPIFFE-aware apps can fetch the same SVID from the Workload API at unix://{}",
+        "serial {} -> {}, new SVID valid until {}",
+        before["serial"].as_str().unwrap_or("?"),
+        after["serial"].as_str().unwrap_or("?"),
+        after["not_after"].as_str().unwrap_or("?")
+    );
+    println!("web got: {}", call_api(&entry, "GET /hello-again").await?);
+    println!(
+        "SPIFFE-aware apps can fetch web's SVID from the Workload API at unix://{}",
         socket.display()
     );
+    Ok(())
+}
 
-    step("Done");
+#[tokio::main]
+async fn main() -> Result<()> {
+    let root = std::env::current_dir()?.join("target/latch-demo");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root)?;
+    // Ctrl-C at any point ends the demo; dropping the guards stops every child process.
+    tokio::select! {
+        result = demo_and_wait(&root) => result?,
+        _ = tokio::signal::ctrl_c() => println!("\nCtrl-C: stopping"),
+    }
     println!(
-        "Files are under {} (keys 0600). The proxy and the control plane have stopped.",
+        "Files are under {} (keys 0600). Everything has stopped.",
         root.display()
     );
+    Ok(())
+}
+
+/// Runs the demo; from a terminal, keeps the mesh up until Ctrl-C.
+async fn demo_and_wait(root: &Path) -> Result<()> {
+    demo(root).await?;
+    if std::io::stdin().is_terminal() {
+        step("The mesh keeps running (logs under target/latch-demo); press Ctrl-C to stop");
+        std::future::pending::<()>().await;
+    }
+    step("Done");
     Ok(())
 }
