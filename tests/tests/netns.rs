@@ -140,6 +140,94 @@ fn strict_refuses_unmeshed_clients_permissive_admits_them() {
     );
 }
 
+#[test]
+fn iptables_install_is_idempotent_and_uninstall_restores_the_table() {
+    if !require_netns() {
+        return;
+    }
+    let net = TestNet::new("ipt");
+    let pod = net.add_pod("a");
+    let proxy = workspace_binary("latch-proxy");
+    let nat = || pod.run("iptables-save", &["-t", "nat"]);
+    // iptables-save prints counters and a timestamp; compare the rules only.
+    let rules = |dump: String| -> Vec<String> {
+        dump.lines()
+            .filter(|l| l.starts_with('-') || l.starts_with(':'))
+            .map(|l| l.split(" [").next().unwrap_or(l).to_string())
+            .collect()
+    };
+    let before = rules(nat());
+    pod.run(
+        &proxy,
+        &["iptables", "install", "--exclude-outbound-ports", "22"],
+    );
+    let once = rules(nat());
+    pod.run(
+        &proxy,
+        &["iptables", "install", "--exclude-outbound-ports", "22"],
+    );
+    let twice = rules(nat());
+    assert_eq!(once, twice, "a second install changes nothing");
+    assert!(
+        once.iter()
+            .any(|l| l == "-A LATCH_OUTPUT -p tcp -m tcp --dport 22 -j RETURN"),
+        "{once:#?}"
+    );
+    assert!(
+        once.iter().any(|l| l.contains("REDIRECT --to-ports 15001")),
+        "{once:#?}"
+    );
+    assert!(
+        once.iter().any(|l| l.contains("REDIRECT --to-ports 15006")),
+        "{once:#?}"
+    );
+    let printed = pod.run(
+        &proxy,
+        &["iptables", "print", "--exclude-outbound-ports", "22"],
+    );
+    assert!(
+        printed.contains("-A LATCH_OUTPUT -p tcp --dport 22 -j RETURN"),
+        "{printed}"
+    );
+    pod.run(&proxy, &["iptables", "uninstall"]);
+    assert_eq!(
+        rules(nat()),
+        before,
+        "uninstall leaves the nat table as it was"
+    );
+    pod.run(&proxy, &["iptables", "uninstall"]); // and is harmless when nothing is installed
+}
+
+#[test]
+fn registry_only_refuses_unmeshed_destinations() {
+    if !require_netns() {
+        return;
+    }
+    let net = TestNet::new("reg");
+    let a = net.add_pod("a");
+    let b = net.add_pod("b");
+    let c = net.add_pod("c");
+    let _nginx_b = b.start_nginx(BODY);
+    let _nginx_c = c.start_nginx(BODY);
+    let control = ControlPlane::start(&net);
+    let proxy_b = control.mesh(&b, &a);
+    let proxy_a = control.start_proxy(&a, &b, &["--outbound-policy", "registry-only"]);
+    a.run(workspace_binary("latch-proxy"), &["iptables", "install"]);
+    // b is meshed: allowed. c is not: refused, where passthrough would have let it through.
+    assert_eq!(
+        a.curl(&format!("http://{}/", b.ip)).as_deref(),
+        Ok(BODY),
+        "{}",
+        logs(&[&proxy_a, &proxy_b])
+    );
+    let outside = a.curl(&format!("http://{}/", c.ip));
+    assert!(
+        outside.is_err(),
+        "registry-only let a reach unmeshed c: {outside:?}"
+    );
+    assert!(proxy_a.log().contains("registry-only"), "{}", proxy_a.log());
+}
+
 /// The uid latch-proxy runs as; `latch-proxy iptables install` never captures its traffic.
 const PROXY_UID: u32 = 1337;
 const PROXY_ADMIN: &str = "127.0.0.1:15020";
