@@ -429,6 +429,24 @@ async fn oversized_requests_are_refused() {
         .create_certificate(request(vec![0u8; 128 * 1024], Some(&token)))
         .await
         .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::ResourceExhausted,
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().contains("16384-byte limit"),
+        "{}",
+        status.message()
+    );
+    // Past tonic's own decode limit the message is not even read.
+    let status = h
+        .client()
+        .await
+        .create_certificate(request(vec![0u8; 512 * 1024], Some(&token)))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::OutOfRange, "{}", status.message());
     assert_eq!(h.issued(), 0);
     h.stop().await;

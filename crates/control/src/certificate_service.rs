@@ -17,8 +17,10 @@ use crate::metrics::{Metrics, ProofLabel};
 use crate::tls_incoming::PeerConn;
 use crate::tokens::{JoinTokens, TokenError, TokenGrant};
 
-/// Largest request the service decodes; a CSR is well under 2 KiB.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Largest message tonic decodes at all (it answers OUT_OF_RANGE above this).
+pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+/// Largest CSR accepted; a P-256 CSR is a few hundred bytes. Larger ones get RESOURCE_EXHAUSTED.
+pub const MAX_CSR_BYTES: usize = 16 * 1024;
 
 /// How the caller proved who it is.
 enum Proven {
@@ -182,6 +184,15 @@ impl CertificateServer {
         peer: Option<&PeerConn>,
     ) -> Result<(CreateCertificateResponse, &'static str), Refusal> {
         let now = SystemTime::now();
+        if request.csr.len() > MAX_CSR_BYTES {
+            return Err(Refusal::new(
+                "too_large",
+                Status::resource_exhausted(format!(
+                    "CSR of {} bytes is over the {MAX_CSR_BYTES}-byte limit",
+                    request.csr.len()
+                )),
+            ));
+        }
         let requested_ttl = match &request.ttl {
             None => None,
             Some(d) if d.seconds < 0 || d.nanos < 0 => {
