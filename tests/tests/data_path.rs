@@ -601,3 +601,76 @@ async fn certificates_rotate_in_the_mesh_config() {
     p.server.shutdown().await;
     h.stop().await;
 }
+
+fn handshakes(proxy: &Proxy, direction: &'static str, kind: &'static str) -> u64 {
+    proxy
+        .metrics
+        .handshakes
+        .get_or_create(&latch_proxy::metrics::HandshakeLabels { direction, kind })
+        .get()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn repeat_connections_resume_until_the_client_rotates() {
+    let h = Harness::start().await;
+    let app = echo_app().await;
+    let p = pair(&h, app.port(), Some(Duration::from_secs(6))).await;
+    for _ in 0..5 {
+        assert_eq!(roundtrip(p.entry, b"again").await.unwrap(), b"again");
+    }
+    assert_eq!(
+        handshakes(&p.server, "inbound", "full"),
+        1,
+        "only the first connection pays for certificates"
+    );
+    assert_eq!(handshakes(&p.server, "inbound", "resumed"), 4);
+    assert_eq!(handshakes(&p.client, "outbound", "resumed"), 4);
+
+    // Once the client's SVID rotates, its tickets from the old identity are not offered.
+    let mut changes = p.client.store().subscribe();
+    tokio::time::timeout(Duration::from_secs(10), changes.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(roundtrip(p.entry, b"after").await.unwrap(), b"after");
+    assert_eq!(handshakes(&p.server, "inbound", "full"), 2);
+    p.client.shutdown().await;
+    p.server.shutdown().await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn session_tickets_die_with_the_server_svid_that_issued_them() {
+    use rustls::server::ProducesTickets;
+    let h = Harness::start().await;
+    let token = h.token(&h.id("demo", "api"), Duration::from_secs(3600), false);
+    let (svid, bundle) = h
+        .client()
+        .await
+        .fetch_svid(None, Some(Duration::from_secs(30)), Some(token))
+        .await
+        .unwrap();
+    let not_after = svid.info().not_after;
+    let ticketer =
+        latch_proxy::transport::SvidTicketer::new(Arc::new(CertStore::with_svid(svid, bundle)));
+    let ticket = ticketer.encrypt(b"session state").unwrap();
+    assert!(
+        (1..=31).contains(&ticketer.lifetime()),
+        "lifetime {} s",
+        ticketer.lifetime()
+    );
+    let before = not_after - Duration::from_secs(1);
+    assert_eq!(
+        ticketer.decrypt_at(&ticket, before).as_deref(),
+        Some(&b"session state"[..])
+    );
+    assert_eq!(
+        ticketer.decrypt_at(&ticket, not_after + Duration::from_secs(1)),
+        None
+    );
+    let mut forged = ticket.clone();
+    forged[0] ^= 1;
+    assert_eq!(ticketer.decrypt_at(&forged, before), None);
+    assert_eq!(ticketer.decrypt_at(&ticket[..4], before), None);
+    h.stop().await;
+}

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use latch_identity::SvidError;
 use tokio::net::TcpStream;
@@ -11,7 +12,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::authorizer::Decision;
 use crate::data_path::{DataPath, InboundMode};
-use crate::transport::{ALPN_LATCH, HeaderError, TransportHeader};
+use crate::transport::{ALPN_LATCH, HeaderError, TransportHeader, resumed_peer_still_valid};
 
 const DIRECTION: &str = "inbound";
 
@@ -71,6 +72,19 @@ pub async fn mtls(
         }
     };
     let (_, conn) = tls.get_ref();
+    let resumed = dp.metrics.handshake_done(DIRECTION, conn.handshake_kind());
+    // A resumed session ran no verifier: its stored client certificate must still be valid.
+    if resumed
+        && !resumed_peer_still_valid(
+            conn.peer_certificates(),
+            &dp.tls.inbound_peer(),
+            SystemTime::now(),
+        )
+    {
+        dp.metrics.handshake_failed(DIRECTION, "resumed_expired");
+        tracing::info!(%remote, "resumed session's client certificate is no longer valid; closing");
+        return;
+    }
     if conn.alpn_protocol() != Some(ALPN_LATCH) {
         dp.metrics.handshake_failed(DIRECTION, "alpn");
         tracing::info!(%remote, "peer did not negotiate ALPN latch/1; closing");

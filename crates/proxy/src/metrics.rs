@@ -25,6 +25,13 @@ pub struct FailureLabels {
     pub reason: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub direction: &'static str,
+    /// "full" or "resumed".
+    pub kind: &'static str,
+}
+
 /// Every metric the proxy exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -38,6 +45,7 @@ pub struct Metrics {
     pub bytes_sent: Family<ConnLabels, Counter>,
     pub bytes_received: Family<ConnLabels, Counter>,
     pub handshake_failures: Family<FailureLabels, Counter>,
+    pub handshakes: Family<HandshakeLabels, Counter>,
     pub connections_refused: Family<FailureLabels, Counter>,
     pub authorization_denials: Family<ConnLabels, Counter>,
 }
@@ -69,6 +77,7 @@ impl Metrics {
         let bytes_sent = Family::<ConnLabels, Counter>::default();
         let bytes_received = Family::<ConnLabels, Counter>::default();
         let handshake_failures = Family::<FailureLabels, Counter>::default();
+        let handshakes = Family::<HandshakeLabels, Counter>::default();
         let connections_refused = Family::<FailureLabels, Counter>::default();
         let authorization_denials = Family::<ConnLabels, Counter>::default();
         for (name, help, metric) in [
@@ -111,6 +120,11 @@ impl Metrics {
             handshake_failures.clone(),
         );
         registry.register(
+            "latch_proxy_tls_handshakes",
+            "Completed mTLS handshakes, full or resumed",
+            handshakes.clone(),
+        );
+        registry.register(
             "latch_proxy_tcp_connections_refused",
             "Connections refused before proxying (limit, policy, bad transport header...)",
             connections_refused.clone(),
@@ -126,6 +140,7 @@ impl Metrics {
             bytes_sent,
             bytes_received,
             handshake_failures,
+            handshakes,
             connections_refused,
             authorization_denials,
         }
@@ -141,6 +156,20 @@ impl Metrics {
         self.handshake_failures
             .get_or_create(&FailureLabels { direction, reason })
             .inc();
+    }
+
+    /// Counts a completed handshake; returns whether it was resumed.
+    pub fn handshake_done(
+        &self,
+        direction: &'static str,
+        kind: Option<rustls::HandshakeKind>,
+    ) -> bool {
+        let resumed = kind == Some(rustls::HandshakeKind::Resumed);
+        let kind = if resumed { "resumed" } else { "full" };
+        self.handshakes
+            .get_or_create(&HandshakeLabels { direction, kind })
+            .inc();
+        resumed
     }
 
     pub fn refused(&self, direction: &'static str, reason: &'static str) {

@@ -13,7 +13,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::data_path::DataPath;
 use crate::inbound::handshake_failure_reason;
 use crate::state::Route;
-use crate::transport::{ALPN_LATCH, TransportHeader};
+use crate::transport::{ALPN_LATCH, TransportHeader, resumed_peer_still_valid};
 
 const DIRECTION: &str = "outbound";
 
@@ -77,7 +77,7 @@ async fn forward(dp: &DataPath, app: TcpStream, route: Route) {
             let connector = tokio_rustls::TlsConnector::from(config);
             let handshake = tokio::time::timeout(
                 dp.limits.handshake_timeout,
-                connector.connect(latch_identity::tls::placeholder_server_name(), tcp),
+                connector.connect(dp.tls.session_name(&id), tcp),
             )
             .await;
             let mut tls = match handshake {
@@ -94,7 +94,21 @@ async fn forward(dp: &DataPath, app: TcpStream, route: Route) {
                     return;
                 }
             };
-            if tls.get_ref().1.alpn_protocol() != Some(ALPN_LATCH) {
+            let conn = tls.get_ref().1;
+            let resumed = dp.metrics.handshake_done(DIRECTION, conn.handshake_kind());
+            let expected = latch_identity::ExpectedPeer::Exactly(id.clone());
+            if resumed
+                && !resumed_peer_still_valid(
+                    conn.peer_certificates(),
+                    &expected,
+                    std::time::SystemTime::now(),
+                )
+            {
+                dp.metrics.handshake_failed(DIRECTION, "resumed_expired");
+                tracing::warn!(expected = %id, "resumed session's server certificate is no longer valid");
+                return;
+            }
+            if conn.alpn_protocol() != Some(ALPN_LATCH) {
                 dp.metrics.handshake_failed(DIRECTION, "alpn");
                 tracing::warn!(expected = %id, %mesh_addr, "peer did not negotiate ALPN latch/1");
                 return;

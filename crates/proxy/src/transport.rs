@@ -3,15 +3,17 @@
 //! per expected server ID, cached) and the header codec; used by inbound and outbound.
 
 use std::io;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
 use latch_identity::{
     CertStore, ClientAuth, ExpectedPeer, SpiffeClientVerifier, SpiffeId, SpiffeServerVerifier,
     TrustDomain,
 };
+use rustls::server::ProducesTickets;
 use rustls::{ClientConfig, ServerConfig};
+use rustls_pki_types::ServerName;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -109,9 +111,129 @@ fn eof_is_truncation(e: io::Error) -> HeaderError {
     }
 }
 
+/// Session tickets bound to the server's SVID: each SVID gets its own ticket keys, a ticket is
+/// tagged with the SVID it was issued under, and once that SVID has expired its tickets no
+/// longer decrypt (the client falls back to a full handshake, which checks certificates again).
+/// A resumed TLS 1.3 handshake runs no certificate verifier, so this is what keeps resumption
+/// from outliving an identity.
+#[derive(Debug)]
+pub struct SvidTicketer {
+    store: Arc<CertStore>,
+    generations: Mutex<Vec<TicketGeneration>>,
+}
+
+#[derive(Debug)]
+struct TicketGeneration {
+    tag: [u8; TAG_LEN],
+    not_after: SystemTime,
+    keys: Arc<dyn ProducesTickets>,
+}
+
+const TAG_LEN: usize = 8;
+/// Longest ticket lifetime announced, whatever the SVID's validity.
+const MAX_TICKET_LIFETIME: Duration = Duration::from_secs(6 * 3600);
+
+fn serial_tag(serial: &str) -> [u8; TAG_LEN] {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, serial.as_bytes());
+    let mut tag = [0u8; TAG_LEN];
+    tag.copy_from_slice(&digest.as_ref()[..TAG_LEN]);
+    tag
+}
+
+impl SvidTicketer {
+    pub fn new(store: Arc<CertStore>) -> Self {
+        Self {
+            store,
+            generations: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Ticket keys of the SVID valid at `now`, created on first use; drops expired ones.
+    fn current(&self, now: SystemTime) -> Option<([u8; TAG_LEN], Arc<dyn ProducesTickets>)> {
+        let svid = self.store.valid_svid(now)?;
+        let tag = serial_tag(&svid.info().serial);
+        let mut generations = self.generations.lock().unwrap_or_else(|p| p.into_inner());
+        generations.retain(|g| g.not_after > now);
+        if let Some(g) = generations.iter().find(|g| g.tag == tag) {
+            return Some((tag, g.keys.clone()));
+        }
+        let keys = rustls::crypto::aws_lc_rs::Ticketer::new().ok()?;
+        generations.push(TicketGeneration {
+            tag,
+            not_after: svid.info().not_after,
+            keys: keys.clone(),
+        });
+        Some((tag, keys))
+    }
+
+    /// `decrypt` as of `now`.
+    pub fn decrypt_at(&self, cipher: &[u8], now: SystemTime) -> Option<Vec<u8>> {
+        let (tag, sealed) = cipher.split_at_checked(TAG_LEN)?;
+        let keys = {
+            let generations = self.generations.lock().unwrap_or_else(|p| p.into_inner());
+            let g = generations
+                .iter()
+                .find(|g| g.tag == tag && g.not_after > now)?;
+            g.keys.clone()
+        };
+        keys.decrypt(sealed)
+    }
+}
+
+impl ProducesTickets for SvidTicketer {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn lifetime(&self) -> u32 {
+        let now = SystemTime::now();
+        let left = self
+            .store
+            .valid_svid(now)
+            .and_then(|s| s.info().not_after.duration_since(now).ok())
+            .unwrap_or_default();
+        u32::try_from(left.min(MAX_TICKET_LIFETIME).as_secs()).unwrap_or(0)
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        let (tag, keys) = self.current(SystemTime::now())?;
+        let sealed = keys.encrypt(plain)?;
+        let mut ticket = Vec::with_capacity(TAG_LEN + sealed.len());
+        ticket.extend_from_slice(&tag);
+        ticket.extend_from_slice(&sealed);
+        Some(ticket)
+    }
+
+    fn decrypt(&self, cipher: &[u8]) -> Option<Vec<u8>> {
+        self.decrypt_at(cipher, SystemTime::now())
+    }
+}
+
+/// True when a resumed session's stored peer certificate is still a valid SVID matching
+/// `expected` at `now`. (The chain was verified at the full handshake that made the ticket.)
+pub fn resumed_peer_still_valid(
+    peer_certificates: Option<&[rustls_pki_types::CertificateDer<'_>]>,
+    expected: &ExpectedPeer,
+    now: SystemTime,
+) -> bool {
+    let Some(leaf) = peer_certificates.and_then(|c| c.first()) else {
+        return false;
+    };
+    let Ok(info) = latch_identity::SvidInfo::from_leaf(leaf) else {
+        return false;
+    };
+    let matches = match expected {
+        ExpectedPeer::AnyInBundle => true,
+        ExpectedPeer::TrustDomain(td) => info.id.is_member_of(td),
+        ExpectedPeer::Exactly(id) => &info.id == id,
+    };
+    matches && !info.is_expired_at(now) && now >= info.not_before
+}
+
 /// The mesh TLS configs, built once per identity store.
 pub struct MeshTls {
     store: Arc<CertStore>,
+    trust_domain: TrustDomain,
     server: Arc<ServerConfig>,
     clients: DashMap<SpiffeId, Arc<ClientConfig>>,
 }
@@ -121,19 +243,46 @@ impl MeshTls {
     pub fn new(store: Arc<CertStore>, trust_domain: TrustDomain) -> Result<Self, rustls::Error> {
         let verifier = SpiffeClientVerifier::new(
             store.clone(),
-            ClientAuth::Required(ExpectedPeer::TrustDomain(trust_domain)),
+            ClientAuth::Required(ExpectedPeer::TrustDomain(trust_domain.clone())),
         );
         let mut server =
             latch_identity::tls::server_config(store.clone(), Arc::new(verifier), &[ALPN_LATCH])?;
-        // No resumption yet: a resumed session skips certificate checks, and tickets would
-        // have to be bound to the SVID that earned them.
+        // Stateless resumption with tickets bound to our SVID; no server-side session cache.
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-        server.send_tls13_tickets = 0;
+        server.ticketer = Arc::new(SvidTicketer::new(store.clone()));
+        server.send_tls13_tickets = 1;
         Ok(Self {
             store,
+            trust_domain,
             server: Arc::new(server),
             clients: DashMap::new(),
         })
+    }
+
+    /// What a resumed inbound session's client must still be.
+    pub fn inbound_peer(&self) -> ExpectedPeer {
+        ExpectedPeer::TrustDomain(self.trust_domain.clone())
+    }
+
+    /// The (never sent) server name under which sessions with `peer` are cached: derived from
+    /// the peer's ID and our own SVID's serial, so a ticket is only offered to the identity it
+    /// came from, and never after our SVID has rotated.
+    pub fn session_name(&self, peer: &SpiffeId) -> ServerName<'static> {
+        let serial = self
+            .store
+            .svid()
+            .map(|s| s.info().serial.clone())
+            .unwrap_or_default();
+        let digest = aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            format!("{peer}\n{serial}").as_bytes(),
+        );
+        let label: String = digest.as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        ServerName::try_from(format!("{label}.latch.invalid"))
+            .unwrap_or_else(|_| latch_identity::tls::placeholder_server_name())
     }
 
     pub fn server(&self) -> Arc<ServerConfig> {
@@ -152,7 +301,7 @@ impl MeshTls {
             Arc::new(verifier),
             &[ALPN_LATCH],
         )?;
-        config.resumption = rustls::client::Resumption::disabled();
+        config.resumption = rustls::client::Resumption::in_memory_sessions(4096);
         let config = Arc::new(config);
         self.clients.insert(expected.clone(), config.clone());
         Ok(config)
