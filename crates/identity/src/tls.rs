@@ -38,25 +38,6 @@ pub fn provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn only_tls13_suites_with_aes_128_gcm_first() {
-        let provider = super::provider();
-        let suites: Vec<_> = provider.cipher_suites.iter().map(|s| s.suite()).collect();
-        assert_eq!(
-            suites.first(),
-            Some(&rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
-        );
-        assert!(
-            provider
-                .cipher_suites
-                .iter()
-                .all(|s| s.version() == &rustls::version::TLS13)
-        );
-    }
-}
-
 /// The ServerName handed to rustls: identity is checked by SPIFFE ID, SNI is disabled, so this
 /// name is neither sent nor verified.
 pub fn placeholder_server_name() -> ServerName<'static> {
@@ -96,4 +77,23 @@ pub fn client_config(
     config.enable_sni = false;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_tls13_suites_with_aes_128_gcm_first() {
+        let provider = super::provider();
+        let suites: Vec<_> = provider.cipher_suites.iter().map(|s| s.suite()).collect();
+        assert_eq!(
+            suites.first(),
+            Some(&rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
+        assert!(
+            provider
+                .cipher_suites
+                .iter()
+                .all(|s| s.version() == &rustls::version::TLS13)
+        );
+    }
 }
