@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-const BUFFER: usize = 16 * 1024;
+/// Buffer size of a quiet connection: small, so idle connections cost little memory.
+const MIN_BUFFER: usize = 2 * 1024;
+/// Buffer size during bulk transfer: large reads and TLS writes, fewer system calls.
+const MAX_BUFFER: usize = 64 * 1024;
 
 /// Bytes moved in each direction.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +43,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; BUFFER];
+    let mut buf = vec![0u8; MIN_BUFFER];
     loop {
         let n = from.read(&mut buf).await?;
         if n == 0 {
@@ -48,6 +51,12 @@ where
             return to.shutdown().await;
         }
         to.write_all(&buf[..n]).await?;
+        // Grow while reads fill the buffer (bulk), shrink back when traffic turns small again.
+        if n == buf.len() && buf.len() < MAX_BUFFER {
+            buf = vec![0u8; (buf.len() * 4).min(MAX_BUFFER)];
+        } else if buf.len() > MIN_BUFFER && n <= MIN_BUFFER / 2 {
+            buf = vec![0u8; MIN_BUFFER];
+        }
         moved.fetch_add(n as u64, Ordering::Relaxed);
         last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
