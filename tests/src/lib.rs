@@ -12,6 +12,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 pub use latch_identity;
 
+pub mod bench;
 pub mod netns;
 pub mod procs;
 

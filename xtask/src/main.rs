@@ -28,7 +28,9 @@ fn main() -> Result<()> {
                  codegen            regenerate crates/proto/src/generated from proto/\n  \
                  demo               run a local mesh: control plane, certificates, mTLS\n  \
                  bench ca [--clients N] [--seconds S]\n                     \
-                 SVIDs issued per second over gRPC"
+                 SVIDs issued per second over gRPC\n  \
+                 bench mesh [--quick] [--reps N] [--seconds S]\n                     \
+                 Latch vs stunnel, HAProxy and no proxy (root: installs tools, private netns)"
             );
             bail!("unknown or missing task");
         }

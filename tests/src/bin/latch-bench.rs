@@ -3,6 +3,7 @@
 //! "full" (each request generates a key and CSR and validates the returned chain, as a proxy
 //! does) and "capacity" (CSRs made before the clock starts, every 16th answer validated), which
 //! measures what the CA can serve when its clients run on other machines.
+//! `cargo xtask bench mesh`: Latch against stunnel, HAProxy and no proxy (latch_tests::bench).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use latch_identity::client::{CaClient, control_plane_id};
 use latch_identity::{CertStore, ExpectedPeer, TrustBundle, TrustDomain};
+use latch_tests::bench::mesh;
 use latch_tests::procs::{ChildGuard, free_port, wait_for};
 
 const TOKEN: &str = "latch-bench-reusable-token-0123456789";
@@ -263,6 +265,10 @@ async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("ca") => bench_ca(parse_options(&args[1..])?).await,
-        _ => bail!("usage: latch-bench ca [--clients 1,4,16,64] [--seconds 5]"),
+        Some("mesh") => mesh::run(mesh::parse_options(&args[1..])?).await,
+        _ => bail!(
+            "usage: latch-bench ca [--clients 1,4,16,64] [--seconds 5]\n       {}",
+            mesh::USAGE
+        ),
     }
 }

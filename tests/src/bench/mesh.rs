@@ -1,0 +1,328 @@
+//! The mesh bench's driver. `latch-bench mesh` (as root) installs missing tools, creates a
+//! private network namespace and runs itself inside it (`--inside`, fd limit raised); the inner
+//! run starts the control plane, the servers and every alternative, runs each workload against
+//! each alternative in turn, repetition after repetition, and reports medians and ratios.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use super::latch::{CLIENT_ID, ControlPlane, SERVER_ID, SvidFiles};
+use super::netns::PrivateNetns;
+use super::proc::run_output;
+use super::report::{Facts, Results, generated_section, update_doc};
+use super::tunnel::{Alt, App, Tunnel};
+use super::workloads::{Settings, Workload};
+use super::{apps, haproxy, stunnel};
+
+pub const USAGE: &str = "latch-bench mesh [--quick] [--reps N] [--seconds S] \
+    [--idle-connections 1000,9000] [--alt-suite TLS_AES_128_GCM_SHA256] [--no-docs]";
+
+/// Tools the bench runs, and the Debian package of each.
+const TOOLS: &[(&str, &str)] = &[
+    ("stunnel", "stunnel4"),
+    ("haproxy", "haproxy"),
+    ("iperf3", "iperf3"),
+    ("redis-server", "redis-server"),
+    ("redis-benchmark", "redis-tools"),
+    ("nginx", "nginx-light"),
+    ("wrk", "wrk"),
+];
+
+/// Raises the soft limit on open files to the hard one for everything in the namespace. Each
+/// idle connection costs a sidecar two descriptors, so the hard limit (20,000 in this machine's
+/// containers, not raisable without CAP_SYS_RESOURCE) caps the memory rows at 9,000 connections.
+const RAISE_NOFILE: &str = "ulimit -n \"$(ulimit -Hn)\"";
+
+#[derive(Debug)]
+pub struct Options {
+    reps: usize,
+    seconds: u64,
+    idle_connections: Vec<usize>,
+    alt_suite: String,
+    write_docs: bool,
+    /// Set on the inner run: the namespace it runs in.
+    inside: Option<String>,
+    /// The arguments as given, to pass on to the inner run and to print in the doc.
+    args: Vec<String>,
+}
+
+pub fn parse_options(args: &[String]) -> Result<Options> {
+    let mut options = Options {
+        reps: 3,
+        seconds: 5,
+        idle_connections: vec![1000, 9000],
+        alt_suite: "TLS_AES_128_GCM_SHA256".into(),
+        write_docs: true,
+        inside: None,
+        args: args.iter().filter(|a| *a != "--inside").cloned().collect(),
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--quick" => {
+                options.reps = 1;
+                options.seconds = 2;
+                options.idle_connections = vec![1000];
+                options.write_docs = false;
+            }
+            "--no-docs" => options.write_docs = false,
+            "--reps" => options.reps = value()?.parse().context("--reps")?,
+            "--seconds" => options.seconds = value()?.parse().context("--seconds")?,
+            "--alt-suite" => options.alt_suite = value()?.clone(),
+            "--idle-connections" => {
+                options.idle_connections = value()?
+                    .split(',')
+                    .filter(|n| !n.is_empty())
+                    .map(|n| {
+                        n.parse()
+                            .with_context(|| format!("--idle-connections {n:?}"))
+                    })
+                    .collect::<Result<_>>()?
+            }
+            "--inside" => options.inside = Some(value()?.clone()),
+            other => bail!("unknown option {other}\nusage: {USAGE}"),
+        }
+    }
+    if let Some(netns) = &options.inside {
+        options.args.retain(|a| a != netns);
+    }
+    Ok(options)
+}
+
+pub async fn run(options: Options) -> Result<()> {
+    match options.inside.clone() {
+        Some(_) => run_inside(options).await,
+        None => run_outside(options).await,
+    }
+}
+
+/// As root: tools, the namespace, the inner run; the namespace goes away whatever happens.
+async fn run_outside(options: Options) -> Result<()> {
+    let is_root = std::fs::metadata("/proc/self").is_ok_and(|m| {
+        use std::os::unix::fs::MetadataExt;
+        m.uid() == 0
+    });
+    if !is_root {
+        bail!(
+            "the mesh bench needs root: to install its tools and for a private network namespace"
+        );
+    }
+    install_missing_tools()?;
+    let netns = PrivateNetns::create(&format!("latch-bench-{}", std::process::id()))?;
+    // Ctrl-C stops the inner run (same process group); this process stays to clean up.
+    tokio::spawn(async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupted: stopping the bench and deleting its namespace");
+        }
+    });
+    let exe = std::env::current_exe().context("locating latch-bench")?;
+    let mut command = netns.command("sh");
+    command
+        .arg("-c")
+        .arg(format!("{RAISE_NOFILE} && exec \"$0\" \"$@\""))
+        .arg(&exe)
+        .args(["mesh", "--inside", &netns.name])
+        .args(&options.args);
+    let status = tokio::task::spawn_blocking(move || command.status())
+        .await?
+        .context("running the bench inside its namespace")?;
+    drop(netns);
+    if !status.success() {
+        bail!("the mesh bench failed ({status})");
+    }
+    Ok(())
+}
+
+fn on_path(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `apt-get install` for each tool not on PATH (one `apt-get update` first).
+fn install_missing_tools() -> Result<()> {
+    let missing: Vec<&str> = TOOLS
+        .iter()
+        .filter(|(tool, _)| !on_path(tool))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("installing {}", missing.join(" "));
+    let apt = |args: &[&str]| {
+        let mut command = Command::new("apt-get");
+        command.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        command
+    };
+    run_output(apt(&["update", "-qq"]))?;
+    let mut install = apt(&["install", "-y", "-qq"]);
+    install.args(&missing);
+    run_output(install).context("installing the bench's tools")?;
+    Ok(())
+}
+
+/// Where logs and configs go: `target/latch-bench-mesh`, recreated on each run.
+fn work_dir() -> Result<PathBuf> {
+    let dir = workspace_root().join("target/latch-bench-mesh");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Inside the namespace: start everything, measure, report.
+async fn run_inside(options: Options) -> Result<()> {
+    let dir = work_dir()?;
+    // Before anything runs: the commit and date are those of the measured binaries.
+    let command = format!("cargo xtask bench mesh {}", options.args.join(" "));
+    let mut facts = Facts::collect(
+        command.trim().to_string(),
+        tls_description(&options.alt_suite),
+        options.seconds,
+    );
+    eprintln!("logs and configs: {}", dir.display());
+    let control = ControlPlane::start(&dir)?;
+    let client_svid = control.svid_files(CLIENT_ID, &dir.join("svid-client"))?;
+    let server_svid = control.svid_files(SERVER_ID, &dir.join("svid-server"))?;
+    let _apps = apps::start(&dir).await?;
+
+    let mut results = Results::default();
+    let bed = TestBed {
+        dir: &dir,
+        control: &control,
+        client: &client_svid,
+        server: &server_svid,
+        suite: &options.alt_suite,
+    };
+    let mut tunnels: Vec<(Alt, Option<Tunnel>)> = Vec::new();
+    for alt in Alt::ALL {
+        match bed.start(alt).await {
+            Ok(tunnel) => tunnels.push((alt, Some(tunnel))),
+            Err(e) => fail(
+                &mut results,
+                format!("{}: did not start: {e:#}", alt.label()),
+            ),
+        }
+    }
+
+    let settings = Settings {
+        seconds: options.seconds,
+        idle_connections: options.idle_connections.clone(),
+    };
+    for rep in 1..=options.reps {
+        for workload in Workload::ALL {
+            for (alt, slot) in &mut tunnels {
+                let what = format!(
+                    "rep {rep}/{}: {} via {}",
+                    options.reps,
+                    workload.name(),
+                    alt.label()
+                );
+                if matches!(workload, Workload::Memory) && *alt != Alt::Direct {
+                    // Fresh sidecars, so that memory left behind by earlier traffic (allocators
+                    // keep what they had) does not count. Stop the old ones first: same ports.
+                    *slot = None;
+                    match bed.start(*alt).await {
+                        Ok(tunnel) => *slot = Some(tunnel),
+                        Err(e) => fail(&mut results, format!("{what}: restart failed: {e:#}")),
+                    }
+                }
+                let Some(tunnel) = slot else { continue };
+                eprintln!("{what}");
+                match workload.run(tunnel, &settings).await {
+                    Ok(samples) => results.record(*alt, samples),
+                    Err(e) => fail(&mut results, format!("{what}: {e:#}")),
+                }
+                // Let TIME_WAIT sockets and sidecar buffers settle between measurements.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+
+    facts.record_load();
+    let section = generated_section(&results, &facts);
+    println!("\n{section}");
+    if options.write_docs {
+        let docs = workspace_root().join("docs");
+        update_doc(&docs.join("benchmarks.md"), &section)?;
+        let json = serde_json::to_string_pretty(&results.to_json(&facts, options.reps))?;
+        std::fs::write(docs.join("benchmarks-mesh.json"), json + "\n")?;
+        eprintln!("wrote docs/benchmarks.md and docs/benchmarks-mesh.json");
+    }
+    Ok(())
+}
+
+/// What starting an alternative needs.
+struct TestBed<'a> {
+    dir: &'a Path,
+    control: &'a ControlPlane,
+    client: &'a SvidFiles,
+    server: &'a SvidFiles,
+    /// The cipher suite of stunnel and HAProxy.
+    suite: &'a str,
+}
+
+impl TestBed<'_> {
+    /// Starts one alternative's sidecars (nothing for the direct path) and checks that a
+    /// connection through them reaches the hold server.
+    async fn start(&self, alt: Alt) -> Result<Tunnel> {
+        let (dir, suite) = (self.dir, self.suite);
+        let tunnel = match alt {
+            Alt::Direct => Tunnel::direct(),
+            Alt::Latch => super::latch::start(dir, self.control)?,
+            Alt::Stunnel => stunnel::start(dir, self.client, self.server, suite)?,
+            Alt::Haproxy => haproxy::start(dir, self.client, self.server, suite)?,
+        };
+        check(tunnel, dir).await
+    }
+}
+
+/// One end-to-end round trip through the tunnel to the hold server before measuring.
+async fn check(tunnel: Tunnel, dir: &Path) -> Result<Tunnel> {
+    let port = tunnel.entry_port(App::Hold);
+    let probe = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let mut byte = [0u8; 1];
+        tokio::io::AsyncReadExt::read_exact(&mut stream, &mut byte).await?;
+        std::io::Result::Ok(())
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(10), probe).await;
+    let error = match outcome {
+        Ok(Ok(())) => return Ok(tunnel),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "timed out".to_string(),
+    };
+    bail!(
+        "{} carries no traffic to the hold server ({error}; logs in {})",
+        tunnel.alt.label(),
+        dir.display()
+    )
+}
+
+fn fail(results: &mut Results, message: String) {
+    eprintln!("FAILED: {message}");
+    results.failures.push(message);
+}
+
+fn tls_description(suite: &str) -> String {
+    format!(
+        "stunnel and HAProxy: TLS 1.3 only, {suite} (OpenSSL), ECDSA P-256 SVIDs from Latch's CA, \
+         chain verified on both sides (neither checks the SPIFFE ID). Latch: TLS 1.3 with the \
+         suites and order of `latch_identity::tls::provider()` (rustls, aws-lc-rs), the peer's \
+         SPIFFE ID checked on both sides."
+    )
+}

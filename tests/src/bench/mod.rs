@@ -1,0 +1,14 @@
+//! `cargo xtask bench mesh`: the same client -> sidecar -> mTLS -> sidecar -> server path through
+//! Latch, stunnel, HAProxy and no proxy at all, inside one private network namespace, with the
+//! workloads of issue 5. Called from the `latch-bench` binary; one module per concern.
+
+pub mod apps;
+pub mod haproxy;
+pub mod latch;
+pub mod mesh;
+pub mod netns;
+pub mod proc;
+pub mod report;
+pub mod stunnel;
+pub mod tunnel;
+pub mod workloads;
