@@ -117,6 +117,20 @@ impl Harness {
             .token
     }
 
+    /// An SVID for `id` (fetched with a fresh single-use join token) and the trust bundle.
+    pub async fn svid(
+        &self,
+        id: &SpiffeId,
+        ttl: Option<Duration>,
+    ) -> (Svid, latch_identity::TrustBundle) {
+        let token = self.token(id, Duration::from_secs(3600), false);
+        self.client()
+            .await
+            .fetch_svid(None, ttl, Some(token))
+            .await
+            .expect("SVID issued")
+    }
+
     /// A client that presents no certificate.
     pub async fn client(&self) -> CaClient {
         let store = Arc::new(CertStore::new(self.bundle()));

@@ -77,13 +77,7 @@ async fn join_token_gets_an_svid_for_its_id() {
 async fn renewal_with_current_svid_keeps_the_id_and_changes_the_serial() {
     let h = Harness::start().await;
     let id = h.id("demo", "api");
-    let token = h.token(&id, HOUR, false);
-    let (first, _) = h
-        .client()
-        .await
-        .fetch_svid(None, None, Some(token))
-        .await
-        .unwrap();
+    let (first, _) = h.svid(&id, None).await;
     let mut renewing = h.client_presenting(&first).await;
     let (second, _) = renewing
         .fetch_svid(Some(&id), Some(Duration::from_secs(600)), None)
@@ -311,13 +305,7 @@ async fn no_proof_is_unauthenticated() {
 async fn renewal_with_an_expired_svid_is_unauthenticated() {
     let h = Harness::start().await;
     let id = h.id("demo", "web");
-    let token = h.token(&id, HOUR, false);
-    let (short, _) = h
-        .client()
-        .await
-        .fetch_svid(None, Some(Duration::from_secs(1)), Some(token))
-        .await
-        .unwrap();
+    let (short, _) = h.svid(&id, Some(Duration::from_secs(1))).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let mut client = h.client_presenting(&short).await;
     assert_refused(
@@ -337,13 +325,7 @@ async fn renewal_with_a_foreign_ca_svid_is_unauthenticated() {
     let h = Harness::start().await;
     let foreign = Harness::start().await;
     let id = foreign.id("demo", "web");
-    let token = foreign.token(&id, HOUR, false);
-    let (svid, _) = foreign
-        .client()
-        .await
-        .fetch_svid(None, None, Some(token))
-        .await
-        .unwrap();
+    let (svid, _) = foreign.svid(&id, None).await;
     let mut client = h.client_presenting(&svid).await;
     assert_refused(
         &h,
@@ -361,13 +343,7 @@ async fn renewal_with_a_foreign_ca_svid_is_unauthenticated() {
 async fn renewal_cannot_change_the_id() {
     let h = Harness::start().await;
     let id = h.id("demo", "web");
-    let token = h.token(&id, HOUR, false);
-    let (svid, _) = h
-        .client()
-        .await
-        .fetch_svid(None, None, Some(token))
-        .await
-        .unwrap();
+    let (svid, _) = h.svid(&id, None).await;
     let mut client = h.client_presenting(&svid).await;
     let other = h.id("demo", "db");
     let csr = generate_csr(Some(&other)).unwrap().csr_der;

@@ -235,13 +235,7 @@ async fn the_mesh_port_refuses_everything_but_valid_svids_of_the_trust_domain() 
     let hdr = header(app.port());
 
     // Baseline: a valid SVID of the trust domain gets through.
-    let token = h.token(&h.id("demo", "web"), Duration::from_secs(3600), false);
-    let (good, bundle) = h
-        .client()
-        .await
-        .fetch_svid(None, None, Some(token))
-        .await
-        .unwrap();
+    let (good, bundle) = h.svid(&h.id("demo", "web"), None).await;
     assert_eq!(
         direct_client(inbound, bundle.clone(), Some(&good), &hdr)
             .await
@@ -259,13 +253,7 @@ async fn the_mesh_port_refuses_everything_but_valid_svids_of_the_trust_domain() 
 
     // A valid certificate from another CA.
     let foreign = Harness::start().await;
-    let token = foreign.token(&foreign.id("demo", "web"), Duration::from_secs(3600), false);
-    let (stranger, _) = foreign
-        .client()
-        .await
-        .fetch_svid(None, None, Some(token))
-        .await
-        .unwrap();
+    let (stranger, _) = foreign.svid(&foreign.id("demo", "web"), None).await;
     assert!(
         direct_client(inbound, bundle.clone(), Some(&stranger), &hdr)
             .await
@@ -300,13 +288,9 @@ async fn the_mesh_port_refuses_everything_but_valid_svids_of_the_trust_domain() 
     assert_eq!(handshake_failures(&server, "inbound", "unexpected_peer"), 1);
 
     // An expired SVID of the right CA.
-    let token = h.token(&h.id("demo", "old"), Duration::from_secs(3600), false);
     let (short, _) = h
-        .client()
-        .await
-        .fetch_svid(None, Some(Duration::from_secs(1)), Some(token))
-        .await
-        .unwrap();
+        .svid(&h.id("demo", "old"), Some(Duration::from_secs(1)))
+        .await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert!(
         direct_client(inbound, bundle.clone(), Some(&short), &hdr)
@@ -395,13 +379,7 @@ async fn bad_transport_headers_are_refused_within_the_timeout_without_disturbing
     let app = echo_app().await;
     let p = pair(&h, app.port(), None).await;
     let inbound = p.server.inbound_addr.unwrap();
-    let token = h.token(&h.id("demo", "prober"), Duration::from_secs(3600), false);
-    let (prober, bundle) = h
-        .client()
-        .await
-        .fetch_svid(None, None, Some(token))
-        .await
-        .unwrap();
+    let (prober, bundle) = h.svid(&h.id("demo", "prober"), None).await;
 
     // A healthy long-lived connection through the mesh while the bad ones arrive.
     let mut healthy = TcpStream::connect(p.entry).await.unwrap();
@@ -643,13 +621,9 @@ async fn repeat_connections_resume_until_the_client_rotates() {
 async fn session_tickets_die_with_the_server_svid_that_issued_them() {
     use rustls::server::ProducesTickets;
     let h = Harness::start().await;
-    let token = h.token(&h.id("demo", "api"), Duration::from_secs(3600), false);
     let (svid, bundle) = h
-        .client()
-        .await
-        .fetch_svid(None, Some(Duration::from_secs(30)), Some(token))
-        .await
-        .unwrap();
+        .svid(&h.id("demo", "api"), Some(Duration::from_secs(30)))
+        .await;
     let not_after = svid.info().not_after;
     let ticketer =
         latch_proxy::transport::SvidTicketer::new(Arc::new(CertStore::with_svid(svid, bundle)));

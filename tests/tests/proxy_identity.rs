@@ -89,13 +89,7 @@ async fn ten_second_svids_rotate_and_open_connections_survive() {
 
     // A client with its own SVID from the same CA.
     let client_id = h.id("demo", "client");
-    let token = h.token(&client_id, Duration::from_secs(3600), false);
-    let (client_svid, bundle) = h
-        .client()
-        .await
-        .fetch_svid(None, None, Some(token))
-        .await
-        .unwrap();
+    let (client_svid, bundle) = h.svid(&client_id, None).await;
     let client = Arc::new(CertStore::with_svid(client_svid, bundle));
 
     let mut before = connect(addr, &client).await;
