@@ -60,8 +60,11 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> HttpResponse {
     json(status, &serde_json::json!({ "error": message.into() }))
 }
 
-/// Prometheus/OpenMetrics text.
-pub fn metrics(body: String) -> HttpResponse {
+/// The registry's metrics as OpenMetrics text.
+pub fn metrics(registry: &prometheus_client::registry::Registry) -> HttpResponse {
+    let mut body = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut body, registry);
     let mut response = text(StatusCode::OK, body);
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,

@@ -120,23 +120,8 @@ impl AdminState {
     async fn handle(self: Arc<Self>, request: Request<Incoming>) -> HttpResponse {
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-            (&Method::GET, "/ready") => match self.ready() {
-                Ok(()) => text(StatusCode::OK, "ready\n"),
-                Err(why) => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: {why}\n"),
-                ),
-            },
-            (&Method::GET, "/metrics") => {
-                let mut response = text(StatusCode::OK, self.metrics.render());
-                response.headers_mut().insert(
-                    hyper::header::CONTENT_TYPE,
-                    hyper::header::HeaderValue::from_static(
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    ),
-                );
-                response
-            }
+            (&Method::GET, "/ready") => latch_admin::readiness(self.ready()),
+            (&Method::GET, "/metrics") => latch_admin::metrics(self.metrics.registry()),
             (&Method::POST, "/v1/join-tokens") => self.create_token(request).await,
             (_, "/healthz" | "/ready" | "/metrics" | "/v1/join-tokens") => {
                 error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")

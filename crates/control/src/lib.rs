@@ -97,10 +97,15 @@ fn admin_credential(path: &std::path::Path) -> Result<String, StartError> {
     }
 }
 
-async fn bind(addr: SocketAddr, flag: &'static str) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, flag, source })
+/// Binds `addr`; returns the listener and the address it got (port 0 picks one).
+async fn bind(
+    addr: SocketAddr,
+    flag: &'static str,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    let bind_err = |source| StartError::Bind { addr, flag, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
+    let local = listener.local_addr().map_err(bind_err)?;
+    Ok((listener, local))
 }
 
 impl ControlPlane {
@@ -162,22 +167,8 @@ impl ControlPlane {
         tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         tls.send_tls13_tickets = 0;
 
-        let grpc_listener = bind(config.listen, "--listen").await?;
-        let grpc_addr = grpc_listener
-            .local_addr()
-            .map_err(|source| StartError::Bind {
-                addr: config.listen,
-                flag: "--listen",
-                source,
-            })?;
-        let admin_listener = bind(config.admin, "--admin").await?;
-        let admin_addr = admin_listener
-            .local_addr()
-            .map_err(|source| StartError::Bind {
-                addr: config.admin,
-                flag: "--admin",
-                source,
-            })?;
+        let (grpc_listener, grpc_addr) = bind(config.listen, "--listen").await?;
+        let (admin_listener, admin_addr) = bind(config.admin, "--admin").await?;
 
         let incoming = tls_incoming::incoming(
             grpc_listener,

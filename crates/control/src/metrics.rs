@@ -85,12 +85,9 @@ impl Metrics {
             .get()
     }
 
-    /// Prometheus text exposition.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+    /// The registry every metric is in, for `/metrics`.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 }
 

@@ -61,7 +61,7 @@ impl AdminState {
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/ready") => latch_admin::readiness(self.ready()),
-            (&Method::GET, "/metrics") => latch_admin::metrics(self.metrics.render()),
+            (&Method::GET, "/metrics") => latch_admin::metrics(self.metrics.registry()),
             (&Method::GET, "/debug/certs") => json(StatusCode::OK, &self.certs()),
             _ => error(StatusCode::NOT_FOUND, "not found"),
         }
