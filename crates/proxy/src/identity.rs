@@ -189,15 +189,17 @@ impl IdentityAgent {
         if bundle_changed {
             tracing::info!(fingerprints = ?bundle.fingerprints(), "trust bundle changed");
         }
-        self.store.rotate(svid, bundle_changed.then_some(bundle));
-        self.metrics.rotations.inc();
-        self.metrics
-            .svid_expiry
-            .set(i64::try_from(unix(info.not_after)).unwrap_or(i64::MAX));
+        // Plan the renewal and update the metrics before swapping: whoever is woken by the new
+        // SVID (the Workload API, /debug/certs, tests) sees a consistent state.
         let validity = info.not_after.duration_since(received).unwrap_or_default();
         self.validity.store(validity.as_secs(), Ordering::Relaxed);
         let next = renew_at(received, info.not_after);
         self.next_rotation.store(unix(next), Ordering::Relaxed);
+        self.metrics.rotations.inc();
+        self.metrics
+            .svid_expiry
+            .set(i64::try_from(unix(info.not_after)).unwrap_or(i64::MAX));
+        self.store.rotate(svid, bundle_changed.then_some(bundle));
         tracing::info!(
             spiffe_id = %info.id,
             serial = %info.serial,
