@@ -88,31 +88,7 @@ impl CaClient {
 
     /// Connects with a ready rustls config (tests use this to present arbitrary certificates).
     pub async fn connect_with(addr: &str, tls: rustls::ClientConfig) -> Result<Self, ClientError> {
-        let endpoint =
-            Endpoint::from_shared(format!("http://{addr}")).map_err(|e| ClientError::Address {
-                addr: addr.to_string(),
-                reason: e.to_string(),
-            })?;
-        let endpoint = endpoint
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(30));
-        let connector = TlsConnector::from(Arc::new(tls));
-        let target = addr.to_string();
-        let channel = endpoint
-            .connect_with_connector(tower::service_fn(move |_uri| {
-                let (connector, target) = (connector.clone(), target.clone());
-                async move {
-                    let tcp = TcpStream::connect(&target).await?;
-                    tcp.set_nodelay(true)?;
-                    let tls = connector.connect(placeholder_server_name(), tcp).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(tls))
-                }
-            }))
-            .await
-            .map_err(|e| ClientError::Connect {
-                addr: addr.to_string(),
-                reason: error_chain(&e),
-            })?;
+        let channel = connect_channel(addr, tls, Some(Duration::from_secs(30))).await?;
         Ok(Self {
             inner: CertificateServiceClient::new(channel),
         })
@@ -179,6 +155,47 @@ pub fn svid_from_response(
         .collect();
     verify_svid(&chain, &bundle, SystemTime::now(), PeerRole::Client)?;
     Ok((Svid::new(chain, key)?, bundle))
+}
+
+/// Opens an HTTP/2 channel to the control plane at `addr` over TLS with `tls`. Each new
+/// connection the channel makes runs a fresh handshake, so it presents the SVID current at that
+/// moment. `request_timeout` bounds unary calls; long-lived streams pass `None` and rely on
+/// HTTP/2 keepalive to notice a dead peer.
+pub async fn connect_channel(
+    addr: &str,
+    tls: rustls::ClientConfig,
+    request_timeout: Option<Duration>,
+) -> Result<Channel, ClientError> {
+    let endpoint =
+        Endpoint::from_shared(format!("http://{addr}")).map_err(|e| ClientError::Address {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?;
+    let mut endpoint = endpoint
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    if let Some(timeout) = request_timeout {
+        endpoint = endpoint.timeout(timeout);
+    }
+    let connector = TlsConnector::from(Arc::new(tls));
+    let target = addr.to_string();
+    endpoint
+        .connect_with_connector(tower::service_fn(move |_uri| {
+            let (connector, target) = (connector.clone(), target.clone());
+            async move {
+                let tcp = TcpStream::connect(&target).await?;
+                tcp.set_nodelay(true)?;
+                let tls = connector.connect(placeholder_server_name(), tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(tls))
+            }
+        }))
+        .await
+        .map_err(|e| ClientError::Connect {
+            addr: addr.to_string(),
+            reason: error_chain(&e),
+        })
 }
 
 /// An error and its sources on one line, for operators.
