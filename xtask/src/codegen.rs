@@ -43,6 +43,9 @@ pub fn generate(root: &Path, out_dir: &Path) -> Result<()> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // BTreeMap keeps map fields in key order, so a message always encodes to the same bytes
+        // (discovery versions are hashes of the encoding).
+        .btree_map(".")
         .emit_rerun_if_changed(false)
         .out_dir(out_dir)
         .compile_fds(fds)

@@ -10,8 +10,8 @@ pub struct X509svidResponse {
     #[prost(bytes = "vec", repeated, tag = "2")]
     pub crl: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
     /// CA certificate bundles of federated trust domains, keyed by trust domain ID.
-    #[prost(map = "string, bytes", tag = "3")]
-    pub federated_bundles: ::std::collections::HashMap<
+    #[prost(btree_map = "string, bytes", tag = "3")]
+    pub federated_bundles: ::prost::alloc::collections::BTreeMap<
         ::prost::alloc::string::String,
         ::prost::alloc::vec::Vec<u8>,
     >,
@@ -42,8 +42,8 @@ pub struct X509BundlesResponse {
     #[prost(bytes = "vec", repeated, tag = "1")]
     pub crl: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
     /// CA certificate bundles, ASN.1 DER concatenated, keyed by trust domain ID.
-    #[prost(map = "string, bytes", tag = "2")]
-    pub bundles: ::std::collections::HashMap<
+    #[prost(btree_map = "string, bytes", tag = "2")]
+    pub bundles: ::prost::alloc::collections::BTreeMap<
         ::prost::alloc::string::String,
         ::prost::alloc::vec::Vec<u8>,
     >,
@@ -76,8 +76,8 @@ pub struct JwtBundlesRequest {}
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct JwtBundlesResponse {
     /// JWK sets, keyed by trust domain ID.
-    #[prost(map = "string, bytes", tag = "1")]
-    pub bundles: ::std::collections::HashMap<
+    #[prost(btree_map = "string, bytes", tag = "1")]
+    pub bundles: ::prost::alloc::collections::BTreeMap<
         ::prost::alloc::string::String,
         ::prost::alloc::vec::Vec<u8>,
     >,

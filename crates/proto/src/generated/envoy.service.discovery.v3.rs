@@ -16,8 +16,8 @@ pub struct DeltaDiscoveryRequest {
         ::prost::alloc::string::String,
     >,
     /// On a new stream: what the client already holds, so the server skips what is current.
-    #[prost(map = "string, string", tag = "5")]
-    pub initial_resource_versions: ::std::collections::HashMap<
+    #[prost(btree_map = "string, string", tag = "5")]
+    pub initial_resource_versions: ::prost::alloc::collections::BTreeMap<
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,

@@ -13,8 +13,8 @@ pub struct Workload {
     pub ips: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
     #[prost(uint32, tag = "5")]
     pub mesh_port: u32,
-    #[prost(map = "string, string", tag = "6")]
-    pub labels: ::std::collections::HashMap<
+    #[prost(btree_map = "string, string", tag = "6")]
+    pub labels: ::prost::alloc::collections::BTreeMap<
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
@@ -59,8 +59,8 @@ pub struct AuthorizationPolicy {
     #[prost(string, tag = "2")]
     pub namespace: ::prost::alloc::string::String,
     /// Labels a workload of `namespace` must carry to be selected; empty selects all of them.
-    #[prost(map = "string, string", tag = "3")]
-    pub selector: ::std::collections::HashMap<
+    #[prost(btree_map = "string, string", tag = "3")]
+    pub selector: ::prost::alloc::collections::BTreeMap<
         ::prost::alloc::string::String,
         ::prost::alloc::string::String,
     >,
@@ -142,8 +142,8 @@ pub struct MeshConfig {
     #[prost(enumeration = "mesh_config::MtlsMode", tag = "1")]
     pub mtls_mode: i32,
     /// Port (of the receiving app) -> mode, overriding mtls_mode.
-    #[prost(map = "uint32, enumeration(mesh_config::MtlsMode)", tag = "2")]
-    pub port_mtls: ::std::collections::HashMap<u32, i32>,
+    #[prost(btree_map = "uint32, enumeration(mesh_config::MtlsMode)", tag = "2")]
+    pub port_mtls: ::prost::alloc::collections::BTreeMap<u32, i32>,
     /// The roots every SVID chains to, PEM; may hold several during a root rotation.
     #[prost(string, tag = "3")]
     pub trust_bundle_pem: ::prost::alloc::string::String,
