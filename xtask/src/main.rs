@@ -30,7 +30,9 @@ fn main() -> Result<()> {
                  bench ca [--clients N] [--seconds S]\n                     \
                  SVIDs issued per second over gRPC\n  \
                  bench mesh [--quick] [--reps N] [--seconds S]\n                     \
-                 Latch vs stunnel, HAProxy and no proxy (root: installs tools, private netns)"
+                 Latch vs stunnel, HAProxy and no proxy (root: installs tools, private netns)\n  \
+                 bench discovery [--proxies 1000,5000] [--changes N]\n                     \
+                 a config change reaching every connected proxy; memory per proxy"
             );
             bail!("unknown or missing task");
         }

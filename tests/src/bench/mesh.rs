@@ -12,10 +12,11 @@ use anyhow::{Context, Result, bail};
 use super::latch::{CLIENT_ID, ControlPlane, SERVER_ID, SvidFiles};
 use super::netns::PrivateNetns;
 use super::proc::run_output;
-use super::report::{Facts, Results, generated_section, update_doc};
+use super::report::{Facts, MESH_SECTION, Results, generated_section, update_doc};
 use super::tunnel::{Alt, App, Tunnel};
 use super::workloads::{Settings, Workload};
 use super::{apps, haproxy, stunnel};
+use crate::procs::workspace_root;
 
 pub const USAGE: &str = "latch-bench mesh [--quick] [--reps N] [--seconds S] \
     [--idle-connections 1000,9000] [--alt-suite TLS_AES_128_GCM_SHA256] [--no-docs]";
@@ -177,12 +178,6 @@ fn work_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
-}
 
 /// Inside the namespace: start everything, measure, report.
 async fn run_inside(options: Options) -> Result<()> {
@@ -258,7 +253,7 @@ async fn run_inside(options: Options) -> Result<()> {
     println!("\n{section}");
     if options.write_docs {
         let docs = workspace_root().join("docs");
-        update_doc(&docs.join("benchmarks.md"), &section)?;
+        update_doc(&docs.join("benchmarks.md"), &MESH_SECTION, &section)?;
         let json = serde_json::to_string_pretty(&results.to_json(&facts, options.reps))?;
         std::fs::write(docs.join("benchmarks-mesh.json"), json + "\n")?;
         eprintln!("wrote docs/benchmarks.md and docs/benchmarks-mesh.json");

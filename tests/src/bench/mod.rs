@@ -3,6 +3,7 @@
 //! workloads of issue 5. Called from the `latch-bench` binary; one module per concern.
 
 pub mod apps;
+pub mod discovery;
 pub mod haproxy;
 pub mod latch;
 pub mod mesh;

@@ -4,6 +4,7 @@
 //! does) and "capacity" (CSRs made before the clock starts, every 16th answer validated), which
 //! measures what the CA can serve when its clients run on other machines.
 //! `cargo xtask bench mesh`: Latch against stunnel, HAProxy and no proxy (latch_tests::bench).
+//! `cargo xtask bench discovery`: a config change reaching 1,000+ proxies (latch_tests::bench).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use latch_identity::client::{CaClient, control_plane_id};
 use latch_identity::{CertStore, ExpectedPeer, TrustBundle, TrustDomain};
-use latch_tests::bench::mesh;
+use latch_tests::bench::{discovery, mesh};
 use latch_tests::procs::{ChildGuard, free_port, wait_for};
 
 const TOKEN: &str = "latch-bench-reusable-token-0123456789";
@@ -266,9 +267,11 @@ async fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("ca") => bench_ca(parse_options(&args[1..])?).await,
         Some("mesh") => mesh::run(mesh::parse_options(&args[1..])?).await,
+        Some("discovery") => discovery::run(discovery::parse_options(&args[1..])?).await,
         _ => bail!(
-            "usage: latch-bench ca [--clients 1,4,16,64] [--seconds 5]\n       {}",
-            mesh::USAGE
+            "usage: latch-bench ca [--clients 1,4,16,64] [--seconds 5]\n       {}\n       {}",
+            mesh::USAGE,
+            discovery::USAGE
         ),
     }
 }
