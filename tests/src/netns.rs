@@ -155,6 +155,10 @@ impl TestNet {
         ip_ok(&["-n", &router, "link", "set", &port, "master", BRIDGE, "up"]);
         ip_ok(&["-n", &netns, "addr", "add", &cidr, "dev", "eth0"]);
         ip_ok(&["-n", &netns, "link", "set", "eth0", "up"]);
+        // A default route through the bridge, so service VIPs (addresses no pod owns) are
+        // routable and the capture sees connections to them.
+        let gateway = self.host(ROUTER_HOST).to_string();
+        ip_ok(&["-n", &netns, "route", "add", "default", "via", &gateway]);
         Pod {
             net: self,
             name: name.to_string(),

@@ -131,7 +131,7 @@ fn strict_refuses_unmeshed_clients_permissive_admits_them() {
     );
 
     drop(proxy_b);
-    let proxy_b = control.start_proxy(&b, &a, &["--inbound-mode", "permissive"]);
+    let proxy_b = control.start_proxy(&b, Some(&a), &["--inbound-mode", "permissive"]);
     assert_eq!(
         c.curl(&url).as_deref(),
         Ok(BODY),
@@ -211,7 +211,7 @@ fn registry_only_refuses_unmeshed_destinations() {
     let _nginx_c = c.start_nginx(BODY);
     let control = ControlPlane::start(&net);
     let proxy_b = control.mesh(&b, &a);
-    let proxy_a = control.start_proxy(&a, &b, &["--outbound-policy", "registry-only"]);
+    let proxy_a = control.start_proxy(&a, Some(&b), &["--outbound-policy", "registry-only"]);
     a.run(workspace_binary("latch-proxy"), &["iptables", "install"]);
     // b is meshed: allowed. c is not: refused, where passthrough would have let it through.
     assert_eq!(
@@ -226,6 +226,175 @@ fn registry_only_refuses_unmeshed_destinations() {
         "registry-only let a reach unmeshed c: {outside:?}"
     );
     assert!(proxy_a.log().contains("registry-only"), "{}", proxy_a.log());
+}
+
+/// A mesh config listing `pods` as workloads of namespace demo (service account and label
+/// `app` = the pod's name, `role` = the name without digits), followed by `rest`.
+fn mesh_yaml(pods: &[&Pod], rest: &str) -> String {
+    let mut out = String::from("workloads:\n");
+    for pod in pods {
+        let role = pod.name.trim_end_matches(|c: char| c.is_ascii_digit());
+        out.push_str(&format!(
+            "  - name: {0}\n    namespace: demo\n    service_account: {0}\n    ips: [\"{1}\"]\n    labels: {{app: {0}, role: {role}}}\n",
+            pod.name, pod.ip
+        ));
+    }
+    out + rest
+}
+
+/// One metric's value from a proxy's /metrics in `pod` (0 when absent): the first line that
+/// starts with `name` and contains every one of `labels`.
+fn metric(pod: &Pod, name: &str, labels: &[&str]) -> f64 {
+    let text = pod.curl(&format!("http://{PROXY_ADMIN}/metrics")).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .next()
+        .unwrap_or(0.0)
+}
+
+const ALLOW_ONLY_A: &str = "policies:\n  - name: b-callers\n    namespace: demo\n    selector: {app: b}\n    action: ALLOW\n    rules:\n      - principals: [{exact: \"spiffe://cluster.local/ns/demo/sa/a\"}]\n";
+const ALLOW_ONLY_C: &str = "policies:\n  - name: b-callers\n    namespace: demo\n    selector: {app: b}\n    action: ALLOW\n    rules:\n      - principals: [{exact: \"spiffe://cluster.local/ns/demo/sa/c\"}]\n";
+
+#[test]
+fn policies_from_discovery_allow_deny_and_cut_live_connections() {
+    if !require_netns() {
+        return;
+    }
+    let net = TestNet::new("authz");
+    let a = net.add_pod("a");
+    let b = net.add_pod("b");
+    let c = net.add_pod("c");
+    let nginx = b.start_nginx(BODY);
+    let control = ControlPlane::start_with(&net, &mesh_yaml(&[&a, &b, &c], ALLOW_ONLY_A));
+    let proxy_b = control.mesh_discovered(&b);
+    let proxy_a = control.mesh_discovered(&a);
+    let proxy_c = control.mesh_discovered(&c);
+    let logs = || logs(&[&proxy_a, &proxy_b, &proxy_c, &nginx, &control.process]);
+    let url = format!("http://{}/", b.ip);
+
+    // The policy selecting b allows a only; c is a meshed peer with a valid SVID all the same.
+    assert_eq!(a.curl(&url).as_deref(), Ok(BODY), "{}", logs());
+    let refused = c.curl(&url);
+    assert!(refused.is_err(), "b's policy let c in: {refused:?}");
+    let c_label = format!("peer=\"{}\"", spiffe_id("c"));
+    assert_eq!(
+        metric(&b, "latch_proxy_authorization_denials", &[&c_label]),
+        1.0,
+        "{}",
+        logs()
+    );
+    assert!(
+        proxy_b.log().contains("denied") && proxy_b.log().contains(&spiffe_id("c")),
+        "b's proxy should log the denial with c's ID:\n{}",
+        proxy_b.log()
+    );
+
+    // A live connection from a: one request answered, then it waits on the open socket.
+    let script = format!(
+        "exec 3<>/dev/tcp/{ip}/80 || exit 1\n\
+         printf 'GET / HTTP/1.1\\r\\nHost: b\\r\\n\\r\\n' >&3\n\
+         IFS= read -r -t 5 status <&3 && echo \"FIRST $status\"\n\
+         while IFS= read -r -t 1 line <&3; do :; done\n\
+         IFS= read -r -t 60 line <&3; echo \"END rc=$?\"\n",
+        ip = b.ip
+    );
+    let live = a.spawn("bash", &["-c", &script], None, &net.dir().join("live.log"));
+    live.wait_until(Duration::from_secs(10), "the live connection's first answer", || {
+        live.log().contains("FIRST HTTP/1.1 200")
+    });
+    // The policy changes to allow c only: a's open connection is cut, c gets in.
+    control.write_config(&mesh_yaml(&[&a, &b, &c], ALLOW_ONLY_C));
+    live.wait_until(Duration::from_secs(15), "the live connection closed by b", || {
+        live.log().contains("END rc=")
+    });
+    assert!(
+        live.log().contains("END rc=1"),
+        "the connection should end with EOF (rc=1), not a read timeout: {}\n{}",
+        live.log(),
+        logs()
+    );
+    assert_eq!(c.curl(&url).as_deref(), Ok(BODY), "{}", logs());
+    assert!(a.curl(&url).is_err(), "a is no longer allowed");
+    assert!(
+        metric(&b, "latch_proxy_connections_closed_by_policy", &[]) >= 1.0,
+        "{}",
+        logs()
+    );
+}
+
+#[test]
+fn service_vip_spreads_over_endpoints_and_skips_removed_ones() {
+    if !require_netns() {
+        return;
+    }
+    const VIP: &str = "10.96.0.10";
+    let net = TestNet::new("vip");
+    let a = net.add_pod("a");
+    let backends = [net.add_pod("web1"), net.add_pod("web2"), net.add_pod("web3")];
+    let servers: Vec<PodProcess> = backends
+        .iter()
+        .map(|pod| pod.start_nginx(&format!("served by {}", pod.name)))
+        .collect();
+    let pods: Vec<&Pod> = std::iter::once(&a).chain(backends.iter()).collect();
+    let service = |endpoints: &[&Pod]| {
+        let ips: Vec<String> = endpoints.iter().map(|p| format!("\"{}\"", p.ip)).collect();
+        format!(
+            "services:\n  - name: web\n    namespace: demo\n    vips: [\"{VIP}\"]\n    ports: [{{port: 80, target_port: 80}}]\n    endpoints: [{}]\n",
+            ips.join(", ")
+        )
+    };
+    let all: Vec<&Pod> = backends.iter().collect();
+    let control = ControlPlane::start_with(&net, &mesh_yaml(&pods, &service(&all)));
+    let mut proxies: Vec<PodProcess> = backends.iter().map(|p| control.mesh_discovered(p)).collect();
+    proxies.push(control.mesh_discovered(&a));
+    let logs = || {
+        let mut all: Vec<&PodProcess> = proxies.iter().collect();
+        all.extend(servers.iter());
+        logs(&all)
+    };
+    let tally = |n: usize| {
+        let mut counts = std::collections::BTreeMap::new();
+        for _ in 0..n {
+            let body = a.curl(&format!("http://{VIP}/")).unwrap_or_else(|e| format!("error: {e}"));
+            *counts.entry(body).or_insert(0) += 1;
+        }
+        counts
+    };
+    let first = tally(30);
+    for pod in &backends {
+        assert!(
+            first.get(&format!("served by {}", pod.name)).copied().unwrap_or(0) > 0,
+            "30 connections to the VIP never reached {}: {first:?}\n{}",
+            pod.name,
+            logs()
+        );
+    }
+    assert_eq!(first.values().sum::<i32>(), 30, "{first:?}");
+
+    // web3 leaves the service; once a's proxy has the change, no new connection goes there.
+    let applied = |pod: &Pod| {
+        metric(pod, "latch_proxy_discovery_responses_applied", &["Service"])
+    };
+    let before = applied(&a);
+    control.write_config(&mesh_yaml(&pods, &service(&all[..2])));
+    let proxy_a = proxies.last().expect("a's proxy");
+    proxy_a.wait_until(Duration::from_secs(10), "a's proxy applies the service change", || {
+        applied(&a) > before
+    });
+    let second = tally(30);
+    assert_eq!(
+        second.get("served by web3"),
+        None,
+        "a removed endpoint got new connections: {second:?}"
+    );
+    assert_eq!(
+        second.get("served by web1").copied().unwrap_or(0)
+            + second.get("served by web2").copied().unwrap_or(0),
+        30,
+        "{second:?}\n{}",
+        logs()
+    );
 }
 
 /// The uid latch-proxy runs as; `latch-proxy iptables install` never captures its traffic.
@@ -256,14 +425,23 @@ struct ControlPlane<'n> {
     net: &'n TestNet,
     router: Pod<'n>,
     data_dir: PathBuf,
+    config: PathBuf,
     listen: String,
-    _process: PodProcess<'n>,
+    process: PodProcess<'n>,
 }
 
 impl<'n> ControlPlane<'n> {
+    /// latch-control with an empty mesh config file.
     fn start(net: &'n TestNet) -> Self {
+        Self::start_with(net, "{}\n")
+    }
+
+    /// latch-control with `config` as its (watched) config file.
+    fn start_with(net: &'n TestNet, config: &str) -> Self {
         let router = net.router();
         let data_dir = net.dir().join("control");
+        let config_path = net.dir().join("mesh.yaml");
+        std::fs::write(&config_path, config).expect("write config");
         let listen = format!("{}:15010", router.ip);
         let process = router.spawn(
             workspace_binary("latch-control"),
@@ -274,6 +452,8 @@ impl<'n> ControlPlane<'n> {
                 &listen,
                 "--admin",
                 CONTROL_ADMIN,
+                "--config",
+                utf8(&config_path),
             ],
             None,
             &net.dir().join("control.log"),
@@ -285,9 +465,17 @@ impl<'n> ControlPlane<'n> {
             net,
             router,
             data_dir,
+            config: config_path,
             listen,
-            _process: process,
+            process,
         }
+    }
+
+    /// Replaces the config file the way an editor does (write aside, rename over).
+    fn write_config(&self, config: &str) {
+        let tmp = self.config.with_extension("tmp");
+        std::fs::write(&tmp, config).expect("write config");
+        std::fs::rename(&tmp, &self.config).expect("rename config");
     }
 
     /// A new single-use join token for `id`, from `latchctl token create`.
@@ -309,16 +497,27 @@ impl<'n> ControlPlane<'n> {
 
     /// Meshes `pod`: a transparent proxy that knows `peer`, then the iptables capture.
     fn mesh(&self, pod: &Pod<'n>, peer: &Pod) -> PodProcess<'n> {
-        let proxy = self.start_proxy(pod, peer, &[]);
-        let capture = ["iptables", "install", "--proxy-uid", &PROXY_UID.to_string()];
-        pod.run(workspace_binary("latch-proxy"), &capture);
+        let proxy = self.start_proxy(pod, Some(peer), &[]);
+        self.capture(pod);
         proxy
     }
 
+    /// Meshes `pod` with a proxy that learns its peers from discovery only.
+    fn mesh_discovered(&self, pod: &Pod<'n>) -> PodProcess<'n> {
+        let proxy = self.start_proxy(pod, None, &[]);
+        self.capture(pod);
+        proxy
+    }
+
+    fn capture(&self, pod: &Pod<'n>) {
+        let capture = ["iptables", "install", "--proxy-uid", &PROXY_UID.to_string()];
+        pod.run(workspace_binary("latch-proxy"), &capture);
+    }
+
     /// Starts a transparent latch-proxy in `pod` as uid 1337 with a fresh join token for
-    /// `pod`'s SPIFFE ID, `peer` as its one meshed peer and `extra` flags, and waits until it
-    /// holds an SVID.
-    fn start_proxy(&self, pod: &Pod<'n>, peer: &Pod, extra: &[&str]) -> PodProcess<'n> {
+    /// `pod`'s SPIFFE ID, workload name demo/<pod>, `peer` (if any) as a flag-configured meshed
+    /// peer and `extra` flags, and waits until it is ready (SVID held, discovery synced).
+    fn start_proxy(&self, pod: &Pod<'n>, peer: Option<&Pod>, extra: &[&str]) -> PodProcess<'n> {
         let dir = self.net.dir().join(format!("proxy-{}", pod.name));
         let bundle = dir.join("bundle.pem");
         let token = dir.join("join-token");
@@ -330,7 +529,8 @@ impl<'n> ControlPlane<'n> {
             std::os::unix::fs::chown(path, Some(PROXY_UID), Some(PROXY_UID)).expect("chown");
         }
 
-        let peer = format!("{}={}", peer.ip, spiffe_id(&peer.name));
+        let workload = format!("demo/{}", pod.name);
+        let peer = peer.map(|peer| format!("{}={}", peer.ip, spiffe_id(&peer.name)));
         let mut args = vec![
             "--control-plane",
             &self.listen,
@@ -343,9 +543,12 @@ impl<'n> ControlPlane<'n> {
             "--admin",
             PROXY_ADMIN,
             "--transparent",
-            "--peer",
-            &peer,
+            "--workload-name",
+            &workload,
         ];
+        if let Some(peer) = &peer {
+            args.extend(["--peer", peer.as_str()]);
+        }
         args.extend_from_slice(extra);
         let proxy = pod.spawn(
             workspace_binary("latch-proxy"),
@@ -354,7 +557,7 @@ impl<'n> ControlPlane<'n> {
             &dir.join("proxy.log"),
         );
         let ready = format!("http://{PROXY_ADMIN}/ready");
-        proxy.wait_until(Duration::from_secs(20), "latch-proxy holds an SVID", || {
+        proxy.wait_until(Duration::from_secs(20), "latch-proxy is ready", || {
             pod.curl(&ready).is_ok()
         });
         proxy
