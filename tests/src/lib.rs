@@ -41,6 +41,8 @@ pub struct Harness {
     pub control_plane: ControlPlane,
     pub trust_domain: TrustDomain,
     pub data_dir: tempfile::TempDir,
+    /// What it was started with (addresses as configured, maybe port 0).
+    config: Config,
 }
 
 /// A stopped control plane that can be started again on the same addresses and data dir.
@@ -53,13 +55,14 @@ pub struct Paused {
 impl Paused {
     /// Starts the control plane again: same CA, same ports.
     pub async fn resume(self) -> Harness {
-        let control_plane = ControlPlane::start(self.config)
+        let control_plane = ControlPlane::start(self.config.clone())
             .await
             .expect("control plane restarts");
         Harness {
             control_plane,
             trust_domain: self.trust_domain,
             data_dir: self.data_dir,
+            config: self.config,
         }
     }
 }
@@ -76,7 +79,10 @@ impl Harness {
 
     /// Starts a control plane after letting the test adjust its config.
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
-        let data_dir = tempfile::tempdir().expect("temp dir");
+        Self::start_in(tempfile::tempdir().expect("temp dir"), adjust).await
+    }
+
+    async fn start_in(data_dir: tempfile::TempDir, adjust: impl FnOnce(&mut Config)) -> Self {
         let trust_domain = TrustDomain::new("cluster.local").expect("trust domain");
         let mut config = Config::new(
             trust_domain.clone(),
@@ -86,14 +92,31 @@ impl Harness {
         );
         adjust(&mut config);
         let trust_domain = config.trust_domain.clone();
-        let control_plane = ControlPlane::start(config)
+        let control_plane = ControlPlane::start(config.clone())
             .await
             .expect("control plane starts");
         Self {
             control_plane,
             trust_domain,
             data_dir,
+            config,
         }
+    }
+
+    /// Starts a control plane whose config file (watched for changes) holds `yaml`.
+    pub async fn start_with_mesh(yaml: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("mesh.yaml");
+        std::fs::write(&file, yaml).expect("write mesh config");
+        Self::start_in(dir, |c| c.config_file = Some(file)).await
+    }
+
+    /// Replaces the config file the way an editor does (write aside, rename over it).
+    pub fn write_mesh(&self, yaml: &str) {
+        let file = self.data_dir.path().join("mesh.yaml");
+        let tmp = self.data_dir.path().join("mesh.yaml.tmp");
+        std::fs::write(&tmp, yaml).expect("write mesh config");
+        std::fs::rename(&tmp, &file).expect("replace mesh config");
     }
 
     pub fn bundle(&self) -> TrustBundle {
@@ -187,12 +210,9 @@ impl Harness {
 
     /// Stops the control plane, keeping what is needed to start it again where it was.
     pub async fn pause(self) -> Paused {
-        let config = Config::new(
-            self.trust_domain.clone(),
-            self.data_dir.path().join("data"),
-            self.control_plane.grpc_addr,
-            self.control_plane.admin_addr,
-        );
+        let mut config = self.config;
+        config.listen = self.control_plane.grpc_addr;
+        config.admin = self.control_plane.admin_addr;
         self.control_plane.shutdown().await;
         Paused {
             config,
