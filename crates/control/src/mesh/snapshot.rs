@@ -1,0 +1,361 @@
+//! Immutable snapshots of the mesh as proxies see it: per resource type, name -> resource
+//! encoded once (`prost_types::Any`) with its content-hash version. A new snapshot reuses the
+//! previous one's `Arc`s for everything unchanged, so discovery streams diff by pointer.
+//! Also answers which policies a caller may see.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use latch_identity::SpiffeId;
+use latch_identity::bundle::sha256_hex;
+use latch_proto::mesh as proto;
+use prost::Message;
+
+use super::model::{
+    Action, MeshModel, MtlsMode, OutboundPolicy, Policy, Principal, Service, Workload,
+};
+
+/// Hex characters of SHA-256 kept in a version string.
+const VERSION_LEN: usize = 16;
+
+/// The four resource types, in the order a proxy applies them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResourceType {
+    MeshConfig,
+    Workload,
+    Service,
+    AuthorizationPolicy,
+}
+
+impl ResourceType {
+    pub const ALL: [ResourceType; 4] = [
+        ResourceType::MeshConfig,
+        ResourceType::Workload,
+        ResourceType::Service,
+        ResourceType::AuthorizationPolicy,
+    ];
+
+    pub fn type_url(self) -> &'static str {
+        use latch_proto::type_url;
+        match self {
+            ResourceType::MeshConfig => type_url::MESH_CONFIG,
+            ResourceType::Workload => type_url::WORKLOAD,
+            ResourceType::Service => type_url::SERVICE,
+            ResourceType::AuthorizationPolicy => type_url::AUTHORIZATION_POLICY,
+        }
+    }
+
+    pub fn from_type_url(url: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.type_url() == url)
+    }
+
+    /// Short name for logs and metric labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            ResourceType::MeshConfig => "mesh_config",
+            ResourceType::Workload => "workload",
+            ResourceType::Service => "service",
+            ResourceType::AuthorizationPolicy => "authorization_policy",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One resource ready to send: encoded once, shared by every stream that sends it.
+#[derive(Debug, PartialEq)]
+pub struct VersionedResource {
+    pub name: Arc<str>,
+    /// First 16 hex characters of SHA-256 of the encoded message.
+    pub version: String,
+    pub body: prost_types::Any,
+}
+
+/// Every resource of one type, by name.
+pub type ResourceMap = BTreeMap<Arc<str>, Arc<VersionedResource>>;
+
+/// The version of a set of resources: a hash over its sorted name=version pairs. This is
+/// `system_version_info` in discovery responses.
+pub fn set_version<'a>(entries: impl Iterator<Item = &'a Arc<VersionedResource>>) -> String {
+    let mut text = String::new();
+    for entry in entries {
+        let _ = writeln!(text, "{}={}", entry.name, entry.version);
+    }
+    short_hash(text.as_bytes())
+}
+
+fn short_hash(data: &[u8]) -> String {
+    let mut hex = sha256_hex(data);
+    hex.truncate(VERSION_LEN);
+    hex
+}
+
+/// All resources of one type in a snapshot.
+#[derive(Debug)]
+pub struct TypeSnapshot {
+    pub resources: Arc<ResourceMap>,
+    /// `set_version` of all of them.
+    pub version: String,
+}
+
+/// The mesh at one moment, as every discovery stream reads it.
+#[derive(Debug)]
+pub struct MeshSnapshot {
+    /// Counts published models that changed something; 0 is the start-up model.
+    pub generation: u64,
+    /// A hash over the four type versions: equal for equal content, across restarts too.
+    pub version: String,
+    /// When the model was published.
+    pub loaded_at: SystemTime,
+    pub model: Arc<MeshModel>,
+    types: [TypeSnapshot; 4],
+    /// SPIFFE ID -> names of the workloads that have it.
+    workloads_by_id: HashMap<String, Vec<String>>,
+}
+
+impl MeshSnapshot {
+    /// Encodes `model` (with `trust_bundle_pem` in the MeshConfig), reusing `previous`'s
+    /// shared resources wherever the content is the same.
+    pub fn build(
+        model: MeshModel,
+        trust_bundle_pem: &str,
+        previous: Option<&MeshSnapshot>,
+        generation: u64,
+    ) -> Self {
+        let prev = |ty: ResourceType| previous.map(|p| &p.types[ty.index()].resources);
+        let mesh_config = encode_all(
+            [(
+                Arc::from(latch_proto::MESH_CONFIG_NAME),
+                mesh_config_proto(&model, trust_bundle_pem).encode_to_vec(),
+            )],
+            ResourceType::MeshConfig,
+            prev(ResourceType::MeshConfig),
+        );
+        let workloads = encode_all(
+            model
+                .workloads
+                .iter()
+                .map(|(k, w)| (Arc::from(k.as_str()), workload_proto(w).encode_to_vec())),
+            ResourceType::Workload,
+            prev(ResourceType::Workload),
+        );
+        let services = encode_all(
+            model
+                .services
+                .iter()
+                .map(|(k, s)| (Arc::from(k.as_str()), service_proto(s).encode_to_vec())),
+            ResourceType::Service,
+            prev(ResourceType::Service),
+        );
+        let policies = encode_all(
+            model
+                .policies
+                .iter()
+                .map(|(k, p)| (Arc::from(k.as_str()), policy_proto(p).encode_to_vec())),
+            ResourceType::AuthorizationPolicy,
+            prev(ResourceType::AuthorizationPolicy),
+        );
+        let types = [mesh_config, workloads, services, policies];
+        let version = short_hash(
+            types
+                .iter()
+                .map(|t| t.version.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+                .as_bytes(),
+        );
+        let mut workloads_by_id: HashMap<String, Vec<String>> = HashMap::new();
+        for (key, w) in &model.workloads {
+            workloads_by_id
+                .entry(w.spiffe_id.to_string())
+                .or_default()
+                .push(key.clone());
+        }
+        Self {
+            generation,
+            version,
+            loaded_at: SystemTime::now(),
+            model: Arc::new(model),
+            types,
+            workloads_by_id,
+        }
+    }
+
+    /// Every resource of `ty` (for policies: all of them, before visibility filtering).
+    pub fn resources(&self, ty: ResourceType) -> &Arc<ResourceMap> {
+        &self.types[ty.index()].resources
+    }
+
+    /// `set_version` of every resource of `ty`.
+    pub fn type_version(&self, ty: ResourceType) -> &str {
+        &self.types[ty.index()].version
+    }
+
+    /// True when both snapshots hold the same resources at the same versions.
+    pub fn same_content(&self, other: &MeshSnapshot) -> bool {
+        self.version == other.version
+    }
+
+    /// The workloads a caller speaks for: the one named `node_id` if it has the caller's
+    /// SPIFFE ID, otherwise every workload with the caller's SPIFFE ID.
+    pub fn caller_workloads(&self, caller: &SpiffeId, node_id: &str) -> Vec<&Workload> {
+        if let Some(w) = self
+            .model
+            .workloads
+            .get(node_id)
+            .filter(|w| w.spiffe_id == *caller)
+        {
+            return vec![w];
+        }
+        self.workloads_by_id
+            .get(caller.as_str())
+            .into_iter()
+            .flatten()
+            .filter_map(|name| self.model.workloads.get(name))
+            .collect()
+    }
+
+    /// The authorization policies that select any of the caller's workloads.
+    pub fn visible_policies(&self, caller: &SpiffeId, node_id: &str) -> ResourceMap {
+        let workloads = self.caller_workloads(caller, node_id);
+        if workloads.is_empty() {
+            return ResourceMap::new();
+        }
+        let all = self.resources(ResourceType::AuthorizationPolicy);
+        self.model
+            .policies
+            .iter()
+            .filter(|(_, p)| workloads.iter().any(|w| p.selects(w)))
+            .filter_map(|(key, _)| all.get_key_value(key.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// Wraps each encoded message with its version, reusing `previous`'s entry (and whole map)
+/// when nothing changed.
+fn encode_all(
+    encoded: impl IntoIterator<Item = (Arc<str>, Vec<u8>)>,
+    ty: ResourceType,
+    previous: Option<&Arc<ResourceMap>>,
+) -> TypeSnapshot {
+    let mut map = ResourceMap::new();
+    let mut reused = 0;
+    for (name, bytes) in encoded {
+        let version = short_hash(&bytes);
+        let entry = match previous.and_then(|p| p.get(&name)) {
+            Some(old) if old.version == version => {
+                reused += 1;
+                old.clone()
+            }
+            _ => Arc::new(VersionedResource {
+                name: name.clone(),
+                version,
+                body: prost_types::Any {
+                    type_url: ty.type_url().to_string(),
+                    value: bytes,
+                },
+            }),
+        };
+        map.insert(name, entry);
+    }
+    let version = set_version(map.values());
+    let resources = match previous {
+        Some(p) if p.len() == map.len() && reused == map.len() => p.clone(),
+        _ => Arc::new(map),
+    };
+    TypeSnapshot { resources, version }
+}
+
+fn mtls_proto(mode: MtlsMode) -> i32 {
+    match mode {
+        MtlsMode::Strict => proto::mesh_config::MtlsMode::Strict as i32,
+        MtlsMode::Permissive => proto::mesh_config::MtlsMode::Permissive as i32,
+    }
+}
+
+fn mesh_config_proto(model: &MeshModel, trust_bundle_pem: &str) -> proto::MeshConfig {
+    let s = &model.settings;
+    proto::MeshConfig {
+        mtls_mode: mtls_proto(s.mtls),
+        port_mtls: s
+            .port_mtls
+            .iter()
+            .map(|(port, mode)| (u32::from(*port), mtls_proto(*mode)))
+            .collect(),
+        trust_bundle_pem: trust_bundle_pem.to_string(),
+        outbound_policy: match s.outbound_policy {
+            OutboundPolicy::Passthrough => proto::mesh_config::OutboundPolicy::Passthrough as i32,
+            OutboundPolicy::RegistryOnly => proto::mesh_config::OutboundPolicy::RegistryOnly as i32,
+        },
+    }
+}
+
+pub(crate) fn workload_proto(w: &Workload) -> proto::Workload {
+    proto::Workload {
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        spiffe_id: w.spiffe_id.to_string(),
+        ips: w.ips.iter().map(ToString::to_string).collect(),
+        mesh_port: u32::from(w.mesh_port),
+        labels: w.labels.clone(),
+    }
+}
+
+pub(crate) fn service_proto(s: &Service) -> proto::Service {
+    proto::Service {
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+        vips: s.vips.iter().map(ToString::to_string).collect(),
+        hostnames: s.hostnames.clone(),
+        ports: s
+            .ports
+            .iter()
+            .map(|p| proto::ServicePort {
+                port: u32::from(p.port),
+                target_port: u32::from(p.target_port),
+                name: p.name.clone(),
+            })
+            .collect(),
+        endpoints: s
+            .endpoints
+            .iter()
+            .map(|ip| proto::Endpoint { ip: ip.to_string() })
+            .collect(),
+    }
+}
+
+pub(crate) fn policy_proto(p: &Policy) -> proto::AuthorizationPolicy {
+    use proto::principal_match::Match;
+    proto::AuthorizationPolicy {
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        selector: p.selector.clone(),
+        action: match p.action {
+            Action::Allow => proto::authorization_policy::Action::Allow as i32,
+            Action::Deny => proto::authorization_policy::Action::Deny as i32,
+        },
+        rules: p
+            .rules
+            .iter()
+            .map(|r| proto::Rule {
+                principals: r
+                    .principals
+                    .iter()
+                    .map(|m| proto::PrincipalMatch {
+                        r#match: Some(match m {
+                            Principal::Exact(s) => Match::Exact(s.clone()),
+                            Principal::Prefix(s) => Match::Prefix(s.clone()),
+                        }),
+                    })
+                    .collect(),
+                namespaces: r.namespaces.clone(),
+                ports: r.ports.iter().map(|p| u32::from(*p)).collect(),
+            })
+            .collect(),
+    }
+}
