@@ -536,3 +536,227 @@ fn build_principal(at: &str, spec: &PrincipalSpec) -> Result<Principal, MeshErro
         _ => Err(invalid(at, "give exactly one of exact and prefix")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FileConfig;
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("cluster.local").unwrap()
+    }
+
+    fn build(yaml: &str) -> Result<MeshModel, String> {
+        FileConfig::parse(yaml)?
+            .mesh_model(&td())
+            .map_err(|e| e.to_string())
+    }
+
+    const WEB: &str = "  - {name: web, namespace: demo, service_account: web, ips: [10.0.0.2], labels: {app: web}}\n";
+
+    #[test]
+    fn refusals_name_the_entry() {
+        for (yaml, expected) in [
+            (
+                "workloads:\n  - {name: a, namespace: demo, service_account: a, ips: [10.0.0.1]}\n  - {name: b, namespace: demo, service_account: b}\n  - {name: c, namespace: demo, service_account: c, ips: [10.0.0.x]}\n",
+                r#"workloads[2].ips[0] "10.0.0.x": not an IP address"#,
+            ),
+            (
+                "workloads:\n  - {name: web, namespace: demo, spiffe_id: \"spiffe://other.org/ns/demo/sa/web\"}\n",
+                r#"workloads[0].spiffe_id "spiffe://other.org/ns/demo/sa/web": not in trust domain cluster.local"#,
+            ),
+            (
+                "workloads:\n  - {name: web, namespace: demo, spiffe_id: \"http://x\"}\n",
+                r#"workloads[0].spiffe_id "http://x": not a SPIFFE ID"#,
+            ),
+            (
+                "workloads:\n  - {name: web, namespace: demo}\n",
+                "workloads[0]: give exactly one of service_account and spiffe_id",
+            ),
+            (
+                "workloads:\n  - {name: web, namespace: demo, service_account: web, spiffe_id: \"spiffe://cluster.local/x\"}\n",
+                "workloads[0]: give exactly one of service_account and spiffe_id",
+            ),
+            (
+                "workloads:\n  - {name: \"we b\", namespace: demo, service_account: web}\n",
+                r#"workloads[0].name "we b": may hold only letters"#,
+            ),
+            (
+                "workloads:\n  - {name: web, namespace: \"\", service_account: web}\n",
+                "workloads[0].namespace: must not be empty",
+            ),
+            (
+                "workloads:\n  - {name: web, namespace: demo, service_account: web, mesh_port: 70000}\n",
+                "workloads[0].mesh_port 70000: not a TCP port",
+            ),
+            (
+                &format!("workloads:\n{WEB}{WEB}"),
+                "workloads[1]: workload demo/web is listed twice (first at workloads[0])",
+            ),
+            (
+                &format!(
+                    "workloads:\n{WEB}  - {{name: api, namespace: demo, service_account: api, ips: [10.0.0.2]}}\n"
+                ),
+                r#"workloads[1].ips[0] "10.0.0.2": already an IP of workload demo/web"#,
+            ),
+            (
+                "services:\n  - {name: api, namespace: demo, ports: [{port: 80}], selector: {app: api}, endpoints: [10.0.0.3]}\n",
+                "services[0]: give exactly one of selector and endpoints",
+            ),
+            (
+                "services:\n  - {name: api, namespace: demo, ports: [{port: 80}]}\n",
+                "services[0]: give exactly one of selector and endpoints",
+            ),
+            (
+                "services:\n  - {name: api, namespace: demo, selector: {}}\n",
+                "services[0].ports: a service needs at least one port",
+            ),
+            (
+                "services:\n  - {name: api, namespace: demo, ports: [{port: 80}, {port: 80, target_port: 81}], selector: {}}\n",
+                "services[0].ports[1].port 80: listed twice in this service",
+            ),
+            (
+                "services:\n  - {name: api, namespace: demo, ports: [{port: 80, target_port: 0}], selector: {}}\n",
+                "services[0].ports[0].target_port 0: not a TCP port",
+            ),
+            (
+                &format!(
+                    "workloads:\n{WEB}services:\n  - {{name: api, namespace: demo, vips: [10.0.0.2], ports: [{{port: 80}}], selector: {{}}}}\n"
+                ),
+                r#"services[0].vips[0] "10.0.0.2": is an IP of workload demo/web"#,
+            ),
+            (
+                "services:\n  - {name: a, namespace: demo, vips: [10.96.0.1], ports: [{port: 80}], selector: {}}\n  - {name: b, namespace: demo, vips: [10.96.0.1], ports: [{port: 80}], selector: {}}\n",
+                r#"services[1].vips[0] "10.96.0.1": already a VIP of service demo/a"#,
+            ),
+            (
+                "services:\n  - {name: a, namespace: demo, ports: [{port: 80}], endpoints: [10.0.0.1, 10.0.0.1]}\n",
+                r#"services[0].endpoints[1] "10.0.0.1": listed twice"#,
+            ),
+            (
+                "policies:\n  - {name: p, namespace: demo, action: PERMIT}\n",
+                r#"policies[0].action "PERMIT": must be ALLOW or DENY"#,
+            ),
+            (
+                "policies:\n  - {name: p, namespace: demo, action: ALLOW, rules: [{principals: [{exact: a, prefix: b}]}]}\n",
+                "policies[0].rules[0].principals[0]: give exactly one of exact and prefix",
+            ),
+            (
+                "policies:\n  - {name: p, namespace: demo, action: ALLOW, rules: [{principals: [{prefix: \"demo/\"}]}]}\n",
+                r#"policies[0].rules[0].principals[0].prefix "demo/": must start with spiffe://"#,
+            ),
+            (
+                "policies:\n  - {name: p, namespace: demo, action: ALLOW, rules: [{ports: [8080, 0]}]}\n",
+                "policies[0].rules[0].ports[1] 0: not a TCP port",
+            ),
+            (
+                "policies:\n  - {name: p, namespace: demo, action: ALLOW}\n  - {name: p, namespace: demo, action: DENY}\n",
+                "policies[1]: policy demo/p is listed twice (first at policies[0])",
+            ),
+            (
+                "mesh:\n  mtls: strikt\n",
+                r#"mesh.mtls "strikt": must be STRICT or PERMISSIVE"#,
+            ),
+            (
+                "mesh:\n  port_mtls: {8080: OFF}\n",
+                r#"mesh.port_mtls[8080] "OFF": must be STRICT or PERMISSIVE"#,
+            ),
+            (
+                "mesh:\n  outbound_policy: deny\n",
+                r#"mesh.outbound_policy "deny": must be passthrough or registry-only"#,
+            ),
+            (
+                "workloads:\n  - {name: web, namespace: demo, service_account: web, color: blue}\n",
+                "unknown field `color`",
+            ),
+            ("meshes: {}\n", "unknown field `meshes`"),
+        ] {
+            let err = build(yaml).expect_err(yaml);
+            assert!(
+                err.contains(expected),
+                "for\n{yaml}\nexpected {expected:?}, got {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn full_example_builds_with_defaults() {
+        let model = build(
+            "mesh:\n  mtls: PERMISSIVE\n  port_mtls: {8080: STRICT}\n  outbound_policy: registry-only\n\
+             workloads:\n  - {name: web, namespace: demo, spiffe_id: \"spiffe://cluster.local/custom/web\", ips: [10.0.0.2, \"fd00::2\"]}\n\
+             services:\n  - {name: ext, namespace: demo, vips: [10.96.0.9], hostnames: [ext.demo], ports: [{port: 443}], endpoints: [192.0.2.1]}\n\
+             policies:\n  - {name: deny-all, namespace: demo, action: deny, rules: [{}]}\n",
+        )
+        .unwrap();
+        assert_eq!(model.settings.mtls, MtlsMode::Permissive);
+        assert_eq!(model.settings.port_mtls[&8080], MtlsMode::Strict);
+        assert_eq!(model.settings.outbound_policy, OutboundPolicy::RegistryOnly);
+        let web = &model.workloads["demo/web"];
+        assert_eq!(web.spiffe_id.as_str(), "spiffe://cluster.local/custom/web");
+        assert_eq!(web.mesh_port, DEFAULT_MESH_PORT);
+        assert_eq!(web.ips.len(), 2);
+        let ext = &model.services["demo/ext"];
+        assert_eq!(
+            ext.ports[0].target_port, 443,
+            "target_port defaults to port"
+        );
+        assert_eq!(ext.endpoints, vec!["192.0.2.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(model.policies["demo/deny-all"].action, Action::Deny);
+        assert_eq!(
+            build("").unwrap(),
+            MeshModel::default(),
+            "an empty file is an empty mesh"
+        );
+    }
+
+    #[test]
+    fn selector_resolves_to_the_ips_of_matching_workloads_in_the_namespace() {
+        let model = build(
+            "workloads:\n\
+             \x20 - {name: api-1, namespace: demo, service_account: api, ips: [10.0.0.3, 10.0.0.4], labels: {app: api, tier: back}}\n\
+             \x20 - {name: api-2, namespace: demo, service_account: api, ips: [10.0.0.5], labels: {app: api}}\n\
+             \x20 - {name: api-3, namespace: other, service_account: api, ips: [10.0.1.3], labels: {app: api}}\n\
+             \x20 - {name: web, namespace: demo, service_account: web, ips: [10.0.0.2], labels: {app: web}}\n\
+             services:\n\
+             \x20 - {name: api, namespace: demo, ports: [{port: 80, target_port: 8080}], selector: {app: api}}\n\
+             \x20 - {name: back, namespace: demo, ports: [{port: 80}], selector: {app: api, tier: back}}\n\
+             \x20 - {name: all, namespace: demo, ports: [{port: 80}], selector: {}}\n\
+             \x20 - {name: none, namespace: demo, ports: [{port: 80}], selector: {app: db}}\n",
+        )
+        .unwrap();
+        let endpoints = |name: &str| -> Vec<String> {
+            model.services[name]
+                .endpoints
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert_eq!(endpoints("demo/api"), ["10.0.0.3", "10.0.0.4", "10.0.0.5"]);
+        assert_eq!(endpoints("demo/back"), ["10.0.0.3", "10.0.0.4"]);
+        assert_eq!(
+            endpoints("demo/all"),
+            ["10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.2"]
+        );
+        assert!(endpoints("demo/none").is_empty());
+    }
+
+    #[test]
+    fn policy_selects_by_namespace_and_labels() {
+        let model = build(&format!(
+            "workloads:\n{WEB}policies:\n\
+             \x20 - {{name: ns, namespace: demo, action: ALLOW}}\n\
+             \x20 - {{name: web, namespace: demo, selector: {{app: web}}, action: ALLOW}}\n\
+             \x20 - {{name: api, namespace: demo, selector: {{app: api}}, action: ALLOW}}\n\
+             \x20 - {{name: other, namespace: other, action: ALLOW}}\n"
+        ))
+        .unwrap();
+        let web = &model.workloads["demo/web"];
+        let selecting: Vec<&str> = model
+            .policies
+            .values()
+            .filter(|p| p.selects(web))
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(selecting, ["ns", "web"]);
+    }
+}

@@ -359,3 +359,162 @@ pub(crate) fn policy_proto(p: &Policy) -> proto::AuthorizationPolicy {
             .collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::FileConfig;
+    use latch_identity::TrustDomain;
+
+    const PEM: &str = "-----BEGIN CERTIFICATE-----\nroot\n-----END CERTIFICATE-----\n";
+
+    fn model(yaml: &str) -> MeshModel {
+        FileConfig::parse(yaml)
+            .unwrap()
+            .mesh_model(&TrustDomain::new("cluster.local").unwrap())
+            .unwrap()
+    }
+
+    fn build(yaml: &str, previous: Option<&MeshSnapshot>) -> MeshSnapshot {
+        MeshSnapshot::build(model(yaml), PEM, previous, 1)
+    }
+
+    fn version(s: &MeshSnapshot, ty: ResourceType, name: &str) -> String {
+        s.resources(ty)[name].version.clone()
+    }
+
+    const BASE: &str = "workloads:\n\
+        \x20 - {name: web, namespace: demo, service_account: web, ips: [10.0.0.2], labels: {app: web}}\n\
+        \x20 - {name: api, namespace: demo, service_account: api, ips: [10.0.0.3], labels: {app: api}}\n\
+        services:\n\
+        \x20 - {name: api, namespace: demo, vips: [10.96.0.10], ports: [{port: 80, target_port: 8080}], selector: {app: api}}\n";
+
+    #[test]
+    fn empty_mesh_has_only_the_mesh_config_with_the_bundle() {
+        let s = MeshSnapshot::build(MeshModel::default(), PEM, None, 0);
+        let mesh = &s.resources(ResourceType::MeshConfig)[latch_proto::MESH_CONFIG_NAME];
+        let decoded = proto::MeshConfig::decode(mesh.body.value.as_slice()).unwrap();
+        assert_eq!(decoded.trust_bundle_pem, PEM);
+        assert_eq!(mesh.body.type_url, latch_proto::type_url::MESH_CONFIG);
+        for ty in [
+            ResourceType::Workload,
+            ResourceType::Service,
+            ResourceType::AuthorizationPolicy,
+        ] {
+            assert!(s.resources(ty).is_empty());
+        }
+    }
+
+    #[test]
+    fn versions_are_content_hashes() {
+        let a = build(BASE, None);
+        let b = build(BASE, None);
+        assert_eq!(a.version, b.version, "equal content, equal model version");
+        assert_eq!(
+            version(&a, ResourceType::Workload, "demo/web"),
+            version(&b, ResourceType::Workload, "demo/web")
+        );
+        let web = version(&a, ResourceType::Workload, "demo/web");
+        assert_eq!(web.len(), 16);
+        assert!(web.bytes().all(|c| c.is_ascii_hexdigit()));
+
+        // A label of api changes api's version and, through the selector, nothing else here.
+        let relabelled = BASE.replace("labels: {app: api}", "labels: {app: api, v: \"2\"}");
+        let c = build(&relabelled, Some(&a));
+        assert_ne!(a.version, c.version);
+        assert_ne!(
+            version(&a, ResourceType::Workload, "demo/api"),
+            version(&c, ResourceType::Workload, "demo/api")
+        );
+        assert_eq!(
+            version(&a, ResourceType::Workload, "demo/web"),
+            version(&c, ResourceType::Workload, "demo/web")
+        );
+        assert_ne!(
+            a.type_version(ResourceType::Workload),
+            c.type_version(ResourceType::Workload)
+        );
+        assert_eq!(
+            a.type_version(ResourceType::Service),
+            c.type_version(ResourceType::Service)
+        );
+        // A new endpoint IP changes the service.
+        let more = BASE.replace("ips: [10.0.0.3]", "ips: [10.0.0.3, 10.0.0.4]");
+        let d = build(&more, Some(&a));
+        assert_ne!(
+            version(&a, ResourceType::Service, "demo/api"),
+            version(&d, ResourceType::Service, "demo/api")
+        );
+    }
+
+    #[test]
+    fn unchanged_resources_keep_their_shared_pointers() {
+        let a = build(BASE, None);
+        let same = build(BASE, Some(&a));
+        for ty in ResourceType::ALL {
+            assert!(
+                Arc::ptr_eq(a.resources(ty), same.resources(ty)),
+                "{ty:?} map reused"
+            );
+        }
+        let relabelled = BASE.replace("labels: {app: web}", "labels: {app: web, v: \"2\"}");
+        let b = build(&relabelled, Some(&a));
+        assert!(!Arc::ptr_eq(
+            a.resources(ResourceType::Workload),
+            b.resources(ResourceType::Workload)
+        ));
+        let (wa, wb) = (
+            a.resources(ResourceType::Workload),
+            b.resources(ResourceType::Workload),
+        );
+        assert!(Arc::ptr_eq(&wa["demo/api"], &wb["demo/api"]));
+        assert!(!Arc::ptr_eq(&wa["demo/web"], &wb["demo/web"]));
+        assert!(Arc::ptr_eq(
+            a.resources(ResourceType::Service),
+            b.resources(ResourceType::Service)
+        ));
+    }
+
+    #[test]
+    fn callers_see_the_policies_selecting_their_workloads() {
+        let yaml = "workloads:\n\
+            \x20 - {name: web, namespace: demo, service_account: web, ips: [10.0.0.2], labels: {app: web}}\n\
+            \x20 - {name: web2, namespace: demo, service_account: web, ips: [10.0.0.9], labels: {app: web, canary: \"yes\"}}\n\
+            \x20 - {name: api, namespace: demo, service_account: api, ips: [10.0.0.3], labels: {app: api}}\n\
+            policies:\n\
+            \x20 - {name: all-demo, namespace: demo, action: ALLOW}\n\
+            \x20 - {name: web, namespace: demo, selector: {app: web}, action: ALLOW}\n\
+            \x20 - {name: canary, namespace: demo, selector: {canary: \"yes\"}, action: DENY}\n\
+            \x20 - {name: api, namespace: demo, selector: {app: api}, action: ALLOW}\n\
+            \x20 - {name: other-ns, namespace: other, action: ALLOW}\n";
+        let s = build(yaml, None);
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let web_id = SpiffeId::workload(&td, "demo", "web").unwrap();
+        let api_id = SpiffeId::workload(&td, "demo", "api").unwrap();
+        let stranger = SpiffeId::workload(&td, "demo", "db").unwrap();
+        let names = |map: ResourceMap| map.keys().map(|k| k.to_string()).collect::<Vec<_>>();
+
+        // node id names a workload with the caller's ID: only that workload counts.
+        assert_eq!(
+            names(s.visible_policies(&web_id, "demo/web")),
+            ["demo/all-demo", "demo/web"]
+        );
+        assert_eq!(
+            names(s.visible_policies(&web_id, "demo/web2")),
+            ["demo/all-demo", "demo/canary", "demo/web"]
+        );
+        // No node id, or one naming another identity's workload: every workload with the ID.
+        for node in ["", "demo/api", "demo/nonexistent"] {
+            assert_eq!(
+                names(s.visible_policies(&web_id, node)),
+                ["demo/all-demo", "demo/canary", "demo/web"],
+                "node {node:?}"
+            );
+        }
+        assert_eq!(
+            names(s.visible_policies(&api_id, "")),
+            ["demo/all-demo", "demo/api"]
+        );
+        assert!(s.visible_policies(&stranger, "demo/web").is_empty());
+    }
+}
