@@ -4,7 +4,7 @@
 //! plus the caller's visible policies. `ControlPlane::start` mounts it on the gRPC server.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use latch_identity::svid::format_time;
@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::ca::Ca;
-use crate::mesh::snapshot::set_version;
+use crate::mesh::snapshot::{diff, set_version};
 use crate::mesh::{Mesh, MeshSnapshot, ResourceMap, ResourceType, VersionedResource};
 use crate::metrics::{Metrics, NodeLabel, TypeLabel};
 use crate::tls_incoming::PeerConn;
@@ -146,25 +146,6 @@ impl ResourceSet {
     }
 }
 
-/// What `held` lacks of `visible` (new or at another version) and what it holds that is
-/// not visible any more.
-fn diff(held: &ResourceMap, visible: &ResourceMap) -> (Vec<Arc<VersionedResource>>, Vec<String>) {
-    let changed = visible
-        .iter()
-        .filter(|(name, res)| {
-            held.get(*name)
-                .is_none_or(|h| !Arc::ptr_eq(h, res) && h.version != res.version)
-        })
-        .map(|(_, res)| res.clone())
-        .collect();
-    let removed = held
-        .keys()
-        .filter(|name| !visible.contains_key(*name))
-        .map(|name| name.to_string())
-        .collect();
-    (changed, removed)
-}
-
 /// Why a stream's task stopped.
 enum Ended {
     Shutdown,
@@ -183,6 +164,9 @@ struct DeltaStream {
     current: Arc<MeshSnapshot>,
     /// Per type (by `ResourceType::index`): what the proxy holds, `None` before it subscribes.
     held: [Option<ResourceSet>; 4],
+    /// The workload and policy maps the held policies were selected from; while both are
+    /// current, the selection cannot have changed.
+    policy_basis: [Weak<ResourceMap>; 2],
     nonce: u64,
     metrics: Arc<Metrics>,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
@@ -213,6 +197,7 @@ impl DeltaStream {
             snapshots,
             current,
             held: [None, None, None, None],
+            policy_basis: [Weak::new(), Weak::new()],
             nonce: 0,
             metrics,
             tx,
@@ -283,14 +268,33 @@ impl DeltaStream {
     }
 
     /// What the caller may see of `ty` in the current snapshot.
-    fn visible(&self, ty: ResourceType) -> ResourceSet {
+    fn visible(&mut self, ty: ResourceType) -> ResourceSet {
         match ty {
-            ResourceType::AuthorizationPolicy => ResourceSet::Own(
-                self.current
-                    .visible_policies(&self.caller.id, &self.node_id),
-            ),
+            ResourceType::AuthorizationPolicy => {
+                self.policy_basis = self.policy_inputs().map(Arc::downgrade);
+                ResourceSet::Own(
+                    self.current
+                        .visible_policies(&self.caller.id, &self.node_id),
+                )
+            }
             _ => ResourceSet::Shared(self.current.resources(ty).clone()),
         }
+    }
+
+    /// The maps that decide which policies the caller sees.
+    fn policy_inputs(&self) -> [&Arc<ResourceMap>; 2] {
+        [
+            self.current.resources(ResourceType::Workload),
+            self.current.resources(ResourceType::AuthorizationPolicy),
+        ]
+    }
+
+    /// True when the held policies were selected from the current maps.
+    fn policies_current(&self) -> bool {
+        self.policy_inputs()
+            .iter()
+            .zip(&self.policy_basis)
+            .all(|(map, basis)| std::ptr::eq(Arc::as_ptr(map), basis.as_ptr()))
     }
 
     /// `system_version_info` for `set` of type `ty`.
@@ -364,7 +368,7 @@ impl DeltaStream {
         let removed = initial
             .keys()
             .filter(|name| !visible.map().contains_key(name.as_str()))
-            .cloned()
+            .map(|name| Arc::from(name.as_str()))
             .collect();
         let version = self.set_version(ty, &visible);
         self.held[ty.index()] = Some(visible);
@@ -374,14 +378,28 @@ impl DeltaStream {
     /// Sends every subscribed type's changes since what the proxy holds.
     async fn push(&mut self) -> Result<(), Ended> {
         for ty in ResourceType::ALL {
+            if self.held[ty.index()].is_none()
+                || (ty == ResourceType::AuthorizationPolicy && self.policies_current())
+            {
+                continue;
+            }
+            let visible = self.visible(ty);
             let Some(held) = &self.held[ty.index()] else {
                 continue;
             };
-            let visible = self.visible(ty);
             if held.is_same(&visible) {
                 continue;
             }
-            let (changed, removed) = diff(held.map(), visible.map());
+            // Streams in step with the model share the diff computed once per snapshot; a
+            // stream that skipped snapshots (slow proxy) diffs for itself.
+            let shared_delta = match held {
+                ResourceSet::Shared(map) => self.current.delta(ty).filter(|d| d.starts_from(map)),
+                ResourceSet::Own(_) => None,
+            };
+            let (changed, removed) = match shared_delta {
+                Some(delta) => (delta.changed.clone(), delta.removed.clone()),
+                None => diff(held.map(), visible.map()),
+            };
             let version = self.set_version(ty, &visible);
             // Hold the new set even when nothing changed: it frees the old snapshot's map.
             self.held[ty.index()] = Some(visible);
@@ -397,7 +415,7 @@ impl DeltaStream {
         &mut self,
         ty: ResourceType,
         changed: Vec<Arc<VersionedResource>>,
-        removed: Vec<String>,
+        removed: Vec<Arc<str>>,
         system_version_info: String,
     ) -> Result<(), Ended> {
         self.nonce += 1;
@@ -413,7 +431,7 @@ impl DeltaStream {
                 .collect(),
             type_url: ty.type_url().to_string(),
             nonce: self.nonce.to_string(),
-            removed_resources: removed,
+            removed_resources: removed.iter().map(|name| name.to_string()).collect(),
         };
         tracing::debug!(
             node = self.node_label(),

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::SystemTime;
 
 use latch_identity::SpiffeId;
@@ -100,6 +100,49 @@ pub struct TypeSnapshot {
     pub resources: Arc<ResourceMap>,
     /// `set_version` of all of them.
     pub version: String,
+    /// What changed since the previous snapshot's map, computed once for every stream that
+    /// holds that map.
+    pub delta: Option<TypeDelta>,
+}
+
+/// The difference between a previous map of a type and the current one.
+#[derive(Debug)]
+pub struct TypeDelta {
+    /// The map this delta starts from (compared by pointer; `Weak` so it is not kept alive).
+    pub from: Weak<ResourceMap>,
+    /// Added or changed resources.
+    pub changed: Vec<Arc<VersionedResource>>,
+    /// Names no longer present.
+    pub removed: Vec<Arc<str>>,
+}
+
+impl TypeDelta {
+    /// True when this delta starts from `held`.
+    pub fn starts_from(&self, held: &Arc<ResourceMap>) -> bool {
+        std::ptr::eq(self.from.as_ptr(), Arc::as_ptr(held))
+    }
+}
+
+/// What `held` lacks of `current` (new, or at another version) and what it holds that
+/// `current` does not.
+pub fn diff(
+    held: &ResourceMap,
+    current: &ResourceMap,
+) -> (Vec<Arc<VersionedResource>>, Vec<Arc<str>>) {
+    let changed = current
+        .iter()
+        .filter(|(name, res)| {
+            held.get(*name)
+                .is_none_or(|h| !Arc::ptr_eq(h, res) && h.version != res.version)
+        })
+        .map(|(_, res)| res.clone())
+        .collect();
+    let removed = held
+        .keys()
+        .filter(|name| !current.contains_key(*name))
+        .cloned()
+        .collect();
+    (changed, removed)
 }
 
 /// The mesh at one moment, as every discovery stream reads it.
@@ -190,6 +233,11 @@ impl MeshSnapshot {
         &self.types[ty.index()].resources
     }
 
+    /// What changed in `ty` since the previous snapshot, if there was one and it changed.
+    pub fn delta(&self, ty: ResourceType) -> Option<&TypeDelta> {
+        self.types[ty.index()].delta.as_ref()
+    }
+
     /// `set_version` of every resource of `ty`.
     pub fn type_version(&self, ty: ResourceType) -> &str {
         &self.types[ty.index()].version
@@ -264,11 +312,24 @@ fn encode_all(
         map.insert(name, entry);
     }
     let version = set_version(map.values());
-    let resources = match previous {
-        Some(p) if p.len() == map.len() && reused == map.len() => p.clone(),
-        _ => Arc::new(map),
+    let (resources, delta) = match previous {
+        Some(p) if p.len() == map.len() && reused == map.len() => (p.clone(), None),
+        Some(p) => {
+            let (changed, removed) = diff(p, &map);
+            let delta = TypeDelta {
+                from: Arc::downgrade(p),
+                changed,
+                removed,
+            };
+            (Arc::new(map), Some(delta))
+        }
+        None => (Arc::new(map), None),
     };
-    TypeSnapshot { resources, version }
+    TypeSnapshot {
+        resources,
+        version,
+        delta,
+    }
 }
 
 fn mtls_proto(mode: MtlsMode) -> i32 {
@@ -473,6 +534,39 @@ mod tests {
             a.resources(ResourceType::Service),
             b.resources(ResourceType::Service)
         ));
+    }
+
+    #[test]
+    fn each_snapshot_carries_its_delta_from_the_previous_one() {
+        let a = build(BASE, None);
+        let b = build(
+            &BASE.replace("labels: {app: web}", "labels: {app: web, v: \"2\"}"),
+            Some(&a),
+        );
+        let delta = b.delta(ResourceType::Workload).expect("workloads changed");
+        assert!(delta.starts_from(a.resources(ResourceType::Workload)));
+        let changed: Vec<&str> = delta.changed.iter().map(|r| &*r.name).collect();
+        assert_eq!(changed, ["demo/web"]);
+        assert!(delta.removed.is_empty());
+        assert!(
+            b.delta(ResourceType::Service).is_none(),
+            "services unchanged"
+        );
+
+        // A stream still holding `a` when `c` arrives cannot use c's delta (from b).
+        let c = build(
+            &BASE.replace("ips: [10.0.0.3]", "ips: [10.0.0.4]"),
+            Some(&b),
+        );
+        let delta = c.delta(ResourceType::Workload).unwrap();
+        assert!(!delta.starts_from(a.resources(ResourceType::Workload)));
+        let (changed, removed) = diff(
+            a.resources(ResourceType::Workload),
+            c.resources(ResourceType::Workload),
+        );
+        assert_eq!(changed.len(), 1, "only api differs between a and c");
+        assert_eq!(&*changed[0].name, "demo/api");
+        assert!(removed.is_empty());
     }
 
     #[test]
