@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::ca::Ca;
+use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 use crate::tokens::JoinTokens;
 
@@ -29,6 +30,8 @@ pub struct AdminState {
     pub ca: Arc<Ca>,
     pub tokens: Arc<JoinTokens>,
     pub metrics: Arc<Metrics>,
+    /// The mesh being served; /ready shows why the config file's latest edit is not.
+    pub mesh: Arc<Mesh>,
     /// The control plane's own serving identity; /ready is false without a valid one.
     pub own_identity: Arc<CertStore>,
     /// SHA-256 of the admin credential.
@@ -120,7 +123,12 @@ impl AdminState {
     async fn handle(self: Arc<Self>, request: Request<Incoming>) -> HttpResponse {
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-            (&Method::GET, "/ready") => latch_admin::readiness(self.ready()),
+            (&Method::GET, "/ready") => match (self.ready(), self.mesh.source_problem()) {
+                // A rejected config edit leaves /ready at 200: the last good model is still
+                // served (see mesh::file_source); the body says which file and why.
+                (Ok(()), Some(problem)) => text(StatusCode::OK, format!("ready\n{problem}\n")),
+                (state, _) => latch_admin::readiness(state),
+            },
             (&Method::GET, "/metrics") => latch_admin::metrics(self.metrics.registry()),
             (&Method::POST, "/v1/join-tokens") => self.create_token(request).await,
             (_, "/healthz" | "/ready" | "/metrics" | "/v1/join-tokens") => {

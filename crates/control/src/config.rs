@@ -1,5 +1,6 @@
 //! The control plane's configuration: command-line flags (each with a LATCH_* environment
-//! variable) and the optional YAML config file, which lists join tokens for now.
+//! variable) and the optional YAML config file: join tokens and the mesh (settings,
+//! workloads, services, policies), which `mesh::file_source` watches for edits.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,6 +11,8 @@ use latch_identity::{SpiffeId, TrustDomain};
 use serde::Deserialize;
 
 use crate::ca::{PluginFiles, TtlPolicy};
+use crate::mesh::spec::{MeshSettingsSpec, PolicySpec, ServiceSpec, WorkloadSpec};
+use crate::mesh::{MeshError, MeshModel};
 use crate::tls_incoming::AcceptLimits;
 use crate::tokens::{JoinTokens, TokenRecord};
 
@@ -34,7 +37,8 @@ pub struct Args {
     /// Admin HTTP: /healthz, /ready, /metrics, join-token creation.
     #[arg(long, env = "LATCH_ADMIN", default_value = "127.0.0.1:15014")]
     pub admin: SocketAddr,
-    /// YAML config file (join tokens).
+    /// YAML config file (join tokens, mesh settings, workloads, services, policies); edits
+    /// are applied while running.
     #[arg(long, env = "LATCH_CONFIG")]
     pub config: Option<PathBuf>,
     /// Lifetime of an SVID when the caller does not ask for one.
@@ -71,7 +75,13 @@ pub struct Config {
     pub ttl: TtlPolicy,
     pub plugin: Option<PluginFiles>,
     pub limits: AcceptLimits,
+    /// Longest a gRPC handler may take to answer (unary calls; a discovery stream answers at
+    /// once, so this does not limit how long it stays open).
+    pub request_timeout: Duration,
 }
+
+/// Default for `Config::request_timeout`.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Config {
     /// Defaults for a trust domain and data dir, listening on the given addresses.
@@ -90,6 +100,7 @@ impl Config {
             ttl: TtlPolicy::default(),
             plugin: None,
             limits: AcceptLimits::default(),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
         }
     }
 }
@@ -126,6 +137,7 @@ impl TryFrom<Args> for Config {
             },
             plugin,
             limits: AcceptLimits::default(),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
         })
     }
 }
@@ -136,6 +148,14 @@ impl TryFrom<Args> for Config {
 pub struct FileConfig {
     #[serde(default)]
     pub join_tokens: Vec<ConfiguredToken>,
+    #[serde(default)]
+    pub mesh: MeshSettingsSpec,
+    #[serde(default)]
+    pub workloads: Vec<WorkloadSpec>,
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+    #[serde(default)]
+    pub policies: Vec<PolicySpec>,
 }
 
 /// A join token listed in the config file: the token itself, or its SHA-256 (hex) so the
@@ -159,7 +179,26 @@ impl FileConfig {
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-        serde_yaml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+        Self::parse(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+    }
+
+    /// Parses the YAML text of a config file (an empty file is an empty config).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        serde_yaml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Validates the mesh sections into the model proxies are served.
+    pub fn mesh_model(&self, trust_domain: &TrustDomain) -> Result<MeshModel, MeshError> {
+        MeshModel::build(
+            trust_domain,
+            &self.mesh,
+            &self.workloads,
+            &self.services,
+            &self.policies,
+        )
     }
 
     /// Registers the configured join tokens.

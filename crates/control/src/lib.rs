@@ -1,12 +1,15 @@
-//! latch-control: the Latch control plane. Owns the CA, the certificate service (gRPC over TLS)
-//! and the admin HTTP server; `ControlPlane::start` wires them together for the binary and for
-//! the in-process test harness.
+//! latch-control: the Latch control plane. Owns the CA, the certificate service and the
+//! discovery server (both gRPC over TLS), the mesh model fed by the config file, and the admin
+//! HTTP server; `ControlPlane::start` wires them together for the binary and for the in-process
+//! test harness.
 
 pub mod admin;
 pub mod ca;
 pub mod certificate_service;
 pub mod config;
+pub mod discovery;
 pub mod identity;
+pub mod mesh;
 pub mod metrics;
 pub mod tls_incoming;
 pub mod tokens;
@@ -17,6 +20,7 @@ use std::sync::Arc;
 
 use latch_identity::{ClientAuth, SpiffeClientVerifier, files};
 use latch_proto::ca::certificate_service_server::CertificateServiceServer;
+use latch_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +30,9 @@ pub use config::{Args, Config};
 
 use crate::ca::Ca;
 use crate::certificate_service::{CertificateServer, MAX_REQUEST_BYTES};
+use crate::discovery::DiscoveryServer;
+use crate::mesh::Mesh;
+use crate::mesh::file_source::{self, FileSource};
 use crate::metrics::Metrics;
 use crate::tokens::JoinTokens;
 
@@ -68,6 +75,8 @@ pub struct ControlPlane {
     pub ca: Arc<Ca>,
     pub tokens: Arc<JoinTokens>,
     pub metrics: Arc<Metrics>,
+    /// The mesh being served: `mesh.snapshot()` now, `mesh.subscribe()` for every change.
+    pub mesh: Arc<Mesh>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -117,10 +126,10 @@ impl ControlPlane {
             source,
         })?;
         // Read the config file first: a typo in it must not leave a new CA behind.
-        let file_config = config
+        let loaded = config
             .config_file
             .as_deref()
-            .map(config::FileConfig::load)
+            .map(|path| file_source::load(path, &config.trust_domain))
             .transpose()
             .map_err(StartError::Config)?;
         let ca = Arc::new(match &config.plugin {
@@ -138,11 +147,14 @@ impl ControlPlane {
         let credential = admin_credential(&admin_token_path)?;
 
         let tokens = Arc::new(JoinTokens::open(data_dir.join("join-tokens.json"))?);
-        if let Some(file) = &file_config {
-            file.apply_tokens(&config.trust_domain, &tokens)
+        if let Some(loaded) = &loaded {
+            loaded
+                .file
+                .apply_tokens(&config.trust_domain, &tokens)
                 .map_err(StartError::Config)?;
         }
         let metrics = Arc::new(Metrics::new());
+        let mesh = Arc::new(Mesh::new(ca.bundle().to_pem(), metrics.clone()));
         metrics.ca_expiry.set(
             ca.not_after()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -152,6 +164,17 @@ impl ControlPlane {
 
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
+        if let (Some(mut loaded), Some(path)) = (loaded, &config.config_file) {
+            mesh.publish(std::mem::take(&mut loaded.model));
+            let source = FileSource {
+                path: path.clone(),
+                trust_domain: config.trust_domain.clone(),
+                tokens: tokens.clone(),
+                mesh: mesh.clone(),
+                metrics: metrics.clone(),
+            };
+            source.spawn(&loaded, &tracker, cancel.clone());
+        }
         let own_identity = identity::serving_identity(&ca, &tracker, cancel.clone())?;
 
         let mut tls = latch_identity::tls::server_config(
@@ -183,18 +206,32 @@ impl ControlPlane {
             metrics.clone(),
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let discovery = AggregatedDiscoveryServiceServer::new(DiscoveryServer::new(
+            ca.clone(),
+            mesh.clone(),
+            metrics.clone(),
+            tracker.clone(),
+            cancel.clone(),
+        ));
+        // Each proxy holds one discovery stream on its own connection, so per-connection
+        // limits stay small; the connection cap (AcceptLimits) bounds proxies in total.
+        // The timeout covers a handler until it returns its response; discovery returns its
+        // stream at once, so the timeout never ends a stream. Keepalive finds dead proxies.
         let server = tonic::transport::Server::builder()
             .concurrency_limit_per_connection(64)
             .max_concurrent_streams(Some(128))
-            .timeout(std::time::Duration::from_secs(10))
-            .add_service(service);
+            .timeout(config.request_timeout)
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+            .add_service(service)
+            .add_service(discovery);
         let shutdown = cancel.clone();
         tracker.spawn(async move {
             if let Err(e) = server
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
                 .await
             {
-                tracing::error!("certificate service stopped: {e}");
+                tracing::error!("gRPC server (certificate service, discovery) stopped: {e}");
             }
         });
 
@@ -204,6 +241,7 @@ impl ControlPlane {
                 ca: ca.clone(),
                 tokens: tokens.clone(),
                 metrics: metrics.clone(),
+                mesh: mesh.clone(),
                 own_identity,
                 admin_credential_hash: tokens::token_hash(&credential),
             }),
@@ -225,6 +263,7 @@ impl ControlPlane {
             ca,
             tokens,
             metrics,
+            mesh,
             cancel,
             tracker,
         })

@@ -1,5 +1,7 @@
-//! The control plane's Prometheus metrics: SVIDs issued by proof, refusals by reason, CA expiry.
-//! The certificate service records; the admin server renders `/metrics`.
+//! The control plane's Prometheus metrics: SVIDs issued by proof, refusals by reason, CA expiry,
+//! discovery streams, responses and NACKs, config reloads and the mesh model generation. The
+//! certificate service, the discovery server and the mesh record; the admin server renders
+//! `/metrics`.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -18,6 +20,24 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabel {
+    /// Resource type: mesh_config, workload, service or authorization_policy.
+    pub r#type: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabel {
+    /// The proxy's node id, or its SPIFFE ID when it sent none.
+    pub node: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// applied, unchanged or rejected.
+    pub result: &'static str,
+}
+
 /// Every metric the control plane exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -26,6 +46,11 @@ pub struct Metrics {
     pub svid_refusals: Family<ReasonLabel, Counter>,
     pub join_tokens_created: Counter,
     pub ca_expiry: Gauge,
+    pub discovery_streams: Gauge,
+    pub discovery_responses: Family<TypeLabel, Counter>,
+    pub discovery_nacks: Family<NodeLabel, Counter>,
+    pub config_reloads: Family<ResultLabel, Counter>,
+    pub mesh_generation: Gauge,
 }
 
 impl Metrics {
@@ -55,12 +80,47 @@ impl Metrics {
             "NotAfter of the signing CA certificate, Unix seconds",
             ca_expiry.clone(),
         );
+        let discovery_streams = Gauge::default();
+        let discovery_responses = Family::<TypeLabel, Counter>::default();
+        let discovery_nacks = Family::<NodeLabel, Counter>::default();
+        let config_reloads = Family::<ResultLabel, Counter>::default();
+        let mesh_generation = Gauge::default();
+        registry.register(
+            "latch_control_discovery_streams",
+            "Discovery (delta ADS) streams open now",
+            discovery_streams.clone(),
+        );
+        registry.register(
+            "latch_control_discovery_responses",
+            "Discovery responses sent, by resource type",
+            discovery_responses.clone(),
+        );
+        registry.register(
+            "latch_control_discovery_nacks",
+            "Discovery responses a proxy rejected, by node",
+            discovery_nacks.clone(),
+        );
+        registry.register(
+            "latch_control_config_reloads",
+            "Config file edits processed: applied (new model served), unchanged, or rejected (last good model kept)",
+            config_reloads.clone(),
+        );
+        registry.register(
+            "latch_control_mesh_generation",
+            "Generation of the mesh model being served; grows by one per published change",
+            mesh_generation.clone(),
+        );
         Self {
             registry,
             svids_issued,
             svid_refusals,
             join_tokens_created,
             ca_expiry,
+            discovery_streams,
+            discovery_responses,
+            discovery_nacks,
+            config_reloads,
+            mesh_generation,
         }
     }
 
@@ -82,6 +142,28 @@ impl Metrics {
     pub fn refusals(&self, reason: &'static str) -> u64 {
         self.svid_refusals
             .get_or_create(&ReasonLabel { reason })
+            .get()
+    }
+
+    pub fn config_reloaded(&self, result: &'static str) {
+        self.config_reloads
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// Config reloads counted so far with `result`.
+    pub fn config_reloads(&self, result: &'static str) -> u64 {
+        self.config_reloads
+            .get_or_create(&ResultLabel { result })
+            .get()
+    }
+
+    /// NACKs counted so far for `node`.
+    pub fn nacks(&self, node: &str) -> u64 {
+        self.discovery_nacks
+            .get_or_create(&NodeLabel {
+                node: node.to_string(),
+            })
             .get()
     }
 

@@ -1,0 +1,455 @@
+//! The delta xDS server (`AggregatedDiscoveryService.DeltaAggregatedResources`): authenticates
+//! each proxy by its SVID, then keeps one task per stream that answers subscriptions and pushes
+//! only what changed in the mesh. Per-stream state is a few pointers into the shared snapshot
+//! plus the caller's visible policies. `ControlPlane::start` mounts it on the gRPC server.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
+
+use latch_identity::svid::format_time;
+use latch_identity::{PeerRole, SpiffeId, verify_svid};
+use latch_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use latch_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::ca::Ca;
+use crate::mesh::snapshot::{diff, set_version};
+use crate::mesh::{Mesh, MeshSnapshot, ResourceMap, ResourceType, VersionedResource};
+use crate::metrics::{Metrics, NodeLabel, TypeLabel};
+use crate::tls_incoming::PeerConn;
+
+/// Responses queued per stream before its task waits for the proxy to read; a slow proxy
+/// then skips intermediate models instead of buffering them.
+const RESPONSE_BUFFER: usize = 2;
+/// How long a stream's last error may wait to be queued before the stream just ends.
+const FINAL_SEND_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The gRPC service.
+pub struct DiscoveryServer {
+    ca: Arc<Ca>,
+    mesh: Arc<Mesh>,
+    metrics: Arc<Metrics>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl DiscoveryServer {
+    /// Stream tasks are spawned on `tracker` and end when `cancel` fires.
+    pub fn new(
+        ca: Arc<Ca>,
+        mesh: Arc<Mesh>,
+        metrics: Arc<Metrics>,
+        tracker: TaskTracker,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            ca,
+            mesh,
+            metrics,
+            tracker,
+            cancel,
+        }
+    }
+
+    /// The caller's SPIFFE ID and when its SVID expires, from the TLS client certificate.
+    fn authenticate(&self, peer: Option<&PeerConn>) -> Result<Caller, Status> {
+        let Some(chain) = peer.and_then(|p| p.certs.as_deref()) else {
+            return Err(Status::unauthenticated(
+                "discovery needs the proxy's SVID as TLS client certificate, and none was \
+                 presented",
+            ));
+        };
+        let info = verify_svid(chain, self.ca.bundle(), SystemTime::now(), PeerRole::Client)
+            .map_err(|e| Status::unauthenticated(format!("discovery refused: {e}")))?;
+        if !info.id.is_member_of(self.ca.trust_domain()) {
+            return Err(Status::unauthenticated(format!(
+                "discovery refused: {} is not in trust domain {}",
+                info.id,
+                self.ca.trust_domain()
+            )));
+        }
+        Ok(Caller {
+            id: info.id,
+            not_after: info.not_after,
+            remote: peer.map(|p| p.remote),
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for DiscoveryServer {
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let peer = request.extensions().get::<PeerConn>().cloned();
+        let caller = self.authenticate(peer.as_ref()).inspect_err(|status| {
+            tracing::info!(
+                remote = ?peer.as_ref().map(|p| p.remote),
+                "refused discovery stream: {}",
+                status.message()
+            );
+        })?;
+        let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
+        let snapshots = self.mesh.subscribe();
+        let stream = DeltaStream::new(
+            caller,
+            snapshots,
+            self.metrics.clone(),
+            tx,
+            self.cancel.clone(),
+        );
+        // Answer at once with the response stream: the server's request timeout applies only
+        // until this returns, so it never cuts a long-lived stream.
+        self.tracker.spawn(stream.run(request.into_inner()));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Who is on the other end of a stream.
+#[derive(Debug)]
+struct Caller {
+    id: SpiffeId,
+    not_after: SystemTime,
+    remote: Option<SocketAddr>,
+}
+
+/// A set of resources of one type: a whole shared map (types everyone sees, compared by
+/// pointer), or the caller's own selection (policies).
+#[derive(Debug)]
+enum ResourceSet {
+    Shared(Arc<ResourceMap>),
+    Own(ResourceMap),
+}
+
+impl ResourceSet {
+    fn map(&self) -> &ResourceMap {
+        match self {
+            ResourceSet::Shared(map) => map,
+            ResourceSet::Own(map) => map,
+        }
+    }
+
+    fn is_same(&self, other: &ResourceSet) -> bool {
+        match (self, other) {
+            (ResourceSet::Shared(a), ResourceSet::Shared(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+/// Why a stream's task stopped.
+enum Ended {
+    Shutdown,
+    Expired,
+    ProxyGone,
+    ProxyClosed,
+    Refused(Status),
+}
+
+/// One proxy's stream: what it holds per type, and the latest snapshot.
+struct DeltaStream {
+    caller: Caller,
+    /// From the first request that carries a node; "" until then.
+    node_id: String,
+    snapshots: watch::Receiver<Arc<MeshSnapshot>>,
+    current: Arc<MeshSnapshot>,
+    /// Per type (by `ResourceType::index`): what the proxy holds, `None` before it subscribes.
+    held: [Option<ResourceSet>; 4],
+    /// The workload and policy maps the held policies were selected from; while both are
+    /// current, the selection cannot have changed.
+    policy_basis: [Weak<ResourceMap>; 2],
+    nonce: u64,
+    metrics: Arc<Metrics>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    cancel: CancellationToken,
+    expires: Instant,
+}
+
+impl DeltaStream {
+    fn new(
+        caller: Caller,
+        mut snapshots: watch::Receiver<Arc<MeshSnapshot>>,
+        metrics: Arc<Metrics>,
+        tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+        cancel: CancellationToken,
+    ) -> Self {
+        let current = snapshots.borrow_and_update().clone();
+        let left = caller
+            .not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or_default();
+        let now = Instant::now();
+        let expires = now
+            .checked_add(left)
+            .unwrap_or(now + Duration::from_secs(365 * 24 * 3600));
+        Self {
+            caller,
+            node_id: String::new(),
+            snapshots,
+            current,
+            held: [None, None, None, None],
+            policy_basis: [Weak::new(), Weak::new()],
+            nonce: 0,
+            metrics,
+            tx,
+            cancel,
+            expires,
+        }
+    }
+
+    /// The node id, or the caller's SPIFFE ID when the proxy sent none (for logs and metrics).
+    fn node_label(&self) -> &str {
+        if self.node_id.is_empty() {
+            self.caller.id.as_str()
+        } else {
+            &self.node_id
+        }
+    }
+
+    async fn run(mut self, mut requests: Streaming<DeltaDiscoveryRequest>) {
+        self.metrics.discovery_streams.inc();
+        tracing::debug!(caller = %self.caller.id, remote = ?self.caller.remote, "discovery stream opened");
+        let expiry = tokio::time::sleep_until(self.expires);
+        tokio::pin!(expiry);
+        let ended = loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => break Ended::Shutdown,
+                _ = &mut expiry => break Ended::Expired,
+                _ = self.tx.closed() => break Ended::ProxyGone,
+                request = requests.message() => match request {
+                    Ok(Some(request)) => {
+                        if let Err(ended) = self.handle(request).await {
+                            break ended;
+                        }
+                    }
+                    Ok(None) => break Ended::ProxyClosed,
+                    Err(status) => {
+                        tracing::debug!(caller = %self.caller.id, "discovery stream read failed: {status}");
+                        break Ended::ProxyGone;
+                    }
+                },
+                changed = self.snapshots.changed() => {
+                    if changed.is_err() {
+                        break Ended::Shutdown;
+                    }
+                    self.current = self.snapshots.borrow_and_update().clone();
+                    if let Err(ended) = self.push().await {
+                        break ended;
+                    }
+                }
+            }
+        };
+        self.metrics.discovery_streams.dec();
+        let node = self.node_label().to_string();
+        match ended {
+            Ended::Expired => tracing::info!(
+                node,
+                caller = %self.caller.id,
+                "ending discovery stream: the caller's SVID expired at {}; the proxy reconnects with its renewed SVID",
+                format_time(self.caller.not_after)
+            ),
+            Ended::Refused(status) => {
+                tracing::info!(node, caller = %self.caller.id, "ending discovery stream: {}", status.message());
+                let _ = tokio::time::timeout(FINAL_SEND_TIMEOUT, self.tx.send(Err(status))).await;
+            }
+            Ended::Shutdown | Ended::ProxyGone | Ended::ProxyClosed => {
+                tracing::debug!(node, caller = %self.caller.id, "discovery stream closed");
+            }
+        }
+    }
+
+    /// What the caller may see of `ty` in the current snapshot.
+    fn visible(&mut self, ty: ResourceType) -> ResourceSet {
+        match ty {
+            ResourceType::AuthorizationPolicy => {
+                self.policy_basis = self.policy_inputs().map(Arc::downgrade);
+                ResourceSet::Own(
+                    self.current
+                        .visible_policies(&self.caller.id, &self.node_id),
+                )
+            }
+            _ => ResourceSet::Shared(self.current.resources(ty).clone()),
+        }
+    }
+
+    /// The maps that decide which policies the caller sees.
+    fn policy_inputs(&self) -> [&Arc<ResourceMap>; 2] {
+        [
+            self.current.resources(ResourceType::Workload),
+            self.current.resources(ResourceType::AuthorizationPolicy),
+        ]
+    }
+
+    /// True when the held policies were selected from the current maps.
+    fn policies_current(&self) -> bool {
+        self.policy_inputs()
+            .iter()
+            .zip(&self.policy_basis)
+            .all(|(map, basis)| std::ptr::eq(Arc::as_ptr(map), basis.as_ptr()))
+    }
+
+    /// `system_version_info` for `set` of type `ty`.
+    fn set_version(&self, ty: ResourceType, set: &ResourceSet) -> String {
+        match set {
+            ResourceSet::Shared(_) => self.current.type_version(ty).to_string(),
+            ResourceSet::Own(map) => set_version(map.values()),
+        }
+    }
+
+    async fn handle(&mut self, request: DeltaDiscoveryRequest) -> Result<(), Ended> {
+        if self.node_id.is_empty()
+            && let Some(node) = &request.node
+        {
+            self.node_id = node.id.clone();
+        }
+        let Some(ty) = ResourceType::from_type_url(&request.type_url) else {
+            return Err(Ended::Refused(Status::invalid_argument(format!(
+                "unknown type_url {:?}; this control plane serves {}",
+                request.type_url,
+                latch_proto::type_url::ALL.join(", ")
+            ))));
+        };
+        if !request.response_nonce.is_empty() {
+            match request.error_detail.as_ref().filter(|e| e.code != 0) {
+                Some(error) => {
+                    tracing::warn!(
+                        node = self.node_label(),
+                        caller = %self.caller.id,
+                        r#type = ty.label(),
+                        nonce = %request.response_nonce,
+                        code = error.code,
+                        "proxy rejected a discovery response (NACK): {}",
+                        error.message
+                    );
+                    self.metrics
+                        .discovery_nacks
+                        .get_or_create(&NodeLabel {
+                            node: self.node_label().to_string(),
+                        })
+                        .inc();
+                }
+                None => {
+                    tracing::trace!(r#type = ty.label(), nonce = %request.response_nonce, "ACK")
+                }
+            }
+            return Ok(());
+        }
+        if request
+            .resource_names_subscribe
+            .iter()
+            .chain(&request.resource_names_unsubscribe)
+            .any(|name| name != "*")
+        {
+            return Err(Ended::Refused(Status::invalid_argument(
+                "only wildcard subscriptions are served: send resource_names_subscribe empty",
+            )));
+        }
+        if self.held[ty.index()].is_some() {
+            tracing::debug!(r#type = ty.label(), "repeated subscribe ignored");
+            return Ok(());
+        }
+        let visible = self.visible(ty);
+        let initial = &request.initial_resource_versions;
+        let changed = visible
+            .map()
+            .values()
+            .filter(|r| initial.get(&*r.name) != Some(&r.version))
+            .cloned()
+            .collect();
+        let removed = initial
+            .keys()
+            .filter(|name| !visible.map().contains_key(name.as_str()))
+            .map(|name| Arc::from(name.as_str()))
+            .collect();
+        let version = self.set_version(ty, &visible);
+        self.held[ty.index()] = Some(visible);
+        self.send(ty, changed, removed, version).await
+    }
+
+    /// Sends every subscribed type's changes since what the proxy holds.
+    async fn push(&mut self) -> Result<(), Ended> {
+        for ty in ResourceType::ALL {
+            if self.held[ty.index()].is_none()
+                || (ty == ResourceType::AuthorizationPolicy && self.policies_current())
+            {
+                continue;
+            }
+            let visible = self.visible(ty);
+            let Some(held) = &self.held[ty.index()] else {
+                continue;
+            };
+            if held.is_same(&visible) {
+                continue;
+            }
+            // Streams in step with the model share the diff computed once per snapshot; a
+            // stream that skipped snapshots (slow proxy) diffs for itself.
+            let shared_delta = match held {
+                ResourceSet::Shared(map) => self.current.delta(ty).filter(|d| d.starts_from(map)),
+                ResourceSet::Own(_) => None,
+            };
+            let (changed, removed) = match shared_delta {
+                Some(delta) => (delta.changed.clone(), delta.removed.clone()),
+                None => diff(held.map(), visible.map()),
+            };
+            let version = self.set_version(ty, &visible);
+            // Hold the new set even when nothing changed: it frees the old snapshot's map.
+            self.held[ty.index()] = Some(visible);
+            if changed.is_empty() && removed.is_empty() {
+                continue;
+            }
+            self.send(ty, changed, removed, version).await?;
+        }
+        Ok(())
+    }
+
+    async fn send(
+        &mut self,
+        ty: ResourceType,
+        changed: Vec<Arc<VersionedResource>>,
+        removed: Vec<Arc<str>>,
+        system_version_info: String,
+    ) -> Result<(), Ended> {
+        self.nonce += 1;
+        let response = DeltaDiscoveryResponse {
+            system_version_info,
+            resources: changed
+                .iter()
+                .map(|r| Resource {
+                    version: r.version.clone(),
+                    resource: Some(r.body.clone()),
+                    name: r.name.to_string(),
+                })
+                .collect(),
+            type_url: ty.type_url().to_string(),
+            nonce: self.nonce.to_string(),
+            removed_resources: removed.iter().map(|name| name.to_string()).collect(),
+        };
+        tracing::debug!(
+            node = self.node_label(),
+            r#type = ty.label(),
+            nonce = self.nonce,
+            resources = response.resources.len(),
+            removed = response.removed_resources.len(),
+            "sending discovery response"
+        );
+        tokio::select! {
+            sent = self.tx.send(Ok(response)) => sent.map_err(|_| Ended::ProxyGone)?,
+            _ = self.cancel.cancelled() => return Err(Ended::Shutdown),
+            _ = tokio::time::sleep_until(self.expires) => return Err(Ended::Expired),
+        }
+        self.metrics
+            .discovery_responses
+            .get_or_create(&TypeLabel { r#type: ty.label() })
+            .inc();
+        Ok(())
+    }
+}

@@ -1,0 +1,741 @@
+//! Delta discovery against a real control plane: proxies are raw ADS streams over TLS with
+//! SVIDs from the control plane's own CA, the mesh comes from a real config file edited on
+//! disk, and every check is something a proxy or an operator would observe.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use latch_control::{Config, ControlPlane};
+use latch_identity::client::{CaClient, connect_channel, control_plane_id};
+use latch_identity::tls::{ALPN_H2, client_config};
+use latch_identity::{CertStore, ExpectedPeer, SpiffeId, SpiffeServerVerifier, Svid, TrustDomain};
+use latch_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use latch_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use latch_proto::envoy::config::core::v3::Node;
+use latch_proto::google::rpc::Status as RpcStatus;
+use latch_proto::mesh::{MeshConfig, Service, Workload};
+use latch_proto::type_url::{ALL, AUTHORIZATION_POLICY, MESH_CONFIG, SERVICE, WORKLOAD};
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+/// How long a test waits for something that should happen.
+const WAIT: Duration = Duration::from_secs(5);
+/// How long a test watches for something that must not happen (well over poll + settle).
+const QUIET: Duration = Duration::from_millis(600);
+
+const MESH: &str = "\
+workloads:
+  - {name: web, namespace: demo, service_account: web, ips: [10.0.0.2], labels: {app: web}}
+  - {name: api, namespace: demo, service_account: api, ips: [10.0.0.3], labels: {app: api}}
+services:
+  - name: api
+    namespace: demo
+    vips: [10.96.0.10]
+    ports: [{port: 80, target_port: 8080}]
+    selector: {app: api}
+policies:
+  - {name: all-demo, namespace: demo, action: ALLOW}
+  - name: web-from-ops
+    namespace: demo
+    selector: {app: web}
+    action: ALLOW
+    rules:
+      - principals: [{prefix: \"spiffe://cluster.local/ns/ops/\"}]
+        ports: [8080]
+  - {name: api-deny, namespace: demo, selector: {app: api}, action: DENY, rules: [{namespaces: [other]}]}
+";
+
+/// A control plane in this process with a config file in a temp dir.
+struct Plane {
+    cp: ControlPlane,
+    dir: tempfile::TempDir,
+    config_path: Option<PathBuf>,
+    trust_domain: TrustDomain,
+}
+
+fn loopback() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+impl Plane {
+    async fn start(yaml: Option<&str>) -> Self {
+        Self::start_with(yaml, |_| {}).await
+    }
+
+    async fn start_with(yaml: Option<&str>, adjust: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = yaml.map(|yaml| {
+            let path = dir.path().join("latch.yaml");
+            std::fs::write(&path, yaml).unwrap();
+            path
+        });
+        let (cp, trust_domain) = Self::launch(dir.path(), config_path.clone(), adjust).await;
+        Self {
+            cp,
+            dir,
+            config_path,
+            trust_domain,
+        }
+    }
+
+    async fn launch(
+        dir: &Path,
+        config_path: Option<PathBuf>,
+        adjust: impl FnOnce(&mut Config),
+    ) -> (ControlPlane, TrustDomain) {
+        let trust_domain = TrustDomain::new("cluster.local").unwrap();
+        let mut config = Config::new(
+            trust_domain.clone(),
+            dir.join("data"),
+            loopback(),
+            loopback(),
+        );
+        config.config_file = config_path;
+        adjust(&mut config);
+        let cp = ControlPlane::start(config)
+            .await
+            .expect("control plane starts");
+        (cp, trust_domain)
+    }
+
+    /// Stops the control plane and starts it again on the same data dir and config file.
+    async fn restart(self) -> Self {
+        self.cp.shutdown().await;
+        let (cp, _) = Self::launch(self.dir.path(), self.config_path.clone(), |_| {}).await;
+        Self { cp, ..self }
+    }
+
+    fn id(&self, ns: &str, sa: &str) -> SpiffeId {
+        SpiffeId::workload(&self.trust_domain, ns, sa).unwrap()
+    }
+
+    fn store(&self) -> Arc<CertStore> {
+        Arc::new(CertStore::new(self.cp.ca.bundle().clone()))
+    }
+
+    fn verifier(&self) -> Arc<SpiffeServerVerifier> {
+        Arc::new(SpiffeServerVerifier::new(
+            self.store(),
+            ExpectedPeer::Exactly(control_plane_id(&self.trust_domain)),
+        ))
+    }
+
+    /// An SVID for `id` from this control plane's CA, through a join token.
+    async fn svid(&self, id: &SpiffeId, ttl: Option<Duration>) -> Svid {
+        let token = self
+            .cp
+            .tokens
+            .create(id, Duration::from_secs(600), false)
+            .unwrap()
+            .token;
+        let mut client = CaClient::connect(
+            &self.cp.grpc_addr.to_string(),
+            self.store(),
+            ExpectedPeer::Exactly(control_plane_id(&self.trust_domain)),
+            false,
+        )
+        .await
+        .unwrap();
+        client.fetch_svid(None, ttl, Some(token)).await.unwrap().0
+    }
+
+    /// A discovery client presenting `svid` (or no certificate).
+    async fn client(
+        &self,
+        svid: Option<Svid>,
+    ) -> AggregatedDiscoveryServiceClient<tonic::transport::Channel> {
+        let store =
+            svid.map(|svid| Arc::new(CertStore::with_svid(svid, self.cp.ca.bundle().clone())));
+        let tls = client_config(store, self.verifier(), &[ALPN_H2]).unwrap();
+        let channel = connect_channel(&self.cp.grpc_addr.to_string(), tls, None)
+            .await
+            .unwrap();
+        AggregatedDiscoveryServiceClient::new(channel)
+    }
+
+    /// Opens a stream as workload `ns/sa` (a fresh SVID) with node id `node`.
+    async fn proxy(&self, ns: &str, sa: &str, node: &str) -> Proxy {
+        let svid = self.svid(&self.id(ns, sa), None).await;
+        Proxy::open(self.client(Some(svid)).await, node)
+            .await
+            .expect("stream opens")
+    }
+
+    /// Replaces the config file the way editors do: write a new file, rename it over.
+    fn edit(&self, yaml: &str) {
+        let path = self
+            .config_path
+            .as_ref()
+            .expect("started with a config file");
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    async fn admin_get(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(self.cp.admin_addr)
+            .await
+            .unwrap();
+        tcp.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut response = String::new();
+        tcp.read_to_string(&mut response).await.unwrap();
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+}
+
+/// One raw delta ADS stream, as a proxy holds it.
+struct Proxy {
+    node: String,
+    requests: mpsc::Sender<DeltaDiscoveryRequest>,
+    responses: tonic::Streaming<DeltaDiscoveryResponse>,
+}
+
+type Versions = BTreeMap<String, String>;
+
+impl Proxy {
+    async fn open(
+        mut client: AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
+        node: &str,
+    ) -> Result<Self, tonic::Status> {
+        let (requests, rx) = mpsc::channel(16);
+        let responses = client
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(Self {
+            node: node.to_string(),
+            requests,
+            responses,
+        })
+    }
+
+    async fn send(&self, request: DeltaDiscoveryRequest) {
+        self.requests.send(request).await.expect("stream open");
+    }
+
+    async fn subscribe(&self, type_url: &str, initial: Versions) {
+        self.send(DeltaDiscoveryRequest {
+            node: Some(Node {
+                id: self.node.clone(),
+                cluster: String::new(),
+            }),
+            type_url: type_url.to_string(),
+            initial_resource_versions: initial,
+            ..Default::default()
+        })
+        .await;
+    }
+
+    async fn ack(&self, response: &DeltaDiscoveryResponse) {
+        self.send(DeltaDiscoveryRequest {
+            type_url: response.type_url.clone(),
+            response_nonce: response.nonce.clone(),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    async fn nack(&self, response: &DeltaDiscoveryResponse, why: &str) {
+        self.send(DeltaDiscoveryRequest {
+            type_url: response.type_url.clone(),
+            response_nonce: response.nonce.clone(),
+            error_detail: Some(RpcStatus {
+                code: 3,
+                message: why.to_string(),
+                details: vec![],
+            }),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    /// The next response; fails the test after `WAIT`.
+    async fn recv(&mut self) -> DeltaDiscoveryResponse {
+        match tokio::time::timeout(WAIT, self.responses.message()).await {
+            Ok(Ok(Some(response))) => response,
+            Ok(Ok(None)) => panic!("stream ended"),
+            Ok(Err(status)) => panic!("stream failed: {status:?}"),
+            Err(_) => panic!("no response within {WAIT:?}"),
+        }
+    }
+
+    /// Fails the test if a response arrives within `QUIET`.
+    async fn expect_quiet(&mut self) {
+        if let Ok(next) = tokio::time::timeout(QUIET, self.responses.message()).await {
+            panic!("expected no response, got {next:?}");
+        }
+    }
+
+    /// Subscribes to all four types (holding `initial`), checks one answer per type in
+    /// order, ACKs each, and returns them.
+    async fn sync(&mut self, initial: &[Versions; 4]) -> Vec<DeltaDiscoveryResponse> {
+        for (type_url, held) in ALL.iter().zip(initial) {
+            self.subscribe(type_url, held.clone()).await;
+        }
+        let mut responses = Vec::new();
+        for type_url in ALL {
+            let response = self.recv().await;
+            assert_eq!(
+                response.type_url, type_url,
+                "one response per type, in order"
+            );
+            self.ack(&response).await;
+            responses.push(response);
+        }
+        responses
+    }
+}
+
+fn names(response: &DeltaDiscoveryResponse) -> Vec<&str> {
+    response.resources.iter().map(|r| r.name.as_str()).collect()
+}
+
+fn versions(response: &DeltaDiscoveryResponse) -> Versions {
+    response
+        .resources
+        .iter()
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect()
+}
+
+fn decode<M: Message + Default>(response: &DeltaDiscoveryResponse, name: &str) -> M {
+    let resource = response
+        .resources
+        .iter()
+        .find(|r| r.name == name)
+        .unwrap_or_else(|| panic!("{name} not in {:?}", names(response)));
+    let any = resource.resource.as_ref().expect("resource body");
+    assert_eq!(any.type_url, response.type_url);
+    M::decode(any.value.as_slice()).unwrap()
+}
+
+fn empty() -> [Versions; 4] {
+    Default::default()
+}
+
+#[tokio::test]
+async fn first_sync_serves_every_type_and_the_bundle_without_a_config_file() {
+    let plane = Plane::start(None).await;
+    let mut proxy = plane.proxy("demo", "web", "demo/web").await;
+    let first = proxy.sync(&empty()).await;
+
+    assert_eq!(names(&first[0]), [latch_proto::MESH_CONFIG_NAME]);
+    let mesh: MeshConfig = decode(&first[0], latch_proto::MESH_CONFIG_NAME);
+    assert_eq!(mesh.trust_bundle_pem, plane.cp.ca.bundle().to_pem());
+    assert_eq!(mesh.mtls_mode, 0, "STRICT by default");
+    for response in &first[1..] {
+        assert!(response.resources.is_empty() && response.removed_resources.is_empty());
+        assert!(!response.system_version_info.is_empty());
+    }
+    let mut nonces: Vec<&str> = first.iter().map(|r| r.nonce.as_str()).collect();
+    nonces.sort();
+    nonces.dedup();
+    assert_eq!(nonces.len(), 4, "every response has its own nonce");
+    // ACKs (sent by sync) draw no further responses.
+    proxy.expect_quiet().await;
+
+    let (_, metrics) = plane.admin_get("/metrics").await;
+    for line in [
+        "latch_control_discovery_streams 1",
+        "latch_control_discovery_responses_total{type=\"mesh_config\"} 1",
+        "latch_control_discovery_responses_total{type=\"authorization_policy\"} 1",
+        "latch_control_mesh_generation 0",
+    ] {
+        assert!(metrics.contains(line), "{line:?} not in\n{metrics}");
+    }
+    drop(proxy);
+    let deadline = Instant::now() + WAIT;
+    while plane.cp.metrics.discovery_streams.get() != 0 {
+        assert!(Instant::now() < deadline, "closed stream still counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn edits_send_only_the_changed_resources_and_removals() {
+    // A 1 s request timeout: the stream must outlive it.
+    let plane = Plane::start_with(Some(MESH), |c| c.request_timeout = Duration::from_secs(1)).await;
+    let mut proxy = plane.proxy("demo", "web", "demo/web").await;
+    let first = proxy.sync(&empty()).await;
+    assert_eq!(names(&first[1]), ["demo/api", "demo/web"]);
+    assert_eq!(names(&first[2]), ["demo/api"]);
+    let service: Service = decode(&first[2], "demo/api");
+    assert_eq!(service.endpoints.len(), 1);
+    assert_eq!(service.endpoints[0].ip, "10.0.0.3");
+    assert_eq!(service.ports[0].target_port, 8080);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // A label on web: only web is sent again (api and the service are untouched).
+    plane.edit(&MESH.replace("labels: {app: web}", "labels: {app: web, v: \"2\"}"));
+    let delta = proxy.recv().await;
+    assert_eq!(delta.type_url, WORKLOAD);
+    assert_eq!(names(&delta), ["demo/web"]);
+    assert!(delta.removed_resources.is_empty());
+    assert_ne!(delta.system_version_info, first[1].system_version_info);
+    let web: Workload = decode(&delta, "demo/web");
+    assert_eq!(web.labels.get("v").map(String::as_str), Some("2"));
+    assert_ne!(delta.nonce, first[1].nonce);
+    proxy.ack(&delta).await;
+    proxy.expect_quiet().await;
+
+    // api goes away: the workload is removed, and the service loses its endpoint.
+    let without_api = MESH
+        .replace("labels: {app: web}", "labels: {app: web, v: \"2\"}")
+        .replace(
+            "  - {name: api, namespace: demo, service_account: api, ips: [10.0.0.3], labels: {app: api}}\n",
+            "",
+        );
+    plane.edit(&without_api);
+    let removal = proxy.recv().await;
+    assert_eq!(removal.type_url, WORKLOAD);
+    assert!(removal.resources.is_empty());
+    assert_eq!(removal.removed_resources, ["demo/api"]);
+    let service_delta = proxy.recv().await;
+    assert_eq!(service_delta.type_url, SERVICE);
+    let service: Service = decode(&service_delta, "demo/api");
+    assert!(service.endpoints.is_empty());
+    proxy.expect_quiet().await;
+    assert_eq!(plane.cp.metrics.config_reloads("applied"), 2);
+}
+
+#[tokio::test]
+async fn nack_is_counted_and_nothing_is_resent_until_it_changes() {
+    let plane = Plane::start(Some(MESH)).await;
+    let svid = plane.svid(&plane.id("demo", "web"), None).await;
+    let mut proxy = Proxy::open(plane.client(Some(svid)).await, "demo/web")
+        .await
+        .unwrap();
+    for type_url in ALL {
+        proxy.subscribe(type_url, Versions::new()).await;
+    }
+    let mut workloads = None;
+    for _ in 0..4 {
+        let response = proxy.recv().await;
+        if response.type_url == WORKLOAD {
+            proxy.nack(&response, "demo/web: mesh_port 0").await;
+            workloads = Some(response);
+        } else {
+            proxy.ack(&response).await;
+        }
+    }
+    let deadline = Instant::now() + WAIT;
+    while plane.cp.metrics.nacks("demo/web") != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "NACK not counted for node demo/web"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.expect_quiet().await;
+
+    // An unrelated change (the service) does not bring the rejected workloads back...
+    plane.edit(&MESH.replace("target_port: 8080", "target_port: 8081"));
+    let delta = proxy.recv().await;
+    assert_eq!(delta.type_url, SERVICE);
+    proxy.ack(&delta).await;
+    proxy.expect_quiet().await;
+
+    // ...a change of a workload sends that workload (only).
+    plane.edit(
+        &MESH
+            .replace("target_port: 8080", "target_port: 8081")
+            .replace("ips: [10.0.0.2]", "ips: [10.0.0.2, 10.0.0.12]"),
+    );
+    let delta = proxy.recv().await;
+    assert_eq!(delta.type_url, WORKLOAD);
+    assert_eq!(names(&delta), ["demo/web"]);
+    assert_ne!(
+        versions(&delta)["demo/web"],
+        versions(workloads.as_ref().unwrap())["demo/web"]
+    );
+    let (_, metrics) = plane.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("latch_control_discovery_nacks_total{node=\"demo/web\"} 1"),
+        "{metrics}"
+    );
+
+    // Without a node id, NACKs are counted under the caller's SPIFFE ID.
+    let mut anonymous = plane.proxy("demo", "api", "").await;
+    anonymous.subscribe(MESH_CONFIG, Versions::new()).await;
+    let response = anonymous.recv().await;
+    anonymous.nack(&response, "bad bundle").await;
+    let id = plane.id("demo", "api").to_string();
+    let deadline = Instant::now() + WAIT;
+    while plane.cp.metrics.nacks(&id) != 1 {
+        assert!(Instant::now() < deadline, "NACK not counted for {id}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn reconnecting_with_initial_versions_receives_only_differences_across_a_restart() {
+    let plane = Plane::start(Some(MESH)).await;
+    let svid_id = plane.id("demo", "web");
+    let mut proxy = plane.proxy("demo", "web", "demo/web").await;
+    let first = proxy.sync(&empty()).await;
+    let held: [Versions; 4] = [
+        versions(&first[0]),
+        versions(&first[1]),
+        versions(&first[2]),
+        versions(&first[3]),
+    ];
+    assert_eq!(held[3].len(), 2, "web sees all-demo and web-from-ops");
+    drop(proxy);
+
+    // Same content after a restart: the proxy is told it is in sync, and nothing more.
+    let plane = plane.restart().await;
+    let svid = plane.svid(&svid_id, None).await;
+    let mut proxy = Proxy::open(plane.client(Some(svid)).await, "demo/web")
+        .await
+        .unwrap();
+    for response in proxy.sync(&held).await {
+        assert!(
+            response.resources.is_empty() && response.removed_resources.is_empty(),
+            "{} resent: {:?} {:?}",
+            response.type_url,
+            names(&response),
+            response.removed_resources
+        );
+    }
+    proxy.expect_quiet().await;
+    drop(proxy);
+
+    // api removed while the proxy was away: it learns exactly that on reconnect.
+    plane.edit(&MESH.replace(
+        "  - {name: api, namespace: demo, service_account: api, ips: [10.0.0.3], labels: {app: api}}\n",
+        "",
+    ));
+    let deadline = Instant::now() + WAIT;
+    while plane
+        .cp
+        .mesh
+        .snapshot()
+        .model
+        .workloads
+        .contains_key("demo/api")
+    {
+        assert!(Instant::now() < deadline, "edit not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let svid = plane.svid(&svid_id, None).await;
+    let mut proxy = Proxy::open(plane.client(Some(svid)).await, "demo/web")
+        .await
+        .unwrap();
+    let mut stale = held.clone();
+    stale[1].insert("demo/gone".into(), "0123456789abcdef".into());
+    let again = proxy.sync(&stale).await;
+    assert!(again[0].resources.is_empty() && again[0].removed_resources.is_empty());
+    assert!(again[1].resources.is_empty());
+    assert_eq!(again[1].removed_resources, ["demo/api", "demo/gone"]);
+    assert_eq!(
+        names(&again[2]),
+        ["demo/api"],
+        "the service lost its endpoint"
+    );
+    assert!(again[3].resources.is_empty() && again[3].removed_resources.is_empty());
+    proxy.expect_quiet().await;
+}
+
+#[tokio::test]
+async fn callers_without_a_valid_svid_are_unauthenticated() {
+    let plane = Plane::start(Some(MESH)).await;
+    let refused = Proxy::open(plane.client(None).await, "demo/web").await;
+    let status = refused.err().expect("no client certificate is refused");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+
+    // An SVID from another CA of the same trust domain name.
+    let foreign = Plane::start(None).await;
+    let foreign_svid = foreign.svid(&foreign.id("demo", "web"), None).await;
+    let refused = Proxy::open(plane.client(Some(foreign_svid)).await, "demo/web").await;
+    let status = refused.err().expect("a foreign CA's SVID is refused");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("trust bundle"), "{status:?}");
+    assert_eq!(plane.cp.metrics.discovery_streams.get(), 0);
+}
+
+#[tokio::test]
+async fn callers_see_only_the_policies_selecting_their_workload() {
+    let plane = Plane::start(Some(MESH)).await;
+    let mut web = plane.proxy("demo", "web", "demo/web").await;
+    let mut api = plane.proxy("demo", "api", "demo/api").await;
+    // A caller whose ID no workload has sees no policy at all.
+    let mut stranger = plane.proxy("ops", "debug", "").await;
+    let web_first = web.sync(&empty()).await;
+    let api_first = api.sync(&empty()).await;
+    let stranger_first = stranger.sync(&empty()).await;
+    assert_eq!(names(&web_first[3]), ["demo/all-demo", "demo/web-from-ops"]);
+    assert_eq!(names(&api_first[3]), ["demo/all-demo", "demo/api-deny"]);
+    assert!(stranger_first[3].resources.is_empty());
+    assert_ne!(
+        web_first[3].system_version_info,
+        api_first[3].system_version_info
+    );
+    // Everyone sees every workload and service.
+    assert_eq!(names(&stranger_first[1]), ["demo/api", "demo/web"]);
+
+    // web is relabelled app: api: it gains api-deny and loses web-from-ops.
+    plane.edit(&MESH.replace("labels: {app: web}", "labels: {app: api}"));
+    let workload_delta = web.recv().await;
+    assert_eq!(workload_delta.type_url, WORKLOAD);
+    web.ack(&workload_delta).await;
+    // web now has app: api, so the selector-based service gains it as an endpoint.
+    let service_delta = web.recv().await;
+    assert_eq!(service_delta.type_url, SERVICE);
+    web.ack(&service_delta).await;
+    let policy_delta = web.recv().await;
+    assert_eq!(policy_delta.type_url, AUTHORIZATION_POLICY);
+    assert_eq!(names(&policy_delta), ["demo/api-deny"]);
+    assert_eq!(policy_delta.removed_resources, ["demo/web-from-ops"]);
+    // api's visible policies did not change: it gets the workload and service deltas only.
+    assert_eq!(api.recv().await.type_url, WORKLOAD);
+    assert_eq!(api.recv().await.type_url, SERVICE);
+    api.expect_quiet().await;
+}
+
+#[tokio::test]
+async fn a_bad_edit_keeps_the_last_good_model_and_ready_says_why() {
+    let plane = Plane::start(Some(MESH)).await;
+    let mut proxy = plane.proxy("demo", "web", "demo/web").await;
+    proxy.sync(&empty()).await;
+    let good = plane.cp.mesh.snapshot();
+    assert_eq!(
+        plane.admin_get("/ready").await,
+        (200, "ready\n".to_string())
+    );
+
+    plane.edit(&MESH.replace("ips: [10.0.0.2]", "ips: [10.0.0.x]"));
+    let deadline = Instant::now() + WAIT;
+    let body = loop {
+        let (status, body) = plane.admin_get("/ready").await;
+        assert_eq!(status, 200, "the last good model is still served: {body}");
+        if body != "ready\n" {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/ready never reported the bad edit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let path = plane.config_path.as_ref().unwrap().display().to_string();
+    let expected = format!(
+        "config: {path}: workloads[0].ips[0] \"10.0.0.x\": not an IP address; serving the model loaded at {}",
+        latch_identity::svid::format_time(good.loaded_at)
+    );
+    assert!(body.contains(&expected), "{body:?} lacks {expected:?}");
+    assert_eq!(plane.cp.metrics.config_reloads("rejected"), 1);
+    assert!(Arc::ptr_eq(&good, &plane.cp.mesh.snapshot()));
+    proxy.expect_quiet().await;
+
+    // A good edit is applied and clears the report.
+    plane.edit(&MESH.replace("ips: [10.0.0.2]", "ips: [10.0.0.22]"));
+    let delta = proxy.recv().await;
+    assert_eq!(names(&delta), ["demo/web"]);
+    assert_eq!(
+        plane.admin_get("/ready").await,
+        (200, "ready\n".to_string())
+    );
+}
+
+#[tokio::test]
+async fn a_configmap_style_symlink_swap_is_applied() {
+    // Kubernetes mounts: latch.yaml -> ..data/latch.yaml, ..data -> ..v1; an update points
+    // ..data at a new directory with one rename.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir(root.join("..v1")).unwrap();
+    std::fs::write(root.join("..v1/latch.yaml"), MESH).unwrap();
+    std::os::unix::fs::symlink("..v1", root.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/latch.yaml", root.join("latch.yaml")).unwrap();
+    let plane = Plane::start_with(None, |c| c.config_file = Some(root.join("latch.yaml"))).await;
+    let mut proxy = plane.proxy("demo", "web", "demo/web").await;
+    let first = proxy.sync(&empty()).await;
+    assert_eq!(names(&first[1]), ["demo/api", "demo/web"]);
+
+    std::fs::create_dir(root.join("..v2")).unwrap();
+    std::fs::write(
+        root.join("..v2/latch.yaml"),
+        MESH.replace("ips: [10.0.0.3]", "ips: [10.0.0.33]"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("..v2", root.join("..data_tmp")).unwrap();
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+    let delta = proxy.recv().await;
+    assert_eq!(delta.type_url, WORKLOAD);
+    assert_eq!(names(&delta), ["demo/api"]);
+}
+
+#[tokio::test]
+async fn the_stream_ends_when_the_callers_svid_expires() {
+    let plane = Plane::start(None).await;
+    let svid = plane
+        .svid(&plane.id("demo", "web"), Some(Duration::from_secs(3)))
+        .await;
+    let not_after = svid.info().not_after;
+    let mut proxy = Proxy::open(plane.client(Some(svid)).await, "demo/web")
+        .await
+        .unwrap();
+    proxy.sync(&empty()).await;
+    let end = tokio::time::timeout(WAIT, proxy.responses.message())
+        .await
+        .expect("stream ends by NotAfter");
+    assert!(matches!(end, Ok(None)), "stream ended cleanly: {end:?}");
+    let now = std::time::SystemTime::now();
+    assert!(
+        now + Duration::from_millis(200) >= not_after,
+        "ended {:?} before NotAfter",
+        not_after.duration_since(now).unwrap_or_default()
+    );
+}
+
+#[tokio::test]
+async fn a_bad_mesh_in_the_config_file_stops_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("latch.yaml");
+    std::fs::write(
+        &path,
+        MESH.replace(
+            "service_account: api",
+            "spiffe_id: \"spiffe://example.org/api\"",
+        ),
+    )
+    .unwrap();
+    let mut config = Config::new(
+        TrustDomain::new("cluster.local").unwrap(),
+        dir.path().join("data"),
+        loopback(),
+        loopback(),
+    );
+    config.config_file = Some(path.clone());
+    let err = ControlPlane::start(config)
+        .await
+        .err()
+        .expect("start-up refused");
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("config file {}", path.display()))
+            && message.contains(
+                "workloads[1].spiffe_id \"spiffe://example.org/api\": not in trust domain cluster.local"
+            ),
+        "{message}"
+    );
+    assert!(
+        !dir.path().join("data/ca").exists() && !dir.path().join("data/bundle.pem").exists(),
+        "no CA is created for a config that cannot start"
+    );
+}
