@@ -59,6 +59,10 @@ pub struct Args {
     /// Plug-in CA: the root certificate(s) to distribute as the trust bundle, PEM.
     #[arg(long, env = "LATCH_CA_BUNDLE", requires = "ca_cert")]
     pub ca_bundle: Option<PathBuf>,
+    /// Most TLS connections (proxies, clients) served at once on --listen; more wait in the
+    /// kernel's accept queue. Each needs a file descriptor.
+    #[arg(long, env = "LATCH_MAX_CONNECTIONS", default_value_t = AcceptLimits::default().max_connections)]
+    pub max_connections: usize,
     /// Log format: text or json.
     #[arg(long, env = "LATCH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -136,7 +140,10 @@ impl TryFrom<Args> for Config {
                 max: args.max_ttl,
             },
             plugin,
-            limits: AcceptLimits::default(),
+            limits: AcceptLimits {
+                max_connections: args.max_connections,
+                ..AcceptLimits::default()
+            },
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
         })
     }
