@@ -345,6 +345,8 @@ impl<'n> ControlPlane<'n> {
             "--transparent",
             "--peer",
             &peer,
+            // The mesh comes from --peer; /ready must not wait for a discovery sync.
+            "--discovery=false",
         ];
         args.extend_from_slice(extra);
         let proxy = pod.spawn(

@@ -1,5 +1,6 @@
-//! The proxy's admin HTTP endpoints: /healthz, /ready (a valid SVID is held), /metrics and
-//! /debug/certs (the SVID and bundle as JSON).
+//! The proxy's admin HTTP endpoints: /healthz, /ready (a valid SVID is held and, with
+//! discovery on, the first sync is done), /metrics, /debug/certs (the SVID and bundle as JSON)
+//! and /debug/config (the mesh snapshot the data path uses, as JSON).
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -10,12 +11,16 @@ use latch_admin::{HttpResponse, error, json, text};
 use latch_identity::svid::format_time;
 use serde::Serialize;
 
+use crate::discovery::DiscoveryClient;
 use crate::identity::IdentityAgent;
 use crate::metrics::Metrics;
+use crate::state::MeshState;
 
 pub struct AdminState {
     pub agent: Arc<IdentityAgent>,
     pub metrics: Arc<Metrics>,
+    pub mesh: Arc<MeshState>,
+    pub discovery: Option<Arc<DiscoveryClient>>,
 }
 
 #[derive(Serialize)]
@@ -32,14 +37,39 @@ struct CertsView {
 impl AdminState {
     fn ready(&self) -> Result<(), String> {
         let store = self.agent.store();
-        match store.svid() {
-            None => Err("no SVID yet".into()),
+        let svid = match store.svid() {
+            None => Err("no SVID yet".to_string()),
             Some(svid) if svid.info().is_expired_at(SystemTime::now()) => Err(format!(
                 "SVID expired at {} and could not be renewed",
                 format_time(svid.info().not_after)
             )),
             Some(_) => Ok(()),
+        };
+        let discovery = match &self.discovery {
+            Some(client) if !client.is_synced() => Err(format!(
+                "discovery not in sync yet: waiting for {}",
+                client.missing_types().join(", ")
+            )),
+            _ => Ok(()),
+        };
+        match (svid, discovery) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Err(a), Err(b)) => Err(format!("{a}; {b}")),
+            (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
         }
+    }
+
+    fn config(&self) -> serde_json::Value {
+        let mut view = self.mesh.load().to_json();
+        view["discovery"] = match &self.discovery {
+            None => serde_json::json!({"enabled": false}),
+            Some(client) => serde_json::json!({
+                "enabled": true,
+                "synced": client.is_synced(),
+                "waiting_for": client.missing_types(),
+            }),
+        };
+        view
     }
 
     fn certs(&self) -> CertsView {
@@ -63,6 +93,7 @@ impl AdminState {
             (&Method::GET, "/ready") => latch_admin::readiness(self.ready()),
             (&Method::GET, "/metrics") => latch_admin::metrics(self.metrics.registry()),
             (&Method::GET, "/debug/certs") => json(StatusCode::OK, &self.certs()),
+            (&Method::GET, "/debug/config") => json(StatusCode::OK, &self.config()),
             _ => error(StatusCode::NOT_FOUND, "not found"),
         }
     }
