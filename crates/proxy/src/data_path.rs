@@ -194,15 +194,21 @@ impl DataPath {
         closed
     }
 
-    /// Re-authorizes open connections after every mesh change, until `cancel`.
-    pub async fn watch_mesh(self: Arc<Self>, cancel: CancellationToken) {
+    /// Re-authorizes open connections after every mesh change, until `cancel`. Subscribes
+    /// before returning the future, so no change published after this call is missed.
+    pub fn watch_mesh(
+        self: Arc<Self>,
+        cancel: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
         let mut changes = self.mesh.subscribe();
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                changed = changes.changed() => if changed.is_err() { return },
+        async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    changed = changes.changed() => if changed.is_err() { return },
+                }
+                self.reauthorize();
             }
-            self.reauthorize();
         }
     }
 
@@ -319,5 +325,121 @@ impl DataPath {
                 connections.spawn(handle(data_path.clone(), stream, remote, permit));
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authorizer::{Action, Policy, Principal, Rule};
+    use crate::state::{Discovered, Held, LocalConfig};
+    use latch_identity::TrustDomain;
+
+    const WEB: &str = "spiffe://cluster.local/ns/demo/sa/web";
+    const DB: &str = "spiffe://cluster.local/ns/demo/sa/db";
+
+    fn data_path() -> DataPath {
+        let (store, _) = crate::testing::store_with_svid("spiffe://cluster.local/ns/demo/sa/api");
+        let td = TrustDomain::new("cluster.local").unwrap();
+        DataPath::new(
+            MeshTls::new(Arc::new(store), td.clone()).unwrap(),
+            Arc::new(MeshState::new(LocalConfig::default())),
+            Authorizer::new(td, vec![]),
+            Arc::new(Metrics::new()),
+            Limits::default(),
+            std::net::Ipv4Addr::LOCALHOST.into(),
+        )
+    }
+
+    fn deny(peer: &str) -> Discovered {
+        let mut d = Discovered::default();
+        d.policies.insert(
+            "demo/deny".into(),
+            Held {
+                version: "1".into(),
+                value: Policy {
+                    name: "demo/deny".into(),
+                    action: Action::Deny,
+                    rules: vec![Rule {
+                        principals: vec![Principal::Exact(peer.into())],
+                        ..Rule::default()
+                    }],
+                },
+            },
+        );
+        d
+    }
+
+    #[test]
+    fn a_policy_change_closes_the_open_connections_it_no_longer_allows() {
+        let dp = data_path();
+        let (web, db) = (SpiffeId::parse(WEB).unwrap(), SpiffeId::parse(DB).unwrap());
+        let (web_guard, web_close) = dp.admit(&web, 8080).expect("allowed: mesh peer");
+        let (_db_guard, db_close) = dp.admit(&db, 8080).expect("allowed: mesh peer");
+        assert_eq!(dp.inbound_connections.len(), 2);
+
+        dp.mesh.publish(&deny(WEB));
+        assert_eq!(dp.reauthorize(), 1);
+        assert!(web_close.is_cancelled(), "web's connection is closed");
+        assert!(!db_close.is_cancelled(), "db's connection stays");
+        assert_eq!(dp.metrics.connections_closed_by_policy.get(), 1);
+        // Already closed connections are not counted again.
+        assert_eq!(dp.reauthorize(), 0);
+        // New connections from web are refused, naming the policy.
+        assert!(matches!(
+            dp.admit(&web, 8080),
+            Err(Decision::Deny { by, .. }) if by == "demo/deny"
+        ));
+        drop(web_guard);
+        assert_eq!(
+            dp.inbound_connections.len(),
+            1,
+            "closed ones leave the table"
+        );
+    }
+
+    #[tokio::test]
+    async fn watch_mesh_reauthorizes_after_every_publish() {
+        let dp = Arc::new(data_path());
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(dp.clone().watch_mesh(cancel.clone()));
+        let web = SpiffeId::parse(WEB).unwrap();
+        let (_guard, close) = dp.admit(&web, 8080).unwrap();
+        dp.mesh.publish(&deny(WEB));
+        tokio::time::timeout(Duration::from_secs(5), close.cancelled())
+            .await
+            .expect("closed after the publish");
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn service_connections_count_against_the_chosen_endpoint() {
+        let dp = data_path();
+        let mut d = Discovered::default();
+        d.services.insert(
+            "demo/api".into(),
+            Held {
+                version: "1".into(),
+                value: crate::state::Service {
+                    name: "demo/api".into(),
+                    vips: vec!["10.96.0.1".parse().unwrap()],
+                    ports: [(80, 8080)].into(),
+                    endpoints: vec!["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()],
+                },
+            },
+        );
+        dp.mesh.publish(&d);
+        let (first, g1) = dp.resolve("10.96.0.1:80".parse().unwrap());
+        let (second, g2) = dp.resolve("10.96.0.1:80".parse().unwrap());
+        assert!(g1.is_some() && g2.is_some());
+        assert_ne!(
+            first, second,
+            "the idle endpoint wins the second connection"
+        );
+        drop((g1, g2));
+        assert_eq!(dp.endpoints.active(&"10.0.0.1:8080".parse().unwrap()), 0);
+        let (_, none) = dp.resolve("10.9.9.9:80".parse().unwrap());
+        assert!(none.is_none(), "only service endpoints are counted");
     }
 }

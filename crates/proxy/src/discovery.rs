@@ -673,47 +673,13 @@ fn mesh_settings(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use latch_identity::Svid;
+    use crate::testing::{ca_and_svid, store_with_svid};
     use latch_proto::mesh::{Endpoint, PrincipalMatch, ServicePort};
-    use rcgen::{
-        BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    };
-    use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
-
-    /// A root CA: its PEM and an SVID it signed for `id`.
-    fn ca_and_svid(id: &str) -> (String, Svid) {
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca = CertificateParams::default();
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca_cert = ca.self_signed(&ca_key).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let mut leaf = CertificateParams::default();
-        leaf.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
-        leaf.is_ca = IsCa::ExplicitNoCa;
-        leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        leaf.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let leaf_cert = leaf
-            .signed_by(&key, &Issuer::from_params(&ca, &ca_key))
-            .unwrap();
-        let svid = Svid::new(
-            vec![CertificateDer::from(leaf_cert.der().to_vec())],
-            PrivatePkcs8KeyDer::from(key.serialize_der()),
-        )
-        .unwrap();
-        (ca_cert.pem(), svid)
-    }
 
     const SELF: &str = "spiffe://cluster.local/ns/demo/sa/web";
 
-    /// A store holding an SVID for SELF and the PEM of the CA that signed it.
     fn store() -> (CertStore, String) {
-        let (pem, svid) = ca_and_svid(SELF);
-        let bundle = TrustBundle::from_pem(pem.as_bytes()).unwrap();
-        (CertStore::with_svid(svid, bundle), pem)
+        store_with_svid(SELF)
     }
 
     fn resource<M: Message>(url: &str, name: &str, message: &M) -> Resource {

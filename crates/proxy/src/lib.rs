@@ -16,6 +16,8 @@ pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod state;
+#[cfg(test)]
+mod testing;
 pub mod transport;
 pub mod workload_api;
 
