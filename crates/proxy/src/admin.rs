@@ -98,3 +98,62 @@ impl AdminState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::DiscoveryConfig;
+    use crate::identity::{AgentConfig, Credential};
+    use crate::state::LocalConfig;
+    use latch_identity::ExpectedPeer;
+
+    fn admin(discovery: bool) -> AdminState {
+        let (store, _) = crate::testing::store_with_svid("spiffe://cluster.local/ns/demo/sa/web");
+        let store = Arc::new(store);
+        let metrics = Arc::new(Metrics::new());
+        let mesh = Arc::new(MeshState::new(LocalConfig::default()));
+        let agent = Arc::new(IdentityAgent::new(
+            store.clone(),
+            AgentConfig {
+                control_plane: "127.0.0.1:1".into(),
+                control_plane_id: ExpectedPeer::AnyInBundle,
+                credential: Credential::None,
+                ttl: None,
+            },
+            metrics.clone(),
+        ));
+        let discovery = discovery.then(|| {
+            Arc::new(DiscoveryClient::new(
+                store,
+                mesh.clone(),
+                metrics.clone(),
+                DiscoveryConfig::default(),
+            ))
+        });
+        AdminState {
+            agent,
+            metrics,
+            mesh,
+            discovery,
+        }
+    }
+
+    #[test]
+    fn ready_needs_the_discovery_sync_only_when_discovery_is_on() {
+        assert_eq!(admin(false).ready(), Ok(()));
+        let waiting = admin(true).ready().unwrap_err();
+        assert_eq!(
+            waiting,
+            "discovery not in sync yet: waiting for MeshConfig, Workload, Service, AuthorizationPolicy"
+        );
+    }
+
+    #[test]
+    fn debug_config_shows_the_snapshot_and_the_sync_state() {
+        let view = admin(true).config();
+        assert_eq!(view["discovery"]["synced"], false);
+        assert_eq!(view["mtls"]["default"], "STRICT");
+        assert_eq!(view["outbound_policy"], "PASSTHROUGH");
+        assert_eq!(admin(false).config()["discovery"]["enabled"], false);
+    }
+}
