@@ -241,7 +241,21 @@ impl Harness {
             workload_api,
             admin: loopback(),
             data: latch_proxy::DataPathConfig::none(self.trust_domain.clone()),
+            discovery: Some(latch_proxy::DiscoveryConfig::default()),
         }
+    }
+
+    /// Like `proxy_config`, with discovery off: /ready then waits only for the SVID. For tests
+    /// that need /ready 200 while this control plane serves no discovery.
+    pub fn proxy_config_without_discovery(
+        &self,
+        id: &SpiffeId,
+        ttl: Option<Duration>,
+        reusable_token: bool,
+    ) -> latch_proxy::Config {
+        let mut config = self.proxy_config(id, ttl, None, reusable_token);
+        config.discovery = None;
+        config
     }
 
     /// A proxy config with an inbound mTLS listener on an ephemeral loopback port, apps reached

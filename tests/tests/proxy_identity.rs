@@ -127,7 +127,9 @@ async fn control_plane_outage_keeps_the_svid_and_renewal_resumes() {
     let h = Harness::start().await;
     let id = h.id("demo", "api");
     let ttl = Duration::from_secs(20);
-    let proxy = h.start_proxy(&id, Some(ttl), None).await;
+    // /ready is checked below; discovery would hold it at 503 against this control plane.
+    let proxy =
+        latch_tests::start_proxy(h.proxy_config_without_discovery(&id, Some(ttl), false)).await;
     let store = proxy.store().clone();
     let first = store.svid().unwrap();
     let renew_at = proxy.agent.next_rotation().expect("a renewal is planned");
@@ -179,7 +181,7 @@ async fn control_plane_outage_keeps_the_svid_and_renewal_resumes() {
 async fn an_expired_svid_fails_closed_and_the_token_brings_the_proxy_back() {
     let h = Harness::start().await;
     let id = h.id("demo", "batch");
-    let config = h.proxy_config(&id, Some(Duration::from_secs(3)), None, true);
+    let config = h.proxy_config_without_discovery(&id, Some(Duration::from_secs(3)), true);
     let proxy = latch_tests::start_proxy(config).await;
     let store = proxy.store().clone();
     let addr = echo_server(store.clone()).await;
@@ -434,6 +436,7 @@ async fn the_private_key_never_reaches_the_ca() {
         workload_api: None,
         admin: "127.0.0.1:0".parse().unwrap(),
         data: latch_proxy::DataPathConfig::none(h.trust_domain.clone()),
+        discovery: None,
     };
     let proxy = latch_proxy::Proxy::start(config).await.unwrap();
     assert!(proxy.wait_for_svid(Duration::from_secs(10)).await);

@@ -1,84 +1,382 @@
-//! Who may connect to this workload. The inbound side asks an `Authorizer` with the caller's
-//! verified SPIFFE ID and the target port; today from flags (trust domain or allow-list),
-//! later from discovery policies behind the same trait.
+//! Who may connect to this workload. The inbound side asks the `Authorizer` with the caller's
+//! verified SPIFFE ID and the target port; it evaluates the discovery policies in the current
+//! `MeshSnapshot` (DENY wins, then ALLOW if any, else mesh peers) and, when `--allow` is
+//! given, that list as an extra restriction. Also re-run on open connections after a change.
 
 use latch_identity::{SpiffeId, TrustDomain};
+use serde_json::json;
 
-/// A decision with a reason for logs and metrics.
+use crate::state::MeshSnapshot;
+
+/// What a policy does when it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// How a rule names callers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// The caller's ID string equals this.
+    Exact(String),
+    /// The caller's ID string starts with this.
+    Prefix(String),
+}
+
+/// Matches when every non-empty field matches; with every field empty, matches every caller.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rule {
+    pub principals: Vec<Principal>,
+    pub namespaces: Vec<String>,
+    pub ports: Vec<u16>,
+}
+
+/// An authorization policy from discovery, validated. It matches when any rule matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// "<namespace>/<name>".
+    pub name: String,
+    pub action: Action,
+    pub rules: Vec<Rule>,
+}
+
+/// The namespace in a `/ns/<ns>/sa/<sa>` ID; other shapes have none.
+fn namespace_of(peer: &SpiffeId) -> Option<&str> {
+    let mut segments = peer.path().strip_prefix('/')?.split('/');
+    match (
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+    ) {
+        (Some("ns"), Some(ns), Some("sa"), Some(_), None) => Some(ns),
+        _ => None,
+    }
+}
+
+impl Rule {
+    pub fn matches(&self, peer: &SpiffeId, port: u16) -> bool {
+        let principal = self.principals.is_empty()
+            || self.principals.iter().any(|p| match p {
+                Principal::Exact(id) => peer.as_str() == id,
+                Principal::Prefix(prefix) => peer.as_str().starts_with(prefix.as_str()),
+            });
+        let namespace = self.namespaces.is_empty()
+            || namespace_of(peer).is_some_and(|ns| self.namespaces.iter().any(|n| n == ns));
+        let port = self.ports.is_empty() || self.ports.contains(&port);
+        principal && namespace && port
+    }
+}
+
+impl Policy {
+    pub fn matches(&self, peer: &SpiffeId, port: u16) -> bool {
+        self.rules.iter().any(|r| r.matches(peer, port))
+    }
+
+    /// The policy as JSON, for /debug/config.
+    pub fn to_json(&self) -> serde_json::Value {
+        let rules: Vec<_> = self
+            .rules
+            .iter()
+            .map(|r| {
+                let principals: Vec<_> = r
+                    .principals
+                    .iter()
+                    .map(|p| match p {
+                        Principal::Exact(s) => json!({"exact": s}),
+                        Principal::Prefix(s) => json!({"prefix": s}),
+                    })
+                    .collect();
+                json!({"principals": principals, "namespaces": r.namespaces, "ports": r.ports})
+            })
+            .collect();
+        json!({
+            "name": self.name,
+            "action": match self.action { Action::Allow => "ALLOW", Action::Deny => "DENY" },
+            "rules": rules,
+        })
+    }
+}
+
+/// A decision; a denial names what decided it, for logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Allow,
-    Deny(String),
+    Deny {
+        /// The policy that decided ("<ns>/<name>"), "--allow", or "mesh-peers" (no policies).
+        by: String,
+        why: String,
+    },
 }
 
-/// Decides whether `peer` may reach the local app on `port`.
-pub trait Authorizer: Send + Sync {
-    fn authorize(&self, peer: &SpiffeId, port: u16) -> Decision;
+impl Decision {
+    fn deny(by: impl Into<String>, why: String) -> Self {
+        Decision::Deny { by: by.into(), why }
+    }
 }
 
-/// The flag-configured policy: an explicit allow-list when given, else every ID of the local
-/// trust domain.
+/// The contract's evaluation over `policies`: any DENY match denies; else, with at least one
+/// ALLOW policy, one must match; else only callers of `trust_domain` are allowed.
+pub fn evaluate(
+    policies: &[Policy],
+    trust_domain: &TrustDomain,
+    peer: &SpiffeId,
+    port: u16,
+) -> Decision {
+    if let Some(deny) = policies
+        .iter()
+        .filter(|p| p.action == Action::Deny)
+        .find(|p| p.matches(peer, port))
+    {
+        return Decision::deny(
+            deny.name.clone(),
+            format!("DENY policy {} matches {peer} on port {port}", deny.name),
+        );
+    }
+    let mut allows = policies
+        .iter()
+        .filter(|p| p.action == Action::Allow)
+        .peekable();
+    if allows.peek().is_some() {
+        let mut names = Vec::new();
+        for policy in allows {
+            if policy.matches(peer, port) {
+                return Decision::Allow;
+            }
+            names.push(policy.name.as_str());
+        }
+        names.sort_unstable();
+        return Decision::deny(
+            names.join(","),
+            format!(
+                "no ALLOW policy ({}) matches {peer} on port {port}",
+                names.join(", ")
+            ),
+        );
+    }
+    if peer.is_member_of(trust_domain) {
+        Decision::Allow
+    } else {
+        Decision::deny(
+            "mesh-peers",
+            format!("{peer} is not in trust domain {trust_domain} (no policies apply)"),
+        )
+    }
+}
+
+/// The inbound authorizer: the snapshot's policies and, if given, the `--allow` list (both
+/// must allow).
 #[derive(Debug, Clone)]
-pub struct StaticAuthorizer {
+pub struct Authorizer {
     trust_domain: TrustDomain,
     allow: Vec<SpiffeId>,
 }
 
-impl StaticAuthorizer {
+impl Authorizer {
     pub fn new(trust_domain: TrustDomain, allow: Vec<SpiffeId>) -> Self {
         Self {
             trust_domain,
             allow,
         }
     }
-}
 
-impl Authorizer for StaticAuthorizer {
-    fn authorize(&self, peer: &SpiffeId, _port: u16) -> Decision {
-        if !self.allow.is_empty() {
-            return if self.allow.contains(peer) {
-                Decision::Allow
-            } else {
-                Decision::Deny(format!("{peer} is not in the --allow list"))
-            };
+    /// Decides whether `peer` may reach the local app on `port` under `snapshot`.
+    pub fn authorize(&self, snapshot: &MeshSnapshot, peer: &SpiffeId, port: u16) -> Decision {
+        if !self.allow.is_empty() && !self.allow.contains(peer) {
+            return Decision::deny("--allow", format!("{peer} is not in the --allow list"));
         }
-        if peer.is_member_of(&self.trust_domain) {
-            Decision::Allow
-        } else {
-            Decision::Deny(format!(
-                "{peer} is not in trust domain {}",
-                self.trust_domain
-            ))
-        }
+        evaluate(&snapshot.policies, &self.trust_domain, peer, port)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::{Discovered, Held, LocalConfig};
 
     fn id(s: &str) -> SpiffeId {
         SpiffeId::parse(s).unwrap()
     }
 
+    fn td() -> TrustDomain {
+        TrustDomain::new("cluster.local").unwrap()
+    }
+
+    fn policy(name: &str, action: Action, rules: Vec<Rule>) -> Policy {
+        Policy {
+            name: name.into(),
+            action,
+            rules,
+        }
+    }
+
+    fn exact(s: &str) -> Rule {
+        Rule {
+            principals: vec![Principal::Exact(s.into())],
+            ..Rule::default()
+        }
+    }
+
+    const WEB: &str = "spiffe://cluster.local/ns/demo/sa/web";
+    const DB: &str = "spiffe://cluster.local/ns/demo/sa/db";
+    const OPS: &str = "spiffe://cluster.local/ns/ops/sa/admin";
+    const FOREIGN: &str = "spiffe://other.org/ns/demo/sa/web";
+    const ODD: &str = "spiffe://cluster.local/svc/demo";
+
     #[test]
-    fn decisions() {
-        let td = TrustDomain::new("cluster.local").unwrap();
-        let open = StaticAuthorizer::new(td.clone(), vec![]);
-        let listed = StaticAuthorizer::new(td, vec![id("spiffe://cluster.local/ns/a/sa/web")]);
+    fn rule_fields() {
+        let prefix = Rule {
+            principals: vec![Principal::Prefix("spiffe://cluster.local/ns/ops/".into())],
+            ..Rule::default()
+        };
+        let namespaces = Rule {
+            namespaces: vec!["demo".into()],
+            ..Rule::default()
+        };
+        let ports = Rule {
+            ports: vec![8080],
+            ..Rule::default()
+        };
+        let all = Rule {
+            principals: vec![Principal::Exact(WEB.into())],
+            namespaces: vec!["demo".into()],
+            ports: vec![8080],
+        };
         let table = [
-            (&open, "spiffe://cluster.local/ns/a/sa/web", true),
-            (&open, "spiffe://cluster.local/ns/b/sa/db", true),
-            (&open, "spiffe://other.org/ns/a/sa/web", false),
-            (&listed, "spiffe://cluster.local/ns/a/sa/web", true),
-            (&listed, "spiffe://cluster.local/ns/b/sa/db", false),
+            (&exact(WEB), WEB, 80, true),
+            (&exact(WEB), DB, 80, false),
+            (
+                &exact(WEB),
+                "spiffe://cluster.local/ns/demo/sa/web2",
+                80,
+                false,
+            ),
+            (&prefix, OPS, 80, true),
+            (&prefix, WEB, 80, false),
+            (&namespaces, WEB, 80, true),
+            (&namespaces, OPS, 80, false),
+            (&namespaces, FOREIGN, 80, true),
+            (&namespaces, ODD, 80, false),
+            (
+                &namespaces,
+                "spiffe://cluster.local/ns/demo/sa/web/extra",
+                80,
+                false,
+            ),
+            (&ports, WEB, 8080, true),
+            (&ports, WEB, 8081, false),
+            (&all, WEB, 8080, true),
+            (&all, WEB, 9090, false),
+            (&all, DB, 8080, false),
+            (&Rule::default(), FOREIGN, 1, true),
         ];
-        for (authorizer, peer, allowed) in table {
+        for (i, (rule, peer, port, expected)) in table.into_iter().enumerate() {
             assert_eq!(
-                authorizer.authorize(&id(peer), 80) == Decision::Allow,
-                allowed,
-                "{peer}"
+                rule.matches(&id(peer), port),
+                expected,
+                "row {i}: {peer}:{port}"
             );
         }
+    }
+
+    #[test]
+    fn evaluation() {
+        let allow_web = policy("demo/allow-web", Action::Allow, vec![exact(WEB)]);
+        let allow_ops = policy(
+            "demo/allow-ops",
+            Action::Allow,
+            vec![Rule {
+                namespaces: vec!["ops".into()],
+                ..Rule::default()
+            }],
+        );
+        let deny_web_9090 = policy(
+            "demo/deny-web-9090",
+            Action::Deny,
+            vec![Rule {
+                principals: vec![Principal::Exact(WEB.into())],
+                ports: vec![9090],
+                ..Rule::default()
+            }],
+        );
+        let deny_nothing = policy("demo/empty-deny", Action::Deny, vec![]);
+        let allow_nothing = policy("demo/empty-allow", Action::Allow, vec![]);
+        let allow_all = policy("demo/allow-all", Action::Allow, vec![Rule::default()]);
+        // Policies, caller, port, expected: Ok = allow, Err(by) = denied by `by`.
+        type Row<'a> = (Vec<&'a Policy>, &'a str, u16, Result<(), &'a str>);
+        let table: Vec<Row> = vec![
+            // No policies: mesh peers only.
+            (vec![], WEB, 80, Ok(())),
+            (vec![], FOREIGN, 80, Err("mesh-peers")),
+            // ALLOW policies present: one must match.
+            (vec![&allow_web], WEB, 80, Ok(())),
+            (vec![&allow_web], DB, 80, Err("demo/allow-web")),
+            (vec![&allow_web, &allow_ops], OPS, 80, Ok(())),
+            (
+                vec![&allow_web, &allow_ops],
+                DB,
+                80,
+                Err("demo/allow-ops,demo/allow-web"),
+            ),
+            // An ALLOW policy can admit callers from outside the trust domain.
+            (vec![&allow_all], FOREIGN, 80, Ok(())),
+            // A policy with no rules matches nothing, yet it is an ALLOW policy.
+            (vec![&allow_nothing], WEB, 80, Err("demo/empty-allow")),
+            (vec![&deny_nothing], WEB, 80, Ok(())),
+            // DENY wins over ALLOW.
+            (
+                vec![&allow_web, &deny_web_9090],
+                WEB,
+                9090,
+                Err("demo/deny-web-9090"),
+            ),
+            (vec![&allow_web, &deny_web_9090], WEB, 80, Ok(())),
+            // DENY alone leaves the default for everyone else.
+            (vec![&deny_web_9090], DB, 9090, Ok(())),
+            (vec![&deny_web_9090], FOREIGN, 9090, Err("mesh-peers")),
+        ];
+        for (i, (policies, peer, port, expected)) in table.into_iter().enumerate() {
+            let policies: Vec<Policy> = policies.into_iter().cloned().collect();
+            let decision = evaluate(&policies, &td(), &id(peer), port);
+            match (expected, &decision) {
+                (Ok(()), Decision::Allow) => {}
+                (Err(by), Decision::Deny { by: got, .. }) if by == got => {}
+                _ => panic!("row {i}: {peer}:{port}: expected {expected:?}, got {decision:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn allow_flag_restricts_on_top_of_policies() {
+        let mut discovered = Discovered::default();
+        discovered.policies.insert(
+            "demo/allow-web".into(),
+            Held {
+                version: "1".into(),
+                value: policy("demo/allow-web", Action::Allow, vec![exact(WEB)]),
+            },
+        );
+        let with_policy = crate::state::MeshSnapshot::build(&discovered, &LocalConfig::default());
+        let no_policy =
+            crate::state::MeshSnapshot::build(&Discovered::default(), &LocalConfig::default());
+        let open = Authorizer::new(td(), vec![]);
+        let listed = Authorizer::new(td(), vec![id(WEB), id(DB)]);
+        assert_eq!(open.authorize(&no_policy, &id(DB), 80), Decision::Allow);
+        assert_eq!(listed.authorize(&no_policy, &id(DB), 80), Decision::Allow);
+        assert!(matches!(
+            listed.authorize(&no_policy, &id(OPS), 80),
+            Decision::Deny { by, .. } if by == "--allow"
+        ));
+        // DB is listed but no policy allows it: both must allow.
+        assert!(matches!(
+            listed.authorize(&with_policy, &id(DB), 80),
+            Decision::Deny { by, .. } if by == "demo/allow-web"
+        ));
+        assert_eq!(
+            listed.authorize(&with_policy, &id(WEB), 80),
+            Decision::Allow
+        );
     }
 }

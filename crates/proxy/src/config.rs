@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 use latch_identity::SpiffeId;
 
 use crate::outbound::ExplicitTarget;
@@ -123,7 +123,15 @@ pub struct Args {
     /// Serve the SPIFFE Workload API on this Unix socket (unix:///path).
     #[arg(long, env = "LATCH_WORKLOAD_API")]
     pub workload_api: Option<String>,
-    /// Admin HTTP: /healthz, /ready, /metrics, /debug/certs.
+    /// Learn workloads, services, policies and mesh settings from the control plane
+    /// (`--discovery=false`: only the flags describe the mesh).
+    #[arg(long, env = "LATCH_DISCOVERY", default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub discovery: bool,
+    /// This proxy's workload as the control plane names it, <namespace>/<name>; sent as the
+    /// discovery node id so policies select it even when several workloads share an ID.
+    #[arg(long, env = "LATCH_WORKLOAD_NAME", value_parser = parse_workload_name)]
+    pub workload_name: Option<String>,
+    /// Admin HTTP: /healthz, /ready, /metrics, /debug/certs, /debug/config.
     #[arg(long, env = "LATCH_ADMIN", default_value = "127.0.0.1:15020")]
     pub admin: SocketAddr,
     /// Inbound mTLS listener for other proxies.
@@ -139,24 +147,24 @@ pub struct Args {
     /// Inbound plaintext capture listener (with --transparent).
     #[arg(long, env = "LATCH_INBOUND_PLAINTEXT", default_value = "0.0.0.0:15006")]
     pub inbound_plaintext: SocketAddr,
-    /// Plaintext arriving for the app: refused (strict) or passed to it (permissive).
-    #[arg(long, env = "LATCH_INBOUND_MODE", value_enum, default_value = "strict")]
-    pub inbound_mode: InboundModeArg,
+    /// Plaintext arriving for the app: refused (strict) or passed to it (permissive). When
+    /// set, overrides the control plane's mTLS modes; when absent they decide (strict without
+    /// discovery).
+    #[arg(long, env = "LATCH_INBOUND_MODE", value_enum)]
+    pub inbound_mode: Option<InboundModeArg>,
     /// A meshed peer: IP=SPIFFE_ID (mesh port 15008) or IP:PORT=SPIFFE_ID; repeatable.
     #[arg(long = "peer", env = "LATCH_PEERS", value_delimiter = ',')]
     pub peers: Vec<PeerFlag>,
-    /// Traffic to destinations outside the mesh: passed through or refused.
-    #[arg(
-        long,
-        env = "LATCH_OUTBOUND_POLICY",
-        value_enum,
-        default_value = "passthrough"
-    )]
-    pub outbound_policy: OutboundPolicyArg,
+    /// Traffic to destinations outside the mesh: passed through or refused. When set,
+    /// overrides the control plane's outbound policy; when absent it decides (passthrough
+    /// without discovery).
+    #[arg(long, env = "LATCH_OUTBOUND_POLICY", value_enum)]
+    pub outbound_policy: Option<OutboundPolicyArg>,
     /// Explicit outbound listener, LISTEN=SPIFFE_ID@MESH_HOST:MESH_PORT/TARGET_PORT; repeatable.
     #[arg(long = "outbound", env = "LATCH_OUTBOUND", value_delimiter = ',')]
     pub outbound: Vec<ExplicitTarget>,
-    /// Inbound allow-list of SPIFFE IDs; default: every ID of the trust domain. Repeatable.
+    /// Inbound allow-list of SPIFFE IDs, an extra restriction on top of the control plane's
+    /// policies (both must allow); default: no extra restriction. Repeatable.
     #[arg(long = "allow", env = "LATCH_ALLOW", value_delimiter = ',')]
     pub allow: Vec<SpiffeId>,
     /// Address of the local app for inbound connections.
@@ -182,9 +190,61 @@ pub struct Args {
     pub log_format: String,
 }
 
+/// Checks a `<namespace>/<name>` workload name: two non-empty segments of letters, digits,
+/// '.', '-' and '_'.
+pub fn parse_workload_name(s: &str) -> Result<String, String> {
+    let valid = |segment: &str| {
+        !segment.is_empty()
+            && segment.len() <= 253
+            && segment
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+    };
+    match s.split_once('/') {
+        Some((namespace, name)) if valid(namespace) && valid(name) => Ok(s.to_string()),
+        _ => Err(format!(
+            "{s:?} is not <namespace>/<name> (letters, digits, '.', '-', '_'), e.g. demo/web"
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Cli::try_parse_from(["latch-proxy"].iter().chain(args)).map(|cli| cli.run)
+    }
+
+    #[test]
+    fn discovery_flags() {
+        let args = parse(&[]).unwrap();
+        assert!(args.discovery, "discovery is on by default");
+        assert_eq!(args.workload_name, None);
+        assert_eq!(args.inbound_mode, None, "no override unless given");
+        assert_eq!(args.outbound_policy, None);
+        assert!(!parse(&["--discovery=false"]).unwrap().discovery);
+        assert!(!parse(&["--discovery", "false"]).unwrap().discovery);
+        assert!(parse(&["--discovery"]).unwrap().discovery);
+        let args = parse(&[
+            "--workload-name",
+            "demo/web",
+            "--inbound-mode",
+            "permissive",
+            "--outbound-policy",
+            "registry-only",
+        ])
+        .unwrap();
+        assert_eq!(args.workload_name.as_deref(), Some("demo/web"));
+        assert_eq!(args.inbound_mode, Some(InboundModeArg::Permissive));
+        assert_eq!(args.outbound_policy, Some(OutboundPolicyArg::RegistryOnly));
+        for bad in ["web", "demo/", "/web", "demo/web/x", "demo/w b", ""] {
+            assert!(
+                parse(&["--workload-name", bad]).is_err(),
+                "{bad:?} is refused"
+            );
+        }
+    }
 
     #[test]
     fn peer_flags_parse() {

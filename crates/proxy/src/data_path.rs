@@ -1,23 +1,27 @@
-//! The data path's shared context and plumbing: the mesh TLS configs, the mesh snapshot, the
-//! authorizer, limits, socket options, the accept loops (with a global connection cap) and the
-//! per-connection bookkeeping (metrics, drain). `inbound.rs` and `outbound.rs` hold the
-//! handlers.
+//! The data path's shared context and plumbing: the mesh TLS configs, the mesh state, the
+//! authorizer, limits, socket options, the accept loops (with a global connection cap), the
+//! per-connection bookkeeping (metrics, drain, endpoint load) and the table of open inbound
+//! connections that is re-authorized after every snapshot change. `inbound.rs` and
+//! `outbound.rs` hold the handlers.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use latch_identity::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::authorizer::Authorizer;
+use crate::authorizer::{Authorizer, Decision};
+use crate::balance::{ActiveConnections, ActiveGuard};
 use crate::copy::{self, CopyEnd};
 use crate::metrics::{ConnLabels, Metrics};
-use crate::state::MeshSnapshot;
+use crate::state::{MeshState, Route};
 use crate::transport::MeshTls;
 
 /// What the plaintext inbound listener (15006) does.
@@ -53,16 +57,42 @@ impl Default for Limits {
     }
 }
 
+/// An open inbound mTLS connection, re-authorized when the mesh changes.
+#[derive(Debug)]
+pub struct LiveConnection {
+    pub peer: SpiffeId,
+    pub target_port: u16,
+    /// Cancelling it closes the connection.
+    pub close: CancellationToken,
+}
+
+/// Removes a connection from the live table when it ends.
+pub struct LiveGuard<'a> {
+    table: &'a DashMap<u64, LiveConnection>,
+    key: u64,
+}
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        self.table.remove(&self.key);
+    }
+}
+
 /// Everything a connection handler needs.
 pub struct DataPath {
     pub tls: MeshTls,
-    pub snapshot: ArcSwap<MeshSnapshot>,
-    pub authorizer: Arc<dyn Authorizer>,
+    /// The mesh snapshot (discovery and flags); read at every new connection.
+    pub mesh: Arc<MeshState>,
+    pub authorizer: Authorizer,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     /// Where inbound connections reach the local app.
     pub app_host: IpAddr,
-    pub inbound_mode: InboundMode,
+    /// Active connections per service endpoint, for load balancing.
+    pub endpoints: Arc<ActiveConnections>,
+    /// Open inbound mTLS connections by a local sequence number.
+    pub inbound_connections: DashMap<u64, LiveConnection>,
+    next_connection: AtomicU64,
     slots: Arc<Semaphore>,
     /// Fires when draining is over: open connections are closed.
     pub close_connections: CancellationToken,
@@ -71,23 +101,114 @@ pub struct DataPath {
 impl DataPath {
     pub fn new(
         tls: MeshTls,
-        snapshot: MeshSnapshot,
-        authorizer: Arc<dyn Authorizer>,
+        mesh: Arc<MeshState>,
+        authorizer: Authorizer,
         metrics: Arc<Metrics>,
         limits: Limits,
         app_host: IpAddr,
-        inbound_mode: InboundMode,
     ) -> Self {
         Self {
             tls,
-            snapshot: ArcSwap::from_pointee(snapshot),
+            mesh,
             authorizer,
             metrics,
             limits,
             app_host,
-            inbound_mode,
+            endpoints: Arc::new(ActiveConnections::default()),
+            inbound_connections: DashMap::new(),
+            next_connection: AtomicU64::new(0),
             slots: Arc::new(Semaphore::new(limits.max_connections)),
             close_connections: CancellationToken::new(),
+        }
+    }
+
+    /// Where a connection to `destination` goes under the current snapshot; for a service
+    /// endpoint, also the guard that counts the connection against it.
+    pub fn resolve(&self, destination: SocketAddr) -> (Route, Option<ActiveGuard>) {
+        let mut chosen = None;
+        let route = self.mesh.load().route(destination, |candidates| {
+            let i = self.endpoints.pick(candidates);
+            chosen = candidates.get(i).copied();
+            i
+        });
+        (route, chosen.map(|endpoint| self.endpoints.track(endpoint)))
+    }
+
+    /// Registers an inbound connection from `peer` for `target_port`, then authorizes it
+    /// against the current snapshot. Registering first means a snapshot swapped in meanwhile
+    /// is either seen here or re-checked by `reauthorize`. On allow, returns the guard that
+    /// unregisters it and the token that closes it.
+    pub fn admit(
+        &self,
+        peer: &SpiffeId,
+        target_port: u16,
+    ) -> Result<(LiveGuard<'_>, CancellationToken), Decision> {
+        let key = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        let close = self.close_connections.child_token();
+        self.inbound_connections.insert(
+            key,
+            LiveConnection {
+                peer: peer.clone(),
+                target_port,
+                close: close.clone(),
+            },
+        );
+        let guard = LiveGuard {
+            table: &self.inbound_connections,
+            key,
+        };
+        match self
+            .authorizer
+            .authorize(&self.mesh.load(), peer, target_port)
+        {
+            Decision::Allow => Ok((guard, close)),
+            deny => Err(deny),
+        }
+    }
+
+    /// Re-authorizes every open inbound connection under the current snapshot and closes the
+    /// ones no longer allowed; returns how many were closed.
+    pub fn reauthorize(&self) -> usize {
+        let snapshot = self.mesh.load();
+        let mut closed = 0;
+        for entry in self.inbound_connections.iter() {
+            let conn = entry.value();
+            if conn.close.is_cancelled() {
+                continue;
+            }
+            if let Decision::Deny { by, why } =
+                self.authorizer
+                    .authorize(&snapshot, &conn.peer, conn.target_port)
+            {
+                conn.close.cancel();
+                closed += 1;
+                self.metrics.connections_closed_by_policy.inc();
+                tracing::warn!(
+                    peer = %conn.peer,
+                    port = conn.target_port,
+                    policy = %by,
+                    "closing an open connection no longer allowed: {why}"
+                );
+            }
+        }
+        closed
+    }
+
+    /// Re-authorizes open connections after every mesh change, until `cancel`. Subscribes
+    /// before returning the future, so no change published after this call is missed.
+    pub fn watch_mesh(
+        self: Arc<Self>,
+        cancel: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let mut changes = self.mesh.subscribe();
+        async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    changed = changes.changed() => if changed.is_err() { return },
+                }
+                self.reauthorize();
+            }
         }
     }
 
@@ -118,9 +239,16 @@ impl DataPath {
     }
 
     /// Copies between the two ends with bookkeeping: opened/closed/active and bytes by
-    /// direction and peer. `local` is the side facing this proxy's app.
-    pub async fn proxy<L, R>(&self, direction: &'static str, peer: String, local: L, remote: R)
-    where
+    /// direction and peer. `local` is the side facing this proxy's app. `close` ends the copy
+    /// early (drain, or a policy change).
+    pub async fn proxy<L, R>(
+        &self,
+        direction: &'static str,
+        peer: String,
+        local: L,
+        remote: R,
+        close: &CancellationToken,
+    ) where
         L: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send,
         R: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send,
     {
@@ -128,13 +256,7 @@ impl DataPath {
         let m = &self.metrics;
         m.connections_opened.get_or_create(&labels).inc();
         m.connections_active.get_or_create(&labels).inc();
-        let end = copy::bidirectional(
-            local,
-            remote,
-            self.limits.idle_timeout,
-            &self.close_connections,
-        )
-        .await;
+        let end = copy::bidirectional(local, remote, self.limits.idle_timeout, close).await;
         let moved = match &end {
             CopyEnd::Done(t) | CopyEnd::Idle(t) | CopyEnd::Cancelled(t) | CopyEnd::Failed(_, t) => {
                 *t
@@ -203,5 +325,121 @@ impl DataPath {
                 connections.spawn(handle(data_path.clone(), stream, remote, permit));
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authorizer::{Action, Policy, Principal, Rule};
+    use crate::state::{Discovered, Held, LocalConfig};
+    use latch_identity::TrustDomain;
+
+    const WEB: &str = "spiffe://cluster.local/ns/demo/sa/web";
+    const DB: &str = "spiffe://cluster.local/ns/demo/sa/db";
+
+    fn data_path() -> DataPath {
+        let (store, _) = crate::testing::store_with_svid("spiffe://cluster.local/ns/demo/sa/api");
+        let td = TrustDomain::new("cluster.local").unwrap();
+        DataPath::new(
+            MeshTls::new(Arc::new(store), td.clone()).unwrap(),
+            Arc::new(MeshState::new(LocalConfig::default())),
+            Authorizer::new(td, vec![]),
+            Arc::new(Metrics::new()),
+            Limits::default(),
+            std::net::Ipv4Addr::LOCALHOST.into(),
+        )
+    }
+
+    fn deny(peer: &str) -> Discovered {
+        let mut d = Discovered::default();
+        d.policies.insert(
+            "demo/deny".into(),
+            Held {
+                version: "1".into(),
+                value: Policy {
+                    name: "demo/deny".into(),
+                    action: Action::Deny,
+                    rules: vec![Rule {
+                        principals: vec![Principal::Exact(peer.into())],
+                        ..Rule::default()
+                    }],
+                },
+            },
+        );
+        d
+    }
+
+    #[test]
+    fn a_policy_change_closes_the_open_connections_it_no_longer_allows() {
+        let dp = data_path();
+        let (web, db) = (SpiffeId::parse(WEB).unwrap(), SpiffeId::parse(DB).unwrap());
+        let (web_guard, web_close) = dp.admit(&web, 8080).expect("allowed: mesh peer");
+        let (_db_guard, db_close) = dp.admit(&db, 8080).expect("allowed: mesh peer");
+        assert_eq!(dp.inbound_connections.len(), 2);
+
+        dp.mesh.publish(&deny(WEB));
+        assert_eq!(dp.reauthorize(), 1);
+        assert!(web_close.is_cancelled(), "web's connection is closed");
+        assert!(!db_close.is_cancelled(), "db's connection stays");
+        assert_eq!(dp.metrics.connections_closed_by_policy.get(), 1);
+        // Already closed connections are not counted again.
+        assert_eq!(dp.reauthorize(), 0);
+        // New connections from web are refused, naming the policy.
+        assert!(matches!(
+            dp.admit(&web, 8080),
+            Err(Decision::Deny { by, .. }) if by == "demo/deny"
+        ));
+        drop(web_guard);
+        assert_eq!(
+            dp.inbound_connections.len(),
+            1,
+            "closed ones leave the table"
+        );
+    }
+
+    #[tokio::test]
+    async fn watch_mesh_reauthorizes_after_every_publish() {
+        let dp = Arc::new(data_path());
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(dp.clone().watch_mesh(cancel.clone()));
+        let web = SpiffeId::parse(WEB).unwrap();
+        let (_guard, close) = dp.admit(&web, 8080).unwrap();
+        dp.mesh.publish(&deny(WEB));
+        tokio::time::timeout(Duration::from_secs(5), close.cancelled())
+            .await
+            .expect("closed after the publish");
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
+    #[test]
+    fn service_connections_count_against_the_chosen_endpoint() {
+        let dp = data_path();
+        let mut d = Discovered::default();
+        d.services.insert(
+            "demo/api".into(),
+            Held {
+                version: "1".into(),
+                value: crate::state::Service {
+                    name: "demo/api".into(),
+                    vips: vec!["10.96.0.1".parse().unwrap()],
+                    ports: [(80, 8080)].into(),
+                    endpoints: vec!["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()],
+                },
+            },
+        );
+        dp.mesh.publish(&d);
+        let (first, g1) = dp.resolve("10.96.0.1:80".parse().unwrap());
+        let (second, g2) = dp.resolve("10.96.0.1:80".parse().unwrap());
+        assert!(g1.is_some() && g2.is_some());
+        assert_ne!(
+            first, second,
+            "the idle endpoint wins the second connection"
+        );
+        drop((g1, g2));
+        assert_eq!(dp.endpoints.active(&"10.0.0.1:8080".parse().unwrap()), 0);
+        let (_, none) = dp.resolve("10.9.9.9:80".parse().unwrap());
+        assert!(none.is_none(), "only service endpoints are counted");
     }
 }

@@ -1,6 +1,8 @@
 //! Inbound: the mTLS listener (15008) that other proxies connect to, and the plaintext capture
 //! listener (15006). mTLS: handshake (client SVID of the trust domain required) -> ALPN check ->
-//! transport header -> authorize the peer's SPIFFE ID -> connect to the local app -> copy.
+//! transport header -> authorize the peer's SPIFFE ID (and keep re-checking it while the
+//! connection is open) -> connect to the local app -> copy. Plaintext: the snapshot's mTLS
+//! mode for the original destination port decides.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -108,17 +110,22 @@ pub async fn mtls(
             return;
         }
     };
-    if let Decision::Deny(why) = dp.authorizer.authorize(&peer, header.target_port) {
-        dp.metrics
-            .authorization_denials
-            .get_or_create(&crate::metrics::ConnLabels {
-                direction: DIRECTION,
-                peer: peer.to_string(),
-            })
-            .inc();
-        tracing::warn!(%remote, peer = %peer, port = header.target_port, "denied: {why}");
-        return;
-    }
+    let (_live, close) = match dp.admit(&peer, header.target_port) {
+        Ok(admitted) => admitted,
+        Err(decision) => {
+            dp.metrics
+                .authorization_denials
+                .get_or_create(&crate::metrics::ConnLabels {
+                    direction: DIRECTION,
+                    peer: peer.to_string(),
+                })
+                .inc();
+            if let Decision::Deny { by, why } = decision {
+                tracing::warn!(%remote, peer = %peer, port = header.target_port, policy = %by, "denied: {why}");
+            }
+            return;
+        }
+    };
     let app = SocketAddr::new(dp.app_host, header.target_port);
     let upstream = match dp.connect(app).await {
         Ok(s) => s,
@@ -129,11 +136,12 @@ pub async fn mtls(
         }
     };
     tracing::debug!(peer = %peer, %app, "inbound connection");
-    dp.proxy(DIRECTION, peer.to_string(), upstream, tls).await;
+    dp.proxy(DIRECTION, peer.to_string(), upstream, tls, &close)
+        .await;
 }
 
-/// Handles one connection captured on the plaintext inbound listener: refused in STRICT mode,
-/// forwarded to the app's original port in PERMISSIVE mode.
+/// Handles one connection captured on the plaintext inbound listener: refused when the
+/// original destination port is STRICT, forwarded to the app's original port when PERMISSIVE.
 pub async fn plaintext(
     dp: Arc<DataPath>,
     tcp: TcpStream,
@@ -141,11 +149,6 @@ pub async fn plaintext(
     _permit: OwnedSemaphorePermit,
 ) {
     const PLAINTEXT: &str = "inbound_plaintext";
-    if dp.inbound_mode == InboundMode::Strict {
-        dp.metrics.refused(PLAINTEXT, "strict_mtls");
-        tracing::info!(%remote, "refused plaintext connection: inbound mode is STRICT (mTLS only)");
-        return;
-    }
     let port = match crate::capture::original_dst(&tcp) {
         Ok(dst) => dst.port(),
         Err(e) => {
@@ -154,9 +157,23 @@ pub async fn plaintext(
             return;
         }
     };
+    if dp.mesh.load().mtls.for_port(port) == InboundMode::Strict {
+        dp.metrics.refused(PLAINTEXT, "strict_mtls");
+        tracing::info!(%remote, port, "refused plaintext connection: port {port} is STRICT (mTLS only)");
+        return;
+    }
     let app = SocketAddr::new(dp.app_host, port);
     match dp.connect(app).await {
-        Ok(upstream) => dp.proxy(PLAINTEXT, "unknown".into(), upstream, tcp).await,
+        Ok(upstream) => {
+            dp.proxy(
+                PLAINTEXT,
+                "unknown".into(),
+                upstream,
+                tcp,
+                &dp.close_connections,
+            )
+            .await
+        }
         Err(e) => {
             dp.metrics.refused(PLAINTEXT, "app_unreachable");
             tracing::warn!(%remote, %app, "cannot reach the local app: {e}");

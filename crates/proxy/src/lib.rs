@@ -1,19 +1,23 @@
 //! latch-proxy: the sidecar. It keeps the workload's identity alive (identity agent), serves it
-//! to SPIFFE-aware apps (Workload API), carries the app's TCP over mTLS to other proxies
-//! (outbound, inbound, capture) and reports on all of it (admin). `Proxy::start` wires the
-//! parts for the binary and the tests.
+//! to SPIFFE-aware apps (Workload API), learns the mesh from the control plane (discovery),
+//! carries the app's TCP over mTLS to other proxies (outbound, inbound, capture) and reports on
+//! all of it (admin). `Proxy::start` wires the parts for the binary and the tests.
 
 pub mod admin;
 pub mod authorizer;
+pub mod balance;
 pub mod capture;
 pub mod config;
 pub mod copy;
 pub mod data_path;
+pub mod discovery;
 pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod state;
+#[cfg(test)]
+mod testing;
 pub mod transport;
 pub mod workload_api;
 
@@ -31,10 +35,11 @@ use tokio_util::task::TaskTracker;
 
 pub use config::{Args, Cli};
 pub use data_path::{InboundMode, Limits};
+pub use discovery::{DiscoveryClient, DiscoveryConfig};
 pub use identity::{AgentConfig, Credential, IdentityAgent};
 pub use metrics::Metrics;
 pub use outbound::ExplicitTarget;
-pub use state::{MeshPeer, MeshSnapshot, OutboundPolicy};
+pub use state::{LocalConfig, MeshPeer, MeshSnapshot, MeshState, OutboundPolicy};
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -65,8 +70,12 @@ pub struct DataPathConfig {
     pub transparent: Option<(SocketAddr, SocketAddr)>,
     pub explicit: Vec<ExplicitTarget>,
     pub peers: Vec<(std::net::IpAddr, MeshPeer)>,
-    pub outbound_policy: OutboundPolicy,
-    pub inbound_mode: InboundMode,
+    /// Local override of the MeshConfig's outbound policy (default without either:
+    /// passthrough).
+    pub outbound_policy: Option<OutboundPolicy>,
+    /// Local override of the MeshConfig's mTLS modes (default without either: STRICT).
+    pub inbound_mode: Option<InboundMode>,
+    /// Extra inbound restriction on top of the policies: only these IDs (when not empty).
     pub allow: Vec<SpiffeId>,
     pub app_host: std::net::IpAddr,
     pub limits: Limits,
@@ -82,8 +91,8 @@ impl DataPathConfig {
             transparent: None,
             explicit: Vec::new(),
             peers: Vec::new(),
-            outbound_policy: OutboundPolicy::Passthrough,
-            inbound_mode: InboundMode::Strict,
+            outbound_policy: None,
+            inbound_mode: None,
             allow: Vec::new(),
             app_host: std::net::Ipv4Addr::LOCALHOST.into(),
             limits: Limits::default(),
@@ -101,6 +110,9 @@ pub struct Config {
     pub workload_api: Option<PathBuf>,
     pub admin: SocketAddr,
     pub data: DataPathConfig,
+    /// Learn the mesh from the control plane; `None` keeps the flag-only mesh
+    /// (`--discovery=false`) and /ready then waits only for the SVID.
+    pub discovery: Option<DiscoveryConfig>,
 }
 
 impl Config {
@@ -145,14 +157,14 @@ impl Config {
                 .then_some((args.outbound_capture, args.inbound_plaintext)),
             explicit: args.outbound.clone(),
             peers: args.peers.iter().map(|p| (p.ip, p.peer.clone())).collect(),
-            outbound_policy: match args.outbound_policy {
+            outbound_policy: args.outbound_policy.map(|p| match p {
                 config::OutboundPolicyArg::Passthrough => OutboundPolicy::Passthrough,
                 config::OutboundPolicyArg::RegistryOnly => OutboundPolicy::RegistryOnly,
-            },
-            inbound_mode: match args.inbound_mode {
+            }),
+            inbound_mode: args.inbound_mode.map(|m| match m {
                 config::InboundModeArg::Strict => InboundMode::Strict,
                 config::InboundModeArg::Permissive => InboundMode::Permissive,
-            },
+            }),
             allow: args.allow.clone(),
             app_host: args.app_host,
             limits: Limits {
@@ -176,6 +188,10 @@ impl Config {
             workload_api,
             admin: args.admin,
             data,
+            discovery: args.discovery.then(|| DiscoveryConfig {
+                workload_name: args.workload_name.clone(),
+                ..DiscoveryConfig::default()
+            }),
         })
     }
 }
@@ -191,6 +207,10 @@ pub struct Proxy {
     pub explicit_addrs: Vec<SocketAddr>,
     pub agent: Arc<IdentityAgent>,
     pub metrics: Arc<Metrics>,
+    /// The mesh snapshot the data path reads.
+    pub mesh: Arc<MeshState>,
+    /// The discovery client, when discovery is on.
+    pub discovery: Option<Arc<DiscoveryClient>>,
     data_path: Option<Arc<data_path::DataPath>>,
     drain_timeout: Duration,
     cancel: CancellationToken,
@@ -210,8 +230,10 @@ async fn bind(
 }
 
 impl Proxy {
-    /// Starts the identity agent, the Workload API (if configured) and the admin server. The
-    /// first SVID arrives in the background; /ready turns true once it does.
+    /// Starts the identity agent, the Workload API (if configured), the discovery client (if
+    /// on), the admin server and the data path. The first SVID and the first discovery sync
+    /// arrive in the background; /ready turns true once both did. Traffic does not wait for
+    /// the sync: until then the flag-only snapshot routes it.
     pub async fn start(config: Config) -> Result<Self, StartError> {
         let cancel = CancellationToken::new();
         let stop_accepting = CancellationToken::new();
@@ -219,11 +241,45 @@ impl Proxy {
         let connections = TaskTracker::new();
         let metrics = Arc::new(Metrics::new());
         let store = Arc::new(CertStore::new(config.bundle));
+        let control_plane = (
+            config.agent.control_plane.clone(),
+            config.agent.control_plane_id.clone(),
+        );
         let agent = Arc::new(IdentityAgent::new(
             store.clone(),
             config.agent,
             metrics.clone(),
         ));
+
+        let data = config.data;
+        let local = LocalConfig {
+            peers: data.peers.clone(),
+            inbound_mode: data.inbound_mode,
+            outbound_policy: data.outbound_policy,
+        };
+        if config.discovery.is_some() {
+            if let Some(mode) = local.inbound_mode {
+                tracing::info!(
+                    ?mode,
+                    "--inbound-mode is set: it overrides the mTLS modes from the control plane"
+                );
+            }
+            if let Some(policy) = local.outbound_policy {
+                tracing::info!(
+                    ?policy,
+                    "--outbound-policy is set: it overrides the outbound policy from the control plane"
+                );
+            }
+        }
+        let mesh = Arc::new(MeshState::new(local));
+        let discovery = config.discovery.map(|discovery| {
+            Arc::new(DiscoveryClient::new(
+                store.clone(),
+                mesh.clone(),
+                metrics.clone(),
+                discovery,
+            ))
+        });
 
         let (admin_listener, admin_addr) = bind(config.admin, "admin (--admin)").await?;
         if let Some(path) = &config.workload_api {
@@ -233,6 +289,8 @@ impl Proxy {
         let state = Arc::new(admin::AdminState {
             agent: agent.clone(),
             metrics: metrics.clone(),
+            mesh: mesh.clone(),
+            discovery: discovery.clone(),
         });
         latch_admin::serve(
             admin_listener,
@@ -241,8 +299,11 @@ impl Proxy {
             cancel.clone(),
         );
         tracker.spawn(agent.clone().run(cancel.clone()));
+        if let Some(client) = &discovery {
+            let (address, id) = control_plane;
+            tracker.spawn(client.clone().run(address, id, cancel.clone()));
+        }
 
-        let data = config.data;
         let any_listener =
             data.inbound.is_some() || data.transparent.is_some() || !data.explicit.is_empty();
         let mut proxy = Self {
@@ -252,6 +313,8 @@ impl Proxy {
             explicit_addrs: Vec::new(),
             agent,
             metrics: metrics.clone(),
+            mesh,
+            discovery,
             data_path: None,
             drain_timeout: data.drain_timeout,
             cancel,
@@ -272,23 +335,17 @@ impl Proxy {
         store: Arc<CertStore>,
         metrics: Arc<Metrics>,
     ) -> Result<(), StartError> {
-        let snapshot = MeshSnapshot {
-            peers: data.peers.into_iter().collect(),
-            outbound_policy: data.outbound_policy,
-        };
-        let authorizer = Arc::new(authorizer::StaticAuthorizer::new(
-            data.trust_domain.clone(),
-            data.allow,
-        ));
+        let authorizer = authorizer::Authorizer::new(data.trust_domain.clone(), data.allow);
         let dp = Arc::new(data_path::DataPath::new(
             transport::MeshTls::new(store, data.trust_domain)?,
-            snapshot,
+            self.mesh.clone(),
             authorizer,
             metrics,
             data.limits,
             data.app_host,
-            data.inbound_mode,
         ));
+        self.tracker
+            .spawn(dp.clone().watch_mesh(self.cancel.clone()));
         let (tracker, connections, stop) = (&self.tracker, &self.connections, &self.stop_accepting);
         if let Some(addr) = data.inbound {
             let (listener, local) = bind(addr, "inbound mTLS (--inbound)").await?;

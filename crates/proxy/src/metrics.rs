@@ -1,4 +1,5 @@
-//! The proxy's Prometheus metrics. The identity agent records; the admin server renders.
+//! The proxy's Prometheus metrics. The identity agent, the discovery client and the data path
+//! record; the admin server renders.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -32,6 +33,13 @@ pub struct HandshakeLabels {
     pub kind: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TypeLabel {
+    /// The resource type's short name: "MeshConfig", "Workload", "Service",
+    /// "AuthorizationPolicy" (or "unknown").
+    pub r#type: &'static str,
+}
+
 /// Every metric the proxy exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -48,6 +56,11 @@ pub struct Metrics {
     pub handshakes: Family<HandshakeLabels, Counter>,
     pub connections_refused: Family<FailureLabels, Counter>,
     pub authorization_denials: Family<ConnLabels, Counter>,
+    pub connections_closed_by_policy: Counter,
+    pub discovery_connected: Gauge,
+    pub discovery_applied: Family<TypeLabel, Counter>,
+    pub discovery_rejected: Family<TypeLabel, Counter>,
+    pub discovery_reconnects: Counter,
 }
 
 impl Metrics {
@@ -129,6 +142,36 @@ impl Metrics {
             "Connections refused before proxying (limit, policy, bad transport header...)",
             connections_refused.clone(),
         );
+        let connections_closed_by_policy = Counter::default();
+        registry.register(
+            "latch_proxy_tcp_connections_closed_by_policy",
+            "Open inbound connections closed because a policy change no longer allows them",
+            connections_closed_by_policy.clone(),
+        );
+        let discovery_connected = Gauge::default();
+        registry.register(
+            "latch_proxy_discovery_connected",
+            "1 while the discovery stream to the control plane is open",
+            discovery_connected.clone(),
+        );
+        let discovery_applied = Family::<TypeLabel, Counter>::default();
+        registry.register(
+            "latch_proxy_discovery_responses_applied",
+            "Discovery responses applied (and ACKed), by resource type",
+            discovery_applied.clone(),
+        );
+        let discovery_rejected = Family::<TypeLabel, Counter>::default();
+        registry.register(
+            "latch_proxy_discovery_responses_rejected",
+            "Discovery responses rejected (NACKed) as invalid, by resource type",
+            discovery_rejected.clone(),
+        );
+        let discovery_reconnects = Counter::default();
+        registry.register(
+            "latch_proxy_discovery_reconnects",
+            "Discovery streams re-opened after a failure or an end",
+            discovery_reconnects.clone(),
+        );
         Self {
             registry,
             svid_expiry,
@@ -143,6 +186,11 @@ impl Metrics {
             handshakes,
             connections_refused,
             authorization_denials,
+            connections_closed_by_policy,
+            discovery_connected,
+            discovery_applied,
+            discovery_rejected,
+            discovery_reconnects,
         }
     }
 

@@ -1,7 +1,8 @@
 //! Outbound: connections from the local app to other services, captured transparently (15001,
 //! original destination looked up in the mesh snapshot) or on explicit `--outbound` listeners.
-//! Meshed destinations go over mTLS to the peer proxy, which must present exactly the expected
-//! SPIFFE ID; unknown ones pass through or are refused, per the outbound policy.
+//! Service VIPs are balanced over their endpoints; meshed destinations go over mTLS to the peer
+//! proxy, which must present exactly the expected SPIFFE ID; unknown ones pass through or are
+//! refused, per the outbound policy.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -118,21 +119,28 @@ async fn forward(dp: &DataPath, app: TcpStream, route: Route) {
                 tracing::warn!(peer = %id, "sending the transport header failed: {e}");
                 return;
             }
-            dp.proxy(DIRECTION, id.to_string(), app, tls).await;
+            dp.proxy(DIRECTION, id.to_string(), app, tls, &dp.close_connections)
+                .await;
         }
         Route::Passthrough(destination) => match dp.connect(destination).await {
             Ok(upstream) => {
-                dp.proxy("passthrough", "unknown".into(), app, upstream)
-                    .await
+                dp.proxy(
+                    "passthrough",
+                    "unknown".into(),
+                    app,
+                    upstream,
+                    &dp.close_connections,
+                )
+                .await
             }
             Err(e) => {
                 dp.metrics.refused("passthrough", "destination_unreachable");
                 tracing::debug!(%destination, "passthrough connect failed: {e}");
             }
         },
-        Route::Refused(why) => {
-            dp.metrics.refused(DIRECTION, "registry_only");
-            tracing::info!("refused outbound connection: {why}");
+        Route::Refused { reason, why } => {
+            dp.metrics.refused(DIRECTION, reason);
+            tracing::info!(reason, "refused outbound connection: {why}");
         }
     }
 }
@@ -173,7 +181,8 @@ pub async fn transparent(
         tracing::warn!(%remote, "connection addressed to the capture port itself; closing");
         return;
     }
-    let route = dp.snapshot.load().route(destination);
+    // The guard counts the connection against the chosen service endpoint while it lasts.
+    let (route, _endpoint) = dp.resolve(destination);
     forward(&dp, app, route).await;
 }
 

@@ -1,11 +1,18 @@
-//! What the data path knows about the mesh: an immutable `MeshSnapshot` behind an `ArcSwap`,
-//! read at every new connection. Today built from `--peer` flags; discovery will build and swap
-//! it the same way.
+//! What the data path knows about the mesh: an immutable `MeshSnapshot` behind an `ArcSwap` in
+//! `MeshState`, read at every new connection. The snapshot is built from what discovery holds
+//! (`Discovered`, validated resources) plus the local flags (`LocalConfig`); the discovery
+//! client publishes a new one after every applied response, the data path only reads.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
-use latch_identity::SpiffeId;
+use arc_swap::{ArcSwap, Guard};
+use latch_identity::{SpiffeId, TrustBundle};
+use serde_json::json;
+
+use crate::authorizer::Policy;
+use crate::data_path::InboundMode;
 
 /// Default port of the inbound mTLS listener.
 pub const MESH_PORT: u16 = 15008;
@@ -35,35 +42,313 @@ pub enum Route {
         id: SpiffeId,
         target_port: u16,
     },
-    /// Plain TCP to the original destination.
+    /// Plain TCP to this address (an unknown destination, or an unmeshed service endpoint).
     Passthrough(SocketAddr),
-    /// Refused by the outbound policy.
-    Refused(String),
+    /// Not forwarded; `reason` is the metric label, `why` the log line.
+    Refused { reason: &'static str, why: String },
+}
+
+/// A workload as discovery describes it, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    /// "<namespace>/<name>".
+    pub name: String,
+    pub id: SpiffeId,
+    pub ips: Vec<IpAddr>,
+    pub mesh_port: u16,
+}
+
+/// A service as discovery describes it, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    /// "<namespace>/<name>".
+    pub name: String,
+    pub vips: Vec<IpAddr>,
+    /// Service port -> target port on the endpoints.
+    pub ports: BTreeMap<u16, u16>,
+    pub endpoints: Vec<IpAddr>,
+}
+
+/// The mTLS mode of the inbound plaintext listener: a default and per-app-port exceptions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MtlsModes {
+    pub default: InboundMode,
+    pub ports: BTreeMap<u16, InboundMode>,
+}
+
+impl MtlsModes {
+    /// One mode for every port.
+    pub fn uniform(mode: InboundMode) -> Self {
+        Self {
+            default: mode,
+            ports: BTreeMap::new(),
+        }
+    }
+
+    /// The mode for plaintext arriving for app port `port`.
+    pub fn for_port(&self, port: u16) -> InboundMode {
+        self.ports.get(&port).copied().unwrap_or(self.default)
+    }
+}
+
+/// The mesh-wide settings (the MeshConfig resource), validated.
+#[derive(Debug, Clone)]
+pub struct MeshSettings {
+    pub mtls: MtlsModes,
+    pub outbound_policy: OutboundPolicy,
+    /// The CA's roots; `None` when the control plane sent none.
+    pub bundle: Option<TrustBundle>,
+}
+
+/// A resource held by discovery with the version it came with.
+#[derive(Debug, Clone)]
+pub struct Held<T> {
+    pub version: String,
+    pub value: T,
+}
+
+/// Everything discovery holds, per type, keyed by resource name.
+#[derive(Debug, Clone, Default)]
+pub struct Discovered {
+    pub mesh: BTreeMap<String, Held<MeshSettings>>,
+    pub workloads: BTreeMap<String, Held<Workload>>,
+    pub services: BTreeMap<String, Held<Service>>,
+    pub policies: BTreeMap<String, Held<Policy>>,
+}
+
+/// What the local flags add to the mesh.
+#[derive(Debug, Clone, Default)]
+pub struct LocalConfig {
+    /// `--peer`: used for IPs discovery does not know.
+    pub peers: Vec<(IpAddr, MeshPeer)>,
+    /// `--inbound-mode`: when set, wins over the MeshConfig's modes.
+    pub inbound_mode: Option<InboundMode>,
+    /// `--outbound-policy`: when set, wins over the MeshConfig's policy.
+    pub outbound_policy: Option<OutboundPolicy>,
+}
+
+/// A service as the data path routes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRoute {
+    pub name: String,
+    pub ports: BTreeMap<u16, u16>,
+    pub endpoints: Vec<IpAddr>,
 }
 
 /// The mesh as the data path sees it.
 #[derive(Debug, Clone)]
 pub struct MeshSnapshot {
+    /// Meshed workloads by IP (discovery first, then `--peer`).
     pub peers: HashMap<IpAddr, MeshPeer>,
+    /// Services by VIP.
+    pub services: HashMap<IpAddr, Arc<ServiceRoute>>,
+    /// Policies selecting this workload, by name (the order decides nothing).
+    pub policies: Vec<Policy>,
+    pub mtls: MtlsModes,
     pub outbound_policy: OutboundPolicy,
 }
 
 impl MeshSnapshot {
-    /// Decides where a connection to `destination` goes.
-    pub fn route(&self, destination: SocketAddr) -> Route {
-        match self.peers.get(&destination.ip()) {
-            Some(peer) => Route::Mesh {
-                mesh_addr: SocketAddr::new(destination.ip(), peer.mesh_port),
-                id: peer.id.clone(),
-                target_port: destination.port(),
-            },
-            None => match self.outbound_policy {
-                OutboundPolicy::Passthrough => Route::Passthrough(destination),
-                OutboundPolicy::RegistryOnly => Route::Refused(format!(
-                    "{destination} is not a meshed workload and the outbound policy is registry-only"
-                )),
+    /// Builds the snapshot from discovery's resources and the local flags. Where two
+    /// resources claim the same IP or VIP, the first by name wins (and a warning is logged).
+    pub fn build(discovered: &Discovered, local: &LocalConfig) -> Self {
+        let mesh = discovered.mesh.values().next().map(|h| &h.value);
+        let mut peers = HashMap::new();
+        for workload in discovered.workloads.values().map(|h| &h.value) {
+            for ip in &workload.ips {
+                let peer = MeshPeer {
+                    id: workload.id.clone(),
+                    mesh_port: workload.mesh_port,
+                };
+                if let Some(existing) = peers.get(ip) {
+                    if existing != &peer {
+                        tracing::warn!(%ip, workload = %workload.name, "IP already claimed by another workload; ignoring this claim");
+                    }
+                    continue;
+                }
+                peers.insert(*ip, peer);
+            }
+        }
+        for (ip, peer) in &local.peers {
+            peers.entry(*ip).or_insert_with(|| peer.clone());
+        }
+        let mut services = HashMap::new();
+        for service in discovered.services.values().map(|h| &h.value) {
+            let route = Arc::new(ServiceRoute {
+                name: service.name.clone(),
+                ports: service.ports.clone(),
+                endpoints: service.endpoints.clone(),
+            });
+            for vip in &service.vips {
+                if services.contains_key(vip) {
+                    tracing::warn!(%vip, service = %service.name, "VIP already claimed by another service; ignoring this claim");
+                    continue;
+                }
+                services.insert(*vip, route.clone());
+            }
+        }
+        let mtls = match (local.inbound_mode, mesh) {
+            (Some(mode), _) => MtlsModes::uniform(mode),
+            (None, Some(mesh)) => mesh.mtls.clone(),
+            (None, None) => MtlsModes::uniform(InboundMode::Strict),
+        };
+        let outbound_policy = local
+            .outbound_policy
+            .or(mesh.map(|m| m.outbound_policy))
+            .unwrap_or(OutboundPolicy::Passthrough);
+        Self {
+            peers,
+            services,
+            policies: discovered
+                .policies
+                .values()
+                .map(|h| h.value.clone())
+                .collect(),
+            mtls,
+            outbound_policy,
+        }
+    }
+
+    /// The route to a meshed workload's IP.
+    fn mesh_route(&self, ip: IpAddr, target_port: u16) -> Option<Route> {
+        self.peers.get(&ip).map(|peer| Route::Mesh {
+            mesh_addr: SocketAddr::new(ip, peer.mesh_port),
+            id: peer.id.clone(),
+            target_port,
+        })
+    }
+
+    /// Decides where a connection to `destination` goes. For a service VIP, `pick` chooses
+    /// among the endpoints (ip:target_port, never empty) and returns an index into them.
+    pub fn route(
+        &self,
+        destination: SocketAddr,
+        pick: impl FnOnce(&[SocketAddr]) -> usize,
+    ) -> Route {
+        let ip = destination.ip();
+        if let Some(service) = self.services.get(&ip) {
+            let Some(&target_port) = service.ports.get(&destination.port()) else {
+                return Route::Refused {
+                    reason: "unknown_service_port",
+                    why: format!(
+                        "{destination}: service {} has no port {}",
+                        service.name,
+                        destination.port()
+                    ),
+                };
+            };
+            let candidates: Vec<SocketAddr> = service
+                .endpoints
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, target_port))
+                .collect();
+            if candidates.is_empty() {
+                return Route::Refused {
+                    reason: "no_endpoints",
+                    why: format!("{destination}: service {} has no endpoints", service.name),
+                };
+            }
+            let chosen = candidates[pick(&candidates).min(candidates.len() - 1)];
+            return self
+                .mesh_route(chosen.ip(), target_port)
+                .unwrap_or(Route::Passthrough(chosen));
+        }
+        if let Some(route) = self.mesh_route(ip, destination.port()) {
+            return route;
+        }
+        match self.outbound_policy {
+            OutboundPolicy::Passthrough => Route::Passthrough(destination),
+            OutboundPolicy::RegistryOnly => Route::Refused {
+                reason: "registry_only",
+                why: format!(
+                    "{destination} is not a meshed workload or service and the outbound policy is registry-only"
+                ),
             },
         }
+    }
+
+    /// The snapshot as JSON, for /debug/config.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mode = |m: InboundMode| match m {
+            InboundMode::Strict => "STRICT",
+            InboundMode::Permissive => "PERMISSIVE",
+        };
+        let peers: BTreeMap<String, _> = self
+            .peers
+            .iter()
+            .map(|(ip, p)| {
+                (
+                    ip.to_string(),
+                    json!({"spiffe_id": p.id.as_str(), "mesh_port": p.mesh_port}),
+                )
+            })
+            .collect();
+        let services: BTreeMap<String, _> = self
+            .services
+            .iter()
+            .map(|(vip, s)| {
+                (
+                    vip.to_string(),
+                    json!({
+                        "service": s.name,
+                        "ports": s.ports.iter().map(|(p, t)| (p.to_string(), *t)).collect::<BTreeMap<_, _>>(),
+                        "endpoints": s.endpoints.iter().map(|ip| ip.to_string()).collect::<Vec<_>>(),
+                    }),
+                )
+            })
+            .collect();
+        let mut policies: Vec<_> = self.policies.iter().map(Policy::to_json).collect();
+        policies.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        json!({
+            "workloads": peers,
+            "services": services,
+            "policies": policies,
+            "mtls": {
+                "default": mode(self.mtls.default),
+                "ports": self.mtls.ports.iter().map(|(p, m)| (p.to_string(), mode(*m))).collect::<BTreeMap<_, _>>(),
+            },
+            "outbound_policy": match self.outbound_policy {
+                OutboundPolicy::Passthrough => "PASSTHROUGH",
+                OutboundPolicy::RegistryOnly => "REGISTRY_ONLY",
+            },
+        })
+    }
+}
+
+/// The current snapshot and the local flags it is built with. Discovery publishes; the data
+/// path loads and subscribes (to re-check open connections after a change).
+pub struct MeshState {
+    local: LocalConfig,
+    snapshot: ArcSwap<MeshSnapshot>,
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl MeshState {
+    /// The flag-only snapshot, until discovery publishes.
+    pub fn new(local: LocalConfig) -> Self {
+        let snapshot = MeshSnapshot::build(&Discovered::default(), &local);
+        Self {
+            local,
+            snapshot: ArcSwap::from_pointee(snapshot),
+            changes: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    /// The current snapshot (cheap; hold it only for the duration of one decision).
+    pub fn load(&self) -> Guard<Arc<MeshSnapshot>> {
+        self.snapshot.load()
+    }
+
+    /// Rebuilds the snapshot from `discovered`, swaps it in and wakes subscribers.
+    pub fn publish(&self, discovered: &Discovered) {
+        let snapshot = MeshSnapshot::build(discovered, &self.local);
+        self.snapshot.store(Arc::new(snapshot));
+        self.changes.send_modify(|generation| *generation += 1);
+    }
+
+    /// A receiver that wakes after every `publish`.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 }
 
@@ -71,32 +356,252 @@ impl MeshSnapshot {
 mod tests {
     use super::*;
 
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn held<T>(value: T) -> Held<T> {
+        Held {
+            version: "v1".into(),
+            value,
+        }
+    }
+
+    /// demo/web at 10.0.0.2 and 10.0.0.3 (mesh port 15008), service demo/api on VIP
+    /// 10.96.0.10 port 80 -> 8080 with endpoints 10.0.0.2 (meshed) and 10.1.0.9 (not).
+    fn discovered() -> Discovered {
+        let mut d = Discovered::default();
+        d.workloads.insert(
+            "demo/web".into(),
+            held(Workload {
+                name: "demo/web".into(),
+                id: id("spiffe://cluster.local/ns/demo/sa/web"),
+                ips: vec![ip("10.0.0.2"), ip("10.0.0.3")],
+                mesh_port: 15008,
+            }),
+        );
+        d.services.insert(
+            "demo/api".into(),
+            held(Service {
+                name: "demo/api".into(),
+                vips: vec![ip("10.96.0.10")],
+                ports: [(80, 8080)].into(),
+                endpoints: vec![ip("10.0.0.2"), ip("10.1.0.9")],
+            }),
+        );
+        d
+    }
+
+    fn mesh(mode: InboundMode, policy: OutboundPolicy) -> Held<MeshSettings> {
+        held(MeshSettings {
+            mtls: MtlsModes {
+                default: mode,
+                ports: [(9090, InboundMode::Permissive)].into(),
+            },
+            outbound_policy: policy,
+            bundle: None,
+        })
+    }
+
     #[test]
-    fn routes() {
-        let web = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/web").unwrap();
-        let ip: IpAddr = "10.0.0.2".parse().unwrap();
-        let mut snapshot = MeshSnapshot {
-            peers: [(
-                ip,
+    fn flag_only_snapshot_routes_peers_and_passes_the_rest_through() {
+        let web = id("spiffe://cluster.local/ns/a/sa/web");
+        let local = LocalConfig {
+            peers: vec![(
+                ip("10.0.0.2"),
                 MeshPeer {
                     id: web.clone(),
                     mesh_port: MESH_PORT,
                 },
-            )]
-            .into(),
-            outbound_policy: OutboundPolicy::Passthrough,
+            )],
+            ..LocalConfig::default()
         };
+        let snapshot = MeshSnapshot::build(&Discovered::default(), &local);
         assert_eq!(
-            snapshot.route("10.0.0.2:80".parse().unwrap()),
+            snapshot.route(addr("10.0.0.2:80"), |_| 0),
             Route::Mesh {
-                mesh_addr: "10.0.0.2:15008".parse().unwrap(),
+                mesh_addr: addr("10.0.0.2:15008"),
                 id: web,
                 target_port: 80
             }
         );
-        let other: SocketAddr = "10.0.0.3:80".parse().unwrap();
-        assert_eq!(snapshot.route(other), Route::Passthrough(other));
-        snapshot.outbound_policy = OutboundPolicy::RegistryOnly;
-        assert!(matches!(snapshot.route(other), Route::Refused(_)));
+        let other = addr("10.0.0.3:80");
+        assert_eq!(snapshot.route(other, |_| 0), Route::Passthrough(other));
+        assert_eq!(snapshot.mtls, MtlsModes::uniform(InboundMode::Strict));
+        assert_eq!(snapshot.outbound_policy, OutboundPolicy::Passthrough);
+    }
+
+    #[test]
+    fn vip_routes_to_the_picked_endpoint_meshed_or_plain() {
+        let snapshot = MeshSnapshot::build(&discovered(), &LocalConfig::default());
+        let mut offered = Vec::new();
+        let route = snapshot.route(addr("10.96.0.10:80"), |c| {
+            offered = c.to_vec();
+            0
+        });
+        assert_eq!(offered, vec![addr("10.0.0.2:8080"), addr("10.1.0.9:8080")]);
+        assert_eq!(
+            route,
+            Route::Mesh {
+                mesh_addr: addr("10.0.0.2:15008"),
+                id: id("spiffe://cluster.local/ns/demo/sa/web"),
+                target_port: 8080
+            }
+        );
+        assert_eq!(
+            snapshot.route(addr("10.96.0.10:80"), |_| 1),
+            Route::Passthrough(addr("10.1.0.9:8080"))
+        );
+    }
+
+    #[test]
+    fn vip_with_unknown_port_or_no_endpoints_is_refused() {
+        let mut d = discovered();
+        let snapshot = MeshSnapshot::build(&d, &LocalConfig::default());
+        assert!(matches!(
+            snapshot.route(addr("10.96.0.10:81"), |_| 0),
+            Route::Refused {
+                reason: "unknown_service_port",
+                ..
+            }
+        ));
+        d.services
+            .get_mut("demo/api")
+            .unwrap()
+            .value
+            .endpoints
+            .clear();
+        let snapshot = MeshSnapshot::build(&d, &LocalConfig::default());
+        assert!(matches!(
+            snapshot.route(addr("10.96.0.10:80"), |_| panic!("nothing to pick")),
+            Route::Refused {
+                reason: "no_endpoints",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn workload_ip_keeps_the_original_port_and_unknown_follows_the_outbound_policy() {
+        let mut d = discovered();
+        let snapshot = MeshSnapshot::build(&d, &LocalConfig::default());
+        assert_eq!(
+            snapshot.route(addr("10.0.0.3:5432"), |_| 0),
+            Route::Mesh {
+                mesh_addr: addr("10.0.0.3:15008"),
+                id: id("spiffe://cluster.local/ns/demo/sa/web"),
+                target_port: 5432
+            }
+        );
+        // An unmeshed service endpoint is not a meshed workload when dialled directly.
+        assert_eq!(
+            snapshot.route(addr("10.1.0.9:8080"), |_| 0),
+            Route::Passthrough(addr("10.1.0.9:8080"))
+        );
+        d.mesh.insert(
+            "mesh".into(),
+            mesh(InboundMode::Strict, OutboundPolicy::RegistryOnly),
+        );
+        let snapshot = MeshSnapshot::build(&d, &LocalConfig::default());
+        assert!(matches!(
+            snapshot.route(addr("10.1.0.9:8080"), |_| 0),
+            Route::Refused {
+                reason: "registry_only",
+                ..
+            }
+        ));
+        // Registry-only still reaches what the registry knows.
+        assert!(matches!(
+            snapshot.route(addr("10.96.0.10:80"), |_| 1),
+            Route::Passthrough(_)
+        ));
+    }
+
+    #[test]
+    fn discovery_wins_over_peer_flags_for_the_ips_it_knows() {
+        let flagged = id("spiffe://cluster.local/ns/old/sa/web");
+        let local = LocalConfig {
+            peers: vec![
+                (
+                    ip("10.0.0.2"),
+                    MeshPeer {
+                        id: flagged.clone(),
+                        mesh_port: 25008,
+                    },
+                ),
+                (
+                    ip("10.0.0.9"),
+                    MeshPeer {
+                        id: flagged.clone(),
+                        mesh_port: 25008,
+                    },
+                ),
+            ],
+            ..LocalConfig::default()
+        };
+        let snapshot = MeshSnapshot::build(&discovered(), &local);
+        assert_eq!(
+            snapshot.peers[&ip("10.0.0.2")].id.as_str(),
+            "spiffe://cluster.local/ns/demo/sa/web"
+        );
+        assert_eq!(
+            snapshot.peers[&ip("10.0.0.9")],
+            MeshPeer {
+                id: flagged,
+                mesh_port: 25008
+            }
+        );
+    }
+
+    #[test]
+    fn mesh_config_decides_unless_a_flag_overrides() {
+        let mut d = discovered();
+        d.mesh.insert(
+            "mesh".into(),
+            mesh(InboundMode::Strict, OutboundPolicy::RegistryOnly),
+        );
+        let snapshot = MeshSnapshot::build(&d, &LocalConfig::default());
+        assert_eq!(snapshot.mtls.for_port(80), InboundMode::Strict);
+        assert_eq!(snapshot.mtls.for_port(9090), InboundMode::Permissive);
+        assert_eq!(snapshot.outbound_policy, OutboundPolicy::RegistryOnly);
+
+        let local = LocalConfig {
+            inbound_mode: Some(InboundMode::Strict),
+            outbound_policy: Some(OutboundPolicy::Passthrough),
+            ..LocalConfig::default()
+        };
+        let snapshot = MeshSnapshot::build(&d, &local);
+        assert_eq!(
+            snapshot.mtls.for_port(9090),
+            InboundMode::Strict,
+            "--inbound-mode wins over port_mtls too"
+        );
+        assert_eq!(snapshot.outbound_policy, OutboundPolicy::Passthrough);
+
+        let local = LocalConfig {
+            inbound_mode: Some(InboundMode::Permissive),
+            ..LocalConfig::default()
+        };
+        let snapshot = MeshSnapshot::build(&d, &local);
+        assert_eq!(snapshot.mtls.for_port(80), InboundMode::Permissive);
+        assert_eq!(snapshot.outbound_policy, OutboundPolicy::RegistryOnly);
+    }
+
+    #[test]
+    fn publish_swaps_the_snapshot_and_wakes_subscribers() {
+        let state = MeshState::new(LocalConfig::default());
+        let changes = state.subscribe();
+        assert!(state.load().services.is_empty());
+        state.publish(&discovered());
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(state.load().services.len(), 1);
     }
 }

@@ -164,6 +164,8 @@ fn proxy(
             admin,
             "--inbound",
             inbound,
+            // Explicit routes only; and /ready must not wait for a discovery sync.
+            "--discovery=false",
         ])
         // Room for the memory rows whatever their size (the default limit is 10,000).
         .args(["--max-connections", "30000"]);

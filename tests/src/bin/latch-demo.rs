@@ -129,6 +129,8 @@ async fn start_proxy(
         "20s".into(),
         "--admin".into(),
         admin.clone(),
+        // The demo's routes are explicit flags; without discovery /ready waits only for the SVID.
+        "--discovery=false".into(),
     ];
     args.extend(extra.iter().cloned());
     let shown: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -1,0 +1,1117 @@
+//! The discovery client: one delta ADS stream to the control plane over mTLS (the proxy's SVID),
+//! subscribing to MeshConfig, Workload, Service and AuthorizationPolicy. Each response is
+//! decoded and validated as a whole, then applied (the `MeshState` snapshot rebuilt and swapped,
+//! the trust bundle installed, ACK) or rejected (NACK with the reasons, previous state kept).
+//! Reconnects with capped, jittered backoff and keeps the last good state meanwhile. Owned by
+//! `Proxy`; the admin server reads its sync status.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use latch_identity::client::ClientError;
+use latch_identity::{CertStore, ExpectedPeer, PeerRole, SpiffeId, TrustBundle};
+use latch_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use latch_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use latch_proto::envoy::config::core::v3::Node;
+use latch_proto::mesh::{self, authorization_policy, mesh_config, principal_match};
+use latch_proto::type_url;
+use prost::Message;
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::authorizer::{Action, Policy, Principal, Rule};
+use crate::data_path::InboundMode;
+use crate::metrics::{Metrics, TypeLabel};
+use crate::state::{
+    Discovered, Held, MeshSettings, MeshState, MtlsModes, OutboundPolicy, Service, Workload,
+};
+
+/// gRPC status code INVALID_ARGUMENT, sent in a NACK's error_detail.
+const INVALID_ARGUMENT: i32 = 3;
+
+/// Discovery settings; the control plane's address and ID are the identity agent's.
+#[derive(Debug, Clone)]
+pub struct DiscoveryConfig {
+    /// "<namespace>/<name>" of this proxy's workload (`--workload-name`); sent as node id.
+    pub workload_name: Option<String>,
+    /// First wait before reconnecting; doubles up to `max_backoff` (±jitter), reset after a
+    /// stream that applied a response.
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            workload_name: None,
+            min_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum DiscoveryError {
+    #[error(transparent)]
+    Connect(#[from] ClientError),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("control plane refused the discovery stream ({code:?}): {message}")]
+    Refused { code: tonic::Code, message: String },
+    #[error("control plane ended the discovery stream")]
+    Ended,
+}
+
+impl From<tonic::Status> for DiscoveryError {
+    fn from(status: tonic::Status) -> Self {
+        DiscoveryError::Refused {
+            code: status.code(),
+            message: status.message().to_string(),
+        }
+    }
+}
+
+/// The short name of a type URL, for logs and metric labels.
+pub fn type_name(type_url: &str) -> &'static str {
+    match type_url {
+        type_url::MESH_CONFIG => "MeshConfig",
+        type_url::WORKLOAD => "Workload",
+        type_url::SERVICE => "Service",
+        type_url::AUTHORIZATION_POLICY => "AuthorizationPolicy",
+        _ => "unknown",
+    }
+}
+
+/// A uniform random number in [0, 1).
+fn random_unit() -> f64 {
+    let mut bytes = [0u8; 4];
+    let _ = aws_lc_rs::rand::fill(&mut bytes);
+    f64::from(u32::from_be_bytes(bytes)) / (f64::from(u32::MAX) + 1.0)
+}
+
+/// How a stream ended.
+#[derive(Debug)]
+pub struct StreamEnd {
+    /// Responses applied on this stream.
+    pub applied: usize,
+    /// Why it ended; `None` when cancelled.
+    pub error: Option<DiscoveryError>,
+}
+
+/// The discovery client.
+pub struct DiscoveryClient {
+    store: Arc<CertStore>,
+    mesh: Arc<MeshState>,
+    metrics: Arc<Metrics>,
+    config: DiscoveryConfig,
+    /// Everything applied so far; kept across streams.
+    discovered: Mutex<Discovered>,
+    /// Types whose first response has been applied.
+    synced_types: Mutex<BTreeSet<&'static str>>,
+    synced: AtomicBool,
+}
+
+impl DiscoveryClient {
+    pub fn new(
+        store: Arc<CertStore>,
+        mesh: Arc<MeshState>,
+        metrics: Arc<Metrics>,
+        config: DiscoveryConfig,
+    ) -> Self {
+        Self {
+            store,
+            mesh,
+            metrics,
+            config,
+            discovered: Mutex::new(Discovered::default()),
+            synced_types: Mutex::new(BTreeSet::new()),
+            synced: AtomicBool::new(false),
+        }
+    }
+
+    /// True once the first response of every type has been applied (stays true while the
+    /// control plane is away: the last good state keeps serving).
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// The types not yet applied once, for /ready.
+    pub fn missing_types(&self) -> Vec<&'static str> {
+        let synced = self.synced_types.lock().unwrap_or_else(|e| e.into_inner());
+        type_url::ALL
+            .iter()
+            .map(|t| type_name(t))
+            .filter(|t| !synced.contains(t))
+            .collect()
+    }
+
+    fn discovered(&self) -> std::sync::MutexGuard<'_, Discovered> {
+        self.discovered.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Connects to the control plane with the proxy's SVID once it holds one, and keeps a
+    /// stream open until `cancel`.
+    pub async fn run(
+        self: Arc<Self>,
+        control_plane: String,
+        control_plane_id: ExpectedPeer,
+        cancel: CancellationToken,
+    ) {
+        let mut changes = self.store.subscribe();
+        while self.store.svid().is_none() {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = changes.changed() => if changed.is_err() { return },
+            }
+        }
+        let verifier = Arc::new(latch_identity::SpiffeServerVerifier::new(
+            self.store.clone(),
+            control_plane_id,
+        ));
+        let tls = match latch_identity::tls::client_config(
+            Some(self.store.clone()),
+            verifier,
+            &[latch_identity::tls::ALPN_H2],
+        ) {
+            Ok(tls) => tls,
+            Err(e) => {
+                tracing::error!("discovery disabled: cannot build its TLS configuration: {e}");
+                return;
+            }
+        };
+        let address = control_plane.clone();
+        self.run_with(
+            move || {
+                let (address, tls) = (address.clone(), tls.clone());
+                async move { latch_identity::client::connect_channel(&address, tls, None).await }
+            },
+            &control_plane,
+            cancel,
+        )
+        .await;
+    }
+
+    /// The reconnect loop over any way of making a channel (tests use plaintext).
+    pub async fn run_with<F, Fut>(
+        self: Arc<Self>,
+        mut connect: F,
+        control_plane: &str,
+        cancel: CancellationToken,
+    ) where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<Channel, ClientError>>,
+    {
+        let mut backoff = Duration::ZERO;
+        loop {
+            let end = tokio::select! {
+                _ = cancel.cancelled() => return,
+                channel = connect() => match channel {
+                    Ok(channel) => self.run_stream(channel, &cancel).await,
+                    Err(e) => StreamEnd { applied: 0, error: Some(e.into()) },
+                },
+            };
+            let Some(error) = end.error else { return };
+            if end.applied > 0 {
+                backoff = Duration::ZERO;
+            }
+            backoff = if backoff.is_zero() {
+                self.config.min_backoff
+            } else {
+                (backoff * 2).min(self.config.max_backoff)
+            };
+            let wait = backoff.mul_f64(0.5 + 0.5 * random_unit());
+            self.metrics.discovery_reconnects.inc();
+            tracing::warn!(
+                retry_in = ?wait,
+                synced = self.is_synced(),
+                "discovery stream to {control_plane} is down (keeping the last good mesh state): {error}"
+            );
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// The four subscribe requests, in the contract's order, with what is held of each type.
+    pub fn subscriptions(&self) -> Vec<DeltaDiscoveryRequest> {
+        let discovered = self.discovered();
+        let node = Node {
+            id: self.config.workload_name.clone().unwrap_or_default(),
+            ..Node::default()
+        };
+        type_url::ALL
+            .iter()
+            .map(|&url| DeltaDiscoveryRequest {
+                node: Some(node.clone()),
+                type_url: url.to_string(),
+                initial_resource_versions: discovered.versions(url),
+                ..DeltaDiscoveryRequest::default()
+            })
+            .collect()
+    }
+
+    /// Runs one stream on `channel`: subscribe, then apply or reject each response and answer
+    /// it, until the stream ends or `cancel` fires.
+    pub async fn run_stream(&self, channel: Channel, cancel: &CancellationToken) -> StreamEnd {
+        let mut applied = 0;
+        let end = |applied, error| StreamEnd {
+            applied,
+            error: Some(error),
+        };
+        let (requests, outgoing) = mpsc::channel(16);
+        for request in self.subscriptions() {
+            // The receiver is alive: it is right here.
+            let _ = requests.send(request).await;
+        }
+        let mut client = AggregatedDiscoveryServiceClient::new(channel);
+        let opened = tokio::select! {
+            _ = cancel.cancelled() => return StreamEnd { applied, error: None },
+            opened = client.delta_aggregated_resources(ReceiverStream::new(outgoing)) => opened,
+        };
+        let mut responses = match opened {
+            Ok(response) => response.into_inner(),
+            Err(status) => return end(applied, status.into()),
+        };
+        self.metrics.discovery_connected.set(1);
+        tracing::info!("discovery stream open");
+        let error = loop {
+            let message = tokio::select! {
+                _ = cancel.cancelled() => break None,
+                message = responses.message() => message,
+            };
+            let response = match message {
+                Ok(Some(response)) => response,
+                Ok(None) => break Some(DiscoveryError::Ended),
+                Err(status) => break Some(status.into()),
+            };
+            let answer = self.handle(response);
+            if answer.error_detail.is_none() {
+                applied += 1;
+            }
+            if requests.send(answer).await.is_err() {
+                break Some(DiscoveryError::Ended);
+            }
+        };
+        self.metrics.discovery_connected.set(0);
+        StreamEnd { applied, error }
+    }
+
+    /// Applies one response all or nothing; returns the ACK or NACK to send.
+    pub fn handle(&self, response: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+        let kind = type_name(&response.type_url);
+        let mut answer = DeltaDiscoveryRequest {
+            type_url: response.type_url.clone(),
+            response_nonce: response.nonce.clone(),
+            ..DeltaDiscoveryRequest::default()
+        };
+        let mut discovered = self.discovered();
+        let next = apply(&discovered, &response, &self.store, SystemTime::now());
+        match next {
+            Ok(next) => {
+                *discovered = next;
+                let bundle = (kind == "MeshConfig")
+                    .then(|| discovered.mesh.values().next())
+                    .flatten()
+                    .and_then(|m| m.value.bundle.clone());
+                self.mesh.publish(&discovered);
+                drop(discovered);
+                if let Some(bundle) = bundle.filter(|b| b.roots() != self.store.bundle().roots()) {
+                    tracing::info!(fingerprints = ?bundle.fingerprints(), "trust bundle from the control plane installed");
+                    self.store.set_bundle(bundle);
+                }
+                self.metrics
+                    .discovery_applied
+                    .get_or_create(&TypeLabel { r#type: kind })
+                    .inc();
+                tracing::info!(
+                    r#type = kind,
+                    version = %response.system_version_info,
+                    updated = response.resources.len(),
+                    removed = response.removed_resources.len(),
+                    "discovery response applied"
+                );
+                self.mark_synced(kind);
+            }
+            Err(reasons) => {
+                drop(discovered);
+                let message = reasons.join("; ");
+                self.metrics
+                    .discovery_rejected
+                    .get_or_create(&TypeLabel { r#type: kind })
+                    .inc();
+                tracing::warn!(
+                    r#type = kind,
+                    nonce = %response.nonce,
+                    "rejected a discovery response, keeping the previous {kind} state: {message}"
+                );
+                answer.error_detail = Some(latch_proto::google::rpc::Status {
+                    code: INVALID_ARGUMENT,
+                    message,
+                    details: Vec::new(),
+                });
+            }
+        }
+        answer
+    }
+
+    fn mark_synced(&self, kind: &'static str) {
+        let mut synced = self.synced_types.lock().unwrap_or_else(|e| e.into_inner());
+        if synced.insert(kind) && synced.len() == type_url::ALL.len() {
+            self.synced.store(true, Ordering::Release);
+            tracing::info!("in sync with the control plane: all resource types received");
+        }
+    }
+}
+
+impl Discovered {
+    /// name -> version of what is held of `type_url`.
+    pub fn versions(&self, type_url: &str) -> BTreeMap<String, String> {
+        fn of<T>(held: &BTreeMap<String, Held<T>>) -> BTreeMap<String, String> {
+            held.iter()
+                .map(|(name, h)| (name.clone(), h.version.clone()))
+                .collect()
+        }
+        match type_url {
+            type_url::MESH_CONFIG => of(&self.mesh),
+            type_url::WORKLOAD => of(&self.workloads),
+            type_url::SERVICE => of(&self.services),
+            type_url::AUTHORIZATION_POLICY => of(&self.policies),
+            _ => BTreeMap::new(),
+        }
+    }
+}
+
+/// The state after `response`, or every reason it is rejected.
+pub fn apply(
+    current: &Discovered,
+    response: &DeltaDiscoveryResponse,
+    store: &CertStore,
+    now: SystemTime,
+) -> Result<Discovered, Vec<String>> {
+    let mut next = current.clone();
+    match response.type_url.as_str() {
+        type_url::MESH_CONFIG => apply_type(&mut next.mesh, response, |r| {
+            let m: mesh::MeshConfig = decode(r, type_url::MESH_CONFIG)?;
+            if r.name != latch_proto::MESH_CONFIG_NAME {
+                return Err(format!(
+                    "a MeshConfig must be named {:?}",
+                    latch_proto::MESH_CONFIG_NAME
+                ));
+            }
+            mesh_settings(&m, store, now)
+        })?,
+        type_url::WORKLOAD => apply_type(&mut next.workloads, response, |r| {
+            workload(r, &decode(r, type_url::WORKLOAD)?)
+        })?,
+        type_url::SERVICE => apply_type(&mut next.services, response, |r| {
+            service(r, &decode(r, type_url::SERVICE)?)
+        })?,
+        type_url::AUTHORIZATION_POLICY => apply_type(&mut next.policies, response, |r| {
+            policy(r, &decode(r, type_url::AUTHORIZATION_POLICY)?)
+        })?,
+        other => {
+            return Err(vec![format!(
+                "type_url {other:?} is not one this proxy subscribed to"
+            )]);
+        }
+    }
+    Ok(next)
+}
+
+/// Validates every resource of a response, then removes and updates; nothing on any error.
+fn apply_type<T>(
+    held: &mut BTreeMap<String, Held<T>>,
+    response: &DeltaDiscoveryResponse,
+    validate: impl Fn(&Resource) -> Result<T, String>,
+) -> Result<(), Vec<String>> {
+    let mut errors = Vec::new();
+    let mut updates = BTreeMap::new();
+    for resource in &response.resources {
+        let value = validate(resource).and_then(|value| {
+            if updates.contains_key(&resource.name) {
+                Err("sent twice in one response".to_string())
+            } else {
+                Ok(value)
+            }
+        });
+        match value {
+            Ok(value) => {
+                updates.insert(
+                    resource.name.clone(),
+                    Held {
+                        version: resource.version.clone(),
+                        value,
+                    },
+                );
+            }
+            Err(reason) => errors.push(format!("{:?}: {reason}", resource.name)),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    for name in &response.removed_resources {
+        held.remove(name);
+    }
+    held.extend(updates);
+    Ok(())
+}
+
+/// Decodes the resource's Any as `T`, checking it is of `expected` type.
+fn decode<T: Message + Default>(resource: &Resource, expected: &str) -> Result<T, String> {
+    let any = resource
+        .resource
+        .as_ref()
+        .ok_or_else(|| "no resource body".to_string())?;
+    if any.type_url != expected {
+        return Err(format!(
+            "carries a {:?} in a {} response",
+            any.type_url,
+            type_name(expected)
+        ));
+    }
+    T::decode(any.value.as_slice()).map_err(|e| format!("cannot be decoded: {e}"))
+}
+
+/// The resource name must be "<namespace>/<name>" of the message, both non-empty.
+fn check_name(resource: &Resource, namespace: &str, name: &str) -> Result<(), String> {
+    if namespace.is_empty() || name.is_empty() {
+        return Err("namespace and name must both be set".into());
+    }
+    let expected = format!("{namespace}/{name}");
+    if resource.name != expected {
+        return Err(format!(
+            "resource name does not match the message's {expected:?}"
+        ));
+    }
+    Ok(())
+}
+
+fn port(value: u32, what: &str) -> Result<u16, String> {
+    u16::try_from(value)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{what} {value} is not a port (1..=65535)"))
+}
+
+fn ip(value: &str, what: &str) -> Result<IpAddr, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{what} {value:?} is not an IP address"))
+}
+
+fn workload(resource: &Resource, w: &mesh::Workload) -> Result<Workload, String> {
+    check_name(resource, &w.namespace, &w.name)?;
+    let id =
+        SpiffeId::parse(&w.spiffe_id).map_err(|e| format!("spiffe_id {:?}: {e}", w.spiffe_id))?;
+    if w.mesh_port == 0 {
+        return Err("mesh_port is not set".into());
+    }
+    Ok(Workload {
+        name: resource.name.clone(),
+        id,
+        ips: w
+            .ips
+            .iter()
+            .map(|s| ip(s, "ip"))
+            .collect::<Result<_, _>>()?,
+        mesh_port: port(w.mesh_port, "mesh_port")?,
+    })
+}
+
+fn service(resource: &Resource, s: &mesh::Service) -> Result<Service, String> {
+    check_name(resource, &s.namespace, &s.name)?;
+    let mut ports = BTreeMap::new();
+    for p in &s.ports {
+        let number = port(p.port, "port")?;
+        let target = port(p.target_port, "target_port")?;
+        if ports.insert(number, target).is_some() {
+            return Err(format!("port {number} is listed twice"));
+        }
+    }
+    Ok(Service {
+        name: resource.name.clone(),
+        vips: s
+            .vips
+            .iter()
+            .map(|v| ip(v, "vip"))
+            .collect::<Result<_, _>>()?,
+        ports,
+        endpoints: s
+            .endpoints
+            .iter()
+            .map(|e| ip(&e.ip, "endpoint ip"))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+fn principal(p: &mesh::PrincipalMatch) -> Result<Principal, String> {
+    match &p.r#match {
+        Some(principal_match::Match::Exact(id)) => SpiffeId::parse(id)
+            .map(|_| Principal::Exact(id.clone()))
+            .map_err(|e| format!("principal exact {id:?}: {e}")),
+        Some(principal_match::Match::Prefix(prefix)) => {
+            let rest = prefix.strip_prefix("spiffe://").unwrap_or_default();
+            if rest.is_empty() || rest.starts_with('/') {
+                Err(format!(
+                    "principal prefix {prefix:?} must start with spiffe://<trust-domain>"
+                ))
+            } else {
+                Ok(Principal::Prefix(prefix.clone()))
+            }
+        }
+        None => Err("a principal has neither exact nor prefix".into()),
+    }
+}
+
+fn policy(resource: &Resource, p: &mesh::AuthorizationPolicy) -> Result<Policy, String> {
+    check_name(resource, &p.namespace, &p.name)?;
+    let action = match authorization_policy::Action::try_from(p.action) {
+        Ok(authorization_policy::Action::Allow) => Action::Allow,
+        Ok(authorization_policy::Action::Deny) => Action::Deny,
+        Err(_) => return Err(format!("action {} is neither ALLOW nor DENY", p.action)),
+    };
+    let rules = p
+        .rules
+        .iter()
+        .map(|r| {
+            if let Some(ns) = r
+                .namespaces
+                .iter()
+                .find(|n| n.is_empty() || n.contains('/'))
+            {
+                return Err(format!("namespace {ns:?} is not a namespace name"));
+            }
+            Ok(Rule {
+                principals: r
+                    .principals
+                    .iter()
+                    .map(principal)
+                    .collect::<Result<_, _>>()?,
+                namespaces: r.namespaces.clone(),
+                ports: r
+                    .ports
+                    .iter()
+                    .map(|p| port(*p, "rule port"))
+                    .collect::<Result<_, _>>()?,
+            })
+        })
+        .collect::<Result<_, String>>()?;
+    Ok(Policy {
+        name: resource.name.clone(),
+        action,
+        rules,
+    })
+}
+
+fn mtls_mode(value: i32) -> Result<InboundMode, String> {
+    match mesh_config::MtlsMode::try_from(value) {
+        Ok(mesh_config::MtlsMode::Strict) => Ok(InboundMode::Strict),
+        Ok(mesh_config::MtlsMode::Permissive) => Ok(InboundMode::Permissive),
+        Err(_) => Err(format!(
+            "mTLS mode {value} is neither STRICT nor PERMISSIVE"
+        )),
+    }
+}
+
+/// The MeshConfig's settings. A trust bundle must parse and validate the proxy's current SVID:
+/// installing one that does not would cut this proxy off from every peer.
+fn mesh_settings(
+    m: &mesh::MeshConfig,
+    store: &CertStore,
+    now: SystemTime,
+) -> Result<MeshSettings, String> {
+    let mut ports = BTreeMap::new();
+    for (p, mode) in &m.port_mtls {
+        ports.insert(port(*p, "port_mtls port")?, mtls_mode(*mode)?);
+    }
+    let outbound_policy = match mesh_config::OutboundPolicy::try_from(m.outbound_policy) {
+        Ok(mesh_config::OutboundPolicy::Passthrough) => OutboundPolicy::Passthrough,
+        Ok(mesh_config::OutboundPolicy::RegistryOnly) => OutboundPolicy::RegistryOnly,
+        Err(_) => {
+            return Err(format!(
+                "outbound_policy {} is neither PASSTHROUGH nor REGISTRY_ONLY",
+                m.outbound_policy
+            ));
+        }
+    };
+    let bundle = if m.trust_bundle_pem.trim().is_empty() {
+        None
+    } else {
+        let bundle = TrustBundle::from_pem(m.trust_bundle_pem.as_bytes())
+            .map_err(|e| format!("trust_bundle_pem: {e}"))?;
+        if let Some(svid) = store.svid() {
+            latch_identity::verify_svid(svid.chain(), &bundle, now, PeerRole::Client).map_err(
+                |e| {
+                    format!(
+                        "trust_bundle_pem has no root for this proxy's own SVID ({}): {e}",
+                        svid.id()
+                    )
+                },
+            )?;
+        }
+        Some(bundle)
+    };
+    Ok(MeshSettings {
+        mtls: MtlsModes {
+            default: mtls_mode(m.mtls_mode)?,
+            ports,
+        },
+        outbound_policy,
+        bundle,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{ca_and_svid, store_with_svid};
+    use latch_proto::mesh::{Endpoint, PrincipalMatch, ServicePort};
+
+    const SELF: &str = "spiffe://cluster.local/ns/demo/sa/web";
+
+    fn store() -> (CertStore, String) {
+        store_with_svid(SELF)
+    }
+
+    fn resource<M: Message>(url: &str, name: &str, message: &M) -> Resource {
+        Resource {
+            version: "v1".into(),
+            name: name.into(),
+            resource: Some(prost_types::Any {
+                type_url: url.into(),
+                value: message.encode_to_vec(),
+            }),
+        }
+    }
+
+    fn response(url: &str, resources: Vec<Resource>, removed: &[&str]) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            type_url: url.into(),
+            resources,
+            removed_resources: removed.iter().map(|s| s.to_string()).collect(),
+            nonce: "n1".into(),
+            ..DeltaDiscoveryResponse::default()
+        }
+    }
+
+    fn good_workload() -> mesh::Workload {
+        mesh::Workload {
+            name: "web".into(),
+            namespace: "demo".into(),
+            spiffe_id: SELF.into(),
+            ips: vec!["10.0.0.2".into()],
+            mesh_port: 15008,
+            ..mesh::Workload::default()
+        }
+    }
+
+    fn good_service() -> mesh::Service {
+        mesh::Service {
+            name: "api".into(),
+            namespace: "demo".into(),
+            vips: vec!["10.96.0.10".into()],
+            ports: vec![ServicePort {
+                port: 80,
+                target_port: 8080,
+                name: "http".into(),
+            }],
+            endpoints: vec![Endpoint {
+                ip: "10.0.0.3".into(),
+            }],
+            ..mesh::Service::default()
+        }
+    }
+
+    fn good_policy() -> mesh::AuthorizationPolicy {
+        mesh::AuthorizationPolicy {
+            name: "allow".into(),
+            namespace: "demo".into(),
+            action: authorization_policy::Action::Allow as i32,
+            rules: vec![mesh::Rule {
+                principals: vec![
+                    PrincipalMatch {
+                        r#match: Some(principal_match::Match::Exact(SELF.into())),
+                    },
+                    PrincipalMatch {
+                        r#match: Some(principal_match::Match::Prefix(
+                            "spiffe://cluster.local/ns/ops/".into(),
+                        )),
+                    },
+                ],
+                namespaces: vec!["demo".into()],
+                ports: vec![8080],
+            }],
+            ..mesh::AuthorizationPolicy::default()
+        }
+    }
+
+    /// The one reason `apply` gives for a response of the single `resource`.
+    fn rejection(store: &CertStore, url: &str, resource: Resource) -> String {
+        match apply(
+            &Discovered::default(),
+            &response(url, vec![resource], &[]),
+            store,
+            SystemTime::now(),
+        ) {
+            Ok(_) => panic!("accepted"),
+            Err(reasons) => {
+                assert_eq!(reasons.len(), 1, "{reasons:?}");
+                reasons[0].clone()
+            }
+        }
+    }
+
+    fn accepts(store: &CertStore, url: &str, resource: Resource) -> Discovered {
+        apply(
+            &Discovered::default(),
+            &response(url, vec![resource], &[]),
+            store,
+            SystemTime::now(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn valid_resources_are_accepted() {
+        let (store, pem) = store();
+        let d = accepts(
+            &store,
+            type_url::WORKLOAD,
+            resource(type_url::WORKLOAD, "demo/web", &good_workload()),
+        );
+        assert_eq!(d.workloads["demo/web"].value.mesh_port, 15008);
+        assert_eq!(d.workloads["demo/web"].version, "v1");
+        let d = accepts(
+            &store,
+            type_url::SERVICE,
+            resource(type_url::SERVICE, "demo/api", &good_service()),
+        );
+        assert_eq!(d.services["demo/api"].value.ports[&80], 8080);
+        let d = accepts(
+            &store,
+            type_url::AUTHORIZATION_POLICY,
+            resource(type_url::AUTHORIZATION_POLICY, "demo/allow", &good_policy()),
+        );
+        assert_eq!(d.policies["demo/allow"].value.action, Action::Allow);
+        let mesh = mesh::MeshConfig {
+            mtls_mode: mesh_config::MtlsMode::Permissive as i32,
+            port_mtls: [(8080, mesh_config::MtlsMode::Strict as i32)].into(),
+            trust_bundle_pem: pem,
+            outbound_policy: mesh_config::OutboundPolicy::RegistryOnly as i32,
+        };
+        let d = accepts(
+            &store,
+            type_url::MESH_CONFIG,
+            resource(type_url::MESH_CONFIG, "mesh", &mesh),
+        );
+        let settings = &d.mesh["mesh"].value;
+        assert_eq!(settings.mtls.for_port(8080), InboundMode::Strict);
+        assert_eq!(settings.mtls.for_port(80), InboundMode::Permissive);
+        assert_eq!(settings.outbound_policy, OutboundPolicy::RegistryOnly);
+        assert!(settings.bundle.is_some());
+    }
+
+    #[test]
+    fn every_rejection_reason() {
+        let (store, _) = store();
+        let (other_ca, _) = ca_and_svid(SELF);
+        let w = type_url::WORKLOAD;
+        let workload = |edit: fn(&mut mesh::Workload)| {
+            let mut m = good_workload();
+            edit(&mut m);
+            resource(w, "demo/web", &m)
+        };
+        let s = type_url::SERVICE;
+        let service = |edit: fn(&mut mesh::Service)| {
+            let mut m = good_service();
+            edit(&mut m);
+            resource(s, "demo/api", &m)
+        };
+        let p = type_url::AUTHORIZATION_POLICY;
+        let policy = |edit: fn(&mut mesh::AuthorizationPolicy)| {
+            let mut m = good_policy();
+            edit(&mut m);
+            resource(p, "demo/allow", &m)
+        };
+        let m = type_url::MESH_CONFIG;
+        let mesh_with = |pem: &str| {
+            resource(
+                m,
+                "mesh",
+                &mesh::MeshConfig {
+                    trust_bundle_pem: pem.into(),
+                    ..mesh::MeshConfig::default()
+                },
+            )
+        };
+        let mesh = |edit: fn(&mut mesh::MeshConfig)| {
+            let mut c = mesh::MeshConfig::default();
+            edit(&mut c);
+            resource(m, "mesh", &c)
+        };
+        let principal = |m: principal_match::Match| mesh::AuthorizationPolicy {
+            rules: vec![mesh::Rule {
+                principals: vec![PrincipalMatch { r#match: Some(m) }],
+                ..mesh::Rule::default()
+            }],
+            ..good_policy()
+        };
+        let table: Vec<(&str, Resource, &str)> = vec![
+            (
+                w,
+                workload(|m| m.spiffe_id = "spiffe://Bad/x".into()),
+                "spiffe_id",
+            ),
+            (w, workload(|m| m.spiffe_id = String::new()), "spiffe_id"),
+            (
+                w,
+                workload(|m| m.ips.push("10.0.0.300".into())),
+                "not an IP address",
+            ),
+            (w, workload(|m| m.mesh_port = 0), "mesh_port is not set"),
+            (w, workload(|m| m.mesh_port = 70000), "mesh_port 70000"),
+            (w, workload(|m| m.name = "api".into()), "does not match"),
+            (w, workload(|m| m.namespace.clear()), "must both be set"),
+            // A Service's bytes under the Workload type URL.
+            (
+                w,
+                resource(w, "demo/web", &good_service()),
+                "cannot be decoded",
+            ),
+            (
+                w,
+                resource(s, "demo/web", &good_workload()),
+                "in a Workload response",
+            ),
+            (
+                w,
+                Resource {
+                    resource: None,
+                    ..resource(w, "demo/web", &good_workload())
+                },
+                "no resource body",
+            ),
+            (
+                w,
+                Resource {
+                    resource: Some(prost_types::Any {
+                        type_url: w.into(),
+                        value: vec![0xff, 0xff, 0xff],
+                    }),
+                    ..resource(w, "demo/web", &good_workload())
+                },
+                "cannot be decoded",
+            ),
+            (s, service(|m| m.vips = vec!["api.demo".into()]), "vip"),
+            (
+                s,
+                service(|m| m.endpoints[0].ip = "nope".into()),
+                "endpoint ip",
+            ),
+            (s, service(|m| m.ports[0].port = 0), "port 0"),
+            (s, service(|m| m.ports[0].target_port = 0), "target_port 0"),
+            (
+                s,
+                service(|m| m.ports[0].target_port = 65536),
+                "target_port 65536",
+            ),
+            (
+                s,
+                service(|m| m.ports.push(m.ports[0].clone())),
+                "listed twice",
+            ),
+            (p, policy(|m| m.action = 7), "neither ALLOW nor DENY"),
+            (
+                p,
+                resource(
+                    p,
+                    "demo/allow",
+                    &principal(principal_match::Match::Exact("web".into())),
+                ),
+                "principal exact",
+            ),
+            (
+                p,
+                resource(
+                    p,
+                    "demo/allow",
+                    &principal(principal_match::Match::Prefix("http://x/".into())),
+                ),
+                "principal prefix",
+            ),
+            (
+                p,
+                resource(
+                    p,
+                    "demo/allow",
+                    &principal(principal_match::Match::Prefix("spiffe://".into())),
+                ),
+                "principal prefix",
+            ),
+            (
+                p,
+                policy(|m| m.rules[0].principals = vec![PrincipalMatch { r#match: None }]),
+                "neither exact nor prefix",
+            ),
+            (p, policy(|m| m.rules[0].ports = vec![0]), "rule port 0"),
+            (
+                p,
+                policy(|m| m.rules[0].namespaces = vec!["a/b".into()]),
+                "not a namespace",
+            ),
+            (
+                m,
+                resource(m, "global", &mesh::MeshConfig::default()),
+                "must be named \"mesh\"",
+            ),
+            (
+                m,
+                mesh(|c| c.mtls_mode = 9),
+                "neither STRICT nor PERMISSIVE",
+            ),
+            (
+                m,
+                mesh(|c| c.port_mtls = [(8080, 9)].into()),
+                "neither STRICT nor PERMISSIVE",
+            ),
+            (
+                m,
+                mesh(|c| c.port_mtls = [(0, 0)].into()),
+                "port_mtls port 0",
+            ),
+            (
+                m,
+                mesh(|c| c.outbound_policy = 4),
+                "neither PASSTHROUGH nor REGISTRY_ONLY",
+            ),
+            (
+                m,
+                mesh_with("-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n"),
+                "trust_bundle_pem",
+            ),
+            (m, mesh_with(&other_ca), "no root for this proxy's own SVID"),
+        ];
+        for (i, (url, resource, expected)) in table.into_iter().enumerate() {
+            let reason = rejection(&store, url, resource);
+            assert!(
+                reason.contains(expected),
+                "row {i}: {reason:?} lacks {expected:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn responses_apply_all_or_nothing_and_removals_apply() {
+        let (store, _) = store();
+        let w = type_url::WORKLOAD;
+        let named = |name: &str| mesh::Workload {
+            name: name.into(),
+            ..good_workload()
+        };
+        let held = apply(
+            &Discovered::default(),
+            &response(
+                w,
+                vec![
+                    resource(w, "demo/web", &named("web")),
+                    resource(w, "demo/db", &named("db")),
+                ],
+                &[],
+            ),
+            &store,
+            SystemTime::now(),
+        )
+        .unwrap();
+        // One bad resource rejects the whole response, removals included.
+        let bad = DeltaDiscoveryResponse {
+            resources: vec![
+                resource(w, "demo/cache", &named("cache")),
+                resource(w, "demo/oops", &named("other")),
+            ],
+            ..response(w, vec![], &["demo/web"])
+        };
+        let reasons = apply(&held, &bad, &store, SystemTime::now()).unwrap_err();
+        assert_eq!(reasons.len(), 1);
+        assert!(reasons[0].starts_with("\"demo/oops\""), "{reasons:?}");
+        // A good one removes and adds.
+        let good = response(
+            w,
+            vec![resource(w, "demo/cache", &named("cache"))],
+            &["demo/web"],
+        );
+        let next = apply(&held, &good, &store, SystemTime::now()).unwrap();
+        assert_eq!(
+            next.workloads.keys().collect::<Vec<_>>(),
+            ["demo/cache", "demo/db"]
+        );
+        assert_eq!(
+            next.versions(w),
+            [
+                ("demo/cache".to_string(), "v1".to_string()),
+                ("demo/db".to_string(), "v1".to_string())
+            ]
+            .into()
+        );
+        // Unknown types are rejected outright.
+        let reasons = apply(
+            &held,
+            &response("type.googleapis.com/x.Y", vec![], &[]),
+            &store,
+            SystemTime::now(),
+        )
+        .unwrap_err();
+        assert!(reasons[0].contains("not one this proxy subscribed to"));
+    }
+
+    #[test]
+    fn a_nack_keeps_the_snapshot_and_counts() {
+        let (store, _) = store();
+        let store = Arc::new(store);
+        let mesh = Arc::new(MeshState::new(Default::default()));
+        let metrics = Arc::new(Metrics::new());
+        let client = DiscoveryClient::new(
+            store,
+            mesh.clone(),
+            metrics.clone(),
+            DiscoveryConfig::default(),
+        );
+        let w = type_url::WORKLOAD;
+        let ack = client.handle(response(
+            w,
+            vec![resource(w, "demo/web", &good_workload())],
+            &[],
+        ));
+        assert_eq!(
+            (ack.response_nonce.as_str(), ack.error_detail),
+            ("n1", None)
+        );
+        assert_eq!(mesh.load().peers.len(), 1);
+        let mut bad = good_workload();
+        bad.ips = vec!["nope".into()];
+        let nack = client.handle(DeltaDiscoveryResponse {
+            nonce: "n2".into(),
+            ..response(w, vec![resource(w, "demo/web", &bad)], &[])
+        });
+        let detail = nack.error_detail.unwrap();
+        assert_eq!((nack.response_nonce.as_str(), detail.code), ("n2", 3));
+        assert!(detail.message.contains("demo/web"), "{}", detail.message);
+        assert_eq!(mesh.load().peers.len(), 1, "the previous state stays");
+        let label = TypeLabel { r#type: "Workload" };
+        assert_eq!(metrics.discovery_rejected.get_or_create(&label).get(), 1);
+        assert_eq!(metrics.discovery_applied.get_or_create(&label).get(), 1);
+        assert!(!client.is_synced());
+        assert_eq!(
+            client.missing_types(),
+            ["MeshConfig", "Service", "AuthorizationPolicy"]
+        );
+    }
+}
