@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use latch_identity::{CertStore, ExpectedPeer, SpiffeId, SpiffeServerVerifier, Svid, TrustBundle};
 use latch_proxy::metrics::{ConnLabels, FailureLabels};
-use latch_proxy::{ExplicitTarget, Proxy};
+use latch_proxy::{ExplicitDestination, ExplicitTarget, Proxy};
 use latch_tests::Harness;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -52,9 +52,11 @@ async fn reply_after_eof_app() -> SocketAddr {
 fn outbound(id: &SpiffeId, mesh: SocketAddr, port: u16) -> ExplicitTarget {
     ExplicitTarget {
         listen: "127.0.0.1:0".parse().unwrap(),
-        id: id.clone(),
-        mesh_addr: mesh,
-        target_port: port,
+        to: ExplicitDestination::Fixed {
+            id: id.clone(),
+            mesh_addr: mesh,
+            target_port: port,
+        },
     }
 }
 

@@ -245,7 +245,9 @@ fn mesh_yaml(pods: &[&Pod], rest: &str) -> String {
 /// One metric's value from a proxy's /metrics in `pod` (0 when absent): the first line that
 /// starts with `name` and contains every one of `labels`.
 fn metric(pod: &Pod, name: &str, labels: &[&str]) -> f64 {
-    let text = pod.curl(&format!("http://{PROXY_ADMIN}/metrics")).unwrap_or_default();
+    let text = pod
+        .curl(&format!("http://{PROXY_ADMIN}/metrics"))
+        .unwrap_or_default();
     text.lines()
         .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
         .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
@@ -300,14 +302,18 @@ fn policies_from_discovery_allow_deny_and_cut_live_connections() {
         ip = b.ip
     );
     let live = a.spawn("bash", &["-c", &script], None, &net.dir().join("live.log"));
-    live.wait_until(Duration::from_secs(10), "the live connection's first answer", || {
-        live.log().contains("FIRST HTTP/1.1 200")
-    });
+    live.wait_until(
+        Duration::from_secs(10),
+        "the live connection's first answer",
+        || live.log().contains("FIRST HTTP/1.1 200"),
+    );
     // The policy changes to allow c only: a's open connection is cut, c gets in.
     control.write_config(&mesh_yaml(&[&a, &b, &c], ALLOW_ONLY_C));
-    live.wait_until(Duration::from_secs(15), "the live connection closed by b", || {
-        live.log().contains("END rc=")
-    });
+    live.wait_until(
+        Duration::from_secs(15),
+        "the live connection closed by b",
+        || live.log().contains("END rc="),
+    );
     assert!(
         live.log().contains("END rc=1"),
         "the connection should end with EOF (rc=1), not a read timeout: {}\n{}",
@@ -331,7 +337,11 @@ fn service_vip_spreads_over_endpoints_and_skips_removed_ones() {
     const VIP: &str = "10.96.0.10";
     let net = TestNet::new("vip");
     let a = net.add_pod("a");
-    let backends = [net.add_pod("web1"), net.add_pod("web2"), net.add_pod("web3")];
+    let backends = [
+        net.add_pod("web1"),
+        net.add_pod("web2"),
+        net.add_pod("web3"),
+    ];
     let servers: Vec<PodProcess> = backends
         .iter()
         .map(|pod| pod.start_nginx(&format!("served by {}", pod.name)))
@@ -346,7 +356,10 @@ fn service_vip_spreads_over_endpoints_and_skips_removed_ones() {
     };
     let all: Vec<&Pod> = backends.iter().collect();
     let control = ControlPlane::start_with(&net, &mesh_yaml(&pods, &service(&all)));
-    let mut proxies: Vec<PodProcess> = backends.iter().map(|p| control.mesh_discovered(p)).collect();
+    let mut proxies: Vec<PodProcess> = backends
+        .iter()
+        .map(|p| control.mesh_discovered(p))
+        .collect();
     proxies.push(control.mesh_discovered(&a));
     let logs = || {
         let mut all: Vec<&PodProcess> = proxies.iter().collect();
@@ -356,7 +369,9 @@ fn service_vip_spreads_over_endpoints_and_skips_removed_ones() {
     let tally = |n: usize| {
         let mut counts = std::collections::BTreeMap::new();
         for _ in 0..n {
-            let body = a.curl(&format!("http://{VIP}/")).unwrap_or_else(|e| format!("error: {e}"));
+            let body = a
+                .curl(&format!("http://{VIP}/"))
+                .unwrap_or_else(|e| format!("error: {e}"));
             *counts.entry(body).or_insert(0) += 1;
         }
         counts
@@ -364,7 +379,11 @@ fn service_vip_spreads_over_endpoints_and_skips_removed_ones() {
     let first = tally(30);
     for pod in &backends {
         assert!(
-            first.get(&format!("served by {}", pod.name)).copied().unwrap_or(0) > 0,
+            first
+                .get(&format!("served by {}", pod.name))
+                .copied()
+                .unwrap_or(0)
+                > 0,
             "30 connections to the VIP never reached {}: {first:?}\n{}",
             pod.name,
             logs()
@@ -373,15 +392,15 @@ fn service_vip_spreads_over_endpoints_and_skips_removed_ones() {
     assert_eq!(first.values().sum::<i32>(), 30, "{first:?}");
 
     // web3 leaves the service; once a's proxy has the change, no new connection goes there.
-    let applied = |pod: &Pod| {
-        metric(pod, "latch_proxy_discovery_responses_applied", &["Service"])
-    };
+    let applied = |pod: &Pod| metric(pod, "latch_proxy_discovery_responses_applied", &["Service"]);
     let before = applied(&a);
     control.write_config(&mesh_yaml(&pods, &service(&all[..2])));
     let proxy_a = proxies.last().expect("a's proxy");
-    proxy_a.wait_until(Duration::from_secs(10), "a's proxy applies the service change", || {
-        applied(&a) > before
-    });
+    proxy_a.wait_until(
+        Duration::from_secs(10),
+        "a's proxy applies the service change",
+        || applied(&a) > before,
+    );
     let second = tally(30);
     assert_eq!(
         second.get("served by web3"),

@@ -131,6 +131,10 @@ pub struct Args {
     /// discovery node id so policies select it even when several workloads share an ID.
     #[arg(long, env = "LATCH_WORKLOAD_NAME", value_parser = parse_workload_name)]
     pub workload_name: Option<String>,
+    /// Discovery server address when it is not --control-plane (it must present the control
+    /// plane's SPIFFE ID all the same).
+    #[arg(long, env = "LATCH_DISCOVERY_ADDRESS")]
+    pub discovery_address: Option<String>,
     /// Admin HTTP: /healthz, /ready, /metrics, /debug/certs, /debug/config.
     #[arg(long, env = "LATCH_ADMIN", default_value = "127.0.0.1:15020")]
     pub admin: SocketAddr,

@@ -41,6 +41,9 @@ const INVALID_ARGUMENT: i32 = 3;
 pub struct DiscoveryConfig {
     /// "<namespace>/<name>" of this proxy's workload (`--workload-name`); sent as node id.
     pub workload_name: Option<String>,
+    /// Where the discovery server listens when it is not the control plane's certificate
+    /// service address (`--discovery-address`); it must present the control plane's ID.
+    pub address: Option<String>,
     /// First wait before reconnecting; doubles up to `max_backoff` (±jitter), reset after a
     /// stream that applied a response.
     pub min_backoff: Duration,
@@ -51,6 +54,7 @@ impl Default for DiscoveryConfig {
     fn default() -> Self {
         Self {
             workload_name: None,
+            address: None,
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
         }
@@ -331,6 +335,10 @@ impl DiscoveryClient {
                     .discovery_applied
                     .get_or_create(&TypeLabel { r#type: kind })
                     .inc();
+                self.metrics
+                    .discovery_resources
+                    .get_or_create(&TypeLabel { r#type: kind })
+                    .inc_by((response.resources.len() + response.removed_resources.len()) as u64);
                 tracing::info!(
                     r#type = kind,
                     version = %response.system_version_info,

@@ -38,7 +38,7 @@ pub use data_path::{InboundMode, Limits};
 pub use discovery::{DiscoveryClient, DiscoveryConfig};
 pub use identity::{AgentConfig, Credential, IdentityAgent};
 pub use metrics::Metrics;
-pub use outbound::ExplicitTarget;
+pub use outbound::{ExplicitDestination, ExplicitTarget};
 pub use state::{LocalConfig, MeshPeer, MeshSnapshot, MeshState, OutboundPolicy};
 
 #[derive(Debug, Error)]
@@ -190,6 +190,7 @@ impl Config {
             data,
             discovery: args.discovery.then(|| DiscoveryConfig {
                 workload_name: args.workload_name.clone(),
+                address: args.discovery_address.clone(),
                 ..DiscoveryConfig::default()
             }),
         })
@@ -272,6 +273,7 @@ impl Proxy {
             }
         }
         let mesh = Arc::new(MeshState::new(local));
+        let discovery_address = config.discovery.as_ref().and_then(|d| d.address.clone());
         let discovery = config.discovery.map(|discovery| {
             Arc::new(DiscoveryClient::new(
                 store.clone(),
@@ -300,7 +302,8 @@ impl Proxy {
         );
         tracker.spawn(agent.clone().run(cancel.clone()));
         if let Some(client) = &discovery {
-            let (address, id) = control_plane;
+            let (certificates, id) = control_plane;
+            let address = discovery_address.unwrap_or(certificates);
             tracker.spawn(client.clone().run(address, id, cancel.clone()));
         }
 

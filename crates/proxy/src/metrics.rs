@@ -60,6 +60,7 @@ pub struct Metrics {
     pub discovery_connected: Gauge,
     pub discovery_applied: Family<TypeLabel, Counter>,
     pub discovery_rejected: Family<TypeLabel, Counter>,
+    pub discovery_resources: Family<TypeLabel, Counter>,
     pub discovery_reconnects: Counter,
 }
 
@@ -166,6 +167,12 @@ impl Metrics {
             "Discovery responses rejected (NACKed) as invalid, by resource type",
             discovery_rejected.clone(),
         );
+        let discovery_resources = Family::<TypeLabel, Counter>::default();
+        registry.register(
+            "latch_proxy_discovery_resources_received",
+            "Resources and removals received in applied discovery responses, by resource type",
+            discovery_resources.clone(),
+        );
         let discovery_reconnects = Counter::default();
         registry.register(
             "latch_proxy_discovery_reconnects",
@@ -190,6 +197,7 @@ impl Metrics {
             discovery_connected,
             discovery_applied,
             discovery_rejected,
+            discovery_resources,
             discovery_reconnects,
         }
     }

@@ -18,22 +18,50 @@ use crate::transport::{ALPN_LATCH, TransportHeader, resumed_peer_still_valid};
 
 const DIRECTION: &str = "outbound";
 
-/// An explicit listener's fixed destination.
+/// An explicit listener (`--outbound`): a local address that stands for one destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExplicitTarget {
     pub listen: SocketAddr,
-    pub id: SpiffeId,
-    pub mesh_addr: SocketAddr,
-    pub target_port: u16,
+    pub to: ExplicitDestination,
+}
+
+/// Where an explicit listener's connections go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExplicitDestination {
+    /// A fixed peer proxy and identity, no discovery involved.
+    Fixed {
+        id: SpiffeId,
+        mesh_addr: SocketAddr,
+        target_port: u16,
+    },
+    /// A destination routed through the mesh snapshot exactly as if transparent capture had
+    /// seen a connection to it (a service VIP or a workload IP). Destinations the mesh does not
+    /// know are refused: an explicit listener exists to reach the mesh, so it never falls back
+    /// to plain TCP.
+    Routed(SocketAddr),
 }
 
 impl std::str::FromStr for ExplicitTarget {
     type Err = String;
     /// `LISTEN=SPIFFE_ID@MESH_HOST:MESH_PORT/TARGET_PORT`, e.g.
-    /// `127.0.0.1:18080=spiffe://cluster.local/ns/demo/sa/api@127.0.0.1:15008/8080`.
+    /// `127.0.0.1:18080=spiffe://cluster.local/ns/demo/sa/api@127.0.0.1:15008/8080`, or
+    /// `LISTEN=DESTINATION` routed by discovery, e.g. `127.0.0.1:18080=10.96.0.10:80`.
     fn from_str(s: &str) -> Result<Self, String> {
-        let usage = "expected LISTEN=SPIFFE_ID@MESH_HOST:MESH_PORT/TARGET_PORT";
+        let usage = "expected LISTEN=IP:PORT (routed by discovery) or \
+                     LISTEN=SPIFFE_ID@MESH_HOST:MESH_PORT/TARGET_PORT";
         let (listen, rest) = s.split_once('=').ok_or_else(|| format!("{s:?}: {usage}"))?;
+        let listen = listen
+            .parse()
+            .map_err(|e| format!("{s:?}: listen address {listen:?}: {e}"))?;
+        if !rest.starts_with("spiffe://") {
+            let destination = rest
+                .parse()
+                .map_err(|e| format!("{s:?}: destination {rest:?}: {e}; {usage}"))?;
+            return Ok(Self {
+                listen,
+                to: ExplicitDestination::Routed(destination),
+            });
+        }
         let (id, target) = rest
             .split_once('@')
             .ok_or_else(|| format!("{s:?}: {usage}"))?;
@@ -41,16 +69,16 @@ impl std::str::FromStr for ExplicitTarget {
             .rsplit_once('/')
             .ok_or_else(|| format!("{s:?}: {usage}"))?;
         Ok(Self {
-            listen: listen
-                .parse()
-                .map_err(|e| format!("{s:?}: listen address {listen:?}: {e}"))?,
-            id: SpiffeId::parse(id).map_err(|e| format!("{s:?}: {id:?}: {e}"))?,
-            mesh_addr: mesh
-                .parse()
-                .map_err(|e| format!("{s:?}: mesh address {mesh:?}: {e}"))?,
-            target_port: port
-                .parse()
-                .map_err(|e| format!("{s:?}: target port {port:?}: {e}"))?,
+            listen,
+            to: ExplicitDestination::Fixed {
+                id: SpiffeId::parse(id).map_err(|e| format!("{s:?}: {id:?}: {e}"))?,
+                mesh_addr: mesh
+                    .parse()
+                    .map_err(|e| format!("{s:?}: mesh address {mesh:?}: {e}"))?,
+                target_port: port
+                    .parse()
+                    .map_err(|e| format!("{s:?}: target port {port:?}: {e}"))?,
+            },
         })
     }
 }
@@ -152,12 +180,35 @@ pub async fn explicit(
     app: TcpStream,
     _permit: OwnedSemaphorePermit,
 ) {
-    let route = Route::Mesh {
-        mesh_addr: target.mesh_addr,
-        id: target.id,
-        target_port: target.target_port,
-    };
-    forward(&dp, app, route).await;
+    match target.to {
+        ExplicitDestination::Fixed {
+            id,
+            mesh_addr,
+            target_port,
+        } => {
+            let route = Route::Mesh {
+                mesh_addr,
+                id,
+                target_port,
+            };
+            forward(&dp, app, route).await;
+        }
+        ExplicitDestination::Routed(destination) => {
+            let (route, _endpoint) = dp.resolve(destination);
+            let route = match route {
+                Route::Passthrough(addr) if addr == destination => Route::Refused {
+                    reason: "not_in_mesh",
+                    why: format!(
+                        "{destination} (explicit listener {}) is not a meshed workload or \
+                         service; explicit listeners never send plain TCP",
+                        target.listen
+                    ),
+                },
+                other => other,
+            };
+            forward(&dp, app, route).await;
+        }
+    }
 }
 
 /// Handles a connection captured by iptables on the transparent listener.
@@ -197,10 +248,22 @@ mod tests {
                 .parse()
                 .unwrap();
         assert_eq!(t.listen, "127.0.0.1:18080".parse().unwrap());
-        assert_eq!(t.id.as_str(), "spiffe://cluster.local/ns/demo/sa/api");
-        assert_eq!(t.mesh_addr, "127.0.0.1:25008".parse().unwrap());
-        assert_eq!(t.target_port, 8080);
+        assert_eq!(
+            t.to,
+            ExplicitDestination::Fixed {
+                id: SpiffeId::parse("spiffe://cluster.local/ns/demo/sa/api").unwrap(),
+                mesh_addr: "127.0.0.1:25008".parse().unwrap(),
+                target_port: 8080
+            }
+        );
+        let routed: ExplicitTarget = "127.0.0.1:18080=10.96.0.10:80".parse().unwrap();
+        assert_eq!(
+            routed.to,
+            ExplicitDestination::Routed("10.96.0.10:80".parse().unwrap())
+        );
         for bad in [
+            "127.0.0.1:18080=10.96.0.10",
+            "127.0.0.1:18080=api.demo:80",
             "127.0.0.1:18080",
             "127.0.0.1:18080=spiffe://cluster.local/x",
             "127.0.0.1:18080=spiffe://cluster.local/x@127.0.0.1:15008",

@@ -182,6 +182,7 @@ async fn subscribes_acks_nacks_removes_and_resubscribes_with_what_it_holds() {
             workload_name: Some("demo/web".into()),
             min_backoff: Duration::from_millis(50),
             max_backoff: Duration::from_millis(200),
+            ..DiscoveryConfig::default()
         },
     ));
     let cancel = CancellationToken::new();
@@ -368,6 +369,7 @@ async fn keeps_retrying_while_the_control_plane_has_no_discovery_service() {
             workload_name: None,
             min_backoff: Duration::from_millis(20),
             max_backoff: Duration::from_millis(40),
+            ..DiscoveryConfig::default()
         },
     ));
     let cancel = CancellationToken::new();

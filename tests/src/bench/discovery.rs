@@ -31,8 +31,7 @@ use super::proc::{Proc, log_tail, wait_port};
 use super::report::{DocSection, first_line, update_doc};
 use crate::procs::{free_port, sibling_binary};
 
-pub const USAGE: &str =
-    "latch-bench discovery [--proxies 1000,5000] [--changes 5] [--no-docs]";
+pub const USAGE: &str = "latch-bench discovery [--proxies 1000,5000] [--changes 5] [--no-docs]";
 
 const SECTION: DocSection = DocSection {
     heading: "## Discovery: config change to every proxy (`cargo xtask bench discovery`)",
@@ -298,11 +297,8 @@ async fn connect_proxy(
         store.clone(),
         ExpectedPeer::Exactly(control_plane_id(&trust_domain)),
     ));
-    let tls = latch_identity::tls::client_config(
-        Some(store),
-        verifier,
-        &[latch_identity::tls::ALPN_H2],
-    )?;
+    let tls =
+        latch_identity::tls::client_config(Some(store), verifier, &[latch_identity::tls::ALPN_H2])?;
     let channel = connect_channel(grpc, tls, None).await?;
     let (tx, rx) = mpsc::channel(8);
     for t in type_url::ALL {
@@ -397,7 +393,11 @@ async fn run_one(proxies: usize, changes: usize) -> Result<Row> {
     let mut streams = Vec::new();
     let mut pending = Vec::new();
     for (i, svid) in svids.into_iter().enumerate() {
-        let (grpc, bundle, stats) = (control.grpc.clone(), control.bundle.clone(), stats[i].clone());
+        let (grpc, bundle, stats) = (
+            control.grpc.clone(),
+            control.bundle.clone(),
+            stats[i].clone(),
+        );
         pending.push(tokio::spawn(async move {
             connect_proxy(&grpc, svid, &bundle, format!("bench/p{i}"), stats, epoch).await
         }));
@@ -420,13 +420,8 @@ async fn run_one(proxies: usize, changes: usize) -> Result<Row> {
     let mut items = 0;
     let cpu_before = control.proc.cpu_time()?;
     for c in 1..=changes {
-        let (elapsed, received) = measure_change(
-            &config,
-            &config_yaml(proxies, c, c - 1),
-            &stats,
-            epoch,
-        )
-        .await?;
+        let (elapsed, received) =
+            measure_change(&config, &config_yaml(proxies, c, c - 1), &stats, epoch).await?;
         workload_change.push(elapsed);
         items += received;
         let (elapsed, received) =

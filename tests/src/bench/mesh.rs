@@ -178,7 +178,6 @@ fn work_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-
 /// Inside the namespace: start everything, measure, report.
 async fn run_inside(options: Options) -> Result<()> {
     let dir = work_dir()?;

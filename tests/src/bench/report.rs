@@ -432,7 +432,11 @@ pub fn update_doc(doc: &Path, section: &DocSection, generated: &str) -> Result<(
     let block = format!("{begin}\n{generated}{end_marker}");
     let updated = match (text.find(begin), text.find(end_marker)) {
         (Some(start), Some(end)) if end > start => {
-            format!("{}{block}{}", &text[..start], &text[end + end_marker.len()..])
+            format!(
+                "{}{block}{}",
+                &text[..start],
+                &text[end + end_marker.len()..]
+            )
         }
         _ => format!("{}\n\n{}\n\n{block}\n", text.trim_end(), section.heading),
     };
@@ -496,7 +500,10 @@ mod tests {
         std::fs::write(&doc, "# Benchmarks\n\n## CA\n\ntext\n").unwrap();
         update_doc(&doc, &MESH_SECTION, "first\n").unwrap();
         let text = std::fs::read_to_string(&doc).unwrap();
-        assert!(text.starts_with("# Benchmarks\n\n## CA\n\ntext\n\n") && text.contains(MESH_SECTION.heading));
+        assert!(
+            text.starts_with("# Benchmarks\n\n## CA\n\ntext\n\n")
+                && text.contains(MESH_SECTION.heading)
+        );
         std::fs::write(&doc, format!("{text}\nhand-written analysis\n")).unwrap();
         update_doc(&doc, &MESH_SECTION, "second\n").unwrap();
         let text = std::fs::read_to_string(&doc).unwrap();

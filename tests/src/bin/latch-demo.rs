@@ -1,8 +1,11 @@
 //! `cargo xtask demo`: the README's quick start. Runs the real binaries on loopback, no root and
-//! no Docker: a control plane with a self-made CA, two latch-proxy sidecars in explicit mode,
-//! and two small apps ("web" calls "api") that speak plain TCP while the proxies carry it over
-//! mTLS. Shows the request crossing, the SPIFFE ID each proxy saw, and an SVID rotation; keeps
-//! running until Ctrl-C when started from a terminal, which stops everything cleanly.
+//! no Docker: a control plane with a self-made CA and a mesh config file, two latch-proxy
+//! sidecars that learn the mesh from it over discovery, and two small apps ("web" calls "api")
+//! that speak plain TCP while the proxies carry it over mTLS. Each workload has its own loopback
+//! address (127.0.0.2, 127.0.0.3), so the proxies route by address as under transparent
+//! capture. Shows the request crossing, the SPIFFE ID each proxy saw, a policy edit cutting a
+//! live connection, and an SVID rotation; keeps running until Ctrl-C when started from a
+//! terminal, which stops everything cleanly.
 
 use std::io::IsTerminal;
 use std::path::Path;
@@ -42,36 +45,77 @@ fn run(binary: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
 }
 
-/// The "api" app: plain TCP, answers each line with a greeting.
-async fn api_app() -> Result<(tokio::net::TcpListener, u16)> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    Ok((listener, port))
-}
+/// Loopback addresses of the two workloads.
+const WEB_IP: &str = "127.0.0.2";
+const API_IP: &str = "127.0.0.3";
+/// api's service address: never connected to, a name the proxies route by.
+const API_VIP: &str = "10.96.0.3";
 
+/// The "api" app: plain TCP, answers every message with a greeting, as long as the connection
+/// stays open.
 async fn serve_api(listener: tokio::net::TcpListener) {
     while let Ok((mut tcp, _)) = listener.accept().await {
         tokio::spawn(async move {
             let mut request = vec![0u8; 256];
-            let Ok(n) = tcp.read(&mut request).await else {
-                return;
-            };
-            let reply = format!(
-                "api says hello; you sent {:?} (plain TCP here, mTLS between the proxies)",
-                String::from_utf8_lossy(&request[..n]).trim()
-            );
-            let _ = tcp.write_all(reply.as_bytes()).await;
+            while let Ok(n) = tcp.read(&mut request).await {
+                if n == 0 {
+                    return;
+                }
+                let reply = format!(
+                    "api says hello; you sent {:?} (plain TCP here, mTLS between the proxies)",
+                    String::from_utf8_lossy(&request[..n]).trim()
+                );
+                if tcp.write_all(reply.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
         });
     }
 }
 
-/// The "web" app: connects to its proxy's outbound listener as if it were api.
+/// The "web" app: one message on a new connection to its proxy's outbound listener, which
+/// stands for api's service address.
 async fn call_api(entry: &str, request: &str) -> Result<String> {
     let mut tcp = tokio::net::TcpStream::connect(entry).await?;
     tcp.write_all(request.as_bytes()).await?;
-    let mut reply = String::new();
-    tcp.read_to_string(&mut reply).await?;
-    Ok(reply)
+    let mut reply = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut reply)).await??;
+    if n == 0 {
+        bail!("the connection was closed without an answer");
+    }
+    Ok(String::from_utf8_lossy(&reply[..n]).into_owned())
+}
+
+/// The mesh config the control plane watches: both workloads, api's service, and who may call
+/// api (`api_callers`).
+fn mesh_yaml(web_mesh: u16, api_mesh: u16, api_port: u16, api_callers: &str) -> String {
+    format!(
+        "# Edited live by the demo; latch-control reloads it on every change.\n\
+         workloads:\n\
+         \x20 - {{name: web, namespace: demo, service_account: web, ips: [\"{WEB_IP}\"], mesh_port: {web_mesh}, labels: {{app: web}}}}\n\
+         \x20 - {{name: api, namespace: demo, service_account: api, ips: [\"{API_IP}\"], mesh_port: {api_mesh}, labels: {{app: api}}}}\n\
+         services:\n\
+         \x20 - name: api\n\
+         \x20   namespace: demo\n\
+         \x20   vips: [\"{API_VIP}\"]\n\
+         \x20   ports: [{{port: 80, target_port: {api_port}}}]\n\
+         \x20   selector: {{app: api}}\n\
+         policies:\n\
+         \x20 - name: api-callers\n\
+         \x20   namespace: demo\n\
+         \x20   selector: {{app: api}}\n\
+         \x20   action: ALLOW\n\
+         \x20   rules:\n\
+         \x20     - principals: [{{exact: \"spiffe://cluster.local/ns/demo/sa/{api_callers}\"}}]\n"
+    )
+}
+
+/// Replaces the config file the way an editor does.
+fn write_config(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
 }
 
 /// The admin endpoint's JSON or text, or an error.
@@ -129,8 +173,8 @@ async fn start_proxy(
         "20s".into(),
         "--admin".into(),
         admin.clone(),
-        // The demo's routes are explicit flags; without discovery /ready waits only for the SVID.
-        "--discovery=false".into(),
+        "--workload-name".into(),
+        format!("demo/{name}"),
     ];
     args.extend(extra.iter().cloned());
     let shown: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -163,11 +207,24 @@ async fn demo(root: &Path) -> Result<()> {
         admin: format!("127.0.0.1:{}", free_port()?),
         bundle: data_dir.join("bundle.pem").display().to_string(),
     };
+    let api_listener = tokio::net::TcpListener::bind((API_IP, 0)).await?;
+    let api_port = api_listener.local_addr()?.port();
+    let (web_mesh, api_mesh) = (free_port()?, free_port()?);
+    let config = root.join("mesh.yaml");
+    write_config(&config, &mesh_yaml(web_mesh, api_mesh, api_port, "web"))?;
 
-    step("Start the control plane (a CA is created on first start)");
+    step("Start the control plane (a CA is created on first start) with the mesh config");
     println!(
-        "$ latch-control --data-dir {} --listen {} --admin {}",
-        control.data, control.listen, control.admin
+        "$ cat {}\n{}",
+        config.display(),
+        std::fs::read_to_string(&config)?
+    );
+    println!(
+        "$ latch-control --data-dir {} --listen {} --admin {} --config {}",
+        control.data,
+        control.listen,
+        control.admin,
+        config.display()
     );
     let log = root.join("control.log");
     let _control = ChildGuard::spawn(
@@ -179,6 +236,8 @@ async fn demo(root: &Path) -> Result<()> {
             &control.listen,
             "--admin",
             &control.admin,
+            "--config",
+            &config.display().to_string(),
         ],
         &log,
     )?;
@@ -192,23 +251,24 @@ async fn demo(root: &Path) -> Result<()> {
     }
     println!("trust bundle: {}", control.bundle);
 
-    step("Start the api app (plain TCP on loopback) and its sidecar, which accepts mTLS");
-    let (api_listener, api_port) = api_app().await?;
+    step("Start the api app (plain TCP) and its sidecar, which accepts mTLS on api's address");
     tokio::spawn(serve_api(api_listener));
-    println!("api app listening on 127.0.0.1:{api_port}");
-    let api_mesh = format!("127.0.0.1:{}", free_port()?);
+    println!("api app listening on {API_IP}:{api_port}");
     let (_api_proxy, api_admin) = start_proxy(
         root,
         "api",
         &control,
-        &["--inbound".into(), api_mesh.clone()],
+        &[
+            "--inbound".into(),
+            format!("{API_IP}:{api_mesh}"),
+            "--app-host".into(),
+            API_IP.into(),
+        ],
     )
     .await?;
 
-    step("Start web's sidecar: its outbound listener stands for api, reached over mTLS");
+    step("Start web's sidecar: its outbound listener stands for api's service address");
     let entry = format!("127.0.0.1:{}", free_port()?);
-    let web_mesh = format!("127.0.0.1:{}", free_port()?);
-    let outbound = format!("{entry}=spiffe://cluster.local/ns/demo/sa/api@{api_mesh}/{api_port}");
     let socket = root.join("web-proxy/workload.sock");
     let (_web_proxy, web_admin) = start_proxy(
         root,
@@ -216,9 +276,11 @@ async fn demo(root: &Path) -> Result<()> {
         &control,
         &[
             "--inbound".into(),
-            web_mesh,
+            format!("{WEB_IP}:{web_mesh}"),
+            "--app-host".into(),
+            WEB_IP.into(),
             "--outbound".into(),
-            outbound,
+            format!("{entry}={API_VIP}:80"),
             "--workload-api".into(),
             format!("unix://{}", socket.display()),
         ],
@@ -231,7 +293,9 @@ async fn demo(root: &Path) -> Result<()> {
 
     step("web sends a request to api through the mesh");
     println!(
-        "web app -> {entry} (web's proxy) -> mTLS -> {api_mesh} (api's proxy) -> 127.0.0.1:{api_port} (api app)"
+        "web app -> {entry} (web's proxy: {API_VIP}:80 is service demo/api, endpoint {API_IP}, \
+         identity spiffe://cluster.local/ns/demo/sa/api) -> mTLS -> {API_IP}:{api_mesh} (api's \
+         proxy: policy api-callers allows web) -> {API_IP}:{api_port} (api app)"
     );
     println!("web got: {}", call_api(&entry, "GET /hello").await?);
     println!("\nwhat each proxy saw (from /metrics):");
@@ -240,6 +304,61 @@ async fn demo(root: &Path) -> Result<()> {
             println!("  {name}: {line}");
         }
     }
+
+    step("A policy edit cuts a live connection: api-callers now allows only sa/admin");
+    let mut live = tokio::net::TcpStream::connect(&entry).await?;
+    live.write_all(b"first message on a long-lived connection")
+        .await?;
+    let mut reply = vec![0u8; 512];
+    let n = live.read(&mut reply).await?;
+    println!(
+        "web (live connection) got: {}",
+        String::from_utf8_lossy(&reply[..n])
+    );
+    write_config(&config, &mesh_yaml(web_mesh, api_mesh, api_port, "admin"))?;
+    let edited = std::time::Instant::now();
+    println!(
+        "$ edit {}: principals [.../sa/web] -> [.../sa/admin]",
+        config.display()
+    );
+    match tokio::time::timeout(Duration::from_secs(10), live.read(&mut reply)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => println!(
+            "the live connection was closed by api's proxy {:.0} ms after the edit",
+            edited.elapsed().as_secs_f64() * 1e3
+        ),
+        Ok(Ok(_)) => bail!("api answered on a connection the policy no longer allows"),
+        Err(_) => bail!("the live connection was still open 10 s after the policy edit"),
+    }
+    match call_api(&entry, "GET /denied").await {
+        Ok(reply) => bail!("a new connection was let through: {reply}"),
+        Err(e) => println!("a new connection from web is refused too: {e}"),
+    }
+    for line in admin_get(&api_admin, "/metrics")
+        .await?
+        .lines()
+        .filter(|l| {
+            l.starts_with("latch_proxy_authorization_denials_total")
+                || l.starts_with("latch_proxy_tcp_connections_closed_by_policy_total")
+        })
+    {
+        println!("  api's proxy: {line}");
+    }
+    write_config(&config, &mesh_yaml(web_mesh, api_mesh, api_port, "web"))?;
+    println!(
+        "$ edit {}: principals back to [.../sa/web]",
+        config.display()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let reply = loop {
+        match call_api(&entry, "GET /welcome-back").await {
+            Ok(reply) => break reply,
+            Err(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => bail!("web is still refused after the policy was restored: {e}"),
+        }
+    };
+    println!("web got: {reply}");
 
     step("Wait for web's SVID to rotate (20 s TTL: renewal at about half-life)");
     let before: serde_json::Value =
