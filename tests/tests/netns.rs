@@ -323,7 +323,7 @@ fn policies_from_discovery_allow_deny_and_cut_live_connections() {
     assert_eq!(c.curl(&url).as_deref(), Ok(BODY), "{}", logs());
     assert!(a.curl(&url).is_err(), "a is no longer allowed");
     assert!(
-        metric(&b, "latch_proxy_connections_closed_by_policy", &[]) >= 1.0,
+        metric(&b, "latch_proxy_tcp_connections_closed_by_policy", &[]) >= 1.0,
         "{}",
         logs()
     );
