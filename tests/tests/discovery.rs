@@ -359,6 +359,7 @@ fn response(type_url: &str, nonce: &str, resources: Vec<Resource>) -> DeltaDisco
         type_url: type_url.to_string(),
         nonce: nonce.to_string(),
         resources,
+        system_version_info: format!("version-of-{nonce}"),
         ..Default::default()
     }
 }

@@ -29,6 +29,10 @@ use crate::tls_incoming::PeerConn;
 const RESPONSE_BUFFER: usize = 2;
 /// How long a stream's last error may wait to be queued before the stream just ends.
 const FINAL_SEND_TIMEOUT: Duration = Duration::from_secs(1);
+/// Largest response (roughly, in encoded bytes) before a push is split. Each stream's encoder
+/// keeps a buffer as large as the largest message it ever sent, so one response holding a
+/// 1,000-workload mesh would cost every connected proxy ~200 KiB for as long as it stays.
+pub const MAX_RESPONSE_BYTES: usize = 16 * 1024;
 
 /// The gRPC service.
 pub struct DiscoveryServer {
@@ -411,11 +415,44 @@ impl DeltaStream {
         Ok(())
     }
 
+    /// Sends `changed` and `removed` of type `ty`, in as many responses as it takes to keep each
+    /// under `MAX_RESPONSE_BYTES`. Only the last carries `system_version_info` (and the
+    /// removals): a proxy knows a push is complete when it sees a version.
     async fn send(
         &mut self,
         ty: ResourceType,
         changed: Vec<Arc<VersionedResource>>,
         removed: Vec<Arc<str>>,
+        system_version_info: String,
+    ) -> Result<(), Ended> {
+        let mut chunks: Vec<&[Arc<VersionedResource>]> = Vec::new();
+        let (mut start, mut bytes) = (0, 0);
+        for (i, r) in changed.iter().enumerate() {
+            let size = r.body.value.len() + r.name.len() + r.version.len() + 64;
+            if i > start && bytes + size > MAX_RESPONSE_BYTES {
+                chunks.push(&changed[start..i]);
+                (start, bytes) = (i, 0);
+            }
+            bytes += size;
+        }
+        chunks.push(&changed[start..]);
+        let last = chunks.len() - 1;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let (version, removed) = if i == last {
+                (system_version_info.clone(), removed.as_slice())
+            } else {
+                (String::new(), &[][..])
+            };
+            self.send_one(ty, chunk, removed, version).await?;
+        }
+        Ok(())
+    }
+
+    async fn send_one(
+        &mut self,
+        ty: ResourceType,
+        changed: &[Arc<VersionedResource>],
+        removed: &[Arc<str>],
         system_version_info: String,
     ) -> Result<(), Ended> {
         self.nonce += 1;

@@ -200,6 +200,7 @@ fn every_flag_has_its_latch_environment_variable() {
             "--ca-key",
             "--ca-chain",
             "--ca-bundle",
+            "--max-connections",
             "--log-format",
             "--help",
             "--version",

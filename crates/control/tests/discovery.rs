@@ -739,3 +739,54 @@ async fn a_bad_mesh_in_the_config_file_stops_start_up() {
         "no CA is created for a config that cannot start"
     );
 }
+
+#[tokio::test]
+async fn a_large_push_is_split_and_only_its_last_part_carries_the_version() {
+    let mut yaml = String::from("workloads:\n");
+    for i in 0..400 {
+        yaml.push_str(&format!(
+            "  - {{name: w{i}, namespace: demo, service_account: w{i}, ips: [\"10.2.{}.{}\"], labels: {{app: w{i}, team: payments}}}}\n",
+            i / 256,
+            i % 256
+        ));
+    }
+    let plane = Plane::start(Some(&yaml)).await;
+    let mut proxy = plane.proxy("demo", "w0", "demo/w0").await;
+    for (type_url, held) in ALL.iter().zip(empty()) {
+        proxy.subscribe(type_url, held).await;
+    }
+    let mut parts = Vec::new();
+    let mut complete = BTreeMap::new();
+    while complete.len() < ALL.len() {
+        let response = proxy.recv().await;
+        proxy.ack(&response).await;
+        if response.type_url == WORKLOAD {
+            parts.push(response.clone());
+        }
+        if !response.system_version_info.is_empty() {
+            complete.insert(response.type_url.clone(), response.system_version_info);
+        }
+    }
+    assert!(
+        parts.len() > 1,
+        "400 workloads should not fit in one response"
+    );
+    let (last, earlier) = parts.split_last().expect("parts");
+    for part in earlier {
+        assert_eq!(
+            part.system_version_info, "",
+            "only the last part has the version"
+        );
+        assert!(
+            part.encoded_len() <= 20 * 1024,
+            "{} bytes",
+            part.encoded_len()
+        );
+    }
+    assert!(!last.system_version_info.is_empty());
+    let mut all: Vec<&str> = parts.iter().flat_map(names).collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 400, "every workload exactly once");
+    proxy.expect_quiet().await;
+}

@@ -346,7 +346,11 @@ impl DiscoveryClient {
                     removed = response.removed_resources.len(),
                     "discovery response applied"
                 );
-                self.mark_synced(kind);
+                // A large push comes in several responses; only the last carries the type's
+                // version, and only then is the first sync of this type complete.
+                if !response.system_version_info.is_empty() {
+                    self.mark_synced(kind);
+                }
             }
             Err(reasons) => {
                 drop(discovered);
@@ -707,6 +711,7 @@ mod tests {
             resources,
             removed_resources: removed.iter().map(|s| s.to_string()).collect(),
             nonce: "n1".into(),
+            system_version_info: "v1".into(),
             ..DeltaDiscoveryResponse::default()
         }
     }
@@ -1121,5 +1126,32 @@ mod tests {
             client.missing_types(),
             ["MeshConfig", "Service", "AuthorizationPolicy"]
         );
+    }
+
+    #[test]
+    fn a_type_is_in_sync_only_once_a_response_carries_its_version() {
+        let (store, _) = store();
+        let mesh = Arc::new(MeshState::new(Default::default()));
+        let client = DiscoveryClient::new(
+            Arc::new(store),
+            mesh.clone(),
+            Arc::new(Metrics::new()),
+            DiscoveryConfig::default(),
+        );
+        let w = type_url::WORKLOAD;
+        // The first part of a split push: applied, but the type is not complete yet.
+        let part = DeltaDiscoveryResponse {
+            system_version_info: String::new(),
+            ..response(w, vec![resource(w, "demo/web", &good_workload())], &[])
+        };
+        assert_eq!(client.handle(part).error_detail, None);
+        assert_eq!(mesh.load().peers.len(), 1);
+        assert!(client.missing_types().contains(&"Workload"));
+        let last = DeltaDiscoveryResponse {
+            nonce: "n2".into(),
+            ..response(w, vec![], &[])
+        };
+        assert_eq!(client.handle(last).error_detail, None);
+        assert!(!client.missing_types().contains(&"Workload"));
     }
 }

@@ -145,8 +145,8 @@ fn token(i: usize) -> String {
 }
 
 /// The config file: `proxies` workloads with join tokens, a service per GROUP workloads and one
-/// policy selecting every workload. `revision` changes one workload's labels; `policy_revision`
-/// changes the policy every proxy sees.
+/// policy selecting every workload. `revision` changes the labels of workload p0 (and nothing
+/// else); `policy_revision` changes the policy every proxy sees.
 fn config_yaml(proxies: usize, revision: usize, policy_revision: usize) -> String {
     let mut out = String::from("join_tokens:\n");
     for i in 0..proxies {
@@ -159,7 +159,7 @@ fn config_yaml(proxies: usize, revision: usize, policy_revision: usize) -> Strin
     }
     out.push_str("workloads:\n");
     for i in 0..proxies {
-        let extra = if revision > 0 && i == revision % proxies {
+        let extra = if revision > 0 && i == 0 {
             format!(", rev: \"{revision}\"")
         } else {
             String::new()
@@ -517,7 +517,7 @@ mod tests {
         };
         assert_eq!(
             diff(&base, &workload),
-            ["    labels: {app: p3, group: g0, tier: bench, rev: \"3\"}"]
+            ["    labels: {app: p0, group: g0, tier: bench, rev: \"3\"}"]
         );
         assert_eq!(diff(&workload, &policy), ["        ports: [8081]"]);
         assert_eq!(base.matches("  - name: g").count(), 2);
