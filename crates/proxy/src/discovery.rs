@@ -712,7 +712,6 @@ mod tests {
             removed_resources: removed.iter().map(|s| s.to_string()).collect(),
             nonce: "n1".into(),
             system_version_info: "v1".into(),
-            ..DeltaDiscoveryResponse::default()
         }
     }
 
