@@ -81,8 +81,13 @@ impl CaptureRules {
                 "-A {OUTPUT_CHAIN} -p tcp --dport {port} -j RETURN\n"
             ));
         }
+        // Only connection-opening segments (SYN) are redirected. The nat table sees just the
+        // first packet conntrack tracks for a connection, and on rules installed under live
+        // connections (or conntrack turned on by the install itself) that first packet can be
+        // mid-stream: redirecting it would hand, say, the proxy's own discovery stream to the
+        // capture port and silently break it. Found by the netns VIP test.
         out.push_str(&format!(
-            "-A {OUTPUT_CHAIN} -p tcp -j REDIRECT --to-ports {OUTBOUND_CAPTURE_PORT}\n"
+            "-A {OUTPUT_CHAIN} -p tcp --syn -j REDIRECT --to-ports {OUTBOUND_CAPTURE_PORT}\n"
         ));
         // Inbound: everything arriving for the pod, except the proxy's mesh and admin ports.
         for port in [INBOUND_MTLS_PORT, ADMIN_PORT]
@@ -94,7 +99,7 @@ impl CaptureRules {
             ));
         }
         out.push_str(&format!(
-            "-A {INBOUND_CHAIN} -p tcp -j REDIRECT --to-ports {INBOUND_CAPTURE_PORT}\n"
+            "-A {INBOUND_CHAIN} -p tcp --syn -j REDIRECT --to-ports {INBOUND_CAPTURE_PORT}\n"
         ));
         out.push_str("COMMIT\n");
         out
@@ -186,11 +191,11 @@ mod tests {
             "-A LATCH_OUTPUT -m owner --uid-owner 1337 -j RETURN",
             "-A LATCH_OUTPUT -d 127.0.0.0/8 -j RETURN",
             "-A LATCH_OUTPUT -p tcp --dport 22 -j RETURN",
-            "-A LATCH_OUTPUT -p tcp -j REDIRECT --to-ports 15001",
+            "-A LATCH_OUTPUT -p tcp --syn -j REDIRECT --to-ports 15001",
             "-A LATCH_INBOUND -p tcp --dport 15008 -j RETURN",
             "-A LATCH_INBOUND -p tcp --dport 15020 -j RETURN",
             "-A LATCH_INBOUND -p tcp --dport 9090 -j RETURN",
-            "-A LATCH_INBOUND -p tcp -j REDIRECT --to-ports 15006",
+            "-A LATCH_INBOUND -p tcp --syn -j REDIRECT --to-ports 15006",
             "COMMIT",
         ];
         assert_eq!(lines, expected);
