@@ -405,10 +405,10 @@ impl Mesh {
 
 impl Drop for Mesh {
     fn drop(&mut self) {
-        if !self.down {
-            if let Err(e) = self.project.down() {
-                eprintln!("cleaning up after a failure: {e:#}");
-            }
+        if !self.down
+            && let Err(e) = self.project.down()
+        {
+            eprintln!("cleaning up after a failure: {e:#}");
         }
         for image in [&self.images.latch, &self.images.demo] {
             let _ = Command::new("docker")
