@@ -111,6 +111,15 @@ fn compose_mesh_serves_over_mtls_refuses_outsiders_rotates_and_cleans_up() {
         admin(&server_proxy, "/metrics")
     );
 
+    // Docker's embedded DNS (127.0.0.11, left alone by the capture rules) still answers in a
+    // meshed namespace: the service name reaches the same server, through the mesh.
+    assert_eq!(
+        curl(&client, "http://server:8080/").as_deref(),
+        Ok(BODY),
+        "{}",
+        mesh.logs()
+    );
+
     // 2. A container on the same network without a sidecar gets no answer: the server's proxy
     //    is STRICT and refuses its plaintext.
     let strict = ["reason=\"strict_mtls\""];
