@@ -1,5 +1,8 @@
 //! Developer tasks shared by the `xtask` binary and its tests. Codegen lives here so that the
-//! staleness test runs exactly the code `cargo xtask codegen` runs. This crate must build even
-//! when the checked-in generated code is broken, so it depends on no Latch crate.
+//! staleness test runs exactly the code `cargo xtask codegen` runs, and the compose mesh so
+//! that tests/tests/compose.rs builds and runs it exactly as `cargo xtask compose` does. This
+//! crate must build even when the checked-in generated code is broken, so it depends on no
+//! Latch crate.
 
 pub mod codegen;
+pub mod compose;

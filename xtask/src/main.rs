@@ -1,5 +1,5 @@
-//! `cargo xtask <task>`: codegen, demo, bench. Each task is a thin wrapper around cargo and
-//! the project's own binaries so that what a developer runs is what CI runs.
+//! `cargo xtask <task>`: codegen, demo, bench, compose. Each task is a thin wrapper around
+//! cargo, docker and the project's own binaries so that what a developer runs is what CI runs.
 
 use std::process::Command;
 
@@ -19,6 +19,7 @@ fn main() -> Result<()> {
             println!("generated {}", out.display());
             Ok(())
         }
+        Some("compose") => compose(&root, args.get(1).map(String::as_str)),
         Some("demo") => run_tests_bin(&root, "latch-demo", &args[1..]),
         Some("bench") => run_tests_bin(&root, "latch-bench", &args[1..]),
         _ => {
@@ -32,7 +33,11 @@ fn main() -> Result<()> {
                  bench mesh [--quick] [--reps N] [--seconds S]\n                     \
                  Latch vs stunnel, HAProxy and no proxy (root: installs tools, private netns)\n  \
                  bench discovery [--proxies 1000,5000] [--changes N]\n                     \
-                 a config change reaching every connected proxy; memory per proxy"
+                 a config change reaching every connected proxy; memory per proxy\n  \
+                 compose build      the Docker images latch:local and latch-demo-app:local\n  \
+                 compose up         build, then start deploy/compose (project \"latch\")\n  \
+                 compose test       the end-to-end test against the Docker engine\n  \
+                 compose down       remove the project's containers, networks and volumes"
             );
             bail!("unknown or missing task");
         }
@@ -49,7 +54,7 @@ fn run_tests_bin(root: &std::path::Path, bin: &str, args: &[String]) -> Result<(
     if !status.success() {
         bail!("cargo build --release failed");
     }
-    let path = root.join("target/release").join(bin);
+    let path = xtask::compose::target_dir(root).join("release").join(bin);
     let status = Command::new(&path)
         .current_dir(root)
         .args(args)
@@ -57,6 +62,76 @@ fn run_tests_bin(root: &std::path::Path, bin: &str, args: &[String]) -> Result<(
         .with_context(|| format!("running {}", path.display()))?;
     if !status.success() {
         bail!("{bin} failed");
+    }
+    Ok(())
+}
+
+/// `cargo xtask compose build|up|test|down`: the docker-compose mesh of deploy/compose.
+fn compose(root: &std::path::Path, action: Option<&str>) -> Result<()> {
+    use std::time::{Duration, Instant};
+    use xtask::compose::{DEFAULT_PROJECT, Images, Project, build_release, engine_available};
+
+    let cargo = std::path::Path::new(env!("CARGO"));
+    let project = || Project::new(root, DEFAULT_PROJECT, Images::tagged("local"));
+    match action {
+        Some("build") => {
+            engine_available()?;
+            let images = build_release(root, cargo)?;
+            report_sizes(&images)
+        }
+        Some("up") => {
+            engine_available()?;
+            let images = build_release(root, cargo)?;
+            report_sizes(&images)?;
+            let started = Instant::now();
+            eprintln!("starting compose project {DEFAULT_PROJECT}");
+            project().up(Duration::from_secs(120))?;
+            println!(
+                "mesh up and healthy in {:.1} s. Watch the client's requests:\n  \
+                 cd deploy/compose && docker-compose logs -f client\n\
+                 Stop it with: cargo xtask compose down",
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Some("down") => {
+            let project = project();
+            project.down()?;
+            let left = project.leftovers()?;
+            if !left.is_empty() {
+                bail!("left behind after docker-compose down: {left:?}");
+            }
+            println!("compose project {DEFAULT_PROJECT} removed");
+            Ok(())
+        }
+        Some("test") => {
+            let status = Command::new(cargo)
+                .current_dir(root)
+                .args([
+                    "test",
+                    "-p",
+                    "latch-tests",
+                    "--test",
+                    "compose",
+                    "--",
+                    "--nocapture",
+                ])
+                .env("LATCH_REQUIRE_DOCKER", "1")
+                .status()
+                .context("running cargo test")?;
+            if !status.success() {
+                bail!("the compose test failed");
+            }
+            Ok(())
+        }
+        _ => bail!("usage: cargo xtask compose build|up|test|down"),
+    }
+}
+
+fn report_sizes(images: &xtask::compose::Images) -> Result<()> {
+    for image in [&images.latch, &images.demo] {
+        let size = xtask::compose::image_size(image)?;
+        println!("{image}: {:.0} MB", size as f64 / 1e6);
     }
     Ok(())
 }

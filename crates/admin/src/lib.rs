@@ -18,12 +18,15 @@ use tokio_util::task::TaskTracker;
 
 pub use hyper::{Method, StatusCode as Status};
 
-/// Logs to stderr as text or JSON (`--log-format`), filtered by RUST_LOG (default info).
+/// Logs to stderr as text or JSON (`--log-format`), filtered by RUST_LOG (default info). Text
+/// is coloured only on a terminal: `docker logs`, files and journald get no escape codes.
 pub fn init_logging(format: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();

@@ -66,6 +66,10 @@ pub struct Args {
     /// Log format: text or json.
     #[arg(long, env = "LATCH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+    /// Also write the trust bundle (PEM, mode 0644) to this file at start, for clients that
+    /// cannot read the data dir: e.g. a volume mounted read-only by sidecars.
+    #[arg(long, env = "LATCH_PUBLISH_BUNDLE")]
+    pub publish_bundle: Option<PathBuf>,
 }
 
 /// Everything `ControlPlane::start` needs.

@@ -202,6 +202,7 @@ fn every_flag_has_its_latch_environment_variable() {
             "--ca-bundle",
             "--max-connections",
             "--log-format",
+            "--publish-bundle",
             "--help",
             "--version",
         ],
@@ -251,6 +252,44 @@ fn short_join_token_in_config_file_stops_start_up() {
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("join_tokens[0]: join token is 9 characters; at least 16 are required"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn publish_bundle_writes_a_readable_copy_or_stops_start_up() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let published = dir.path().join("bundle-for-sidecars.pem");
+    let mut running = Running::start(
+        &data_dir,
+        &["--publish-bundle", published.to_str().unwrap()],
+    );
+    running.wait_started(&data_dir);
+    let logged = poll(|| {
+        running
+            .log
+            .text()
+            .contains("trust bundle published")
+            .then_some(())
+    });
+    assert!(logged.is_some(), "{}", running.log.text());
+    assert_eq!(read(&published), read(&data_dir.join("bundle.pem")));
+    let mode = std::fs::metadata(&published).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        mode, 0o644,
+        "sidecars of another uid must be able to read it"
+    );
+    drop(running);
+
+    // A folder that does not exist is a start-up error naming the flag.
+    let missing = dir.path().join("no-such-dir/bundle.pem");
+    let (status, stderr) =
+        Running::start(&data_dir, &["--publish-bundle", missing.to_str().unwrap()]).exit();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--publish-bundle") && stderr.contains("no-such-dir"),
         "{stderr}"
     );
 }
