@@ -1,11 +1,15 @@
-//! `latchctl`, the operator CLI: create join tokens through the control plane's admin API and
-//! fetch SVIDs as files. Each subcommand is a thin shell over latch-identity and the admin API.
+//! `latchctl`, the operator CLI: create join tokens through the control plane's admin API,
+//! fetch SVIDs as files, inject the sidecar into Kubernetes manifests offline, and print the
+//! injector webhook's caBundle. Each subcommand is a thin shell over latch-identity,
+//! latch-inject and the admin API.
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use base64::Engine;
 use clap::{Parser, Subcommand};
 use latch_identity::client::{CaClient, control_plane_id};
 use latch_identity::{CertStore, ExpectedPeer, TrustBundle, TrustDomain, files};
@@ -30,6 +34,42 @@ enum Command {
     Cert {
         #[command(subcommand)]
         command: CertCommand,
+    },
+    /// Add the latch-proxy sidecar to Kubernetes manifests, as the injector webhook would:
+    /// Pods and the pod templates of Deployments, StatefulSets, DaemonSets, ReplicaSets,
+    /// ReplicationControllers, Jobs and CronJobs; other documents pass through unchanged.
+    Inject {
+        /// Multi-document YAML to read, or - for standard input.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Where to write the result (standard output when absent).
+        #[arg(short = 'o', long = "output")]
+        output: Option<PathBuf>,
+        /// Image of the injected containers.
+        #[arg(long, env = "LATCH_INJECT_IMAGE", default_value = latch_inject::DEFAULT_IMAGE)]
+        image: String,
+        /// The control plane's gRPC address as pods reach it.
+        #[arg(long, env = "LATCH_INJECT_CONTROL_PLANE", default_value = latch_inject::DEFAULT_CONTROL_PLANE)]
+        inject_control_plane: String,
+        /// Trust domain the proxies join.
+        #[arg(long, env = "LATCH_TRUST_DOMAIN", default_value = latch_inject::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
+    /// The injector webhook's MutatingWebhookConfiguration.
+    Webhook {
+        #[command(subcommand)]
+        command: WebhookCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum WebhookCommand {
+    /// Print the webhook's caBundle value: the control plane's root(s), PEM, base64-encoded.
+    CaBundle {
+        /// The control plane's trust bundle: <data-dir>/bundle.pem, or the CA certificate in
+        /// the latch-ca Secret.
+        #[arg(long, env = "LATCH_CA_BUNDLE")]
+        bundle: PathBuf,
     },
 }
 
@@ -131,7 +171,61 @@ async fn run(cli: Cli) -> Result<()> {
                     trust_domain,
                 },
         } => request_cert(&token, &control_plane, &bundle, &out, ttl, &trust_domain).await,
+        Command::Inject {
+            file,
+            output,
+            image,
+            inject_control_plane,
+            trust_domain,
+        } => {
+            TrustDomain::new(&trust_domain)
+                .with_context(|| format!("--trust-domain {trust_domain:?}"))?;
+            let config = latch_inject::InjectConfig {
+                image,
+                control_plane: inject_control_plane,
+                trust_domain,
+            };
+            inject(&file, output.as_deref(), &config)
+        }
+        Command::Webhook {
+            command: WebhookCommand::CaBundle { bundle },
+        } => {
+            let pem = std::fs::read(&bundle)
+                .with_context(|| format!("reading the trust bundle {}", bundle.display()))?;
+            TrustBundle::from_pem(&pem)
+                .with_context(|| format!("trust bundle {}", bundle.display()))?;
+            println!("{}", base64::engine::general_purpose::STANDARD.encode(&pem));
+            Ok(())
+        }
     }
+}
+
+fn inject(file: &Path, output: Option<&Path>, config: &latch_inject::InjectConfig) -> Result<()> {
+    let mut yaml = String::new();
+    if file == Path::new("-") {
+        std::io::stdin()
+            .read_to_string(&mut yaml)
+            .context("reading standard input")?;
+    } else {
+        yaml =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    }
+    let (injected, outcomes) = latch_inject::manifest::inject_manifests(&yaml, config)
+        .with_context(|| format!("injecting {}", file.display()))?;
+    match output {
+        Some(path) => std::fs::write(path, &injected)
+            .with_context(|| format!("writing {}", path.display()))?,
+        None => std::io::stdout()
+            .write_all(injected.as_bytes())
+            .context("writing standard output")?,
+    }
+    for outcome in outcomes {
+        match outcome.skipped {
+            None => eprintln!("injected {}", outcome.object),
+            Some(reason) => eprintln!("left {} unchanged: {reason}", outcome.object),
+        }
+    }
+    Ok(())
 }
 
 async fn request_cert(

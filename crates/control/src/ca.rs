@@ -461,6 +461,65 @@ impl Ca {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<IssuedSvid, CaError> {
+        let san = SanType::URI(
+            id.as_str()
+                .try_into()
+                .map_err(|e: rcgen::Error| CaError::Sign(e.to_string()))?,
+        );
+        let (chain, _) = self.sign_leaf(
+            vec![san],
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            spki_der,
+            ttl,
+            now,
+        )?;
+        let info = SvidInfo::from_leaf(&chain[0]).map_err(|e| CaError::Sign(e.to_string()))?;
+        Ok(IssuedSvid { chain, info })
+    }
+
+    /// Issues a TLS server certificate for `dns_names` over `spki_der`, for the one endpoint
+    /// whose clients verify a DNS name rather than a SPIFFE ID: the admission webhook, which
+    /// the Kubernetes API server reaches as `<service>.<namespace>.svc`. Not an SVID: DNS SANs
+    /// only, serverAuth only. Returns the chain (leaf first) and the leaf's NotAfter.
+    pub fn issue_server_cert(
+        &self,
+        dns_names: &[&str],
+        spki_der: &[u8],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<(Vec<CertificateDer<'static>>, SystemTime), CaError> {
+        let sans = dns_names
+            .iter()
+            .map(|name| {
+                (*name)
+                    .try_into()
+                    .map(SanType::DnsName)
+                    .map_err(|e: rcgen::Error| CaError::Sign(format!("DNS name {name:?}: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.sign_leaf(
+            sans,
+            vec![ExtendedKeyUsagePurpose::ServerAuth],
+            spki_der,
+            ttl,
+            now,
+        )
+    }
+
+    /// Signs a leaf with the given SANs and extended key usages: CA:false, keyUsage
+    /// digitalSignature, AKI, a random serial, an empty subject, NotBefore backdated and
+    /// NotAfter within the issuer's validity. Returns the chain and the leaf's NotAfter.
+    fn sign_leaf(
+        &self,
+        sans: Vec<SanType>,
+        extended_key_usages: Vec<ExtendedKeyUsagePurpose>,
+        spki_der: &[u8],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<(Vec<CertificateDer<'static>>, SystemTime), CaError> {
         if now >= self.not_after {
             return Err(CaError::IssuerExpired(format_time(self.not_after)));
         }
@@ -471,30 +530,22 @@ impl Ca {
             .map_err(|e| CaError::PublicKey(e.to_string()))?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.subject_alt_names = vec![SanType::URI(
-            id.as_str()
-                .try_into()
-                .map_err(|e: rcgen::Error| CaError::Sign(e.to_string()))?,
-        )];
+        params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = extended_key_usages;
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(random_serial());
+        let not_after = (now + ttl).min(self.not_after);
         params.not_before = (now - BACKDATE).max(self.not_before).into();
-        params.not_after = (now + ttl).min(self.not_after).into();
+        params.not_after = not_after.into();
         let leaf = params
             .signed_by(&public_key, &self.issuer)
             .map_err(|e| CaError::Sign(e.to_string()))?;
-        let leaf_der = leaf.der().clone();
-        let info = SvidInfo::from_leaf(&leaf_der).map_err(|e| CaError::Sign(e.to_string()))?;
         let mut chain = Vec::with_capacity(1 + self.chain_tail.len());
-        chain.push(leaf_der);
+        chain.push(leaf.der().clone());
         chain.extend(self.chain_tail.iter().cloned());
-        Ok(IssuedSvid { chain, info })
+        Ok((chain, not_after))
     }
 }
 

@@ -15,6 +15,7 @@ use crate::mesh::spec::{MeshSettingsSpec, PolicySpec, ServiceSpec, WorkloadSpec}
 use crate::mesh::{MeshError, MeshModel};
 use crate::tls_incoming::AcceptLimits;
 use crate::tokens::{JoinTokens, TokenRecord};
+use crate::webhook::WebhookConfig;
 
 /// `latch-control` command line.
 #[derive(Debug, Clone, Parser)]
@@ -63,6 +64,16 @@ pub struct Args {
     /// kernel's accept queue. Each needs a file descriptor.
     #[arg(long, env = "LATCH_MAX_CONNECTIONS", default_value_t = AcceptLimits::default().max_connections)]
     pub max_connections: usize,
+    /// Serve the sidecar injector webhook (HTTPS, POST /inject) on this address, e.g.
+    /// 0.0.0.0:15017. Off when absent.
+    #[arg(long, env = "LATCH_WEBHOOK")]
+    pub webhook: Option<SocketAddr>,
+    /// Image of the injected latch-proxy and latch-iptables containers.
+    #[arg(long, env = "LATCH_INJECT_IMAGE", default_value = latch_inject::DEFAULT_IMAGE)]
+    pub inject_image: String,
+    /// The control plane's gRPC address as injected proxies reach it.
+    #[arg(long, env = "LATCH_INJECT_CONTROL_PLANE", default_value = latch_inject::DEFAULT_CONTROL_PLANE)]
+    pub inject_control_plane: String,
     /// Log format: text or json.
     #[arg(long, env = "LATCH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -86,6 +97,8 @@ pub struct Config {
     /// Longest a gRPC handler may take to answer (unary calls; a discovery stream answers at
     /// once, so this does not limit how long it stays open).
     pub request_timeout: Duration,
+    /// The injector webhook, when served.
+    pub webhook: Option<WebhookConfig>,
 }
 
 /// Default for `Config::request_timeout`.
@@ -109,6 +122,7 @@ impl Config {
             plugin: None,
             limits: AcceptLimits::default(),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            webhook: None,
         }
     }
 }
@@ -133,6 +147,14 @@ impl TryFrom<Args> for Config {
             }),
             _ => None,
         };
+        let webhook = args.webhook.map(|listen| WebhookConfig {
+            listen,
+            inject: latch_inject::InjectConfig {
+                image: args.inject_image,
+                control_plane: args.inject_control_plane,
+                trust_domain: trust_domain.to_string(),
+            },
+        });
         Ok(Self {
             trust_domain,
             data_dir: args.data_dir,
@@ -149,6 +171,7 @@ impl TryFrom<Args> for Config {
                 ..AcceptLimits::default()
             },
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            webhook,
         })
     }
 }

@@ -1,7 +1,7 @@
 //! latch-control: the Latch control plane. Owns the CA, the certificate service and the
-//! discovery server (both gRPC over TLS), the mesh model fed by the config file, and the admin
-//! HTTP server; `ControlPlane::start` wires them together for the binary and for the in-process
-//! test harness.
+//! discovery server (both gRPC over TLS), the mesh model fed by the config file, the admin
+//! HTTP server and, when asked, the sidecar injector webhook; `ControlPlane::start` wires them
+//! together for the binary and for the in-process test harness.
 
 pub mod admin;
 pub mod ca;
@@ -13,6 +13,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod tls_incoming;
 pub mod tokens;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -68,6 +69,8 @@ pub struct ControlPlane {
     pub grpc_addr: SocketAddr,
     /// Where the admin HTTP server listens.
     pub admin_addr: SocketAddr,
+    /// Where the injector webhook listens, when it is served.
+    pub webhook_addr: Option<SocketAddr>,
     /// The trust bundle file (PEM) clients need to trust the control plane.
     pub bundle_path: PathBuf,
     /// The admin credential file (0600) latchctl reads.
@@ -192,6 +195,29 @@ impl ControlPlane {
 
         let (grpc_listener, grpc_addr) = bind(config.listen, "--listen").await?;
         let (admin_listener, admin_addr) = bind(config.admin, "--admin").await?;
+        let webhook_addr = match &config.webhook {
+            Some(webhook) => {
+                let (listener, addr) = bind(webhook.listen, "--webhook").await?;
+                webhook::serve(
+                    listener,
+                    webhook,
+                    ca.clone(),
+                    metrics.clone(),
+                    &tracker,
+                    cancel.clone(),
+                )?;
+                tracing::info!(
+                    webhook = %addr,
+                    dns_name = webhook::WEBHOOK_DNS_NAME,
+                    image = %webhook.inject.image,
+                    "sidecar injector serving POST /inject; the MutatingWebhookConfiguration's \
+                     caBundle must hold the roots in {} (`latchctl webhook ca-bundle`)",
+                    bundle_path.display()
+                );
+                Some(addr)
+            }
+            None => None,
+        };
 
         let incoming = tls_incoming::incoming(
             grpc_listener,
@@ -258,6 +284,7 @@ impl ControlPlane {
         Ok(Self {
             grpc_addr,
             admin_addr,
+            webhook_addr,
             bundle_path,
             admin_token_path,
             ca,

@@ -1,5 +1,6 @@
 //! The control plane's Prometheus metrics: SVIDs issued by proof, refusals by reason, CA expiry,
-//! discovery streams, responses and NACKs, config reloads and the mesh model generation. The
+//! discovery streams, responses and NACKs, config reloads, the mesh model generation and the
+//! injector webhook's reviews. The
 //! certificate service, the discovery server and the mesh record; the admin server renders
 //! `/metrics`.
 
@@ -34,7 +35,7 @@ pub struct NodeLabel {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
-    /// applied, unchanged or rejected.
+    /// Config reloads: applied, unchanged or rejected; webhook reviews: see the metric.
     pub result: &'static str,
 }
 
@@ -51,6 +52,7 @@ pub struct Metrics {
     pub discovery_nacks: Family<NodeLabel, Counter>,
     pub config_reloads: Family<ResultLabel, Counter>,
     pub mesh_generation: Gauge,
+    pub webhook_reviews: Family<ResultLabel, Counter>,
 }
 
 impl Metrics {
@@ -110,6 +112,12 @@ impl Metrics {
             "Generation of the mesh model being served; grows by one per published change",
             mesh_generation.clone(),
         );
+        let webhook_reviews = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "latch_control_webhook_reviews",
+            "AdmissionReviews answered by the injector webhook: injected, skipped (opted out, already injected, hostNetwork), ignored (not a pod creation), refused (pod denied), invalid (HTTP 400/413)",
+            webhook_reviews.clone(),
+        );
         Self {
             registry,
             svids_issued,
@@ -121,6 +129,7 @@ impl Metrics {
             discovery_nacks,
             config_reloads,
             mesh_generation,
+            webhook_reviews,
         }
     }
 
@@ -156,6 +165,12 @@ impl Metrics {
         self.config_reloads
             .get_or_create(&ResultLabel { result })
             .get()
+    }
+
+    pub fn webhook_reviewed(&self, result: &'static str) {
+        self.webhook_reviews
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     /// NACKs counted so far for `node`.

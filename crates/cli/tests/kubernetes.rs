@@ -1,0 +1,257 @@
+//! The Kubernetes manifests, checked offline against the Kubernetes schemas with
+//! kubernetes-validate (PyPI) in strict mode (unknown fields are errors): everything in
+//! deploy/kubernetes, and what `latchctl inject` makes of the demo apps, for the oldest version
+//! with native sidecars in the schema (1.29) and the newest the validator knows. Latch's own
+//! AuthorizationPolicy resources are checked against the CRD's schema (tests/k8s/validate_crs.py).
+//!
+//! Without the validator these tests print SKIPPED; with LATCH_REQUIRE_K8S_VALIDATE=1 (set by
+//! .ci/run, which installs it) they fail instead.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const VERSIONS: [&str; 2] = ["1.29", "1.37"];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn kubernetes_dir() -> PathBuf {
+    repo().join("deploy/kubernetes")
+}
+
+/// Whether the validator (and Python's jsonschema and yaml, which it brings) can run here.
+fn validator_available(test: &str) -> bool {
+    let works = |program: &str, args: &[&str]| {
+        Command::new(program)
+            .args(args)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if works("kubernetes-validate", &["--version"])
+        && works("python3", &["-c", "import jsonschema, yaml"])
+    {
+        return true;
+    }
+    let why = "kubernetes-validate is not installed (pip install kubernetes-validate)";
+    if std::env::var("LATCH_REQUIRE_K8S_VALIDATE").is_ok_and(|v| v == "1") {
+        panic!("{test}: {why}, and LATCH_REQUIRE_K8S_VALIDATE=1");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+    false
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// `kubernetes-validate --strict` for one Kubernetes version; returns (success, its report).
+fn validate(version: &str, files: &[PathBuf]) -> (bool, String) {
+    let output = Command::new("kubernetes-validate")
+        .args(["--strict", "-k", version])
+        .args(files)
+        .output()
+        .expect("kubernetes-validate runs");
+    (output.status.success(), text(&output))
+}
+
+fn validate_crs(files: &[PathBuf]) -> (bool, String) {
+    let output = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/k8s/validate_crs.py"))
+        .arg(kubernetes_dir().join("10-crd-authorizationpolicy.yaml"))
+        .args(files)
+        .output()
+        .expect("python3 runs");
+    (output.status.success(), text(&output))
+}
+
+/// Asserts every listed resource passed and nothing failed or went unchecked, except Latch's
+/// own kinds, which the Kubernetes schemas cannot know.
+fn assert_all_passed(report: &str, resources: &[&str]) {
+    for resource in resources {
+        assert!(
+            report.contains(&format!("passed for resource {resource} ")),
+            "{resource} was not validated:\n{report}"
+        );
+    }
+    for line in report.lines() {
+        let known_gap = line.contains("Couldn't find schema for kind AuthorizationPolicy");
+        assert!(
+            line.starts_with("INFO") || known_gap,
+            "unexpected line: {line}\n{report}"
+        );
+    }
+}
+
+fn manifests() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(kubernetes_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 5, "manifests missing: {files:?}");
+    files
+}
+
+fn latchctl_inject(input: &Path, output: &Path) {
+    let run = Command::new(env!("CARGO_BIN_EXE_latchctl"))
+        .args(["inject", "-f"])
+        .arg(input)
+        .arg("-o")
+        .arg(output)
+        .env_remove("LATCH_INJECT_IMAGE")
+        .env_remove("LATCH_INJECT_CONTROL_PLANE")
+        .env_remove("LATCH_TRUST_DOMAIN")
+        .output()
+        .expect("latchctl runs");
+    assert!(run.status.success(), "{}", text(&run));
+    let report = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        report.contains("injected Deployment/http-server")
+            && report.contains("injected Deployment/http-client"),
+        "{report}"
+    );
+}
+
+#[test]
+fn install_manifests_validate_against_the_kubernetes_schemas() {
+    if !validator_available("install_manifests_validate_against_the_kubernetes_schemas") {
+        return;
+    }
+    for version in VERSIONS {
+        let (ok, report) = validate(version, &manifests());
+        assert!(ok, "Kubernetes {version}:\n{report}");
+        assert_all_passed(
+            &report,
+            &[
+                "namespace/latch-system",
+                "customresourcedefinition/authorizationpolicies.latch.dev",
+                "serviceaccount/latch-control",
+                "clusterrole/latch-control",
+                "clusterrolebinding/latch-control",
+                "role/latch-control-ca",
+                "rolebinding/latch-control-ca",
+                "configmap/latch-control-config",
+                "deployment/latch-control",
+                "service/latch-control",
+                "poddisruptionbudget/latch-control",
+                "mutatingwebhookconfiguration/latch-sidecar-injector",
+            ],
+        );
+    }
+}
+
+#[test]
+fn injected_demo_apps_validate_against_the_kubernetes_schemas() {
+    if !validator_available("injected_demo_apps_validate_against_the_kubernetes_schemas") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let injected = dir.path().join("demo-injected.yaml");
+    latchctl_inject(&kubernetes_dir().join("demo/demo.yaml"), &injected);
+    for version in VERSIONS {
+        let (ok, report) = validate(version, std::slice::from_ref(&injected));
+        assert!(ok, "Kubernetes {version}:\n{report}");
+        assert_all_passed(
+            &report,
+            &[
+                "namespace/latch-demo",
+                "deployment/http-server",
+                "service/http-server",
+                "deployment/http-client",
+            ],
+        );
+    }
+    let (ok, report) = validate_crs(&[injected]);
+    assert!(
+        ok && report.contains("AuthorizationPolicy/http-server-callers passed"),
+        "{report}"
+    );
+}
+
+/// The checks above can fail: a field Kubernetes does not know in an injected container, and
+/// a policy the CRD's schema forbids, are both caught.
+#[test]
+fn the_validators_catch_broken_manifests() {
+    if !validator_available("the_validators_catch_broken_manifests") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let injected = dir.path().join("demo-injected.yaml");
+    latchctl_inject(&kubernetes_dir().join("demo/demo.yaml"), &injected);
+    let text = std::fs::read_to_string(&injected).unwrap();
+    assert!(text.contains("restartPolicy: Always"));
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(
+        &broken,
+        text.replacen("restartPolicy: Always", "restartPolicys: Always", 1),
+    )
+    .unwrap();
+    let (ok, report) = validate("1.37", std::slice::from_ref(&broken));
+    assert!(!ok && report.contains("restartPolicys"), "{report}");
+
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: latch.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: p, namespace: d}\n\
+         spec:\n  action: MAYBE\n  rules:\n    - principals: [{exact: spiffe://td/a, prefix: spiffe://td/}]\n      ports: [70000]\n",
+    )
+    .unwrap();
+    let (ok, report) = validate_crs(&[policy]);
+    assert!(!ok, "{report}");
+    for expected in [
+        "'MAYBE' is not one of",
+        "70000 is greater than the maximum",
+        "has too many properties",
+    ] {
+        assert!(report.contains(expected), "{expected}:\n{report}");
+    }
+}
+
+#[test]
+fn webhook_ca_bundle_prints_the_bundle_as_base64() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |bundle: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_latchctl"))
+            .args(["webhook", "ca-bundle", "--bundle"])
+            .arg(bundle)
+            .output()
+            .unwrap()
+    };
+    // A real root, made by the CA code the control plane uses.
+    let ca = latch_control::ca::Ca::load_or_create(
+        dir.path(),
+        &latch_identity::TrustDomain::new("cluster.local").unwrap(),
+        latch_control::ca::TtlPolicy::default(),
+    )
+    .unwrap();
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, ca.bundle().to_pem()).unwrap();
+    let output = run(&bundle);
+    assert!(output.status.success(), "{}", text(&output));
+    let printed = String::from_utf8(output.stdout).unwrap();
+    let decoded = Command::new("base64")
+        .arg("-d")
+        .stdin(
+            std::fs::File::open({
+                let file = dir.path().join("printed");
+                std::fs::write(&file, printed.trim()).unwrap();
+                file
+            })
+            .unwrap(),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(decoded.stdout, std::fs::read(&bundle).unwrap());
+    assert_eq!(printed.trim().lines().count(), 1, "one line, for caBundle");
+
+    std::fs::write(&bundle, "not a certificate").unwrap();
+    let output = run(&bundle);
+    assert!(!output.status.success());
+    assert!(text(&output).contains("trust bundle"), "{}", text(&output));
+}

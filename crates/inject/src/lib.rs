@@ -1,0 +1,497 @@
+//! Sidecar injection, shared by latch-control's admission webhook and `latchctl inject`: turns
+//! a Pod (or a pod template: both are `{metadata, spec}`) into a meshed one, as a JSON Patch and
+//! as the patched pod. `admission` wraps it in AdmissionReview v1, `manifest` applies it to
+//! multi-document YAML. Pods are `serde_json::Value`s so fields this code does not know survive.
+
+pub mod admission;
+pub mod manifest;
+pub mod patch;
+
+use serde_json::{Map, Value, json};
+use thiserror::Error;
+
+pub use patch::PatchOp;
+
+/// `"false"` (or `"disabled"`) on a pod's annotation or label: leave it alone.
+pub const ANNOTATION_INJECT: &str = "latch.dev/inject";
+/// Set on injected pods: what was added (JSON). Informational; injection is detected by name.
+pub const ANNOTATION_STATUS: &str = "latch.dev/status";
+/// Comma-separated destination ports the app reaches directly, not through the proxy.
+pub const ANNOTATION_EXCLUDE_OUTBOUND: &str = "latch.dev/exclude-outbound-ports";
+/// Comma-separated local ports reachable directly from outside the pod.
+pub const ANNOTATION_EXCLUDE_INBOUND: &str = "latch.dev/exclude-inbound-ports";
+
+/// The init container that installs the capture rules.
+pub const IPTABLES_CONTAINER: &str = "latch-iptables";
+/// The native sidecar (an init container with restartPolicy Always).
+pub const PROXY_CONTAINER: &str = "latch-proxy";
+/// The projected service-account token volume.
+pub const TOKEN_VOLUME: &str = "latch-token";
+/// The trust bundle volume, from the ConfigMap of the same name.
+pub const BUNDLE_VOLUME: &str = "latch-ca-bundle";
+/// The ConfigMap holding the trust bundle in every meshed namespace, and its key.
+pub const BUNDLE_CONFIGMAP: &str = "latch-ca-bundle";
+pub const BUNDLE_KEY: &str = "bundle.pem";
+/// Audience of the projected token; the certificate service accepts only this one.
+pub const TOKEN_AUDIENCE: &str = "latch";
+/// The proxy's uid, exempt from capture (`latch-proxy iptables install --proxy-uid`).
+pub const PROXY_UID: u32 = 1337;
+/// Ports the proxy listens on in the pod: outbound capture, inbound plaintext capture, mTLS,
+/// admin. An app container declaring one of them would collide.
+pub const PROXY_PORTS: [u16; 4] = [15001, 15006, 15008, 15020];
+const ADMIN_PORT: u16 = 15020;
+const MTLS_PORT: u16 = 15008;
+
+const TOKEN_DIR: &str = "/var/run/latch/token";
+const BUNDLE_DIR: &str = "/var/run/latch/bundle";
+
+pub const DEFAULT_IMAGE: &str = "latch:dev";
+pub const DEFAULT_CONTROL_PLANE: &str = "latch-control.latch-system.svc:15010";
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// What the injected containers are made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InjectConfig {
+    /// Image holding latch-proxy (used for both containers).
+    pub image: String,
+    /// The control plane's gRPC address as pods reach it.
+    pub control_plane: String,
+    pub trust_domain: String,
+}
+
+impl Default for InjectConfig {
+    fn default() -> Self {
+        Self {
+            image: DEFAULT_IMAGE.into(),
+            control_plane: DEFAULT_CONTROL_PLANE.into(),
+            trust_domain: DEFAULT_TRUST_DOMAIN.into(),
+        }
+    }
+}
+
+/// Why a pod was left as it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// `latch.dev/inject: "false"` on the pod.
+    OptedOut,
+    /// It already has the latch-proxy or latch-iptables container.
+    AlreadyInjected,
+    /// hostNetwork pods share the node's network namespace: capture rules would hijack the node.
+    HostNetwork,
+}
+
+impl std::fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::OptedOut => "opted out (latch.dev/inject: \"false\")",
+            Self::AlreadyInjected => "already injected",
+            Self::HostNetwork => "hostNetwork pod (capture rules would apply to the node)",
+        })
+    }
+}
+
+/// A pod the injector refuses: injecting it would produce a broken pod.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum InjectError {
+    #[error(
+        "annotation {annotation}: {value:?} is not valid: {reason}; write ports as a \
+         comma-separated list, e.g. \"22,5432\""
+    )]
+    BadPorts {
+        annotation: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error(
+        "{annotation} {value:?} is not valid: use \"true\" (or \"enabled\") to inject, \
+         \"false\" (or \"disabled\") to opt out"
+    )]
+    BadInjectValue {
+        annotation: &'static str,
+        value: String,
+    },
+    #[error("not a pod: {0}")]
+    NotAPod(String),
+    #[error("the pod already has a {kind} named {name:?}, which injection would add; rename it")]
+    NameTaken { kind: &'static str, name: String },
+    #[error(
+        "container {container:?} declares port {port}, which the Latch proxy uses in the pod \
+         (15001, 15006, 15008, 15020); move the app to another port"
+    )]
+    PortTaken { container: String, port: u64 },
+    #[error(transparent)]
+    Patch(#[from] patch::PatchError),
+}
+
+/// The result of injecting one pod.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Injection {
+    /// Empty when the pod was skipped.
+    pub patch: Vec<PatchOp>,
+    /// The pod with the patch applied (the input when skipped).
+    pub pod: Value,
+    pub skipped: Option<SkipReason>,
+}
+
+/// Capture exclusions read from the pod's annotations.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Exclusions {
+    pub outbound_ports: Vec<u16>,
+    pub inbound_ports: Vec<u16>,
+}
+
+/// Parses a comma-separated port list ("22, 5432"); blanks around entries are allowed, an
+/// empty value means none. Sorted, without duplicates.
+pub fn parse_ports(annotation: &'static str, value: &str) -> Result<Vec<u16>, InjectError> {
+    let bad = |reason: String| InjectError::BadPorts {
+        annotation,
+        value: value.to_string(),
+        reason,
+    };
+    if value.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ports = value
+        .split(',')
+        .map(str::trim)
+        .map(|entry| match entry.parse::<u16>() {
+            _ if entry.is_empty() => Err(bad("empty entry".into())),
+            Ok(0) | Err(_) => Err(bad(format!("{entry:?} is not a port (1-65535)"))),
+            Ok(port) => Ok(port),
+        })
+        .collect::<Result<Vec<u16>, _>>()?;
+    ports.sort_unstable();
+    ports.dedup();
+    Ok(ports)
+}
+
+fn string_map<'a>(pod: &'a Value, field: &str) -> Option<&'a Map<String, Value>> {
+    pod.get("metadata")?.get(field)?.as_object()
+}
+
+fn lookup<'a>(pod: &'a Value, field: &str, key: &str) -> Option<&'a str> {
+    string_map(pod, field)?.get(key)?.as_str()
+}
+
+/// Whether the pod's annotation or label opts it out; other values than the four known are
+/// refused so a typo is not silently read as "inject".
+fn opted_out(pod: &Value) -> Result<bool, InjectError> {
+    let mut out = false;
+    for (field, what) in [
+        ("annotations", "annotation latch.dev/inject"),
+        ("labels", "label latch.dev/inject"),
+    ] {
+        match lookup(pod, field, ANNOTATION_INJECT) {
+            None | Some("true" | "enabled") => {}
+            Some("false" | "disabled") => out = true,
+            Some(other) => {
+                return Err(InjectError::BadInjectValue {
+                    annotation: what,
+                    value: other.to_string(),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Reads and validates the exclusion annotations.
+pub fn exclusions(pod: &Value) -> Result<Exclusions, InjectError> {
+    let read = |annotation| {
+        lookup(pod, "annotations", annotation)
+            .map(|value| parse_ports(annotation, value))
+            .transpose()
+            .map(Option::unwrap_or_default)
+    };
+    Ok(Exclusions {
+        outbound_ports: read(ANNOTATION_EXCLUDE_OUTBOUND)?,
+        inbound_ports: read(ANNOTATION_EXCLUDE_INBOUND)?,
+    })
+}
+
+fn named<'a>(spec: &'a Value, list: &str) -> impl Iterator<Item = &'a Value> {
+    spec.get(list)
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+}
+
+fn has_name(spec: &Value, list: &str, name: &str) -> bool {
+    named(spec, list).any(|item| item.get("name").and_then(Value::as_str) == Some(name))
+}
+
+fn join_ports(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The init container that installs the capture rules as root with NET_ADMIN and NET_RAW.
+fn iptables_container(config: &InjectConfig, exclusions: &Exclusions) -> Value {
+    let mut command: Vec<String> = [
+        "latch-proxy",
+        "iptables",
+        "install",
+        "--proxy-uid",
+        &PROXY_UID.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    if !exclusions.outbound_ports.is_empty() {
+        command.push("--exclude-outbound-ports".into());
+        command.push(join_ports(&exclusions.outbound_ports));
+    }
+    if !exclusions.inbound_ports.is_empty() {
+        command.push("--exclude-inbound-ports".into());
+        command.push(join_ports(&exclusions.inbound_ports));
+    }
+    json!({
+        "name": IPTABLES_CONTAINER,
+        "image": config.image,
+        "command": command,
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "16Mi"},
+            "limits": {"cpu": "100m", "memory": "64Mi"},
+        },
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": false,
+            "privileged": false,
+            "allowPrivilegeEscalation": false,
+            // iptables takes its lock under /run.
+            "readOnlyRootFilesystem": false,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    })
+}
+
+/// The proxy as a native sidecar: an init container with restartPolicy Always, whose startup
+/// probe on /ready holds back the app containers until the proxy has an SVID and the mesh.
+fn proxy_container(config: &InjectConfig) -> Value {
+    let ready = json!({"path": "/ready", "port": ADMIN_PORT});
+    json!({
+        "name": PROXY_CONTAINER,
+        "image": config.image,
+        "restartPolicy": "Always",
+        "command": ["latch-proxy"],
+        "args": [
+            "--control-plane", config.control_plane,
+            "--trust-domain", config.trust_domain,
+            "--ca-bundle", format!("{BUNDLE_DIR}/{BUNDLE_KEY}"),
+            "--token-file", format!("{TOKEN_DIR}/token"),
+            "--transparent",
+            // Expanded by the kubelet from the env below: the pod's real name, which a webhook
+            // does not know yet for pods named by generateName.
+            "--workload-name", "$(LATCH_POD_NAMESPACE)/$(LATCH_POD_NAME)",
+            // The kubelet probes the pod IP; the capture rules never redirect this port.
+            "--admin", format!("0.0.0.0:{ADMIN_PORT}"),
+        ],
+        "env": [
+            {"name": "LATCH_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "LATCH_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        ],
+        "ports": [
+            {"name": "latch-mtls", "containerPort": MTLS_PORT, "protocol": "TCP"},
+            {"name": "latch-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
+        ],
+        "startupProbe": {"httpGet": ready, "periodSeconds": 1, "timeoutSeconds": 1, "failureThreshold": 300},
+        "readinessProbe": {"httpGet": ready, "periodSeconds": 5, "timeoutSeconds": 1, "failureThreshold": 3},
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": ADMIN_PORT},
+            "periodSeconds": 10, "timeoutSeconds": 1, "failureThreshold": 3,
+        },
+        "resources": {
+            "requests": {"cpu": "50m", "memory": "32Mi"},
+            "limits": {"memory": "256Mi"},
+        },
+        "securityContext": {
+            "runAsUser": PROXY_UID,
+            "runAsGroup": PROXY_UID,
+            "runAsNonRoot": true,
+            "privileged": false,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true},
+            {"name": BUNDLE_VOLUME, "mountPath": BUNDLE_DIR, "readOnly": true},
+        ],
+    })
+}
+
+fn volumes() -> [Value; 2] {
+    [
+        json!({
+            "name": TOKEN_VOLUME,
+            "projected": {"sources": [{"serviceAccountToken": {
+                "audience": TOKEN_AUDIENCE, "expirationSeconds": 3600, "path": "token",
+            }}]},
+        }),
+        json!({
+            "name": BUNDLE_VOLUME,
+            "configMap": {"name": BUNDLE_CONFIGMAP, "items": [{"key": BUNDLE_KEY, "path": BUNDLE_KEY}]},
+        }),
+    ]
+}
+
+/// What injection added, recorded in the `latch.dev/status` annotation.
+fn status() -> String {
+    json!({
+        "initContainers": [IPTABLES_CONTAINER, PROXY_CONTAINER],
+        "volumes": [TOKEN_VOLUME, BUNDLE_VOLUME],
+    })
+    .to_string()
+}
+
+/// Whether the pod already carries what injection adds.
+pub fn is_injected(pod: &Value) -> bool {
+    let Some(spec) = pod.get("spec") else {
+        return false;
+    };
+    [PROXY_CONTAINER, IPTABLES_CONTAINER]
+        .iter()
+        .any(|name| has_name(spec, "initContainers", name) || has_name(spec, "containers", name))
+}
+
+/// Injects the proxy into `pod`, a Pod or a pod template (`{metadata, spec}`).
+///
+/// Skipped (no patch): opted out, already injected, hostNetwork. Refused: a malformed
+/// annotation, a name or port the injection needs already taken, something that is not a pod.
+pub fn inject(pod: &Value, config: &InjectConfig) -> Result<Injection, InjectError> {
+    let spec = pod
+        .get("spec")
+        .filter(|spec| spec.is_object())
+        .ok_or_else(|| InjectError::NotAPod("no spec object".into()))?;
+    if !spec.get("containers").is_some_and(Value::is_array) {
+        return Err(InjectError::NotAPod("spec.containers is not a list".into()));
+    }
+    // Annotations are validated even on pods that end up skipped: a typo should surface at once.
+    let opted_out = opted_out(pod)?;
+    let exclusions = exclusions(pod)?;
+    let skip = if opted_out {
+        Some(SkipReason::OptedOut)
+    } else if is_injected(pod) {
+        Some(SkipReason::AlreadyInjected)
+    } else if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
+        Some(SkipReason::HostNetwork)
+    } else {
+        None
+    };
+    if let Some(reason) = skip {
+        return Ok(Injection {
+            patch: Vec::new(),
+            pod: pod.clone(),
+            skipped: Some(reason),
+        });
+    }
+
+    for name in [TOKEN_VOLUME, BUNDLE_VOLUME] {
+        if has_name(spec, "volumes", name) {
+            return Err(InjectError::NameTaken {
+                kind: "volume",
+                name: name.into(),
+            });
+        }
+    }
+    for container in named(spec, "containers").chain(named(spec, "initContainers")) {
+        for port in container
+            .get("ports")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(number) = port.get("containerPort").and_then(Value::as_u64)
+                && PROXY_PORTS.iter().any(|p| u64::from(*p) == number)
+            {
+                return Err(InjectError::PortTaken {
+                    container: container
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
+                    port: number,
+                });
+            }
+        }
+    }
+
+    let mut ops = Vec::new();
+    let status = Value::String(status());
+    match pod.get("metadata") {
+        Some(metadata) if metadata.get("annotations").is_some_and(Value::is_object) => ops.push(
+            PatchOp::add(&["metadata", "annotations", ANNOTATION_STATUS], status),
+        ),
+        Some(metadata) if metadata.is_object() => ops.push(PatchOp::add(
+            &["metadata", "annotations"],
+            json!({ ANNOTATION_STATUS: status }),
+        )),
+        _ => ops.push(PatchOp::add(
+            &["metadata"],
+            json!({"annotations": { ANNOTATION_STATUS: status }}),
+        )),
+    }
+    let (iptables, proxy) = (
+        iptables_container(config, &exclusions),
+        proxy_container(config),
+    );
+    // First in line, before the pod's own init containers: those may need the network, which
+    // is captured from the moment the rules exist, so the proxy must already be serving.
+    if spec.get("initContainers").is_some_and(Value::is_array) {
+        ops.push(PatchOp::add(&["spec", "initContainers", "0"], iptables));
+        ops.push(PatchOp::add(&["spec", "initContainers", "1"], proxy));
+    } else {
+        ops.push(PatchOp::add(
+            &["spec", "initContainers"],
+            json!([iptables, proxy]),
+        ));
+    }
+    if spec.get("volumes").is_some_and(Value::is_array) {
+        for volume in volumes() {
+            ops.push(PatchOp::add(&["spec", "volumes", "-"], volume));
+        }
+    } else {
+        ops.push(PatchOp::add(&["spec", "volumes"], json!(volumes())));
+    }
+
+    let mut injected = pod.clone();
+    patch::apply(&mut injected, &ops)?;
+    Ok(Injection {
+        patch: ops,
+        pod: injected,
+        skipped: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_lists_parse_or_are_refused_with_the_culprit() {
+        let parse = |v| parse_ports(ANNOTATION_EXCLUDE_OUTBOUND, v);
+        assert_eq!(parse("22"), Ok(vec![22]));
+        assert_eq!(parse(" 5432, 22,22 "), Ok(vec![22, 5432]));
+        assert_eq!(parse(""), Ok(vec![]));
+        assert_eq!(parse("65535"), Ok(vec![65535]));
+        for (bad, culprit) in [
+            ("0", "\"0\" is not a port"),
+            ("65536", "\"65536\" is not a port"),
+            ("22,ssh", "\"ssh\" is not a port"),
+            ("-1", "\"-1\" is not a port"),
+            ("22,,23", "empty entry"),
+            ("22;23", "\"22;23\" is not a port"),
+        ] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(
+                err.contains(culprit) && err.contains(ANNOTATION_EXCLUDE_OUTBOUND),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+}

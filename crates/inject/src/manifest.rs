@@ -1,0 +1,163 @@
+//! Offline injection of multi-document YAML (`latchctl inject`): Pods, and the pod templates of
+//! Deployments, StatefulSets, DaemonSets, ReplicaSets, ReplicationControllers, Jobs and
+//! CronJobs (also inside a `List`), go through `inject`; every other document is written back
+//! as it was read (comments and formatting are not kept: the YAML is parsed and re-emitted).
+
+use serde_json::Value;
+use serde_yaml::Value as Yaml;
+use thiserror::Error;
+
+use crate::{InjectConfig, InjectError, SkipReason, inject};
+
+#[derive(Debug, Error)]
+pub enum ManifestError {
+    #[error("document {index}: not YAML: {reason}")]
+    Yaml { index: usize, reason: String },
+    #[error("document {index} ({what}): {reason}")]
+    Shape {
+        index: usize,
+        what: String,
+        reason: String,
+    },
+    #[error("document {index} ({what}): {source}")]
+    Inject {
+        index: usize,
+        what: String,
+        source: InjectError,
+    },
+}
+
+/// What happened to one pod or pod template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// `Kind/name` of the document.
+    pub object: String,
+    pub skipped: Option<SkipReason>,
+}
+
+/// Injects every pod and pod template in `yaml`; returns the new YAML and what was done.
+pub fn inject_manifests(
+    yaml: &str,
+    config: &InjectConfig,
+) -> Result<(String, Vec<Outcome>), ManifestError> {
+    let mut docs = Vec::new();
+    let mut outcomes = Vec::new();
+    for (index, document) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
+        let index = index + 1;
+        let yaml_err = |e: serde_yaml::Error| ManifestError::Yaml {
+            index,
+            reason: e.to_string(),
+        };
+        let mut doc = <Yaml as serde::Deserialize>::deserialize(document).map_err(yaml_err)?;
+        if doc.is_null() {
+            continue; // an empty document, e.g. a leading or doubled `---`
+        }
+        doc.apply_merge().map_err(yaml_err)?;
+        if kind_of(&doc).is_some_and(is_pod_bearing) {
+            let mut value: Value =
+                serde_json::to_value(&doc).map_err(|e| ManifestError::Shape {
+                    index,
+                    what: describe(&doc),
+                    reason: e.to_string(),
+                })?;
+            inject_object(&mut value, index, config, &mut outcomes)?;
+            doc = serde_yaml::to_value(&value).map_err(yaml_err)?;
+        }
+        docs.push(serde_yaml::to_string(&doc).map_err(yaml_err)?);
+    }
+    Ok((docs.join("---\n"), outcomes))
+}
+
+fn kind_of(doc: &Yaml) -> Option<&str> {
+    doc.get("kind")?.as_str()
+}
+
+fn is_pod_bearing(kind: &str) -> bool {
+    template_path(kind).is_some() || kind == "List"
+}
+
+/// Where a kind keeps its pod: "" for a Pod itself.
+fn template_path(kind: &str) -> Option<&'static str> {
+    match kind {
+        "Pod" => Some(""),
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "ReplicationController"
+        | "Job" => Some("/spec/template"),
+        "CronJob" => Some("/spec/jobTemplate/spec/template"),
+        _ => None,
+    }
+}
+
+fn describe(doc: &Yaml) -> String {
+    let name = doc
+        .get("metadata")
+        .and_then(|m| m.get("name").or_else(|| m.get("generateName")))
+        .and_then(Yaml::as_str)
+        .unwrap_or("<unnamed>");
+    format!("{}/{name}", kind_of(doc).unwrap_or("<no kind>"))
+}
+
+fn describe_json(object: &Value) -> String {
+    let name = object
+        .pointer("/metadata/name")
+        .or_else(|| object.pointer("/metadata/generateName"))
+        .and_then(Value::as_str)
+        .unwrap_or("<unnamed>");
+    let kind = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or("<no kind>");
+    format!("{kind}/{name}")
+}
+
+fn inject_object(
+    object: &mut Value,
+    index: usize,
+    config: &InjectConfig,
+    outcomes: &mut Vec<Outcome>,
+) -> Result<(), ManifestError> {
+    let what = describe_json(object);
+    let kind = object.get("kind").and_then(Value::as_str).unwrap_or("");
+    if kind == "List" {
+        let items = object
+            .get_mut("items")
+            .and_then(Value::as_array_mut)
+            .ok_or_else(|| ManifestError::Shape {
+                index,
+                what: what.clone(),
+                reason: "a List without an items list".into(),
+            })?;
+        for item in items.iter_mut() {
+            if item
+                .get("kind")
+                .and_then(Value::as_str)
+                .is_some_and(is_pod_bearing)
+            {
+                inject_object(item, index, config, outcomes)?;
+            }
+        }
+        return Ok(());
+    }
+    let path = template_path(kind).unwrap_or("");
+    let template = object
+        .pointer_mut(path)
+        .ok_or_else(|| ManifestError::Shape {
+            index,
+            what: what.clone(),
+            reason: format!("no pod template at {path}"),
+        })?;
+    let injection = inject(template, config).map_err(|source| ManifestError::Inject {
+        index,
+        what: what.clone(),
+        source,
+    })?;
+    *template = injection.pod;
+    outcomes.push(Outcome {
+        object: what,
+        skipped: injection.skipped,
+    });
+    Ok(())
+}

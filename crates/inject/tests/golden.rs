@@ -1,0 +1,461 @@
+//! Golden tests: every `tests/golden/*.in.yaml` injected with the default settings must equal
+//! its checked-in `*.out.yaml` (`LATCH_UPDATE_GOLDEN=1` rewrites them; review the diff). Then
+//! what a user relies on: injecting twice changes nothing, opt-outs are honoured, excluded
+//! ports reach the iptables command, the commands are ones latch-proxy accepts, the patch
+//! applied by an independent RFC 6902 implementation gives the same pod, bad input is refused.
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use latch_inject::manifest::{ManifestError, Outcome, inject_manifests};
+use latch_inject::{InjectConfig, InjectError, SkipReason, inject};
+use serde_json::{Value, json};
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
+}
+
+/// (name, input text, path of the expected output) for every golden case.
+fn cases() -> Vec<(String, String, PathBuf)> {
+    let mut cases: Vec<_> = std::fs::read_dir(golden_dir())
+        .unwrap()
+        .filter_map(|entry| {
+            let path = entry.unwrap().path();
+            let name = path
+                .file_name()?
+                .to_str()?
+                .strip_suffix(".in.yaml")?
+                .to_string();
+            let input = std::fs::read_to_string(&path).unwrap();
+            Some((
+                name.clone(),
+                input,
+                golden_dir().join(format!("{name}.out.yaml")),
+            ))
+        })
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 4, "golden cases are missing");
+    cases
+}
+
+fn run(yaml: &str) -> (String, Vec<Outcome>) {
+    inject_manifests(yaml, &InjectConfig::default()).expect("injection succeeds")
+}
+
+fn golden_output(name: &str) -> String {
+    std::fs::read_to_string(golden_dir().join(format!("{name}.out.yaml"))).unwrap()
+}
+
+/// Every document of a YAML stream, as JSON values.
+fn documents(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|doc| <Value as serde::Deserialize>::deserialize(doc).unwrap())
+        .filter(|doc| !doc.is_null())
+        .collect()
+}
+
+#[test]
+fn injected_manifests_match_the_golden_files() {
+    let update = std::env::var_os("LATCH_UPDATE_GOLDEN").is_some();
+    for (name, input, expected_path) in cases() {
+        let (output, _) = run(&input);
+        if update {
+            std::fs::write(&expected_path, &output).unwrap();
+            continue;
+        }
+        let expected = std::fs::read_to_string(&expected_path).unwrap_or_else(|_| {
+            panic!(
+                "{} is missing; run with LATCH_UPDATE_GOLDEN=1 to create it",
+                expected_path.display()
+            )
+        });
+        assert_eq!(
+            output,
+            expected,
+            "{name}: output differs from {} (LATCH_UPDATE_GOLDEN=1 rewrites it)",
+            expected_path.display()
+        );
+    }
+}
+
+#[test]
+fn injecting_twice_changes_nothing() {
+    for (name, _, _) in cases() {
+        let once = golden_output(&name);
+        let (twice, outcomes) = run(&once);
+        assert_eq!(twice, once, "{name}: a second injection changed the output");
+        assert!(
+            outcomes.iter().all(|o| o.skipped.is_some()),
+            "{name}: {outcomes:?}"
+        );
+    }
+    let (_, outcomes) = run(&golden_output("deployment"));
+    assert_eq!(
+        outcomes,
+        [Outcome {
+            object: "Deployment/api".into(),
+            skipped: Some(SkipReason::AlreadyInjected)
+        }]
+    );
+}
+
+#[test]
+fn opted_out_and_host_network_pods_are_left_alone() {
+    let input = std::fs::read_to_string(golden_dir().join("opt-out.in.yaml")).unwrap();
+    let (output, outcomes) = run(&input);
+    let skipped: Vec<_> = outcomes
+        .iter()
+        .map(|o| (o.object.as_str(), o.skipped))
+        .collect();
+    assert_eq!(
+        skipped,
+        [
+            ("Pod/debug", Some(SkipReason::OptedOut)),
+            ("StatefulSet/db", Some(SkipReason::OptedOut)),
+            ("DaemonSet/node-agent", Some(SkipReason::HostNetwork)),
+        ]
+    );
+    assert_eq!(documents(&output), documents(&input), "nothing may change");
+    assert!(!output.contains("latch-proxy"));
+}
+
+/// The container named `name` among the pod template's init containers.
+fn init_container<'a>(template: &'a Value, name: &str) -> &'a Value {
+    template["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no init container {name}"))
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn excluded_ports_reach_the_iptables_rules() {
+    let docs = documents(&golden_output("deployment"));
+    let template = &docs[1]["spec"]["template"];
+    let command = strings(&init_container(template, "latch-iptables")["command"]);
+    assert_eq!(
+        command,
+        [
+            "latch-proxy",
+            "iptables",
+            "install",
+            "--proxy-uid",
+            "1337",
+            "--exclude-outbound-ports",
+            "22,5432",
+            "--exclude-inbound-ports",
+            "9090"
+        ]
+    );
+    // The same command line, read by latch-proxy's own parser, yields rules that let those
+    // ports through.
+    let mut print = command.clone();
+    print[2] = "print".into();
+    let cli = latch_proxy::Cli::try_parse_from(&print).expect("latch-proxy accepts the command");
+    let Some(latch_proxy::config::Command::Iptables {
+        proxy_uid,
+        exclude_outbound_ports,
+        exclude_inbound_ports,
+        ..
+    }) = cli.command
+    else {
+        panic!("not the iptables subcommand");
+    };
+    let rules = latch_proxy::capture::CaptureRules {
+        proxy_uid,
+        exclude_outbound_ports,
+        exclude_inbound_ports,
+    }
+    .render();
+    for rule in [
+        "-A LATCH_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+        "-A LATCH_OUTPUT -p tcp --dport 22 -j RETURN",
+        "-A LATCH_OUTPUT -p tcp --dport 5432 -j RETURN",
+        "-A LATCH_INBOUND -p tcp --dport 9090 -j RETURN",
+    ] {
+        assert!(
+            rules.lines().any(|l| l == rule),
+            "{rule} missing in\n{rules}"
+        );
+    }
+
+    // Without annotations: no exclusion flags at all.
+    let docs = documents(&golden_output("pod"));
+    let command = strings(&init_container(&docs[0], "latch-iptables")["command"]);
+    assert_eq!(
+        command,
+        ["latch-proxy", "iptables", "install", "--proxy-uid", "1337"]
+    );
+}
+
+#[test]
+fn the_sidecar_runs_first_as_a_native_sidecar_that_latch_proxy_accepts() {
+    let docs = documents(&golden_output("deployment"));
+    let template = &docs[1]["spec"]["template"];
+    let names: Vec<_> = template["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["latch-iptables", "latch-proxy", "migrate"]);
+    let proxy = init_container(template, "latch-proxy");
+    assert_eq!(proxy["restartPolicy"], "Always");
+    assert_eq!(proxy["startupProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(proxy["securityContext"]["runAsUser"], 1337);
+    assert_eq!(proxy["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(proxy["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        proxy["securityContext"]["capabilities"]["drop"],
+        json!(["ALL"])
+    );
+
+    // The kubelet expands $(VAR) from the container's env; do the same, then parse the
+    // command line with latch-proxy's own flags.
+    let env: Vec<(String, String)> = proxy["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let field = e["valueFrom"]["fieldRef"]["fieldPath"].as_str().unwrap();
+            let value = match field {
+                "metadata.name" => "api-7c9d-x2k4f",
+                "metadata.namespace" => "demo",
+                other => panic!("unexpected fieldRef {other}"),
+            };
+            (e["name"].as_str().unwrap().to_string(), value.to_string())
+        })
+        .collect();
+    let mut argv = strings(&proxy["command"]);
+    for arg in strings(&proxy["args"]) {
+        argv.push(env.iter().fold(arg, |arg, (name, value)| {
+            arg.replace(&format!("$({name})"), value)
+        }));
+    }
+    let args = latch_proxy::Cli::try_parse_from(&argv)
+        .expect("latch-proxy accepts the sidecar's arguments")
+        .run;
+    assert_eq!(args.workload_name.as_deref(), Some("demo/api-7c9d-x2k4f"));
+    assert_eq!(args.control_plane, "latch-control.latch-system.svc:15010");
+    assert!(args.transparent);
+    assert_eq!(args.admin.port(), 15020);
+    // The files the flags name are where the volumes are mounted.
+    let mounts = proxy["volumeMounts"].as_array().unwrap();
+    let mounted = |volume: &str| {
+        mounts
+            .iter()
+            .find(|m| m["name"] == volume)
+            .map(|m| PathBuf::from(m["mountPath"].as_str().unwrap()))
+            .unwrap()
+    };
+    assert_eq!(
+        args.token_file.unwrap().parent().unwrap(),
+        mounted("latch-token")
+    );
+    assert_eq!(
+        args.ca_bundle.unwrap().parent().unwrap(),
+        mounted("latch-ca-bundle")
+    );
+    let volumes = template["spec"]["volumes"].as_array().unwrap();
+    let token = volumes.iter().find(|v| v["name"] == "latch-token").unwrap();
+    assert_eq!(
+        token["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+        "latch"
+    );
+    let bundle = volumes
+        .iter()
+        .find(|v| v["name"] == "latch-ca-bundle")
+        .unwrap();
+    assert_eq!(bundle["configMap"]["name"], "latch-ca-bundle");
+    // The pod's own volume is still there, first.
+    assert_eq!(volumes[0]["name"], "config");
+}
+
+/// Every pod and pod template of the golden inputs.
+fn pods_of_golden_inputs() -> Vec<Value> {
+    let mut pods = Vec::new();
+    for (_, input, _) in cases() {
+        for doc in documents(&input) {
+            let mut objects = vec![doc.clone()];
+            if doc["kind"] == "List" {
+                objects = doc["items"].as_array().unwrap().clone();
+            }
+            for object in objects {
+                for pointer in ["", "/spec/template", "/spec/jobTemplate/spec/template"] {
+                    if let Some(pod) = object.pointer(pointer)
+                        && pod
+                            .get("spec")
+                            .is_some_and(|s| s.get("containers").is_some())
+                    {
+                        pods.push(pod.clone());
+                    }
+                }
+            }
+        }
+    }
+    assert!(pods.len() >= 8, "found only {} pods", pods.len());
+    pods
+}
+
+#[test]
+fn the_patch_applied_by_json_patch_gives_the_injected_pod() {
+    let config = InjectConfig::default();
+    let mut injected = 0;
+    for pod in pods_of_golden_inputs() {
+        let injection = inject(&pod, &config).unwrap();
+        let patch: json_patch::Patch =
+            serde_json::from_value(serde_json::to_value(&injection.patch).unwrap()).unwrap();
+        let mut patched = pod.clone();
+        json_patch::patch(&mut patched, &patch).unwrap();
+        assert_eq!(patched, injection.pod);
+        if injection.skipped.is_none() {
+            injected += 1;
+            assert_ne!(patched, pod);
+        } else {
+            assert!(injection.patch.is_empty());
+        }
+    }
+    assert!(injected >= 5, "only {injected} pods were injected");
+}
+
+fn pod_with_annotations(annotations: Value) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p", "namespace": "demo", "annotations": annotations},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+    })
+}
+
+#[test]
+fn bad_annotations_are_refused_with_the_annotation_and_value() {
+    let config = InjectConfig::default();
+    for (annotations, expected) in [
+        (
+            json!({"latch.dev/exclude-outbound-ports": "22,ssh"}),
+            "annotation latch.dev/exclude-outbound-ports: \"22,ssh\" is not valid: \"ssh\" is not a port (1-65535)",
+        ),
+        (
+            json!({"latch.dev/exclude-inbound-ports": "70000"}),
+            "annotation latch.dev/exclude-inbound-ports: \"70000\" is not valid: \"70000\" is not a port",
+        ),
+        (
+            json!({"latch.dev/exclude-inbound-ports": "0"}),
+            "\"0\" is not a port",
+        ),
+        (
+            json!({"latch.dev/exclude-outbound-ports": "22,,23"}),
+            "empty entry",
+        ),
+        (
+            json!({"latch.dev/inject": "no"}),
+            "annotation latch.dev/inject \"no\" is not valid",
+        ),
+        // Refused even when the pod opts out: a typo must not wait for the opt-in to surface.
+        (
+            json!({"latch.dev/inject": "false", "latch.dev/exclude-outbound-ports": "x"}),
+            "\"x\" is not a port",
+        ),
+    ] {
+        let err = inject(&pod_with_annotations(annotations.clone()), &config)
+            .expect_err(&format!("{annotations} must be refused"));
+        assert!(err.to_string().contains(expected), "{annotations}: {err}");
+    }
+
+    // Through a manifest, the error names the document.
+    let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: s}\n---\n\
+                apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: api}\nspec:\n  template:\n    \
+                metadata:\n      annotations: {latch.dev/exclude-outbound-ports: \"ssh\"}\n    \
+                spec:\n      containers: [{name: api, image: api}]\n";
+    let err = inject_manifests(yaml, &config).unwrap_err();
+    assert!(
+        matches!(&err, ManifestError::Inject { index: 2, what, source: InjectError::BadPorts { .. } } if what == "Deployment/api"),
+        "{err}"
+    );
+    assert!(
+        err.to_string().starts_with(
+            "document 2 (Deployment/api): annotation latch.dev/exclude-outbound-ports"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn pods_that_would_break_are_refused() {
+    let config = InjectConfig::default();
+    let mut pod = pod_with_annotations(json!({}));
+    pod["spec"]["volumes"] = json!([{"name": "latch-token", "emptyDir": {}}]);
+    assert_eq!(
+        inject(&pod, &config),
+        Err(InjectError::NameTaken {
+            kind: "volume",
+            name: "latch-token".into()
+        })
+    );
+    let mut pod = pod_with_annotations(json!({}));
+    pod["spec"]["containers"][0]["ports"] = json!([{"containerPort": 15008}]);
+    assert_eq!(
+        inject(&pod, &config),
+        Err(InjectError::PortTaken {
+            container: "app".into(),
+            port: 15008
+        })
+    );
+    assert!(matches!(
+        inject(&json!({"kind": "Pod", "metadata": {}}), &config),
+        Err(InjectError::NotAPod(_))
+    ));
+    let err = inject_manifests(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: {replicas: 1}\n",
+        &config,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("no pod template at /spec/template"),
+        "{err}"
+    );
+}
+
+#[test]
+fn settings_reach_the_containers() {
+    let config = InjectConfig {
+        image: "registry.example/latch:1.2.3".into(),
+        control_plane: "cp.example:15010".into(),
+        trust_domain: "prod.example".into(),
+    };
+    let injection = inject(&pod_with_annotations(json!({})), &config).unwrap();
+    let iptables = init_container(&injection.pod, "latch-iptables");
+    let proxy = init_container(&injection.pod, "latch-proxy");
+    assert_eq!(iptables["image"], "registry.example/latch:1.2.3");
+    assert_eq!(proxy["image"], "registry.example/latch:1.2.3");
+    let args = strings(&proxy["args"]);
+    let after = |flag: &str| {
+        let i = args.iter().position(|a| a == flag).unwrap();
+        args[i + 1].clone()
+    };
+    assert_eq!(after("--control-plane"), "cp.example:15010");
+    assert_eq!(after("--trust-domain"), "prod.example");
+    // The pod's existing annotations stay, with the status added.
+    let status: Value = serde_json::from_str(
+        injection.pod["metadata"]["annotations"]["latch.dev/status"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        status["initContainers"],
+        json!(["latch-iptables", "latch-proxy"])
+    );
+}
