@@ -1,4 +1,5 @@
-//! `latch.ca.v1.CertificateService`: authenticates the caller (join token, or its current SVID
+//! `latch.ca.v1.CertificateService`: authenticates the caller (join token, Kubernetes
+//! service-account token when the control plane runs with `--kubernetes`, or its current SVID
 //! as TLS client certificate for renewal), checks the CSR, and asks the `Ca` to sign. Every
 //! refusal has the gRPC status an operator would expect and says what to do about it.
 
@@ -13,6 +14,7 @@ use latch_proto::ca::{CreateCertificateRequest, CreateCertificateResponse};
 use tonic::{Request, Response, Status};
 
 use crate::ca::{Ca, CaError, TtlError};
+use crate::kubernetes::{SaTokenError, ServiceAccountAuthenticator};
 use crate::metrics::{Metrics, ProofLabel};
 use crate::tls_incoming::PeerConn;
 use crate::tokens::{JoinTokens, TokenError, TokenGrant};
@@ -25,6 +27,7 @@ pub const MAX_CSR_BYTES: usize = 16 * 1024;
 /// How the caller proved who it is.
 enum Proven {
     Token(TokenGrant),
+    ServiceAccount(SpiffeId),
     Renewal(SpiffeId),
 }
 
@@ -32,13 +35,14 @@ impl Proven {
     fn id(&self) -> &SpiffeId {
         match self {
             Proven::Token(grant) => &grant.id,
-            Proven::Renewal(id) => id,
+            Proven::ServiceAccount(id) | Proven::Renewal(id) => id,
         }
     }
 
     fn label(&self) -> &'static str {
         match self {
             Proven::Token(_) => "join_token",
+            Proven::ServiceAccount(_) => "service_account_token",
             Proven::Renewal(_) => "renewal",
         }
     }
@@ -74,6 +78,17 @@ impl From<TokenError> for Refusal {
     }
 }
 
+impl From<SaTokenError> for Refusal {
+    fn from(e: SaTokenError) -> Self {
+        let status = match &e {
+            // The caller may well be who it says: the control plane could not ask. Retry.
+            SaTokenError::Unavailable(_) => Status::unavailable(e.to_string()),
+            _ => Status::unauthenticated(format!("service-account token refused: {e}")),
+        };
+        Self::new(e.reason(), status)
+    }
+}
+
 impl From<CsrError> for Refusal {
     fn from(e: CsrError) -> Self {
         let reason = match &e {
@@ -106,19 +121,27 @@ impl From<CaError> for Refusal {
 pub struct CertificateServer {
     ca: Arc<Ca>,
     tokens: Arc<JoinTokens>,
+    /// Present when the control plane runs with `--kubernetes`.
+    service_accounts: Option<Arc<ServiceAccountAuthenticator>>,
     metrics: Arc<Metrics>,
 }
 
 impl CertificateServer {
-    pub fn new(ca: Arc<Ca>, tokens: Arc<JoinTokens>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        ca: Arc<Ca>,
+        tokens: Arc<JoinTokens>,
+        service_accounts: Option<Arc<ServiceAccountAuthenticator>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             ca,
             tokens,
+            service_accounts,
             metrics,
         }
     }
 
-    fn authenticate(
+    async fn authenticate(
         &self,
         proof: Option<&Proof>,
         peer: Option<&PeerConn>,
@@ -128,14 +151,19 @@ impl CertificateServer {
             Some(Proof::JoinToken(token)) => {
                 return Ok(Proven::Token(self.tokens.authenticate(token, now)?));
             }
-            Some(Proof::ServiceAccountToken(_)) => {
-                return Err(Refusal::new(
-                    "sa_token_unsupported",
-                    Status::unauthenticated(
-                        "this control plane does not accept Kubernetes service-account tokens \
-                         yet (no TokenReview support); use a join token",
-                    ),
-                ));
+            Some(Proof::ServiceAccountToken(token)) => {
+                let Some(service_accounts) = &self.service_accounts else {
+                    return Err(Refusal::new(
+                        "sa_token_unsupported",
+                        Status::unauthenticated(
+                            "this control plane does not accept Kubernetes service-account \
+                             tokens: it runs without --kubernetes (LATCH_KUBERNETES); start it \
+                             with that flag in the cluster, or use a join token",
+                        ),
+                    ));
+                };
+                let id = service_accounts.authenticate(token).await?;
+                return Ok(Proven::ServiceAccount(id));
             }
             None => {}
         }
@@ -178,7 +206,7 @@ impl CertificateServer {
         Ok(Proven::Renewal(info.id))
     }
 
-    fn create(
+    async fn create(
         &self,
         request: &CreateCertificateRequest,
         peer: Option<&PeerConn>,
@@ -207,7 +235,7 @@ impl CertificateServer {
             )),
         };
         let ttl = self.ca.ttl_policy().resolve(requested_ttl)?;
-        let proven = self.authenticate(request.proof.as_ref(), peer, now)?;
+        let proven = self.authenticate(request.proof.as_ref(), peer, now).await?;
         let csr = verify_csr(&request.csr)?;
         if let Some(other) = csr
             .requested_uris
@@ -216,6 +244,9 @@ impl CertificateServer {
         {
             let why = match &proven {
                 Proven::Token(_) => format!("the join token grants {}", proven.id()),
+                Proven::ServiceAccount(_) => {
+                    format!("the service-account token grants {}", proven.id())
+                }
                 Proven::Renewal(_) => format!(
                     "renewal keeps the SPIFFE ID of the presented certificate, {}",
                     proven.id()
@@ -270,7 +301,7 @@ impl CertificateService for CertificateServer {
         request: Request<CreateCertificateRequest>,
     ) -> Result<Response<CreateCertificateResponse>, Status> {
         let peer = request.extensions().get::<PeerConn>().cloned();
-        match self.create(request.get_ref(), peer.as_ref()) {
+        match self.create(request.get_ref(), peer.as_ref()).await {
             Ok((response, proof)) => {
                 self.metrics
                     .svids_issued

@@ -11,6 +11,7 @@ use latch_identity::{SpiffeId, TrustDomain};
 use serde::Deserialize;
 
 use crate::ca::{PluginFiles, TtlPolicy};
+use crate::kubernetes::KubernetesAccess;
 use crate::mesh::spec::{MeshSettingsSpec, PolicySpec, ServiceSpec, WorkloadSpec};
 use crate::mesh::{MeshError, MeshModel};
 use crate::tls_incoming::AcceptLimits;
@@ -74,6 +75,11 @@ pub struct Args {
     /// The control plane's gRPC address as injected proxies reach it.
     #[arg(long, env = "LATCH_INJECT_CONTROL_PLANE", default_value = latch_inject::DEFAULT_CONTROL_PLANE)]
     pub inject_control_plane: String,
+    /// Run as part of a Kubernetes cluster: accept projected service-account tokens (audience
+    /// `latch`) as proof of identity, checked with the API server through TokenReview, using
+    /// the pod's own service account. Latch never turns this on by itself.
+    #[arg(long, env = "LATCH_KUBERNETES")]
+    pub kubernetes: bool,
     /// Log format: text or json.
     #[arg(long, env = "LATCH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -99,6 +105,8 @@ pub struct Config {
     pub request_timeout: Duration,
     /// The injector webhook, when served.
     pub webhook: Option<WebhookConfig>,
+    /// The Kubernetes API server, when service-account tokens are accepted.
+    pub kubernetes: Option<KubernetesAccess>,
 }
 
 /// Default for `Config::request_timeout`.
@@ -123,6 +131,7 @@ impl Config {
             limits: AcceptLimits::default(),
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             webhook: None,
+            kubernetes: None,
         }
     }
 }
@@ -172,6 +181,7 @@ impl TryFrom<Args> for Config {
             },
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             webhook,
+            kubernetes: args.kubernetes.then_some(KubernetesAccess::InCluster),
         })
     }
 }

@@ -1,6 +1,7 @@
 //! latch-control: the Latch control plane. Owns the CA, the certificate service and the
 //! discovery server (both gRPC over TLS), the mesh model fed by the config file, the admin
-//! HTTP server and, when asked, the sidecar injector webhook; `ControlPlane::start` wires them
+//! HTTP server and, when asked, the sidecar injector webhook and service-account token
+//! authentication through the Kubernetes API; `ControlPlane::start` wires them
 //! together for the binary and for the in-process test harness.
 
 pub mod admin;
@@ -9,6 +10,7 @@ pub mod certificate_service;
 pub mod config;
 pub mod discovery;
 pub mod identity;
+pub mod kubernetes;
 pub mod mesh;
 pub mod metrics;
 pub mod tls_incoming;
@@ -32,6 +34,7 @@ pub use config::{Args, Config};
 use crate::ca::Ca;
 use crate::certificate_service::{CertificateServer, MAX_REQUEST_BYTES};
 use crate::discovery::DiscoveryServer;
+use crate::kubernetes::{KubeTokenReviewer, ServiceAccountAuthenticator};
 use crate::mesh::Mesh;
 use crate::mesh::file_source::{self, FileSource};
 use crate::metrics::Metrics;
@@ -165,6 +168,21 @@ impl ControlPlane {
                 .unwrap_or(0),
         );
 
+        let service_accounts = match &config.kubernetes {
+            Some(access) => {
+                let client = access.client().map_err(StartError::Config)?;
+                tracing::info!(
+                    "accepting Kubernetes service-account tokens (TokenReview, audience {})",
+                    kubernetes::AUDIENCE
+                );
+                Some(Arc::new(ServiceAccountAuthenticator::new(
+                    Arc::new(KubeTokenReviewer::new(client)),
+                    config.trust_domain.clone(),
+                )))
+            }
+            None => None,
+        };
+
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         if let (Some(mut loaded), Some(path)) = (loaded, &config.config_file) {
@@ -229,6 +247,7 @@ impl ControlPlane {
         let service = CertificateServiceServer::new(CertificateServer::new(
             ca.clone(),
             tokens.clone(),
+            service_accounts,
             metrics.clone(),
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES);

@@ -12,7 +12,7 @@ use prometheus_client::registry::Registry;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProofLabel {
-    /// "join_token" or "renewal".
+    /// "join_token", "service_account_token" or "renewal".
     pub proof: &'static str,
 }
 
@@ -141,7 +141,7 @@ impl Metrics {
 
     /// SVIDs issued so far, all proofs together.
     pub fn issued_total(&self) -> u64 {
-        ["join_token", "renewal"]
+        ["join_token", "service_account_token", "renewal"]
             .into_iter()
             .map(|proof| self.svids_issued.get_or_create(&ProofLabel { proof }).get())
             .sum()
