@@ -204,6 +204,7 @@ fn every_flag_has_its_latch_environment_variable() {
             "--webhook",
             "--inject-image",
             "--inject-control-plane",
+            "--kubernetes",
             "--log-format",
             "--publish-bundle",
             "--help",
