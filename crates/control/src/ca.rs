@@ -323,6 +323,17 @@ impl Ca {
             move |source| CaError::Write { path, source }
         };
         files::ensure_private_dir(dir).map_err(write_err(dir))?;
+        let (cert_pem, key_pem) = Self::generate_root(trust_domain)?;
+        // Key first: a crash between the two writes leaves a key without a cert, which the next
+        // start reports instead of silently replacing.
+        files::write_private(key_path, key_pem.as_bytes()).map_err(write_err(key_path))?;
+        files::write_public(cert_path, cert_pem.as_bytes()).map_err(write_err(cert_path))?;
+        tracing::info!(cert = %cert_path.display(), "generated a new root CA for {trust_domain}");
+        Ok(())
+    }
+
+    /// A new self-signed root for `trust_domain`: (certificate PEM, PKCS#8 key PEM).
+    pub(crate) fn generate_root(trust_domain: &TrustDomain) -> Result<(String, String), CaError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| CaError::Sign(e.to_string()))?;
         let mut params = CertificateParams::default();
@@ -349,13 +360,7 @@ impl Ca {
         let cert = params
             .self_signed(&key)
             .map_err(|e| CaError::Sign(e.to_string()))?;
-        // Key first: a crash between the two writes leaves a key without a cert, which the next
-        // start reports instead of silently replacing.
-        files::write_private(key_path, key.serialize_pem().as_bytes())
-            .map_err(write_err(key_path))?;
-        files::write_public(cert_path, cert.pem().as_bytes()).map_err(write_err(cert_path))?;
-        tracing::info!(cert = %cert_path.display(), "generated a new root CA for {trust_domain}");
-        Ok(())
+        Ok((cert.pem(), key.serialize_pem()))
     }
 
     /// Loads an operator-provided CA (plug-in mode), or the persisted root.

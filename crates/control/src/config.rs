@@ -11,6 +11,7 @@ use latch_identity::{SpiffeId, TrustDomain};
 use serde::Deserialize;
 
 use crate::ca::{PluginFiles, TtlPolicy};
+use crate::ca_secret::SecretRef;
 use crate::kubernetes::KubernetesAccess;
 use crate::mesh::spec::{MeshSettingsSpec, PolicySpec, ServiceSpec, WorkloadSpec};
 use crate::mesh::{MeshError, MeshModel};
@@ -80,6 +81,16 @@ pub struct Args {
     /// the pod's own service account. Latch never turns this on by itself.
     #[arg(long, env = "LATCH_KUBERNETES")]
     pub kubernetes: bool,
+    /// Keep the CA in this Kubernetes Secret, <namespace>/<name> (keys ca.crt, ca.key), shared
+    /// by every replica: read it, or create it with a new root when there is none (one replica
+    /// wins, the others use its root). Needs --kubernetes; instead of --ca-cert/--ca-key.
+    #[arg(
+        long,
+        env = "LATCH_CA_SECRET",
+        requires = "kubernetes",
+        conflicts_with = "ca_cert"
+    )]
+    pub ca_secret: Option<SecretRef>,
     /// Log format: text or json.
     #[arg(long, env = "LATCH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -107,6 +118,8 @@ pub struct Config {
     pub webhook: Option<WebhookConfig>,
     /// The Kubernetes API server, when service-account tokens are accepted.
     pub kubernetes: Option<KubernetesAccess>,
+    /// The Secret the CA lives in (needs `kubernetes`; instead of `plugin`).
+    pub ca_secret: Option<SecretRef>,
 }
 
 /// Default for `Config::request_timeout`.
@@ -132,6 +145,7 @@ impl Config {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             webhook: None,
             kubernetes: None,
+            ca_secret: None,
         }
     }
 }
@@ -182,6 +196,7 @@ impl TryFrom<Args> for Config {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             webhook,
             kubernetes: args.kubernetes.then_some(KubernetesAccess::InCluster),
+            ca_secret: args.ca_secret,
         })
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod ca;
+pub mod ca_secret;
 pub mod certificate_service;
 pub mod config;
 pub mod discovery;
@@ -45,6 +46,8 @@ use crate::tokens::JoinTokens;
 pub enum StartError {
     #[error(transparent)]
     Ca(#[from] ca::CaError),
+    #[error(transparent)]
+    CaSecret(#[from] ca_secret::CaSecretError),
     #[error(transparent)]
     Tokens(#[from] tokens::TokenError),
     #[error("{0}")]
@@ -138,9 +141,35 @@ impl ControlPlane {
             .map(|path| file_source::load(path, &config.trust_domain))
             .transpose()
             .map_err(StartError::Config)?;
-        let ca = Arc::new(match &config.plugin {
-            Some(plugin) => Ca::from_files(plugin, &config.trust_domain, config.ttl)?,
-            None => Ca::load_or_create(data_dir, &config.trust_domain, config.ttl)?,
+        let kube_client = config
+            .kubernetes
+            .as_ref()
+            .map(|access| access.client())
+            .transpose()
+            .map_err(StartError::Config)?;
+        let ca = Arc::new(match (&config.plugin, &config.ca_secret, &kube_client) {
+            (Some(_), Some(_), _) => {
+                return Err(StartError::Config(
+                    "give either --ca-cert/--ca-key or --ca-secret, not both".into(),
+                ));
+            }
+            (None, Some(_), None) => {
+                return Err(StartError::Config("--ca-secret needs --kubernetes".into()));
+            }
+            (Some(plugin), None, _) => Ca::from_files(plugin, &config.trust_domain, config.ttl)?,
+            (None, Some(secret), Some(client)) => {
+                let (ca, origin) = ca_secret::load_or_create(
+                    client.clone(),
+                    secret,
+                    data_dir,
+                    &config.trust_domain,
+                    config.ttl,
+                )
+                .await?;
+                tracing::info!(secret = %secret, ?origin, "CA from Kubernetes Secret");
+                ca
+            }
+            (None, None, _) => Ca::load_or_create(data_dir, &config.trust_domain, config.ttl)?,
         });
         let bundle_path = data_dir.join("bundle.pem");
         files::write_public(&bundle_path, ca.bundle().to_pem().as_bytes()).map_err(|source| {
@@ -168,9 +197,8 @@ impl ControlPlane {
                 .unwrap_or(0),
         );
 
-        let service_accounts = match &config.kubernetes {
-            Some(access) => {
-                let client = access.client().map_err(StartError::Config)?;
+        let service_accounts = match kube_client {
+            Some(client) => {
                 tracing::info!(
                     "accepting Kubernetes service-account tokens (TokenReview, audience {})",
                     kubernetes::AUDIENCE

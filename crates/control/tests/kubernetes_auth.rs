@@ -5,15 +5,16 @@
 //! what a proxy sees (the SVID and its SPIFFE ID, or the gRPC status), what an operator sees
 //! (the refusal metric, nothing issued) and what the API server was asked.
 
+mod fake_kube;
+
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use fake_kube::{Call, not_found, respond};
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Method, Response, StatusCode};
 use latch_control::kubernetes::KubernetesAccess;
 use latch_control::{Config, ControlPlane};
 use latch_identity::client::{CaClient, control_plane_id};
@@ -44,36 +45,10 @@ struct ApiState {
 
 type Shared = Arc<Mutex<ApiState>>;
 
-fn respond(code: StatusCode, body: Value) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(code)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap()
-}
-
-/// The API server's v1 Status for a missing object.
-fn not_found(kind: &str, name: &str) -> Value {
-    json!({
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": format!("{kind} \"{name}\" not found"),
-        "reason": "NotFound",
-        "details": {"name": name, "kind": kind},
-        "code": 404
-    })
-}
-
-async fn handle(state: Shared, request: Request<Incoming>) -> Response<Full<Bytes>> {
-    let method = request.method().clone();
-    let path = request.uri().path().to_string();
-    let body = request.into_body().collect().await.unwrap().to_bytes();
+fn handle(state: &Shared, call: Call) -> Response<Full<Bytes>> {
     let mut state = state.lock().unwrap();
-    if method == hyper::Method::POST && path == "/apis/authentication.k8s.io/v1/tokenreviews" {
-        let review: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        state.reviews.push(review.clone());
+    if call.method == Method::POST && call.path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+        state.reviews.push(call.body.clone());
         // The API server answers a TokenReview create with 201, the spec echoed and the status.
         return respond(
             StatusCode::CREATED,
@@ -81,16 +56,16 @@ async fn handle(state: Shared, request: Request<Incoming>) -> Response<Full<Byte
                 "kind": "TokenReview",
                 "apiVersion": "authentication.k8s.io/v1",
                 "metadata": {"creationTimestamp": null},
-                "spec": review["spec"],
+                "spec": call.body["spec"],
                 "status": state.review_status
             }),
         );
     }
-    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    if method == hyper::Method::GET
+    let parts: Vec<&str> = call.path.trim_start_matches('/').split('/').collect();
+    if call.method == Method::GET
         && let ["api", "v1", "namespaces", namespace, "pods", name] = parts.as_slice()
     {
-        state.pod_gets.push(path.clone());
+        state.pod_gets.push(call.path.clone());
         let key = (namespace.to_string(), name.to_string());
         return match state.pods.get(&key) {
             Some(uid) => respond(
@@ -114,34 +89,19 @@ async fn handle(state: Shared, request: Request<Incoming>) -> Response<Full<Byte
                     "status": {"phase": "Running", "podIP": "10.244.1.7"}
                 }),
             ),
-            None => respond(StatusCode::NOT_FOUND, not_found("pods", name)),
+            None => not_found("pods", name),
         };
     }
-    respond(StatusCode::NOT_FOUND, not_found("unknown", &path))
+    not_found("unknown", &call.path)
 }
 
 /// Serves the fake API server on loopback until the test ends.
 async fn fake_api(state: Shared) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let state = state.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |request| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(handle(state, request).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    addr
+    fake_kube::serve(move |call| {
+        let response = handle(&state, call);
+        async move { response }
+    })
+    .await
 }
 
 /// The status of a successful review of a token bound to pod `POD` of service account
