@@ -205,6 +205,7 @@ fn every_flag_has_its_latch_environment_variable() {
             "--inject-image",
             "--inject-control-plane",
             "--kubernetes",
+            "--ca-secret",
             "--log-format",
             "--publish-bundle",
             "--help",
