@@ -160,12 +160,13 @@ async fn replicas_starting_together_share_one_root() {
     );
     let (a, b) = (a.expect("replica a starts"), b.expect("replica b starts"));
 
-    let store_now = store.lock().unwrap();
-    let mut creates = store_now.creates.clone();
+    let (mut creates, secret) = {
+        let store = store.lock().unwrap();
+        (store.creates.clone(), store.secret.clone())
+    };
     creates.sort();
     assert_eq!(creates, [201, 409], "both created, one won");
-    let secret = store_now.secret.clone().expect("the Secret exists");
-    drop(store_now);
+    let secret = secret.expect("the Secret exists");
     let stored_root = TrustBundle::from_pem(&secret_value(&secret, "ca.crt")).unwrap();
     assert_eq!(a.ca.bundle().roots(), stored_root.roots());
     assert_eq!(b.ca.bundle().roots(), stored_root.roots());
