@@ -120,6 +120,9 @@ pub struct Config {
     pub kubernetes: Option<KubernetesAccess>,
     /// The Secret the CA lives in (needs `kubernetes`; instead of `plugin`).
     pub ca_secret: Option<SecretRef>,
+    /// Take workloads, services and policies from the cluster (needs `kubernetes`; the config
+    /// file then supplies only join tokens and `mesh:` settings). `--kubernetes` sets both.
+    pub kubernetes_mesh: bool,
 }
 
 /// Default for `Config::request_timeout`.
@@ -146,6 +149,7 @@ impl Config {
             webhook: None,
             kubernetes: None,
             ca_secret: None,
+            kubernetes_mesh: false,
         }
     }
 }
@@ -197,6 +201,7 @@ impl TryFrom<Args> for Config {
             webhook,
             kubernetes: args.kubernetes.then_some(KubernetesAccess::InCluster),
             ca_secret: args.ca_secret,
+            kubernetes_mesh: args.kubernetes,
         })
     }
 }

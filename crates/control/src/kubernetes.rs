@@ -21,6 +21,9 @@ pub const POD_UID_KEY: &str = "authentication.kubernetes.io/pod-uid";
 const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
 /// Longest the control plane waits for one answer from the API server.
 const API_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a watch may stay silent before the connection is taken for dead (the API server
+/// ends a watch after at most 290 s when the client asks for no other timeout).
+const WATCH_READ_TIMEOUT: Duration = Duration::from_secs(330);
 
 /// How the control plane reaches the Kubernetes API server.
 #[derive(Debug, Clone)]
@@ -32,8 +35,19 @@ pub enum KubernetesAccess {
 }
 
 impl KubernetesAccess {
-    /// Builds the client. Fails when in-cluster configuration is missing (not in a pod).
+    /// Builds the client for requests (5 s timeout). Fails when in-cluster configuration is
+    /// missing (not in a pod).
     pub fn client(&self) -> Result<kube::Client, String> {
+        self.build(Some(API_TIMEOUT))
+    }
+
+    /// Builds the client for watches: a watch may stay silent for minutes, so reads wait up to
+    /// `WATCH_READ_TIMEOUT` (past the server's own 290 s watch timeout) before giving up.
+    pub fn watch_client(&self) -> Result<kube::Client, String> {
+        self.build(None)
+    }
+
+    fn build(&self, request_timeout: Option<Duration>) -> Result<kube::Client, String> {
         let mut config = match self {
             KubernetesAccess::InCluster => kube::Config::incluster().map_err(|e| {
                 format!(
@@ -43,9 +57,13 @@ impl KubernetesAccess {
             })?,
             KubernetesAccess::Config(config) => (**config).clone(),
         };
-        if config.read_timeout.is_none() {
-            config.read_timeout = Some(API_TIMEOUT);
-            config.reset_reader_on_write = true;
+        match request_timeout {
+            Some(timeout) if config.read_timeout.is_none() => {
+                config.read_timeout = Some(timeout);
+                config.reset_reader_on_write = true;
+            }
+            Some(_) => {}
+            None => config.read_timeout = Some(WATCH_READ_TIMEOUT),
         }
         tracing::info!(api_server = %config.cluster_url, "Kubernetes API client configured");
         kube::Client::try_from(config)

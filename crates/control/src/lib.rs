@@ -27,6 +27,7 @@ use latch_proto::ca::certificate_service_server::CertificateServiceServer;
 use latch_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use thiserror::Error;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -38,6 +39,7 @@ use crate::discovery::DiscoveryServer;
 use crate::kubernetes::{KubeTokenReviewer, ServiceAccountAuthenticator};
 use crate::mesh::Mesh;
 use crate::mesh::file_source::{self, FileSource};
+use crate::mesh::kube_source::KubeSource;
 use crate::metrics::Metrics;
 use crate::tokens::JoinTokens;
 
@@ -213,14 +215,50 @@ impl ControlPlane {
 
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
+        // With the Kubernetes source the file only contributes its `mesh:` settings.
+        let kube_settings = match (&config.kubernetes, config.kubernetes_mesh) {
+            (Some(access), true) => {
+                let client = access.watch_client().map_err(StartError::Config)?;
+                let settings = loaded
+                    .as_ref()
+                    .map(|l| l.model.settings.clone())
+                    .unwrap_or_default();
+                if let (Some(loaded), Some(path)) = (&loaded, &config.config_file) {
+                    file_source::warn_ignored_entries(path, &loaded.model);
+                }
+                let (sender, receiver) = watch::channel(settings);
+                KubeSource {
+                    client,
+                    trust_domain: config.trust_domain.clone(),
+                    settings: receiver,
+                    mesh: mesh.clone(),
+                    metrics: metrics.clone(),
+                }
+                .spawn(&tracker, cancel.clone());
+                tracing::info!(
+                    "mesh model from the Kubernetes API (Pods, Services, EndpointSlices, \
+                     AuthorizationPolicies)"
+                );
+                Some(sender)
+            }
+            (None, true) => {
+                return Err(StartError::Config(
+                    "the Kubernetes mesh source needs --kubernetes".into(),
+                ));
+            }
+            (_, false) => None,
+        };
         if let (Some(mut loaded), Some(path)) = (loaded, &config.config_file) {
-            mesh.publish(std::mem::take(&mut loaded.model));
+            if kube_settings.is_none() {
+                mesh.publish(std::mem::take(&mut loaded.model));
+            }
             let source = FileSource {
                 path: path.clone(),
                 trust_domain: config.trust_domain.clone(),
                 tokens: tokens.clone(),
                 mesh: mesh.clone(),
                 metrics: metrics.clone(),
+                settings_only: kube_settings,
             };
             source.spawn(&loaded, &tracker, cancel.clone());
         }

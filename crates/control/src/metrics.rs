@@ -28,6 +28,12 @@ pub struct TypeLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// Kubernetes kind: Pod, Service, EndpointSlice or AuthorizationPolicy.
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeLabel {
     /// The proxy's node id, or its SPIFFE ID when it sent none.
     pub node: String,
@@ -53,6 +59,8 @@ pub struct Metrics {
     pub config_reloads: Family<ResultLabel, Counter>,
     pub mesh_generation: Gauge,
     pub webhook_reviews: Family<ResultLabel, Counter>,
+    pub kubernetes_skipped: Family<KindLabel, Gauge>,
+    pub kubernetes_watch_failures: Family<KindLabel, Counter>,
 }
 
 impl Metrics {
@@ -118,6 +126,18 @@ impl Metrics {
             "AdmissionReviews answered by the injector webhook: injected, skipped (opted out, already injected, hostNetwork), ignored (not a pod creation), refused (pod denied), invalid (HTTP 400/413)",
             webhook_reviews.clone(),
         );
+        let kubernetes_skipped = Family::<KindLabel, Gauge>::default();
+        registry.register(
+            "latch_control_kubernetes_objects_skipped",
+            "Kubernetes objects left out of the mesh model now (malformed AuthorizationPolicy, unresolvable named target port, IP clash), by kind; the log names each",
+            kubernetes_skipped.clone(),
+        );
+        let kubernetes_watch_failures = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "latch_control_kubernetes_watch_failures",
+            "Failed list or watch requests to the Kubernetes API (retried with backoff), by kind",
+            kubernetes_watch_failures.clone(),
+        );
         Self {
             registry,
             svids_issued,
@@ -130,7 +150,29 @@ impl Metrics {
             config_reloads,
             mesh_generation,
             webhook_reviews,
+            kubernetes_skipped,
+            kubernetes_watch_failures,
         }
+    }
+
+    /// Sets how many objects of `kind` the Kubernetes source leaves out of the model now.
+    pub fn kubernetes_skipped_now(&self, kind: &'static str, count: i64) {
+        self.kubernetes_skipped
+            .get_or_create(&KindLabel { kind })
+            .set(count);
+    }
+
+    /// Objects of `kind` the Kubernetes source leaves out of the model now.
+    pub fn kubernetes_skipped_count(&self, kind: &'static str) -> i64 {
+        self.kubernetes_skipped
+            .get_or_create(&KindLabel { kind })
+            .get()
+    }
+
+    pub fn kubernetes_watch_failed(&self, kind: &'static str) {
+        self.kubernetes_watch_failures
+            .get_or_create(&KindLabel { kind })
+            .inc();
     }
 
     pub fn refused(&self, reason: &'static str) {

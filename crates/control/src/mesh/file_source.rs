@@ -9,9 +9,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use latch_identity::TrustDomain;
 use latch_identity::bundle::sha256_hex;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::model::MeshSettings;
 use super::{Mesh, MeshModel};
 use crate::config::FileConfig;
 use crate::metrics::Metrics;
@@ -108,6 +110,23 @@ pub struct FileSource {
     pub tokens: Arc<JoinTokens>,
     pub mesh: Arc<Mesh>,
     pub metrics: Arc<Metrics>,
+    /// With `--kubernetes` the cluster supplies workloads, services and policies: the file's
+    /// `mesh:` settings go here (to the Kubernetes source) instead of being published.
+    pub settings_only: Option<watch::Sender<MeshSettings>>,
+}
+
+/// Warns that the file lists mesh entries `--kubernetes` ignores.
+pub fn warn_ignored_entries(path: &Path, model: &MeshModel) {
+    if !model.workloads.is_empty() || !model.services.is_empty() || !model.policies.is_empty() {
+        tracing::warn!(
+            path = %path.display(),
+            workloads = model.workloads.len(),
+            services = model.services.len(),
+            policies = model.policies.len(),
+            "with --kubernetes the mesh comes from the cluster: the workloads, services and \
+             policies of the config file are ignored (its mesh: settings and join tokens apply)"
+        );
+    }
 }
 
 /// A content seen on disk, waiting to be stable for `SETTLE`.
@@ -164,7 +183,17 @@ impl FileSource {
         let outcome = text.and_then(|text| {
             let (file, model) = parse(&text, &self.trust_domain)?;
             file.apply_tokens(&self.trust_domain, &self.tokens)?;
-            Ok(self.mesh.publish(model))
+            Ok(match &self.settings_only {
+                Some(settings) => {
+                    warn_ignored_entries(&self.path, &model);
+                    settings.send_if_modified(|current| {
+                        let changed = *current != model.settings;
+                        *current = model.settings;
+                        changed
+                    })
+                }
+                None => self.mesh.publish(model),
+            })
         });
         match outcome {
             Ok(changed) => {

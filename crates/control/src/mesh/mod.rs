@@ -3,6 +3,8 @@
 //! discovery streams read. Zero configuration is an empty mesh holding only the MeshConfig.
 
 pub mod file_source;
+pub mod kube_source;
+pub mod kube_translate;
 pub mod model;
 pub mod snapshot;
 pub mod spec;

@@ -343,7 +343,7 @@ fn app_port(at: &str, port: u32) -> Result<u16, MeshError> {
     }
 }
 
-fn build_workload(
+pub(super) fn build_workload(
     trust_domain: &TrustDomain,
     at: &str,
     spec: &WorkloadSpec,
@@ -393,7 +393,7 @@ fn build_workload(
     })
 }
 
-fn build_service(
+pub(super) fn build_service(
     at: &str,
     spec: &ServiceSpec,
     workloads: &BTreeMap<String, Workload>,
@@ -460,7 +460,7 @@ fn build_service(
     })
 }
 
-fn build_policy(at: &str, spec: &PolicySpec) -> Result<Policy, MeshError> {
+pub(super) fn build_policy(at: &str, spec: &PolicySpec) -> Result<Policy, MeshError> {
     check_name(at, "name", &spec.name)?;
     check_name(at, "namespace", &spec.namespace)?;
     check_labels(&format!("{at}.selector"), &spec.selector)?;

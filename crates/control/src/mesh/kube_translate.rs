@@ -1,0 +1,415 @@
+//! Turns what the Kubernetes API holds (Pods, Services, EndpointSlices and latch.dev
+//! `AuthorizationPolicy` objects) into the mesh model. `translate` is a pure function of the
+//! objects as the API returns them; an object that cannot be used is left out and reported in
+//! `Translation::skipped`, never stopping the rest. Called by `kube_source` on every change.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Pod, Service as KubeService};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::DynamicObject;
+use kube::core::ObjectMeta;
+use latch_identity::TrustDomain;
+use serde::Deserialize;
+
+use super::model::{self, MeshModel, MeshSettings, Workload, resource_name};
+use super::spec::{PolicySpec, RuleSpec, ServicePortSpec, ServiceSpec, WorkloadSpec};
+
+/// The label the EndpointSlice controller puts on a slice, naming its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Everything the source watches, keyed "<namespace>/<name>".
+#[derive(Debug, Clone, Default)]
+pub struct ClusterObjects {
+    pub pods: BTreeMap<String, Pod>,
+    pub services: BTreeMap<String, KubeService>,
+    pub endpoint_slices: BTreeMap<String, EndpointSlice>,
+    pub policies: BTreeMap<String, DynamicObject>,
+}
+
+/// An object (or part of one) left out of the model, and why.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Skipped {
+    /// Pod, Service or AuthorizationPolicy.
+    pub kind: &'static str,
+    /// "<namespace>/<name>".
+    pub object: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.kind, self.object, self.reason)
+    }
+}
+
+/// The model the cluster describes, and what had to be left out of it.
+#[derive(Debug, Clone, Default)]
+pub struct Translation {
+    pub model: MeshModel,
+    pub skipped: Vec<Skipped>,
+}
+
+/// `spec` of an `AuthorizationPolicy` (deploy/kubernetes/10-crd-authorizationpolicy.yaml): the
+/// fields of a config file's `policies:` entry without name and namespace.
+#[derive(Debug, Deserialize)]
+struct PolicyObjectSpec {
+    #[serde(default)]
+    selector: BTreeMap<String, String>,
+    action: String,
+    #[serde(default)]
+    rules: Vec<RuleSpec>,
+}
+
+fn meta_key(meta: &ObjectMeta) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+/// True for a pod the injector has changed: it records `latch.dev/status`, and the proxy runs
+/// as the `latch-proxy` (init) container.
+pub fn is_meshed(pod: &Pod) -> bool {
+    let annotated = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(latch_inject::ANNOTATION_STATUS));
+    let has_proxy = pod.spec.as_ref().is_some_and(|spec| {
+        spec.containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .any(|c| c.name == latch_inject::PROXY_CONTAINER)
+    });
+    annotated || has_proxy
+}
+
+fn is_running(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.phase.as_deref())
+        .is_some_and(|phase| phase == "Running")
+}
+
+/// The pod's IPs: `status.podIPs`, or `status.podIP` from API servers that only set that.
+fn pod_ips(pod: &Pod) -> Vec<String> {
+    let Some(status) = &pod.status else {
+        return Vec::new();
+    };
+    let listed: Vec<String> = status
+        .pod_ips
+        .iter()
+        .flatten()
+        .map(|p| p.ip.clone())
+        .filter(|ip| !ip.is_empty())
+        .collect();
+    if !listed.is_empty() {
+        return listed;
+    }
+    status
+        .pod_ip
+        .iter()
+        .filter(|ip| !ip.is_empty())
+        .cloned()
+        .collect()
+}
+
+/// Builds the mesh model: `settings` (from the config file) plus the cluster's workloads,
+/// services and policies.
+pub fn translate(
+    objects: &ClusterObjects,
+    trust_domain: &TrustDomain,
+    settings: &MeshSettings,
+) -> Translation {
+    let mut out = Translation {
+        model: MeshModel {
+            settings: settings.clone(),
+            ..MeshModel::default()
+        },
+        skipped: Vec::new(),
+    };
+    add_workloads(objects, trust_domain, &mut out);
+    add_services(objects, &mut out);
+    add_policies(objects, &mut out);
+    out
+}
+
+fn add_workloads(objects: &ClusterObjects, trust_domain: &TrustDomain, out: &mut Translation) {
+    let mut ip_owner: HashMap<IpAddr, String> = HashMap::new();
+    for pod in objects.pods.values() {
+        if !is_meshed(pod) || !is_running(pod) {
+            continue;
+        }
+        let ips = pod_ips(pod);
+        if ips.is_empty() {
+            continue;
+        }
+        let (namespace, name) = meta_key(&pod.metadata);
+        let key = resource_name(&namespace, &name);
+        let spec = WorkloadSpec {
+            name,
+            namespace,
+            service_account: Some(
+                pod.spec
+                    .as_ref()
+                    .and_then(|s| s.service_account_name.clone())
+                    .unwrap_or_else(|| "default".to_string()),
+            ),
+            spiffe_id: None,
+            ips,
+            mesh_port: None,
+            labels: pod.metadata.labels.clone().unwrap_or_default(),
+        };
+        let skip = |reason: String| Skipped {
+            kind: "Pod",
+            object: key.clone(),
+            reason,
+        };
+        let workload = match model::build_workload(trust_domain, "pod", &spec) {
+            Ok(w) => w,
+            Err(e) => {
+                out.skipped.push(skip(e.to_string()));
+                continue;
+            }
+        };
+        if let Some((ip, owner)) = workload
+            .ips
+            .iter()
+            .find_map(|ip| ip_owner.get(ip).map(|owner| (ip, owner)))
+        {
+            out.skipped
+                .push(skip(format!("IP {ip} is already an IP of pod {owner}")));
+            continue;
+        }
+        for ip in &workload.ips {
+            ip_owner.insert(*ip, key.clone());
+        }
+        out.model.workloads.insert(key, workload);
+    }
+}
+
+/// The number a named target port stands for: the container port of that name on the running
+/// pods the Service selects, when they all agree on one.
+fn resolve_named_port(
+    objects: &ClusterObjects,
+    namespace: &str,
+    selector: Option<&BTreeMap<String, String>>,
+    port_name: &str,
+) -> Result<u16, String> {
+    let Some(selector) = selector.filter(|s| !s.is_empty()) else {
+        return Err(format!(
+            "target port {port_name:?} is a name and the Service has no selector to find the \
+             pods defining it; use a number"
+        ));
+    };
+    let mut numbers = BTreeSet::new();
+    for pod in objects.pods.values() {
+        let labels = pod.metadata.labels.clone().unwrap_or_default();
+        if pod.metadata.namespace.as_deref() != Some(namespace)
+            || !is_running(pod)
+            || !selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+        {
+            continue;
+        }
+        for container in pod.spec.iter().flat_map(|s| s.containers.iter()) {
+            for port in container.ports.iter().flatten() {
+                if port.name.as_deref() == Some(port_name) {
+                    numbers.insert(port.container_port);
+                }
+            }
+        }
+    }
+    match numbers.len() {
+        1 => numbers
+            .first()
+            .and_then(|n| u16::try_from(*n).ok())
+            .filter(|n| *n != 0)
+            .ok_or_else(|| format!("target port {port_name:?} is not a TCP port number")),
+        0 => Err(format!(
+            "target port {port_name:?}: no running pod the Service selects has a container port \
+             of that name"
+        )),
+        _ => Err(format!(
+            "target port {port_name:?} means different numbers on different pods ({numbers:?}); \
+             not supported, use a number"
+        )),
+    }
+}
+
+/// Ready addresses of the EndpointSlices of Service `namespace/name`. An endpoint without
+/// `conditions.ready` counts as ready, as the API reference says consumers should read it.
+fn ready_endpoints(objects: &ClusterObjects, namespace: &str, name: &str) -> Vec<String> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for slice in objects.endpoint_slices.values() {
+        let owner = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL));
+        if slice.metadata.namespace.as_deref() != Some(namespace)
+            || owner.map(String::as_str) != Some(name)
+            || !matches!(slice.address_type.as_str(), "IPv4" | "IPv6")
+        {
+            continue;
+        }
+        for endpoint in &slice.endpoints {
+            let ready = endpoint
+                .conditions
+                .as_ref()
+                .and_then(|c| c.ready)
+                .unwrap_or(true);
+            if !ready {
+                continue;
+            }
+            for address in &endpoint.addresses {
+                if address.parse::<IpAddr>().is_ok() && seen.insert(address.clone()) {
+                    out.push(address.clone());
+                }
+            }
+        }
+    }
+    out
+}
+
+fn add_services(objects: &ClusterObjects, out: &mut Translation) {
+    let mut vip_owner: HashMap<IpAddr, String> = HashMap::new();
+    let workload_ips: HashMap<IpAddr, &Workload> = out
+        .model
+        .workloads
+        .values()
+        .flat_map(|w| w.ips.iter().map(move |ip| (*ip, w)))
+        .collect();
+    let mut services = Vec::new();
+    for service in objects.services.values() {
+        let (namespace, name) = meta_key(&service.metadata);
+        let key = resource_name(&namespace, &name);
+        let Some(spec) = &service.spec else { continue };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        let vips: Vec<String> = match &spec.cluster_ips {
+            Some(ips) if !ips.is_empty() => ips.clone(),
+            _ => spec.cluster_ip.iter().cloned().collect(),
+        }
+        .into_iter()
+        .filter(|ip| !ip.is_empty() && ip != "None")
+        .collect();
+        let mut ports = Vec::new();
+        for port in spec.ports.iter().flatten() {
+            if port.protocol.as_deref().is_some_and(|p| p != "TCP") {
+                continue;
+            }
+            let target_port = match &port.target_port {
+                None => None,
+                Some(IntOrString::Int(n)) => Some(u32::try_from(*n).unwrap_or(0)),
+                Some(IntOrString::String(text)) => match text.parse::<u32>() {
+                    Ok(n) => Some(n),
+                    Err(_) => {
+                        match resolve_named_port(objects, &namespace, spec.selector.as_ref(), text)
+                        {
+                            Ok(n) => Some(u32::from(n)),
+                            Err(reason) => {
+                                out.skipped.push(Skipped {
+                                    kind: "Service",
+                                    object: key.clone(),
+                                    reason: format!("port {}: {reason}", port.port),
+                                });
+                                continue;
+                            }
+                        }
+                    }
+                },
+            };
+            ports.push(ServicePortSpec {
+                port: u32::try_from(port.port).unwrap_or(0),
+                target_port,
+                name: port.name.clone().unwrap_or_default(),
+            });
+        }
+        if ports.is_empty() {
+            // UDP-only, port-less or every port unresolved (reported above): nothing to route.
+            continue;
+        }
+        let service_spec = ServiceSpec {
+            hostnames: vec![format!("{name}.{namespace}.svc")],
+            endpoints: Some(ready_endpoints(objects, &namespace, &name)),
+            name,
+            namespace,
+            vips,
+            ports,
+            selector: None,
+        };
+        services.push((key, service_spec));
+    }
+    for (key, spec) in services {
+        let skip = |reason: String| Skipped {
+            kind: "Service",
+            object: key.clone(),
+            reason,
+        };
+        let built = match model::build_service("service", &spec, &out.model.workloads) {
+            Ok(s) => s,
+            Err(e) => {
+                out.skipped.push(skip(e.to_string()));
+                continue;
+            }
+        };
+        let clash = built.vips.iter().find_map(|vip| {
+            workload_ips
+                .get(vip)
+                .map(|w| format!("VIP {vip} is an IP of pod {}/{}", w.namespace, w.name))
+                .or_else(|| {
+                    vip_owner
+                        .get(vip)
+                        .map(|owner| format!("VIP {vip} is already a VIP of service {owner}"))
+                })
+        });
+        if let Some(reason) = clash {
+            out.skipped.push(skip(reason));
+            continue;
+        }
+        for vip in &built.vips {
+            vip_owner.insert(*vip, key.clone());
+        }
+        out.model.services.insert(key, built);
+    }
+}
+
+fn add_policies(objects: &ClusterObjects, out: &mut Translation) {
+    for object in objects.policies.values() {
+        let (namespace, name) = meta_key(&object.metadata);
+        let key = resource_name(&namespace, &name);
+        let spec = object
+            .data
+            .get("spec")
+            .ok_or_else(|| "has no spec".to_string())
+            .and_then(|spec| PolicyObjectSpec::deserialize(spec).map_err(|e| format!("spec: {e}")))
+            .and_then(|spec| {
+                model::build_policy(
+                    "spec",
+                    &PolicySpec {
+                        name,
+                        namespace,
+                        selector: spec.selector,
+                        action: spec.action,
+                        rules: spec.rules,
+                    },
+                )
+                .map_err(|e| e.to_string())
+            });
+        match spec {
+            Ok(policy) => {
+                out.model.policies.insert(key, policy);
+            }
+            Err(reason) => out.skipped.push(Skipped {
+                kind: "AuthorizationPolicy",
+                object: key,
+                reason,
+            }),
+        }
+    }
+}
