@@ -97,12 +97,15 @@ impl<K: Resource> Table<K> {
     }
 }
 
+/// What a watcher yields, boxed: objects differ much in size.
+type Watched<K> = Box<Result<Event<K>, watcher::Error>>;
+
 /// One watcher's output, tagged with its kind.
 enum Update {
-    Pod(Box<Result<Event<Pod>, watcher::Error>>),
-    Service(Result<Event<KubeService>, watcher::Error>),
-    EndpointSlice(Result<Event<EndpointSlice>, watcher::Error>),
-    Policy(Result<Event<DynamicObject>, watcher::Error>),
+    Pod(Watched<Pod>),
+    Service(Watched<KubeService>),
+    EndpointSlice(Watched<EndpointSlice>),
+    Policy(Watched<DynamicObject>),
 }
 
 type Updates = Pin<Box<dyn Stream<Item = Update> + Send>>;
@@ -131,16 +134,16 @@ impl KubeSource {
             .map(|event| Update::Pod(Box::new(event)));
         let services = watcher::watcher(Api::<KubeService>::all(self.client.clone()), config())
             .default_backoff()
-            .map(Update::Service);
+            .map(|event| Update::Service(Box::new(event)));
         let slices = watcher::watcher(Api::<EndpointSlice>::all(self.client.clone()), config())
             .default_backoff()
-            .map(Update::EndpointSlice);
+            .map(|event| Update::EndpointSlice(Box::new(event)));
         let policies = watcher::watcher(
             Api::<DynamicObject>::all_with(self.client.clone(), &authorization_policy_resource()),
             config(),
         )
         .default_backoff()
-        .map(Update::Policy);
+        .map(|event| Update::Policy(Box::new(event)));
         Box::pin(
             Box::pin(pods)
                 .merge(Box::pin(services))
@@ -167,9 +170,9 @@ impl KubeSource {
                     let Some(update) = update else { break };
                     match update {
                         Update::Pod(event) => self.watched(&mut pods, *event),
-                        Update::Service(event) => self.watched(&mut services, event),
-                        Update::EndpointSlice(event) => self.watched(&mut slices, event),
-                        Update::Policy(event) => self.watched(&mut policies, event),
+                        Update::Service(event) => self.watched(&mut services, *event),
+                        Update::EndpointSlice(event) => self.watched(&mut slices, *event),
+                        Update::Policy(event) => self.watched(&mut policies, *event),
                     }
                 }
                 result = self.settings.changed(), if settings_open => {
