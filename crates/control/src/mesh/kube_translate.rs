@@ -413,3 +413,379 @@ fn add_policies(objects: &ClusterObjects, out: &mut Translation) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("cluster.local").unwrap()
+    }
+
+    /// A pod as `GET /api/v1/namespaces/latch-demo/pods/<name>` returns it after injection.
+    fn pod(name: &str, phase: &str, ips: &[&str], meshed: bool) -> Value {
+        let mut pod = json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": name,
+                "namespace": "latch-demo",
+                "uid": format!("uid-{name}"),
+                "resourceVersion": "4711",
+                "creationTimestamp": "2026-11-28T10:00:00Z",
+                "labels": {"app": "http-server", "pod-template-hash": "6d9f7c"},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "http-server-6d9f7c", "uid": "rs-uid", "controller": true, "blockOwnerDeletion": true}]
+            },
+            "spec": {
+                "serviceAccountName": "http-server",
+                "serviceAccount": "http-server",
+                "nodeName": "node-1",
+                "containers": [{
+                    "name": "httpd",
+                    "image": "busybox:1.36",
+                    "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+                }]
+            },
+            "status": {"phase": phase, "hostIP": "172.18.0.2", "qosClass": "Burstable"}
+        });
+        if meshed {
+            pod["metadata"]["annotations"] = json!({"latch.dev/status": "{\"initContainers\":[\"latch-iptables\",\"latch-proxy\"]}"});
+            pod["spec"]["initContainers"] = json!([
+                {"name": "latch-iptables", "image": "latch:dev"},
+                {"name": "latch-proxy", "image": "latch:dev", "restartPolicy": "Always"}
+            ]);
+        }
+        if let Some(first) = ips.first() {
+            pod["status"]["podIP"] = json!(first);
+            pod["status"]["podIPs"] = ips.iter().map(|ip| json!({"ip": ip})).collect();
+        }
+        pod
+    }
+
+    fn service(name: &str, target_port: Value) -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": "latch-demo", "uid": format!("uid-{name}"), "resourceVersion": "812"},
+            "spec": {
+                "type": "ClusterIP",
+                "clusterIP": "10.96.12.34",
+                "clusterIPs": ["10.96.12.34"],
+                "ipFamilies": ["IPv4"],
+                "ipFamilyPolicy": "SingleStack",
+                "selector": {"app": "http-server"},
+                "sessionAffinity": "None",
+                "ports": [
+                    {"name": "http", "protocol": "TCP", "port": 80, "targetPort": target_port},
+                    {"name": "metrics", "protocol": "TCP", "port": 9090, "targetPort": 9090},
+                    {"name": "dns", "protocol": "UDP", "port": 53, "targetPort": 53}
+                ]
+            },
+            "status": {"loadBalancer": {}}
+        })
+    }
+
+    fn endpoint_slice(name: &str, service: &str, endpoints: Value) -> Value {
+        json!({
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": name,
+                "namespace": "latch-demo",
+                "generateName": format!("{service}-"),
+                "labels": {
+                    "kubernetes.io/service-name": service,
+                    "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"
+                },
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": service, "uid": "svc-uid", "controller": true, "blockOwnerDeletion": true}]
+            },
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": [{"name": "http", "protocol": "TCP", "port": 8080}]
+        })
+    }
+
+    fn endpoint(ip: &str, ready: Option<bool>) -> Value {
+        let mut e = json!({
+            "addresses": [ip],
+            "nodeName": "node-1",
+            "targetRef": {"kind": "Pod", "namespace": "latch-demo", "name": format!("pod-{ip}"), "uid": "u"}
+        });
+        if let Some(ready) = ready {
+            e["conditions"] = json!({"ready": ready, "serving": ready, "terminating": false});
+        }
+        e
+    }
+
+    fn policy(name: &str, spec: Value) -> Value {
+        json!({
+            "apiVersion": "latch.dev/v1alpha1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": "latch-demo", "uid": format!("uid-{name}"), "resourceVersion": "99", "generation": 1},
+            "spec": spec
+        })
+    }
+
+    fn objects(
+        pods: &[Value],
+        services: &[Value],
+        slices: &[Value],
+        policies: &[Value],
+    ) -> ClusterObjects {
+        fn table<K: serde::de::DeserializeOwned + kube::Resource>(
+            items: &[Value],
+        ) -> BTreeMap<String, K> {
+            items
+                .iter()
+                .map(|v| {
+                    let object: K = serde_json::from_value(v.clone()).unwrap();
+                    let meta = object.meta();
+                    (
+                        format!(
+                            "{}/{}",
+                            meta.namespace.clone().unwrap(),
+                            meta.name.clone().unwrap()
+                        ),
+                        object,
+                    )
+                })
+                .collect()
+        }
+        ClusterObjects {
+            pods: table(pods),
+            services: table(services),
+            endpoint_slices: table(slices),
+            policies: table(policies),
+        }
+    }
+
+    fn ips(list: &[IpAddr]) -> Vec<String> {
+        list.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn demo_objects_become_workloads_services_and_policies() {
+        let objects = objects(
+            &[
+                pod(
+                    "http-server-a",
+                    "Running",
+                    &["10.244.1.5", "fd00:10:244:1::5"],
+                    true,
+                ),
+                pod("http-server-b", "Pending", &[], true),
+                pod("http-server-c", "Succeeded", &["10.244.1.7"], true),
+                pod("plain", "Running", &["10.244.1.8"], false),
+            ],
+            &[service("http-server", json!("http"))],
+            &[endpoint_slice(
+                "http-server-x7k2p",
+                "http-server",
+                json!([
+                    endpoint("10.244.1.5", Some(true)),
+                    endpoint("10.244.2.9", Some(false)),
+                    endpoint("10.244.3.3", None)
+                ]),
+            )],
+            &[policy(
+                "http-server",
+                json!({"selector": {"app": "http-server"}, "action": "ALLOW", "rules": [{"principals": [{"exact": "spiffe://cluster.local/ns/latch-demo/sa/http-client"}], "ports": [8080]}]}),
+            )],
+        );
+        let out = translate(&objects, &td(), &MeshSettings::default());
+        assert!(out.skipped.is_empty(), "{:?}", out.skipped);
+        let model = out.model;
+
+        assert_eq!(
+            model.workloads.keys().collect::<Vec<_>>(),
+            ["latch-demo/http-server-a"],
+            "only meshed Running pods with an IP"
+        );
+        let w = &model.workloads["latch-demo/http-server-a"];
+        assert_eq!(
+            w.spiffe_id.as_str(),
+            "spiffe://cluster.local/ns/latch-demo/sa/http-server"
+        );
+        assert_eq!(ips(&w.ips), ["10.244.1.5", "fd00:10:244:1::5"]);
+        assert_eq!(w.labels["app"], "http-server");
+        assert_eq!(w.mesh_port, model::DEFAULT_MESH_PORT);
+
+        let s = &model.services["latch-demo/http-server"];
+        assert_eq!(ips(&s.vips), ["10.96.12.34"]);
+        assert_eq!(s.hostnames, ["http-server.latch-demo.svc"]);
+        let ports: Vec<(u16, u16, &str)> = s
+            .ports
+            .iter()
+            .map(|p| (p.port, p.target_port, p.name.as_str()))
+            .collect();
+        assert_eq!(
+            ports,
+            [(80, 8080, "http"), (9090, 9090, "metrics")],
+            "named target port resolved from the pods; UDP left out"
+        );
+        assert_eq!(
+            ips(&s.endpoints),
+            ["10.244.1.5", "10.244.3.3"],
+            "ready endpoints, and those without conditions (read as ready)"
+        );
+
+        let p = &model.policies["latch-demo/http-server"];
+        assert_eq!(p.action, model::Action::Allow);
+        assert_eq!(p.selector["app"], "http-server");
+        assert_eq!(p.rules[0].ports, [8080]);
+        assert!(p.selects(w));
+    }
+
+    #[test]
+    fn a_malformed_policy_is_skipped_and_the_rest_kept() {
+        let good = policy("good", json!({"action": "DENY"}));
+        let objects = objects(
+            &[],
+            &[],
+            &[],
+            &[
+                policy("bad-action", json!({"action": "PERMIT"})),
+                policy("bad-rules", json!({"action": "ALLOW", "rules": "everyone"})),
+                policy(
+                    "bad-principal",
+                    json!({"action": "ALLOW", "rules": [{"principals": [{"prefix": "ns/latch-demo"}]}]}),
+                ),
+                json!({"apiVersion": "latch.dev/v1alpha1", "kind": "AuthorizationPolicy", "metadata": {"name": "no-spec", "namespace": "latch-demo"}}),
+                good,
+            ],
+        );
+        let out = translate(&objects, &td(), &MeshSettings::default());
+        assert_eq!(
+            out.model.policies.keys().collect::<Vec<_>>(),
+            ["latch-demo/good"]
+        );
+        let skipped: Vec<String> = out.skipped.iter().map(ToString::to_string).collect();
+        for (object, words) in [
+            (
+                "latch-demo/bad-action",
+                r#"spec.action "PERMIT": must be ALLOW or DENY"#,
+            ),
+            (
+                "latch-demo/bad-rules",
+                "spec: invalid type: string \"everyone\"",
+            ),
+            ("latch-demo/bad-principal", "must start with spiffe://"),
+            ("latch-demo/no-spec", "has no spec"),
+        ] {
+            assert!(
+                skipped.iter().any(
+                    |s| s.starts_with(&format!("AuthorizationPolicy {object}: "))
+                        && s.contains(words)
+                ),
+                "{object} / {words:?} not in {skipped:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn named_target_ports_that_cannot_be_resolved_leave_the_port_out() {
+        let mut other = pod("http-server-z", "Running", &["10.244.1.6"], false);
+        other["spec"]["containers"][0]["ports"][0]["containerPort"] = json!(8081);
+        let objects_with = |pods: &[Value], target: Value| {
+            objects(pods, &[service("http-server", target)], &[], &[])
+        };
+        let web = pod("http-server-a", "Running", &["10.244.1.5"], true);
+        for (pods, target, reason) in [
+            (
+                vec![web.clone()],
+                json!("grpc"),
+                "no running pod the Service selects has a container port of that name",
+            ),
+            (
+                vec![web.clone(), other],
+                json!("http"),
+                "means different numbers on different pods",
+            ),
+        ] {
+            let out = translate(
+                &objects_with(&pods, target),
+                &td(),
+                &MeshSettings::default(),
+            );
+            let s = &out.model.services["latch-demo/http-server"];
+            assert_eq!(s.ports.iter().map(|p| p.port).collect::<Vec<_>>(), [9090]);
+            assert_eq!(out.skipped.len(), 1, "{:?}", out.skipped);
+            assert_eq!(out.skipped[0].kind, "Service");
+            assert!(
+                out.skipped[0].reason.starts_with("port 80: target port"),
+                "{}",
+                out.skipped[0]
+            );
+            assert!(out.skipped[0].reason.contains(reason), "{}", out.skipped[0]);
+        }
+        // A numeric string is a number.
+        let out = translate(
+            &objects_with(&[], json!("8080")),
+            &td(),
+            &MeshSettings::default(),
+        );
+        assert_eq!(
+            out.model.services["latch-demo/http-server"].ports[0].target_port,
+            8080
+        );
+    }
+
+    #[test]
+    fn headless_services_have_no_vip_and_slices_of_other_services_are_ignored() {
+        let mut headless = service("db", json!(5432));
+        headless["spec"]["clusterIP"] = json!("None");
+        headless["spec"]["clusterIPs"] = json!(["None"]);
+        let mut external = service("ext", json!(443));
+        external["spec"] = json!({"type": "ExternalName", "externalName": "example.com"});
+        let out = translate(
+            &objects(
+                &[],
+                &[headless, external],
+                &[
+                    endpoint_slice("db-1", "db", json!([endpoint("10.244.4.4", Some(true))])),
+                    endpoint_slice("web-1", "web", json!([endpoint("10.244.5.5", Some(true))])),
+                ],
+                &[],
+            ),
+            &td(),
+            &MeshSettings::default(),
+        );
+        assert!(out.skipped.is_empty(), "{:?}", out.skipped);
+        assert_eq!(
+            out.model.services.keys().collect::<Vec<_>>(),
+            ["latch-demo/db"]
+        );
+        let db = &out.model.services["latch-demo/db"];
+        assert!(db.vips.is_empty());
+        assert_eq!(ips(&db.endpoints), ["10.244.4.4"]);
+    }
+
+    #[test]
+    fn a_pod_reusing_another_pods_ip_is_skipped() {
+        let out = translate(
+            &objects(
+                &[
+                    pod("a", "Running", &["10.244.1.5"], true),
+                    pod("b", "Running", &["10.244.1.5"], true),
+                ],
+                &[],
+                &[],
+                &[],
+            ),
+            &td(),
+            &MeshSettings::default(),
+        );
+        assert_eq!(
+            out.model.workloads.keys().collect::<Vec<_>>(),
+            ["latch-demo/a"]
+        );
+        assert_eq!(
+            out.skipped
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["Pod latch-demo/b: IP 10.244.1.5 is already an IP of pod latch-demo/a"]
+        );
+    }
+}
