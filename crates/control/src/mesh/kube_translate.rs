@@ -191,14 +191,28 @@ fn add_workloads(objects: &ClusterObjects, trust_domain: &TrustDomain, out: &mut
     }
 }
 
-/// The number a named target port stands for: the container port of that name on the running
-/// pods the Service selects, when they all agree on one.
+/// The number a named target port stands for: what the Service's EndpointSlices give for the
+/// service port (the EndpointSlice controller resolved it), else the container port of that
+/// name on the running pods the Service selects, when they all agree on one.
 fn resolve_named_port(
     objects: &ClusterObjects,
-    namespace: &str,
+    service: (&str, &str),
+    service_port_name: Option<&str>,
     selector: Option<&BTreeMap<String, String>>,
     port_name: &str,
 ) -> Result<u16, String> {
+    let (namespace, name) = service;
+    let from_slices: BTreeSet<i32> = service_slices(objects, namespace, name)
+        .flat_map(|slice| slice.ports.iter().flatten())
+        .filter(|p| p.name.as_deref().unwrap_or_default() == service_port_name.unwrap_or_default())
+        .filter_map(|p| p.port)
+        .collect();
+    if let [number] = from_slices.iter().collect::<Vec<_>>()[..]
+        && let Ok(number) = u16::try_from(*number)
+        && number != 0
+    {
+        return Ok(number);
+    }
     let Some(selector) = selector.filter(|s| !s.is_empty()) else {
         return Err(format!(
             "target port {port_name:?} is a name and the Service has no selector to find the \
@@ -239,23 +253,30 @@ fn resolve_named_port(
     }
 }
 
-/// Ready addresses of the EndpointSlices of Service `namespace/name`. An endpoint without
-/// `conditions.ready` counts as ready, as the API reference says consumers should read it.
-fn ready_endpoints(objects: &ClusterObjects, namespace: &str, name: &str) -> Vec<String> {
-    let mut seen = BTreeSet::new();
-    let mut out = Vec::new();
-    for slice in objects.endpoint_slices.values() {
+/// The IPv4 and IPv6 EndpointSlices of Service `namespace/name`.
+fn service_slices<'a>(
+    objects: &'a ClusterObjects,
+    namespace: &'a str,
+    name: &'a str,
+) -> impl Iterator<Item = &'a EndpointSlice> {
+    objects.endpoint_slices.values().filter(move |slice| {
         let owner = slice
             .metadata
             .labels
             .as_ref()
             .and_then(|l| l.get(SERVICE_NAME_LABEL));
-        if slice.metadata.namespace.as_deref() != Some(namespace)
-            || owner.map(String::as_str) != Some(name)
-            || !matches!(slice.address_type.as_str(), "IPv4" | "IPv6")
-        {
-            continue;
-        }
+        slice.metadata.namespace.as_deref() == Some(namespace)
+            && owner.map(String::as_str) == Some(name)
+            && matches!(slice.address_type.as_str(), "IPv4" | "IPv6")
+    })
+}
+
+/// Ready addresses of the EndpointSlices of Service `namespace/name`. An endpoint without
+/// `conditions.ready` counts as ready, as the API reference says consumers should read it.
+fn ready_endpoints(objects: &ClusterObjects, namespace: &str, name: &str) -> Vec<String> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for slice in service_slices(objects, namespace, name) {
         for endpoint in &slice.endpoints {
             let ready = endpoint
                 .conditions
@@ -309,8 +330,13 @@ fn add_services(objects: &ClusterObjects, out: &mut Translation) {
                 Some(IntOrString::String(text)) => match text.parse::<u32>() {
                     Ok(n) => Some(n),
                     Err(_) => {
-                        match resolve_named_port(objects, &namespace, spec.selector.as_ref(), text)
-                        {
+                        match resolve_named_port(
+                            objects,
+                            (&namespace, &name),
+                            port.name.as_deref(),
+                            spec.selector.as_ref(),
+                            text,
+                        ) {
                             Ok(n) => Some(u32::from(n)),
                             Err(reason) => {
                                 out.skipped.push(Skipped {
@@ -729,6 +755,26 @@ mod tests {
             out.model.services["latch-demo/http-server"].ports[0].target_port,
             8080
         );
+    }
+
+    #[test]
+    fn named_target_ports_come_from_the_endpoint_slices_first() {
+        // No pod is listed (e.g. not yet seen): the slice's port for service port "http" is
+        // what the EndpointSlice controller resolved.
+        let mut slice = endpoint_slice(
+            "http-server-1",
+            "http-server",
+            json!([endpoint("10.244.1.5", Some(true))]),
+        );
+        slice["ports"] = json!([{"name": "http", "protocol": "TCP", "port": 8443}]);
+        let out = translate(
+            &objects(&[], &[service("http-server", json!("web"))], &[slice], &[]),
+            &td(),
+            &MeshSettings::default(),
+        );
+        assert!(out.skipped.is_empty(), "{:?}", out.skipped);
+        let s = &out.model.services["latch-demo/http-server"];
+        assert_eq!((s.ports[0].port, s.ports[0].target_port), (80, 8443));
     }
 
     #[test]

@@ -1,23 +1,61 @@
 //! A fake Kubernetes API server for tests: plain HTTP/1.1 on loopback, each request answered by
-//! the test's handler. Helpers build the JSON the real API server sends for errors (v1 Status).
+//! the test's handler. Helpers build the JSON the real API server sends for errors (v1 Status)
+//! and watch responses (a chunked body of newline-delimited watch events, kept open).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Bytes, Frame};
 use hyper::{Method, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 
 /// One request as the handler sees it: method, path, query and body (JSON, or Null).
+#[allow(dead_code)] // each test crate reads the fields it needs
 pub struct Call {
     pub method: Method,
     pub path: String,
+    /// The query string, e.g. `watch=true&resourceVersion=10&allowWatchBookmarks=true`.
+    pub query: String,
     pub body: Value,
+}
+
+impl Call {
+    /// The value of query parameter `name`, when given.
+    #[allow(dead_code)]
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v)
+    }
+}
+
+/// A response body that is either complete or a stream (a watch).
+pub type AnyBody = BoxBody<Bytes, Infallible>;
+
+/// A watch response: 200 with one JSON watch event per line, sent as the test pushes them into
+/// the returned sender, e.g. `{"type":"ADDED","object":{...}}`. Open until the sender is dropped.
+#[allow(dead_code)]
+pub fn watch_stream() -> (mpsc::UnboundedSender<Value>, Response<AnyBody>) {
+    let (events, receiver) = mpsc::unbounded_channel::<Value>();
+    let frames = UnboundedReceiverStream::new(receiver)
+        .map(|event| Ok::<_, Infallible>(Frame::data(Bytes::from(format!("{event}\n")))));
+    let response = Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "application/json")
+        .body(StreamBody::new(frames).boxed())
+        .unwrap();
+    (events, response)
 }
 
 pub fn respond(code: StatusCode, body: Value) -> Response<Full<Bytes>> {
@@ -58,10 +96,11 @@ pub fn not_found(kind: &str, name: &str) -> Response<Full<Bytes>> {
 }
 
 /// Serves `handler` on a loopback port until the test ends; returns its address.
-pub async fn serve<H, F>(handler: H) -> SocketAddr
+pub async fn serve<H, F, B>(handler: H) -> SocketAddr
 where
     H: Fn(Call) -> F + Send + Sync + 'static,
-    F: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes, Error = Infallible> + Send + 'static,
 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -79,9 +118,18 @@ where
                         async move {
                             let method = request.method().clone();
                             let path = request.uri().path().to_string();
+                            let query = request.uri().query().unwrap_or_default().to_string();
                             let bytes = request.into_body().collect().await.unwrap().to_bytes();
                             let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                            Ok::<_, Infallible>(handler(Call { method, path, body }).await)
+                            Ok::<_, Infallible>(
+                                handler(Call {
+                                    method,
+                                    path,
+                                    query,
+                                    body,
+                                })
+                                .await,
+                            )
                         }
                     },
                 );

@@ -1,0 +1,445 @@
+//! The Kubernetes config source against a fake API server answering lists and watches as the
+//! real one does (a list with its resourceVersion, then a watch from that version streaming
+//! newline-delimited ADDED/MODIFIED/DELETED/BOOKMARK events): what the control plane publishes
+//! follows the cluster, and the config file only adds its `mesh:` settings.
+
+#[path = "fake_kube/mod.rs"]
+mod fake_kube;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fake_kube::{Call, not_found, respond, watch_stream};
+use http_body_util::BodyExt;
+use hyper::StatusCode;
+use latch_control::kubernetes::KubernetesAccess;
+use latch_control::mesh::MeshSnapshot;
+use latch_control::mesh::model::MtlsMode;
+use latch_control::{Config, ControlPlane};
+use latch_identity::TrustDomain;
+use serde_json::{Value, json};
+use tokio::sync::mpsc::UnboundedSender;
+
+const PODS: &str = "/api/v1/pods";
+const SERVICES: &str = "/api/v1/services";
+const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+const POLICIES: &str = "/apis/latch.dev/v1alpha1/authorizationpolicies";
+
+/// What the fake API server holds: the list each collection answers, and the open watches.
+#[derive(Default)]
+struct Cluster {
+    lists: HashMap<&'static str, Value>,
+    /// Per collection: the event sender of its latest watch and the resourceVersion it asked
+    /// to start from.
+    watches: Mutex<HashMap<String, (UnboundedSender<Value>, String)>>,
+}
+
+impl Cluster {
+    fn send(&self, path: &str, event: Value) {
+        let watches = self.watches.lock().unwrap();
+        let (sender, _) = watches.get(path).expect("the collection is watched");
+        sender.send(event).unwrap();
+    }
+}
+
+async fn fake_api(cluster: Arc<Cluster>) -> SocketAddr {
+    fake_kube::serve(move |call: Call| {
+        let cluster = cluster.clone();
+        async move {
+            let Some(list) = cluster.lists.get(call.path.as_str()) else {
+                return not_found("resource", &call.path).map(BodyExt::boxed);
+            };
+            if matches!(call.param("watch"), Some("true" | "1")) {
+                let (sender, response) = watch_stream();
+                let from = call
+                    .param("resourceVersion")
+                    .unwrap_or_default()
+                    .to_string();
+                cluster
+                    .watches
+                    .lock()
+                    .unwrap()
+                    .insert(call.path.clone(), (sender, from));
+                response
+            } else {
+                respond(StatusCode::OK, list.clone()).map(BodyExt::boxed)
+            }
+        }
+    })
+    .await
+}
+
+/// A list as the API server returns it (items without kind and apiVersion).
+fn list(kind: &str, api_version: &str, items: Vec<Value>) -> Value {
+    json!({
+        "kind": kind,
+        "apiVersion": api_version,
+        "metadata": {"resourceVersion": "100"},
+        "items": items
+    })
+}
+
+/// A watch event; `object` gets the kind and apiVersion a watch sends.
+fn event(kind_of_event: &str, kind: &str, api_version: &str, mut object: Value) -> Value {
+    object["kind"] = json!(kind);
+    object["apiVersion"] = json!(api_version);
+    json!({"type": kind_of_event, "object": object})
+}
+
+/// An injected pod; `ip` None is a pod not yet scheduled (Pending, no IP).
+fn pod(name: &str, sa: &str, app: &str, ip: Option<&str>, rv: u32) -> Value {
+    let mut pod = json!({
+        "metadata": {
+            "name": name,
+            "namespace": "latch-demo",
+            "uid": format!("uid-{name}"),
+            "resourceVersion": rv.to_string(),
+            "labels": {"app": app},
+            "annotations": {"latch.dev/status": "{\"initContainers\":[\"latch-iptables\",\"latch-proxy\"]}"}
+        },
+        "spec": {
+            "serviceAccountName": sa,
+            "initContainers": [
+                {"name": "latch-iptables", "image": "latch:dev"},
+                {"name": "latch-proxy", "image": "latch:dev", "restartPolicy": "Always"}
+            ],
+            "containers": [{"name": "app", "image": "busybox:1.36", "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]}]
+        },
+        "status": {"phase": "Pending", "qosClass": "Burstable"}
+    });
+    if let Some(ip) = ip {
+        pod["status"] = json!({
+            "phase": "Running",
+            "hostIP": "172.18.0.2",
+            "podIP": ip,
+            "podIPs": [{"ip": ip}],
+            "qosClass": "Burstable"
+        });
+    }
+    pod
+}
+
+fn slice(ready: &[&str], not_ready: &[&str], rv: u32) -> Value {
+    let endpoint = |ip: &&str, ready: bool| {
+        json!({
+            "addresses": [ip],
+            "conditions": {"ready": ready, "serving": ready, "terminating": false},
+            "nodeName": "node-1"
+        })
+    };
+    let endpoints: Vec<Value> = ready
+        .iter()
+        .map(|ip| endpoint(ip, true))
+        .chain(not_ready.iter().map(|ip| endpoint(ip, false)))
+        .collect();
+    json!({
+        "metadata": {
+            "name": "http-server-x7k2p",
+            "namespace": "latch-demo",
+            "resourceVersion": rv.to_string(),
+            "labels": {
+                "kubernetes.io/service-name": "http-server",
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"
+            }
+        },
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "http", "protocol": "TCP", "port": 8080}]
+    })
+}
+
+fn policy(name: &str, spec: Value, rv: u32) -> Value {
+    json!({
+        "apiVersion": "latch.dev/v1alpha1",
+        "kind": "AuthorizationPolicy",
+        "metadata": {"name": name, "namespace": "latch-demo", "uid": format!("uid-{name}"), "resourceVersion": rv.to_string(), "generation": 1},
+        "spec": spec
+    })
+}
+
+fn initial_cluster() -> Cluster {
+    let service = json!({
+        "metadata": {"name": "http-server", "namespace": "latch-demo", "resourceVersion": "50"},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIP": "10.96.12.34",
+            "clusterIPs": ["10.96.12.34"],
+            "selector": {"app": "http-server"},
+            "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": "http"}]
+        },
+        "status": {"loadBalancer": {}}
+    });
+    let allow = json!({
+        "selector": {"app": "http-server"},
+        "action": "ALLOW",
+        "rules": [{"principals": [{"exact": "spiffe://cluster.local/ns/latch-demo/sa/http-client"}]}]
+    });
+    Cluster {
+        lists: HashMap::from([
+            (
+                PODS,
+                list(
+                    "PodList",
+                    "v1",
+                    vec![
+                        pod(
+                            "http-server-a",
+                            "http-server",
+                            "http-server",
+                            Some("10.244.1.5"),
+                            60,
+                        ),
+                        pod("http-client-b", "http-client", "http-client", None, 61),
+                    ],
+                ),
+            ),
+            (SERVICES, list("ServiceList", "v1", vec![service])),
+            (
+                SLICES,
+                list(
+                    "EndpointSliceList",
+                    "discovery.k8s.io/v1",
+                    vec![slice(&["10.244.1.5"], &[], 70)],
+                ),
+            ),
+            (
+                POLICIES,
+                list(
+                    "AuthorizationPolicyList",
+                    "latch.dev/v1alpha1",
+                    vec![
+                        policy("allow-client", allow, 80),
+                        policy("broken", json!({"action": "PERMIT"}), 81),
+                    ],
+                ),
+            ),
+        ]),
+        watches: Mutex::default(),
+    }
+}
+
+/// Waits (up to 10 s) for a published mesh satisfying `check`.
+async fn until(
+    cp: &ControlPlane,
+    what: &str,
+    check: impl Fn(&MeshSnapshot) -> bool,
+) -> Arc<MeshSnapshot> {
+    let mut snapshots = cp.mesh.subscribe();
+    let wait = async {
+        loop {
+            let current = snapshots.borrow_and_update().clone();
+            if check(&current) {
+                return current;
+            }
+            snapshots.changed().await.unwrap();
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(10), wait).await {
+        Ok(snapshot) => snapshot,
+        Err(_) => panic!(
+            "no mesh where {what}; last: {:#?}",
+            cp.mesh.snapshot().model
+        ),
+    }
+}
+
+fn endpoints(snapshot: &MeshSnapshot) -> Vec<String> {
+    snapshot
+        .model
+        .services
+        .get("latch-demo/http-server")
+        .map(|s| s.endpoints.iter().map(IpAddr::to_string).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn the_published_mesh_follows_the_cluster() {
+    let cluster = Arc::new(initial_cluster());
+    let addr = fake_api(cluster.clone()).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("latch.yaml");
+    std::fs::write(
+        &file,
+        "mesh:\n  mtls: PERMISSIVE\nworkloads:\n  - {name: vm, namespace: legacy, service_account: vm, ips: [192.0.2.10]}\n",
+    )
+    .unwrap();
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut config = Config::new(
+        TrustDomain::new("cluster.local").unwrap(),
+        dir.path().join("data"),
+        any,
+        any,
+    );
+    config.config_file = Some(file);
+    config.kubernetes = Some(KubernetesAccess::Config(Box::new(kube::Config::new(
+        format!("http://{addr}").parse().unwrap(),
+    ))));
+    config.kubernetes_mesh = true;
+    let cp = ControlPlane::start(config)
+        .await
+        .expect("control plane starts");
+
+    // The lists: the running pod, its service and endpoints, the valid policy.
+    let first = until(&cp, "the listed objects are in", |s| {
+        s.model.workloads.contains_key("latch-demo/http-server-a")
+            && s.model.policies.contains_key("latch-demo/allow-client")
+    })
+    .await;
+    let model = &first.model;
+    assert_eq!(
+        model.workloads.keys().collect::<Vec<_>>(),
+        ["latch-demo/http-server-a"],
+        "the pending pod is not a workload; the file's workloads are ignored"
+    );
+    assert_eq!(
+        model.workloads["latch-demo/http-server-a"]
+            .spiffe_id
+            .as_str(),
+        "spiffe://cluster.local/ns/latch-demo/sa/http-server"
+    );
+    assert_eq!(
+        model.settings.mtls,
+        MtlsMode::Permissive,
+        "mesh: from the file"
+    );
+    let service = &model.services["latch-demo/http-server"];
+    assert_eq!(service.vips, ["10.96.12.34".parse::<IpAddr>().unwrap()]);
+    assert_eq!(service.ports[0].target_port, 8080, "named port resolved");
+    assert_eq!(endpoints(&first), ["10.244.1.5"]);
+    assert_eq!(
+        model.policies.keys().collect::<Vec<_>>(),
+        ["latch-demo/allow-client"],
+        "the malformed policy is left out, the rest is served"
+    );
+    assert_eq!(
+        cp.metrics.kubernetes_skipped_count("AuthorizationPolicy"),
+        1
+    );
+
+    // Every collection is now watched from the version its list returned.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while cluster.watches.lock().unwrap().len() < 4 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("all four collections are watched");
+    for path in [PODS, SERVICES, SLICES, POLICIES] {
+        assert_eq!(cluster.watches.lock().unwrap()[path].1, "100", "{path}");
+    }
+
+    // A pod becoming Running with an IP appears as a workload (after a bookmark).
+    cluster.send(
+        PODS,
+        json!({"type": "BOOKMARK", "object": {"kind": "Pod", "apiVersion": "v1", "metadata": {"resourceVersion": "105"}}}),
+    );
+    cluster.send(
+        PODS,
+        event(
+            "MODIFIED",
+            "Pod",
+            "v1",
+            pod(
+                "http-client-b",
+                "http-client",
+                "http-client",
+                Some("10.244.2.7"),
+                106,
+            ),
+        ),
+    );
+    let s = until(&cp, "http-client-b is a workload", |s| {
+        s.model.workloads.contains_key("latch-demo/http-client-b")
+    })
+    .await;
+    assert_eq!(
+        s.model.workloads["latch-demo/http-client-b"].ips,
+        ["10.244.2.7".parse::<IpAddr>().unwrap()]
+    );
+
+    // An EndpointSlice change changes the service's endpoints; not-ready ones stay out.
+    cluster.send(
+        SLICES,
+        event(
+            "MODIFIED",
+            "EndpointSlice",
+            "discovery.k8s.io/v1",
+            slice(&["10.244.1.5", "10.244.1.6"], &["10.244.1.7"], 107),
+        ),
+    );
+    until(&cp, "two endpoints", |s| {
+        endpoints(s) == ["10.244.1.5", "10.244.1.6"]
+    })
+    .await;
+
+    // A deleted pod disappears; changes arriving together are published as one model.
+    let before = cp.mesh.snapshot().generation;
+    cluster.send(
+        PODS,
+        event(
+            "DELETED",
+            "Pod",
+            "v1",
+            pod(
+                "http-server-a",
+                "http-server",
+                "http-server",
+                Some("10.244.1.5"),
+                108,
+            ),
+        ),
+    );
+    cluster.send(
+        SLICES,
+        event(
+            "MODIFIED",
+            "EndpointSlice",
+            "discovery.k8s.io/v1",
+            slice(&["10.244.1.6"], &[], 109),
+        ),
+    );
+    let s = until(&cp, "http-server-a is gone and its endpoint with it", |s| {
+        !s.model.workloads.contains_key("latch-demo/http-server-a")
+            && endpoints(s) == ["10.244.1.6"]
+    })
+    .await;
+    assert_eq!(s.generation, before + 1, "one publish for both changes");
+
+    // A new policy appears; fixing the malformed one brings it in.
+    cluster.send(
+        POLICIES,
+        event(
+            "ADDED",
+            "AuthorizationPolicy",
+            "latch.dev/v1alpha1",
+            policy(
+                "deny-legacy",
+                json!({"action": "DENY", "rules": [{"namespaces": ["legacy"]}]}),
+                110,
+            ),
+        ),
+    );
+    cluster.send(
+        POLICIES,
+        event(
+            "MODIFIED",
+            "AuthorizationPolicy",
+            "latch.dev/v1alpha1",
+            policy("broken", json!({"action": "ALLOW"}), 111),
+        ),
+    );
+    let s = until(&cp, "three policies", |s| s.model.policies.len() == 3).await;
+    assert_eq!(
+        s.model.policies["latch-demo/deny-legacy"].rules[0].namespaces,
+        ["legacy"]
+    );
+    assert_eq!(
+        cp.metrics.kubernetes_skipped_count("AuthorizationPolicy"),
+        0
+    );
+
+    cp.shutdown().await;
+}
