@@ -78,7 +78,9 @@ pub struct Args {
     pub inject_control_plane: String,
     /// Run as part of a Kubernetes cluster: accept projected service-account tokens (audience
     /// `latch`) as proof of identity, checked with the API server through TokenReview, using
-    /// the pod's own service account. Latch never turns this on by itself.
+    /// the pod's own service account; and take workloads, services and policies from the API
+    /// (Pods, Services, EndpointSlices, AuthorizationPolicy), the --config file then supplying
+    /// only join tokens and `mesh:` settings. Latch never turns this on by itself.
     #[arg(long, env = "LATCH_KUBERNETES")]
     pub kubernetes: bool,
     /// Keep the CA in this Kubernetes Secret, <namespace>/<name> (keys ca.crt, ca.key), shared

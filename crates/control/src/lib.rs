@@ -1,8 +1,8 @@
 //! latch-control: the Latch control plane. Owns the CA, the certificate service and the
-//! discovery server (both gRPC over TLS), the mesh model fed by the config file, the admin
-//! HTTP server and, when asked, the sidecar injector webhook and service-account token
-//! authentication through the Kubernetes API; `ControlPlane::start` wires them
-//! together for the binary and for the in-process test harness.
+//! discovery server (both gRPC over TLS), the mesh model fed by the config file or the
+//! Kubernetes API, the admin HTTP server and, when asked, the sidecar injector webhook and
+//! service-account token authentication through the Kubernetes API; `ControlPlane::start`
+//! wires them together for the binary and for the in-process test harness.
 
 pub mod admin;
 pub mod ca;

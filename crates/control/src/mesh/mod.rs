@@ -1,6 +1,7 @@
-//! The mesh model the control plane serves: config sources (`file_source`) validate YAML
-//! (`spec` -> `model`) and publish immutable `MeshSnapshot`s through `Mesh`, a watch channel the
-//! discovery streams read. Zero configuration is an empty mesh holding only the MeshConfig.
+//! The mesh model the control plane serves: config sources (`file_source` from YAML through
+//! `spec` -> `model`, `kube_source` from the Kubernetes API through `kube_translate`) publish
+//! immutable `MeshSnapshot`s through `Mesh`, a watch channel the discovery streams read. Zero
+//! configuration is an empty mesh holding only the MeshConfig.
 
 pub mod file_source;
 pub mod kube_source;
