@@ -5,6 +5,7 @@
 //! wires them together for the binary and for the in-process test harness.
 
 pub mod admin;
+pub mod bundle_configmaps;
 pub mod ca;
 pub mod ca_secret;
 pub mod certificate_service;
@@ -18,6 +19,7 @@ pub mod tls_incoming;
 pub mod tokens;
 pub mod webhook;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -33,6 +35,7 @@ use tokio_util::task::TaskTracker;
 
 pub use config::{Args, Config};
 
+use crate::bundle_configmaps::BundleConfigMaps;
 use crate::ca::Ca;
 use crate::certificate_service::{CertificateServer, MAX_REQUEST_BYTES};
 use crate::discovery::DiscoveryServer;
@@ -227,12 +230,19 @@ impl ControlPlane {
                     file_source::warn_ignored_entries(path, &loaded.model);
                 }
                 let (sender, receiver) = watch::channel(settings);
+                let (namespaces, meshed_namespaces) = watch::channel(BTreeSet::new());
+                BundleConfigMaps {
+                    client: access.client().map_err(StartError::Config)?,
+                    bundle_pem: ca.bundle().to_pem(),
+                }
+                .spawn(meshed_namespaces, &tracker, cancel.clone());
                 KubeSource {
                     client,
                     trust_domain: config.trust_domain.clone(),
                     settings: receiver,
                     mesh: mesh.clone(),
                     metrics: metrics.clone(),
+                    meshed_namespaces: Some(namespaces),
                 }
                 .spawn(&tracker, cancel.clone());
                 tracing::info!(

@@ -1,7 +1,8 @@
 //! The Kubernetes config source against a fake API server answering lists and watches as the
 //! real one does (a list with its resourceVersion, then a watch from that version streaming
 //! newline-delimited ADDED/MODIFIED/DELETED/BOOKMARK events): what the control plane publishes
-//! follows the cluster, and the config file only adds its `mesh:` settings.
+//! follows the cluster, and the config file only adds its `mesh:` settings. Namespaces with
+//! injected pods get the trust bundle ConfigMap by server-side apply.
 
 #[path = "fake_kube/mod.rs"]
 mod fake_kube;
@@ -11,9 +12,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fake_kube::{Call, not_found, respond, watch_stream};
+use fake_kube::{Call, not_found, respond, status, watch_stream};
 use http_body_util::BodyExt;
-use hyper::StatusCode;
+use hyper::{Method, StatusCode};
 use latch_control::kubernetes::KubernetesAccess;
 use latch_control::mesh::MeshSnapshot;
 use latch_control::mesh::model::MtlsMode;
@@ -34,6 +35,10 @@ struct Cluster {
     /// Per collection: the event sender of its latest watch and the resourceVersion it asked
     /// to start from.
     watches: Mutex<HashMap<String, (UnboundedSender<Value>, String)>>,
+    /// Server-side applies of the bundle ConfigMap that succeeded: (namespace, query, body).
+    applied: Mutex<Vec<(String, String, Value)>>,
+    /// How many applies to refuse (403) before accepting them.
+    refuse_applies: Mutex<u32>,
 }
 
 impl Cluster {
@@ -48,6 +53,33 @@ async fn fake_api(cluster: Arc<Cluster>) -> SocketAddr {
     fake_kube::serve(move |call: Call| {
         let cluster = cluster.clone();
         async move {
+            if call.method == Method::PATCH
+                && let Some(namespace) = call
+                    .path
+                    .strip_prefix("/api/v1/namespaces/")
+                    .and_then(|rest| rest.strip_suffix("/configmaps/latch-ca-bundle"))
+            {
+                let mut refuse = cluster.refuse_applies.lock().unwrap();
+                if *refuse > 0 {
+                    *refuse -= 1;
+                    let message = format!(
+                        "configmaps \"latch-ca-bundle\" is forbidden: User \"system:serviceaccount:latch-system:latch-control\" cannot patch resource \"configmaps\" in API group \"\" in the namespace \"{namespace}\""
+                    );
+                    return respond(
+                        StatusCode::FORBIDDEN,
+                        status(403, "Forbidden", "configmaps", "latch-ca-bundle", message),
+                    )
+                    .map(BodyExt::boxed);
+                }
+                cluster.applied.lock().unwrap().push((
+                    namespace.to_string(),
+                    call.query.clone(),
+                    call.body.clone(),
+                ));
+                let mut stored = call.body.clone();
+                stored["metadata"]["resourceVersion"] = json!("500");
+                return respond(StatusCode::OK, stored).map(BodyExt::boxed);
+            }
             let Some(list) = cluster.lists.get(call.path.as_str()) else {
                 return not_found("resource", &call.path).map(BodyExt::boxed);
             };
@@ -217,7 +249,30 @@ fn initial_cluster() -> Cluster {
             ),
         ]),
         watches: Mutex::default(),
+        applied: Mutex::default(),
+        refuse_applies: Mutex::default(),
     }
+}
+
+/// Waits (up to 10 s) until the bundle ConfigMap was applied in `namespace`.
+async fn until_applied(cluster: &Cluster, namespace: &str) -> (String, Value) {
+    let wait = async {
+        loop {
+            if let Some((_, query, body)) = cluster
+                .applied
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(ns, _, _)| ns == namespace)
+            {
+                return (query.clone(), body.clone());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .unwrap_or_else(|_| panic!("no bundle ConfigMap applied in {namespace}"))
 }
 
 /// Waits (up to 10 s) for a published mesh satisfying `check`.
@@ -440,6 +495,39 @@ async fn the_published_mesh_follows_the_cluster() {
         cp.metrics.kubernetes_skipped_count("AuthorizationPolicy"),
         0
     );
+
+    // The namespace with injected pods has the trust bundle ConfigMap, by server-side apply.
+    let bundle = std::fs::read_to_string(&cp.bundle_path).unwrap();
+    let (query, body) = until_applied(&cluster, "latch-demo").await;
+    assert!(query.contains("fieldManager=latch-control"), "{query}");
+    assert!(query.contains("force=true"), "{query}");
+    assert_eq!(body["apiVersion"], "v1");
+    assert_eq!(body["kind"], "ConfigMap");
+    assert_eq!(body["metadata"]["name"], "latch-ca-bundle");
+    assert_eq!(body["metadata"]["namespace"], "latch-demo");
+    assert_eq!(body["data"]["bundle.pem"], bundle.as_str());
+
+    // A pending injected pod in a new namespace gets it there too (it cannot start without it),
+    // also when the first try is refused.
+    *cluster.refuse_applies.lock().unwrap() = 1;
+    let mut shop_pod = pod("cart-0", "cart", "cart", None, 112);
+    shop_pod["metadata"]["namespace"] = json!("shop");
+    cluster.send(PODS, event("ADDED", "Pod", "v1", shop_pod));
+    let (_, body) = until_applied(&cluster, "shop").await;
+    assert_eq!(body["data"]["bundle.pem"], bundle.as_str());
+    assert_eq!(
+        *cluster.refuse_applies.lock().unwrap(),
+        0,
+        "the first try was refused"
+    );
+    let applied: Vec<String> = cluster
+        .applied
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(ns, _, _)| ns.clone())
+        .collect();
+    assert_eq!(applied, ["latch-demo", "shop"], "each namespace once");
 
     cp.shutdown().await;
 }

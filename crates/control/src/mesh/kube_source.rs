@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Mesh;
-use super::kube_translate::{ClusterObjects, Skipped, translate};
+use super::kube_translate::{ClusterObjects, Skipped, is_meshed, translate};
 use super::model::MeshSettings;
 use crate::metrics::Metrics;
 
@@ -119,6 +119,9 @@ pub struct KubeSource {
     pub settings: watch::Receiver<MeshSettings>,
     pub mesh: Arc<Mesh>,
     pub metrics: Arc<Metrics>,
+    /// Told the namespaces holding injected pods (any phase: a pending proxy needs its trust
+    /// bundle ConfigMap to start), for `bundle_configmaps`.
+    pub meshed_namespaces: Option<watch::Sender<BTreeSet<String>>>,
 }
 
 impl KubeSource {
@@ -240,6 +243,19 @@ impl KubeSource {
         }
         *reported = skipped;
         self.mesh.publish(translation.model);
+        if let Some(sender) = &self.meshed_namespaces {
+            let namespaces: BTreeSet<String> = objects
+                .pods
+                .values()
+                .filter(|pod| is_meshed(pod))
+                .filter_map(|pod| pod.metadata.namespace.clone())
+                .collect();
+            sender.send_if_modified(|current| {
+                let changed = *current != namespaces;
+                *current = namespaces;
+                changed
+            });
+        }
     }
 }
 

@@ -1,0 +1,108 @@
+//! The trust bundle ConfigMap `latch-ca-bundle` (key `bundle.pem`) that injected proxies mount,
+//! kept in every namespace holding injected pods. The Kubernetes source reports those
+//! namespaces; this task applies the ConfigMap (server-side apply, field manager
+//! `latch-control`) once per namespace and retries failures. Started by `ControlPlane::start`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::Api;
+use kube::api::{ObjectMeta, Patch, PatchParams};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::kubernetes::ApiError;
+
+/// The ConfigMap the injector mounts into every proxy (`--ca-bundle`).
+pub const CONFIGMAP_NAME: &str = "latch-ca-bundle";
+pub const BUNDLE_KEY: &str = "bundle.pem";
+/// Server-side apply field manager.
+pub const FIELD_MANAGER: &str = "latch-control";
+/// How long after a failure a namespace is tried again.
+const RETRY: Duration = Duration::from_secs(5);
+
+/// Writes the bundle ConfigMap into namespaces as they gain injected pods.
+pub struct BundleConfigMaps {
+    /// A client for requests (`KubernetesAccess::client`).
+    pub client: kube::Client,
+    /// The CA's roots, PEM.
+    pub bundle_pem: String,
+}
+
+impl BundleConfigMaps {
+    /// Follows `namespaces` (those holding injected pods) until `cancel` fires.
+    pub fn spawn(
+        self,
+        mut namespaces: watch::Receiver<BTreeSet<String>>,
+        tracker: &TaskTracker,
+        cancel: CancellationToken,
+    ) {
+        tracker.spawn(async move {
+            let mut done: BTreeSet<String> = BTreeSet::new();
+            let mut failed = false;
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    changed = namespaces.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                    }
+                    _ = tokio::time::sleep(RETRY), if failed => {}
+                }
+                let wanted = namespaces.borrow_and_update().clone();
+                failed = false;
+                for namespace in wanted.difference(&done.clone()) {
+                    match self.apply(namespace).await {
+                        Ok(()) => {
+                            tracing::info!(
+                                namespace,
+                                "trust bundle ConfigMap {CONFIGMAP_NAME} applied"
+                            );
+                            done.insert(namespace.clone());
+                        }
+                        Err(e) => {
+                            tracing::warn!(
+                                namespace,
+                                "cannot apply the trust bundle ConfigMap {CONFIGMAP_NAME}, \
+                                 retrying in {RETRY:?}: {e} (injected proxies there cannot start \
+                                 without it; check the latch-control ClusterRole allows create \
+                                 and patch on it)"
+                            );
+                            failed = true;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    async fn apply(&self, namespace: &str) -> Result<(), ApiError> {
+        let config_map = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(CONFIGMAP_NAME.to_string()),
+                namespace: Some(namespace.to_string()),
+                labels: Some(BTreeMap::from([(
+                    "app.kubernetes.io/part-of".to_string(),
+                    "latch".to_string(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            data: Some(BTreeMap::from([(
+                BUNDLE_KEY.to_string(),
+                self.bundle_pem.clone(),
+            )])),
+            ..ConfigMap::default()
+        };
+        Api::<ConfigMap>::namespaced(self.client.clone(), namespace)
+            .patch(
+                CONFIGMAP_NAME,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&config_map),
+            )
+            .await?;
+        Ok(())
+    }
+}
