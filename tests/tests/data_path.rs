@@ -106,6 +106,24 @@ fn opened(proxy: &Proxy, direction: &'static str, peer: &SpiffeId) -> u64 {
         .get()
 }
 
+/// The handshake-failure count once it reaches `want` (or after 5 s): the proxy counts a failure
+/// after sending its alert, so a refused client can finish before the count moves.
+async fn settled_failures(
+    proxy: &Proxy,
+    direction: &'static str,
+    reason: &'static str,
+    want: u64,
+) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = handshake_failures(proxy, direction, reason);
+        if now == want || Instant::now() > deadline {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn handshake_failures(proxy: &Proxy, direction: &'static str, reason: &'static str) -> u64 {
     proxy
         .metrics
@@ -251,7 +269,10 @@ async fn the_mesh_port_refuses_everything_but_valid_svids_of_the_trust_domain() 
             .await
             .is_err()
     );
-    assert_eq!(handshake_failures(&server, "inbound", "no_client_cert"), 1);
+    assert_eq!(
+        settled_failures(&server, "inbound", "no_client_cert", 1).await,
+        1
+    );
 
     // A valid certificate from another CA.
     let foreign = Harness::start().await;
@@ -261,7 +282,10 @@ async fn the_mesh_port_refuses_everything_but_valid_svids_of_the_trust_domain() 
             .await
             .is_err()
     );
-    assert_eq!(handshake_failures(&server, "inbound", "untrusted_cert"), 1);
+    assert_eq!(
+        settled_failures(&server, "inbound", "untrusted_cert", 1).await,
+        1
+    );
 
     // A certificate of another trust domain, even with its root in the bundle.
     let other_td = Harness::start_with(|c| {
@@ -287,7 +311,10 @@ async fn the_mesh_port_refuses_everything_but_valid_svids_of_the_trust_domain() 
             .await
             .is_err()
     );
-    assert_eq!(handshake_failures(&server, "inbound", "unexpected_peer"), 1);
+    assert_eq!(
+        settled_failures(&server, "inbound", "unexpected_peer", 1).await,
+        1
+    );
 
     // An expired SVID of the right CA.
     let (short, _) = h
@@ -299,7 +326,10 @@ async fn the_mesh_port_refuses_everything_but_valid_svids_of_the_trust_domain() 
             .await
             .is_err()
     );
-    assert_eq!(handshake_failures(&server, "inbound", "expired_cert"), 1);
+    assert_eq!(
+        settled_failures(&server, "inbound", "expired_cert", 1).await,
+        1
+    );
 
     // A TLS 1.2-only client (openssl), even with a valid SVID.
     let dir = tempfile::tempdir().unwrap();
@@ -327,7 +357,7 @@ async fn the_mesh_port_refuses_everything_but_valid_svids_of_the_trust_domain() 
         "{stdout}"
     );
     assert_eq!(
-        handshake_failures(&server, "inbound", "incompatible_peer"),
+        settled_failures(&server, "inbound", "incompatible_peer", 1).await,
         1
     );
 
@@ -366,7 +396,7 @@ async fn a_server_with_the_wrong_identity_is_refused_by_the_outbound_side() {
         "nothing may flow to a server with another identity"
     );
     assert_eq!(
-        handshake_failures(&client, "outbound", "unexpected_peer"),
+        settled_failures(&client, "outbound", "unexpected_peer", 1).await,
         1
     );
     assert_eq!(opened(&impostor, "inbound", &h.id("demo", "web")), 0);
