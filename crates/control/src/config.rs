@@ -70,6 +70,10 @@ pub struct Args {
     /// 0.0.0.0:15017. Off when absent.
     #[arg(long, env = "LATCH_WEBHOOK")]
     pub webhook: Option<SocketAddr>,
+    /// The MutatingWebhookConfiguration naming the injector: with --kubernetes, the control
+    /// plane keeps every webhooks[].clientConfig.caBundle in it equal to the CA's roots.
+    #[arg(long, env = "LATCH_WEBHOOK_CONFIGURATION", default_value = crate::webhook_ca_bundle::DEFAULT_CONFIGURATION)]
+    pub webhook_configuration: String,
     /// Image of the injected latch-proxy and latch-iptables containers.
     #[arg(long, env = "LATCH_INJECT_IMAGE", default_value = latch_inject::DEFAULT_IMAGE)]
     pub inject_image: String,
@@ -183,6 +187,7 @@ impl TryFrom<Args> for Config {
                 control_plane: args.inject_control_plane,
                 trust_domain: trust_domain.to_string(),
             },
+            configuration: args.webhook_configuration,
         });
         Ok(Self {
             trust_domain,

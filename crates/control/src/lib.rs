@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod tls_incoming;
 pub mod tokens;
 pub mod webhook;
+pub mod webhook_ca_bundle;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -45,6 +46,7 @@ use crate::mesh::file_source::{self, FileSource};
 use crate::mesh::kube_source::KubeSource;
 use crate::metrics::Metrics;
 use crate::tokens::JoinTokens;
+use crate::webhook_ca_bundle::WebhookCaBundle;
 
 /// Why the control plane could not start.
 #[derive(Debug, Error)]
@@ -300,14 +302,35 @@ impl ControlPlane {
                     &tracker,
                     cancel.clone(),
                 )?;
-                tracing::info!(
-                    webhook = %addr,
-                    dns_name = webhook::WEBHOOK_DNS_NAME,
-                    image = %webhook.inject.image,
-                    "sidecar injector serving POST /inject; the MutatingWebhookConfiguration's \
-                     caBundle must hold the roots in {} (`latchctl webhook ca-bundle`)",
-                    bundle_path.display()
-                );
+                match &config.kubernetes {
+                    Some(access) => {
+                        WebhookCaBundle {
+                            client: access.client().map_err(StartError::Config)?,
+                            name: webhook.configuration.clone(),
+                            bundle_pem: ca.bundle().to_pem(),
+                            metrics: metrics.clone(),
+                            retry: webhook_ca_bundle::RETRY,
+                            resync: webhook_ca_bundle::RESYNC,
+                        }
+                        .spawn(&tracker, cancel.clone());
+                        tracing::info!(
+                            webhook = %addr,
+                            dns_name = webhook::WEBHOOK_DNS_NAME,
+                            image = %webhook.inject.image,
+                            configuration = %webhook.configuration,
+                            "sidecar injector serving POST /inject; keeping the \
+                             MutatingWebhookConfiguration's caBundle equal to the CA's roots"
+                        );
+                    }
+                    None => tracing::info!(
+                        webhook = %addr,
+                        dns_name = webhook::WEBHOOK_DNS_NAME,
+                        image = %webhook.inject.image,
+                        "sidecar injector serving POST /inject; the MutatingWebhookConfiguration's \
+                         caBundle must hold the roots in {} (`latchctl webhook ca-bundle`)",
+                        bundle_path.display()
+                    ),
+                }
                 Some(addr)
             }
             None => None,

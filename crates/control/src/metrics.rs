@@ -1,6 +1,6 @@
 //! The control plane's Prometheus metrics: SVIDs issued by proof, refusals by reason, CA expiry,
-//! discovery streams, responses and NACKs, config reloads, the mesh model generation and the
-//! injector webhook's reviews. The
+//! discovery streams, responses and NACKs, config reloads, the mesh model generation, the
+//! injector webhook's reviews and its caBundle sync failures. The
 //! certificate service, the discovery server and the mesh record; the admin server renders
 //! `/metrics`.
 
@@ -61,6 +61,7 @@ pub struct Metrics {
     pub webhook_reviews: Family<ResultLabel, Counter>,
     pub kubernetes_skipped: Family<KindLabel, Gauge>,
     pub kubernetes_watch_failures: Family<KindLabel, Counter>,
+    pub webhook_ca_bundle_sync_failures: Counter,
 }
 
 impl Metrics {
@@ -138,6 +139,12 @@ impl Metrics {
             "Failed list or watch requests to the Kubernetes API (retried with backoff), by kind",
             kubernetes_watch_failures.clone(),
         );
+        let webhook_ca_bundle_sync_failures = Counter::default();
+        registry.register(
+            "latch_control_webhook_ca_bundle_sync_failures",
+            "Failed attempts to set the MutatingWebhookConfiguration's caBundle to the CA's roots (missing object, API error; retried every 5 s)",
+            webhook_ca_bundle_sync_failures.clone(),
+        );
         Self {
             registry,
             svids_issued,
@@ -152,6 +159,7 @@ impl Metrics {
             webhook_reviews,
             kubernetes_skipped,
             kubernetes_watch_failures,
+            webhook_ca_bundle_sync_failures,
         }
     }
 

@@ -47,6 +47,9 @@ const MAX_CONNECTIONS: usize = 256;
 pub struct WebhookConfig {
     pub listen: SocketAddr,
     pub inject: InjectConfig,
+    /// The MutatingWebhookConfiguration whose caBundles the control plane keeps equal to the
+    /// CA's roots, with `--kubernetes` (`--webhook-configuration`).
+    pub configuration: String,
 }
 
 /// The serving certificate and when it expires.

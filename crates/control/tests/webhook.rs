@@ -40,6 +40,7 @@ async fn start(data_dir: &Path, ttl: Option<Duration>) -> ControlPlane {
     config.webhook = Some(WebhookConfig {
         listen: any,
         inject: inject_config(),
+        configuration: "latch-sidecar-injector".into(),
     });
     if let Some(ttl) = ttl {
         config.ttl.default = ttl;

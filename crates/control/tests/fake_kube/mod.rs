@@ -18,13 +18,15 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-/// One request as the handler sees it: method, path, query and body (JSON, or Null).
+/// One request as the handler sees it: method, path, query, content type and body (JSON, or Null).
 #[allow(dead_code)] // each test crate reads the fields it needs
 pub struct Call {
     pub method: Method,
     pub path: String,
     /// The query string, e.g. `watch=true&resourceVersion=10&allowWatchBookmarks=true`.
     pub query: String,
+    /// The Content-Type header, e.g. `application/strategic-merge-patch+json` for a PATCH.
+    pub content_type: String,
     pub body: Value,
 }
 
@@ -119,6 +121,12 @@ where
                             let method = request.method().clone();
                             let path = request.uri().path().to_string();
                             let query = request.uri().query().unwrap_or_default().to_string();
+                            let content_type = request
+                                .headers()
+                                .get(hyper::header::CONTENT_TYPE)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or_default()
+                                .to_string();
                             let bytes = request.into_body().collect().await.unwrap().to_bytes();
                             let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
                             Ok::<_, Infallible>(
@@ -126,6 +134,7 @@ where
                                     method,
                                     path,
                                     query,
+                                    content_type,
                                     body,
                                 })
                                 .await,
