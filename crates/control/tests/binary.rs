@@ -202,6 +202,7 @@ fn every_flag_has_its_latch_environment_variable() {
             "--ca-bundle",
             "--max-connections",
             "--webhook",
+            "--webhook-configuration",
             "--inject-image",
             "--inject-control-plane",
             "--kubernetes",
