@@ -62,7 +62,8 @@ pub fn require_netns_with(extra_tools: &[&str]) -> bool {
     false
 }
 
-fn on_path(tool: &str) -> bool {
+/// True when an executable `tool` is on PATH.
+pub fn on_path(tool: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path).any(|dir| {
         std::fs::metadata(dir.join(tool)).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0)
@@ -481,6 +482,25 @@ impl Pcap {
             command.arg(filter);
         }
         self.read_with(command)
+    }
+
+    /// The TLS version each ServerHello on `port` negotiated (supported_versions, e.g. "0x0304"
+    /// for TLS 1.3), one per handshake.
+    pub fn server_hello_versions(&self, port: u16) -> Vec<String> {
+        let decode = format!("tcp.port=={port},tls");
+        self.tshark(&[
+            "-d",
+            &decode,
+            "-Y",
+            "tls.handshake.type == 2",
+            "-T",
+            "fields",
+            "-e",
+            "tls.handshake.extensions.supported_version",
+        ])
+        .lines()
+        .map(str::to_string)
+        .collect()
     }
 
     /// `tshark -r <file> args`, stdout.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use latch_tests::netns::Pcap;
+use latch_tests::netns::{Pcap, on_path};
 use latch_tests::procs::{wait_for, workspace_binary, workspace_root};
 use xtask::compose::{Images, Project, build_images, engine_available, image_size};
 
@@ -84,17 +84,7 @@ fn compose_mesh_serves_over_mtls_refuses_outsiders_rotates_and_cleans_up() {
         !everything.contains(BODY),
         "the page crossed the network in clear:\n{everything}"
     );
-    let versions = pcap.tshark(&[
-        "-d",
-        "tcp.port==15008,tls",
-        "-Y",
-        "tls.handshake.type == 2",
-        "-T",
-        "fields",
-        "-e",
-        "tls.handshake.extensions.supported_version",
-    ]);
-    let versions: Vec<&str> = versions.lines().collect();
+    let versions = pcap.server_hello_versions(15008);
     assert!(
         !versions.is_empty() && versions.iter().all(|v| *v == "0x0304"),
         "expected TLS 1.3 ServerHellos on port 15008, got {versions:?}"
@@ -218,11 +208,6 @@ fn require_docker() -> bool {
          and strip; missing: {missing} (set {REQUIRE_ENV}=1 to fail instead) ***\n"
     );
     false
-}
-
-fn on_path(tool: &str) -> bool {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).any(|dir| dir.join(tool).is_file())
 }
 
 /// `docker <args>`, its output whatever the exit status.

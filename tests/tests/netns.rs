@@ -84,17 +84,7 @@ fn curl_reaches_nginx_across_pods_over_mtls() {
         "the response crossed the wire in clear:\n{everything}"
     );
     // Every ServerHello on the mesh port negotiates TLS 1.3 (supported_versions = 0x0304).
-    let versions = pcap.tshark(&[
-        "-d",
-        "tcp.port==15008,tls",
-        "-Y",
-        "tls.handshake.type == 2",
-        "-T",
-        "fields",
-        "-e",
-        "tls.handshake.extensions.supported_version",
-    ]);
-    let versions: Vec<&str> = versions.lines().collect();
+    let versions = pcap.server_hello_versions(15008);
     assert!(
         !versions.is_empty() && versions.iter().all(|v| *v == "0x0304"),
         "expected TLS 1.3 ServerHellos on port 15008, got {versions:?}"
