@@ -56,6 +56,13 @@ impl AdminState {
         if self.own_identity.valid_svid(now).is_none() {
             return Err("control plane has no valid serving certificate".into());
         }
+        if !self.mesh.is_synced() {
+            return Err(
+                "the mesh has not been read from its source yet; discovery streams are refused \
+                 until then"
+                    .into(),
+            );
+        }
         Ok(())
     }
 
@@ -123,12 +130,20 @@ impl AdminState {
     async fn handle(self: Arc<Self>, request: Request<Incoming>) -> HttpResponse {
         match (request.method(), request.uri().path()) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-            (&Method::GET, "/ready") => match (self.ready(), self.mesh.source_problem()) {
-                // A rejected config edit leaves /ready at 200: the last good model is still
-                // served (see mesh::file_source); the body says which file and why.
-                (Ok(()), Some(problem)) => text(StatusCode::OK, format!("ready\n{problem}\n")),
-                (state, _) => latch_admin::readiness(state),
-            },
+            (&Method::GET, "/ready") => {
+                // A source problem (a rejected config edit, a failing Kubernetes watch) leaves
+                // /ready at 200 once synced: the last good model is still served (see
+                // mesh::file_source); the body says which source and why.
+                let problems = self.mesh.problems();
+                match self.ready() {
+                    Ok(()) if problems.is_empty() => latch_admin::readiness(Ok(())),
+                    Ok(()) => text(StatusCode::OK, format!("ready\n{}\n", problems.join("\n"))),
+                    Err(why) if problems.is_empty() => latch_admin::readiness(Err(why)),
+                    Err(why) => {
+                        latch_admin::readiness(Err(format!("{why}\n{}", problems.join("\n"))))
+                    }
+                }
+            }
             (&Method::GET, "/metrics") => latch_admin::metrics(self.metrics.registry()),
             (&Method::POST, "/v1/join-tokens") => self.create_token(request).await,
             (_, "/healthz" | "/ready" | "/metrics" | "/v1/join-tokens") => {

@@ -1,7 +1,10 @@
 //! The trust bundle ConfigMap `latch-ca-bundle` (key `bundle.pem`) that injected proxies mount,
 //! kept in every namespace holding injected pods. The Kubernetes source reports those
 //! namespaces; this task applies the ConfigMap (server-side apply, field manager
-//! `latch-control`) once per namespace and retries failures. Started by `ControlPlane::start`.
+//! `latch-control`) when a namespace gains injected pods, retries failures, and applies it again
+//! in every such namespace each `resync`, so a deleted or edited copy is back within a minute.
+//! ConfigMaps are not watched: that would need list/watch on every ConfigMap in the cluster.
+//! Started by `ControlPlane::start`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -21,7 +24,10 @@ pub const BUNDLE_KEY: &str = "bundle.pem";
 /// Server-side apply field manager.
 pub const FIELD_MANAGER: &str = "latch-control";
 /// How long after a failure a namespace is tried again.
-const RETRY: Duration = Duration::from_secs(5);
+pub const RETRY: Duration = Duration::from_secs(5);
+/// How often every namespace's copy is applied again. An apply that changes nothing writes
+/// nothing (the resourceVersion stays), so this costs one request per namespace.
+pub const RESYNC: Duration = Duration::from_secs(60);
 
 /// Writes the bundle ConfigMap into namespaces as they gain injected pods.
 pub struct BundleConfigMaps {
@@ -29,6 +35,10 @@ pub struct BundleConfigMaps {
     pub client: kube::Client,
     /// The CA's roots, PEM.
     pub bundle_pem: String,
+    /// `RETRY` (tests use less).
+    pub retry: Duration,
+    /// `RESYNC` (tests use less).
+    pub resync: Duration,
 }
 
 impl BundleConfigMaps {
@@ -40,8 +50,13 @@ impl BundleConfigMaps {
         cancel: CancellationToken,
     ) {
         tracker.spawn(async move {
+            // Namespaces whose copy was applied since the last resync.
             let mut done: BTreeSet<String> = BTreeSet::new();
+            let mut applied_once: BTreeSet<String> = BTreeSet::new();
             let mut failed = false;
+            let mut resync = tokio::time::interval(self.resync);
+            resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            resync.reset();
             loop {
                 tokio::select! {
                     _ = cancel.cancelled() => break,
@@ -50,26 +65,31 @@ impl BundleConfigMaps {
                             break;
                         }
                     }
-                    _ = tokio::time::sleep(RETRY), if failed => {}
+                    _ = tokio::time::sleep(self.retry), if failed => {}
+                    _ = resync.tick() => done.clear(),
                 }
                 let wanted = namespaces.borrow_and_update().clone();
+                done.retain(|namespace| wanted.contains(namespace));
                 failed = false;
                 for namespace in wanted.difference(&done.clone()) {
                     match self.apply(namespace).await {
                         Ok(()) => {
-                            tracing::info!(
-                                namespace,
-                                "trust bundle ConfigMap {CONFIGMAP_NAME} applied"
-                            );
+                            if applied_once.insert(namespace.clone()) {
+                                tracing::info!(
+                                    namespace,
+                                    "trust bundle ConfigMap {CONFIGMAP_NAME} applied"
+                                );
+                            }
                             done.insert(namespace.clone());
                         }
                         Err(e) => {
                             tracing::warn!(
                                 namespace,
                                 "cannot apply the trust bundle ConfigMap {CONFIGMAP_NAME}, \
-                                 retrying in {RETRY:?}: {e} (injected proxies there cannot start \
+                                 retrying in {:?}: {e} (injected proxies there cannot start \
                                  without it; check the latch-control ClusterRole allows create \
-                                 and patch on it)"
+                                 and patch on it)",
+                                self.retry
                             );
                             failed = true;
                         }

@@ -105,6 +105,13 @@ impl AggregatedDiscoveryService for DiscoveryServer {
                 status.message()
             );
         })?;
+        if !self.mesh.is_synced() {
+            // Serving the empty mesh now would tell a reconnecting proxy to drop everything it
+            // knows; it keeps its last good state and retries with backoff instead.
+            return Err(Status::unavailable(
+                "the control plane has not read the mesh from its source yet; retry shortly",
+            ));
+        }
         let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
         let snapshots = self.mesh.subscribe();
         let stream = DeltaStream::new(

@@ -196,7 +196,12 @@ impl ControlPlane {
                 .map_err(StartError::Config)?;
         }
         let metrics = Arc::new(Metrics::new());
-        let mesh = Arc::new(Mesh::new(ca.bundle().to_pem(), metrics.clone()));
+        // The Kubernetes source's mesh is served once every kind has been listed.
+        let mesh = Arc::new(Mesh::new(
+            ca.bundle().to_pem(),
+            metrics.clone(),
+            !config.kubernetes_mesh,
+        ));
         metrics.ca_expiry.set(
             ca.not_after()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -220,28 +225,24 @@ impl ControlPlane {
 
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        // With the Kubernetes source the file only contributes its `mesh:` settings.
-        let kube_settings = match (&config.kubernetes, config.kubernetes_mesh) {
+        // With the Kubernetes source the file's model is joined with the cluster's there.
+        let to_cluster = match (&config.kubernetes, config.kubernetes_mesh) {
             (Some(access), true) => {
                 let client = access.watch_client().map_err(StartError::Config)?;
-                let settings = loaded
-                    .as_ref()
-                    .map(|l| l.model.settings.clone())
-                    .unwrap_or_default();
-                if let (Some(loaded), Some(path)) = (&loaded, &config.config_file) {
-                    file_source::warn_ignored_entries(path, &loaded.model);
-                }
-                let (sender, receiver) = watch::channel(settings);
+                let file_model = loaded.as_ref().map(|l| l.model.clone()).unwrap_or_default();
+                let (sender, receiver) = watch::channel(file_model);
                 let (namespaces, meshed_namespaces) = watch::channel(BTreeSet::new());
                 BundleConfigMaps {
                     client: access.client().map_err(StartError::Config)?,
                     bundle_pem: ca.bundle().to_pem(),
+                    retry: bundle_configmaps::RETRY,
+                    resync: bundle_configmaps::RESYNC,
                 }
                 .spawn(meshed_namespaces, &tracker, cancel.clone());
                 KubeSource {
                     client,
                     trust_domain: config.trust_domain.clone(),
-                    settings: receiver,
+                    file: receiver,
                     mesh: mesh.clone(),
                     metrics: metrics.clone(),
                     meshed_namespaces: Some(namespaces),
@@ -249,7 +250,7 @@ impl ControlPlane {
                 .spawn(&tracker, cancel.clone());
                 tracing::info!(
                     "mesh model from the Kubernetes API (Pods, Services, EndpointSlices, \
-                     AuthorizationPolicies)"
+                     AuthorizationPolicies) and the config file's entries"
                 );
                 Some(sender)
             }
@@ -261,7 +262,7 @@ impl ControlPlane {
             (_, false) => None,
         };
         if let (Some(mut loaded), Some(path)) = (loaded, &config.config_file) {
-            if kube_settings.is_none() {
+            if to_cluster.is_none() {
                 mesh.publish(std::mem::take(&mut loaded.model));
             }
             let source = FileSource {
@@ -270,7 +271,7 @@ impl ControlPlane {
                 tokens: tokens.clone(),
                 mesh: mesh.clone(),
                 metrics: metrics.clone(),
-                settings_only: kube_settings,
+                to_cluster,
             };
             source.spawn(&loaded, &tracker, cancel.clone());
         }

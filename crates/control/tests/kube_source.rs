@@ -1,13 +1,14 @@
 //! The Kubernetes config source against a fake API server answering lists and watches as the
 //! real one does (a list with its resourceVersion, then a watch from that version streaming
 //! newline-delimited ADDED/MODIFIED/DELETED/BOOKMARK events): what the control plane publishes
-//! follows the cluster, and the config file only adds its `mesh:` settings. Namespaces with
-//! injected pods get the trust bundle ConfigMap by server-side apply.
+//! follows the cluster plus the config file's `mesh:` settings and entries (VMs). Namespaces with
+//! injected pods get the trust bundle ConfigMap by server-side apply, again after it is deleted.
+//! Kinds that cannot be listed or watched are named on /ready, which fails until all are listed.
 
 #[path = "fake_kube/mod.rs"]
 mod fake_kube;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,6 +40,10 @@ struct Cluster {
     applied: Mutex<Vec<(String, String, Value)>>,
     /// How many applies to refuse (403) before accepting them.
     refuse_applies: Mutex<u32>,
+    /// Collections answering 404 as for a CRD that is not installed.
+    missing: Mutex<HashSet<String>>,
+    /// Whether watch requests are refused (403).
+    forbid_watches: Mutex<bool>,
 }
 
 impl Cluster {
@@ -83,7 +88,26 @@ async fn fake_api(cluster: Arc<Cluster>) -> SocketAddr {
             let Some(list) = cluster.lists.get(call.path.as_str()) else {
                 return not_found("resource", &call.path).map(BodyExt::boxed);
             };
-            if matches!(call.param("watch"), Some("true" | "1")) {
+            if cluster.missing.lock().unwrap().contains(&call.path) {
+                // What the API server answers for a resource of an API group it does not serve.
+                let mut body = status(404, "NotFound", "", "", String::new());
+                body["message"] = json!("the server could not find the requested resource");
+                body["details"] = json!({});
+                return respond(StatusCode::NOT_FOUND, body).map(BodyExt::boxed);
+            }
+            let watch = matches!(call.param("watch"), Some("true" | "1"));
+            if watch && *cluster.forbid_watches.lock().unwrap() {
+                let resource = call.path.rsplit('/').next().unwrap_or_default().to_string();
+                let message = format!(
+                    "{resource} is forbidden: User \"system:serviceaccount:latch-system:latch-control\" cannot watch resource \"{resource}\" in API group \"\" at the cluster scope"
+                );
+                return respond(
+                    StatusCode::FORBIDDEN,
+                    status(403, "Forbidden", &resource, "", message),
+                )
+                .map(BodyExt::boxed);
+            }
+            if watch {
                 let (sender, response) = watch_stream();
                 let from = call
                     .param("resourceVersion")
@@ -251,6 +275,8 @@ fn initial_cluster() -> Cluster {
         watches: Mutex::default(),
         applied: Mutex::default(),
         refuse_applies: Mutex::default(),
+        missing: Mutex::default(),
+        forbid_watches: Mutex::default(),
     }
 }
 
@@ -318,7 +344,7 @@ async fn the_published_mesh_follows_the_cluster() {
     let file = dir.path().join("latch.yaml");
     std::fs::write(
         &file,
-        "mesh:\n  mtls: PERMISSIVE\nworkloads:\n  - {name: vm, namespace: legacy, service_account: vm, ips: [192.0.2.10]}\n",
+        "mesh:\n  mtls: PERMISSIVE\nworkloads:\n  - {name: vm, namespace: legacy, service_account: vm, ips: [192.0.2.10]}\n  - {name: squatter, namespace: legacy, service_account: vm, ips: [10.244.1.5]}\n",
     )
     .unwrap();
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -346,9 +372,14 @@ async fn the_published_mesh_follows_the_cluster() {
     let model = &first.model;
     assert_eq!(
         model.workloads.keys().collect::<Vec<_>>(),
-        ["latch-demo/http-server-a"],
-        "the pending pod is not a workload; the file's workloads are ignored"
+        ["latch-demo/http-server-a", "legacy/vm"],
+        "the pending pod is not a workload; the file's VM joins, the one using a pod's IP not"
     );
+    assert_eq!(
+        model.workloads["legacy/vm"].spiffe_id.as_str(),
+        "spiffe://cluster.local/ns/legacy/sa/vm"
+    );
+    assert_eq!(cp.metrics.kubernetes_skipped_count("ConfigFile"), 1);
     assert_eq!(
         model.workloads["latch-demo/http-server-a"]
             .spiffe_id
@@ -530,4 +561,194 @@ async fn the_published_mesh_follows_the_cluster() {
     assert_eq!(applied, ["latch-demo", "shop"], "each namespace once");
 
     cp.shutdown().await;
+}
+
+/// GET `path` on the admin server: (status, body).
+async fn admin_get(cp: &ControlPlane, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(cp.admin_addr).await.unwrap();
+    tcp.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Polls /ready (up to 20 s: the watchers back off) until `check` holds; returns the last answer.
+async fn until_ready(cp: &ControlPlane, what: &str, check: impl Fn(u16, &str) -> bool) {
+    let mut last = (0, String::new());
+    let wait = async {
+        loop {
+            last = admin_get(cp, "/ready").await;
+            if check(last.0, &last.1) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(20), wait)
+        .await
+        .is_err()
+    {
+        panic!("/ready never showed {what}; last: {last:?}");
+    }
+}
+
+fn kube_config(addr: SocketAddr, data: std::path::PathBuf) -> Config {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut config = Config::new(TrustDomain::new("cluster.local").unwrap(), data, any, any);
+    config.kubernetes = Some(KubernetesAccess::Config(Box::new(kube::Config::new(
+        format!("http://{addr}").parse().unwrap(),
+    ))));
+    config.kubernetes_mesh = true;
+    config
+}
+
+#[tokio::test]
+async fn ready_fails_until_every_kind_is_listed_and_names_failing_watches() {
+    let cluster = Arc::new(initial_cluster());
+    // The AuthorizationPolicy CRD is not installed yet.
+    cluster.missing.lock().unwrap().insert(POLICIES.to_string());
+    let addr = fake_api(cluster.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(kube_config(addr, dir.path().join("data")))
+        .await
+        .expect("control plane starts");
+
+    until_ready(&cp, "the missing CRD", |status, body| {
+        status == 503
+            && body.contains("kubernetes AuthorizationPolicy: cannot list, retrying")
+            && body.contains("the server could not find the requested resource")
+    })
+    .await;
+    let (_, body) = admin_get(&cp, "/ready").await;
+    assert!(
+        body.starts_with("not ready: the mesh has not been read from its source yet"),
+        "{body}"
+    );
+    assert!(!body.contains("kubernetes Pod"), "pods are listed: {body}");
+    assert!(
+        cp.mesh.snapshot().model.workloads.is_empty(),
+        "nothing is served before every kind is listed"
+    );
+    assert!(!cp.mesh.is_synced());
+
+    // Installing the CRD lets the next retry list it; the mesh is served and /ready is clean.
+    cluster.missing.lock().unwrap().clear();
+    until_ready(&cp, "ready without problems", |status, body| {
+        status == 200 && body == "ready\n"
+    })
+    .await;
+    assert!(cp.mesh.is_synced());
+    assert!(
+        cp.mesh
+            .snapshot()
+            .model
+            .workloads
+            .contains_key("latch-demo/http-server-a")
+    );
+
+    // Watches refused (RBAC changed): the pods watch ends and cannot be re-established.
+    // /ready stays 200 (the listed state is served) and says so; an event clears it.
+    *cluster.forbid_watches.lock().unwrap() = true;
+    cluster.watches.lock().unwrap().remove(PODS);
+    until_ready(&cp, "the refused pods watch", |status, body| {
+        status == 200
+            && body.starts_with("ready\n")
+            && body.contains("kubernetes Pod: watch failed at")
+            && body.contains("cannot watch resource")
+    })
+    .await;
+    let (_, metrics) = admin_get(&cp, "/metrics").await;
+    assert!(
+        metrics.contains("latch_control_kubernetes_watch_failures_total{kind=\"Pod\"}"),
+        "{metrics}"
+    );
+    *cluster.forbid_watches.lock().unwrap() = false;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !cluster.watches.lock().unwrap().contains_key(PODS) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the pods watch is re-established");
+    cluster.send(
+        PODS,
+        event(
+            "MODIFIED",
+            "Pod",
+            "v1",
+            pod(
+                "http-client-b",
+                "http-client",
+                "http-client",
+                Some("10.244.2.7"),
+                120,
+            ),
+        ),
+    );
+    until_ready(&cp, "the watch problem cleared", |status, body| {
+        status == 200 && body == "ready\n"
+    })
+    .await;
+
+    cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_deleted_bundle_configmap_is_applied_again() {
+    use latch_control::bundle_configmaps::BundleConfigMaps;
+    let cluster = Arc::new(initial_cluster());
+    let addr = fake_api(cluster.clone()).await;
+    let client =
+        kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap()))
+            .unwrap();
+    let (namespaces, receiver) =
+        tokio::sync::watch::channel(std::collections::BTreeSet::from(["latch-demo".to_string()]));
+    let tracker = tokio_util::task::TaskTracker::new();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    BundleConfigMaps {
+        client,
+        bundle_pem: "-----BEGIN CERTIFICATE-----\n...\n".into(),
+        retry: Duration::from_millis(100),
+        resync: Duration::from_millis(300),
+    }
+    .spawn(receiver, &tracker, cancel.clone());
+
+    until_applied(&cluster, "latch-demo").await;
+    // `kubectl delete configmap latch-ca-bundle -n latch-demo`: the fake API server forgets it.
+    cluster.applied.lock().unwrap().clear();
+    let (_, body) = until_applied(&cluster, "latch-demo").await;
+    assert_eq!(
+        body["data"]["bundle.pem"],
+        "-----BEGIN CERTIFICATE-----\n...\n"
+    );
+
+    // A namespace that no longer holds injected pods is left alone.
+    namespaces.send_replace(std::collections::BTreeSet::from(["shop".to_string()]));
+    until_applied(&cluster, "shop").await;
+    cluster.applied.lock().unwrap().clear();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let namespaces_applied: HashSet<String> = cluster
+        .applied
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(ns, _, _)| ns.clone())
+        .collect();
+    assert_eq!(namespaces_applied, HashSet::from(["shop".to_string()]));
+
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
 }

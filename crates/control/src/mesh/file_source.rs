@@ -13,7 +13,6 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::model::MeshSettings;
 use super::{Mesh, MeshModel};
 use crate::config::FileConfig;
 use crate::metrics::Metrics;
@@ -110,23 +109,9 @@ pub struct FileSource {
     pub tokens: Arc<JoinTokens>,
     pub mesh: Arc<Mesh>,
     pub metrics: Arc<Metrics>,
-    /// With `--kubernetes` the cluster supplies workloads, services and policies: the file's
-    /// `mesh:` settings go here (to the Kubernetes source) instead of being published.
-    pub settings_only: Option<watch::Sender<MeshSettings>>,
-}
-
-/// Warns that the file lists mesh entries `--kubernetes` ignores.
-pub fn warn_ignored_entries(path: &Path, model: &MeshModel) {
-    if !model.workloads.is_empty() || !model.services.is_empty() || !model.policies.is_empty() {
-        tracing::warn!(
-            path = %path.display(),
-            workloads = model.workloads.len(),
-            services = model.services.len(),
-            policies = model.policies.len(),
-            "with --kubernetes the mesh comes from the cluster: the workloads, services and \
-             policies of the config file are ignored (its mesh: settings and join tokens apply)"
-        );
-    }
+    /// With the Kubernetes source the file's model goes here, to be joined with the cluster's,
+    /// instead of being published.
+    pub to_cluster: Option<watch::Sender<MeshModel>>,
 }
 
 /// A content seen on disk, waiting to be stable for `SETTLE`.
@@ -183,15 +168,12 @@ impl FileSource {
         let outcome = text.and_then(|text| {
             let (file, model) = parse(&text, &self.trust_domain)?;
             file.apply_tokens(&self.trust_domain, &self.tokens)?;
-            Ok(match &self.settings_only {
-                Some(settings) => {
-                    warn_ignored_entries(&self.path, &model);
-                    settings.send_if_modified(|current| {
-                        let changed = *current != model.settings;
-                        *current = model.settings;
-                        changed
-                    })
-                }
+            Ok(match &self.to_cluster {
+                Some(cluster) => cluster.send_if_modified(|current| {
+                    let changed = *current != model;
+                    *current = model;
+                    changed
+                }),
                 None => self.mesh.publish(model),
             })
         });
@@ -200,7 +182,7 @@ impl FileSource {
                 let result = if changed { "applied" } else { "unchanged" };
                 tracing::info!(path = %self.path.display(), result, "reloaded config file");
                 self.metrics.config_reloaded(result);
-                self.mesh.set_source_problem(None);
+                self.mesh.set_problem("config", None);
             }
             Err(e) => {
                 let served = self.mesh.snapshot();
@@ -208,7 +190,7 @@ impl FileSource {
                 // model, and failing readiness would take every replica out of its Service
                 // for one typo. The body names the problem so operators and probes see it.
                 let problem = format!(
-                    "config: {}: {e}; serving the model loaded at {}",
+                    "{}: {e}; serving the model loaded at {}",
                     self.path.display(),
                     latch_identity::svid::format_time(served.loaded_at)
                 );
@@ -219,7 +201,7 @@ impl FileSource {
                     served.generation
                 );
                 self.metrics.config_reloaded("rejected");
-                self.mesh.set_source_problem(Some(problem));
+                self.mesh.set_problem("config", Some(problem));
             }
         }
     }

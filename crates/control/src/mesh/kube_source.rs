@@ -1,8 +1,10 @@
 //! The Kubernetes config source (`--kubernetes`): kube-rs watchers on Pods, Services,
 //! EndpointSlices and latch.dev `AuthorizationPolicy` objects keep a copy of them; once every
 //! kind has been listed, each change is applied ~100 ms after it arrives (changes in that window
-//! are applied together) by `kube_translate::translate` and `Mesh::publish`. Mesh settings come
-//! from the config file's `mesh:` section through a watch channel. Started by
+//! are applied together) by `kube_translate::translate` and `Mesh::publish`. The config file's
+//! model arrives through a watch channel: its `mesh:` settings apply, and its workloads, services
+//! and policies (machines outside the cluster) join the cluster's unless they conflict. A kind
+//! that cannot be listed or watched is named in /ready's body until it can. Started by
 //! `ControlPlane::start`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -24,12 +26,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::Mesh;
-use super::kube_translate::{ClusterObjects, Skipped, is_meshed, translate};
-use super::model::MeshSettings;
+use super::kube_translate::{ClusterObjects, Skipped, add_file_entries, is_meshed, translate};
+use super::model::MeshModel;
 use crate::metrics::Metrics;
 
 /// How long after a change the model is rebuilt; changes arriving meanwhile join it.
 pub const SETTLE: Duration = Duration::from_millis(100);
+/// How long /ready names a failed list or watch after its last failure. The watchers retry
+/// with backoff capped at 30 s, so a failure that persists is reported again before this ends.
+const FAILURE_SHOWN: Duration = Duration::from_secs(65);
 
 /// The `AuthorizationPolicy` custom resource (deploy/kubernetes/10-crd-authorizationpolicy.yaml).
 pub fn authorization_policy_resource() -> ApiResource {
@@ -115,8 +120,9 @@ pub struct KubeSource {
     /// A client made for watches (`KubernetesAccess::watch_client`).
     pub client: kube::Client,
     pub trust_domain: TrustDomain,
-    /// The config file's `mesh:` settings; the model is rebuilt when they change.
-    pub settings: watch::Receiver<MeshSettings>,
+    /// The config file's model (empty without a file); rebuilt with the cluster's when it
+    /// changes.
+    pub file: watch::Receiver<MeshModel>,
     pub mesh: Arc<Mesh>,
     pub metrics: Arc<Metrics>,
     /// Told the namespaces holding injected pods (any phase: a pending proxy needs its trust
@@ -127,6 +133,10 @@ pub struct KubeSource {
 impl KubeSource {
     /// Watches the cluster until `cancel` fires.
     pub fn spawn(self, tracker: &TaskTracker, cancel: CancellationToken) {
+        for kind in KINDS {
+            self.mesh
+                .set_problem(&problem_source(kind), Some("not listed yet".into()));
+        }
         tracker.spawn(self.run(cancel));
     }
 
@@ -161,7 +171,7 @@ impl KubeSource {
         let mut services = Table::<KubeService>::new("Service");
         let mut slices = Table::<EndpointSlice>::new("EndpointSlice");
         let mut policies = Table::<DynamicObject>::new("AuthorizationPolicy");
-        let mut settings_open = true;
+        let mut file_open = true;
         // When the first change not yet in the served model arrived.
         let mut pending: Option<Instant> = None;
         let mut reported: BTreeSet<Skipped> = BTreeSet::new();
@@ -178,9 +188,9 @@ impl KubeSource {
                         Update::Policy(event) => self.watched(&mut policies, *event),
                     }
                 }
-                result = self.settings.changed(), if settings_open => {
-                    settings_open = result.is_ok();
-                    settings_open
+                result = self.file.changed(), if file_open => {
+                    file_open = result.is_ok();
+                    file_open
                 }
                 _ = sleep_until(deadline), if deadline.is_some() => {
                     pending = None;
@@ -210,7 +220,13 @@ impl KubeSource {
         event: Result<Event<K>, watcher::Error>,
     ) -> bool {
         match event {
-            Ok(event) => table.apply(event),
+            Ok(event) => {
+                // `Init` comes before the list request; anything else is an answer.
+                if !matches!(event, Event::Init) {
+                    self.mesh.set_problem(&problem_source(table.kind), None);
+                }
+                table.apply(event)
+            }
             Err(e) => {
                 tracing::warn!(
                     kind = table.kind,
@@ -219,14 +235,31 @@ impl KubeSource {
                      installed?)"
                 );
                 self.metrics.kubernetes_watch_failed(table.kind);
+                let problem = if table.listed {
+                    format!(
+                        "watch failed at {}, retrying; serving what was listed before: {e}",
+                        latch_identity::svid::format_time(std::time::SystemTime::now())
+                    )
+                } else {
+                    format!("cannot list, retrying: {e}")
+                };
+                // A watch that recovers produces no event until something changes, so the
+                // problem fades after FAILURE_SHOWN: a failure that persists is retried (and
+                // set again) well within it.
+                self.mesh.set_problem_until(
+                    &problem_source(table.kind),
+                    Some(problem),
+                    Some(std::time::Instant::now() + FAILURE_SHOWN),
+                );
                 false
             }
         }
     }
 
     fn publish(&self, objects: &ClusterObjects, reported: &mut BTreeSet<Skipped>) {
-        let settings = self.settings.borrow().clone();
-        let translation = translate(objects, &self.trust_domain, &settings);
+        let file = self.file.borrow().clone();
+        let mut translation = translate(objects, &self.trust_domain, &file.settings);
+        add_file_entries(&mut translation, &file);
         let skipped: BTreeSet<Skipped> = translation.skipped.into_iter().collect();
         for s in skipped.difference(reported) {
             tracing::warn!(
@@ -236,7 +269,7 @@ impl KubeSource {
                 s.reason
             );
         }
-        for kind in ["Pod", "Service", "AuthorizationPolicy"] {
+        for kind in ["Pod", "Service", "AuthorizationPolicy", "ConfigFile"] {
             let count = skipped.iter().filter(|s| s.kind == kind).count();
             self.metrics
                 .kubernetes_skipped_now(kind, i64::try_from(count).unwrap_or(i64::MAX));
@@ -257,6 +290,14 @@ impl KubeSource {
             });
         }
     }
+}
+
+/// The kinds watched, as tables and /ready name them.
+const KINDS: [&str; 4] = ["Pod", "Service", "EndpointSlice", "AuthorizationPolicy"];
+
+/// The /ready source name of a watched kind.
+fn problem_source(kind: &str) -> String {
+    format!("kubernetes {kind}")
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -32,9 +32,9 @@ pub struct ClusterObjects {
 /// An object (or part of one) left out of the model, and why.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Skipped {
-    /// Pod, Service or AuthorizationPolicy.
+    /// Pod, Service or AuthorizationPolicy; ConfigFile for an entry of the config file.
     pub kind: &'static str,
-    /// "<namespace>/<name>".
+    /// "<namespace>/<name>" ("workload <namespace>/<name>" and so on for ConfigFile).
     pub object: String,
     pub reason: String,
 }
@@ -135,6 +135,90 @@ pub fn translate(
     add_services(objects, &mut out);
     add_policies(objects, &mut out);
     out
+}
+
+/// Adds the config file's workloads, services and policies (machines outside the cluster, such
+/// as VMs) to what the cluster describes. The cluster wins a conflict: a file entry named like a
+/// cluster object, or using an IP or VIP the cluster uses, is left out and reported (kind
+/// `ConfigFile`). File services keep the endpoints they were built with (their selector was
+/// matched against the file's workloads when the file was loaded).
+pub fn add_file_entries(out: &mut Translation, file: &MeshModel) {
+    let mut taken: HashMap<IpAddr, String> = HashMap::new();
+    for (key, workload) in &out.model.workloads {
+        for ip in &workload.ips {
+            taken.insert(*ip, format!("an IP of pod {key}"));
+        }
+    }
+    for (key, service) in &out.model.services {
+        for vip in &service.vips {
+            taken.insert(*vip, format!("a VIP of service {key}"));
+        }
+    }
+    let skip = |out: &mut Translation, what: &str, key: &str, reason: String| {
+        out.skipped.push(Skipped {
+            kind: "ConfigFile",
+            object: format!("{what} {key}"),
+            reason,
+        });
+    };
+    for (key, workload) in &file.workloads {
+        if out.model.workloads.contains_key(key) {
+            skip(
+                out,
+                "workload",
+                key,
+                "the cluster has a pod of that name".into(),
+            );
+            continue;
+        }
+        if let Some((ip, owner)) = workload
+            .ips
+            .iter()
+            .find_map(|ip| taken.get(ip).map(|owner| (ip, owner)))
+        {
+            skip(out, "workload", key, format!("IP {ip} is already {owner}"));
+            continue;
+        }
+        for ip in &workload.ips {
+            taken.insert(*ip, format!("an IP of workload {key}"));
+        }
+        out.model.workloads.insert(key.clone(), workload.clone());
+    }
+    for (key, service) in &file.services {
+        if out.model.services.contains_key(key) {
+            skip(
+                out,
+                "service",
+                key,
+                "the cluster has a Service of that name".into(),
+            );
+            continue;
+        }
+        if let Some((vip, owner)) = service
+            .vips
+            .iter()
+            .find_map(|vip| taken.get(vip).map(|owner| (vip, owner)))
+        {
+            skip(out, "service", key, format!("VIP {vip} is already {owner}"));
+            continue;
+        }
+        for vip in &service.vips {
+            taken.insert(*vip, format!("a VIP of service {key}"));
+        }
+        out.model.services.insert(key.clone(), service.clone());
+    }
+    for (key, policy) in &file.policies {
+        if out.model.policies.contains_key(key) {
+            skip(
+                out,
+                "policy",
+                key,
+                "the cluster has an AuthorizationPolicy of that name".into(),
+            );
+            continue;
+        }
+        out.model.policies.insert(key.clone(), policy.clone());
+    }
 }
 
 fn add_workloads(objects: &ClusterObjects, trust_domain: &TrustDomain, out: &mut Translation) {

@@ -10,6 +10,8 @@ pub mod model;
 pub mod snapshot;
 pub mod spec;
 
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::watch;
@@ -19,6 +21,14 @@ pub use snapshot::{MeshSnapshot, ResourceMap, ResourceType, VersionedResource};
 
 use crate::metrics::Metrics;
 
+/// A source's problem; one with `until` is dropped from /ready once that passes (for failures
+/// that are retried and whose recovery may produce no event, such as a Kubernetes watch).
+#[derive(Debug)]
+struct Problem {
+    text: String,
+    until: Option<std::time::Instant>,
+}
+
 /// The current mesh and everyone waiting for the next one.
 #[derive(Debug)]
 pub struct Mesh {
@@ -26,21 +36,27 @@ pub struct Mesh {
     snapshots: watch::Sender<Arc<MeshSnapshot>>,
     /// Serializes `publish`, so each snapshot is built on top of the one before it.
     publishing: Mutex<()>,
-    /// Why the config source's latest content is not what is served; shown on /ready.
-    source_problem: Mutex<Option<String>>,
+    /// Why what is served may differ from what a source holds, by source (`config`,
+    /// `kubernetes Pod`, ...); shown in /ready's body.
+    problems: Mutex<BTreeMap<String, Problem>>,
+    /// False until the source published its first model (the Kubernetes source lists every
+    /// kind first); until then /ready fails and discovery streams are refused.
+    synced: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
 impl Mesh {
-    /// An empty mesh: only the MeshConfig, carrying `trust_bundle_pem`.
-    pub fn new(trust_bundle_pem: String, metrics: Arc<Metrics>) -> Self {
+    /// An empty mesh: only the MeshConfig, carrying `trust_bundle_pem`. `synced` says whether
+    /// it may be served as it is (false: wait for the source's first `publish`).
+    pub fn new(trust_bundle_pem: String, metrics: Arc<Metrics>, synced: bool) -> Self {
         let empty = MeshSnapshot::build(MeshModel::default(), &trust_bundle_pem, None, 0);
         metrics.mesh_generation.set(0);
         Self {
             trust_bundle_pem,
             snapshots: watch::Sender::new(Arc::new(empty)),
             publishing: Mutex::new(()),
-            source_problem: Mutex::new(None),
+            problems: Mutex::new(BTreeMap::new()),
+            synced: AtomicBool::new(synced),
             metrics,
         }
     }
@@ -63,6 +79,7 @@ impl Mesh {
             .publishing
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        self.synced.store(true, Ordering::Release);
         let current = self.snapshot();
         let next = MeshSnapshot::build(
             model,
@@ -88,18 +105,39 @@ impl Mesh {
         true
     }
 
-    /// Why the latest config is not being served, if it is not.
-    pub fn source_problem(&self) -> Option<String> {
-        self.source_problem
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+    /// Whether the source has published its first model.
+    pub fn is_synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
     }
 
-    pub(crate) fn set_source_problem(&self, problem: Option<String>) {
-        *self
-            .source_problem
+    /// Every source's current problem, one line each ("<source>: <problem>").
+    pub fn problems(&self) -> Vec<String> {
+        let now = std::time::Instant::now();
+        self.problems
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = problem;
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(_, problem)| problem.until.is_none_or(|until| now < until))
+            .map(|(source, problem)| format!("{source}: {}", problem.text))
+            .collect()
+    }
+
+    /// Sets (or clears, with `None`) the problem of `source` until it is set again.
+    pub(crate) fn set_problem(&self, source: &str, problem: Option<String>) {
+        self.set_problem_until(source, problem, None);
+    }
+
+    /// Sets (or clears) the problem of `source`, shown until `until` at most.
+    pub(crate) fn set_problem_until(
+        &self,
+        source: &str,
+        problem: Option<String>,
+        until: Option<std::time::Instant>,
+    ) {
+        let mut problems = self.problems.lock().unwrap_or_else(PoisonError::into_inner);
+        match problem {
+            Some(text) => problems.insert(source.to_string(), Problem { text, until }),
+            None => problems.remove(source),
+        };
     }
 }
