@@ -120,7 +120,7 @@ impl Harness {
     }
 
     pub fn bundle(&self) -> TrustBundle {
-        self.control_plane.ca.bundle().clone()
+        self.control_plane.ca.bundle().as_ref().clone()
     }
 
     pub fn grpc_addr(&self) -> String {

@@ -113,7 +113,7 @@ impl Plane {
     }
 
     fn store(&self) -> Arc<CertStore> {
-        Arc::new(CertStore::new(self.cp.ca.bundle().clone()))
+        Arc::new(CertStore::new(self.cp.ca.bundle().as_ref().clone()))
     }
 
     fn verifier(&self) -> Arc<SpiffeServerVerifier> {
@@ -148,7 +148,7 @@ impl Plane {
         svid: Option<Svid>,
     ) -> AggregatedDiscoveryServiceClient<tonic::transport::Channel> {
         let store =
-            svid.map(|svid| Arc::new(CertStore::with_svid(svid, self.cp.ca.bundle().clone())));
+            svid.map(|svid| Arc::new(CertStore::with_svid(svid, self.cp.ca.bundle().as_ref().clone())));
         let tls = client_config(store, self.verifier(), &[ALPN_H2]).unwrap();
         let channel = connect_channel(&self.cp.grpc_addr.to_string(), tls, None)
             .await
