@@ -65,10 +65,20 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
         /// The control plane's admin address.
-        #[arg(long, env = "LATCH_ADMIN", default_value = "127.0.0.1:15014", global = true)]
+        #[arg(
+            long,
+            env = "LATCH_ADMIN",
+            default_value = "127.0.0.1:15014",
+            global = true
+        )]
         admin: String,
         /// The control plane's data dir, where the admin credential (admin.token) lives.
-        #[arg(long, env = "LATCH_DATA_DIR", default_value = "./latch-data", global = true)]
+        #[arg(
+            long,
+            env = "LATCH_DATA_DIR",
+            default_value = "./latch-data",
+            global = true
+        )]
         data_dir: PathBuf,
     },
 }

@@ -86,7 +86,12 @@ impl AdminState {
             .into_iter()
             .filter(|c| c.not_after.duration_since(now).unwrap_or_default() < EXPIRY_WARNING)
             .map(|c| {
-                let days = c.not_after.duration_since(now).unwrap_or_default().as_secs() / 86_400;
+                let days = c
+                    .not_after
+                    .duration_since(now)
+                    .unwrap_or_default()
+                    .as_secs()
+                    / 86_400;
                 format!(
                     "ca: {} {} expires at {} (in {days} days); rotate it (`latchctl ca rotate \
                      prepare`, docs/reliability.md)",
@@ -174,7 +179,11 @@ impl AdminState {
              retry, check those proxies (a NACK is logged here), or activate with --force",
             lagging.len(),
             shown.join(", "),
-            if lagging.len() > shown.len() { ", ..." } else { "" }
+            if lagging.len() > shown.len() {
+                ", ..."
+            } else {
+                ""
+            }
         ))
     }
 

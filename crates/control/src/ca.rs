@@ -503,10 +503,11 @@ fn load_signer(
         chain_tail.iter().collect()
     };
     let not_after = chain_not_after(&path, &roots).unwrap_or(facts.not_after);
-    let issuer = Issuer::from_ca_cert_der(&signing_cert, key).map_err(|e| CaError::CorruptCert {
-        path: files.cert.clone(),
-        reason: e.to_string(),
-    })?;
+    let issuer =
+        Issuer::from_ca_cert_der(&signing_cert, key).map_err(|e| CaError::CorruptCert {
+            path: files.cert.clone(),
+            reason: e.to_string(),
+        })?;
     Ok((
         Signer {
             issuer,
@@ -1408,6 +1409,157 @@ mod tests {
             "{:?}",
             issued.info.lifetime()
         );
+    }
+
+    #[test]
+    fn leaf_never_outlives_the_root_above_a_longer_lived_intermediate() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = OperatorCa::root("Root expiring soon", Duration::from_secs(600));
+        let intermediate = OperatorCa::new(
+            "Intermediate outliving its root",
+            IsCa::Ca(BasicConstraints::Unconstrained),
+            Duration::from_secs(30 * 24 * 3600),
+            Some(&root),
+        );
+        let ca = plug_in(dir.path(), &intermediate, Some(&root)).unwrap();
+        let issued = ca
+            .issue(&workload_id(), &workload_spki(), HOUR, now())
+            .unwrap();
+        assert_eq!(not_after(&issued.chain[0]), not_after(&root.der()));
+        assert_eq!(issued.info.not_after, ca.not_after());
+        let roles: Vec<&str> = ca.certificates().iter().map(|c| c.role).collect();
+        assert_eq!(roles, ["root", "intermediate"]);
+    }
+
+    /// Issues a leaf and verifies it against `bundle`.
+    fn issue_and_verify(ca: &Ca, bundle: &TrustBundle) -> Result<(), String> {
+        let issued = ca
+            .issue(&workload_id(), &workload_spki(), HOUR, now())
+            .unwrap();
+        latch_identity::verify_svid(&issued.chain, bundle, now(), PeerRole::Client)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn root_rotation_prepare_activate_retire_survives_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let ttl = TtlPolicy {
+            default: Duration::from_secs(60),
+            max: HOUR,
+        };
+        let ca = Ca::load_or_create(dir.path(), &td(TD), ttl).unwrap();
+        let old_root = ca.bundle().roots()[0].clone();
+        let only_old = TrustBundle::new(vec![old_root.clone()]).unwrap();
+        let old_leaf = ca
+            .issue(&workload_id(), &workload_spki(), HOUR, now())
+            .unwrap();
+        let mut bundles = ca.subscribe_bundle();
+        bundles.borrow_and_update();
+
+        // prepare: the new root joins the bundle (announced) and signs nothing.
+        let status = ca.prepare_rotation().unwrap();
+        assert_eq!(status.phase, "prepared");
+        assert!(bundles.has_changed().unwrap(), "subscribers are told");
+        assert_eq!(ca.bundle().roots().len(), 2);
+        let new_root = ca.bundle().roots()[1].clone();
+        issue_and_verify(&ca, &only_old).expect("still signed by the old root");
+        let next_key = dir.path().join("ca/next/root.key.pem");
+        assert_eq!(
+            fs::metadata(&next_key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(matches!(
+            ca.prepare_rotation(),
+            Err(RotationError::AlreadyPrepared { .. })
+        ));
+        drop(ca);
+        let ca = Ca::load_or_create(dir.path(), &td(TD), ttl).unwrap();
+        assert_eq!(
+            ca.rotation_status().phase,
+            "prepared",
+            "kept across a restart"
+        );
+        assert_eq!(ca.bundle().roots(), [old_root.clone(), new_root.clone()]);
+
+        // activate: the new root signs; leaves of either root verify against the bundle.
+        let status = ca.activate_rotation().unwrap();
+        assert_eq!(status.phase, "activated");
+        let only_new = TrustBundle::new(vec![new_root.clone()]).unwrap();
+        issue_and_verify(&ca, &only_new).expect("signed by the new root");
+        assert!(issue_and_verify(&ca, &only_old).is_err());
+        latch_identity::verify_svid(&old_leaf.chain, &ca.bundle(), now(), PeerRole::Client)
+            .expect("leaves of the old root stay valid");
+        let key =
+            KeyPair::from_pem(&fs::read_to_string(root_key_path(dir.path())).unwrap()).unwrap();
+        let (_, new_cert) = X509Certificate::from_der(&new_root).unwrap();
+        assert_eq!(
+            key.subject_public_key_info(),
+            new_cert.public_key().raw,
+            "the old root's key is gone: root.key.pem is the new root's"
+        );
+        assert!(!dir.path().join("ca/next").exists());
+        let retire_after = status.retire_after.unwrap();
+        assert_eq!(retire_after, status.activated_at.unwrap() + 3600);
+
+        // retire: refused until the longest leaf lifetime has passed, also after a restart.
+        drop(ca);
+        let ca = Ca::load_or_create(dir.path(), &td(TD), ttl).unwrap();
+        assert_eq!(ca.rotation_status().retire_after, Some(retire_after));
+        assert_eq!(ca.bundle().roots(), [new_root.clone(), old_root.clone()]);
+        let err = ca.retire_rotation(now()).unwrap_err();
+        assert!(matches!(err, RotationError::TooEarly { .. }), "{err}");
+        assert!(ca.prepare_rotation().is_err(), "one rotation at a time");
+        ca.retire_rotation(from_unix(retire_after)).unwrap();
+        assert_eq!(ca.bundle().roots(), std::slice::from_ref(&new_root));
+        assert!(matches!(
+            ca.retire_rotation(from_unix(retire_after)),
+            Err(RotationError::NothingToRetire)
+        ));
+        drop(ca);
+        let ca = Ca::load_or_create(dir.path(), &td(TD), ttl).unwrap();
+        assert_eq!(ca.rotation_status().phase, "idle");
+        assert_eq!(ca.bundle().roots(), [new_root]);
+    }
+
+    #[test]
+    fn an_activation_interrupted_between_its_renames_is_completed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(dir.path(), &td(TD), TtlPolicy::default()).unwrap();
+        let old_root = ca.bundle().roots()[0].clone();
+        ca.prepare_rotation().unwrap();
+        let new_root = ca.bundle().roots()[1].clone();
+        drop(ca);
+        // What `activate` wrote before the crash: the previous root, the record, the key.
+        let ca_dir = dir.path().join("ca");
+        fs::copy(ca_dir.join("root.crt.pem"), ca_dir.join("previous.crt.pem")).unwrap();
+        fs::write(
+            ca_dir.join("rotation.json"),
+            r#"{"activated_at": 1, "retire_after": 2}"#,
+        )
+        .unwrap();
+        fs::rename(
+            ca_dir.join("next/root.key.pem"),
+            ca_dir.join("root.key.pem"),
+        )
+        .unwrap();
+
+        let ca = Ca::load_or_create(dir.path(), &td(TD), TtlPolicy::default()).unwrap();
+        assert_eq!(ca.rotation_status().phase, "activated");
+        assert_eq!(ca.bundle().roots(), [new_root.clone(), old_root]);
+        issue_and_verify(&ca, &TrustBundle::new(vec![new_root]).unwrap()).unwrap();
+        assert!(!ca_dir.join("next").exists());
+    }
+
+    #[test]
+    fn plugged_in_cas_are_not_rotated_through_latchctl() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = OperatorCa::root("Operator root", HOUR);
+        let ca = plug_in(dir.path(), &root, None).unwrap();
+        let err = ca.prepare_rotation().unwrap_err();
+        assert!(matches!(err, RotationError::NotSelfManaged(_)), "{err}");
+        assert!(err.to_string().contains("--ca-cert"), "{err}");
+        assert_eq!(ca.bundle().roots().len(), 1);
     }
 
     #[test]

@@ -129,8 +129,13 @@ impl DiscoveryServer {
                  presented",
             ));
         };
-        let info = verify_svid(chain, &self.ca.bundle(), SystemTime::now(), PeerRole::Client)
-            .map_err(|e| Status::unauthenticated(format!("discovery refused: {e}")))?;
+        let info = verify_svid(
+            chain,
+            &self.ca.bundle(),
+            SystemTime::now(),
+            PeerRole::Client,
+        )
+        .map_err(|e| Status::unauthenticated(format!("discovery refused: {e}")))?;
         if !info.id.is_member_of(self.ca.trust_domain()) {
             return Err(Status::unauthenticated(format!(
                 "discovery refused: {} is not in trust domain {}",

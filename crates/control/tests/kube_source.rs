@@ -754,7 +754,10 @@ async fn a_deleted_bundle_configmap_is_applied_again() {
     cluster.applied.lock().unwrap().clear();
     bundle.send_replace("-----BEGIN CERTIFICATE-----\nnew\n".to_string());
     let (_, body) = until_applied(&cluster, "shop").await;
-    assert_eq!(body["data"]["bundle.pem"], "-----BEGIN CERTIFICATE-----\nnew\n");
+    assert_eq!(
+        body["data"]["bundle.pem"],
+        "-----BEGIN CERTIFICATE-----\nnew\n"
+    );
 
     cancel.cancel();
     tracker.close();

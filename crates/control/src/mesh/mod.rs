@@ -99,12 +99,7 @@ impl Mesh {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let next = MeshSnapshot::build(
-            model,
-            &bundle,
-            Some(&current),
-            current.generation + 1,
-        );
+        let next = MeshSnapshot::build(model, &bundle, Some(&current), current.generation + 1);
         if next.same_content(&current) {
             return false;
         }
