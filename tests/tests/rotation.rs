@@ -80,8 +80,8 @@ async fn the_root_rotates_under_load_without_a_failed_request() {
         ip: "127.0.0.52",
         mesh_port: free_port("127.0.0.52"),
     };
-    // Leaves live at most 6 s, so the old root may be retired 6 s after activation.
-    let max_ttl = Duration::from_secs(6);
+    // Leaves live at most 8 s, so the old root may be retired 8 s after activation.
+    let max_ttl = Duration::from_secs(8);
     let harness = Harness::start_with_mesh_and(&workloads_yaml(&[&client, &server]), |config| {
         config.ttl = TtlPolicy {
             default: Duration::from_secs(4),
@@ -93,7 +93,7 @@ async fn the_root_rotates_under_load_without_a_failed_request() {
     // Different lifetimes renew at different moments: for a while one proxy holds a leaf of
     // the old root and the other one of the new.
     let server_proxy =
-        start_member_with_ttl(&harness, &server, &[], Some(Duration::from_secs(2))).await;
+        start_member_with_ttl(&harness, &server, &[], Some(Duration::from_secs(4))).await;
     let client_proxy = start_member_with_ttl(
         &harness,
         &client,
@@ -119,7 +119,7 @@ async fn the_root_rotates_under_load_without_a_failed_request() {
     let new_root = bundle.roots()[1].clone();
     until(
         "both proxies trust the new root",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || {
             bundle_of(&server_proxy).contains(&new_root)
                 && bundle_of(&client_proxy).contains(&new_root)
@@ -127,7 +127,7 @@ async fn the_root_rotates_under_load_without_a_failed_request() {
     )
     .await;
     assert!(signed_by(&server_proxy, &old_root) && signed_by(&client_proxy, &old_root));
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let status = latchctl_json(&harness, &["status"]);
         if status["proxies_connected"] == 2
@@ -150,7 +150,7 @@ async fn the_root_rotates_under_load_without_a_failed_request() {
     assert_eq!(activated["rotation"]["phase"], "activated");
     let activated_at = Instant::now();
     let mut mixed_calls = 0;
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (s, c) = (
             signed_by(&server_proxy, &new_root),
@@ -194,7 +194,7 @@ async fn the_root_rotates_under_load_without_a_failed_request() {
     assert_eq!(harness.bundle().roots(), std::slice::from_ref(&new_root));
     until(
         "both proxies dropped the old root",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || {
             bundle_of(&server_proxy) == [new_root.clone()]
                 && bundle_of(&client_proxy) == [new_root.clone()]
