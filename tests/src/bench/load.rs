@@ -343,7 +343,8 @@ struct AltRun {
     after_churn: Sample,
     /// After closing every connection (and waiting for the descriptors to go).
     end: Sample,
-    /// Latch only: the proxies' own counters of refusals and failures.
+    /// Latch only: the proxies' own counters of refusals and failures that moved during the
+    /// measurement.
     proxy_counters: Vec<String>,
 }
 
@@ -371,6 +372,11 @@ async fn measure(tunnel: &Tunnel, budget: &Budget, options: &Options) -> Result<
         .with_context(|| format!("{}: no echo through the pair", alt.label()))?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let base = sample(tunnel)?;
+    // The start-up probes of latch::start reach apps this bench does not run: count from here.
+    let counters_before = match alt {
+        Alt::Latch => Some(latch_counters().await?),
+        _ => None,
+    };
 
     eprintln!("{}: opening {} idle connections", alt.label(), budget.idle);
     let started = Instant::now();
@@ -422,9 +428,9 @@ async fn measure(tunnel: &Tunnel, budget: &Budget, options: &Options) -> Result<
         .count()
         .await;
     let after_churn = sample(tunnel)?;
-    let proxy_counters = match alt {
-        Alt::Latch => latch_counters().await,
-        _ => Vec::new(),
+    let proxy_counters = match &counters_before {
+        Some(before) => counter_deltas(before, &latch_counters().await?),
+        None => Vec::new(),
     };
 
     drop(idle);
@@ -551,14 +557,16 @@ async fn churn(
     Ok((result, timeline))
 }
 
-/// Latch's own counters of refusals and failures, non-zero ones only, from both admin ports.
-async fn latch_counters() -> Vec<String> {
-    let mut out = Vec::new();
+/// Latch's own counters of refusals and failures from both admin ports, by series.
+async fn latch_counters() -> Result<std::collections::BTreeMap<String, f64>> {
+    let mut out = std::collections::BTreeMap::new();
     for (side, admin) in [("client", CLIENT_ADMIN), ("server", SERVER_ADMIN)] {
-        let Ok((200, body)) = crate::http_get(admin, "/metrics").await else {
-            out.push(format!("{side}: /metrics unreadable"));
-            continue;
-        };
+        let (status, body) = crate::http_get(admin, "/metrics")
+            .await
+            .with_context(|| format!("reading {side}'s /metrics"))?;
+        if status != 200 {
+            bail!("{side}'s /metrics answered {status}");
+        }
         for line in body.lines() {
             let counted = [
                 "latch_proxy_tcp_connections_refused_total",
@@ -567,16 +575,26 @@ async fn latch_counters() -> Vec<String> {
             ]
             .iter()
             .any(|name| line.starts_with(name));
-            let nonzero = line
-                .rsplit_once(' ')
-                .and_then(|(_, v)| v.parse::<f64>().ok())
-                .is_some_and(|v| v > 0.0);
-            if counted && nonzero {
-                out.push(format!("{side}: `{line}`"));
+            if let (true, Some((series, value))) = (counted, line.rsplit_once(' ')) {
+                out.insert(format!("{side}: {series}"), value.parse().unwrap_or(0.0));
             }
         }
     }
-    out
+    Ok(out)
+}
+
+/// The counters that moved between `before` and `after`, as text.
+fn counter_deltas(
+    before: &std::collections::BTreeMap<String, f64>,
+    after: &std::collections::BTreeMap<String, f64>,
+) -> Vec<String> {
+    after
+        .iter()
+        .filter_map(|(series, value)| {
+            let delta = value - before.get(series).copied().unwrap_or(0.0);
+            (delta > 0.0).then(|| format!("`{series}` +{delta}"))
+        })
+        .collect()
 }
 
 fn percentile_ms(sorted_us: &[u64], p: f64) -> Option<f64> {
@@ -850,7 +868,8 @@ fn report(runs: &[AltRun], budget: &Budget, options: &Options, facts: &Facts) ->
     }
     if let Some(latch) = latch {
         let counters = if latch.proxy_counters.is_empty() {
-            "none (no refusal, accept error or handshake failure counted by either proxy)"
+            "none moved (no refusal, accept error or handshake failure counted by either proxy \
+             during the measurement)"
                 .to_string()
         } else {
             latch.proxy_counters.join("; ")
