@@ -190,8 +190,11 @@ struct Budget {
     limit: usize,
     /// Connections a sidecar can hold: `--max-connections` / `maxconn`.
     per_sidecar: usize,
-    /// Connections in flight the churn may have at once.
+    /// Connections a sidecar may hold beyond the idle ones: those the churn has in flight, and
+    /// those the client has closed while the sidecars still pass the close along.
     in_flight: usize,
+    /// Connections the churn has open at once, at most (half of `in_flight`).
+    churn_in_flight: usize,
     /// Idle connections held.
     idle: usize,
     /// Why fewer idle connections than asked, if so.
@@ -202,8 +205,10 @@ impl Budget {
     fn new(requested_idle: usize, rate: u64) -> Result<Self> {
         let limit = own_open_files_limit()?;
         let per_sidecar = limit.saturating_sub(FD_RESERVE) / 2;
-        // 100 ms of arrivals, at least 100.
-        let in_flight = (rate as usize / 10).max(100);
+        // 300 ms of arrivals, at least 300: half for the churn's own connections, half for
+        // closes still travelling through the sidecars (under load they linger for tens of ms,
+        // and a sidecar counts a connection until both of its sides are closed).
+        let in_flight = (rate as usize * 3 / 10).max(300);
         let fits = per_sidecar.saturating_sub(in_flight);
         let idle = requested_idle.min(fits);
         let note = (idle < requested_idle).then(|| {
@@ -211,8 +216,8 @@ impl Budget {
                 "asked for {requested_idle} idle connections; each sidecar holds two descriptors \
                  per proxied connection and the open-file limit here is {limit} (the hard limit; \
                  {}), so a sidecar holds at most ({limit} - {FD_RESERVE} reserved) / 2 = \
-                 {per_sidecar} connections, of which {in_flight} are kept for the connections \
-                 in flight: {idle} idle connections",
+                 {per_sidecar} connections, of which {in_flight} are kept for the churn (connections \
+                 in flight and closes still passing through): {idle} idle connections",
                 if has_cap_sys_resource() {
                     "CAP_SYS_RESOURCE is present: raise it with `ulimit -Hn` before the run"
                 } else {
@@ -227,6 +232,7 @@ impl Budget {
             limit,
             per_sidecar,
             in_flight,
+            churn_in_flight: in_flight / 2,
             idle,
             note,
         })
@@ -320,10 +326,58 @@ struct Sample {
 
 fn sample(tunnel: &Tunnel) -> Result<Sample> {
     let (client, server) = tunnel.sidecars().context("no sidecars")?;
-    Ok(Sample {
-        rss_kib: [client.rss_kib()?, server.rss_kib()?],
-        fds: [client.fd_count()?, server.fd_count()?],
-    })
+    sample_pids([client.pid(), server.pid()])
+}
+
+fn sample_pids(pids: [u32; 2]) -> Result<Sample> {
+    let mut sample = Sample::default();
+    for (i, pid) in pids.into_iter().enumerate() {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        sample.rss_kib[i] = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no VmRSS in /proc/{pid}/status"))?;
+        sample.fds[i] = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    }
+    Ok(sample)
+}
+
+/// Samples both sidecars every second on a thread of its own (listing 20,000 descriptors takes
+/// milliseconds, which must not stall the connection schedule), until stopped.
+struct Sampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: tokio::task::JoinHandle<Vec<Sample>>,
+}
+
+impl Sampler {
+    fn start(tunnel: &Tunnel) -> Result<Self> {
+        let (client, server) = tunnel.sidecars().context("no sidecars")?;
+        let pids = [client.pid(), server.pid()];
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = tokio::task::spawn_blocking(move || {
+            let mut samples = Vec::new();
+            let mut next = Instant::now();
+            while !stopped.load(Ordering::Relaxed) {
+                if Instant::now() >= next {
+                    if let Ok(sample) = sample_pids(pids) {
+                        samples.push(sample);
+                    }
+                    next += Duration::from_secs(1);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            samples
+        });
+        Ok(Self { stop, thread })
+    }
+
+    async fn stop(self) -> Result<Vec<Sample>> {
+        self.stop.store(true, Ordering::Relaxed);
+        Ok(self.thread.await?)
+    }
 }
 
 /// Everything measured for one alternative.
@@ -411,7 +465,7 @@ async fn measure(tunnel: &Tunnel, budget: &Budget, options: &Options) -> Result<
         options.rate,
         options.seconds
     );
-    let (churn, timeline) = churn(tunnel, entry, options, budget.in_flight).await?;
+    let (churn, timeline) = churn(tunnel, entry, options, budget.churn_in_flight).await?;
     eprintln!(
         "{}: churn: {} completed, {} errors, {} skipped",
         alt.label(),
@@ -511,17 +565,12 @@ async fn churn(
     let in_flight = Arc::new(AtomicU64::new(0));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut result = Churn::default();
-    let mut timeline = Vec::new();
+    let sampler = Sampler::start(tunnel)?;
     let total = options.rate * options.seconds;
     let period = Duration::from_secs_f64(1.0 / options.rate as f64);
     let started = tokio::time::Instant::now();
-    let mut next_sample = started;
     for n in 0..total {
         let due = started + period.mul_f64(n as f64);
-        if due >= next_sample {
-            timeline.push(sample(tunnel)?);
-            next_sample += Duration::from_secs(1);
-        }
         tokio::time::sleep_until(due).await;
         result.attempted += 1;
         if in_flight.load(Ordering::Relaxed) >= max_in_flight as u64 {
@@ -552,6 +601,7 @@ async fn churn(
         }
     }
     result.elapsed = started.elapsed();
+    let mut timeline = sampler.stop().await?;
     timeline.push(sample(tunnel)?);
     result.latencies_us.sort_unstable();
     Ok((result, timeline))
@@ -673,16 +723,16 @@ fn report(runs: &[AltRun], budget: &Budget, options: &Options, facts: &Facts) ->
          server-side sidecar -> echo server (a separate tokio process), all on the loopback of a \
          private network namespace. {} idle connections (each checked by a 1-byte echo) held \
          open throughout; then {} new connections/s for {} s (open loop; each: connect, write {} \
-         bytes, read the echo, close; at most {} in flight). Latch: `--max-connections {}`; \
-         HAProxy 2.6 (`mode tcp`, TLS 1.3, AES-128-GCM): `maxconn {}`. Sidecar open-file limit: \
-         {} (soft = hard).\n",
+         bytes, read the echo, close; at most {} in flight). Each sidecar may hold {} connections \
+         (the idle ones + {} for the churn): Latch `--max-connections`, HAProxy 2.6 (`mode \
+         tcp`, TLS 1.3, AES-128-GCM) `maxconn`. Sidecar open-file limit: {} (soft = hard).\n",
         budget.idle,
         options.rate,
         options.seconds,
         ECHO_BYTES,
+        budget.churn_in_flight,
+        budget.per_sidecar,
         budget.in_flight,
-        budget.per_sidecar,
-        budget.per_sidecar,
         budget.limit,
     );
     if let Some(note) = &budget.note {
