@@ -359,7 +359,7 @@ async fn slowloris_on_the_mesh_port_holds_slots_only_until_the_handshake_timeout
         &dir,
         app,
         None,
-        &["--max-connections", "5", "--handshake-timeout", "2s"],
+        &["--max-connections", "5", "--handshake-timeout", "3s"],
         &[],
     )
     .await;
