@@ -11,7 +11,7 @@ use latch_identity::SpiffeId;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::data_path::DataPath;
+use crate::data_path::{DataPath, connect_failure_reason};
 use crate::inbound::handshake_failure_reason;
 use crate::state::Route;
 use crate::transport::{ALPN_LATCH, TransportHeader, resumed_peer_still_valid};
@@ -110,7 +110,8 @@ async fn connect_mesh(
     let tcp = match dp.connect(mesh_addr).await {
         Ok(t) => t,
         Err(e) => {
-            dp.metrics.refused(DIRECTION, "peer_unreachable");
+            let reason = connect_failure_reason(&e, "peer_unreachable");
+            dp.metrics.refused(DIRECTION, reason);
             tracing::warn!(peer = %id, %mesh_addr, "cannot reach the peer proxy: {e}");
             return Err(MeshConnectError::Failed);
         }
@@ -198,7 +199,8 @@ async fn forward(dp: &DataPath, app: TcpStream, route: Route) {
                 .await
             }
             Err(e) => {
-                dp.metrics.refused("passthrough", "destination_unreachable");
+                let reason = connect_failure_reason(&e, "destination_unreachable");
+                dp.metrics.refused("passthrough", reason);
                 tracing::debug!(%destination, "passthrough connect failed: {e}");
             }
         },
