@@ -67,7 +67,7 @@ pub enum StartError {
         flag: &'static str,
         source: std::io::Error,
     },
-    #[error("data dir {path}: {source}")]
+    #[error("data dir file {path}: {source} (check that the data dir is writable and has free space)")]
     DataDir {
         path: PathBuf,
         source: std::io::Error,
@@ -139,7 +139,7 @@ fn follow_bundle(
     let [data_dir_copy, published] = paths;
     let paths: Vec<PathBuf> = data_dir_copy.into_iter().chain(published.clone()).collect();
     for path in &paths {
-        files::write_public(path, pem.as_bytes()).map_err(|e| (path.clone(), e))?;
+        write_bundle(path, &pem).map_err(|e| (path.clone(), e))?;
     }
     if let Some(path) = published {
         tracing::info!(path = %path.display(), "trust bundle published (--publish-bundle)");
@@ -155,7 +155,7 @@ fn follow_bundle(
             }
             let pem = bundles.borrow_and_update().to_pem();
             for path in &paths {
-                if let Err(e) = files::write_public(path, pem.as_bytes()) {
+                if let Err(e) = write_bundle(path, &pem) {
                     tracing::error!(path = %path.display(), "cannot write the new trust bundle: {e}; clients reading this file keep the old one");
                 }
             }
@@ -165,6 +165,16 @@ fn follow_bundle(
         }
     });
     Ok(receiver)
+}
+
+/// Writes a bundle file, only when it does not hold `pem` already: a control plane with an
+/// existing CA then starts on a read-only or full data dir, and serves what needs no writes
+/// (renewals).
+fn write_bundle(path: &std::path::Path, pem: &str) -> std::io::Result<()> {
+    if std::fs::read(path).ok().as_deref() == Some(pem.as_bytes()) {
+        return Ok(());
+    }
+    files::write_public(path, pem.as_bytes())
 }
 
 /// Binds `addr`; returns the listener and the address it got (port 0 picks one).
