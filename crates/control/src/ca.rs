@@ -40,16 +40,12 @@ pub const MIN_TTL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Error)]
 pub enum CaError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot write {path}: {source} (check that the data dir is writable and has free space)")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    // The I/O error is part of the message, not a `source`: the binary prints the chain, which
+    // would repeat it.
+    #[error("cannot read {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
+    #[error("cannot write {path}: {error} (check that the data dir is writable and has free space)")]
+    Write { path: PathBuf, error: std::io::Error },
     #[error(
         "CA key file {path} is corrupt or not a private key ({reason}); refusing to start. \
          Restore it from backup: generating a new root would break trust mesh-wide"
@@ -314,15 +310,15 @@ impl std::fmt::Debug for Ca {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, CaError> {
-    std::fs::read(path).map_err(|source| CaError::Read {
+    std::fs::read(path).map_err(|error| CaError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 
 fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError {
     let path = path.to_path_buf();
-    move |source| CaError::Write { path, source }
+    move |error| CaError::Write { path, error }
 }
 
 fn random_serial() -> SerialNumber {
@@ -704,14 +700,14 @@ impl Ca {
         // Key first: a crash between the two writes leaves a key without a cert, which the next
         // start reports instead of silently replacing.
         files::write_private(key_path, key_pem.as_bytes()).map_err(write_err(key_path))?;
-        if let Err(source) = files::write_public(cert_path, cert_pem.as_bytes()) {
+        if let Err(error) = files::write_public(cert_path, cert_pem.as_bytes()) {
             // The key was written by this very call and nothing signed with it has left the
             // process: remove it, so that once the disk has room again (full, read-only) the next
             // start creates a root instead of refusing a half-present CA dir.
             let _ = std::fs::remove_file(key_path);
             return Err(CaError::Write {
                 path: cert_path.to_path_buf(),
-                source,
+                error,
             });
         }
         tracing::info!(cert = %cert_path.display(), "generated a new root CA for {trust_domain}");

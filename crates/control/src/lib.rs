@@ -67,11 +67,8 @@ pub enum StartError {
         flag: &'static str,
         source: std::io::Error,
     },
-    #[error("data dir file {path}: {source} (check that the data dir is writable and has free space)")]
-    DataDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("data dir file {path}: {error} (check that the data dir is writable and has free space)")]
+    DataDir { path: PathBuf, error: std::io::Error },
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
 }
@@ -99,9 +96,9 @@ pub struct ControlPlane {
 
 /// Reads the admin credential, creating a random one (0600) on first start.
 fn admin_credential(path: &std::path::Path) -> Result<String, StartError> {
-    let data_dir_err = |source| StartError::DataDir {
+    let data_dir_err = |error| StartError::DataDir {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     match std::fs::read_to_string(path) {
         Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_string()),
@@ -192,9 +189,9 @@ impl ControlPlane {
     /// Loads or creates the CA, then serves the certificate service and the admin API.
     pub async fn start(config: Config) -> Result<Self, StartError> {
         let data_dir = &config.data_dir;
-        files::ensure_private_dir(data_dir).map_err(|source| StartError::DataDir {
+        files::ensure_private_dir(data_dir).map_err(|error| StartError::DataDir {
             path: data_dir.clone(),
-            source,
+            error,
         })?;
         // Read the config file first: a typo in it must not leave a new CA behind.
         let loaded = config
