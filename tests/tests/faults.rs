@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use latch_identity::bundle::sha256_hex;
+use latch_tests::netns::{Pod, PodProcess, TestNet, require_netns};
 use latch_tests::procs::{free_port, wait_for, workspace_binary};
 
 const TRUST_DOMAIN: &str = "cluster.local";
@@ -106,7 +107,13 @@ impl Drop for Process {
 }
 
 /// A blocking HTTP/1.0 request; (status, body). `None` when nothing answers.
-fn http(addr: &str, method: &str, path: &str, auth: Option<&str>, body: &str) -> Option<(u16, String)> {
+fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    body: &str,
+) -> Option<(u16, String)> {
     let mut tcp = TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(2)).ok()?;
     tcp.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     let auth = auth
@@ -120,7 +127,9 @@ fn http(addr: &str, method: &str, path: &str, auth: Option<&str>, body: &str) ->
     let mut response = String::new();
     tcp.read_to_string(&mut response).ok()?;
     let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())?;
     Some((status, body))
 }
 
@@ -444,13 +453,19 @@ fn recorded_token_hashes(data_dir: &Path) -> Vec<String> {
 
 /// Creates join tokens back to back through the admin API until stopped; the tokens the API
 /// confirmed (201) and how many attempts failed.
-fn token_creator(control: &Control, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(Vec<String>, u64)> {
+fn token_creator(
+    control: &Control,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(Vec<String>, u64)> {
     let admin = control.admin.clone();
     let credential = std::fs::read_to_string(control.data_dir.join("admin.token"))
         .expect("admin credential")
         .trim()
         .to_string();
-    let body = format!(r#"{{"spiffe_id":"{}","ttl_seconds":3600}}"#, spiffe_id("later"));
+    let body = format!(
+        r#"{{"spiffe_id":"{}","ttl_seconds":3600}}"#,
+        spiffe_id("later")
+    );
     std::thread::spawn(move || {
         let (mut created, mut failed) = (Vec::new(), 0);
         while !stop.load(Ordering::Relaxed) {
@@ -472,7 +487,10 @@ fn token_creator(control: &Control, stop: Arc<AtomicBool>) -> std::thread::JoinH
 
 #[test]
 fn control_plane_kill_9_under_load_loses_no_request_and_no_state() {
-    let dir = tempfile::Builder::new().prefix("lf-kill-cp-").tempdir().expect("dir");
+    let dir = tempfile::Builder::new()
+        .prefix("lf-kill-cp-")
+        .tempdir()
+        .expect("dir");
     let mut control = Control::new(dir.path(), &dir.path().join("data"));
     let mut process = control.start();
     let app = EchoApp::start("server");
@@ -490,7 +508,12 @@ fn control_plane_kill_9_under_load_loses_no_request_and_no_state() {
             client_proxy.logs()
         )
     };
-    assert_eq!(call(&entry, "hello").as_deref(), Ok("server: hello"), "{}", logs(&process));
+    assert_eq!(
+        call(&entry, "hello").as_deref(),
+        Ok("server: hello"),
+        "{}",
+        logs(&process)
+    );
 
     // What must survive: the root, the bundle, the admin credential, and the join tokens (one
     // unused single-use token, and every token the API confirms while the kill happens).
@@ -525,38 +548,75 @@ fn control_plane_kill_9_under_load_loses_no_request_and_no_state() {
             && metric_of(&server.admin, "latch_proxy_discovery_connected") == 1.0
             && metric_of(&client.admin, "latch_proxy_discovery_connected") == 1.0
     });
-    assert!(resynced, "the proxies did not reconnect\n{}", logs(&process));
+    assert!(
+        resynced,
+        "the proxies did not reconnect\n{}",
+        logs(&process)
+    );
     let reconnected_after = killed_at.elapsed();
     let renewed = wait_for(Duration::from_secs(20), || {
         rotations(&server) > rotations_at_restart.0
             && rotations(&client) > rotations_at_restart.1
-            && metric(&control.admin, "latch_control_svids_issued_total", &["renewal"]) >= 2.0
+            && metric(
+                &control.admin,
+                "latch_control_svids_issued_total",
+                &["renewal"],
+            ) >= 2.0
     });
-    assert!(renewed, "no SVID renewal after the restart\n{}", logs(&process));
+    assert!(
+        renewed,
+        "no SVID renewal after the restart\n{}",
+        logs(&process)
+    );
     let renewed_after = killed_at.elapsed();
-    assert!(ready(&server.admin) && ready(&client.admin), "{}", logs(&process));
+    assert!(
+        ready(&server.admin) && ready(&client.admin),
+        "{}",
+        logs(&process)
+    );
     std::thread::sleep(Duration::from_millis(500));
     stop_tokens.store(true, Ordering::Relaxed);
     let (created, token_failures) = tokens.join().expect("token thread");
     let (ok, errors) = load.finish();
 
-    assert!(errors.is_empty(), "{} exchanges failed: {errors:?}\n{}", errors.len(), logs(&process));
-    assert!(ok_while_down > 0, "no traffic while the control plane was down");
+    assert!(
+        errors.is_empty(),
+        "{} exchanges failed: {errors:?}\n{}",
+        errors.len(),
+        logs(&process)
+    );
+    assert!(
+        ok_while_down > 0,
+        "no traffic while the control plane was down"
+    );
     assert!(ok > 100, "too little traffic to mean anything: {ok}");
 
     // Nothing lost: CA, bundle and credential untouched; every confirmed token is on disk and
     // works; the spare single-use token was not spent by the crash and works once.
-    assert_eq!(std::fs::read(control.data_dir.join("ca/root.crt.pem")).expect("root"), root_cert);
-    assert_eq!(std::fs::read(control.data_dir.join("ca/root.key.pem")).expect("key"), root_key);
+    assert_eq!(
+        std::fs::read(control.data_dir.join("ca/root.crt.pem")).expect("root"),
+        root_cert
+    );
+    assert_eq!(
+        std::fs::read(control.data_dir.join("ca/root.key.pem")).expect("key"),
+        root_key
+    );
     assert_eq!(std::fs::read(control.bundle()).expect("bundle"), bundle);
-    assert_eq!(std::fs::read(control.data_dir.join("admin.token")).expect("cred"), credential);
+    assert_eq!(
+        std::fs::read(control.data_dir.join("admin.token")).expect("cred"),
+        credential
+    );
     let recorded = recorded_token_hashes(&control.data_dir);
     let missing: Vec<&String> = created
         .iter()
         .filter(|t| !recorded.contains(&sha256_hex(t.as_bytes())))
         .collect();
     assert!(!created.is_empty(), "no token was created around the kill");
-    assert!(missing.is_empty(), "{} confirmed tokens lost: {missing:?}", missing.len());
+    assert!(
+        missing.is_empty(),
+        "{} confirmed tokens lost: {missing:?}",
+        missing.len()
+    );
     let last = created.last().expect("a token");
     control
         .request_cert(last, &dir.path().join("last"))
@@ -565,7 +625,9 @@ fn control_plane_kill_9_under_load_loses_no_request_and_no_state() {
         .request_cert(&unused, &dir.path().join("spare"))
         .expect("the unused single-use token survived the kill");
     assert!(
-        control.request_cert(&unused, &dir.path().join("spare2")).is_err(),
+        control
+            .request_cert(&unused, &dir.path().join("spare2"))
+            .is_err(),
         "a single-use token worked twice"
     );
     let listed = get(&control.admin, "/ready").expect("admin answers");
@@ -600,7 +662,10 @@ fn require_mounts() -> bool {
         return true;
     }
     if std::env::var(REQUIRE_ROOT_ENV).is_ok_and(|v| v == "1") {
-        panic!("{REQUIRE_ROOT_ENV}=1 but this machine lacks: {}", missing.join(", "));
+        panic!(
+            "{REQUIRE_ROOT_ENV}=1 but this machine lacks: {}",
+            missing.join(", ")
+        );
     }
     eprintln!(
         "\n*** SKIPPED: needs root, mount, umount; missing: {} (set {REQUIRE_ROOT_ENV}=1 to fail instead) ***\n",
@@ -611,7 +676,10 @@ fn require_mounts() -> bool {
 
 /// Runs `mount args`, panicking with its message on failure.
 fn mount(args: &[&str]) {
-    let out = Command::new("mount").args(args).output().expect("running mount");
+    let out = Command::new("mount")
+        .args(args)
+        .output()
+        .expect("running mount");
     assert!(
         out.status.success(),
         "mount {} failed: {}",
@@ -646,7 +714,11 @@ impl Mounted {
     }
 
     fn set_read_only(&self, read_only: bool) {
-        let options = if read_only { "remount,ro,bind" } else { "remount,rw,bind" };
+        let options = if read_only {
+            "remount,ro,bind"
+        } else {
+            "remount,rw,bind"
+        };
         mount(&["-o", options, utf8(&self.path)]);
     }
 }
@@ -732,7 +804,10 @@ fn data_dir_read_only_refuses_writes_clearly_and_keeps_issuing() {
     if !require_mounts() {
         return;
     }
-    let dir = tempfile::Builder::new().prefix("lf-ro-").tempdir().expect("dir");
+    let dir = tempfile::Builder::new()
+        .prefix("lf-ro-")
+        .tempdir()
+        .expect("dir");
     let (src, data) = (dir.path().join("src"), dir.path().join("data"));
     std::fs::create_dir(&src).expect("src");
     std::fs::create_dir(&data).expect("data");
@@ -740,9 +815,16 @@ fn data_dir_read_only_refuses_writes_clearly_and_keeps_issuing() {
 
     // Fresh and read-only: no CA can be made. Root ignores file modes, not a read-only mount.
     let mounted = Mounted::read_only_bind(&src, &data);
-    assert!(std::fs::write(data.join("probe"), b"x").is_err(), "the mount is writable");
+    assert!(
+        std::fs::write(data.join("probe"), b"x").is_err(),
+        "the mount is writable"
+    );
     let error = assert_refused_start(&mut control, "Read-only file system");
-    assert!(files_under(&src).is_empty(), "a refused start wrote {:?}", files_under(&src));
+    assert!(
+        files_under(&src).is_empty(),
+        "a refused start wrote {:?}",
+        files_under(&src)
+    );
 
     // Writable: a CA, a proxy holding a short SVID, a spare single-use token. Then read-only.
     mounted.set_read_only(false);
@@ -761,12 +843,22 @@ fn data_dir_read_only_refuses_writes_clearly_and_keeps_issuing() {
     let reusable = std::fs::read_to_string(dir.path().join("web.token")).expect("token");
     control
         .request_cert(reusable.trim(), &dir.path().join("reusable"))
-        .unwrap_or_else(|e| panic!("a reusable token works on a read-only data dir: {e}\n{}", process.logs()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "a reusable token works on a read-only data dir: {e}\n{}",
+                process.logs()
+            )
+        });
     // ... and refuses what it must record, with the file and the reason.
-    let token_error = control.create_token("new", false).expect_err("token created on a read-only dir");
+    let token_error = control
+        .create_token("new", false)
+        .expect_err("token created on a read-only dir");
     let tokens_file = data.join("join-tokens.json");
     for needle in [utf8(&tokens_file), "Read-only file system", "503"] {
-        assert!(token_error.contains(needle), "latchctl should say {needle:?}: {token_error}");
+        assert!(
+            token_error.contains(needle),
+            "latchctl should say {needle:?}: {token_error}"
+        );
     }
     let spend_error = control
         .request_cert(&spare, &dir.path().join("spare"))
@@ -775,12 +867,18 @@ fn data_dir_read_only_refuses_writes_clearly_and_keeps_issuing() {
         spend_error.contains(utf8(&tokens_file)) && spend_error.contains("Read-only file system"),
         "{spend_error}"
     );
-    assert_eq!(files_under(&data), before, "files changed on a read-only data dir");
+    assert_eq!(
+        files_under(&data),
+        before,
+        "files changed on a read-only data dir"
+    );
     assert!(ready(&control.admin), "{}", process.logs());
 
     // Writable again: tokens are created and the refused single-use token was not spent.
     mounted.set_read_only(false);
-    control.create_token("new", false).expect("token after the fix");
+    control
+        .create_token("new", false)
+        .expect("token after the fix");
     control
         .request_cert(&spare, &dir.path().join("spare"))
         .expect("the single-use token refused earlier still works");
@@ -798,7 +896,10 @@ fn data_dir_full_refuses_writes_clearly_leaves_no_partial_file_and_recovers() {
     if !require_mounts() {
         return;
     }
-    let dir = tempfile::Builder::new().prefix("lf-full-").tempdir().expect("dir");
+    let dir = tempfile::Builder::new()
+        .prefix("lf-full-")
+        .tempdir()
+        .expect("dir");
     let data = dir.path().join("data");
     std::fs::create_dir(&data).expect("data");
     // Room for a dozen small files; each takes a 4 KiB page.
@@ -816,7 +917,10 @@ fn data_dir_full_refuses_writes_clearly_leaves_no_partial_file_and_recovers() {
         .and_then(|f| f.set_len(len - 4096))
         .expect("free one page");
     let error = assert_refused_start(&mut control, "No space left on device");
-    let left: Vec<String> = files_under(&data).into_keys().filter(|f| f != "filler").collect();
+    let left: Vec<String> = files_under(&data)
+        .into_keys()
+        .filter(|f| f != "filler")
+        .collect();
     assert!(left.is_empty(), "a failed start left {left:?}");
     std::fs::remove_file(&filler).expect("free the space");
     let mut process = control.start();
@@ -828,28 +932,45 @@ fn data_dir_full_refuses_writes_clearly_leaves_no_partial_file_and_recovers() {
     let spare = control.create_token("spare", false).expect("token");
     let filled = fill(&filler);
     let before = files_under(&data);
-    let token_error = control.create_token("new", false).expect_err("token created on a full disk");
+    let token_error = control
+        .create_token("new", false)
+        .expect_err("token created on a full disk");
     let tokens_file = data.join("join-tokens.json");
     for needle in [utf8(&tokens_file), "No space left on device", "503"] {
-        assert!(token_error.contains(needle), "latchctl should say {needle:?}: {token_error}");
+        assert!(
+            token_error.contains(needle),
+            "latchctl should say {needle:?}: {token_error}"
+        );
     }
     let spend_error = control
         .request_cert(&spare, &dir.path().join("spare"))
         .expect_err("a single-use token was spent without being recorded");
-    assert!(spend_error.contains("No space left on device"), "{spend_error}");
+    assert!(
+        spend_error.contains("No space left on device"),
+        "{spend_error}"
+    );
     let renewed_in = wait_for_rotation(&proxy, &proxy_spec.admin);
-    assert_eq!(files_under(&data), before, "a failed write changed or left a file");
+    assert_eq!(
+        files_under(&data),
+        before,
+        "a failed write changed or left a file"
+    );
 
     // A restart on the full disk keeps the CA and serves.
     process.kill9();
     let process = control.start();
     wait_for_rotation(&proxy, &proxy_spec.admin);
-    assert_eq!(std::fs::read(data.join("ca/root.crt.pem")).expect("root"), root);
+    assert_eq!(
+        std::fs::read(data.join("ca/root.crt.pem")).expect("root"),
+        root
+    );
     assert!(ready(&control.admin), "{}", process.logs());
 
     // Space back: tokens again, and the refused single-use token was not spent.
     std::fs::remove_file(&filler).expect("free the space");
-    control.create_token("new", false).expect("token once there is room");
+    control
+        .create_token("new", false)
+        .expect("token once there is room");
     control
         .request_cert(&spare, &dir.path().join("spare"))
         .expect("the single-use token refused earlier still works");
@@ -877,7 +998,9 @@ fn libfaketime() -> Option<PathBuf> {
         .find(|path| path.is_file());
     if found.is_none() {
         if std::env::var(REQUIRE_FAKETIME_ENV).is_ok_and(|v| v == "1") {
-            panic!("{REQUIRE_FAKETIME_ENV}=1 but libfaketime.so.1 is missing (apt-get install faketime)");
+            panic!(
+                "{REQUIRE_FAKETIME_ENV}=1 but libfaketime.so.1 is missing (apt-get install faketime)"
+            );
         }
         eprintln!(
             "\n*** SKIPPED: needs libfaketime (apt-get install faketime); set {REQUIRE_FAKETIME_ENV}=1 to fail instead ***\n"
@@ -891,15 +1014,12 @@ fn first_log_time(log: &str) -> Option<SystemTime> {
     let bytes = log.as_bytes();
     (0..bytes.len().saturating_sub(19)).find_map(|i| {
         let candidate = log.get(i..i + 19)?;
-        let shape = candidate
-            .bytes()
-            .enumerate()
-            .all(|(j, b)| match j {
-                4 | 7 => b == b'-',
-                10 => b == b'T',
-                13 | 16 => b == b':',
-                _ => b.is_ascii_digit(),
-            });
+        let shape = candidate.bytes().enumerate().all(|(j, b)| match j {
+            4 | 7 => b == b'-',
+            10 => b == b'T',
+            13 | 16 => b == b':',
+            _ => b.is_ascii_digit(),
+        });
         if !shape {
             return None;
         }
@@ -910,9 +1030,17 @@ fn first_log_time(log: &str) -> Option<SystemTime> {
 /// Two proxies and the control plane; proxy "skewed" runs with its clock `offset_secs` off
 /// (libfaketime: SystemTime and the monotonic clock). Traffic flows both ways through both
 /// proxies while the SVID named `renewing` renews; no exchange may fail.
-fn skewed_peers(offset_secs: i64, skewed_ttl: &'static str, plain_ttl: &'static str, renewing: &str) {
+fn skewed_peers(
+    offset_secs: i64,
+    skewed_ttl: &'static str,
+    plain_ttl: &'static str,
+    renewing: &str,
+) {
     let Some(lib) = libfaketime() else { return };
-    let dir = tempfile::Builder::new().prefix("lf-skew-").tempdir().expect("dir");
+    let dir = tempfile::Builder::new()
+        .prefix("lf-skew-")
+        .tempdir()
+        .expect("dir");
     let mut control = Control::new(dir.path(), &dir.path().join("data"));
     let process = control.start();
     let (plain_app, skewed_app) = (EchoApp::start("plain"), EchoApp::start("skewed"));
@@ -961,7 +1089,13 @@ fn skewed_peers(offset_secs: i64, skewed_ttl: &'static str, plain_ttl: &'static 
         logs()
     );
     let (ok, errors) = load.finish();
-    assert!(errors.is_empty(), "{} exchanges failed: {:?}\n{}", errors.len(), &errors[..errors.len().min(5)], logs());
+    assert!(
+        errors.is_empty(),
+        "{} exchanges failed: {:?}\n{}",
+        errors.len(),
+        &errors[..errors.len().min(5)],
+        logs()
+    );
     assert!(ready(&skewed.admin) && ready(&plain.admin), "{}", logs());
     println!(
         "clock of one proxy {offset_secs:+} s: {ok} exchanges both ways between the skewed and \
@@ -983,4 +1117,228 @@ fn clock_skew_proxy_two_minutes_ahead_keeps_mtls_and_renews() {
 #[test]
 fn clock_skew_proxy_two_minutes_behind_keeps_mtls_and_renews() {
     skewed_peers(-120, "10m", "6s", "plain");
+}
+
+/// The uid latch-proxy runs as in a pod; the capture never redirects its own traffic.
+const PROXY_UID: u32 = 1337;
+const POD_PROXY_ADMIN: &str = "127.0.0.1:15020";
+const CONTROL_ADMIN: &str = "127.0.0.1:15014";
+/// The connect timeout the app (curl) uses: a fault must surface well before it.
+const APP_CONNECT_TIMEOUT_SECS: u64 = 5;
+
+/// A transparent latch-proxy in `pod` (uid 1337, reusable join token in `dir`, `peer` as a
+/// flag-configured meshed peer), started and waited for until /ready; returns it and how long
+/// it took to become ready.
+fn start_pod_proxy<'n>(
+    pod: &Pod<'n>,
+    peer: &Pod,
+    control_addr: &str,
+    dir: &Path,
+) -> (PodProcess<'n>, Duration) {
+    let peer = format!("{}={}", peer.ip, spiffe_id(&peer.name));
+    let workload = format!("demo/{}", pod.name);
+    // Each start logs to its own file, so a restarted proxy's log is its own.
+    static STARTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let (bundle, token) = (dir.join("bundle.pem"), dir.join("join-token"));
+    let started = Instant::now();
+    let proxy = pod.spawn(
+        workspace_binary("latch-proxy"),
+        &[
+            "--control-plane",
+            control_addr,
+            "--ca-bundle",
+            utf8(&bundle),
+            "--join-token-file",
+            utf8(&token),
+            "--admin",
+            POD_PROXY_ADMIN,
+            "--transparent",
+            "--workload-name",
+            &workload,
+            "--peer",
+            &peer,
+        ],
+        Some(PROXY_UID),
+        &dir.join(format!(
+            "proxy-{}.log",
+            STARTS.fetch_add(1, Ordering::Relaxed)
+        )),
+    );
+    let ready_url = format!("http://{POD_PROXY_ADMIN}/ready");
+    proxy.wait_until(Duration::from_secs(20), "latch-proxy is ready", || {
+        pod.curl(&ready_url).is_ok()
+    });
+    (proxy, started.elapsed())
+}
+
+/// curl from `pod` with the app's connect timeout: Ok(body) or Err(curl's exit code and
+/// message), and how long it took.
+fn timed_curl(pod: &Pod, url: &str) -> (Result<String, String>, Duration) {
+    let started = Instant::now();
+    let timeout = APP_CONNECT_TIMEOUT_SECS.to_string();
+    let out = pod.exec(
+        "curl",
+        &[
+            "-sS",
+            "-f",
+            "--connect-timeout",
+            &timeout,
+            "--max-time",
+            "10",
+            url,
+        ],
+    );
+    let elapsed = started.elapsed();
+    let result = if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "exit {}: {}",
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    };
+    (result, elapsed)
+}
+
+/// Polls `url` from `pod` until it answers `body`; how long that took.
+fn until_served(pod: &Pod, url: &str, body: &str, logs: impl Fn() -> String) -> Duration {
+    let started = Instant::now();
+    assert!(
+        wait_for(Duration::from_secs(20), || pod.curl(url).as_deref()
+            == Ok(body)),
+        "{url} never served again from {}\n{}",
+        pod.name,
+        logs()
+    );
+    started.elapsed()
+}
+
+#[test]
+fn proxy_kill_9_fails_the_apps_connections_fast_and_they_recover_on_restart() {
+    if !require_netns() {
+        return;
+    }
+    const BODY: &str = "served by b through the mesh";
+    let net = TestNet::new("lf-kill");
+    let a = net.add_pod("a");
+    let b = net.add_pod("b");
+    let router = net.router();
+    let nginx = b.start_nginx(BODY);
+
+    // latch-control in the router namespace; each pod gets a reusable join token (a restarted
+    // proxy authenticates again with it) and the bundle.
+    let data_dir = net.dir().join("control");
+    let config = net.dir().join("mesh.yaml");
+    std::fs::write(&config, "{}\n").expect("config");
+    let control_addr = format!("{}:15010", router.ip);
+    let control = router.spawn(
+        workspace_binary("latch-control"),
+        &[
+            "--data-dir",
+            utf8(&data_dir),
+            "--listen",
+            &control_addr,
+            "--admin",
+            CONTROL_ADMIN,
+            "--config",
+            utf8(&config),
+        ],
+        None,
+        &net.dir().join("control.log"),
+    );
+    control.wait_until(Duration::from_secs(20), "latch-control started", || {
+        control.log().contains("control plane started")
+    });
+    let mut dirs = Vec::new();
+    for pod in [&a, &b] {
+        let token = router.run(
+            workspace_binary("latchctl"),
+            &[
+                "token",
+                "create",
+                "--reusable",
+                "--spiffe-id",
+                &spiffe_id(&pod.name),
+                "--admin",
+                CONTROL_ADMIN,
+                "--data-dir",
+                utf8(&data_dir),
+            ],
+        );
+        let dir = net.dir().join(format!("proxy-{}", pod.name));
+        latch_identity::files::ensure_private_dir(&dir).expect("proxy dir");
+        std::fs::copy(data_dir.join("bundle.pem"), dir.join("bundle.pem")).expect("bundle");
+        latch_identity::files::write_private(&dir.join("join-token"), token.as_bytes())
+            .expect("token");
+        for path in [dir.clone(), dir.join("bundle.pem"), dir.join("join-token")] {
+            std::os::unix::fs::chown(&path, Some(PROXY_UID), Some(PROXY_UID)).expect("chown");
+        }
+        dirs.push(dir);
+    }
+    let (proxy_a, _) = start_pod_proxy(&a, &b, &control_addr, &dirs[0]);
+    let (proxy_b, _) = start_pod_proxy(&b, &a, &control_addr, &dirs[1]);
+    for pod in [&a, &b] {
+        let capture = ["iptables", "install", "--proxy-uid", &PROXY_UID.to_string()];
+        pod.run(workspace_binary("latch-proxy"), &capture);
+    }
+    let url = format!("http://{}/", b.ip);
+    let logs = |procs: &[&PodProcess]| -> String {
+        procs
+            .iter()
+            .map(|p| format!("--- {} ---\n{}\n", p.name(), p.log()))
+            .collect()
+    };
+    assert_eq!(
+        a.curl(&url).as_deref(),
+        Ok(BODY),
+        "{}",
+        logs(&[&proxy_a, &proxy_b, &nginx])
+    );
+
+    // kill -9 of a's proxy: a's connections are still captured, to a port nobody listens on.
+    let pid = proxy_a.pid();
+    drop(proxy_a); // SIGKILL, by PID
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "a's proxy survived SIGKILL"
+    );
+    let (outbound, outbound_took) = timed_curl(&a, &url);
+    let outbound_error = outbound.expect_err("a reached b with its proxy dead");
+    assert!(
+        outbound_took < Duration::from_secs(APP_CONNECT_TIMEOUT_SECS),
+        "a's app waited {outbound_took:?} to learn its proxy is gone: {outbound_error}"
+    );
+    let restarted = Instant::now();
+    let (proxy_a, a_ready_in) = start_pod_proxy(&a, &b, &control_addr, &dirs[0]);
+    let a_served_in = until_served(&a, &url, BODY, || logs(&[&proxy_a, &proxy_b]));
+    let a_recovered_in = restarted.elapsed();
+
+    // kill -9 of b's proxy: a's proxy finds nobody on b's mesh port and closes a's connection.
+    drop(proxy_b);
+    let (inbound, inbound_took) = timed_curl(&a, &url);
+    let inbound_error = inbound.expect_err("a reached b with b's proxy dead");
+    assert!(
+        inbound_took < Duration::from_secs(APP_CONNECT_TIMEOUT_SECS),
+        "a's app waited {inbound_took:?} for b's dead proxy: {inbound_error}"
+    );
+    let restarted = Instant::now();
+    let (proxy_b, b_ready_in) = start_pod_proxy(&b, &a, &control_addr, &dirs[1]);
+    until_served(&a, &url, BODY, || logs(&[&proxy_a, &proxy_b]));
+    let b_recovered_in = restarted.elapsed();
+    assert!(a.curl(&format!("http://{POD_PROXY_ADMIN}/ready")).is_ok());
+    assert!(b.curl(&format!("http://{POD_PROXY_ADMIN}/ready")).is_ok());
+    println!(
+        "kill -9 of a's proxy: a's request failed after {:.0} ms ({outbound_error}); restarted \
+         proxy ready in {:.1} s, a served again {:.1} s after the restart ({:.2} s after ready). \
+         kill -9 of b's proxy: a's request failed after {:.0} ms ({inbound_error}); restarted \
+         proxy ready in {:.1} s, a served again {:.1} s after the restart",
+        outbound_took.as_secs_f64() * 1000.0,
+        a_ready_in.as_secs_f64(),
+        a_recovered_in.as_secs_f64(),
+        a_served_in.as_secs_f64(),
+        inbound_took.as_secs_f64() * 1000.0,
+        b_ready_in.as_secs_f64(),
+        b_recovered_in.as_secs_f64(),
+    );
 }

@@ -43,9 +43,17 @@ pub enum CaError {
     // The I/O error is part of the message, not a `source`: the binary prints the chain, which
     // would repeat it.
     #[error("cannot read {path}: {error}")]
-    Read { path: PathBuf, error: std::io::Error },
-    #[error("cannot write {path}: {error} (check that the data dir is writable and has free space)")]
-    Write { path: PathBuf, error: std::io::Error },
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error(
+        "cannot write {path}: {error} (check that the data dir is writable and has free space)"
+    )]
+    Write {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error(
         "CA key file {path} is corrupt or not a private key ({reason}); refusing to start. \
          Restore it from backup: generating a new root would break trust mesh-wide"
@@ -1396,10 +1404,7 @@ mod tests {
             .unwrap();
         assert_ne!(again.info.serial, issued.info.serial);
 
-        assert_eq!(
-            leaf.validity().not_before.timestamp(),
-            unix(now - BACKDATE)
-        );
+        assert_eq!(leaf.validity().not_before.timestamp(), unix(now - BACKDATE));
         assert_eq!(leaf.validity().not_after.timestamp(), unix(now + ttl));
         assert_eq!(issued.info.id, workload_id());
         for role in [PeerRole::Server, PeerRole::Client] {
@@ -1449,7 +1454,10 @@ mod tests {
                     .unwrap();
                 let (_, leaf) = X509Certificate::from_der(&issued.chain[0]).unwrap();
                 assert!(leaf.validity().not_before.timestamp() >= root_not_before);
-                assert!(issued.info.not_after <= ca.not_after(), "outlives its issuer");
+                assert!(
+                    issued.info.not_after <= ca.not_after(),
+                    "outlives its issuer"
+                );
                 // A peer whose clock is two minutes behind the CA's accepts it at once.
                 latch_identity::verify_svid(
                     &issued.chain,

@@ -67,8 +67,13 @@ pub enum StartError {
         flag: &'static str,
         source: std::io::Error,
     },
-    #[error("data dir file {path}: {error} (check that the data dir is writable and has free space)")]
-    DataDir { path: PathBuf, error: std::io::Error },
+    #[error(
+        "data dir file {path}: {error} (check that the data dir is writable and has free space)"
+    )]
+    DataDir {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
 }
