@@ -1445,7 +1445,8 @@ mod tests {
         )
         .unwrap();
         for ca in [&young, &ending] {
-            let (_, root) = X509Certificate::from_der(&ca.bundle().roots()[0]).unwrap();
+            let bundle = ca.bundle();
+            let (_, root) = X509Certificate::from_der(&bundle.roots()[0]).unwrap();
             let root_not_before = root.validity().not_before.timestamp();
             // The CA's clock behind, right, and ahead of true time.
             for ca_now in [now() - skew, now(), now() + skew] {
@@ -1461,7 +1462,7 @@ mod tests {
                 // A peer whose clock is two minutes behind the CA's accepts it at once.
                 latch_identity::verify_svid(
                     &issued.chain,
-                    ca.bundle(),
+                    &ca.bundle(),
                     ca_now - skew,
                     PeerRole::Client,
                 )
