@@ -85,7 +85,7 @@ async fn renewal_with_current_svid_keeps_the_id_and_changes_the_serial() {
         .unwrap();
     assert_eq!(second.id(), &id);
     assert_ne!(second.info().serial, first.info().serial);
-    assert_eq!(second.info().lifetime(), Duration::from_secs(660));
+    assert_eq!(second.info().lifetime(), Duration::from_secs(600 + 300));
     assert_eq!(h.control_plane.metrics.refusals("renewal_expired"), 0);
     h.stop().await;
 }
