@@ -630,8 +630,8 @@ fn control_plane_kill_9_under_load_loses_no_request_and_no_state() {
             .is_err(),
         "a single-use token worked twice"
     );
-    let listed = get(&control.admin, "/ready").expect("admin answers");
-    assert_eq!(listed.0, 200, "{}", listed.1);
+    let control_ready = get(&control.admin, "/ready").expect("admin answers");
+    assert_eq!(control_ready.0, 200, "{}", control_ready.1);
     process.kill9();
     println!(
         "kill -9 of latch-control under load: {ok} exchanges, {} failed ({ok_while_down} while it \
@@ -829,7 +829,6 @@ fn data_dir_read_only_refuses_writes_clearly_and_keeps_issuing() {
     // Writable: a CA, a proxy holding a short SVID, a spare single-use token. Then read-only.
     mounted.set_read_only(false);
     let mut process = control.start();
-    let app = EchoApp::start("app");
     let proxy_spec = ProxySpec::new("web", "6s");
     let proxy = proxy_spec.start(&control, dir.path());
     let spare = control.create_token("spare", false).expect("token");
@@ -882,7 +881,6 @@ fn data_dir_read_only_refuses_writes_clearly_and_keeps_issuing() {
     control
         .request_cert(&spare, &dir.path().join("spare"))
         .expect("the single-use token refused earlier still works");
-    let _ = app;
     println!(
         "read-only data dir: fresh start refused ({error}); with an existing CA: started, SVID \
          renewed {:.1} s later, `latchctl token create` refused: {token_error}; single-use token \
