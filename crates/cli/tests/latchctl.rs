@@ -178,10 +178,10 @@ async fn token_create_then_cert_request_yields_an_svid_openssl_accepts() {
     };
     assert_eq!(after("X509v3 Authority Key Identifier"), root_ski);
 
-    // TTL one hour: NotAfter - NotBefore = 1 h + the 60 s backdate.
+    // TTL one hour: NotAfter - NotBefore = 1 h + the 5 min backdate (for clock skew).
     let start = openssl_time(&openssl(&["x509", "-in", svid, "-noout", "-startdate"]));
     let end = openssl_time(&openssl(&["x509", "-in", svid, "-noout", "-enddate"]));
-    assert_eq!(end - start, 3600 + 60);
+    assert_eq!(end - start, 3600 + 300);
 
     // The token was single-use: a second request is refused with an actionable message.
     let again = tokio::task::spawn_blocking(move || {

@@ -28,22 +28,31 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// Lifetime of a root the control plane makes for itself.
 pub const ROOT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
-/// How far NotBefore is backdated, for clock skew between peers.
-pub const BACKDATE: Duration = Duration::from_secs(60);
+/// How far a leaf's NotBefore is backdated, so that a peer whose clock is behind the CA's
+/// (minutes of skew between machines happen) does not see a freshly issued SVID as "not yet
+/// valid". Never before the issuer's own NotBefore. See docs/architecture.md.
+pub const BACKDATE: Duration = Duration::from_secs(5 * 60);
+/// How far a root the control plane makes is backdated: well beyond `BACKDATE`, so the leaves
+/// of a young root are not clamped to its NotBefore (which would undo their backdating).
+pub const ROOT_BACKDATE: Duration = Duration::from_secs(3600);
 /// Shortest TTL a caller may ask for.
 pub const MIN_TTL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Error)]
 pub enum CaError {
-    #[error("cannot read {path}: {source}")]
+    // The I/O error is part of the message, not a `source`: the binary prints the chain, which
+    // would repeat it.
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("cannot write {path}: {source}")]
+    #[error(
+        "cannot write {path}: {error} (check that the data dir is writable and has free space)"
+    )]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "CA key file {path} is corrupt or not a private key ({reason}); refusing to start. \
@@ -309,15 +318,15 @@ impl std::fmt::Debug for Ca {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, CaError> {
-    std::fs::read(path).map_err(|source| CaError::Read {
+    std::fs::read(path).map_err(|error| CaError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })
 }
 
 fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError {
     let path = path.to_path_buf();
-    move |source| CaError::Write { path, source }
+    move |error| CaError::Write { path, error }
 }
 
 fn random_serial() -> SerialNumber {
@@ -699,7 +708,16 @@ impl Ca {
         // Key first: a crash between the two writes leaves a key without a cert, which the next
         // start reports instead of silently replacing.
         files::write_private(key_path, key_pem.as_bytes()).map_err(write_err(key_path))?;
-        files::write_public(cert_path, cert_pem.as_bytes()).map_err(write_err(cert_path))?;
+        if let Err(error) = files::write_public(cert_path, cert_pem.as_bytes()) {
+            // The key was written by this very call and nothing signed with it has left the
+            // process: remove it, so that once the disk has room again (full, read-only) the next
+            // start creates a root instead of refusing a half-present CA dir.
+            let _ = std::fs::remove_file(key_path);
+            return Err(CaError::Write {
+                path: cert_path.to_path_buf(),
+                error,
+            });
+        }
         tracing::info!(cert = %cert_path.display(), "generated a new root CA for {trust_domain}");
         Ok(())
     }
@@ -727,7 +745,7 @@ impl Ca {
         )];
         params.serial_number = Some(random_serial());
         let now = SystemTime::now();
-        params.not_before = (now - BACKDATE).into();
+        params.not_before = (now - ROOT_BACKDATE).into();
         params.not_after = (now + ROOT_LIFETIME).into();
         let cert = params
             .self_signed(&key)
@@ -1386,7 +1404,7 @@ mod tests {
             .unwrap();
         assert_ne!(again.info.serial, issued.info.serial);
 
-        assert_eq!(leaf.validity().not_before.timestamp(), unix(now) - 60);
+        assert_eq!(leaf.validity().not_before.timestamp(), unix(now - BACKDATE));
         assert_eq!(leaf.validity().not_after.timestamp(), unix(now + ttl));
         assert_eq!(issued.info.id, workload_id());
         for role in [PeerRole::Server, PeerRole::Client] {
@@ -1409,6 +1427,48 @@ mod tests {
             "{:?}",
             issued.info.lifetime()
         );
+    }
+
+    /// Peers' clocks differ from the CA's by up to two minutes either way (issue 9): a leaf
+    /// issued by a young root at any of those clocks is valid for every peer from the moment it
+    /// is issued, starts no earlier than its issuer and ends no later.
+    #[test]
+    fn leaves_are_valid_for_peers_two_minutes_behind_and_never_outlive_their_issuer() {
+        let skew = Duration::from_secs(120);
+        // A root made just now, and a plugged-in root about to expire.
+        let (_dir, young) = data_dir_with_root(TD);
+        let dir = tempfile::tempdir().unwrap();
+        let ending = plug_in(
+            dir.path(),
+            &OperatorCa::root("Ending root", Duration::from_secs(600)),
+            None,
+        )
+        .unwrap();
+        for ca in [&young, &ending] {
+            let bundle = ca.bundle();
+            let (_, root) = X509Certificate::from_der(&bundle.roots()[0]).unwrap();
+            let root_not_before = root.validity().not_before.timestamp();
+            // The CA's clock behind, right, and ahead of true time.
+            for ca_now in [now() - skew, now(), now() + skew] {
+                let issued = ca
+                    .issue(&workload_id(), &workload_spki(), HOUR, ca_now)
+                    .unwrap();
+                let (_, leaf) = X509Certificate::from_der(&issued.chain[0]).unwrap();
+                assert!(leaf.validity().not_before.timestamp() >= root_not_before);
+                assert!(
+                    issued.info.not_after <= ca.not_after(),
+                    "outlives its issuer"
+                );
+                // A peer whose clock is two minutes behind the CA's accepts it at once.
+                latch_identity::verify_svid(
+                    &issued.chain,
+                    &ca.bundle(),
+                    ca_now - skew,
+                    PeerRole::Client,
+                )
+                .unwrap();
+            }
+        }
     }
 
     #[test]
@@ -1573,7 +1633,7 @@ mod tests {
             matches!(&err, CaError::IssuerExpired(at) if *at == format_time(ca.not_after())),
             "got {err:?}"
         );
-        let before = now() - HOUR;
+        let before = now() - ROOT_BACKDATE - HOUR;
         let err = ca
             .issue(&workload_id(), &workload_spki(), HOUR, before)
             .unwrap_err();

@@ -24,6 +24,18 @@ fn issue_own(ca: &Ca) -> Result<Svid, CaError> {
     Svid::new(issued.chain, request.key).map_err(|e| CaError::Sign(e.to_string()))
 }
 
+/// When to renew an SVID issued at `issued`: half the validity left then. Not half of
+/// NotBefore..NotAfter: NotBefore is backdated 5 minutes for clock skew, which would renew a
+/// short-lived certificate at once, again and again.
+fn renewal_time(issued: SystemTime, svid: &Svid) -> SystemTime {
+    let left = svid
+        .info()
+        .not_after
+        .duration_since(issued)
+        .unwrap_or_default();
+    issued + left / 2
+}
+
 /// Issues the serving SVID and spawns its renewal.
 pub fn serving_identity(
     ca: &Arc<Ca>,
@@ -31,18 +43,18 @@ pub fn serving_identity(
     cancel: CancellationToken,
 ) -> Result<Arc<CertStore>, StartError> {
     let mut bundles = ca.subscribe_bundle();
+    let first = issue_own(ca)?;
+    let mut next_renewal = renewal_time(SystemTime::now(), &first);
     let store = Arc::new(CertStore::with_svid(
-        issue_own(ca)?,
+        first,
         (*bundles.borrow_and_update()).as_ref().clone(),
     ));
     let (ca, renewing) = (ca.clone(), store.clone());
     tracker.spawn(async move {
         loop {
-            let wait = renewing.svid().map_or(Duration::ZERO, |svid| {
-                let info = svid.info();
-                let renew_at = info.not_before + info.lifetime() / 2;
-                renew_at.duration_since(SystemTime::now()).unwrap_or_default()
-            });
+            let wait = next_renewal
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(wait.max(Duration::from_secs(1))) => {}
@@ -58,6 +70,7 @@ pub fn serving_identity(
             match issue_own(&ca) {
                 Ok(svid) => {
                     tracing::info!(serial = %svid.info().serial, "renewed the control plane's serving certificate");
+                    next_renewal = renewal_time(SystemTime::now(), &svid);
                     renewing.set_svid(svid);
                 }
                 Err(e) => {
@@ -71,4 +84,31 @@ pub fn serving_identity(
         }
     });
     Ok(store)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::TtlPolicy;
+    use latch_identity::TrustDomain;
+
+    #[test]
+    fn a_short_lived_serving_certificate_renews_at_half_its_ttl_not_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ttl = TtlPolicy {
+            default: Duration::from_secs(10),
+            max: Duration::from_secs(3600),
+        };
+        let ca =
+            Ca::load_or_create(dir.path(), &TrustDomain::new("test.latch").unwrap(), ttl).unwrap();
+        let issued = SystemTime::now();
+        let svid = issue_own(&ca).unwrap();
+        // The leaf's NotBefore is 5 minutes back; the renewal is 5 s ahead all the same.
+        assert!(svid.info().not_before < issued - Duration::from_secs(60));
+        let after = renewal_time(issued, &svid).duration_since(issued).unwrap();
+        assert!(
+            (Duration::from_secs(4)..=Duration::from_secs(5)).contains(&after),
+            "{after:?}"
+        );
+    }
 }

@@ -67,10 +67,12 @@ pub enum StartError {
         flag: &'static str,
         source: std::io::Error,
     },
-    #[error("data dir {path}: {source}")]
+    #[error(
+        "data dir file {path}: {error} (check that the data dir is writable and has free space)"
+    )]
     DataDir {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
@@ -99,9 +101,9 @@ pub struct ControlPlane {
 
 /// Reads the admin credential, creating a random one (0600) on first start.
 fn admin_credential(path: &std::path::Path) -> Result<String, StartError> {
-    let data_dir_err = |source| StartError::DataDir {
+    let data_dir_err = |error| StartError::DataDir {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     match std::fs::read_to_string(path) {
         Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_string()),
@@ -139,7 +141,7 @@ fn follow_bundle(
     let [data_dir_copy, published] = paths;
     let paths: Vec<PathBuf> = data_dir_copy.into_iter().chain(published.clone()).collect();
     for path in &paths {
-        files::write_public(path, pem.as_bytes()).map_err(|e| (path.clone(), e))?;
+        write_bundle(path, &pem).map_err(|e| (path.clone(), e))?;
     }
     if let Some(path) = published {
         tracing::info!(path = %path.display(), "trust bundle published (--publish-bundle)");
@@ -155,7 +157,7 @@ fn follow_bundle(
             }
             let pem = bundles.borrow_and_update().to_pem();
             for path in &paths {
-                if let Err(e) = files::write_public(path, pem.as_bytes()) {
+                if let Err(e) = write_bundle(path, &pem) {
                     tracing::error!(path = %path.display(), "cannot write the new trust bundle: {e}; clients reading this file keep the old one");
                 }
             }
@@ -165,6 +167,16 @@ fn follow_bundle(
         }
     });
     Ok(receiver)
+}
+
+/// Writes a bundle file, only when it does not hold `pem` already: a control plane with an
+/// existing CA then starts on a read-only or full data dir, and serves what needs no writes
+/// (renewals).
+fn write_bundle(path: &std::path::Path, pem: &str) -> std::io::Result<()> {
+    if std::fs::read(path).ok().as_deref() == Some(pem.as_bytes()) {
+        return Ok(());
+    }
+    files::write_public(path, pem.as_bytes())
 }
 
 /// Binds `addr`; returns the listener and the address it got (port 0 picks one).
@@ -182,9 +194,9 @@ impl ControlPlane {
     /// Loads or creates the CA, then serves the certificate service and the admin API.
     pub async fn start(config: Config) -> Result<Self, StartError> {
         let data_dir = &config.data_dir;
-        files::ensure_private_dir(data_dir).map_err(|source| StartError::DataDir {
+        files::ensure_private_dir(data_dir).map_err(|error| StartError::DataDir {
             path: data_dir.clone(),
-            source,
+            error,
         })?;
         // Read the config file first: a typo in it must not leave a new CA behind.
         let loaded = config

@@ -33,7 +33,10 @@ pub enum TokenError {
          a --reusable one for workloads that restart"
     )]
     AlreadyUsed { id: String, at: String },
-    #[error("cannot record join tokens in {path}: {source}")]
+    #[error(
+        "cannot record join tokens in {path}: {source}; nothing was changed (check that the data \
+         dir is writable and has free space, then retry)"
+    )]
     Persist {
         path: PathBuf,
         source: std::io::Error,
@@ -190,8 +193,9 @@ impl JoinTokens {
             bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
         );
         let expires_at = Some(unix(SystemTime::now() + ttl));
+        let hash = token_hash(&token);
         self.entries.insert(
-            token_hash(&token),
+            hash.clone(),
             TokenRecord {
                 spiffe_id: id.to_string(),
                 expires_at,
@@ -199,7 +203,12 @@ impl JoinTokens {
                 used_at: None,
             },
         );
-        self.persist()?;
+        if let Err(e) = self.persist() {
+            // Not recorded on disk, so it would not survive a restart: the caller gets the
+            // error instead of a token, and the token does not exist.
+            self.entries.remove(&hash);
+            return Err(e);
+        }
         Ok(NewToken {
             token,
             spiffe_id: id.to_string(),
@@ -240,8 +249,10 @@ impl JoinTokens {
     }
 
     /// Spends a single-use token (atomically: of two concurrent uses, one fails) and records the
-    /// use on disk before returning, so a restart cannot revive it. Reusable tokens only record
-    /// their first use.
+    /// use on disk before returning, so a restart cannot revive it: when the data dir cannot be
+    /// written (full, read-only) the use is refused and the token stays unspent. Reusable tokens
+    /// only record their first use, as a note for the operator: failing to write it is logged,
+    /// not refused.
     pub fn consume(&self, grant: &TokenGrant, now: SystemTime) -> Result<(), TokenError> {
         {
             let mut record = self
@@ -260,9 +271,14 @@ impl JoinTokens {
             }
         }
         if let Err(e) = self.persist() {
-            // Not recorded: undo, so the caller may retry once the disk is fixed.
+            // Not recorded: undo, so the caller may retry once the disk is fixed (and the next
+            // write records a reusable token's first use).
             if let Some(mut record) = self.entries.get_mut(&grant.hash) {
                 record.used_at = None;
+            }
+            if grant.reusable {
+                tracing::warn!(spiffe_id = %grant.id, "first use of a reusable join token not recorded: {e}");
+                return Ok(());
             }
             return Err(e);
         }

@@ -1,5 +1,6 @@
 //! Writing credentials to disk: private material goes to files created 0600 (and folders 0700),
-//! written to a temporary name and renamed so a crash never leaves half a key behind. Used by
+//! written to a temporary name and renamed so a crash or a full disk never leaves half a key
+//! behind (a failed write removes its temporary file). Used by
 //! the CA for its key and state, and by latchctl for the SVIDs it fetches.
 
 use std::fs::{self, OpenOptions};
@@ -29,10 +30,19 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
         .create_new(true)
         .mode(mode)
         .open(&tmp)?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&tmp, path)
+    let written = file
+        .write_all(contents)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| {
+            drop(file);
+            fs::rename(&tmp, path)
+        });
+    if written.is_err() {
+        // A full disk fails the write (or the sync) halfway: leave no partial temp file behind
+        // to hold the space; `path` itself was never touched.
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Writes a secret (private key, credential) with mode 0600.
