@@ -647,6 +647,12 @@ impl Ca {
         ttl: TtlPolicy,
     ) -> Result<Rotation, CaError> {
         let mut rotation = Rotation::default();
+        if root.next_key().exists() && !root.next_cert().exists() {
+            // `prepare` failed between its two writes (a full disk): nothing trusts or was
+            // signed by that key, so the half-made root is dropped and prepare can run again.
+            tracing::warn!(dir = %root.next_dir().display(), "removing a root rotation that was only half prepared");
+            std::fs::remove_dir_all(root.next_dir()).map_err(write_err(&root.next_dir()))?;
+        }
         if root.next_cert().exists() || root.next_key().exists() {
             // Validates the pair (and its trust domain) the same way as the active root.
             let (next, _) = load_signer(
@@ -880,10 +886,17 @@ impl Ca {
             let next_dir = root.next_dir();
             files::ensure_private_dir(&next_dir).map_err(write_err(&next_dir))?;
             let (cert_pem, key_pem) = Self::generate_root(&self.trust_domain)?;
-            files::write_private(&root.next_key(), key_pem.as_bytes())
-                .map_err(write_err(&root.next_key()))?;
-            files::write_public(&root.next_cert(), cert_pem.as_bytes())
-                .map_err(write_err(&root.next_cert()))?;
+            let written = files::write_private(&root.next_key(), key_pem.as_bytes())
+                .map_err(write_err(&root.next_key()))
+                .and_then(|()| {
+                    files::write_public(&root.next_cert(), cert_pem.as_bytes())
+                        .map_err(write_err(&root.next_cert()))
+                });
+            if let Err(e) = written {
+                // Leave no half-made root behind (see `load_rotation`).
+                let _ = std::fs::remove_dir_all(&next_dir);
+                return Err(e.into());
+            }
             let next = parse_cert_pem(&root.next_cert())?.remove(0);
             tracing::info!(fingerprint = %sha256_hex(&next), "prepared a new root: in the trust bundle, not signing yet");
             rotation.next = Some(next);
@@ -1609,6 +1622,21 @@ mod tests {
         assert_eq!(ca.bundle().roots(), [new_root.clone(), old_root]);
         issue_and_verify(&ca, &TrustBundle::new(vec![new_root]).unwrap()).unwrap();
         assert!(!ca_dir.join("next").exists());
+    }
+
+    #[test]
+    fn a_half_prepared_rotation_is_dropped_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(dir.path(), &td(TD), TtlPolicy::default()).unwrap();
+        ca.prepare_rotation().unwrap();
+        drop(ca);
+        // What a full disk leaves when the certificate write fails after the key's.
+        fs::remove_file(dir.path().join("ca/next/root.crt.pem")).unwrap();
+        let ca = Ca::load_or_create(dir.path(), &td(TD), TtlPolicy::default()).unwrap();
+        assert_eq!(ca.rotation_status().phase, "idle");
+        assert_eq!(ca.bundle().roots().len(), 1);
+        assert!(!dir.path().join("ca/next").exists());
+        ca.prepare_rotation().expect("prepare can run again");
     }
 
     #[test]
