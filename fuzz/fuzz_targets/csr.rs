@@ -1,0 +1,4 @@
+//! Fuzz target `csr`: the property checks of `latch_fuzz::csr` on libFuzzer's inputs.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| latch_fuzz::csr::check(data));

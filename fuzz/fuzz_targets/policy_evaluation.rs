@@ -1,0 +1,4 @@
+//! Fuzz target `policy_evaluation`: the property checks of `latch_fuzz::policy_evaluation` on libFuzzer's inputs.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| latch_fuzz::policy_evaluation::check(data));

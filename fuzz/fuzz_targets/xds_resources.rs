@@ -1,0 +1,4 @@
+//! Fuzz target `xds_resources`: the property checks of `latch_fuzz::xds_resources` on libFuzzer's inputs.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| latch_fuzz::xds_resources::check(data));
