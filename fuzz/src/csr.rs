@@ -169,19 +169,40 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         ("raw-generated-p256".into(), raw(generated)),
         (
             "raw-no-san-p256".into(),
-            raw(rcgen_csr(&p256(&rcgen::PKCS_ECDSA_P256_SHA256), &[], None, false)),
+            raw(rcgen_csr(
+                &p256(&rcgen::PKCS_ECDSA_P256_SHA256),
+                &[],
+                None,
+                false,
+            )),
         ),
         (
             "raw-p384".into(),
-            raw(rcgen_csr(&p256(&rcgen::PKCS_ECDSA_P384_SHA384), &[id], None, false)),
+            raw(rcgen_csr(
+                &p256(&rcgen::PKCS_ECDSA_P384_SHA384),
+                &[id],
+                None,
+                false,
+            )),
         ),
         (
             "raw-other-id".into(),
-            raw(rcgen_csr(&p256(&rcgen::PKCS_ECDSA_P256_SHA256), &[other], None, false)),
+            raw(rcgen_csr(
+                &p256(&rcgen::PKCS_ECDSA_P256_SHA256),
+                &[other],
+                None,
+                false,
+            )),
         ),
         ("raw-garbage".into(), raw(b"not a csr".to_vec())),
-        ("signed-id".into(), to_sign(rcgen_csr(&ed25519, &[id], None, false))),
-        ("signed-no-san".into(), to_sign(rcgen_csr(&ed25519, &[], None, false))),
+        (
+            "signed-id".into(),
+            to_sign(rcgen_csr(&ed25519, &[id], None, false)),
+        ),
+        (
+            "signed-no-san".into(),
+            to_sign(rcgen_csr(&ed25519, &[], None, false)),
+        ),
         (
             "signed-id-and-other".into(),
             to_sign(rcgen_csr(&ed25519, &[id, other], None, false)),

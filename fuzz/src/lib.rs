@@ -1,7 +1,6 @@
 //! The properties Latch's fuzz targets check, one module per target, and the seed inputs each
-//! starts from. `fuzz_targets/*.rs` hand libFuzzer's bytes to `<module>::check`; the corpus
-//! test (`tests/corpus.rs`) replays every committed input through the same functions on stable
-//! and writes the seeds. Driven by `cargo xtask fuzz`.
+//! starts from. `fuzz_targets/*.rs` hand libFuzzer's bytes to `<module>::check`, and write
+//! the seeds when asked (`cargo xtask fuzz --write-seeds`). Driven by `cargo xtask fuzz`.
 
 pub mod csr;
 pub mod policy_evaluation;
@@ -11,26 +10,7 @@ pub mod xds_resources;
 
 mod fixtures;
 
-/// The fuzz targets, by name (the names of `fuzz_targets/*.rs` and `corpus/*/`).
-pub const TARGETS: [&str; 5] = [
-    "transport_header",
-    "csr",
-    "spiffe_id",
-    "xds_resources",
-    "policy_evaluation",
-];
-
-/// The property check of target `name`.
-pub fn check_fn(name: &str) -> Option<fn(&[u8])> {
-    Some(match name {
-        "transport_header" => transport_header::check,
-        "csr" => csr::check,
-        "spiffe_id" => spiffe_id::check,
-        "xds_resources" => xds_resources::check,
-        "policy_evaluation" => policy_evaluation::check,
-        _ => return None,
-    })
-}
+use std::path::PathBuf;
 
 /// The seed inputs of target `name`: (file name, bytes).
 pub fn seeds(name: &str) -> Vec<(String, Vec<u8>)> {
@@ -41,5 +21,23 @@ pub fn seeds(name: &str) -> Vec<(String, Vec<u8>)> {
         "xds_resources" => xds_resources::seeds(),
         "policy_evaluation" => policy_evaluation::seeds(),
         _ => Vec::new(),
+    }
+}
+
+/// Writes the seeds of `target` into `<dir>/<target>/seed-<name>` when the environment variable
+/// `LATCH_FUZZ_WRITE_SEEDS` names a `dir` (set by `cargo xtask fuzz --write-seeds`). Runs once,
+/// before libFuzzer reads the corpus.
+pub fn write_seeds_if_asked(target: &str) {
+    let Some(dir) = std::env::var_os("LATCH_FUZZ_WRITE_SEEDS") else {
+        return;
+    };
+    let dir = PathBuf::from(dir).join(target);
+    let written = std::fs::create_dir_all(&dir).and_then(|()| {
+        seeds(target)
+            .into_iter()
+            .try_for_each(|(name, bytes)| std::fs::write(dir.join(format!("seed-{name}")), bytes))
+    });
+    if let Err(e) = written {
+        panic!("writing the seeds of {target} into {}: {e}", dir.display());
     }
 }

@@ -139,7 +139,11 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     let port: u16 = u.arbitrary()?;
     let mut policies = Vec::new();
     for i in 0..u.int_in_range(0..=5)? {
-        let action = if u.arbitrary()? { Action::Deny } else { Action::Allow };
+        let action = if u.arbitrary()? {
+            Action::Deny
+        } else {
+            Action::Allow
+        };
         let mut rules = Vec::new();
         for _ in 0..u.int_in_range(0..=2)? {
             rules.push(rule(u, &peer, port)?);
@@ -152,7 +156,11 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     }
     let mut allow_list = Vec::new();
     for _ in 0..u.int_in_range(0..=2)? {
-        allow_list.push(if u.arbitrary()? { peer.clone() } else { spiffe_id(u)? });
+        allow_list.push(if u.arbitrary()? {
+            peer.clone()
+        } else {
+            spiffe_id(u)?
+        });
     }
 
     let decision = evaluate(&policies, &td, &peer, port);
@@ -215,7 +223,11 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     assert_eq!(open == Decision::Allow, expected);
     let listed = Authorizer::new(td.clone(), allow_list.clone()).authorize(&snapshot, &peer, port);
     let in_list = allow_list.is_empty() || allow_list.contains(&peer);
-    assert_eq!(listed == Decision::Allow, expected && in_list, "--allow {allow_list:?}");
+    assert_eq!(
+        listed == Decision::Allow,
+        expected && in_list,
+        "--allow {allow_list:?}"
+    );
     Ok(())
 }
 
@@ -228,10 +240,28 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
     let cases: [(&str, &[u8]); 6] = [
         ("no-policies", &[4, 0, 0, 0x50, 0x1f, 0]),
         ("one-allow", &[4, 0, 0, 0x50, 0x1f, 1, 0, 1, 0, 0, 0, 1, 0]),
-        ("deny-and-allow", &[4, 1, 1, 0x90, 0x1f, 2, 1, 1, 1, 0, 1, 0, 1, 0, 0, 1, 2, 1, 0, 0, 0, 0]),
-        ("foreign-caller", &[4, 2, 0, 0x50, 0, 1, 0, 1, 1, 1, 0, 2, 0, 1]),
-        ("odd-shape", &[2, 0, 1, 0xbb, 0x01, 3, 1, 2, 0, 3, 1, 1, 1, 2, 1, 0, 2, 0, 0, 2, 3, 3, 1]),
-        ("allow-list", &[4, 0, 1, 0x50, 0x1f, 1, 0, 1, 0, 0, 1, 0, 0, 2, 1, 0, 4, 2, 2]),
+        (
+            "deny-and-allow",
+            &[
+                4, 1, 1, 0x90, 0x1f, 2, 1, 1, 1, 0, 1, 0, 1, 0, 0, 1, 2, 1, 0, 0, 0, 0,
+            ],
+        ),
+        (
+            "foreign-caller",
+            &[4, 2, 0, 0x50, 0, 1, 0, 1, 1, 1, 0, 2, 0, 1],
+        ),
+        (
+            "odd-shape",
+            &[
+                2, 0, 1, 0xbb, 0x01, 3, 1, 2, 0, 3, 1, 1, 1, 2, 1, 0, 2, 0, 0, 2, 3, 3, 1,
+            ],
+        ),
+        (
+            "allow-list",
+            &[
+                4, 0, 1, 0x50, 0x1f, 1, 0, 1, 0, 0, 1, 0, 0, 2, 1, 0, 4, 2, 2,
+            ],
+        ),
     ];
     cases
         .into_iter()

@@ -61,7 +61,10 @@ pub fn check(data: &[u8]) {
             let shown = id.to_string();
             assert_eq!(shown, s);
             assert_eq!(SpiffeId::parse(&shown).as_ref(), Ok(&id));
-            assert_eq!(format!("spiffe://{}{}", id.trust_domain_name(), id.path()), s);
+            assert_eq!(
+                format!("spiffe://{}{}", id.trust_domain_name(), id.path()),
+                s
+            );
             let td = TrustDomain::new(id.trust_domain_name())
                 .unwrap_or_else(|e| panic!("trust domain of accepted {s:?} refused: {e}"));
             assert!(id.is_member_of(&td));
@@ -82,7 +85,11 @@ pub fn check(data: &[u8]) {
             assert!(!e.to_string().is_empty());
         }
     }
-    assert_eq!(TrustDomain::new(s).is_ok(), trust_domain_by_spec(s), "{s:?}");
+    assert_eq!(
+        TrustDomain::new(s).is_ok(),
+        trust_domain_by_spec(s),
+        "{s:?}"
+    );
 }
 
 pub fn seeds() -> Vec<(String, Vec<u8>)> {

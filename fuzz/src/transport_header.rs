@@ -26,7 +26,11 @@ impl AsyncRead for Peer<'_> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let rest = &self.bytes[self.taken..];
-        let chunk = if self.chunk == 0 { rest.len() } else { self.chunk };
+        let chunk = if self.chunk == 0 {
+            rest.len()
+        } else {
+            self.chunk
+        };
         let n = chunk.min(rest.len()).min(buf.remaining());
         buf.put_slice(&rest[..n]);
         self.taken += n;
@@ -49,7 +53,10 @@ fn read(bytes: &[u8], chunk: usize) -> (Result<TransportHeader, HeaderError>, us
         taken: 0,
     };
     let result = RUNTIME.with(|rt| {
-        rt.block_on(TransportHeader::read_from(&mut peer, Duration::from_secs(5)))
+        rt.block_on(TransportHeader::read_from(
+            &mut peer,
+            Duration::from_secs(5),
+        ))
     });
     (result, peer.taken)
 }
@@ -105,7 +112,10 @@ pub fn check(data: &[u8]) {
         // An oversized header is refused on its length alone.
         Some(len) if len > MAX_HEADER_LEN => assert_eq!(taken, 2, "read into an oversized body"),
         Some(len) => {
-            assert!(taken <= 2 + len, "read {taken} bytes of a {len}-byte header");
+            assert!(
+                taken <= 2 + len,
+                "read {taken} bytes of a {len}-byte header"
+            );
             if result.is_ok() {
                 assert_eq!(taken, 2 + len, "left part of the header unread");
             }
@@ -160,9 +170,18 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
         ("length-ffff".into(), with(0, vec![0xff, 0xff])),
         ("truncated-body".into(), with(0, vec![0x00, 0x03, 0x01])),
         ("one-byte".into(), with(0, vec![0x00])),
-        ("version-2".into(), with(0, vec![0x00, 0x03, 0x02, 0x00, 0x50])),
-        ("port-zero".into(), with(0, vec![0x00, 0x03, 0x01, 0x00, 0x00])),
-        ("short-body".into(), with(0, vec![0x00, 0x01, 0x01, 0x1f, 0x90])),
+        (
+            "version-2".into(),
+            with(0, vec![0x00, 0x03, 0x02, 0x00, 0x50]),
+        ),
+        (
+            "port-zero".into(),
+            with(0, vec![0x00, 0x03, 0x01, 0x00, 0x00]),
+        ),
+        (
+            "short-body".into(),
+            with(0, vec![0x00, 0x01, 0x01, 0x1f, 0x90]),
+        ),
         ("empty-body".into(), with(0, vec![0x00, 0x00, 0x01])),
     ]
 }

@@ -87,7 +87,9 @@ fn policy(name: &str, action: authorization_policy::Action) -> mesh::Authorizati
         action: action as i32,
         rules: vec![mesh::Rule {
             principals: vec![
-                principal(principal_match::Match::Exact(fixtures::AUTHENTICATED.into())),
+                principal(principal_match::Match::Exact(
+                    fixtures::AUTHENTICATED.into(),
+                )),
                 principal(principal_match::Match::Prefix(
                     "spiffe://fuzz.latch/ns/ops/".into(),
                 )),
@@ -120,14 +122,33 @@ fn base_responses() -> Vec<DeltaDiscoveryResponse> {
     vec![
         response(
             type_url::MESH_CONFIG,
-            vec![resource(type_url::MESH_CONFIG, "mesh", "m1", &mesh_config(false))],
+            vec![resource(
+                type_url::MESH_CONFIG,
+                "mesh",
+                "m1",
+                &mesh_config(false),
+            )],
             &[],
         ),
         response(
             w,
             vec![
-                resource(w, "demo/web", "w1", &workload("web", fixtures::AUTHENTICATED, &["10.0.0.2"])),
-                resource(w, "demo/db", "w1", &workload("db", "spiffe://fuzz.latch/ns/demo/sa/db", &["10.0.0.3", "fd00::3"])),
+                resource(
+                    w,
+                    "demo/web",
+                    "w1",
+                    &workload("web", fixtures::AUTHENTICATED, &["10.0.0.2"]),
+                ),
+                resource(
+                    w,
+                    "demo/db",
+                    "w1",
+                    &workload(
+                        "db",
+                        "spiffe://fuzz.latch/ns/demo/sa/db",
+                        &["10.0.0.3", "fd00::3"],
+                    ),
+                ),
             ],
             &[],
         ),
@@ -142,8 +163,18 @@ fn base_responses() -> Vec<DeltaDiscoveryResponse> {
         response(
             p,
             vec![
-                resource(p, "demo/allow", "p1", &policy("allow", authorization_policy::Action::Allow)),
-                resource(p, "demo/deny", "p1", &policy("deny", authorization_policy::Action::Deny)),
+                resource(
+                    p,
+                    "demo/allow",
+                    "p1",
+                    &policy("allow", authorization_policy::Action::Allow),
+                ),
+                resource(
+                    p,
+                    "demo/deny",
+                    "p1",
+                    &policy("deny", authorization_policy::Action::Deny),
+                ),
             ],
             &[],
         ),
@@ -168,7 +199,10 @@ fn decoded<T: Message + Default>(r: &Resource) -> T {
 }
 
 fn ips(texts: &[String]) -> Vec<IpAddr> {
-    texts.iter().map(|t| t.parse().expect("accepted IP parses")).collect()
+    texts
+        .iter()
+        .map(|t| t.parse().expect("accepted IP parses"))
+        .collect()
 }
 
 /// Every value held for a resource of `response` is valid and says what its message says.
@@ -193,7 +227,11 @@ fn check_faithful(next: &Discovered, response: &DeltaDiscoveryResponse) {
                 assert_eq!(held.vips, ips(&m.vips));
                 let endpoints: Vec<String> = m.endpoints.iter().map(|e| e.ip.clone()).collect();
                 assert_eq!(held.endpoints, ips(&endpoints));
-                assert_eq!(held.ports.len(), m.ports.len(), "a port was dropped or merged");
+                assert_eq!(
+                    held.ports.len(),
+                    m.ports.len(),
+                    "a port was dropped or merged"
+                );
                 for p in &m.ports {
                     assert_ne!(p.port, 0);
                     assert_ne!(p.target_port, 0);
@@ -217,7 +255,11 @@ fn check_faithful(next: &Discovered, response: &DeltaDiscoveryResponse) {
                 assert_eq!(held.rules.len(), m.rules.len());
                 for (rule, message) in held.rules.iter().zip(&m.rules) {
                     assert_eq!(rule.namespaces, message.namespaces);
-                    assert!(rule.namespaces.iter().all(|n| !n.is_empty() && !n.contains('/')));
+                    assert!(
+                        rule.namespaces
+                            .iter()
+                            .all(|n| !n.is_empty() && !n.contains('/'))
+                    );
                     let ports: Vec<u32> = rule.ports.iter().map(|p| u32::from(*p)).collect();
                     assert_eq!(ports, message.ports);
                     assert!(rule.ports.iter().all(|p| *p != 0));
@@ -248,9 +290,11 @@ fn check_snapshot(next: &Discovered) {
     let snapshot = MeshSnapshot::build(next, &LocalConfig::default());
     let workloads: Vec<_> = next.workloads.values().map(|h| &h.value).collect();
     for (ip, peer) in &snapshot.peers {
-        assert!(workloads.iter().any(|w| w.ips.contains(ip)
-            && w.id == peer.id
-            && w.mesh_port == peer.mesh_port));
+        assert!(
+            workloads
+                .iter()
+                .any(|w| w.ips.contains(ip) && w.id == peer.id && w.mesh_port == peer.mesh_port)
+        );
     }
     for w in &workloads {
         assert!(w.ips.iter().all(|ip| snapshot.peers.contains_key(ip)));
@@ -284,7 +328,11 @@ pub fn check(data: &[u8]) {
     };
     let url = response.type_url.as_str();
     for other in type_url::ALL.iter().filter(|t| **t != url) {
-        assert_eq!(next.versions(other), base.versions(other), "{other} changed");
+        assert_eq!(
+            next.versions(other),
+            base.versions(other),
+            "{other} changed"
+        );
     }
     let before = base.versions(url);
     let after = next.versions(url);
@@ -293,18 +341,32 @@ pub fn check(data: &[u8]) {
         .iter()
         .map(|r| (r.name.as_str(), r.version.as_str()))
         .collect();
-    assert_eq!(sent.len(), response.resources.len(), "accepted a name sent twice");
+    assert_eq!(
+        sent.len(),
+        response.resources.len(),
+        "accepted a name sent twice"
+    );
     for (name, version) in &after {
         match sent.get(name.as_str()) {
             Some(v) => assert_eq!(version, v),
             None => {
-                assert!(!response.removed_resources.contains(name), "{name} not removed");
-                assert_eq!(before.get(name), Some(version), "{name} appeared or changed");
+                assert!(
+                    !response.removed_resources.contains(name),
+                    "{name} not removed"
+                );
+                assert_eq!(
+                    before.get(name),
+                    Some(version),
+                    "{name} appeared or changed"
+                );
             }
         }
     }
     for name in sent.keys() {
-        assert!(after.contains_key(*name), "{name} was accepted but is not held");
+        assert!(
+            after.contains_key(*name),
+            "{name} was accepted but is not held"
+        );
     }
     for (name, _) in before {
         assert!(
@@ -318,7 +380,11 @@ pub fn check(data: &[u8]) {
     let again = apply(&next, &response, store(), now)
         .unwrap_or_else(|e| panic!("a response applied once is refused the second time: {e:?}"));
     for t in type_url::ALL {
-        assert_eq!(again.versions(t), next.versions(t), "applying twice changed {t}");
+        assert_eq!(
+            again.versions(t),
+            next.versions(t),
+            "applying twice changed {t}"
+        );
     }
 }
 
@@ -345,42 +411,153 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
     let mut empty_rule = policy("open", authorization_policy::Action::Deny);
     empty_rule.rules = vec![mesh::Rule::default()];
     let cases: Vec<(&str, u8, DeltaDiscoveryResponse)> = vec![
-        ("mesh-config", keep, response(m, vec![resource(m, "mesh", "m2", &mesh_config(true))], &[])),
-        ("mesh-config-other-name", keep, response(m, vec![resource(m, "other", "m2", &mesh_config(false))], &[])),
+        (
+            "mesh-config",
+            keep,
+            response(m, vec![resource(m, "mesh", "m2", &mesh_config(true))], &[]),
+        ),
+        (
+            "mesh-config-other-name",
+            keep,
+            response(
+                m,
+                vec![resource(m, "other", "m2", &mesh_config(false))],
+                &[],
+            ),
+        ),
         (
             "workloads-update-and-remove",
             keep,
             response(
                 w,
-                vec![resource(w, "demo/api", "w2", &workload("api", "spiffe://fuzz.latch/ns/demo/sa/api", &["10.0.0.2", "10.0.0.4"]))],
+                vec![resource(
+                    w,
+                    "demo/api",
+                    "w2",
+                    &workload(
+                        "api",
+                        "spiffe://fuzz.latch/ns/demo/sa/api",
+                        &["10.0.0.2", "10.0.0.4"],
+                    ),
+                )],
                 &["demo/db"],
             ),
         ),
-        ("workload-bad-port", keep, response(w, vec![resource(w, "demo/bad", "w2", &bad_port)], &[])),
-        ("workload-bad-ip", keep, response(w, vec![resource(w, "demo/badip", "w2", &bad_ip)], &[])),
+        (
+            "workload-bad-port",
+            keep,
+            response(w, vec![resource(w, "demo/bad", "w2", &bad_port)], &[]),
+        ),
+        (
+            "workload-bad-ip",
+            keep,
+            response(w, vec![resource(w, "demo/badip", "w2", &bad_ip)], &[]),
+        ),
         (
             "workload-sent-twice",
             keep,
             response(
                 w,
                 vec![
-                    resource(w, "demo/web", "w2", &workload("web", fixtures::AUTHENTICATED, &["10.0.0.2"])),
-                    resource(w, "demo/web", "w3", &workload("web", fixtures::AUTHENTICATED, &["10.0.0.5"])),
+                    resource(
+                        w,
+                        "demo/web",
+                        "w2",
+                        &workload("web", fixtures::AUTHENTICATED, &["10.0.0.2"]),
+                    ),
+                    resource(
+                        w,
+                        "demo/web",
+                        "w3",
+                        &workload("web", fixtures::AUTHENTICATED, &["10.0.0.5"]),
+                    ),
                 ],
                 &[],
             ),
         ),
-        ("workload-name-mismatch", keep, response(w, vec![resource(w, "demo/other", "w2", &workload("web", fixtures::AUTHENTICATED, &[]))], &[])),
-        ("workload-as-service", 2, response(s, vec![resource(w, "demo/web", "w2", &workload("web", fixtures::AUTHENTICATED, &[]))], &[])),
-        ("services", keep, response(s, vec![resource(s, "demo/cache", "s2", &service("cache", "fd00::10"))], &["demo/api"])),
-        ("service-port-twice", keep, response(s, vec![resource(s, "demo/twice", "s2", &twice_port)], &[])),
-        ("policies", keep, response(p, vec![resource(p, "demo/open", "p2", &empty_rule)], &["demo/allow"])),
-        ("policy-bad-prefix", keep, response(p, vec![resource(p, "demo/badprefix", "p2", &bad_prefix)], &[])),
-        ("remove-only", 1, response(w, vec![], &["demo/web", "demo/unknown"])),
-        ("unknown-type", keep, response("type.googleapis.com/latch.mesh.v1.Other", vec![], &[])),
+        (
+            "workload-name-mismatch",
+            keep,
+            response(
+                w,
+                vec![resource(
+                    w,
+                    "demo/other",
+                    "w2",
+                    &workload("web", fixtures::AUTHENTICATED, &[]),
+                )],
+                &[],
+            ),
+        ),
+        (
+            "workload-as-service",
+            2,
+            response(
+                s,
+                vec![resource(
+                    w,
+                    "demo/web",
+                    "w2",
+                    &workload("web", fixtures::AUTHENTICATED, &[]),
+                )],
+                &[],
+            ),
+        ),
+        (
+            "services",
+            keep,
+            response(
+                s,
+                vec![resource(
+                    s,
+                    "demo/cache",
+                    "s2",
+                    &service("cache", "fd00::10"),
+                )],
+                &["demo/api"],
+            ),
+        ),
+        (
+            "service-port-twice",
+            keep,
+            response(s, vec![resource(s, "demo/twice", "s2", &twice_port)], &[]),
+        ),
+        (
+            "policies",
+            keep,
+            response(
+                p,
+                vec![resource(p, "demo/open", "p2", &empty_rule)],
+                &["demo/allow"],
+            ),
+        ),
+        (
+            "policy-bad-prefix",
+            keep,
+            response(
+                p,
+                vec![resource(p, "demo/badprefix", "p2", &bad_prefix)],
+                &[],
+            ),
+        ),
+        (
+            "remove-only",
+            1,
+            response(w, vec![], &["demo/web", "demo/unknown"]),
+        ),
+        (
+            "unknown-type",
+            keep,
+            response("type.googleapis.com/latch.mesh.v1.Other", vec![], &[]),
+        ),
     ];
     cases
         .into_iter()
-        .map(|(name, selector, r)| (name.to_string(), [vec![selector], r.encode_to_vec()].concat()))
+        .map(|(name, selector, r)| {
+            (
+                name.to_string(),
+                [vec![selector], r.encode_to_vec()].concat(),
+            )
+        })
         .collect()
 }

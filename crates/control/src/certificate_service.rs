@@ -263,15 +263,15 @@ impl CertificateServer {
             Err(CsrRefusal::Invalid(e)) => return Err(e.into()),
             Err(CsrRefusal::OtherId(other)) => {
                 let why = match &proven {
-                Proven::Token(_) => format!("the join token grants {}", proven.id()),
-                Proven::ServiceAccount(_) => {
-                    format!("the service-account token grants {}", proven.id())
-                }
-                Proven::Renewal(_) => format!(
-                    "renewal keeps the SPIFFE ID of the presented certificate, {}",
-                    proven.id()
-                ),
-            };
+                    Proven::Token(_) => format!("the join token grants {}", proven.id()),
+                    Proven::ServiceAccount(_) => {
+                        format!("the service-account token grants {}", proven.id())
+                    }
+                    Proven::Renewal(_) => format!(
+                        "renewal keeps the SPIFFE ID of the presented certificate, {}",
+                        proven.id()
+                    ),
+                };
                 return Err(Refusal::new(
                     "csr_identity",
                     Status::permission_denied(format!("CSR asks for {other}, but {why}")),
