@@ -19,7 +19,7 @@ const TRUST_DOMAINS: [&str; 3] = ["cluster.local", "cluster.localx", "other.org"
 const NAMESPACES: [&str; 4] = ["demo", "ops", "ns", "sa"];
 const ACCOUNTS: [&str; 3] = ["web", "db", "ns"];
 
-fn word<'a>(u: &mut Unstructured<'_>, vocabulary: &[&'a str]) -> Result<String> {
+fn word(u: &mut Unstructured<'_>, vocabulary: &[&str]) -> Result<String> {
     if u.ratio(1, 8)? {
         u.arbitrary()
     } else {
