@@ -233,7 +233,8 @@ pub fn run(root: &Path, cargo: &Path, args: &FuzzArgs) -> Result<Vec<TargetRun>>
                 .arg(target)
                 .arg(&committed)
                 .arg(&scratch)
-                .args(["--", "-merge=1"])
+                // Edges only (no hit counts): keeps the committed corpus to a few hundred KB.
+                .args(["--", "-merge=1", "-use_counters=0", "-use_value_profile=0"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()
