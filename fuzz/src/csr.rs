@@ -114,7 +114,7 @@ pub fn check(data: &[u8]) {
     );
     let info = verify_svid(
         &issued.chain,
-        fixtures::ca().bundle(),
+        &fixtures::ca().bundle(),
         now,
         PeerRole::Client,
     )

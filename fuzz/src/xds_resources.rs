@@ -27,7 +27,7 @@ use crate::fixtures;
 /// The proxy's certificate store: the fuzzing CA's bundle, no SVID of its own.
 fn store() -> &'static CertStore {
     static STORE: OnceLock<CertStore> = OnceLock::new();
-    STORE.get_or_init(|| CertStore::new(fixtures::ca().bundle().clone()))
+    STORE.get_or_init(|| CertStore::new((*fixtures::ca().bundle()).clone()))
 }
 
 fn resource<M: Message>(url: &str, name: &str, version: &str, message: &M) -> Resource {

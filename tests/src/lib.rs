@@ -13,6 +13,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 pub use latch_identity;
 
 pub mod bench;
+pub mod loopback_mesh;
 pub mod netns;
 pub mod procs;
 
@@ -105,10 +106,24 @@ impl Harness {
 
     /// Starts a control plane whose config file (watched for changes) holds `yaml`.
     pub async fn start_with_mesh(yaml: &str) -> Self {
+        Self::start_with_mesh_and(yaml, |_| {}).await
+    }
+
+    /// `start_with_mesh`, letting the test adjust the rest of the config.
+    pub async fn start_with_mesh_and(yaml: &str, adjust: impl FnOnce(&mut Config)) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let file = dir.path().join("mesh.yaml");
         std::fs::write(&file, yaml).expect("write mesh config");
-        Self::start_in(dir, |c| c.config_file = Some(file)).await
+        Self::start_in(dir, |c| {
+            c.config_file = Some(file);
+            adjust(c);
+        })
+        .await
+    }
+
+    /// The control plane's data dir (admin.token, bundle.pem, ca/).
+    pub fn control_data_dir(&self) -> &std::path::Path {
+        &self.config.data_dir
     }
 
     /// Replaces the config file the way an editor does (write aside, rename over it).
@@ -120,7 +135,7 @@ impl Harness {
     }
 
     pub fn bundle(&self) -> TrustBundle {
-        self.control_plane.ca.bundle().clone()
+        self.control_plane.ca.bundle().as_ref().clone()
     }
 
     pub fn grpc_addr(&self) -> String {

@@ -6,7 +6,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use latch_proto::discovery::aggregated_discovery_service_server::{
@@ -14,124 +13,14 @@ use latch_proto::discovery::aggregated_discovery_service_server::{
 };
 use latch_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
 use latch_proto::{mesh, type_url};
-use latch_tests::{Harness, http_get};
+use latch_tests::Harness;
+use latch_tests::loopback_mesh::{
+    Load, Member, call, echo_app, free_port, metric, start_member, wait_ready, workloads_yaml,
+};
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-
-/// A workload in the generated YAML: name (also its service account), loopback IP, mesh port.
-struct Member {
-    name: &'static str,
-    ip: &'static str,
-    mesh_port: u16,
-}
-
-fn workloads_yaml(members: &[&Member]) -> String {
-    let mut out = String::from("workloads:\n");
-    for m in members {
-        out.push_str(&format!(
-            "  - name: {0}\n    namespace: demo\n    service_account: {0}\n    ips: [\"{1}\"]\n    mesh_port: {2}\n    labels: {{app: {0}}}\n",
-            m.name, m.ip, m.mesh_port
-        ));
-    }
-    out
-}
-
-fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip.parse::<IpAddr>().expect("ip"), 0))
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-/// Starts a proxy for `demo/<name>` with discovery on, inbound mTLS on `ip:mesh_port`, apps on
-/// `ip`, and `outbound` explicit listeners; waits until /ready (SVID + first sync).
-async fn start_member(
-    harness: &Harness,
-    member: &Member,
-    outbound: &[String],
-) -> latch_proxy::Proxy {
-    let id = harness.id("demo", member.name);
-    let mut config = harness.mesh_proxy_config(&id, None);
-    let ip: IpAddr = member.ip.parse().expect("ip");
-    config.data.inbound = Some(SocketAddr::new(ip, member.mesh_port));
-    config.data.app_host = ip;
-    config.data.explicit = outbound
-        .iter()
-        .map(|o| o.parse().expect("outbound target"))
-        .collect();
-    if let Some(discovery) = config.discovery.as_mut() {
-        discovery.workload_name = Some(format!("demo/{}", member.name));
-    }
-    let proxy = latch_tests::start_proxy(config).await;
-    wait_ready(&proxy.admin_addr.to_string()).await;
-    proxy
-}
-
-async fn wait_ready(admin: &str) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        match http_get(admin, "/ready").await {
-            Ok((200, _)) => return,
-            other if Instant::now() > deadline => panic!("proxy at {admin} not ready: {other:?}"),
-            _ => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
-
-/// Sum of a proxy metric's samples whose line contains every one of `labels`.
-async fn metric(admin: SocketAddr, name: &str, labels: &[&str]) -> f64 {
-    let (_, text) = http_get(&admin.to_string(), "/metrics")
-        .await
-        .expect("metrics");
-    text.lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// An app that answers every chunk it reads with `name: <chunk>`.
-async fn echo_app(ip: &str, name: &'static str) -> u16 {
-    let listener = TcpListener::bind((ip.parse::<IpAddr>().expect("ip"), 0))
-        .await
-        .expect("bind app");
-    let port = listener.local_addr().expect("addr").port();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                while let Ok(n) = tcp.read(&mut buf).await {
-                    if n == 0 {
-                        return;
-                    }
-                    let reply = format!("{name}: {}", String::from_utf8_lossy(&buf[..n]));
-                    if tcp.write_all(reply.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    port
-}
-
-/// One request over a new connection to `entry`; the app's answer.
-async fn call(entry: SocketAddr, text: &str) -> std::io::Result<String> {
-    let mut tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(entry))
-        .await
-        .map_err(|_| std::io::Error::other("connect timeout"))??;
-    tcp.write_all(text.as_bytes()).await?;
-    let mut buf = vec![0u8; 1024];
-    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
-        .await
-        .map_err(|_| std::io::Error::other("read timeout"))??;
-    if n == 0 {
-        return Err(std::io::Error::other("closed without an answer"));
-    }
-    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_yaml_change_reaches_every_connected_proxy() {
@@ -222,24 +111,7 @@ async fn traffic_survives_a_control_plane_restart_and_resync_sends_nothing_uncha
     );
 
     // Load: back-to-back connections until told to stop; every failure counted.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let load = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        tokio::spawn(async move {
-            let mut errors = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                match call(entry, "ping").await {
-                    Ok(reply) if reply == "server: ping" => ok.fetch_add(1, Ordering::Relaxed),
-                    other => {
-                        errors.push(format!("{other:?}"));
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-            errors
-        })
-    };
+    let load = Load::start(entry, "ping", "server: ping".into());
     let received = |proxy: &latch_proxy::Proxy| {
         let admin = proxy.admin_addr;
         async move { metric(admin, "latch_proxy_discovery_resources_received", &[]).await }
@@ -256,10 +128,10 @@ async fn traffic_survives_a_control_plane_restart_and_resync_sends_nothing_uncha
     );
 
     let paused = harness.pause().await;
-    let during = ok.load(Ordering::Relaxed);
+    let during = load.ok();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
-        ok.load(Ordering::Relaxed) > during,
+        load.ok() > during,
         "no traffic while the control plane was down"
     );
     let harness = paused.resume().await;
@@ -286,26 +158,18 @@ async fn traffic_survives_a_control_plane_restart_and_resync_sends_nothing_uncha
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    let errors = load.await.expect("load task");
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
+    let (ok, errors) = load.stop().await;
+    assert!(
+        errors.is_empty(),
         "requests failed around the restart: {errors:?}"
     );
-    assert!(
-        ok.load(Ordering::Relaxed) > 20,
-        "too little traffic to mean anything"
-    );
+    assert!(ok > 20, "too little traffic to mean anything");
     assert_eq!(
         (received(&client_proxy).await, received(&server_proxy).await),
         before,
         "after the restart the proxies received resources they already had"
     );
-    println!(
-        "{} requests, none failed, across a control-plane restart",
-        ok.load(Ordering::Relaxed)
-    );
+    println!("{ok} requests, none failed, across a control-plane restart");
     drop(harness);
 }
 

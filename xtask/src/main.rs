@@ -40,6 +40,8 @@ fn main() -> Result<()> {
                  Latch vs stunnel, HAProxy and no proxy (root: installs tools, private netns)\n  \
                  bench discovery [--proxies 1000,5000] [--changes N]\n                     \
                  a config change reaching every connected proxy; memory per proxy\n  \
+                 bench load [--idle N] [--rate R] [--seconds S]\n                     \
+                 idle connections + churn through Latch and HAProxy pairs (root, netns)\n  \
                  compose build      the Docker images latch:local and latch-demo-app:local\n  \
                  compose up         build, then start deploy/compose (project \"latch\")\n  \
                  compose test       the end-to-end test against the Docker engine\n  \

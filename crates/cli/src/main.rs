@@ -60,6 +60,59 @@ enum Command {
         #[command(subcommand)]
         command: WebhookCommand,
     },
+    /// The control plane's CA: its certificates, and rotating its root without downtime.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+        /// The control plane's admin address.
+        #[arg(
+            long,
+            env = "LATCH_ADMIN",
+            default_value = "127.0.0.1:15014",
+            global = true
+        )]
+        admin: String,
+        /// The control plane's data dir, where the admin credential (admin.token) lives.
+        #[arg(
+            long,
+            env = "LATCH_DATA_DIR",
+            default_value = "./latch-data",
+            global = true
+        )]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Print the CA certificates, where a rotation stands, and which connected proxies do not
+    /// hold the current trust bundle yet (JSON).
+    Status,
+    /// Rotate the root in three steps: `prepare` (a new root joins the trust bundle, signing
+    /// nothing), `activate` (once every connected proxy has the new bundle: the new root signs,
+    /// the old one stays trusted), `retire` (once the longest leaf lifetime has passed since
+    /// activation: the old root leaves the bundle).
+    Rotate {
+        #[command(subcommand)]
+        step: RotateStep,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RotateStep {
+    /// Generate the new root and add it to the trust bundle.
+    Prepare,
+    /// Sign with the new root from now on. Refused while a connected proxy has not
+    /// acknowledged the bundle holding it.
+    Activate {
+        /// Activate even though some connected proxies lack the new bundle (they will refuse
+        /// peers holding new certificates until they get it).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Drop the previous root from the trust bundle. Refused before the longest leaf lifetime
+    /// has passed since activation.
+    Retire,
 }
 
 #[derive(Debug, Subcommand)]
@@ -186,6 +239,47 @@ async fn run(cli: Cli) -> Result<()> {
                 trust_domain,
             };
             inject(&file, output.as_deref(), &config)
+        }
+        Command::Ca {
+            command,
+            admin,
+            data_dir,
+        } => {
+            let admin = admin_client::Admin {
+                address: &admin,
+                data_dir: &data_dir,
+            };
+            let answer = match command {
+                CaCommand::Status => {
+                    admin
+                        .call(
+                            hyper::Method::GET,
+                            "/v1/ca",
+                            None,
+                            "cannot read the CA status",
+                        )
+                        .await?
+                }
+                CaCommand::Rotate { step } => {
+                    let (name, body) = match step {
+                        RotateStep::Prepare => ("prepare", None),
+                        RotateStep::Activate { force } => {
+                            ("activate", Some(serde_json::json!({ "force": force })))
+                        }
+                        RotateStep::Retire => ("retire", None),
+                    };
+                    admin
+                        .call(
+                            hyper::Method::POST,
+                            &format!("/v1/ca/rotate/{name}"),
+                            body,
+                            &format!("the control plane refused to {name} the rotation"),
+                        )
+                        .await?
+                }
+            };
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+            Ok(())
         }
         Command::Webhook {
             command: WebhookCommand::CaBundle { bundle },

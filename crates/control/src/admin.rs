@@ -1,6 +1,7 @@
-//! The control plane's admin HTTP server: `/healthz`, `/ready`, `/metrics`, and the mutating
-//! `POST /v1/join-tokens`, which requires the admin credential from `<data-dir>/admin.token`
-//! as a bearer token. latchctl is its client.
+//! The control plane's admin HTTP server: `/healthz`, `/ready`, `/metrics`, `GET /v1/ca` (the
+//! CA certificates and where a root rotation stands), and the mutating `POST /v1/join-tokens`
+//! and `POST /v1/ca/rotate/{prepare,activate,retire}`, which require the admin credential from
+//! `<data-dir>/admin.token` as a bearer token. latchctl is its client.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -15,13 +16,16 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::ca::Ca;
+use crate::ca::{Ca, RotationError};
+use crate::discovery::BundleAcks;
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 use crate::tokens::JoinTokens;
 
 /// Largest admin request body accepted.
 const MAX_BODY: usize = 16 * 1024;
+/// /ready warns when a CA certificate expires within this.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Default lifetime of a join token created without --ttl.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 
@@ -32,10 +36,19 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// The mesh being served; /ready shows why the config file's latest edit is not.
     pub mesh: Arc<Mesh>,
+    /// Which bundle each connected proxy acknowledged; `activate` waits for all.
+    pub bundle_acks: Arc<BundleAcks>,
     /// The control plane's own serving identity; /ready is false without a valid one.
     pub own_identity: Arc<CertStore>,
     /// SHA-256 of the admin credential.
     pub admin_credential_hash: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ActivateRequest {
+    /// Activate even though some connected proxies have not acknowledged the new bundle.
+    #[serde(default)]
+    force: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -64,6 +77,114 @@ impl AdminState {
             );
         }
         Ok(())
+    }
+
+    /// One line per CA certificate that expires within `EXPIRY_WARNING`.
+    fn expiry_warnings(&self, now: SystemTime) -> Vec<String> {
+        self.ca
+            .certificates()
+            .into_iter()
+            .filter(|c| c.not_after.duration_since(now).unwrap_or_default() < EXPIRY_WARNING)
+            .map(|c| {
+                let days = c
+                    .not_after
+                    .duration_since(now)
+                    .unwrap_or_default()
+                    .as_secs()
+                    / 86_400;
+                format!(
+                    "ca: {} {} expires at {} (in {days} days); rotate it (`latchctl ca rotate \
+                     prepare`, docs/reliability.md)",
+                    c.role,
+                    c.fingerprint,
+                    latch_identity::svid::format_time(c.not_after)
+                )
+            })
+            .collect()
+    }
+
+    /// `GET /v1/ca`: the rotation status and which connected proxies lack the current bundle.
+    fn ca_status(&self) -> serde_json::Value {
+        let (connected, lagging) = self.bundle_acks.lagging(&self.bundle_sha256());
+        serde_json::json!({
+            "rotation": self.ca.rotation_status(),
+            "bundle_sha256": self.bundle_sha256(),
+            "proxies_connected": connected,
+            "proxies_without_current_bundle": lagging,
+        })
+    }
+
+    fn bundle_sha256(&self) -> String {
+        latch_identity::bundle::sha256_hex(self.ca.bundle().to_pem().as_bytes())
+    }
+
+    async fn rotate(&self, step: &str, request: Request<Incoming>) -> HttpResponse {
+        if !self.authorized(&request) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong admin credential: latchctl reads it from <data-dir>/admin.token \
+                 (set --data-dir or LATCH_DATA_DIR to the control plane's data dir)",
+            );
+        }
+        let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {e}")),
+        };
+        let result = match step {
+            "prepare" => self.ca.prepare_rotation(),
+            "activate" => {
+                let request: ActivateRequest = if body.is_empty() {
+                    ActivateRequest::default()
+                } else {
+                    match serde_json::from_slice(&body) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            return error(StatusCode::BAD_REQUEST, format!("request body: {e}"));
+                        }
+                    }
+                };
+                if let Err(refusal) = self.new_root_reached_every_proxy() {
+                    if !request.force {
+                        return error(StatusCode::CONFLICT, refusal);
+                    }
+                    tracing::warn!("activating the new root although {refusal} (--force)");
+                }
+                self.ca.activate_rotation()
+            }
+            "retire" => self.ca.retire_rotation(SystemTime::now()),
+            _ => return error(StatusCode::NOT_FOUND, "not found"),
+        };
+        match result {
+            Ok(_) => json(StatusCode::OK, &self.ca_status()),
+            Err(RotationError::Ca(e)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+        }
+    }
+
+    /// Whether the mesh serves the bundle holding the prepared root and every connected proxy
+    /// has acknowledged it.
+    fn new_root_reached_every_proxy(&self) -> Result<(), String> {
+        let want = self.bundle_sha256();
+        if *self.mesh.snapshot().trust_bundle_sha256 != *want {
+            return Err("the bundle with the new root is not published to the proxies yet".into());
+        }
+        let (connected, lagging) = self.bundle_acks.lagging(&want);
+        if lagging.is_empty() {
+            return Ok(());
+        }
+        let shown: Vec<&str> = lagging.iter().take(10).map(String::as_str).collect();
+        Err(format!(
+            "{} of {connected} connected proxies have not acknowledged the trust bundle with the \
+             new root ({}{}); they would refuse peers holding certificates from it. Wait and \
+             retry, check those proxies (a NACK is logged here), or activate with --force",
+            lagging.len(),
+            shown.join(", "),
+            if lagging.len() > shown.len() {
+                ", ..."
+            } else {
+                ""
+            }
+        ))
     }
 
     fn authorized(&self, request: &Request<Incoming>) -> bool {
@@ -134,7 +255,8 @@ impl AdminState {
                 // A source problem (a rejected config edit, a failing Kubernetes watch) leaves
                 // /ready at 200 once synced: the last good model is still served (see
                 // mesh::file_source); the body says which source and why.
-                let problems = self.mesh.problems();
+                let mut problems = self.mesh.problems();
+                problems.extend(self.expiry_warnings(SystemTime::now()));
                 match self.ready() {
                     Ok(()) if problems.is_empty() => latch_admin::readiness(Ok(())),
                     Ok(()) => text(StatusCode::OK, format!("ready\n{}\n", problems.join("\n"))),
@@ -146,7 +268,12 @@ impl AdminState {
             }
             (&Method::GET, "/metrics") => latch_admin::metrics(self.metrics.registry()),
             (&Method::POST, "/v1/join-tokens") => self.create_token(request).await,
-            (_, "/healthz" | "/ready" | "/metrics" | "/v1/join-tokens") => {
+            (&Method::GET, "/v1/ca") => json(StatusCode::OK, &self.ca_status()),
+            (&Method::POST, path) if path.starts_with("/v1/ca/rotate/") => {
+                let step = path.trim_start_matches("/v1/ca/rotate/").to_string();
+                self.rotate(&step, request).await
+            }
+            (_, "/healthz" | "/ready" | "/metrics" | "/v1/join-tokens" | "/v1/ca") => {
                 error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
             }
             _ => error(StatusCode::NOT_FOUND, "not found"),

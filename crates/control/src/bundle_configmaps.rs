@@ -33,8 +33,8 @@ pub const RESYNC: Duration = Duration::from_secs(60);
 pub struct BundleConfigMaps {
     /// A client for requests (`KubernetesAccess::client`).
     pub client: kube::Client,
-    /// The CA's roots, PEM.
-    pub bundle_pem: String,
+    /// The CA's roots, PEM; every namespace's copy is applied again when they change.
+    pub bundle_pem: watch::Receiver<String>,
     /// `RETRY` (tests use less).
     pub retry: Duration,
     /// `RESYNC` (tests use less).
@@ -44,7 +44,7 @@ pub struct BundleConfigMaps {
 impl BundleConfigMaps {
     /// Follows `namespaces` (those holding injected pods) until `cancel` fires.
     pub fn spawn(
-        self,
+        mut self,
         mut namespaces: watch::Receiver<BTreeSet<String>>,
         tracker: &TaskTracker,
         cancel: CancellationToken,
@@ -53,6 +53,7 @@ impl BundleConfigMaps {
             // Namespaces whose copy was applied since the last resync.
             let mut done: BTreeSet<String> = BTreeSet::new();
             let mut applied_once: BTreeSet<String> = BTreeSet::new();
+            let mut bundle_open = true;
             let mut failed = false;
             let mut resync = tokio::time::interval(self.resync);
             resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -67,6 +68,10 @@ impl BundleConfigMaps {
                     }
                     _ = tokio::time::sleep(self.retry), if failed => {}
                     _ = resync.tick() => done.clear(),
+                    changed = self.bundle_pem.changed(), if bundle_open => {
+                        bundle_open = changed.is_ok();
+                        done.clear();
+                    }
                 }
                 let wanted = namespaces.borrow_and_update().clone();
                 done.retain(|namespace| wanted.contains(namespace));
@@ -112,7 +117,7 @@ impl BundleConfigMaps {
             },
             data: Some(BTreeMap::from([(
                 BUNDLE_KEY.to_string(),
-                self.bundle_pem.clone(),
+                self.bundle_pem.borrow().clone(),
             )])),
             ..ConfigMap::default()
         };

@@ -1,9 +1,16 @@
 //! The certificate authority: loads or creates the signing key and certificate (a self-made
 //! root persisted in the data dir, or an operator's plugged-in root/intermediate), and issues
 //! leaf X509-SVIDs. The certificate service calls `Ca::issue` after authenticating the caller.
+//! The self-made root rotates in three steps (`prepare`, `activate`, `retire`, driven by
+//! `latchctl ca rotate` through the admin API); each step republishes the trust bundle to
+//! whoever follows `subscribe_bundle`.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use latch_identity::bundle::sha256_hex;
 
 use latch_identity::svid::format_time;
 use latch_identity::{PeerRole, SpiffeId, SvidInfo, TrustBundle, TrustDomain, files};
@@ -14,7 +21,9 @@ use rcgen::{
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use tokio::sync::watch;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// Lifetime of a root the control plane makes for itself.
@@ -141,24 +150,160 @@ pub struct IssuedSvid {
     pub info: SvidInfo,
 }
 
+/// The key and certificate that sign leaves.
+struct Signer {
+    issuer: Issuer<'static, KeyPair>,
+    /// The signing certificate.
+    cert: CertificateDer<'static>,
+    /// Certificates sent after the leaf: empty for a root, else the intermediate(s).
+    chain_tail: Vec<CertificateDer<'static>>,
+    not_before: SystemTime,
+    /// The earliest NotAfter from the signing certificate up to the root that anchors it: no
+    /// leaf is issued beyond it.
+    not_after: SystemTime,
+}
+
+/// A CA certificate as /ready, metrics and `latchctl ca status` show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaCertificate {
+    /// `root`, `intermediate`, `next root` (prepared, trusted, not signing) or `previous root`
+    /// (trusted until retired, not signing).
+    pub role: &'static str,
+    /// SHA-256 of the DER certificate, hex.
+    pub fingerprint: String,
+    pub not_after: SystemTime,
+}
+
+/// Where the self-made root and its rotation live: `<data-dir>/ca/`.
+#[derive(Debug, Clone)]
+struct RootFiles {
+    dir: PathBuf,
+}
+
+impl RootFiles {
+    fn cert(&self) -> PathBuf {
+        self.dir.join("root.crt.pem")
+    }
+    fn key(&self) -> PathBuf {
+        self.dir.join("root.key.pem")
+    }
+    fn next_dir(&self) -> PathBuf {
+        self.dir.join("next")
+    }
+    fn next_cert(&self) -> PathBuf {
+        self.next_dir().join("root.crt.pem")
+    }
+    fn next_key(&self) -> PathBuf {
+        self.next_dir().join("root.key.pem")
+    }
+    fn previous_cert(&self) -> PathBuf {
+        self.dir.join("previous.crt.pem")
+    }
+    fn rotation_record(&self) -> PathBuf {
+        self.dir.join("rotation.json")
+    }
+}
+
+/// When the root that signs now was activated, and when its predecessor may leave the bundle.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct RotationRecord {
+    activated_at: u64,
+    retire_after: u64,
+}
+
+/// The roots beside the signing one during a rotation.
+#[derive(Debug, Default)]
+struct Rotation {
+    /// Prepared: in the bundle, not signing yet.
+    next: Option<CertificateDer<'static>>,
+    /// Replaced: in the bundle until retired.
+    previous: Option<CertificateDer<'static>>,
+    record: Option<RotationRecord>,
+}
+
+/// Where a root rotation stands (`latchctl ca status`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RotationStatus {
+    /// `idle`, `prepared` or `activated`.
+    pub phase: &'static str,
+    pub certificates: Vec<CaCertificateView>,
+    /// Unix seconds.
+    pub activated_at: Option<u64>,
+    /// Unix seconds: the previous root can be retired from then on.
+    pub retire_after: Option<u64>,
+    /// The longest leaf lifetime the CA issues, seconds.
+    pub max_leaf_ttl_seconds: u64,
+}
+
+/// `CaCertificate` as JSON.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaCertificateView {
+    pub role: &'static str,
+    pub fingerprint: String,
+    pub not_after: String,
+}
+
+/// Why a rotation step was refused.
+#[derive(Debug, Error)]
+pub enum RotationError {
+    #[error(
+        "root rotation through latchctl manages the control plane's own root in its data dir; \
+         this CA is {0}: put the new root in the bundle yourself (--ca-bundle or the Secret), \
+         reach every proxy, then switch the signing certificate"
+    )]
+    NotSelfManaged(&'static str),
+    #[error(
+        "a new root ({fingerprint}) is already prepared; activate it with `latchctl ca rotate \
+         activate`"
+    )]
+    AlreadyPrepared { fingerprint: String },
+    #[error(
+        "the previous root ({fingerprint}) is still in the bundle; retire it first (possible from \
+         {retire_after}) with `latchctl ca rotate retire`"
+    )]
+    PreviousStillTrusted {
+        fingerprint: String,
+        retire_after: String,
+    },
+    #[error("no new root is prepared; run `latchctl ca rotate prepare` first")]
+    NothingPrepared,
+    #[error("there is no previous root to retire")]
+    NothingToRetire,
+    #[error(
+        "the previous root may still anchor live leaves until {retire_after} (activation at \
+         {activated_at} plus the longest leaf lifetime, {max_ttl:?}); retire it after that"
+    )]
+    TooEarly {
+        activated_at: String,
+        retire_after: String,
+        max_ttl: Duration,
+    },
+    #[error(transparent)]
+    Ca(#[from] CaError),
+}
+
 /// A signing CA.
 pub struct Ca {
     trust_domain: TrustDomain,
-    issuer: Issuer<'static, KeyPair>,
-    /// Certificates sent after the leaf: empty for a root, else the intermediate(s).
-    chain_tail: Vec<CertificateDer<'static>>,
-    bundle: TrustBundle,
-    not_before: SystemTime,
-    not_after: SystemTime,
     ttl: TtlPolicy,
+    signer: ArcSwap<Signer>,
+    /// The roots clients trust: the signer's, plus the next or previous one during a rotation.
+    bundle: watch::Sender<Arc<TrustBundle>>,
+    /// For plug-in CAs: the roots given with --ca-bundle (no rotation through latchctl).
+    fixed_roots: Vec<CertificateDer<'static>>,
+    /// The self-made root's files; `None` for plug-in and Secret CAs.
+    files: Option<RootFiles>,
+    /// Serializes rotation steps; the roots beside the signing one.
+    rotation: Mutex<Rotation>,
 }
 
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let signer = self.signer.load();
         f.debug_struct("Ca")
             .field("trust_domain", &self.trust_domain)
-            .field("not_after", &format_time(self.not_after))
-            .field("intermediates", &self.chain_tail.len())
+            .field("not_after", &format_time(signer.not_after))
+            .field("intermediates", &signer.chain_tail.len())
             .finish()
     }
 }
@@ -168,6 +313,11 @@ fn read(path: &Path) -> Result<Vec<u8>, CaError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+fn write_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaError {
+    let path = path.to_path_buf();
+    move |source| CaError::Write { path, source }
 }
 
 fn random_serial() -> SerialNumber {
@@ -219,6 +369,16 @@ fn load_key(path: &Path) -> Result<KeyPair, CaError> {
     Ok(key)
 }
 
+fn to_unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn from_unix(secs: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+}
+
 /// Facts about a CA certificate read with x509-parser.
 struct CaCertFacts {
     not_before: SystemTime,
@@ -258,49 +418,144 @@ fn ca_cert_facts(path: &Path, der: &CertificateDer<'_>) -> Result<CaCertFacts, C
             })
         })
         .map(|id| id.trust_domain_name().to_string());
-    let to_time = |t: i64| SystemTime::UNIX_EPOCH + Duration::from_secs(t.max(0).unsigned_abs());
     Ok(CaCertFacts {
-        not_before: to_time(cert.validity().not_before.timestamp()),
-        not_after: to_time(cert.validity().not_after.timestamp()),
+        not_before: asn1_time(cert.validity().not_before),
+        not_after: asn1_time(cert.validity().not_after),
         self_signed: cert.subject() == cert.issuer(),
         spki: cert.public_key().raw.to_vec(),
         trust_domain,
     })
 }
 
+fn asn1_time(t: x509_parser::time::ASN1Time) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0).unsigned_abs())
+}
+
+/// NotAfter of a certificate, if it parses.
+fn cert_not_after(der: &CertificateDer<'_>) -> Option<SystemTime> {
+    X509Certificate::from_der(der)
+        .ok()
+        .map(|(_, c)| asn1_time(c.validity().not_after))
+}
+
+/// The earliest NotAfter on the path from `certs` (signing certificate first, then its
+/// intermediates) to the root in `roots` that issued the last of them.
+fn chain_not_after(
+    certs: &[&CertificateDer<'static>],
+    roots: &[CertificateDer<'static>],
+) -> Option<SystemTime> {
+    let mut earliest = certs.iter().filter_map(|c| cert_not_after(c)).min()?;
+    let (_, top) = X509Certificate::from_der(certs.last()?).ok()?;
+    if top.subject() != top.issuer() {
+        let anchors = roots.iter().filter_map(|root| {
+            let (_, parsed) = X509Certificate::from_der(root).ok()?;
+            (parsed.subject() == top.issuer()).then(|| asn1_time(parsed.validity().not_after))
+        });
+        if let Some(anchor) = anchors.min() {
+            earliest = earliest.min(anchor);
+        }
+    }
+    Some(earliest)
+}
+
+/// Loads a signing certificate and key; returns the signer and the roots its chain leads to
+/// (the certificate itself when it is a root).
+fn load_signer(
+    files: &PluginFiles,
+    trust_domain: &TrustDomain,
+) -> Result<(Signer, Vec<CertificateDer<'static>>), CaError> {
+    let certs = parse_cert_pem(&files.cert)?;
+    let signing_cert = certs[0].clone();
+    let facts = ca_cert_facts(&files.cert, &signing_cert)?;
+    if let Some(found) = &facts.trust_domain
+        && found != trust_domain.as_str()
+    {
+        return Err(CaError::TrustDomainMismatch {
+            found: found.clone(),
+            configured: trust_domain.to_string(),
+        });
+    }
+    let key = load_key(&files.key)?;
+    if key.subject_public_key_info() != facts.spki {
+        return Err(CaError::KeyMismatch);
+    }
+    let mut chain_tail = Vec::new();
+    if !facts.self_signed {
+        chain_tail.push(signing_cert.clone());
+        // Extra certificates in the cert file are treated as the rest of the chain.
+        chain_tail.extend(certs.into_iter().skip(1));
+    }
+    if let Some(chain) = &files.chain {
+        chain_tail.extend(parse_cert_pem(chain)?);
+    }
+    let roots = match (&files.bundle, facts.self_signed) {
+        (Some(path), _) => parse_cert_pem(path)?,
+        (None, true) => vec![signing_cert.clone()],
+        (None, false) => {
+            return Err(CaError::SelfTest(
+                "the CA certificate is an intermediate and no --ca-bundle (root) was given".into(),
+            ));
+        }
+    };
+    let path: Vec<&CertificateDer<'static>> = if facts.self_signed {
+        vec![&signing_cert]
+    } else {
+        chain_tail.iter().collect()
+    };
+    let not_after = chain_not_after(&path, &roots).unwrap_or(facts.not_after);
+    let issuer =
+        Issuer::from_ca_cert_der(&signing_cert, key).map_err(|e| CaError::CorruptCert {
+            path: files.cert.clone(),
+            reason: e.to_string(),
+        })?;
+    Ok((
+        Signer {
+            issuer,
+            cert: signing_cert,
+            chain_tail,
+            not_before: facts.not_before,
+            not_after,
+        },
+        roots,
+    ))
+}
+
 impl Ca {
     /// Loads the CA from `<data_dir>/ca/`, creating a new root on first start. A missing half,
     /// an unreadable or corrupt file is an error: a silently regenerated root would break every
-    /// workload's trust.
+    /// workload's trust. A rotation in progress (a prepared `next/` root, a `previous.crt.pem`
+    /// still trusted) is picked up; a crash in the middle of `activate` is completed.
     pub fn load_or_create(
         data_dir: &Path,
         trust_domain: &TrustDomain,
         ttl: TtlPolicy,
     ) -> Result<Self, CaError> {
-        let dir = data_dir.join("ca");
-        let cert_path = dir.join("root.crt.pem");
-        let key_path = dir.join("root.key.pem");
+        let root = RootFiles {
+            dir: data_dir.join("ca"),
+        };
+        let (cert_path, key_path) = (root.cert(), root.key());
+        Self::finish_interrupted_activation(&root)?;
         match (cert_path.exists(), key_path.exists()) {
             (true, true) => {}
             (false, false) => {
-                Self::create_root(&dir, &cert_path, &key_path, trust_domain)?;
+                Self::create_root(&root.dir, &cert_path, &key_path, trust_domain)?;
             }
             (true, false) => {
                 return Err(CaError::HalfPresent {
                     present: cert_path,
                     missing: key_path,
-                    dir,
+                    dir: root.dir,
                 });
             }
             (false, true) => {
                 return Err(CaError::HalfPresent {
                     present: key_path,
                     missing: cert_path,
-                    dir,
+                    dir: root.dir,
                 });
             }
         }
-        Self::from_files(
+        let (signer, roots) = load_signer(
             &PluginFiles {
                 cert: cert_path,
                 key: key_path,
@@ -308,8 +563,129 @@ impl Ca {
                 bundle: None,
             },
             trust_domain,
+        )?;
+        let rotation = Self::load_rotation(&root, &signer, trust_domain, ttl)?;
+        Self::assemble(trust_domain, ttl, signer, roots, Some(root), rotation)
+    }
+
+    /// Loads an operator-provided CA (plug-in mode).
+    pub fn from_files(
+        files: &PluginFiles,
+        trust_domain: &TrustDomain,
+        ttl: TtlPolicy,
+    ) -> Result<Self, CaError> {
+        let (signer, roots) = load_signer(files, trust_domain)?;
+        Self::assemble(trust_domain, ttl, signer, roots, None, Rotation::default())
+    }
+
+    fn assemble(
+        trust_domain: &TrustDomain,
+        ttl: TtlPolicy,
+        signer: Signer,
+        fixed_roots: Vec<CertificateDer<'static>>,
+        files: Option<RootFiles>,
+        rotation: Rotation,
+    ) -> Result<Self, CaError> {
+        let bundle = Self::bundle_of(&fixed_roots, &rotation)?;
+        let ca = Self {
+            trust_domain: trust_domain.clone(),
             ttl,
-        )
+            signer: ArcSwap::from_pointee(signer),
+            bundle: watch::Sender::new(Arc::new(bundle)),
+            fixed_roots,
+            files,
+            rotation: Mutex::new(rotation),
+        };
+        ca.self_test()?;
+        Ok(ca)
+    }
+
+    /// The signing roots, then the next or previous root of a rotation.
+    fn bundle_of(
+        fixed_roots: &[CertificateDer<'static>],
+        rotation: &Rotation,
+    ) -> Result<TrustBundle, CaError> {
+        let mut roots = fixed_roots.to_vec();
+        roots.extend(rotation.next.iter().cloned());
+        roots.extend(rotation.previous.iter().cloned());
+        Ok(TrustBundle::new(roots)?)
+    }
+
+    /// A crash between the two renames of `activate` leaves the new key as root.key.pem and the
+    /// new certificate still in next/: finish the move.
+    fn finish_interrupted_activation(root: &RootFiles) -> Result<(), CaError> {
+        let (next_cert, key_path) = (root.next_cert(), root.key());
+        if !next_cert.exists() || root.next_key().exists() || !key_path.exists() {
+            return Ok(());
+        }
+        let key = load_key(&key_path)?;
+        let certs = parse_cert_pem(&next_cert)?;
+        let facts = ca_cert_facts(&next_cert, &certs[0])?;
+        if key.subject_public_key_info() != facts.spki {
+            return Ok(());
+        }
+        tracing::warn!(dir = %root.dir.display(), "completing a root activation interrupted by a crash");
+        std::fs::rename(&next_cert, root.cert()).map_err(write_err(&root.cert()))?;
+        std::fs::remove_dir(root.next_dir()).map_err(write_err(&root.next_dir()))?;
+        Ok(())
+    }
+
+    /// Reads the next and previous roots of a rotation in progress.
+    fn load_rotation(
+        root: &RootFiles,
+        signer: &Signer,
+        trust_domain: &TrustDomain,
+        ttl: TtlPolicy,
+    ) -> Result<Rotation, CaError> {
+        let mut rotation = Rotation::default();
+        if root.next_cert().exists() || root.next_key().exists() {
+            // Validates the pair (and its trust domain) the same way as the active root.
+            let (next, _) = load_signer(
+                &PluginFiles {
+                    cert: root.next_cert(),
+                    key: root.next_key(),
+                    chain: None,
+                    bundle: None,
+                },
+                trust_domain,
+            )?;
+            rotation.next = Some(next.cert);
+        }
+        let previous_path = root.previous_cert();
+        if previous_path.exists() {
+            let previous = parse_cert_pem(&previous_path)?.remove(0);
+            if previous == signer.cert {
+                // A crash before `activate` renamed anything: the activation did not happen.
+                std::fs::remove_file(&previous_path).map_err(write_err(&previous_path))?;
+                let _ = std::fs::remove_file(root.rotation_record());
+            } else {
+                let record = std::fs::read(root.rotation_record())
+                    .ok()
+                    .and_then(|bytes| serde_json::from_slice::<RotationRecord>(&bytes).ok());
+                let record = match record {
+                    Some(record) => record,
+                    None => {
+                        // Lost or unreadable: count from now, which keeps the old root longest.
+                        let now = to_unix(SystemTime::now());
+                        let record = RotationRecord {
+                            activated_at: now,
+                            retire_after: now + ttl.max.as_secs(),
+                        };
+                        Self::write_record(root, &record)?;
+                        record
+                    }
+                };
+                rotation.previous = Some(previous);
+                rotation.record = Some(record);
+            }
+        }
+        Ok(rotation)
+    }
+
+    fn write_record(root: &RootFiles, record: &RotationRecord) -> Result<(), CaError> {
+        let path = root.rotation_record();
+        let json = serde_json::to_vec_pretty(record).map_err(|e| CaError::Sign(e.to_string()))?;
+        files::write_private(&path, &json).map_err(write_err(&path))
     }
 
     fn create_root(
@@ -318,10 +694,6 @@ impl Ca {
         key_path: &Path,
         trust_domain: &TrustDomain,
     ) -> Result<(), CaError> {
-        let write_err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| CaError::Write { path, source }
-        };
         files::ensure_private_dir(dir).map_err(write_err(dir))?;
         let (cert_pem, key_pem) = Self::generate_root(trust_domain)?;
         // Key first: a crash between the two writes leaves a key without a cert, which the next
@@ -363,64 +735,6 @@ impl Ca {
         Ok((cert.pem(), key.serialize_pem()))
     }
 
-    /// Loads an operator-provided CA (plug-in mode), or the persisted root.
-    pub fn from_files(
-        files: &PluginFiles,
-        trust_domain: &TrustDomain,
-        ttl: TtlPolicy,
-    ) -> Result<Self, CaError> {
-        let certs = parse_cert_pem(&files.cert)?;
-        let signing_cert = certs[0].clone();
-        let facts = ca_cert_facts(&files.cert, &signing_cert)?;
-        if let Some(found) = &facts.trust_domain
-            && found != trust_domain.as_str()
-        {
-            return Err(CaError::TrustDomainMismatch {
-                found: found.clone(),
-                configured: trust_domain.to_string(),
-            });
-        }
-        let key = load_key(&files.key)?;
-        if key.subject_public_key_info() != facts.spki {
-            return Err(CaError::KeyMismatch);
-        }
-        let mut chain_tail = Vec::new();
-        if !facts.self_signed {
-            chain_tail.push(signing_cert.clone());
-            // Extra certificates in the cert file are treated as the rest of the chain.
-            chain_tail.extend(certs.into_iter().skip(1));
-        }
-        if let Some(chain) = &files.chain {
-            chain_tail.extend(parse_cert_pem(chain)?);
-        }
-        let bundle = match (&files.bundle, facts.self_signed) {
-            (Some(path), _) => TrustBundle::new(parse_cert_pem(path)?)?,
-            (None, true) => TrustBundle::new(vec![signing_cert.clone()])?,
-            (None, false) => {
-                return Err(CaError::SelfTest(
-                    "the CA certificate is an intermediate and no --ca-bundle (root) was given"
-                        .into(),
-                ));
-            }
-        };
-        let issuer =
-            Issuer::from_ca_cert_der(&signing_cert, key).map_err(|e| CaError::CorruptCert {
-                path: files.cert.clone(),
-                reason: e.to_string(),
-            })?;
-        let ca = Self {
-            trust_domain: trust_domain.clone(),
-            issuer,
-            chain_tail,
-            bundle,
-            not_before: facts.not_before,
-            not_after: facts.not_after,
-            ttl,
-        };
-        ca.self_test()?;
-        Ok(ca)
-    }
-
     /// Issues a throwaway leaf and verifies it against the bundle, proving that key, chain and
     /// bundle fit together before any workload depends on them.
     fn self_test(&self) -> Result<(), CaError> {
@@ -432,7 +746,7 @@ impl Ca {
         let issued = self.issue(&id, &spki, Duration::from_secs(60), SystemTime::now())?;
         latch_identity::verify_svid(
             &issued.chain,
-            &self.bundle,
+            &self.bundle(),
             SystemTime::now(),
             PeerRole::Client,
         )
@@ -444,16 +758,211 @@ impl Ca {
         &self.trust_domain
     }
 
-    pub fn bundle(&self) -> &TrustBundle {
-        &self.bundle
+    /// The roots clients trust now.
+    pub fn bundle(&self) -> Arc<TrustBundle> {
+        self.bundle.borrow().clone()
     }
 
+    /// Marked changed whenever the bundle or the signing root changes (each rotation step).
+    pub fn subscribe_bundle(&self) -> watch::Receiver<Arc<TrustBundle>> {
+        self.bundle.subscribe()
+    }
+
+    /// No leaf is issued beyond this: the earliest NotAfter from the signing certificate to its
+    /// root.
     pub fn not_after(&self) -> SystemTime {
-        self.not_after
+        self.signer.load().not_after
     }
 
     pub fn ttl_policy(&self) -> TtlPolicy {
         self.ttl
+    }
+
+    /// Every CA certificate in use: signing roots or intermediates, and the next or previous
+    /// root of a rotation.
+    pub fn certificates(&self) -> Vec<CaCertificate> {
+        let signer = self.signer.load();
+        let rotation = self.rotation.lock().unwrap_or_else(PoisonError::into_inner);
+        let entry = |role, cert: &CertificateDer<'_>| {
+            cert_not_after(cert).map(|not_after| CaCertificate {
+                role,
+                fingerprint: sha256_hex(cert),
+                not_after,
+            })
+        };
+        let mut out: Vec<CaCertificate> = Vec::new();
+        out.extend(self.fixed_roots.iter().filter_map(|c| entry("root", c)));
+        out.extend(
+            signer
+                .chain_tail
+                .iter()
+                .filter_map(|c| entry("intermediate", c)),
+        );
+        out.extend(rotation.next.iter().filter_map(|c| entry("next root", c)));
+        out.extend(
+            rotation
+                .previous
+                .iter()
+                .filter_map(|c| entry("previous root", c)),
+        );
+        out
+    }
+
+    /// Where a root rotation stands.
+    pub fn rotation_status(&self) -> RotationStatus {
+        let certificates = self
+            .certificates()
+            .into_iter()
+            .map(|c| CaCertificateView {
+                role: c.role,
+                fingerprint: c.fingerprint,
+                not_after: format_time(c.not_after),
+            })
+            .collect();
+        let rotation = self.rotation.lock().unwrap_or_else(PoisonError::into_inner);
+        RotationStatus {
+            phase: match (&rotation.next, &rotation.previous) {
+                (Some(_), _) => "prepared",
+                (None, Some(_)) => "activated",
+                (None, None) => "idle",
+            },
+            certificates,
+            activated_at: rotation.record.map(|r| r.activated_at),
+            retire_after: rotation.record.map(|r| r.retire_after),
+            max_leaf_ttl_seconds: self.ttl.max.as_secs(),
+        }
+    }
+
+    fn self_managed(&self) -> Result<&RootFiles, RotationError> {
+        self.files.as_ref().ok_or(RotationError::NotSelfManaged(
+            "an operator's (--ca-cert) or a Kubernetes Secret's (--ca-secret)",
+        ))
+    }
+
+    /// Rotation step 1: makes a new root and adds it to the bundle. It signs nothing until
+    /// `activate_rotation`.
+    pub fn prepare_rotation(&self) -> Result<RotationStatus, RotationError> {
+        let root = self.self_managed()?;
+        {
+            let mut rotation = self.rotation.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(next) = &rotation.next {
+                return Err(RotationError::AlreadyPrepared {
+                    fingerprint: sha256_hex(next),
+                });
+            }
+            if let Some(previous) = &rotation.previous {
+                return Err(RotationError::PreviousStillTrusted {
+                    fingerprint: sha256_hex(previous),
+                    retire_after: rotation
+                        .record
+                        .map(|r| format_time(from_unix(r.retire_after)))
+                        .unwrap_or_default(),
+                });
+            }
+            let next_dir = root.next_dir();
+            files::ensure_private_dir(&next_dir).map_err(write_err(&next_dir))?;
+            let (cert_pem, key_pem) = Self::generate_root(&self.trust_domain)?;
+            files::write_private(&root.next_key(), key_pem.as_bytes())
+                .map_err(write_err(&root.next_key()))?;
+            files::write_public(&root.next_cert(), cert_pem.as_bytes())
+                .map_err(write_err(&root.next_cert()))?;
+            let next = parse_cert_pem(&root.next_cert())?.remove(0);
+            tracing::info!(fingerprint = %sha256_hex(&next), "prepared a new root: in the trust bundle, not signing yet");
+            rotation.next = Some(next);
+            self.publish_bundle(&rotation)?;
+        }
+        Ok(self.rotation_status())
+    }
+
+    /// Rotation step 2: the prepared root signs from now on; the old one stays in the bundle
+    /// (as the previous root) and its key is deleted.
+    pub fn activate_rotation(&self) -> Result<RotationStatus, RotationError> {
+        let root = self.self_managed()?;
+        {
+            let mut rotation = self.rotation.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(next) = rotation.next.clone() else {
+                return Err(RotationError::NothingPrepared);
+            };
+            let old = self.signer.load().cert.clone();
+            let previous_path = root.previous_cert();
+            let old_pem = TrustBundle::new(vec![old.clone()])
+                .map_err(CaError::from)?
+                .to_pem();
+            files::write_public(&previous_path, old_pem.as_bytes())
+                .map_err(write_err(&previous_path))?;
+            let now = to_unix(SystemTime::now());
+            let record = RotationRecord {
+                activated_at: now,
+                retire_after: now + self.ttl.max.as_secs(),
+            };
+            Self::write_record(root, &record)?;
+            // Key, then certificate: `finish_interrupted_activation` completes a crash between.
+            std::fs::rename(root.next_key(), root.key()).map_err(write_err(&root.key()))?;
+            std::fs::rename(root.next_cert(), root.cert()).map_err(write_err(&root.cert()))?;
+            std::fs::remove_dir(root.next_dir()).map_err(write_err(&root.next_dir()))?;
+            let (signer, _) = load_signer(
+                &PluginFiles {
+                    cert: root.cert(),
+                    key: root.key(),
+                    chain: None,
+                    bundle: None,
+                },
+                &self.trust_domain,
+            )?;
+            tracing::info!(
+                fingerprint = %sha256_hex(&next),
+                retire_after = %format_time(from_unix(record.retire_after)),
+                "activated the new root: it signs from now on; the previous root stays trusted"
+            );
+            self.signer.store(Arc::new(signer));
+            rotation.next = None;
+            rotation.previous = Some(old);
+            rotation.record = Some(record);
+            // The fixed root is the signer's own certificate for a self-made CA.
+            self.publish_bundle_with(&rotation, vec![next])?;
+        }
+        Ok(self.rotation_status())
+    }
+
+    /// Rotation step 3: drops the previous root from the bundle, once no leaf it signed can
+    /// still be valid (activation + the longest leaf lifetime).
+    pub fn retire_rotation(&self, now: SystemTime) -> Result<RotationStatus, RotationError> {
+        let root = self.self_managed()?;
+        {
+            let mut rotation = self.rotation.lock().unwrap_or_else(PoisonError::into_inner);
+            let (Some(_), Some(record)) = (&rotation.previous, rotation.record) else {
+                return Err(RotationError::NothingToRetire);
+            };
+            if to_unix(now) < record.retire_after {
+                return Err(RotationError::TooEarly {
+                    activated_at: format_time(from_unix(record.activated_at)),
+                    retire_after: format_time(from_unix(record.retire_after)),
+                    max_ttl: self.ttl.max,
+                });
+            }
+            std::fs::remove_file(root.previous_cert()).map_err(write_err(&root.previous_cert()))?;
+            let _ = std::fs::remove_file(root.rotation_record());
+            tracing::info!("retired the previous root: it left the trust bundle");
+            rotation.previous = None;
+            rotation.record = None;
+            self.publish_bundle(&rotation)?;
+        }
+        Ok(self.rotation_status())
+    }
+
+    fn publish_bundle(&self, rotation: &Rotation) -> Result<(), CaError> {
+        let roots = vec![self.signer.load().cert.clone()];
+        self.publish_bundle_with(rotation, roots)
+    }
+
+    fn publish_bundle_with(
+        &self,
+        rotation: &Rotation,
+        signing_roots: Vec<CertificateDer<'static>>,
+    ) -> Result<(), CaError> {
+        let bundle = Self::bundle_of(&signing_roots, rotation)?;
+        self.bundle.send_replace(Arc::new(bundle));
+        Ok(())
     }
 
     /// Issues a leaf X509-SVID for `id` over the public key `spki_der` (a DER
@@ -516,7 +1025,8 @@ impl Ca {
 
     /// Signs a leaf with the given SANs and extended key usages: CA:false, keyUsage
     /// digitalSignature, AKI, a random serial, an empty subject, NotBefore backdated and
-    /// NotAfter within the issuer's validity. Returns the chain and the leaf's NotAfter.
+    /// NotAfter within the validity of every certificate up to the root. Returns the chain and
+    /// the leaf's NotAfter.
     fn sign_leaf(
         &self,
         sans: Vec<SanType>,
@@ -525,11 +1035,12 @@ impl Ca {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<(Vec<CertificateDer<'static>>, SystemTime), CaError> {
-        if now >= self.not_after {
-            return Err(CaError::IssuerExpired(format_time(self.not_after)));
+        let signer = self.signer.load();
+        if now >= signer.not_after {
+            return Err(CaError::IssuerExpired(format_time(signer.not_after)));
         }
-        if now < self.not_before {
-            return Err(CaError::IssuerNotYetValid(format_time(self.not_before)));
+        if now < signer.not_before {
+            return Err(CaError::IssuerNotYetValid(format_time(signer.not_before)));
         }
         let public_key = SubjectPublicKeyInfo::from_der(spki_der)
             .map_err(|e| CaError::PublicKey(e.to_string()))?;
@@ -541,15 +1052,15 @@ impl Ca {
         params.extended_key_usages = extended_key_usages;
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(random_serial());
-        let not_after = (now + ttl).min(self.not_after);
-        params.not_before = (now - BACKDATE).max(self.not_before).into();
+        let not_after = (now + ttl).min(signer.not_after);
+        params.not_before = (now - BACKDATE).max(signer.not_before).into();
         params.not_after = not_after.into();
         let leaf = params
-            .signed_by(&public_key, &self.issuer)
+            .signed_by(&public_key, &signer.issuer)
             .map_err(|e| CaError::Sign(e.to_string()))?;
-        let mut chain = Vec::with_capacity(1 + self.chain_tail.len());
+        let mut chain = Vec::with_capacity(1 + signer.chain_tail.len());
         chain.push(leaf.der().clone());
-        chain.extend(self.chain_tail.iter().cloned());
+        chain.extend(signer.chain_tail.iter().cloned());
         Ok((chain, not_after))
     }
 }
@@ -879,7 +1390,7 @@ mod tests {
         assert_eq!(leaf.validity().not_after.timestamp(), unix(now + ttl));
         assert_eq!(issued.info.id, workload_id());
         for role in [PeerRole::Server, PeerRole::Client] {
-            latch_identity::verify_svid(&issued.chain, ca.bundle(), now, role).unwrap();
+            latch_identity::verify_svid(&issued.chain, &ca.bundle(), now, role).unwrap();
         }
     }
 
@@ -898,6 +1409,157 @@ mod tests {
             "{:?}",
             issued.info.lifetime()
         );
+    }
+
+    #[test]
+    fn leaf_never_outlives_the_root_above_a_longer_lived_intermediate() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = OperatorCa::root("Root expiring soon", Duration::from_secs(600));
+        let intermediate = OperatorCa::new(
+            "Intermediate outliving its root",
+            IsCa::Ca(BasicConstraints::Unconstrained),
+            Duration::from_secs(30 * 24 * 3600),
+            Some(&root),
+        );
+        let ca = plug_in(dir.path(), &intermediate, Some(&root)).unwrap();
+        let issued = ca
+            .issue(&workload_id(), &workload_spki(), HOUR, now())
+            .unwrap();
+        assert_eq!(not_after(&issued.chain[0]), not_after(&root.der()));
+        assert_eq!(issued.info.not_after, ca.not_after());
+        let roles: Vec<&str> = ca.certificates().iter().map(|c| c.role).collect();
+        assert_eq!(roles, ["root", "intermediate"]);
+    }
+
+    /// Issues a leaf and verifies it against `bundle`.
+    fn issue_and_verify(ca: &Ca, bundle: &TrustBundle) -> Result<(), String> {
+        let issued = ca
+            .issue(&workload_id(), &workload_spki(), HOUR, now())
+            .unwrap();
+        latch_identity::verify_svid(&issued.chain, bundle, now(), PeerRole::Client)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn root_rotation_prepare_activate_retire_survives_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let ttl = TtlPolicy {
+            default: Duration::from_secs(60),
+            max: HOUR,
+        };
+        let ca = Ca::load_or_create(dir.path(), &td(TD), ttl).unwrap();
+        let old_root = ca.bundle().roots()[0].clone();
+        let only_old = TrustBundle::new(vec![old_root.clone()]).unwrap();
+        let old_leaf = ca
+            .issue(&workload_id(), &workload_spki(), HOUR, now())
+            .unwrap();
+        let mut bundles = ca.subscribe_bundle();
+        bundles.borrow_and_update();
+
+        // prepare: the new root joins the bundle (announced) and signs nothing.
+        let status = ca.prepare_rotation().unwrap();
+        assert_eq!(status.phase, "prepared");
+        assert!(bundles.has_changed().unwrap(), "subscribers are told");
+        assert_eq!(ca.bundle().roots().len(), 2);
+        let new_root = ca.bundle().roots()[1].clone();
+        issue_and_verify(&ca, &only_old).expect("still signed by the old root");
+        let next_key = dir.path().join("ca/next/root.key.pem");
+        assert_eq!(
+            fs::metadata(&next_key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(matches!(
+            ca.prepare_rotation(),
+            Err(RotationError::AlreadyPrepared { .. })
+        ));
+        drop(ca);
+        let ca = Ca::load_or_create(dir.path(), &td(TD), ttl).unwrap();
+        assert_eq!(
+            ca.rotation_status().phase,
+            "prepared",
+            "kept across a restart"
+        );
+        assert_eq!(ca.bundle().roots(), [old_root.clone(), new_root.clone()]);
+
+        // activate: the new root signs; leaves of either root verify against the bundle.
+        let status = ca.activate_rotation().unwrap();
+        assert_eq!(status.phase, "activated");
+        let only_new = TrustBundle::new(vec![new_root.clone()]).unwrap();
+        issue_and_verify(&ca, &only_new).expect("signed by the new root");
+        assert!(issue_and_verify(&ca, &only_old).is_err());
+        latch_identity::verify_svid(&old_leaf.chain, &ca.bundle(), now(), PeerRole::Client)
+            .expect("leaves of the old root stay valid");
+        let key =
+            KeyPair::from_pem(&fs::read_to_string(root_key_path(dir.path())).unwrap()).unwrap();
+        let (_, new_cert) = X509Certificate::from_der(&new_root).unwrap();
+        assert_eq!(
+            key.subject_public_key_info(),
+            new_cert.public_key().raw,
+            "the old root's key is gone: root.key.pem is the new root's"
+        );
+        assert!(!dir.path().join("ca/next").exists());
+        let retire_after = status.retire_after.unwrap();
+        assert_eq!(retire_after, status.activated_at.unwrap() + 3600);
+
+        // retire: refused until the longest leaf lifetime has passed, also after a restart.
+        drop(ca);
+        let ca = Ca::load_or_create(dir.path(), &td(TD), ttl).unwrap();
+        assert_eq!(ca.rotation_status().retire_after, Some(retire_after));
+        assert_eq!(ca.bundle().roots(), [new_root.clone(), old_root.clone()]);
+        let err = ca.retire_rotation(now()).unwrap_err();
+        assert!(matches!(err, RotationError::TooEarly { .. }), "{err}");
+        assert!(ca.prepare_rotation().is_err(), "one rotation at a time");
+        ca.retire_rotation(from_unix(retire_after)).unwrap();
+        assert_eq!(ca.bundle().roots(), std::slice::from_ref(&new_root));
+        assert!(matches!(
+            ca.retire_rotation(from_unix(retire_after)),
+            Err(RotationError::NothingToRetire)
+        ));
+        drop(ca);
+        let ca = Ca::load_or_create(dir.path(), &td(TD), ttl).unwrap();
+        assert_eq!(ca.rotation_status().phase, "idle");
+        assert_eq!(ca.bundle().roots(), [new_root]);
+    }
+
+    #[test]
+    fn an_activation_interrupted_between_its_renames_is_completed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(dir.path(), &td(TD), TtlPolicy::default()).unwrap();
+        let old_root = ca.bundle().roots()[0].clone();
+        ca.prepare_rotation().unwrap();
+        let new_root = ca.bundle().roots()[1].clone();
+        drop(ca);
+        // What `activate` wrote before the crash: the previous root, the record, the key.
+        let ca_dir = dir.path().join("ca");
+        fs::copy(ca_dir.join("root.crt.pem"), ca_dir.join("previous.crt.pem")).unwrap();
+        fs::write(
+            ca_dir.join("rotation.json"),
+            r#"{"activated_at": 1, "retire_after": 2}"#,
+        )
+        .unwrap();
+        fs::rename(
+            ca_dir.join("next/root.key.pem"),
+            ca_dir.join("root.key.pem"),
+        )
+        .unwrap();
+
+        let ca = Ca::load_or_create(dir.path(), &td(TD), TtlPolicy::default()).unwrap();
+        assert_eq!(ca.rotation_status().phase, "activated");
+        assert_eq!(ca.bundle().roots(), [new_root.clone(), old_root]);
+        issue_and_verify(&ca, &TrustBundle::new(vec![new_root]).unwrap()).unwrap();
+        assert!(!ca_dir.join("next").exists());
+    }
+
+    #[test]
+    fn plugged_in_cas_are_not_rotated_through_latchctl() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = OperatorCa::root("Operator root", HOUR);
+        let ca = plug_in(dir.path(), &root, None).unwrap();
+        let err = ca.prepare_rotation().unwrap_err();
+        assert!(matches!(err, RotationError::NotSelfManaged(_)), "{err}");
+        assert!(err.to_string().contains("--ca-cert"), "{err}");
+        assert_eq!(ca.bundle().roots().len(), 1);
     }
 
     #[test]

@@ -198,7 +198,7 @@ impl CertificateServer {
                 ),
             ));
         };
-        let info = verify_svid(chain, self.ca.bundle(), now, PeerRole::Client).map_err(|e| {
+        let info = verify_svid(chain, &self.ca.bundle(), now, PeerRole::Client).map_err(|e| {
             let reason = match e {
                 SvidError::Expired { .. } => "renewal_expired",
                 SvidError::Chain { .. } => "renewal_untrusted",

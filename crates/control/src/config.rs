@@ -129,6 +129,9 @@ pub struct Config {
     /// Take workloads, services and policies from the cluster (needs `kubernetes`; the config
     /// file then supplies only join tokens and `mesh:` settings). `--kubernetes` sets both.
     pub kubernetes_mesh: bool,
+    /// Where to keep a world-readable copy of the trust bundle (`--publish-bundle`), rewritten
+    /// whenever the bundle changes.
+    pub publish_bundle: Option<PathBuf>,
 }
 
 /// Default for `Config::request_timeout`.
@@ -156,6 +159,7 @@ impl Config {
             kubernetes: None,
             ca_secret: None,
             kubernetes_mesh: false,
+            publish_bundle: None,
         }
     }
 }
@@ -209,6 +213,7 @@ impl TryFrom<Args> for Config {
             kubernetes: args.kubernetes.then_some(KubernetesAccess::InCluster),
             ca_secret: args.ca_secret,
             kubernetes_mesh: args.kubernetes,
+            publish_bundle: args.publish_bundle,
         })
     }
 }

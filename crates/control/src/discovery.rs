@@ -4,9 +4,11 @@
 //! plus the caller's visible policies. `ControlPlane::start` mounts it on the gRPC server.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
+use dashmap::DashMap;
 use latch_identity::svid::format_time;
 use latch_identity::{PeerRole, SpiffeId, verify_svid};
 use latch_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryService;
@@ -38,20 +40,74 @@ const FINAL_SEND_TIMEOUT: Duration = Duration::from_secs(1);
 pub const MAX_RESPONSE_BYTES: usize = 4 * 1024;
 
 /// The gRPC service.
+/// Which trust bundle the proxy on each open stream has acknowledged (the ACK of a MeshConfig
+/// response), so a new root signs only once every connected proxy trusts it.
+#[derive(Debug, Default)]
+pub struct BundleAcks {
+    streams: DashMap<u64, StreamBundle>,
+    next_id: AtomicU64,
+}
+
+#[derive(Debug)]
+struct StreamBundle {
+    caller: String,
+    /// SHA-256 of the acknowledged bundle PEM.
+    acked: Option<Arc<str>>,
+}
+
+impl BundleAcks {
+    fn open(&self, caller: &SpiffeId) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.streams.insert(
+            id,
+            StreamBundle {
+                caller: caller.to_string(),
+                acked: None,
+            },
+        );
+        id
+    }
+
+    fn acked(&self, stream: u64, bundle_sha256: Arc<str>) {
+        if let Some(mut entry) = self.streams.get_mut(&stream) {
+            entry.acked = Some(bundle_sha256);
+        }
+    }
+
+    fn close(&self, stream: u64) {
+        self.streams.remove(&stream);
+    }
+
+    /// (open streams, callers of those that have not acknowledged `bundle_sha256`).
+    pub fn lagging(&self, bundle_sha256: &str) -> (usize, Vec<String>) {
+        let mut lagging: Vec<String> = self
+            .streams
+            .iter()
+            .filter(|s| s.acked.as_deref() != Some(bundle_sha256))
+            .map(|s| s.caller.clone())
+            .collect();
+        lagging.sort();
+        (self.streams.len(), lagging)
+    }
+}
+
 pub struct DiscoveryServer {
     ca: Arc<Ca>,
     mesh: Arc<Mesh>,
     metrics: Arc<Metrics>,
+    acks: Arc<BundleAcks>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
 
 impl DiscoveryServer {
-    /// Stream tasks are spawned on `tracker` and end when `cancel` fires.
+    /// Stream tasks are spawned on `tracker` and end when `cancel` fires; each records in
+    /// `acks` which trust bundle its proxy acknowledged.
     pub fn new(
         ca: Arc<Ca>,
         mesh: Arc<Mesh>,
         metrics: Arc<Metrics>,
+        acks: Arc<BundleAcks>,
         tracker: TaskTracker,
         cancel: CancellationToken,
     ) -> Self {
@@ -59,6 +115,7 @@ impl DiscoveryServer {
             ca,
             mesh,
             metrics,
+            acks,
             tracker,
             cancel,
         }
@@ -72,8 +129,13 @@ impl DiscoveryServer {
                  presented",
             ));
         };
-        let info = verify_svid(chain, self.ca.bundle(), SystemTime::now(), PeerRole::Client)
-            .map_err(|e| Status::unauthenticated(format!("discovery refused: {e}")))?;
+        let info = verify_svid(
+            chain,
+            &self.ca.bundle(),
+            SystemTime::now(),
+            PeerRole::Client,
+        )
+        .map_err(|e| Status::unauthenticated(format!("discovery refused: {e}")))?;
         if !info.id.is_member_of(self.ca.trust_domain()) {
             return Err(Status::unauthenticated(format!(
                 "discovery refused: {} is not in trust domain {}",
@@ -118,6 +180,7 @@ impl AggregatedDiscoveryService for DiscoveryServer {
             caller,
             snapshots,
             self.metrics.clone(),
+            self.acks.clone(),
             tx,
             self.cancel.clone(),
         );
@@ -183,6 +246,11 @@ struct DeltaStream {
     policy_basis: [Weak<ResourceMap>; 2],
     nonce: u64,
     metrics: Arc<Metrics>,
+    acks: Arc<BundleAcks>,
+    /// This stream's entry in `acks`.
+    stream_id: u64,
+    /// The nonce of the last MeshConfig response sent and the bundle it carried.
+    bundle_sent: Option<(String, Arc<str>)>,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     cancel: CancellationToken,
     expires: Instant,
@@ -193,10 +261,12 @@ impl DeltaStream {
         caller: Caller,
         mut snapshots: watch::Receiver<Arc<MeshSnapshot>>,
         metrics: Arc<Metrics>,
+        acks: Arc<BundleAcks>,
         tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
         cancel: CancellationToken,
     ) -> Self {
         let current = snapshots.borrow_and_update().clone();
+        let stream_id = acks.open(&caller.id);
         let left = caller
             .not_after
             .duration_since(SystemTime::now())
@@ -214,6 +284,9 @@ impl DeltaStream {
             policy_basis: [Weak::new(), Weak::new()],
             nonce: 0,
             metrics,
+            acks,
+            stream_id,
+            bundle_sent: None,
             tx,
             cancel,
             expires,
@@ -263,6 +336,7 @@ impl DeltaStream {
             }
         };
         self.metrics.discovery_streams.dec();
+        self.acks.close(self.stream_id);
         let node = self.node_label().to_string();
         match ended {
             Ended::Expired => tracing::info!(
@@ -352,7 +426,13 @@ impl DeltaStream {
                         .inc();
                 }
                 None => {
-                    tracing::trace!(r#type = ty.label(), nonce = %request.response_nonce, "ACK")
+                    tracing::trace!(r#type = ty.label(), nonce = %request.response_nonce, "ACK");
+                    if let Some((nonce, bundle)) = &self.bundle_sent
+                        && ty == ResourceType::MeshConfig
+                        && *nonce == request.response_nonce
+                    {
+                        self.acks.acked(self.stream_id, bundle.clone());
+                    }
                 }
             }
             return Ok(());
@@ -373,7 +453,7 @@ impl DeltaStream {
         }
         let visible = self.visible(ty);
         let initial = &request.initial_resource_versions;
-        let changed = visible
+        let changed: Vec<Arc<VersionedResource>> = visible
             .map()
             .values()
             .filter(|r| initial.get(&*r.name) != Some(&r.version))
@@ -386,6 +466,11 @@ impl DeltaStream {
             .collect();
         let version = self.set_version(ty, &visible);
         self.held[ty.index()] = Some(visible);
+        if ty == ResourceType::MeshConfig && changed.is_empty() {
+            // The proxy reconnected holding the current MeshConfig, bundle included.
+            self.acks
+                .acked(self.stream_id, self.current.trust_bundle_sha256.clone());
+        }
         self.send(ty, changed, removed, version).await
     }
 
@@ -492,6 +577,12 @@ impl DeltaStream {
             sent = self.tx.send(Ok(response)) => sent.map_err(|_| Ended::ProxyGone)?,
             _ = self.cancel.cancelled() => return Err(Ended::Shutdown),
             _ = tokio::time::sleep_until(self.expires) => return Err(Ended::Expired),
+        }
+        if ty == ResourceType::MeshConfig && !changed.is_empty() {
+            self.bundle_sent = Some((
+                self.nonce.to_string(),
+                self.current.trust_bundle_sha256.clone(),
+            ));
         }
         self.metrics
             .discovery_responses

@@ -1,5 +1,6 @@
 //! The control plane's own SVID (`spiffe://<td>/ns/latch-system/sa/latch-control`), issued by its
-//! CA in-process, served on the gRPC port and renewed at half its lifetime.
+//! CA in-process, served on the gRPC port and renewed at half its lifetime, and at once with the
+//! new bundle whenever a root rotation step changes the bundle or the signing root.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -29,7 +30,11 @@ pub fn serving_identity(
     tracker: &TaskTracker,
     cancel: CancellationToken,
 ) -> Result<Arc<CertStore>, StartError> {
-    let store = Arc::new(CertStore::with_svid(issue_own(ca)?, ca.bundle().clone()));
+    let mut bundles = ca.subscribe_bundle();
+    let store = Arc::new(CertStore::with_svid(
+        issue_own(ca)?,
+        (*bundles.borrow_and_update()).as_ref().clone(),
+    ));
     let (ca, renewing) = (ca.clone(), store.clone());
     tracker.spawn(async move {
         loop {
@@ -41,6 +46,14 @@ pub fn serving_identity(
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(wait.max(Duration::from_secs(1))) => {}
+                changed = bundles.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let bundle = (*bundles.borrow_and_update()).as_ref().clone();
+                    // The new bundle first: it trusts both the old and the new root.
+                    renewing.set_bundle(bundle);
+                }
             }
             match issue_own(&ca) {
                 Ok(svid) => {

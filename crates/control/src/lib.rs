@@ -39,7 +39,7 @@ pub use config::{Args, Config};
 use crate::bundle_configmaps::BundleConfigMaps;
 use crate::ca::Ca;
 use crate::certificate_service::{CertificateServer, MAX_REQUEST_BYTES};
-use crate::discovery::DiscoveryServer;
+use crate::discovery::{BundleAcks, DiscoveryServer};
 use crate::kubernetes::{KubeTokenReviewer, ServiceAccountAuthenticator};
 use crate::mesh::Mesh;
 use crate::mesh::file_source::{self, FileSource};
@@ -122,6 +122,51 @@ fn admin_credential(path: &std::path::Path) -> Result<String, StartError> {
     }
 }
 
+/// Writes the trust bundle to `paths` (the data dir's bundle.pem, `--publish-bundle`), and again
+/// with every change a root rotation step makes, which is also republished to the proxies
+/// (MeshConfig) and handed out through the returned receiver (ConfigMaps, webhook caBundle).
+/// Keeps the CA expiry metrics current.
+fn follow_bundle(
+    ca: &Arc<Ca>,
+    mesh: &Arc<Mesh>,
+    metrics: &Arc<Metrics>,
+    paths: [Option<PathBuf>; 2],
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) -> Result<watch::Receiver<String>, (PathBuf, std::io::Error)> {
+    let mut bundles = ca.subscribe_bundle();
+    let pem = bundles.borrow_and_update().to_pem();
+    let [data_dir_copy, published] = paths;
+    let paths: Vec<PathBuf> = data_dir_copy.into_iter().chain(published.clone()).collect();
+    for path in &paths {
+        files::write_public(path, pem.as_bytes()).map_err(|e| (path.clone(), e))?;
+    }
+    if let Some(path) = published {
+        tracing::info!(path = %path.display(), "trust bundle published (--publish-bundle)");
+    }
+    metrics.set_ca_certificates(&ca.certificates(), ca.not_after());
+    let (sender, receiver) = watch::channel(pem);
+    let (ca, mesh, metrics) = (ca.clone(), mesh.clone(), metrics.clone());
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = bundles.changed() => if changed.is_err() { return },
+            }
+            let pem = bundles.borrow_and_update().to_pem();
+            for path in &paths {
+                if let Err(e) = files::write_public(path, pem.as_bytes()) {
+                    tracing::error!(path = %path.display(), "cannot write the new trust bundle: {e}; clients reading this file keep the old one");
+                }
+            }
+            metrics.set_ca_certificates(&ca.certificates(), ca.not_after());
+            mesh.set_trust_bundle(pem.clone());
+            sender.send_replace(pem);
+        }
+    });
+    Ok(receiver)
+}
+
 /// Binds `addr`; returns the listener and the address it got (port 0 picks one).
 async fn bind(
     addr: SocketAddr,
@@ -179,12 +224,6 @@ impl ControlPlane {
             (None, None, _) => Ca::load_or_create(data_dir, &config.trust_domain, config.ttl)?,
         });
         let bundle_path = data_dir.join("bundle.pem");
-        files::write_public(&bundle_path, ca.bundle().to_pem().as_bytes()).map_err(|source| {
-            StartError::DataDir {
-                path: bundle_path.clone(),
-                source,
-            }
-        })?;
         let admin_token_path = data_dir.join("admin.token");
         let credential = admin_credential(&admin_token_path)?;
 
@@ -196,18 +235,14 @@ impl ControlPlane {
                 .map_err(StartError::Config)?;
         }
         let metrics = Arc::new(Metrics::new());
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
         // The Kubernetes source's mesh is served once every kind has been listed.
         let mesh = Arc::new(Mesh::new(
             ca.bundle().to_pem(),
             metrics.clone(),
             !config.kubernetes_mesh,
         ));
-        metrics.ca_expiry.set(
-            ca.not_after()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-                .unwrap_or(0),
-        );
 
         let service_accounts = match kube_client {
             Some(client) => {
@@ -223,8 +258,26 @@ impl ControlPlane {
             None => None,
         };
 
-        let cancel = CancellationToken::new();
-        let tracker = TaskTracker::new();
+        let bundle_pem = follow_bundle(
+            &ca,
+            &mesh,
+            &metrics,
+            [Some(bundle_path.clone()), config.publish_bundle.clone()],
+            &tracker,
+            cancel.clone(),
+        )
+        .map_err(|(path, e)| {
+            let flag = if Some(&path) == config.publish_bundle.as_ref() {
+                "--publish-bundle: "
+            } else {
+                ""
+            };
+            StartError::Config(format!(
+                "{flag}cannot write the trust bundle to {}: {e} (does its folder exist and is it \
+                 writable?)",
+                path.display()
+            ))
+        })?;
         // With the Kubernetes source the file's model is joined with the cluster's there.
         let to_cluster = match (&config.kubernetes, config.kubernetes_mesh) {
             (Some(access), true) => {
@@ -234,7 +287,7 @@ impl ControlPlane {
                 let (namespaces, meshed_namespaces) = watch::channel(BTreeSet::new());
                 BundleConfigMaps {
                     client: access.client().map_err(StartError::Config)?,
-                    bundle_pem: ca.bundle().to_pem(),
+                    bundle_pem: bundle_pem.clone(),
                     retry: bundle_configmaps::RETRY,
                     resync: bundle_configmaps::RESYNC,
                 }
@@ -308,7 +361,7 @@ impl ControlPlane {
                         WebhookCaBundle {
                             client: access.client().map_err(StartError::Config)?,
                             name: webhook.configuration.clone(),
-                            bundle_pem: ca.bundle().to_pem(),
+                            bundle_pem: bundle_pem.clone(),
                             metrics: metrics.clone(),
                             retry: webhook_ca_bundle::RETRY,
                             resync: webhook_ca_bundle::RESYNC,
@@ -351,10 +404,12 @@ impl ControlPlane {
             metrics.clone(),
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
+        let bundle_acks = Arc::new(BundleAcks::default());
         let discovery = AggregatedDiscoveryServiceServer::new(DiscoveryServer::new(
             ca.clone(),
             mesh.clone(),
             metrics.clone(),
+            bundle_acks.clone(),
             tracker.clone(),
             cancel.clone(),
         ));
@@ -387,6 +442,7 @@ impl ControlPlane {
                 tokens: tokens.clone(),
                 metrics: metrics.clone(),
                 mesh: mesh.clone(),
+                bundle_acks,
                 own_identity,
                 admin_credential_hash: tokens::token_hash(&credential),
             }),

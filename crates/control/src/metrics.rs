@@ -34,6 +34,14 @@ pub struct KindLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CaCertLabel {
+    /// root, intermediate, next root or previous root.
+    pub role: &'static str,
+    /// SHA-256 of the certificate, hex.
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeLabel {
     /// The proxy's node id, or its SPIFFE ID when it sent none.
     pub node: String,
@@ -53,6 +61,7 @@ pub struct Metrics {
     pub svid_refusals: Family<ReasonLabel, Counter>,
     pub join_tokens_created: Counter,
     pub ca_expiry: Gauge,
+    pub ca_certificate_expiry: Family<CaCertLabel, Gauge>,
     pub discovery_streams: Gauge,
     pub discovery_responses: Family<TypeLabel, Counter>,
     pub discovery_nacks: Family<NodeLabel, Counter>,
@@ -88,8 +97,16 @@ impl Metrics {
         );
         registry.register(
             "latch_control_ca_expiry_timestamp_seconds",
-            "NotAfter of the signing CA certificate, Unix seconds",
+            "The latest NotAfter a leaf can get: the earliest NotAfter from the signing CA \
+             certificate up to its root, Unix seconds",
             ca_expiry.clone(),
+        );
+        let ca_certificate_expiry = Family::<CaCertLabel, Gauge>::default();
+        registry.register(
+            "latch_control_ca_certificate_expiry_timestamp_seconds",
+            "NotAfter of every CA certificate in use (roots, intermediates, and the next or \
+             previous root during a rotation), Unix seconds; /ready warns 30 days ahead",
+            ca_certificate_expiry.clone(),
         );
         let discovery_streams = Gauge::default();
         let discovery_responses = Family::<TypeLabel, Counter>::default();
@@ -151,6 +168,7 @@ impl Metrics {
             svid_refusals,
             join_tokens_created,
             ca_expiry,
+            ca_certificate_expiry,
             discovery_streams,
             discovery_responses,
             discovery_nacks,
@@ -160,6 +178,29 @@ impl Metrics {
             kubernetes_skipped,
             kubernetes_watch_failures,
             webhook_ca_bundle_sync_failures,
+        }
+    }
+
+    /// Records the CA certificates in use and the latest NotAfter a leaf can get.
+    pub fn set_ca_certificates(
+        &self,
+        certificates: &[crate::ca::CaCertificate],
+        leaf_limit: std::time::SystemTime,
+    ) {
+        let unix = |t: std::time::SystemTime| {
+            t.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                .unwrap_or(0)
+        };
+        self.ca_expiry.set(unix(leaf_limit));
+        self.ca_certificate_expiry.clear();
+        for cert in certificates {
+            self.ca_certificate_expiry
+                .get_or_create(&CaCertLabel {
+                    role: cert.role,
+                    fingerprint: cert.fingerprint.clone(),
+                })
+                .set(unix(cert.not_after));
         }
     }
 

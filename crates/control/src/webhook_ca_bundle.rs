@@ -19,6 +19,7 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -67,8 +68,8 @@ pub struct WebhookCaBundle {
     pub client: kube::Client,
     /// The MutatingWebhookConfiguration's name.
     pub name: String,
-    /// The CA's roots, PEM.
-    pub bundle_pem: String,
+    /// The CA's roots, PEM; synced again at once when they change.
+    pub bundle_pem: watch::Receiver<String>,
     pub metrics: Arc<Metrics>,
     /// Wait after a failure (`RETRY`; shorter in tests).
     pub retry: Duration,
@@ -78,9 +79,10 @@ pub struct WebhookCaBundle {
 
 impl WebhookCaBundle {
     /// Syncs now and then after every `retry` (failed) or `resync` (done) until `cancel` fires.
-    pub fn spawn(self, tracker: &TaskTracker, cancel: CancellationToken) {
+    pub fn spawn(mut self, tracker: &TaskTracker, cancel: CancellationToken) {
         tracker.spawn(async move {
             let mut failing = false;
+            let mut bundle_open = true;
             loop {
                 let wait = match self.sync().await {
                     Ok(synced) => {
@@ -110,6 +112,9 @@ impl WebhookCaBundle {
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = tokio::time::sleep(wait) => {}
+                    changed = self.bundle_pem.changed(), if bundle_open => {
+                        bundle_open = changed.is_ok();
+                    }
                 }
             }
         });
@@ -134,7 +139,8 @@ impl WebhookCaBundle {
         if webhooks.is_empty() {
             return Err(SyncError::Empty(self.name.clone()));
         }
-        let want = self.bundle_pem.as_bytes();
+        let bundle_pem = self.bundle_pem.borrow().clone();
+        let want = bundle_pem.as_bytes();
         if webhooks
             .iter()
             .all(|w| w.client_config.ca_bundle.as_ref().map(|b| b.0.as_slice()) == Some(want))
@@ -148,7 +154,7 @@ impl WebhookCaBundle {
                 field_manager: Some(FIELD_MANAGER.to_string()),
                 ..PatchParams::default()
             },
-            &Patch::Strategic(patch_body(&names, &self.bundle_pem)),
+            &Patch::Strategic(patch_body(&names, &bundle_pem)),
         )
         .await
         .map_err(api_err("patch"))?;

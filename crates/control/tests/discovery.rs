@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use latch_control::{Config, ControlPlane};
 use latch_identity::client::{CaClient, connect_channel, control_plane_id};
@@ -113,7 +113,7 @@ impl Plane {
     }
 
     fn store(&self) -> Arc<CertStore> {
-        Arc::new(CertStore::new(self.cp.ca.bundle().clone()))
+        Arc::new(CertStore::new(self.cp.ca.bundle().as_ref().clone()))
     }
 
     fn verifier(&self) -> Arc<SpiffeServerVerifier> {
@@ -147,8 +147,12 @@ impl Plane {
         &self,
         svid: Option<Svid>,
     ) -> AggregatedDiscoveryServiceClient<tonic::transport::Channel> {
-        let store =
-            svid.map(|svid| Arc::new(CertStore::with_svid(svid, self.cp.ca.bundle().clone())));
+        let store = svid.map(|svid| {
+            Arc::new(CertStore::with_svid(
+                svid,
+                self.cp.ca.bundle().as_ref().clone(),
+            ))
+        });
         let tls = client_config(store, self.verifier(), &[ALPN_H2]).unwrap();
         let channel = connect_channel(&self.cp.grpc_addr.to_string(), tls, None)
             .await
@@ -789,4 +793,148 @@ async fn a_large_push_is_split_and_only_its_last_part_carries_the_version() {
     all.dedup();
     assert_eq!(all.len(), 400, "every workload exactly once");
     proxy.expect_quiet().await;
+}
+
+/// POSTs `path` to the admin API with the admin credential: (status, body).
+async fn admin_post(plane: &Plane, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let credential = std::fs::read_to_string(&plane.cp.admin_token_path).unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(plane.cp.admin_addr)
+        .await
+        .unwrap();
+    tcp.write_all(
+        format!(
+            "POST {path} HTTP/1.0\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\n\r\n",
+            credential.trim()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn a_new_root_is_activated_only_once_every_connected_proxy_acknowledged_it() {
+    let plane = Plane::start(None).await;
+    let mut proxy = plane.proxy("demo", "web", "web-1").await;
+    proxy.sync(&empty()).await;
+
+    let (status, body) = admin_post(&plane, "/v1/ca/rotate/prepare").await;
+    assert_eq!(status, 200, "{body}");
+    // The MeshConfig with both roots is pushed; this proxy holds it without acknowledging.
+    let push = proxy.recv().await;
+    assert_eq!(push.type_url, MESH_CONFIG);
+    let mesh: MeshConfig = decode(&push, latch_proto::MESH_CONFIG_NAME);
+    assert_eq!(mesh.trust_bundle_pem, plane.cp.ca.bundle().to_pem());
+    assert_eq!(plane.cp.ca.bundle().roots().len(), 2);
+
+    let (status, body) = admin_post(&plane, "/v1/ca/rotate/activate").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains("1 of 1 connected proxies have not acknowledged")
+            && body.contains("spiffe://cluster.local/ns/demo/sa/web"),
+        "{body}"
+    );
+    let (_, status_body) = plane.admin_get("/v1/ca").await;
+    assert!(
+        status_body.contains("\"phase\": \"prepared\""),
+        "{status_body}"
+    );
+
+    proxy.ack(&push).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = admin_post(&plane, "/v1/ca/rotate/activate").await;
+        if status == 200 {
+            assert!(body.contains("\"phase\": \"activated\""), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status} {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Retiring before the longest leaf lifetime has passed is refused, naming when it may.
+    let (status, body) = admin_post(&plane, "/v1/ca/rotate/retire").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.contains("may still anchor live leaves until"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn ready_and_metrics_warn_about_a_root_expiring_within_30_days() {
+    // An operator's root (plug-in mode) made by openssl, valid for 10 more days.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (
+        dir.path().join("root.crt.pem"),
+        dir.path().join("root.key.pem"),
+    );
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "10", "-subj", "/CN=Root expiring soon"])
+        .args(["-addext", "basicConstraints=critical,CA:true"])
+        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        .args(["-addext", "subjectAltName=URI:spiffe://cluster.local"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let plane = Plane::start_with(None, |config| {
+        config.plugin = Some(latch_control::ca::PluginFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            chain: None,
+            bundle: None,
+        });
+    })
+    .await;
+    let (status, body) = plane.admin_get("/ready").await;
+    assert_eq!(status, 200, "expiring is not expired: {body}");
+    assert!(body.starts_with("ready\nca: root "), "{body}");
+    assert!(body.contains("(in 9 days)"), "{body}");
+    let (_, metrics) = plane.admin_get("/metrics").await;
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("latch_control_ca_certificate_expiry_timestamp_seconds{"))
+        .unwrap_or_else(|| panic!("no expiry metric in {metrics}"));
+    assert!(line.contains("role=\"root\""), "{line}");
+    let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((value - now - 10.0 * 86_400.0).abs() < 120.0, "{line}");
+
+    // A root made by the control plane itself (a year) gets no warning.
+    let fresh = Plane::start(None).await;
+    assert_eq!(
+        fresh.admin_get("/ready").await,
+        (200, "ready\n".to_string())
+    );
 }

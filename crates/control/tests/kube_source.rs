@@ -717,9 +717,11 @@ async fn a_deleted_bundle_configmap_is_applied_again() {
         tokio::sync::watch::channel(std::collections::BTreeSet::from(["latch-demo".to_string()]));
     let tracker = tokio_util::task::TaskTracker::new();
     let cancel = tokio_util::sync::CancellationToken::new();
+    let (bundle, bundle_pem) =
+        tokio::sync::watch::channel("-----BEGIN CERTIFICATE-----\n...\n".to_string());
     BundleConfigMaps {
         client,
-        bundle_pem: "-----BEGIN CERTIFICATE-----\n...\n".into(),
+        bundle_pem,
         retry: Duration::from_millis(100),
         resync: Duration::from_millis(300),
     }
@@ -747,6 +749,15 @@ async fn a_deleted_bundle_configmap_is_applied_again() {
         .map(|(ns, _, _)| ns.clone())
         .collect();
     assert_eq!(namespaces_applied, HashSet::from(["shop".to_string()]));
+
+    // A new bundle (a root rotation step) is applied at once, not at the next resync.
+    cluster.applied.lock().unwrap().clear();
+    bundle.send_replace("-----BEGIN CERTIFICATE-----\nnew\n".to_string());
+    let (_, body) = until_applied(&cluster, "shop").await;
+    assert_eq!(
+        body["data"]["bundle.pem"],
+        "-----BEGIN CERTIFICATE-----\nnew\n"
+    );
 
     cancel.cancel();
     tracker.close();

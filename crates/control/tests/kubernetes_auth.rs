@@ -174,7 +174,7 @@ impl Plane {
         let trust_domain = TrustDomain::new("cluster.local").unwrap();
         CaClient::connect(
             &self.cp.grpc_addr.to_string(),
-            Arc::new(CertStore::new(self.cp.ca.bundle().clone())),
+            Arc::new(CertStore::new(self.cp.ca.bundle().as_ref().clone())),
             ExpectedPeer::Exactly(control_plane_id(&trust_domain)),
             false,
         )

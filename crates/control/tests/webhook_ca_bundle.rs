@@ -131,7 +131,7 @@ fn task(api: SocketAddr, metrics: Arc<Metrics>) -> WebhookCaBundle {
     WebhookCaBundle {
         client: client(api),
         name: "latch-sidecar-injector".into(),
-        bundle_pem: PEM.into(),
+        bundle_pem: tokio::sync::watch::channel(PEM.to_string()).1,
         metrics,
         retry: Duration::from_millis(100),
         resync: Duration::from_secs(3600),

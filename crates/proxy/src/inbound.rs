@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::authorizer::Decision;
-use crate::data_path::{DataPath, InboundMode};
+use crate::data_path::{DataPath, InboundMode, connect_failure_reason};
 use crate::transport::{ALPN_LATCH, HeaderError, TransportHeader, resumed_peer_still_valid};
 
 const DIRECTION: &str = "inbound";
@@ -130,7 +130,8 @@ pub async fn mtls(
     let upstream = match dp.connect(app).await {
         Ok(s) => s,
         Err(e) => {
-            dp.metrics.refused(DIRECTION, "app_unreachable");
+            let reason = connect_failure_reason(&e, "app_unreachable");
+            dp.metrics.refused(DIRECTION, reason);
             tracing::warn!(peer = %peer, %app, "cannot reach the local app: {e}");
             return;
         }
@@ -175,7 +176,8 @@ pub async fn plaintext(
             .await
         }
         Err(e) => {
-            dp.metrics.refused(PLAINTEXT, "app_unreachable");
+            let reason = connect_failure_reason(&e, "app_unreachable");
+            dp.metrics.refused(PLAINTEXT, reason);
             tracing::warn!(%remote, %app, "cannot reach the local app: {e}");
         }
     }

@@ -27,6 +27,14 @@ pub struct FailureLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AcceptLabels {
+    /// "inbound", "outbound" or "inbound_plaintext".
+    pub listener: &'static str,
+    /// "fd_limit" (EMFILE/ENFILE), "out_of_memory" (ENOBUFS/ENOMEM) or "other".
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HandshakeLabels {
     pub direction: &'static str,
     /// "full" or "resumed".
@@ -55,6 +63,7 @@ pub struct Metrics {
     pub handshake_failures: Family<FailureLabels, Counter>,
     pub handshakes: Family<HandshakeLabels, Counter>,
     pub connections_refused: Family<FailureLabels, Counter>,
+    pub accept_errors: Family<AcceptLabels, Counter>,
     pub authorization_denials: Family<ConnLabels, Counter>,
     pub connections_closed_by_policy: Counter,
     pub discovery_connected: Gauge,
@@ -143,6 +152,13 @@ impl Metrics {
             "Connections refused before proxying (limit, policy, bad transport header...)",
             connections_refused.clone(),
         );
+        let accept_errors = Family::<AcceptLabels, Counter>::default();
+        registry.register(
+            "latch_proxy_tcp_accept_errors",
+            "Failed accepts on a listener, by reason (fd_limit: out of file descriptors); \
+             retried after 50 ms",
+            accept_errors.clone(),
+        );
         let connections_closed_by_policy = Counter::default();
         registry.register(
             "latch_proxy_tcp_connections_closed_by_policy",
@@ -192,6 +208,7 @@ impl Metrics {
             handshake_failures,
             handshakes,
             connections_refused,
+            accept_errors,
             authorization_denials,
             connections_closed_by_policy,
             discovery_connected,
@@ -231,6 +248,12 @@ impl Metrics {
     pub fn refused(&self, direction: &'static str, reason: &'static str) {
         self.connections_refused
             .get_or_create(&FailureLabels { direction, reason })
+            .inc();
+    }
+
+    pub fn accept_failed(&self, listener: &'static str, reason: &'static str) {
+        self.accept_errors
+            .get_or_create(&AcceptLabels { listener, reason })
             .inc();
     }
 

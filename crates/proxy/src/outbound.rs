@@ -11,7 +11,7 @@ use latch_identity::SpiffeId;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::data_path::DataPath;
+use crate::data_path::{DataPath, connect_failure_reason};
 use crate::inbound::handshake_failure_reason;
 use crate::state::Route;
 use crate::transport::{ALPN_LATCH, TransportHeader, resumed_peer_still_valid};
@@ -83,6 +83,81 @@ impl std::str::FromStr for ExplicitTarget {
     }
 }
 
+/// Why `connect_mesh` gave up (already logged and counted).
+enum MeshConnectError {
+    /// A resumed session's server certificate has expired: retry with a full handshake.
+    ResumedExpired,
+    Failed,
+}
+
+/// Connects to the peer proxy at `mesh_addr` over mTLS, requiring exactly `id`; `resume`
+/// allows offering a cached session.
+async fn connect_mesh(
+    dp: &DataPath,
+    mesh_addr: SocketAddr,
+    id: &SpiffeId,
+    resume: bool,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, MeshConnectError> {
+    let config = if resume {
+        dp.tls.client(id)
+    } else {
+        dp.tls.client_without_resumption(id)
+    };
+    let Ok(config) = config else {
+        dp.metrics.refused(DIRECTION, "tls_config");
+        return Err(MeshConnectError::Failed);
+    };
+    let tcp = match dp.connect(mesh_addr).await {
+        Ok(t) => t,
+        Err(e) => {
+            let reason = connect_failure_reason(&e, "peer_unreachable");
+            dp.metrics.refused(DIRECTION, reason);
+            tracing::warn!(peer = %id, %mesh_addr, "cannot reach the peer proxy: {e}");
+            return Err(MeshConnectError::Failed);
+        }
+    };
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let handshake = tokio::time::timeout(
+        dp.limits.handshake_timeout,
+        connector.connect(dp.tls.session_name(id), tcp),
+    )
+    .await;
+    let tls = match handshake {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            let reason = handshake_failure_reason(&e);
+            dp.metrics.handshake_failed(DIRECTION, reason);
+            tracing::warn!(expected = %id, %mesh_addr, reason, "outbound mTLS handshake failed: {e}");
+            return Err(MeshConnectError::Failed);
+        }
+        Err(_) => {
+            dp.metrics.handshake_failed(DIRECTION, "timeout");
+            tracing::warn!(expected = %id, %mesh_addr, "outbound mTLS handshake timed out");
+            return Err(MeshConnectError::Failed);
+        }
+    };
+    let conn = tls.get_ref().1;
+    let resumed = dp.metrics.handshake_done(DIRECTION, conn.handshake_kind());
+    let expected = latch_identity::ExpectedPeer::Exactly(id.clone());
+    if resumed
+        && !resumed_peer_still_valid(
+            conn.peer_certificates(),
+            &expected,
+            std::time::SystemTime::now(),
+        )
+    {
+        dp.metrics.handshake_failed(DIRECTION, "resumed_expired");
+        tracing::debug!(expected = %id, "resumed session's server certificate is no longer valid; retrying with a full handshake");
+        return Err(MeshConnectError::ResumedExpired);
+    }
+    if conn.alpn_protocol() != Some(ALPN_LATCH) {
+        dp.metrics.handshake_failed(DIRECTION, "alpn");
+        tracing::warn!(expected = %id, %mesh_addr, "peer did not negotiate ALPN latch/1");
+        return Err(MeshConnectError::Failed);
+    }
+    Ok(tls)
+}
+
 /// Carries `app` to `route`.
 async fn forward(dp: &DataPath, app: TcpStream, route: Route) {
     match route {
@@ -91,57 +166,19 @@ async fn forward(dp: &DataPath, app: TcpStream, route: Route) {
             id,
             target_port,
         } => {
-            let Ok(config) = dp.tls.client(&id) else {
-                dp.metrics.refused(DIRECTION, "tls_config");
-                return;
-            };
-            let tcp = match dp.connect(mesh_addr).await {
-                Ok(t) => t,
-                Err(e) => {
-                    dp.metrics.refused(DIRECTION, "peer_unreachable");
-                    tracing::warn!(peer = %id, %mesh_addr, "cannot reach the peer proxy: {e}");
-                    return;
+            // A resumed session whose server certificate expired meanwhile (the ticket was
+            // issued just before the peer rotated) is dropped before any app byte is sent, so
+            // one full handshake can take its place without the app noticing.
+            let mut tls = match connect_mesh(dp, mesh_addr, &id, true).await {
+                Ok(tls) => tls,
+                Err(MeshConnectError::ResumedExpired) => {
+                    match connect_mesh(dp, mesh_addr, &id, false).await {
+                        Ok(tls) => tls,
+                        Err(_) => return,
+                    }
                 }
+                Err(MeshConnectError::Failed) => return,
             };
-            let connector = tokio_rustls::TlsConnector::from(config);
-            let handshake = tokio::time::timeout(
-                dp.limits.handshake_timeout,
-                connector.connect(dp.tls.session_name(&id), tcp),
-            )
-            .await;
-            let mut tls = match handshake {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    let reason = handshake_failure_reason(&e);
-                    dp.metrics.handshake_failed(DIRECTION, reason);
-                    tracing::warn!(expected = %id, %mesh_addr, reason, "outbound mTLS handshake failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    dp.metrics.handshake_failed(DIRECTION, "timeout");
-                    tracing::warn!(expected = %id, %mesh_addr, "outbound mTLS handshake timed out");
-                    return;
-                }
-            };
-            let conn = tls.get_ref().1;
-            let resumed = dp.metrics.handshake_done(DIRECTION, conn.handshake_kind());
-            let expected = latch_identity::ExpectedPeer::Exactly(id.clone());
-            if resumed
-                && !resumed_peer_still_valid(
-                    conn.peer_certificates(),
-                    &expected,
-                    std::time::SystemTime::now(),
-                )
-            {
-                dp.metrics.handshake_failed(DIRECTION, "resumed_expired");
-                tracing::warn!(expected = %id, "resumed session's server certificate is no longer valid");
-                return;
-            }
-            if conn.alpn_protocol() != Some(ALPN_LATCH) {
-                dp.metrics.handshake_failed(DIRECTION, "alpn");
-                tracing::warn!(expected = %id, %mesh_addr, "peer did not negotiate ALPN latch/1");
-                return;
-            }
             if let Err(e) = (TransportHeader { target_port }).write_to(&mut tls).await {
                 dp.metrics.refused(DIRECTION, "header_write");
                 tracing::warn!(peer = %id, "sending the transport header failed: {e}");
@@ -162,7 +199,8 @@ async fn forward(dp: &DataPath, app: TcpStream, route: Route) {
                 .await
             }
             Err(e) => {
-                dp.metrics.refused("passthrough", "destination_unreachable");
+                let reason = connect_failure_reason(&e, "destination_unreachable");
+                dp.metrics.refused("passthrough", reason);
                 tracing::debug!(%destination, "passthrough connect failed: {e}");
             }
         },

@@ -236,6 +236,8 @@ pub struct MeshTls {
     trust_domain: TrustDomain,
     server: Arc<ServerConfig>,
     clients: DashMap<SpiffeId, Arc<ClientConfig>>,
+    /// The same without session resumption, for the retry after a stale resumed session.
+    fresh_clients: DashMap<SpiffeId, Arc<ClientConfig>>,
 }
 
 impl MeshTls {
@@ -256,6 +258,7 @@ impl MeshTls {
             trust_domain,
             server: Arc::new(server),
             clients: DashMap::new(),
+            fresh_clients: DashMap::new(),
         })
     }
 
@@ -289,9 +292,31 @@ impl MeshTls {
         self.server.clone()
     }
 
-    /// A client config that accepts only a server presenting exactly `expected`.
+    /// A client config that accepts only a server presenting exactly `expected`, resuming
+    /// sessions with it.
     pub fn client(&self, expected: &SpiffeId) -> Result<Arc<ClientConfig>, rustls::Error> {
-        if let Some(config) = self.clients.get(expected) {
+        self.client_config(expected, true)
+    }
+
+    /// `client` without session resumption: always a full handshake.
+    pub fn client_without_resumption(
+        &self,
+        expected: &SpiffeId,
+    ) -> Result<Arc<ClientConfig>, rustls::Error> {
+        self.client_config(expected, false)
+    }
+
+    fn client_config(
+        &self,
+        expected: &SpiffeId,
+        resume: bool,
+    ) -> Result<Arc<ClientConfig>, rustls::Error> {
+        let cache = if resume {
+            &self.clients
+        } else {
+            &self.fresh_clients
+        };
+        if let Some(config) = cache.get(expected) {
             return Ok(config.clone());
         }
         let verifier =
@@ -301,9 +326,13 @@ impl MeshTls {
             Arc::new(verifier),
             &[ALPN_LATCH],
         )?;
-        config.resumption = rustls::client::Resumption::in_memory_sessions(4096);
+        config.resumption = if resume {
+            rustls::client::Resumption::in_memory_sessions(4096)
+        } else {
+            rustls::client::Resumption::disabled()
+        };
         let config = Arc::new(config);
-        self.clients.insert(expected.clone(), config.clone());
+        cache.insert(expected.clone(), config.clone());
         Ok(config)
     }
 }

@@ -16,10 +16,26 @@ use super::tunnel::{Alt, App, Tunnel};
 pub const ENTRY_BASE: u16 = 13000;
 const TLS_BASE: u16 = 23000;
 
+/// `maxconn` of the mesh bench: fits the container's hard limit of 20,000 open files (HAProxy
+/// needs two per connection plus a few) and still leaves room for the 9,000-connection memory
+/// row.
+const MAXCONN: usize = 9500;
+
 /// Starts both sides and waits for their listeners.
 pub fn start(dir: &Path, client: &SvidFiles, server: &SvidFiles, suite: &str) -> Result<Tunnel> {
-    let server_side = side(dir, "haproxy-server", server, suite, false)?;
-    let client_side = side(dir, "haproxy-client", client, suite, true)?;
+    start_with(dir, client, server, suite, MAXCONN)
+}
+
+/// `start` with `maxconn` (global and per frontend) on both sides.
+pub fn start_with(
+    dir: &Path,
+    client: &SvidFiles,
+    server: &SvidFiles,
+    suite: &str,
+    maxconn: usize,
+) -> Result<Tunnel> {
+    let server_side = side(dir, "haproxy-server", server, suite, false, maxconn)?;
+    let client_side = side(dir, "haproxy-client", client, suite, true, maxconn)?;
     for app in App::ALL {
         wait_port(app.port_in(ENTRY_BASE), Duration::from_secs(10))?;
         wait_port(app.port_in(TLS_BASE), Duration::from_secs(10))?;
@@ -32,7 +48,14 @@ pub fn start(dir: &Path, client: &SvidFiles, server: &SvidFiles, suite: &str) ->
     ))
 }
 
-fn side(dir: &Path, name: &str, svid: &SvidFiles, suite: &str, client: bool) -> Result<Proc> {
+fn side(
+    dir: &Path,
+    name: &str,
+    svid: &SvidFiles,
+    suite: &str,
+    client: bool,
+    maxconn: usize,
+) -> Result<Proc> {
     // HAProxy wants the chain and the key in one file.
     let combined = dir.join(format!("{name}.pem"));
     let pem = [&svid.chain, &svid.key]
@@ -47,7 +70,7 @@ fn side(dir: &Path, name: &str, svid: &SvidFiles, suite: &str, client: bool) -> 
     let crt = combined.display();
     std::fs::write(
         &config_path,
-        config(client, &format!("{crt}"), &format!("{ca}"), suite),
+        config(client, &format!("{crt}"), &format!("{ca}"), suite, maxconn),
     )?;
     let mut command = Command::new("haproxy");
     command.arg("-db").arg("-f").arg(&config_path);
@@ -57,16 +80,14 @@ fn side(dir: &Path, name: &str, svid: &SvidFiles, suite: &str, client: bool) -> 
     Ok(proc)
 }
 
-/// `maxconn` fits the container's hard limit of 20,000 open files (HAProxy needs two per
-/// connection plus a few) and still leaves room for the 9,000-connection memory row.
-fn config(client: bool, crt: &str, ca: &str, suite: &str) -> String {
+fn config(client: bool, crt: &str, ca: &str, suite: &str, maxconn: usize) -> String {
     let mut text = format!(
-        "global\n  maxconn 9500\n\
+        "global\n  maxconn {maxconn}\n\
          \x20 ssl-default-bind-ciphersuites {suite}\n\
          \x20 ssl-default-server-ciphersuites {suite}\n\
          \x20 ssl-default-bind-options ssl-min-ver TLSv1.3 ssl-max-ver TLSv1.3\n\
          \x20 ssl-default-server-options ssl-min-ver TLSv1.3 ssl-max-ver TLSv1.3\n\
-         defaults\n  mode tcp\n  maxconn 9500\n  timeout connect 5s\n\
+         defaults\n  mode tcp\n  maxconn {maxconn}\n  timeout connect 5s\n\
          \x20 timeout client 1h\n  timeout server 1h\n"
     );
     for app in App::ALL {

@@ -17,9 +17,9 @@ pub const ENTRY_BASE: u16 = 11000;
 const CONTROL_GRPC: &str = "127.0.0.1:15010";
 const CONTROL_ADMIN: &str = "127.0.0.1:15014";
 const SERVER_MESH: &str = "127.0.0.1:15008";
-const SERVER_ADMIN: &str = "127.0.0.1:15020";
+pub const SERVER_ADMIN: &str = "127.0.0.1:15020";
 const CLIENT_MESH: &str = "127.0.0.1:15108";
-const CLIENT_ADMIN: &str = "127.0.0.1:15120";
+pub const CLIENT_ADMIN: &str = "127.0.0.1:15120";
 pub const CLIENT_ID: &str = "spiffe://cluster.local/ns/bench/sa/client";
 pub const SERVER_ID: &str = "spiffe://cluster.local/ns/bench/sa/server";
 
@@ -100,6 +100,12 @@ impl ControlPlane {
 
 /// Starts both latch-proxy sidecars and waits until each holds an SVID and listens.
 pub fn start(dir: &Path, control: &ControlPlane) -> Result<Tunnel> {
+    // Room for the memory rows whatever their size (the default limit is 10,000).
+    start_with(dir, control, 30_000)
+}
+
+/// `start` with `--max-connections max_connections` on both sidecars.
+pub fn start_with(dir: &Path, control: &ControlPlane, max_connections: usize) -> Result<Tunnel> {
     let server_side = proxy(
         dir,
         control,
@@ -108,6 +114,7 @@ pub fn start(dir: &Path, control: &ControlPlane) -> Result<Tunnel> {
         SERVER_MESH,
         SERVER_ADMIN,
         &[],
+        max_connections,
     )?;
     let outbound: Vec<String> = App::ALL
         .iter()
@@ -127,6 +134,7 @@ pub fn start(dir: &Path, control: &ControlPlane) -> Result<Tunnel> {
         CLIENT_MESH,
         CLIENT_ADMIN,
         &outbound,
+        max_connections,
     )?;
     for app in App::ALL {
         wait_port(app.port_in(ENTRY_BASE), Duration::from_secs(10))?;
@@ -139,6 +147,7 @@ pub fn start(dir: &Path, control: &ControlPlane) -> Result<Tunnel> {
     ))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn proxy(
     dir: &Path,
     control: &ControlPlane,
@@ -147,6 +156,7 @@ fn proxy(
     inbound: &str,
     admin: &str,
     outbound: &[String],
+    max_connections: usize,
 ) -> Result<Proc> {
     let token_file = dir.join(format!("{name}.token"));
     std::fs::write(&token_file, control.token(id)?)?;
@@ -167,8 +177,7 @@ fn proxy(
             // Explicit routes only; and /ready must not wait for a discovery sync.
             "--discovery=false",
         ])
-        // Room for the memory rows whatever their size (the default limit is 10,000).
-        .args(["--max-connections", "30000"]);
+        .args(["--max-connections", &max_connections.to_string()]);
     for rule in outbound {
         command.args(["--outbound", rule]);
     }

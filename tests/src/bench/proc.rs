@@ -70,15 +70,43 @@ impl Proc {
 
     /// Resident memory (VmRSS) in MiB.
     pub fn rss_mib(&self) -> Result<f64> {
+        Ok(self.rss_kib()? as f64 / 1024.0)
+    }
+
+    /// Open file descriptors (entries of /proc/<pid>/fd).
+    pub fn fd_count(&self) -> Result<usize> {
+        let path = format!("/proc/{}/fd", self.pid());
+        Ok(std::fs::read_dir(&path)
+            .with_context(|| format!("reading {path}"))?
+            .count())
+    }
+
+    /// The soft and hard open-file limits ("Max open files" of /proc/<pid>/limits), as written
+    /// there (a number or "unlimited").
+    pub fn open_files_limit(&self) -> Result<(String, String)> {
+        let path = format!("/proc/{}/limits", self.pid());
+        let limits = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        let mut fields = limits
+            .lines()
+            .find_map(|l| l.strip_prefix("Max open files"))
+            .with_context(|| format!("no open-file limit in {path}"))?
+            .split_whitespace();
+        match (fields.next(), fields.next()) {
+            (Some(soft), Some(hard)) => Ok((soft.to_string(), hard.to_string())),
+            _ => bail!("odd open-file limit line in {path}"),
+        }
+    }
+
+    /// Resident memory (VmRSS) in KiB.
+    pub fn rss_kib(&self) -> Result<u64> {
         let path = format!("/proc/{}/status", self.pid());
         let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        let kib: f64 = status
+        status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no VmRSS in {path}"))?;
-        Ok(kib / 1024.0)
+            .with_context(|| format!("no VmRSS in {path}"))
     }
 }
 

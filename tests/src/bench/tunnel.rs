@@ -110,6 +110,13 @@ impl Tunnel {
         }
     }
 
+    /// The client-side and server-side sidecar processes (none for the direct path).
+    pub fn sidecars(&self) -> Option<(&Proc, &Proc)> {
+        self.sidecars
+            .as_ref()
+            .map(|(client, server)| (client, server))
+    }
+
     /// CPU time of both sidecars so far (zero for the direct path).
     pub fn cpu_time(&self) -> Result<Duration> {
         match &self.sidecars {

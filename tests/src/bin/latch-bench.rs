@@ -5,6 +5,8 @@
 //! measures what the CA can serve when its clients run on other machines.
 //! `cargo xtask bench mesh`: Latch against stunnel, HAProxy and no proxy (latch_tests::bench).
 //! `cargo xtask bench discovery`: a config change reaching 1,000+ proxies (latch_tests::bench).
+//! `cargo xtask bench load`: 10,000 idle connections and connection churn through a proxy pair,
+//! Latch and HAProxy (latch_tests::bench::load).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use latch_identity::client::{CaClient, control_plane_id};
 use latch_identity::{CertStore, ExpectedPeer, TrustBundle, TrustDomain};
-use latch_tests::bench::{discovery, mesh};
+use latch_tests::bench::{discovery, load, mesh};
 use latch_tests::procs::{ChildGuard, free_port, wait_for};
 
 const TOKEN: &str = "latch-bench-reusable-token-0123456789";
@@ -268,10 +270,14 @@ async fn main() -> Result<()> {
         Some("ca") => bench_ca(parse_options(&args[1..])?).await,
         Some("mesh") => mesh::run(mesh::parse_options(&args[1..])?).await,
         Some("discovery") => discovery::run(discovery::parse_options(&args[1..])?).await,
+        Some("load") => load::run(load::parse_options(&args[1..])?).await,
+        // The load bench's echo server, a process of its own.
+        Some("load-echo") => load::echo_server(args.get(1).context("load-echo ADDR")?).await,
         _ => bail!(
-            "usage: latch-bench ca [--clients 1,4,16,64] [--seconds 5]\n       {}\n       {}",
+            "usage: latch-bench ca [--clients 1,4,16,64] [--seconds 5]\n       {}\n       {}\n       {}",
             mesh::USAGE,
-            discovery::USAGE
+            discovery::USAGE,
+            load::USAGE
         ),
     }
 }

@@ -32,7 +32,8 @@ struct Problem {
 /// The current mesh and everyone waiting for the next one.
 #[derive(Debug)]
 pub struct Mesh {
-    trust_bundle_pem: String,
+    /// The MeshConfig's trust bundle; replaced by `set_trust_bundle` during a root rotation.
+    trust_bundle_pem: Mutex<String>,
     snapshots: watch::Sender<Arc<MeshSnapshot>>,
     /// Serializes `publish`, so each snapshot is built on top of the one before it.
     publishing: Mutex<()>,
@@ -52,7 +53,7 @@ impl Mesh {
         let empty = MeshSnapshot::build(MeshModel::default(), &trust_bundle_pem, None, 0);
         metrics.mesh_generation.set(0);
         Self {
-            trust_bundle_pem,
+            trust_bundle_pem: Mutex::new(trust_bundle_pem),
             snapshots: watch::Sender::new(Arc::new(empty)),
             publishing: Mutex::new(()),
             problems: Mutex::new(BTreeMap::new()),
@@ -75,18 +76,30 @@ impl Mesh {
     /// Publishes `model` unless it holds exactly what is served already. Returns whether a
     /// new snapshot was published.
     pub fn publish(&self, model: MeshModel) -> bool {
+        self.publish_model(Some(model))
+    }
+
+    /// Publishes `model` (a source's; it is synced from now on), or the current model again
+    /// (`None`: the trust bundle changed).
+    fn publish_model(&self, model: Option<MeshModel>) -> bool {
         let _guard = self
             .publishing
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        self.synced.store(true, Ordering::Release);
         let current = self.snapshot();
-        let next = MeshSnapshot::build(
-            model,
-            &self.trust_bundle_pem,
-            Some(&current),
-            current.generation + 1,
-        );
+        let model = match model {
+            Some(model) => {
+                self.synced.store(true, Ordering::Release);
+                model
+            }
+            None => current.model.as_ref().clone(),
+        };
+        let bundle = self
+            .trust_bundle_pem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let next = MeshSnapshot::build(model, &bundle, Some(&current), current.generation + 1);
         if next.same_content(&current) {
             return false;
         }
@@ -103,6 +116,18 @@ impl Mesh {
             .set(i64::try_from(next.generation).unwrap_or(i64::MAX));
         self.snapshots.send_replace(Arc::new(next));
         true
+    }
+
+    /// Serves `pem` as the MeshConfig's trust bundle from now on (a root rotation step),
+    /// republishing the current model with it. Does not count as the source's first model.
+    pub fn set_trust_bundle(&self, pem: String) {
+        *self
+            .trust_bundle_pem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = pem;
+        if self.publish_model(None) {
+            tracing::info!("trust bundle republished to the proxies");
+        }
     }
 
     /// Whether the source has published its first model.

@@ -155,6 +155,9 @@ pub struct MeshSnapshot {
     /// When the model was published.
     pub loaded_at: SystemTime,
     pub model: Arc<MeshModel>,
+    /// SHA-256 (hex) of the MeshConfig's trust bundle PEM: what a proxy's MeshConfig ACK
+    /// confirms it holds.
+    pub trust_bundle_sha256: Arc<str>,
     types: [TypeSnapshot; 4],
     /// SPIFFE ID -> names of the workloads that have it.
     workloads_by_id: HashMap<String, Vec<String>>,
@@ -223,6 +226,7 @@ impl MeshSnapshot {
             version,
             loaded_at: SystemTime::now(),
             model: Arc::new(model),
+            trust_bundle_sha256: Arc::from(sha256_hex(trust_bundle_pem.as_bytes())),
             types,
             workloads_by_id,
         }
