@@ -1,4 +1,4 @@
-//! `cargo xtask <task>`: codegen, demo, bench, compose. Each task is a thin wrapper around
+//! `cargo xtask <task>`: codegen, demo, bench, compose, fuzz. Each task is a thin wrapper around
 //! cargo, docker and the project's own binaries so that what a developer runs is what CI runs.
 
 use std::process::Command;
@@ -22,6 +22,12 @@ fn main() -> Result<()> {
         Some("compose") => compose(&root, args.get(1).map(String::as_str)),
         Some("demo") => run_tests_bin(&root, "latch-demo", &args[1..]),
         Some("bench") => run_tests_bin(&root, "latch-bench", &args[1..]),
+        Some("fuzz") => {
+            let fuzz_args = xtask::fuzz::FuzzArgs::parse(&args[1..])?;
+            let runs = xtask::fuzz::run(&root, std::path::Path::new(env!("CARGO")), &fuzz_args)?;
+            print!("{}", xtask::fuzz::summary(&runs));
+            Ok(())
+        }
         _ => {
             eprintln!(
                 "usage: cargo xtask <task>\n\n\
@@ -39,7 +45,9 @@ fn main() -> Result<()> {
                  compose build      the Docker images latch:local and latch-demo-app:local\n  \
                  compose up         build, then start deploy/compose (project \"latch\")\n  \
                  compose test       the end-to-end test against the Docker engine\n  \
-                 compose down       remove the project's containers, networks and volumes"
+                 compose down       remove the project's containers, networks and volumes\n  \
+                 fuzz [--seconds N] [--merge] [--write-seeds] [TARGET...]\n                     \
+                 run each fuzz target N s (default 60) on fuzz/corpus; fail on a crash"
             );
             bail!("unknown or missing task");
         }

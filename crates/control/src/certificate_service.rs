@@ -6,11 +6,12 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use latch_identity::csr::{CsrError, verify_csr};
+use latch_identity::csr::{CsrError, VerifiedCsr, verify_csr};
 use latch_identity::{PeerRole, SpiffeId, SvidError, verify_svid};
 use latch_proto::ca::certificate_service_server::CertificateService;
 use latch_proto::ca::create_certificate_request::Proof;
 use latch_proto::ca::{CreateCertificateRequest, CreateCertificateResponse};
+use thiserror::Error;
 use tonic::{Request, Response, Status};
 
 use crate::ca::{Ca, CaError, TtlError};
@@ -23,6 +24,27 @@ use crate::tokens::{JoinTokens, TokenError, TokenGrant};
 pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
 /// Largest CSR accepted; a P-256 CSR is a few hundred bytes. Larger ones get RESOURCE_EXHAUSTED.
 pub const MAX_CSR_BYTES: usize = 16 * 1024;
+
+/// Why the CSR of an authenticated caller is refused.
+#[derive(Debug, Error)]
+pub enum CsrRefusal {
+    #[error(transparent)]
+    Invalid(#[from] CsrError),
+    /// The CSR asks for this URI, which is not the authenticated ID.
+    #[error("CSR asks for {0}")]
+    OtherId(String),
+}
+
+/// The CSR checks once the caller is known to be `id`: a well-formed PKCS#10 of an allowed key
+/// type with a valid self-signature, asking for no URI SAN but `id` (or none). The CA then
+/// takes only its public key; whatever else the CSR asks for never reaches the certificate.
+pub fn check_csr(csr_der: &[u8], id: &SpiffeId) -> Result<VerifiedCsr, CsrRefusal> {
+    let csr = verify_csr(csr_der)?;
+    if let Some(other) = csr.requested_uris.iter().find(|u| *u != id.as_str()) {
+        return Err(CsrRefusal::OtherId(other.clone()));
+    }
+    Ok(csr)
+}
 
 /// How the caller proved who it is.
 enum Proven {
@@ -236,27 +258,26 @@ impl CertificateServer {
         };
         let ttl = self.ca.ttl_policy().resolve(requested_ttl)?;
         let proven = self.authenticate(request.proof.as_ref(), peer, now).await?;
-        let csr = verify_csr(&request.csr)?;
-        if let Some(other) = csr
-            .requested_uris
-            .iter()
-            .find(|u| *u != proven.id().as_str())
-        {
-            let why = match &proven {
-                Proven::Token(_) => format!("the join token grants {}", proven.id()),
-                Proven::ServiceAccount(_) => {
-                    format!("the service-account token grants {}", proven.id())
-                }
-                Proven::Renewal(_) => format!(
-                    "renewal keeps the SPIFFE ID of the presented certificate, {}",
-                    proven.id()
-                ),
-            };
-            return Err(Refusal::new(
-                "csr_identity",
-                Status::permission_denied(format!("CSR asks for {other}, but {why}")),
-            ));
-        }
+        let csr = match check_csr(&request.csr, proven.id()) {
+            Ok(csr) => csr,
+            Err(CsrRefusal::Invalid(e)) => return Err(e.into()),
+            Err(CsrRefusal::OtherId(other)) => {
+                let why = match &proven {
+                    Proven::Token(_) => format!("the join token grants {}", proven.id()),
+                    Proven::ServiceAccount(_) => {
+                        format!("the service-account token grants {}", proven.id())
+                    }
+                    Proven::Renewal(_) => format!(
+                        "renewal keeps the SPIFFE ID of the presented certificate, {}",
+                        proven.id()
+                    ),
+                };
+                return Err(Refusal::new(
+                    "csr_identity",
+                    Status::permission_denied(format!("CSR asks for {other}, but {why}")),
+                ));
+            }
+        };
         if let Proven::Token(grant) = &proven {
             self.tokens.consume(grant, now)?;
         }

@@ -64,6 +64,25 @@ const OID_ED25519: Oid<'static> = oid!(1.3.101.112);
 const OID_ECDSA_SHA256: Oid<'static> = oid!(1.2.840.10045.4.3.2);
 const OID_ECDSA_SHA384: Oid<'static> = oid!(1.2.840.10045.4.3.3);
 
+/// The DER SubjectPublicKeyInfo of a `key_type` key up to the key bytes: SEQUENCE, the
+/// AlgorithmIdentifier, BIT STRING header (RFC 5480 for ECDSA with uncompressed points, RFC 8410
+/// for Ed25519).
+fn spki_der_prefix(key_type: KeyType) -> &'static [u8] {
+    match key_type {
+        KeyType::EcdsaP256 => &[
+            0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06,
+            0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
+        ],
+        KeyType::EcdsaP384 => &[
+            0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06,
+            0x05, 0x2b, 0x81, 0x04, 0x00, 0x22, 0x03, 0x62, 0x00,
+        ],
+        KeyType::Ed25519 => &[
+            0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+        ],
+    }
+}
+
 /// Parses a DER CSR, checks its key type against the allow-list and its self-signature.
 pub fn verify_csr(der: &[u8]) -> Result<VerifiedCsr, CsrError> {
     let (rest, csr) =
@@ -97,6 +116,18 @@ pub fn verify_csr(der: &[u8]) -> Result<VerifiedCsr, CsrError> {
             spki.algorithm.algorithm
         )));
     };
+    // x509-parser tolerates some non-DER encodings of the SubjectPublicKeyInfo (e.g. another
+    // tag where the algorithm OID belongs); the CA re-encodes the key it certifies, so anything
+    // but the one DER form of the key type would be signed as something it was not. (Found by
+    // the csr fuzz target.)
+    let mut der_form = spki_der_prefix(key_type).to_vec();
+    der_form.extend_from_slice(&spki.subject_public_key.data);
+    if spki.raw != der_form.as_slice() {
+        return Err(CsrError::Malformed(format!(
+            "the public key is not in the DER form of an {} key",
+            key_type.as_str()
+        )));
+    }
     let sig_oid = &csr.signature_algorithm.algorithm;
     let algorithm: &'static dyn VerificationAlgorithm = match key_type {
         KeyType::EcdsaP256 if *sig_oid == OID_ECDSA_SHA256 => &signature::ECDSA_P256_SHA256_ASN1,
@@ -169,13 +200,16 @@ mod tests {
     use rcgen::{PKCS_ECDSA_P384_SHA384, PKCS_ED25519, PKCS_RSA_SHA256};
 
     fn csr_with(alg: &'static rcgen::SignatureAlgorithm, uris: &[&str]) -> Vec<u8> {
-        let key = KeyPair::generate_for(alg).unwrap();
+        csr_with_key(&KeyPair::generate_for(alg).unwrap(), uris)
+    }
+
+    fn csr_with_key(key: &KeyPair, uris: &[&str]) -> Vec<u8> {
         let mut params = CertificateParams::default();
         params.subject_alt_names = uris
             .iter()
             .map(|u| SanType::URI((*u).try_into().unwrap()))
             .collect();
-        params.serialize_request(&key).unwrap().der().to_vec()
+        params.serialize_request(key).unwrap().der().to_vec()
     }
 
     #[test]
@@ -222,6 +256,39 @@ mod tests {
         let pos = der.windows(13).position(|w| w == b"spiffe://td/a").unwrap() + 12;
         der[pos] = b'b';
         assert!(matches!(verify_csr(&der), Err(CsrError::BadSignature)));
+    }
+
+    /// A PKCS#10 CSR around `info`, signed with the Ed25519 `key`.
+    fn ed25519_csr_around(info: &[u8], key: &KeyPair) -> Vec<u8> {
+        fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+            let len = u16::try_from(content.len()).unwrap().to_be_bytes();
+            [&[tag, 0x82][..], &len, content].concat()
+        }
+        let algorithm = [0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70];
+        let signature = rcgen::SigningKey::sign(key, info).unwrap();
+        let bits = tlv(0x03, &[&[0][..], &signature].concat());
+        tlv(0x30, &[info, &algorithm[..], &bits].concat())
+    }
+
+    #[test]
+    fn a_self_signed_csr_with_a_non_der_key_is_malformed() {
+        let key = KeyPair::generate_for(&PKCS_ED25519).unwrap();
+        let der = csr_with_key(&key, &["spiffe://td/a"]);
+        let (_, csr) = X509CertificationRequest::from_der(&der).unwrap();
+        let info = csr.certification_request_info.raw.to_vec();
+        // Re-signed as it is, it verifies.
+        assert!(verify_csr(&ed25519_csr_around(&info, &key)).is_ok());
+        // The key's algorithm OID under another tag (0xd1 for 0x06): x509-parser still reads
+        // Ed25519, the CA would certify the key re-encoded. The signature is valid.
+        let oid = [0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70];
+        let pos = info.windows(oid.len()).position(|w| w == oid).unwrap();
+        let mut bent = info.clone();
+        bent[pos + 2] = 0xd1;
+        let err = verify_csr(&ed25519_csr_around(&bent, &key)).unwrap_err();
+        assert!(
+            matches!(&err, CsrError::Malformed(m) if m.contains("DER form of an Ed25519 key")),
+            "{err:?}"
+        );
     }
 
     #[test]
