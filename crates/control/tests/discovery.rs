@@ -2,6 +2,9 @@
 //! SVIDs from the control plane's own CA, the mesh comes from a real config file edited on
 //! disk, and every check is something a proxy or an operator would observe.
 
+#[path = "admin_http/mod.rs"]
+mod admin_http;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -180,25 +183,7 @@ impl Plane {
     }
 
     async fn admin_get(&self, path: &str) -> (u16, String) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut tcp = tokio::net::TcpStream::connect(self.cp.admin_addr)
-            .await
-            .unwrap();
-        tcp.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut response = String::new();
-        tcp.read_to_string(&mut response).await.unwrap();
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
+        admin_http::request(self.cp.admin_addr, "GET", path, None).await
     }
 }
 
@@ -797,32 +782,8 @@ async fn a_large_push_is_split_and_only_its_last_part_carries_the_version() {
 
 /// POSTs `path` to the admin API with the admin credential: (status, body).
 async fn admin_post(plane: &Plane, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let credential = std::fs::read_to_string(&plane.cp.admin_token_path).unwrap();
-    let mut tcp = tokio::net::TcpStream::connect(plane.cp.admin_addr)
-        .await
-        .unwrap();
-    tcp.write_all(
-        format!(
-            "POST {path} HTTP/1.0\r\nAuthorization: Bearer {}\r\nContent-Length: 0\r\n\r\n",
-            credential.trim()
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut response = String::new();
-    tcp.read_to_string(&mut response).await.unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    admin_http::request(plane.cp.admin_addr, "POST", path, Some(credential.trim())).await
 }
 
 #[tokio::test]

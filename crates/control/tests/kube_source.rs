@@ -5,6 +5,8 @@
 //! injected pods get the trust bundle ConfigMap by server-side apply, again after it is deleted.
 //! Kinds that cannot be listed or watched are named on /ready, which fails until all are listed.
 
+#[path = "admin_http/mod.rs"]
+mod admin_http;
 #[path = "fake_kube/mod.rs"]
 mod fake_kube;
 
@@ -565,23 +567,7 @@ async fn the_published_mesh_follows_the_cluster() {
 
 /// GET `path` on the admin server: (status, body).
 async fn admin_get(cp: &ControlPlane, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(cp.admin_addr).await.unwrap();
-    tcp.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = String::new();
-    tcp.read_to_string(&mut response).await.unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    admin_http::request(cp.admin_addr, "GET", path, None).await
 }
 
 /// Polls /ready (up to 20 s: the watchers back off) until `check` holds; returns the last answer.
