@@ -40,8 +40,11 @@ pub fn require_netns() -> bool {
 
 /// `require_netns`, plus `extra_tools` that one test needs (e.g. `tshark`).
 pub fn require_netns_with(extra_tools: &[&str]) -> bool {
-    let is_root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
-    let mut missing: Vec<&str> = if is_root { vec![] } else { vec!["root"] };
+    let mut missing: Vec<&str> = if crate::procs::is_root() {
+        vec![]
+    } else {
+        vec!["root"]
+    };
     let tools = TOOLS.iter().chain(extra_tools);
     missing.extend(tools.clone().filter(|tool| !on_path(tool)));
     if missing.is_empty() {

@@ -129,6 +129,12 @@ pub fn wait_for(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     check()
 }
 
+/// Whether this process runs as root (network namespaces, mounts, installing tools).
+pub fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
 /// A free loopback port (bound then released; fine for tools started right after).
 pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?

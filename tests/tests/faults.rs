@@ -653,10 +653,12 @@ const REQUIRE_ROOT_ENV: &str = "LATCH_REQUIRE_NETNS";
 /// True when this process may mount (root, `mount` and `umount` on PATH); otherwise a loud
 /// SKIPPED line, or a panic under LATCH_REQUIRE_NETNS=1.
 fn require_mounts() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let is_root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
     let tools = ["mount", "umount"];
-    let mut missing: Vec<&str> = if is_root { vec![] } else { vec!["root"] };
+    let mut missing: Vec<&str> = if latch_tests::procs::is_root() {
+        vec![]
+    } else {
+        vec!["root"]
+    };
     missing.extend(tools.iter().filter(|t| !latch_tests::netns::on_path(t)));
     if missing.is_empty() {
         return true;

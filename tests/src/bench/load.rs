@@ -91,11 +91,7 @@ pub async fn run(options: Options) -> Result<()> {
 /// As root: HAProxy if missing, the namespace, the inner run with the soft open-file limit
 /// raised to the hard one; the namespace goes away whatever happens.
 async fn run_outside(options: Options) -> Result<()> {
-    let is_root = std::fs::metadata("/proc/self").is_ok_and(|m| {
-        use std::os::unix::fs::MetadataExt;
-        m.uid() == 0
-    });
-    if !is_root {
+    if !crate::procs::is_root() {
         bail!("the load bench needs root: to install HAProxy and for a private network namespace");
     }
     if !Path::new("/usr/sbin/haproxy").exists() && !on_path("haproxy") {

@@ -103,11 +103,7 @@ pub async fn run(options: Options) -> Result<()> {
 
 /// As root: tools, the namespace, the inner run; the namespace goes away whatever happens.
 async fn run_outside(options: Options) -> Result<()> {
-    let is_root = std::fs::metadata("/proc/self").is_ok_and(|m| {
-        use std::os::unix::fs::MetadataExt;
-        m.uid() == 0
-    });
-    if !is_root {
+    if !crate::procs::is_root() {
         bail!(
             "the mesh bench needs root: to install its tools and for a private network namespace"
         );
