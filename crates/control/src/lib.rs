@@ -115,7 +115,7 @@ fn admin_credential(path: &std::path::Path) -> Result<String, StartError> {
             let mut bytes = [0u8; 32];
             aws_lc_rs::rand::fill(&mut bytes)
                 .map_err(|_| data_dir_err(std::io::Error::other("system RNG failed")))?;
-            let credential: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let credential = latch_identity::hex::encode(&bytes);
             files::write_private(path, format!("{credential}\n").as_bytes())
                 .map_err(data_dir_err)?;
             Ok(credential)

@@ -188,10 +188,7 @@ impl JoinTokens {
             path: PathBuf::from("<random>"),
             source: std::io::Error::other("the system random number generator failed"),
         })?;
-        let token = format!(
-            "{TOKEN_PREFIX}{}",
-            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        );
+        let token = format!("{TOKEN_PREFIX}{}", latch_identity::hex::encode(&bytes));
         let expires_at = Some(unix(SystemTime::now() + ttl));
         let hash = token_hash(&token);
         self.entries.insert(

@@ -2,8 +2,6 @@
 //! root is being rotated. Owns the parsed webpki trust anchors so that every handshake
 //! verifies against ready-made anchors; read through `CertStore::bundle`.
 
-use std::fmt::Write as _;
-
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, TrustAnchor};
 use thiserror::Error;
@@ -80,12 +78,5 @@ impl TrustBundle {
 
 /// Lowercase hex SHA-256 of `data`.
 pub fn sha256_hex(data: &[u8]) -> String {
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data);
-    digest
-        .as_ref()
-        .iter()
-        .fold(String::with_capacity(64), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    crate::hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref())
 }

@@ -4,8 +4,10 @@
 
 pub mod bundle;
 pub mod client;
+pub mod crypto;
 pub mod csr;
 pub mod files;
+pub mod hex;
 pub mod pem;
 pub mod spiffe_id;
 pub mod store;

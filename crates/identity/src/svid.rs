@@ -2,7 +2,6 @@
 //! its certificate chain ready for rustls. The verifiers, the control plane's renewal check and
 //! the proxy's identity agent all validate through `verify_svid`.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -99,7 +98,7 @@ impl SvidInfo {
         let validity = cert.validity();
         Ok(Self {
             id,
-            serial: hex(cert.raw_serial()),
+            serial: crate::hex::encode(cert.raw_serial()),
             not_before: to_system_time(validity.not_before.timestamp()),
             not_after: to_system_time(validity.not_after.timestamp()),
         })
@@ -129,15 +128,6 @@ fn to_system_time(unix_seconds: i64) -> SystemTime {
 /// RFC 3339 text for a time, for operator-facing messages.
 pub fn format_time(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
 }
 
 fn leaf_spiffe_id(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidError> {
@@ -217,7 +207,9 @@ pub fn verify_svid(
     };
     let seconds = now.duration_since(UNIX_EPOCH).unwrap_or_default();
     ee.verify_for_usage(
-        crate::tls::provider().signature_verification_algorithms.all,
+        crate::crypto::provider()
+            .signature_verification_algorithms
+            .all,
         bundle.anchors(),
         &chain[1..],
         UnixTime::since_unix_epoch(seconds),
@@ -264,7 +256,7 @@ impl Svid {
         let certified = CertifiedKey::from_der(
             chain.clone(),
             PrivateKeyDer::Pkcs8(key.clone_key()),
-            &crate::tls::provider(),
+            &crate::crypto::provider(),
         )
         .map_err(|e| {
             SvidError::Malformed(format!("private key does not fit the certificate: {e}"))

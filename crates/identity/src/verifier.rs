@@ -82,7 +82,7 @@ fn verify_tls13(
         message,
         cert,
         dss,
-        &crate::tls::provider().signature_verification_algorithms,
+        &crate::crypto::provider().signature_verification_algorithms,
     )
 }
 
@@ -93,7 +93,7 @@ fn tls12_refused() -> Result<HandshakeSignatureValid, rustls::Error> {
 }
 
 fn schemes() -> Vec<SignatureScheme> {
-    crate::tls::provider()
+    crate::crypto::provider()
         .signature_verification_algorithms
         .supported_schemes()
 }

@@ -280,10 +280,7 @@ impl MeshTls {
             &aws_lc_rs::digest::SHA256,
             format!("{peer}\n{serial}").as_bytes(),
         );
-        let label: String = digest.as_ref()[..16]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let label = latch_identity::hex::encode(&digest.as_ref()[..16]);
         ServerName::try_from(format!("{label}.latch.invalid"))
             .unwrap_or_else(|_| latch_identity::tls::placeholder_server_name())
     }
