@@ -263,7 +263,7 @@ impl FileConfig {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        serde_yaml::from_str(text).map_err(|e| e.to_string())
+        serde_saphyr::from_str(text).map_err(|e| e.to_string())
     }
 
     /// Validates the mesh sections into the model proxies are served.

@@ -45,7 +45,7 @@ fn manifest_object() -> Value {
         "/../../deploy/kubernetes/40-webhook.yaml"
     ))
     .unwrap();
-    let mut object: Value = serde_yaml::from_str(&text).unwrap();
+    let mut object: Value = serde_saphyr::from_str(&text).unwrap();
     object["metadata"]["uid"] = json!("5b1f0c3e-2a4d-4e6f-8b9c-0d1e2f3a4b5c");
     object["metadata"]["resourceVersion"] = json!("2201");
     object

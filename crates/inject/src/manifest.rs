@@ -4,7 +4,6 @@
 //! as it was read (comments and formatting are not kept: the YAML is parsed and re-emitted).
 
 use serde_json::Value;
-use serde_yaml::Value as Yaml;
 use thiserror::Error;
 
 use crate::{InjectConfig, InjectError, SkipReason, inject};
@@ -42,33 +41,28 @@ pub fn inject_manifests(
 ) -> Result<(String, Vec<Outcome>), ManifestError> {
     let mut docs = Vec::new();
     let mut outcomes = Vec::new();
-    for (index, document) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
+    // One document at a time, so an error names its document. Empty documents (a leading or
+    // doubled `---`) yield nothing; merge keys (`<<`) are expanded while reading.
+    let mut reader = yaml.as_bytes();
+    for (index, document) in serde_saphyr::read::<_, Value>(&mut reader).enumerate() {
         let index = index + 1;
-        let yaml_err = |e: serde_yaml::Error| ManifestError::Yaml {
+        let yaml_err = |e: &dyn std::fmt::Display| ManifestError::Yaml {
             index,
             reason: e.to_string(),
         };
-        let mut doc = <Yaml as serde::Deserialize>::deserialize(document).map_err(yaml_err)?;
+        let mut doc = document.map_err(|e| yaml_err(&e))?;
         if doc.is_null() {
-            continue; // an empty document, e.g. a leading or doubled `---`
+            continue;
         }
-        doc.apply_merge().map_err(yaml_err)?;
         if kind_of(&doc).is_some_and(is_pod_bearing) {
-            let mut value: Value =
-                serde_json::to_value(&doc).map_err(|e| ManifestError::Shape {
-                    index,
-                    what: describe(&doc),
-                    reason: e.to_string(),
-                })?;
-            inject_object(&mut value, index, config, &mut outcomes)?;
-            doc = serde_yaml::to_value(&value).map_err(yaml_err)?;
+            inject_object(&mut doc, index, config, &mut outcomes)?;
         }
-        docs.push(serde_yaml::to_string(&doc).map_err(yaml_err)?);
+        docs.push(serde_saphyr::to_string(&doc).map_err(|e| yaml_err(&e))?);
     }
     Ok((docs.join("---\n"), outcomes))
 }
 
-fn kind_of(doc: &Yaml) -> Option<&str> {
+fn kind_of(doc: &Value) -> Option<&str> {
     doc.get("kind")?.as_str()
 }
 
@@ -89,15 +83,6 @@ fn template_path(kind: &str) -> Option<&'static str> {
         "CronJob" => Some("/spec/jobTemplate/spec/template"),
         _ => None,
     }
-}
-
-fn describe(doc: &Yaml) -> String {
-    let name = doc
-        .get("metadata")
-        .and_then(|m| m.get("name").or_else(|| m.get("generateName")))
-        .and_then(Yaml::as_str)
-        .unwrap_or("<unnamed>");
-    format!("{}/{name}", kind_of(doc).unwrap_or("<no kind>"))
 }
 
 fn describe_json(object: &Value) -> String {

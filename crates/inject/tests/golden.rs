@@ -49,8 +49,9 @@ fn golden_output(name: &str) -> String {
 
 /// Every document of a YAML stream, as JSON values.
 fn documents(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|doc| <Value as serde::Deserialize>::deserialize(doc).unwrap())
+    let mut reader = yaml.as_bytes();
+    serde_saphyr::read::<_, Value>(&mut reader)
+        .map(|doc| doc.unwrap())
         .filter(|doc| !doc.is_null())
         .collect()
 }
