@@ -2,6 +2,8 @@
 //! `/metrics`, debug and management endpoints) as an HTTP/1 accept loop owned by a
 //! `TaskTracker`, response helpers, and logging set-up. Each binary supplies its own routes.
 
+pub mod backoff;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::time::Duration;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
 use kube::api::{ObjectMeta, Patch, PatchParams};
+use latch_admin::backoff::Backoff;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,8 +24,11 @@ pub const CONFIGMAP_NAME: &str = "latch-ca-bundle";
 pub const BUNDLE_KEY: &str = "bundle.pem";
 /// Server-side apply field manager.
 pub const FIELD_MANAGER: &str = "latch-control";
-/// How long after a failure a namespace is tried again.
+/// How long after a failure a namespace is tried again; doubles per consecutive failed pass
+/// up to `RETRY_CAP_FACTOR` times this (30 s), with jitter (`latch_admin::backoff`).
 pub const RETRY: Duration = Duration::from_secs(5);
+/// The retry wait's cap, as a multiple of the first retry wait.
+pub const RETRY_CAP_FACTOR: u32 = 6;
 /// How often every namespace's copy is applied again. An apply that changes nothing writes
 /// nothing (the resourceVersion stays), so this costs one request per namespace.
 pub const RESYNC: Duration = Duration::from_secs(60);
@@ -35,7 +39,8 @@ pub struct BundleConfigMaps {
     pub client: kube::Client,
     /// The CA's roots, PEM; every namespace's copy is applied again when they change.
     pub bundle_pem: watch::Receiver<String>,
-    /// `RETRY` (tests use less).
+    /// The first wait after a failure, `RETRY` (tests use less); backs off to
+    /// `RETRY_CAP_FACTOR` times it.
     pub retry: Duration,
     /// `RESYNC` (tests use less).
     pub resync: Duration,
@@ -54,7 +59,9 @@ impl BundleConfigMaps {
             let mut done: BTreeSet<String> = BTreeSet::new();
             let mut applied_once: BTreeSet<String> = BTreeSet::new();
             let mut bundle_open = true;
-            let mut failed = false;
+            let mut backoff = Backoff::new(self.retry, self.retry * RETRY_CAP_FACTOR);
+            // Set when a namespace failed in the last pass: the wait before the next one.
+            let mut retry_in: Option<Duration> = None;
             let mut resync = tokio::time::interval(self.resync);
             resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             resync.reset();
@@ -66,7 +73,7 @@ impl BundleConfigMaps {
                             break;
                         }
                     }
-                    _ = tokio::time::sleep(self.retry), if failed => {}
+                    _ = tokio::time::sleep(retry_in.unwrap_or_default()), if retry_in.is_some() => {}
                     _ = resync.tick() => done.clear(),
                     changed = self.bundle_pem.changed(), if bundle_open => {
                         bundle_open = changed.is_ok();
@@ -75,7 +82,7 @@ impl BundleConfigMaps {
                 }
                 let wanted = namespaces.borrow_and_update().clone();
                 done.retain(|namespace| wanted.contains(namespace));
-                failed = false;
+                retry_in = None;
                 for namespace in wanted.difference(&done.clone()) {
                     match self.apply(namespace).await {
                         Ok(()) => {
@@ -88,17 +95,20 @@ impl BundleConfigMaps {
                             done.insert(namespace.clone());
                         }
                         Err(e) => {
+                            let wait = *retry_in.get_or_insert_with(|| backoff.next_wait());
                             tracing::warn!(
                                 namespace,
                                 "cannot apply the trust bundle ConfigMap {CONFIGMAP_NAME}, \
                                  retrying in {:?}: {e} (injected proxies there cannot start \
                                  without it; check the latch-control ClusterRole allows create \
                                  and patch on it)",
-                                self.retry
+                                wait
                             );
-                            failed = true;
                         }
                     }
+                }
+                if retry_in.is_none() {
+                    backoff.reset();
                 }
             }
         });

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use latch_admin::backoff::Backoff;
 use latch_identity::client::control_plane_id;
 use latch_identity::csr::generate_csr;
 use latch_identity::{CertStore, Svid};
@@ -13,6 +14,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::StartError;
 use crate::ca::{Ca, CaError};
+
+/// First wait after a failed renewal; doubles per consecutive failure up to `RETRY_CAP`.
+const RETRY_FIRST: Duration = Duration::from_secs(5);
+const RETRY_CAP: Duration = Duration::from_secs(30);
 
 fn issue_own(ca: &Ca) -> Result<Svid, CaError> {
     let id = control_plane_id(ca.trust_domain());
@@ -51,6 +56,7 @@ pub fn serving_identity(
     ));
     let (ca, renewing) = (ca.clone(), store.clone());
     tracker.spawn(async move {
+        let mut backoff = Backoff::new(RETRY_FIRST, RETRY_CAP);
         loop {
             let wait = next_renewal
                 .duration_since(SystemTime::now())
@@ -72,12 +78,17 @@ pub fn serving_identity(
                     tracing::info!(serial = %svid.info().serial, "renewed the control plane's serving certificate");
                     next_renewal = renewal_time(SystemTime::now(), &svid);
                     renewing.set_svid(svid);
+                    backoff.reset();
                 }
                 Err(e) => {
-                    tracing::error!("cannot renew the control plane's serving certificate: {e}");
+                    let retry_in = backoff.next_wait();
+                    tracing::error!(
+                        ?retry_in,
+                        "cannot renew the control plane's serving certificate: {e}"
+                    );
                     tokio::select! {
                         _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                        _ = tokio::time::sleep(retry_in) => {}
                     }
                 }
             }

@@ -16,6 +16,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use latch_admin::backoff::Backoff;
 use latch_admin::{HttpResponse, error, json};
 use latch_inject::InjectConfig;
 use latch_inject::admission::{Verdict, review};
@@ -112,6 +113,7 @@ fn serving_cert(
     });
     let renewing = cert.clone();
     tracker.spawn(async move {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
         loop {
             let not_after = renewing.current.load().not_after;
             let left = not_after
@@ -128,12 +130,21 @@ fn serving_cert(
                         "renewed the webhook's serving certificate"
                     );
                     renewing.current.store(Arc::new(issued));
+                    backoff.reset();
                 }
                 Err(e) => {
-                    tracing::error!("cannot renew the webhook's serving certificate: {e}");
+                    // Several retries fit before the certificate expires.
+                    backoff.set_cap(
+                        (left / 10).clamp(Duration::from_secs(1), Duration::from_secs(30)),
+                    );
+                    let retry_in = backoff.next_wait();
+                    tracing::error!(
+                        ?retry_in,
+                        "cannot renew the webhook's serving certificate: {e}"
+                    );
                     tokio::select! {
                         _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep((left / 10).clamp(Duration::from_secs(1), Duration::from_secs(30))) => {}
+                        _ = tokio::time::sleep(retry_in) => {}
                     }
                 }
             }

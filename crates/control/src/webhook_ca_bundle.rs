@@ -7,8 +7,8 @@
 //! names each webhook (the list's merge key is `name`) with only its `clientConfig.caBundle`,
 //! so nothing else in the object changes. A missing object (the operator applies
 //! 40-webhook.yaml later) or a failed request is logged, counted
-//! (`latch_control_webhook_ca_bundle_sync_failures_total`) and retried every 5 s. Once in sync
-//! it checks again every minute, so a re-applied 40-webhook.yaml (caBundle "") is repaired.
+//! (`latch_control_webhook_ca_bundle_sync_failures_total`) and retried after 5 s, backing off to 30 s.
+//! Once in sync it checks again every minute, so a re-applied 40-webhook.yaml (caBundle "") is repaired.
 //! The CA, and so the bundle, is fixed for the life of the process.
 
 use std::sync::Arc;
@@ -18,6 +18,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
+use latch_admin::backoff::Backoff;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -28,8 +29,11 @@ use crate::metrics::Metrics;
 
 /// The MutatingWebhookConfiguration of deploy/kubernetes/40-webhook.yaml.
 pub const DEFAULT_CONFIGURATION: &str = "latch-sidecar-injector";
-/// How long after a failure the sync is tried again.
+/// How long after a failure the sync is tried again; doubles per consecutive failure up to
+/// `RETRY_CAP_FACTOR` times this (30 s), with jitter (`latch_admin::backoff`).
 pub const RETRY: Duration = Duration::from_secs(5);
+/// The retry wait's cap, as a multiple of the first retry wait.
+pub const RETRY_CAP_FACTOR: u32 = 6;
 /// How often an in-sync configuration is checked again.
 pub const RESYNC: Duration = Duration::from_secs(60);
 /// Field manager named in the patch request.
@@ -71,17 +75,20 @@ pub struct WebhookCaBundle {
     /// The CA's roots, PEM; synced again at once when they change.
     pub bundle_pem: watch::Receiver<String>,
     pub metrics: Arc<Metrics>,
-    /// Wait after a failure (`RETRY`; shorter in tests).
+    /// First wait after a failure (`RETRY`; shorter in tests); backs off to
+    /// `RETRY_CAP_FACTOR` times it.
     pub retry: Duration,
     /// Wait after a success (`RESYNC`).
     pub resync: Duration,
 }
 
 impl WebhookCaBundle {
-    /// Syncs now and then after every `retry` (failed) or `resync` (done) until `cancel` fires.
+    /// Syncs now and then after a backed-off `retry` (failed) or `resync` (done) until `cancel`
+    /// fires.
     pub fn spawn(mut self, tracker: &TaskTracker, cancel: CancellationToken) {
         tracker.spawn(async move {
             let mut failing = false;
+            let mut backoff = Backoff::new(self.retry, self.retry * RETRY_CAP_FACTOR);
             let mut bundle_open = true;
             loop {
                 let wait = match self.sync().await {
@@ -94,19 +101,21 @@ impl WebhookCaBundle {
                             );
                         }
                         failing = false;
+                        backoff.reset();
                         self.resync
                     }
                     Err(e) => {
+                        let wait = backoff.next_wait();
                         self.metrics.webhook_ca_bundle_sync_failures.inc();
                         tracing::warn!(
                             "cannot set the webhook caBundle, retrying in {:?}: {e} (until it \
                              is set the API server cannot verify the injector and refuses new \
                              pods in injected namespaces; check the latch-control ClusterRole \
                              allows get and patch on it)",
-                            self.retry
+                            wait
                         );
                         failing = true;
-                        self.retry
+                        wait
                     }
                 };
                 tokio::select! {

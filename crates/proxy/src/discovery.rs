@@ -93,13 +93,6 @@ pub fn type_name(type_url: &str) -> &'static str {
     }
 }
 
-/// A uniform random number in [0, 1).
-fn random_unit() -> f64 {
-    let mut bytes = [0u8; 4];
-    let _ = aws_lc_rs::rand::fill(&mut bytes);
-    f64::from(u32::from_be_bytes(bytes)) / (f64::from(u32::MAX) + 1.0)
-}
-
 /// How a stream ended.
 #[derive(Debug)]
 pub struct StreamEnd {
@@ -212,7 +205,8 @@ impl DiscoveryClient {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<Channel, ClientError>>,
     {
-        let mut backoff = Duration::ZERO;
+        let mut backoff =
+            latch_admin::backoff::Backoff::new(self.config.min_backoff, self.config.max_backoff);
         loop {
             let end = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -223,14 +217,9 @@ impl DiscoveryClient {
             };
             let Some(error) = end.error else { return };
             if end.applied > 0 {
-                backoff = Duration::ZERO;
+                backoff.reset();
             }
-            backoff = if backoff.is_zero() {
-                self.config.min_backoff
-            } else {
-                (backoff * 2).min(self.config.max_backoff)
-            };
-            let wait = backoff.mul_f64(0.5 + 0.5 * random_unit());
+            let wait = backoff.next_wait();
             self.metrics.discovery_reconnects.inc();
             tracing::warn!(
                 retry_in = ?wait,

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use latch_admin::backoff::{Backoff, random_unit};
 use latch_identity::client::{CaClient, ClientError};
 use latch_identity::{CertStore, ExpectedPeer, Svid, TrustBundle};
 use latch_proto::ca::create_certificate_request::Proof;
@@ -60,16 +61,11 @@ pub struct AgentConfig {
     pub ttl: Option<Duration>,
 }
 
-/// Backoff before the first SVID is held.
+/// First wait after a failed attempt; doubles per consecutive failure up to the cap.
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+/// Cap of the retry wait before the first SVID is held.
 const INITIAL_CAP: Duration = Duration::from_secs(5);
 const MAX_CAP: Duration = Duration::from_secs(30);
-
-/// A uniform random number in [0, 1).
-fn random_unit() -> f64 {
-    let mut bytes = [0u8; 4];
-    let _ = aws_lc_rs::rand::fill(&mut bytes);
-    f64::from(u32::from_be_bytes(bytes)) / (f64::from(u32::MAX) + 1.0)
-}
 
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
@@ -212,14 +208,15 @@ impl IdentityAgent {
     /// Runs until `cancel`: obtain, install, sleep until the renewal time, repeat; retry
     /// failures with capped exponential backoff plus jitter.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
-        let mut backoff = Duration::ZERO;
+        let mut backoff = Backoff::new(FIRST_RETRY, INITIAL_CAP);
+        let mut retry_in = Duration::ZERO;
         let mut expired_logged = false;
         loop {
             let wait = match (self.store.svid(), self.next_rotation()) {
-                (Some(_), Some(at)) if backoff.is_zero() => {
+                (Some(_), Some(at)) if backoff.is_reset() => {
                     at.duration_since(SystemTime::now()).unwrap_or_default()
                 }
-                _ => backoff,
+                _ => retry_in,
             };
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -228,23 +225,17 @@ impl IdentityAgent {
             match self.obtain().await {
                 Ok((svid, bundle)) => {
                     self.install(svid, bundle);
-                    backoff = Duration::ZERO;
+                    backoff.reset();
                     expired_logged = false;
                 }
                 Err(e) => {
                     let reason = failure_reason(&e);
                     self.metrics.failed(reason);
-                    let cap = match self.validity.load(Ordering::Relaxed) {
+                    backoff.set_cap(match self.validity.load(Ordering::Relaxed) {
                         0 => INITIAL_CAP,
                         secs => backoff_cap(Duration::from_secs(secs)),
-                    };
-                    let base = if backoff.is_zero() {
-                        Duration::from_millis(500)
-                    } else {
-                        backoff * 2
-                    };
-                    // Full jitter in the upper half keeps retries from synchronising.
-                    backoff = base.min(cap).mul_f64(0.5 + 0.5 * random_unit());
+                    });
+                    retry_in = backoff.next_wait();
                     let expired = self.store.valid_svid(SystemTime::now()).is_none()
                         && self.store.svid().is_some();
                     if expired && !expired_logged {
@@ -257,7 +248,7 @@ impl IdentityAgent {
                     }
                     tracing::warn!(
                         reason,
-                        retry_in = ?backoff,
+                        ?retry_in,
                         "could not obtain an SVID from {}: {e}",
                         self.config.control_plane
                     );
