@@ -1,8 +1,8 @@
-//! Fault injection (issue 9): the real binaries under kill -9 (control plane under load, a
-//! transparent proxy in a network namespace), a control plane on a read-only or full data dir,
-//! and a proxy whose clock is two minutes off (libfaketime). Each test asserts what an operator
-//! or an app would observe and prints the numbers docs/reliability.md reports. The mount and
-//! namespace tests need root, the clock tests libfaketime; they skip without (or fail with
+//! Fault injection (docs/reliability.md, "Faults"): the real binaries under kill -9 (control plane
+//! under load, a transparent proxy in a network namespace), a control plane on a read-only or full
+//! data dir, and a proxy whose clock is two minutes off (libfaketime). Each test asserts what an
+//! operator or an app would observe and prints the numbers docs/reliability.md reports. The mount
+//! and namespace tests need root, the clock tests libfaketime; they skip without (or fail with
 //! LATCH_REQUIRE_NETNS=1 / LATCH_REQUIRE_FAKETIME=1, as CI sets).
 
 use std::io::{Read, Write};

@@ -1,7 +1,8 @@
 //! `cargo xtask bench mesh`: the same client -> sidecar -> mTLS -> sidecar -> server path through
 //! Latch, stunnel, HAProxy and no proxy at all, inside one private network namespace, with the
-//! workloads of issue 5; `cargo xtask bench load`: idle connections and churn through a pair
-//! (issue 9). Called from the `latch-bench` binary; one module per concern.
+//! workloads of docs/benchmarks.md ("Mesh"); `cargo xtask bench load`: idle connections and churn
+//! through a pair (docs/benchmarks.md, "Load"). Called from the `latch-bench` binary; one module
+//! per concern.
 
 pub mod apps;
 pub mod discovery;

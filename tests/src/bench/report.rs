@@ -1,6 +1,7 @@
-//! Results of a mesh run: per-rep samples, medians, the ratio of Latch to the better of stunnel
-//! and HAProxy, the goals of issue 5, and the outputs: a Markdown table (printed and written
-//! into docs/benchmarks.md between markers) and docs/benchmarks-mesh.json with the raw numbers.
+//! Results of a mesh run: per-rep samples, medians, the ratio of Latch to the better of stunnel and
+//! HAProxy, the goals of docs/benchmarks.md ("Mesh"), and the outputs: a Markdown table (printed
+//! and written into docs/benchmarks.md between markers) and docs/benchmarks-mesh.json with the raw
+//! numbers.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -170,7 +171,7 @@ impl Results {
         out
     }
 
-    /// The goals of issue 5, each with the measured ratio and whether it is met.
+    /// The mesh goals (docs/benchmarks.md, "Mesh"), each with the measured ratio and whether it is met.
     pub fn goals(&self) -> String {
         let mut out = String::new();
         let by_key = |key: &str| METRICS.iter().find(|m| m.key == key);

@@ -1,6 +1,7 @@
-//! The workloads of issue 5, each run against one tunnel's entry port: iperf3 (bulk), redis-benchmark
-//! (request/response), wrk against nginx (HTTP keep-alive and a new connection per request), and
-//! idle connections held open for the memory rows. Each returns `(metric key, value)` samples.
+//! The mesh benchmark's workloads (docs/benchmarks.md, "Mesh"), each run against one tunnel's entry
+//! port: iperf3 (bulk), redis-benchmark (request/response), wrk against nginx (HTTP keep-alive and
+//! a new connection per request), and idle connections held open for the memory rows. Each returns
+//! `(metric key, value)` samples.
 
 use std::time::Duration;
 
