@@ -251,6 +251,7 @@ pub struct Accepted<S, A> {
     pub stream: S,
     pub remote: A,
     /// Keep it for as long as the connection is open: it is the connection's place under the cap.
+    /// Bind it by name: an `async move` block that uses only other fields does not capture it.
     pub slot: Slot,
     /// Fires when the connection must end (shutdown, or the end of a drain).
     pub close: CancellationToken,
@@ -576,7 +577,8 @@ mod tests {
             metrics,
             Plain,
             |conn: Accepted<TcpStream, _>| async move {
-                let mut stream = conn.stream;
+                // Hold the slot: a closure capturing only `stream` and `close` would drop it.
+            let (mut stream, _slot) = (conn.stream, conn.slot);
                 let (mut r, mut w) = stream.split();
                 tokio::select! {
                     _ = conn.close.cancelled() => {}
