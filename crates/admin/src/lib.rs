@@ -1,22 +1,24 @@
-//! What both binaries share to be operable: the admin HTTP server (`/healthz`, `/ready`,
-//! `/metrics`, debug and management endpoints) as an HTTP/1 accept loop owned by a
-//! `TaskTracker`, response helpers, and logging set-up. Each binary supplies its own routes.
+//! What both binaries share to be operable: the serve loop every listener runs through and the
+//! signal handling (`serve`), the admin HTTP server (`/healthz`, `/ready`, `/metrics`, debug and
+//! management endpoints) on it, response helpers, and logging set-up. Each binary supplies its
+//! own routes.
+
+pub mod serve;
 
 pub mod backoff;
 
-use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::serve::{AtCap, Drain, ListenerPolicy, NoMetrics, Plain};
 
 pub use hyper::{Method, StatusCode as Status};
 
@@ -91,6 +93,15 @@ pub fn readiness(state: Result<(), String>) -> HttpResponse {
     }
 }
 
+/// The admin listener of both binaries: 256 connections (more wait in the kernel's listen
+/// queue), 10 s to send a request's head. It closes at once on shutdown, without a drain.
+pub fn admin_policy() -> ListenerPolicy {
+    ListenerPolicy {
+        request_header_timeout: Some(Duration::from_secs(10)),
+        ..ListenerPolicy::new("admin", 256, AtCap::Wait)
+    }
+}
+
 /// Serves HTTP/1 on `listener` with `handler` until `cancel` fires.
 pub fn serve<H, F>(
     listener: TcpListener,
@@ -101,38 +112,12 @@ pub fn serve<H, F>(
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = HttpResponse> + Send + 'static,
 {
-    let connections = tracker.clone();
-    tracker.spawn(async move {
-        loop {
-            let (tcp, _) = tokio::select! {
-                _ = cancel.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!("admin accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let handler = handler.clone();
-            let cancel = cancel.clone();
-            connections.spawn(async move {
-                let service = service_fn(move |req| {
-                    let response = handler(req);
-                    async move { Ok::<_, Infallible>(response.await) }
-                });
-                let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
-                    .serve_connection(TokioIo::new(tcp), service);
-                tokio::select! {
-                    _ = cancel.cancelled() => {}
-                    result = conn => if let Err(e) = result {
-                        tracing::debug!("admin connection: {e}");
-                    },
-                }
-            });
-        }
-    });
+    serve::serve(
+        listener,
+        admin_policy(),
+        &Drain::immediate(tracker, &cancel),
+        Arc::new(NoMetrics),
+        Plain,
+        move |conn| serve::serve_http1(conn, handler.clone()),
+    );
 }

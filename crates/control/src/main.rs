@@ -22,12 +22,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let control_plane = ControlPlane::start(config)
         .await
         .context("latch-control could not start")?;
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
+    latch_admin::serve::shutdown_on_signal()
+        .context("installing the SIGINT and SIGTERM handlers")?
+        .cancelled()
+        .await;
     tracing::info!("shutting down");
     control_plane.shutdown().await;
     Ok(())

@@ -1,6 +1,7 @@
-//! Accepts TCP connections, completes TLS handshakes off the accept loop (with a deadline and a
-//! connection cap), and hands finished connections to tonic. Each connection carries its
-//! peer's certificate chain, which handlers read from the request extensions as `PeerConn`.
+//! The gRPC listener's front door: states its policy (connection cap, handshake deadline) for
+//! the shared serve loop (`latch_admin::serve`), which accepts and completes TLS handshakes off
+//! the loop, and hands finished connections to tonic. Each connection carries its peer's
+//! certificate chain, which handlers read from the request extensions as `PeerConn`.
 
 use std::io;
 use std::net::SocketAddr;
@@ -9,11 +10,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use latch_admin::serve::{AtCap, Drain, ListenerPolicy, NoMetrics, Slot, Tls};
 use rustls::ServerConfig;
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -26,6 +28,19 @@ use tonic::transport::server::Connected;
 pub struct AcceptLimits {
     pub handshake_timeout: Duration,
     pub max_connections: usize,
+}
+
+impl AcceptLimits {
+    /// The gRPC listener's policy: `--max-connections` TLS connections (more wait in the
+    /// kernel's listen queue), each handshake within `handshake_timeout`. Per-connection request
+    /// limits and the request deadline are tonic's (`ControlPlane::start`).
+    pub fn policy(&self) -> ListenerPolicy {
+        ListenerPolicy {
+            cap_flag: Some("--max-connections"),
+            handshake_timeout: Some(self.handshake_timeout),
+            ..ListenerPolicy::new("grpc", self.max_connections, AtCap::Wait)
+        }
+    }
 }
 
 impl Default for AcceptLimits {
@@ -50,7 +65,7 @@ pub struct PeerConn {
 pub struct TlsConn {
     stream: TlsStream<TcpStream>,
     peer: PeerConn,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl Connected for TlsConn {
@@ -106,64 +121,32 @@ pub fn incoming(
     cancel: CancellationToken,
 ) -> ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
-    let acceptor = TlsAcceptor::from(config);
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let handshakes = tracker.clone();
-    tracker.spawn(async move {
-        loop {
-            let permit = tokio::select! {
-                _ = cancel.cancelled() => break,
-                permit = slots.clone().acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-            };
-            let (tcp, remote) = tokio::select! {
-                _ = cancel.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
+    latch_admin::serve::serve(
+        listener,
+        limits.policy(),
+        &Drain::immediate(tracker, &cancel),
+        Arc::new(NoMetrics),
+        Tls(TlsAcceptor::from(config)),
+        move |conn| {
             let tx = tx.clone();
-            let cancel = cancel.clone();
-            handshakes.spawn(async move {
-                let handshake =
-                    tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
-                let stream = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    result = handshake => match result {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%remote, "TLS handshake failed: {e}");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%remote, "TLS handshake timed out");
-                            return;
-                        }
-                    },
-                };
-                let certs = stream
+            async move {
+                let certs = conn
+                    .stream
                     .get_ref()
                     .1
                     .peer_certificates()
                     .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
                 let conn = TlsConn {
-                    stream,
-                    peer: PeerConn { remote, certs },
-                    _permit: permit,
+                    stream: conn.stream,
+                    peer: PeerConn {
+                        remote: conn.remote,
+                        certs,
+                    },
+                    _slot: conn.slot,
                 };
                 let _ = tx.send(Ok(conn)).await;
-            });
-        }
-    });
+            }
+        },
+    );
     ReceiverStream::new(rx)
 }

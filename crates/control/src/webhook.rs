@@ -12,11 +12,9 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwap;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
 use latch_admin::backoff::Backoff;
+use latch_admin::serve::{AtCap, Drain, ListenerPolicy, NoMetrics, Tls, serve_http1};
 use latch_admin::{HttpResponse, error, json};
 use latch_inject::InjectConfig;
 use latch_inject::admission::{Verdict, review};
@@ -26,7 +24,6 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -42,6 +39,16 @@ pub const MAX_BODY: usize = 2 * 1024 * 1024;
 const TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 256;
+
+/// The webhook listener: 256 connections (more wait in the kernel's listen queue), 10 s for the
+/// TLS handshake and for each request's head (the body's deadline is `Handler::handle`'s).
+fn policy() -> ListenerPolicy {
+    ListenerPolicy {
+        handshake_timeout: Some(TIMEOUT),
+        request_header_timeout: Some(TIMEOUT),
+        ..ListenerPolicy::new("webhook", MAX_CONNECTIONS, AtCap::Wait)
+    }
+}
 
 /// `--webhook` settings.
 #[derive(Debug, Clone)]
@@ -244,66 +251,23 @@ pub fn serve(
         .with_no_client_auth()
         .with_cert_resolver(cert);
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
     let handler = Arc::new(Handler {
         inject: config.inject.clone(),
         metrics,
     });
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let connections = tracker.clone();
-    tracker.spawn(async move {
-        loop {
-            let permit = tokio::select! {
-                _ = cancel.cancelled() => break,
-                permit = slots.clone().acquire_owned() => match permit {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-            };
-            let (tcp, remote) = tokio::select! {
-                _ = cancel.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!("webhook accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let (acceptor, handler, cancel) = (acceptor.clone(), handler.clone(), cancel.clone());
-            connections.spawn(async move {
-                let _permit = permit;
-                let tls = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    result = tokio::time::timeout(TIMEOUT, acceptor.accept(tcp)) => match result {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => {
-                            tracing::debug!(%remote, "webhook TLS handshake failed: {e}");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%remote, "webhook TLS handshake timed out");
-                            return;
-                        }
-                    },
-                };
-                let service = service_fn(move |request| {
-                    let handler = handler.clone();
-                    async move { Ok::<_, std::convert::Infallible>(handler.handle(request).await) }
-                });
-                let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(TIMEOUT)
-                    .serve_connection(TokioIo::new(tls), service);
-                tokio::select! {
-                    _ = cancel.cancelled() => {}
-                    result = conn => if let Err(e) = result {
-                        tracing::debug!(%remote, "webhook connection: {e}");
-                    },
-                }
-            });
-        }
-    });
+    latch_admin::serve::serve(
+        listener,
+        policy(),
+        &Drain::immediate(tracker, &cancel),
+        Arc::new(NoMetrics),
+        Tls(TlsAcceptor::from(Arc::new(tls))),
+        move |conn| {
+            let handler = handler.clone();
+            serve_http1(conn, move |request| {
+                let handler = handler.clone();
+                async move { handler.handle(request).await }
+            })
+        },
+    );
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! The data path's shared context and plumbing: the mesh TLS configs, the mesh state, the
-//! authorizer, limits, socket options, the accept loops (with a global connection cap), the
+//! authorizer, limits, socket options, its listeners' policy for the shared serve loop (one
+//! connection cap for all of them), the
 //! per-connection bookkeeping (metrics, drain, endpoint load) and the table of open inbound
 //! connections that is re-authorized after every snapshot change. `inbound.rs` and
 //! `outbound.rs` hold the handlers.
@@ -11,11 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
+use latch_admin::serve::{AtCap, Cap, Drain, Handshake, ListenerPolicy, Slot, io_failure_reason};
 use latch_identity::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::authorizer::{Authorizer, Decision};
 use crate::balance::{ActiveConnections, ActiveGuard};
@@ -93,9 +93,8 @@ pub struct DataPath {
     /// Open inbound mTLS connections by a local sequence number.
     pub inbound_connections: DashMap<u64, LiveConnection>,
     next_connection: AtomicU64,
-    slots: Arc<Semaphore>,
-    /// The soft RLIMIT_NOFILE at start, for messages.
-    open_files_limit: Option<u64>,
+    /// `--max-connections`, shared by every data-path listener.
+    cap: Cap,
     /// Fires when draining is over: open connections are closed.
     pub close_connections: CancellationToken,
 }
@@ -119,8 +118,7 @@ impl DataPath {
             endpoints: Arc::new(ActiveConnections::default()),
             inbound_connections: DashMap::new(),
             next_connection: AtomicU64::new(0),
-            slots: Arc::new(Semaphore::new(limits.max_connections)),
-            open_files_limit: open_files_limit(),
+            cap: Cap::new(limits.max_connections),
             close_connections: CancellationToken::new(),
         };
         data_path.check_open_files_limit();
@@ -284,106 +282,55 @@ impl DataPath {
         }
     }
 
-    /// Accepts on `listener` until `stop_accepting` fires, running `handle` for each connection
-    /// on `connections`. Over the connection cap, a connection is closed at once, counted
-    /// (`latch_proxy_tcp_connections_refused_total{reason="connection_limit"}`) and logged at
-    /// most once a second. A failed accept (e.g. out of file descriptors) is counted
-    /// (`latch_proxy_tcp_accept_errors_total`), logged likewise, and retried after a pause.
-    pub fn serve<F, Fut>(
+    /// The policy of every data-path listener: one `--max-connections` cap for all of them
+    /// (over it, a connection is closed at once, counted as
+    /// `latch_proxy_tcp_connections_refused_total{reason="connection_limit"}` and logged at most
+    /// once a second), `--handshake-timeout` for the TLS handshake where there is one, TCP
+    /// keepalive. The transport header and idle deadlines are the handlers' (`Limits`).
+    pub fn policy(&self, name: &'static str) -> ListenerPolicy {
+        ListenerPolicy {
+            name,
+            cap: self.cap.clone(),
+            at_cap: AtCap::Refuse,
+            cap_flag: Some("--max-connections"),
+            handshake_timeout: Some(self.limits.handshake_timeout),
+            request_header_timeout: None,
+            keepalive: Some(self.limits.keepalive),
+        }
+    }
+
+    /// Serves `listener` with the data-path policy until `drain.stop_accepting` fires: after
+    /// `handshake`, `handle` runs for each connection on `drain.connections`. A failed accept
+    /// (e.g. out of file descriptors) is counted (`latch_proxy_tcp_accept_errors_total`),
+    /// logged at most once a second and retried after a pause.
+    pub fn serve<H, F, Fut>(
         self: &Arc<Self>,
         name: &'static str,
         listener: TcpListener,
-        tracker: &TaskTracker,
-        connections: &TaskTracker,
-        stop_accepting: CancellationToken,
+        drain: &Drain,
+        handshake: H,
         handle: F,
     ) where
-        F: Fn(Arc<DataPath>, TcpStream, SocketAddr, OwnedSemaphorePermit) -> Fut
-            + Send
-            + Sync
-            + 'static,
+        H: Handshake<TcpStream>,
+        F: Fn(Arc<DataPath>, H::Stream, SocketAddr, Slot) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let data_path = self.clone();
-        let connections = connections.clone();
-        tracker.spawn(async move {
-            let mut accept_failures = Throttled::default();
-            let mut refusals = Throttled::default();
-            loop {
-                let (stream, remote) = tokio::select! {
-                    _ = stop_accepting.cancelled() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok(a) => a,
-                        Err(e) => {
-                            data_path.accept_failed(name, &e, &mut accept_failures);
-                            // The failed connection stays in the listen queue; without a pause
-                            // the loop would retry at full speed until a descriptor frees up.
-                            tokio::time::sleep(ACCEPT_BACKOFF).await;
-                            continue;
-                        }
-                    },
-                };
-                if let Some(failed) = accept_failures.reset() {
-                    tracing::info!(
-                        listener = name,
-                        "accepting again after {failed} failed accepts"
-                    );
-                }
-                let Ok(permit) = data_path.slots.clone().try_acquire_owned() else {
-                    // Dropping the stream closes it at once: the client sees EOF, not a hang.
-                    drop(stream);
-                    data_path.metrics.refused(name, "connection_limit");
-                    if let Some(count) = refusals.note() {
-                        tracing::warn!(
-                            listener = name,
-                            %remote,
-                            limit = data_path.limits.max_connections,
-                            "connection limit reached (--max-connections {}): refused {count} \
-                             connection(s) since the last report",
-                            data_path.limits.max_connections,
-                        );
-                    }
-                    continue;
-                };
-                data_path.tune(&stream);
-                connections.spawn(handle(data_path.clone(), stream, remote, permit));
-            }
-        });
-    }
-
-    /// Counts and logs (throttled) a failed accept. Running out of file descriptors is named
-    /// with the limit, since that is what an operator has to change.
-    fn accept_failed(&self, listener: &'static str, e: &std::io::Error, log: &mut Throttled) {
-        let reason = accept_failure_reason(e);
-        self.metrics.accept_failed(listener, reason);
-        let Some(count) = log.note() else { return };
-        if reason == "fd_limit" {
-            let limit = self
-                .open_files_limit
-                .map_or_else(|| "unknown".to_string(), |l| l.to_string());
-            tracing::warn!(
-                listener,
-                failures = count,
-                "accept failed: {e}: the process is at its open-file limit (RLIMIT_NOFILE \
-                 {limit}; a proxied connection holds two descriptors); new connections wait in \
-                 the listen queue, retried every {ACCEPT_BACKOFF:?}. Raise the limit (ulimit -n, \
-                 LimitNOFILE) or lower --max-connections ({})",
-                self.limits.max_connections
-            );
-        } else {
-            tracing::warn!(
-                listener,
-                failures = count,
-                "accept failed: {e}; retrying every {ACCEPT_BACKOFF:?}"
-            );
-        }
+        latch_admin::serve::serve(
+            listener,
+            self.policy(name),
+            drain,
+            self.metrics.clone(),
+            handshake,
+            move |conn| handle(data_path.clone(), conn.stream, conn.remote, conn.slot),
+        );
     }
 
     /// Warns at start when the open-file limit cannot hold `--max-connections` proxied
     /// connections (two descriptors each, plus the listeners and the control plane's).
     fn check_open_files_limit(&self) {
         let needed = self.limits.max_connections as u64 * 2 + FD_RESERVE;
-        match self.open_files_limit {
+        match latch_admin::serve::open_files_limit() {
             Some(limit) if limit < needed => tracing::warn!(
                 limit,
                 needed,
@@ -401,8 +348,6 @@ impl DataPath {
     }
 }
 
-/// Pause after a failed accept.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// Descriptors the proxy holds besides its proxied connections (listeners, admin, control
 /// plane, logs), with room to spare.
 const FD_RESERVE: u64 = 64;
@@ -410,67 +355,9 @@ const FD_RESERVE: u64 = 64;
 /// The refusal reason for a failed connect: "fd_limit" when this process ran out of file
 /// descriptors (not the destination's fault), else `otherwise`.
 pub fn connect_failure_reason(e: &std::io::Error, otherwise: &'static str) -> &'static str {
-    match accept_failure_reason(e) {
+    match io_failure_reason(e) {
         "fd_limit" => "fd_limit",
         _ => otherwise,
-    }
-}
-
-/// A short, stable reason for a failed accept, for metrics.
-fn accept_failure_reason(e: &std::io::Error) -> &'static str {
-    // EMFILE (per process) and ENFILE (system-wide), ENOBUFS and ENOMEM on Linux.
-    match e.raw_os_error() {
-        Some(24) | Some(23) => "fd_limit",
-        Some(105) | Some(12) => "out_of_memory",
-        _ => "other",
-    }
-}
-
-/// The soft open-file limit of this process (Linux: /proc/self/limits); `None` when unknown
-/// or unlimited.
-fn open_files_limit() -> Option<u64> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line["Max open files".len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
-/// Throttles a repeated log line: the first occurrence is logged, then at most one a second,
-/// each carrying how many happened since the last one logged.
-#[derive(Default)]
-struct Throttled {
-    since_log: u64,
-    total: u64,
-    last_log: Option<std::time::Instant>,
-}
-
-impl Throttled {
-    /// Notes one occurrence; returns the count to report when it is time to log.
-    fn note(&mut self) -> Option<u64> {
-        self.since_log += 1;
-        self.total += 1;
-        let now = std::time::Instant::now();
-        if self
-            .last_log
-            .is_some_and(|at| now.duration_since(at) < Duration::from_secs(1))
-        {
-            return None;
-        }
-        self.last_log = Some(now);
-        Some(std::mem::take(&mut self.since_log))
-    }
-
-    /// Ends a streak; returns its length if there was one.
-    fn reset(&mut self) -> Option<u64> {
-        if self.total == 0 {
-            return None;
-        }
-        let total = self.total;
-        *self = Self::default();
-        Some(total)
     }
 }
 
@@ -560,18 +447,8 @@ mod tests {
     }
 
     #[test]
-    fn accept_failures_name_the_fd_limit() {
+    fn connect_failures_name_the_fd_limit() {
         let emfile = std::io::Error::from_raw_os_error(24);
-        assert_eq!(accept_failure_reason(&emfile), "fd_limit");
-        assert_eq!(
-            accept_failure_reason(&std::io::Error::from_raw_os_error(23)),
-            "fd_limit"
-        );
-        assert_eq!(
-            accept_failure_reason(&std::io::Error::from_raw_os_error(105)),
-            "out_of_memory"
-        );
-        assert_eq!(accept_failure_reason(&std::io::Error::other("x")), "other");
         assert_eq!(
             connect_failure_reason(&emfile, "peer_unreachable"),
             "fd_limit"
@@ -581,21 +458,6 @@ mod tests {
             connect_failure_reason(&refused, "peer_unreachable"),
             "peer_unreachable"
         );
-        // This process has a finite limit in any test environment.
-        assert!(open_files_limit().is_some_and(|l| l > 0));
-    }
-
-    #[test]
-    fn throttled_logs_the_first_then_at_most_once_a_second_with_the_count() {
-        let mut t = Throttled::default();
-        assert_eq!(t.note(), Some(1), "the first is logged");
-        assert_eq!(t.note(), None);
-        assert_eq!(t.note(), None);
-        t.last_log = Some(std::time::Instant::now() - Duration::from_secs(2));
-        assert_eq!(t.note(), Some(3), "carries what was not logged");
-        assert_eq!(t.reset(), Some(4), "the whole streak");
-        assert_eq!(t.reset(), None);
-        assert_eq!(t.note(), Some(1), "a new streak logs at once");
     }
 
     #[test]

@@ -4,13 +4,16 @@
 //! connection is open) -> connect to the local app -> copy. Plaintext: the snapshot's mTLS
 //! mode for the original destination port decides.
 
+use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use latch_admin::serve::{Handshake, HandshakeFailure, Slot};
 use latch_identity::SvidError;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio_rustls::server::TlsStream;
 
 use crate::authorizer::Decision;
 use crate::data_path::{DataPath, InboundMode, connect_failure_reason};
@@ -50,29 +53,43 @@ pub fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
     }
 }
 
-/// Handles one connection on the mTLS listener.
+/// The mTLS listener's handshake, run by the serve loop under `--handshake-timeout`: a failure
+/// is counted (`latch_proxy_tls_handshake_failures_total{direction="inbound",reason}`) and
+/// logged.
+pub struct MtlsHandshake(pub Arc<DataPath>);
+
+impl Handshake<TcpStream> for MtlsHandshake {
+    type Stream = TlsStream<TcpStream>;
+
+    fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> impl Future<Output = std::io::Result<TlsStream<TcpStream>>> + Send {
+        tokio_rustls::TlsAcceptor::from(self.0.tls.server()).accept(tcp)
+    }
+
+    fn failed(&self, _listener: &'static str, remote: &dyn fmt::Debug, failure: HandshakeFailure) {
+        match failure {
+            HandshakeFailure::Failed(e) => {
+                let reason = handshake_failure_reason(&e);
+                self.0.metrics.handshake_failed(DIRECTION, reason);
+                tracing::info!(?remote, reason, "inbound mTLS handshake failed: {e}");
+            }
+            HandshakeFailure::TimedOut => {
+                self.0.metrics.handshake_failed(DIRECTION, "timeout");
+                tracing::info!(?remote, "inbound mTLS handshake timed out");
+            }
+        }
+    }
+}
+
+/// Handles one connection on the mTLS listener, once `MtlsHandshake` is done.
 pub async fn mtls(
     dp: Arc<DataPath>,
-    tcp: TcpStream,
+    mut tls: TlsStream<TcpStream>,
     remote: SocketAddr,
-    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(dp.tls.server());
-    let handshake = tokio::time::timeout(dp.limits.handshake_timeout, acceptor.accept(tcp)).await;
-    let mut tls = match handshake {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            let reason = handshake_failure_reason(&e);
-            dp.metrics.handshake_failed(DIRECTION, reason);
-            tracing::info!(%remote, reason, "inbound mTLS handshake failed: {e}");
-            return;
-        }
-        Err(_) => {
-            dp.metrics.handshake_failed(DIRECTION, "timeout");
-            tracing::info!(%remote, "inbound mTLS handshake timed out");
-            return;
-        }
-    };
     let (_, conn) = tls.get_ref();
     let resumed = dp.metrics.handshake_done(DIRECTION, conn.handshake_kind());
     // A resumed session ran no verifier: its stored client certificate must still be valid.
@@ -143,12 +160,7 @@ pub async fn mtls(
 
 /// Handles one connection captured on the plaintext inbound listener: refused when the
 /// original destination port is STRICT, forwarded to the app's original port when PERMISSIVE.
-pub async fn plaintext(
-    dp: Arc<DataPath>,
-    tcp: TcpStream,
-    remote: SocketAddr,
-    _permit: OwnedSemaphorePermit,
-) {
+pub async fn plaintext(dp: Arc<DataPath>, tcp: TcpStream, remote: SocketAddr, _slot: Slot) {
     const PLAINTEXT: &str = "inbound_plaintext";
     let port = match crate::capture::original_dst(&tcp) {
         Ok(dst) => dst.port(),

@@ -26,6 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use latch_admin::serve::{Drain, Plain};
 use latch_identity::client::control_plane_id;
 use latch_identity::{CertStore, ExpectedPeer, SpiffeId, TrustBundle, TrustDomain};
 use thiserror::Error;
@@ -215,9 +216,9 @@ pub struct Proxy {
     data_path: Option<Arc<data_path::DataPath>>,
     drain_timeout: Duration,
     cancel: CancellationToken,
-    stop_accepting: CancellationToken,
     tracker: TaskTracker,
-    connections: TaskTracker,
+    /// The data path's listeners and connections; its `close` is the data path's.
+    drain: Drain,
 }
 
 async fn bind(
@@ -237,9 +238,7 @@ impl Proxy {
     /// the sync: until then the flag-only snapshot routes it.
     pub async fn start(config: Config) -> Result<Self, StartError> {
         let cancel = CancellationToken::new();
-        let stop_accepting = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let connections = TaskTracker::new();
         let metrics = Arc::new(Metrics::new());
         let store = Arc::new(CertStore::new(config.bundle));
         let control_plane = (
@@ -320,10 +319,12 @@ impl Proxy {
             discovery,
             data_path: None,
             drain_timeout: data.drain_timeout,
+            drain: Drain {
+                tracker: tracker.clone(),
+                ..Drain::default()
+            },
             cancel,
-            stop_accepting,
             tracker,
-            connections,
         };
         if any_listener {
             proxy.start_data_path(data, store, metrics).await?;
@@ -349,38 +350,25 @@ impl Proxy {
         ));
         self.tracker
             .spawn(dp.clone().watch_mesh(self.cancel.clone()));
-        let (tracker, connections, stop) = (&self.tracker, &self.connections, &self.stop_accepting);
+        self.drain.close = dp.close_connections.clone();
+        let drain = &self.drain;
         if let Some(addr) = data.inbound {
             let (listener, local) = bind(addr, "inbound mTLS (--inbound)").await?;
-            dp.serve(
-                "inbound",
-                listener,
-                tracker,
-                connections,
-                stop.clone(),
-                inbound::mtls,
-            );
+            let handshake = inbound::MtlsHandshake(dp.clone());
+            dp.serve("inbound", listener, drain, handshake, inbound::mtls);
             self.inbound_addr = Some(local);
         }
         if let Some((outbound, plaintext)) = data.transparent {
             let (listener, out_local) =
                 bind(outbound, "outbound capture (--outbound-capture)").await?;
-            dp.serve(
-                "outbound",
-                listener,
-                tracker,
-                connections,
-                stop.clone(),
-                outbound::transparent,
-            );
+            dp.serve("outbound", listener, drain, Plain, outbound::transparent);
             let (listener, in_local) =
                 bind(plaintext, "inbound plaintext (--inbound-plaintext)").await?;
             dp.serve(
                 "inbound_plaintext",
                 listener,
-                tracker,
-                connections,
-                stop.clone(),
+                drain,
+                Plain,
                 inbound::plaintext,
             );
             self.capture_addrs = Some((out_local, in_local));
@@ -390,10 +378,9 @@ impl Proxy {
             dp.serve(
                 "outbound",
                 listener,
-                tracker,
-                connections,
-                stop.clone(),
-                move |dp, app, _, permit| outbound::explicit(dp, target.clone(), app, permit),
+                drain,
+                Plain,
+                move |dp, app, _, slot| outbound::explicit(dp, target.clone(), app, slot),
             );
             self.explicit_addrs.push(local);
         }
@@ -423,21 +410,7 @@ impl Proxy {
     /// Drains: stops accepting, lets open connections finish for up to the drain timeout,
     /// closes what is left, then stops every task.
     pub async fn shutdown(self) {
-        self.stop_accepting.cancel();
-        self.connections.close();
-        if tokio::time::timeout(self.drain_timeout, self.connections.wait())
-            .await
-            .is_err()
-        {
-            tracing::info!(
-                open = self.connections.len(),
-                "drain timeout reached; closing the remaining connections"
-            );
-            if let Some(dp) = &self.data_path {
-                dp.close_connections.cancel();
-            }
-            self.connections.wait().await;
-        }
+        self.drain.shutdown(self.drain_timeout).await;
         self.cancel.cancel();
         self.tracker.close();
         self.tracker.wait().await;

@@ -12,12 +12,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let proxy = Proxy::start(config)
         .await
         .context("latch-proxy could not start")?;
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
+    latch_admin::serve::shutdown_on_signal()
+        .context("installing the SIGINT and SIGTERM handlers")?
+        .cancelled()
+        .await;
     tracing::info!("shutting down: draining open connections");
     proxy.shutdown().await;
     Ok(())

@@ -275,3 +275,15 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+/// What the serve loop counts, under the data path's names: refusals as
+/// `latch_proxy_tcp_connections_refused_total{direction=<listener>}`, failed accepts as
+/// `latch_proxy_tcp_accept_errors_total{listener}`.
+impl latch_admin::serve::ServeMetrics for Metrics {
+    fn refused(&self, listener: &'static str, reason: &'static str) {
+        Metrics::refused(self, listener, reason);
+    }
+    fn accept_failed(&self, listener: &'static str, reason: &'static str) {
+        Metrics::accept_failed(self, listener, reason);
+    }
+}

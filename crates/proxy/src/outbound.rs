@@ -7,9 +7,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use latch_admin::serve::Slot;
 use latch_identity::SpiffeId;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::data_path::{DataPath, connect_failure_reason};
 use crate::inbound::handshake_failure_reason;
@@ -212,12 +212,7 @@ async fn forward(dp: &DataPath, app: TcpStream, route: Route) {
 }
 
 /// Handles a connection on an explicit listener.
-pub async fn explicit(
-    dp: Arc<DataPath>,
-    target: ExplicitTarget,
-    app: TcpStream,
-    _permit: OwnedSemaphorePermit,
-) {
+pub async fn explicit(dp: Arc<DataPath>, target: ExplicitTarget, app: TcpStream, _slot: Slot) {
     match target.to {
         ExplicitDestination::Fixed {
             id,
@@ -250,12 +245,7 @@ pub async fn explicit(
 }
 
 /// Handles a connection captured by iptables on the transparent listener.
-pub async fn transparent(
-    dp: Arc<DataPath>,
-    app: TcpStream,
-    remote: SocketAddr,
-    _permit: OwnedSemaphorePermit,
-) {
+pub async fn transparent(dp: Arc<DataPath>, app: TcpStream, remote: SocketAddr, _slot: Slot) {
     let destination = match crate::capture::original_dst(&app) {
         Ok(d) => d,
         Err(e) => {

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
+use latch_admin::serve::{AtCap, Drain, ListenerPolicy, NoMetrics, Plain, Slot};
 use latch_identity::{CertStore, Svid, TrustBundle};
 use latch_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
@@ -17,12 +18,14 @@ use latch_proto::workload::{
     X509svidResponse,
 };
 use thiserror::Error;
-use tokio::net::UnixListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 
 /// The metadata every Workload API request must carry (SPIFFE Workload API spec).
@@ -185,6 +188,57 @@ fn jwt_unimplemented() -> Status {
     Status::unimplemented("JWT-SVIDs are not implemented by latch-proxy yet; use X.509-SVIDs")
 }
 
+/// The Workload API listener: 1024 connections (each app holds one or two streams; more wait in
+/// the kernel's listen queue). Local and 0600, so no handshake deadline.
+fn policy() -> ListenerPolicy {
+    ListenerPolicy::new("workload_api", 1024, AtCap::Wait)
+}
+
+/// A Workload API connection for tonic; holds its place under the cap until dropped.
+struct ApiConn {
+    stream: UnixStream,
+    _slot: Slot,
+}
+
+impl Connected for ApiConn {
+    type ConnectInfo = <UnixStream as Connected>::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        Connected::connect_info(&self.stream)
+    }
+}
+
+impl AsyncRead for ApiConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ApiConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 /// Binds the socket (replacing a stale one, mode 0600) and serves until `cancel`.
 pub fn serve(
     path: &Path,
@@ -211,14 +265,29 @@ pub fn serve(
         tracker: tracker.clone(),
         cancel: cancel.clone(),
     });
+    let (tx, rx) = mpsc::channel(64);
+    latch_admin::serve::serve(
+        listener,
+        policy(),
+        &Drain::immediate(tracker, &cancel),
+        Arc::new(NoMetrics),
+        Plain,
+        move |conn| {
+            let tx = tx.clone();
+            async move {
+                let conn = ApiConn {
+                    stream: conn.stream,
+                    _slot: conn.slot,
+                };
+                let _ = tx.send(Ok::<_, std::io::Error>(conn)).await;
+            }
+        },
+    );
     let path = path.to_path_buf();
     tracker.spawn(async move {
         let result = tonic::transport::Server::builder()
             .add_service(service)
-            .serve_with_incoming_shutdown(
-                UnixListenerStream::new(listener),
-                cancel.cancelled_owned(),
-            )
+            .serve_with_incoming_shutdown(ReceiverStream::new(rx), cancel.cancelled_owned())
             .await;
         if let Err(e) = result {
             tracing::error!("Workload API on {} stopped: {e}", path.display());

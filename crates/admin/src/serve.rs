@@ -1,0 +1,715 @@
+//! The one serve loop every Latch listener runs through (proxy data path and admin, control-plane
+//! gRPC, admin and webhook, the proxy's Workload API socket), and the SIGINT/SIGTERM handling
+//! both binaries share. `serve` owns the connection cap and what happens at it, the handshake
+//! deadline, accept-error backoff, drain and the accept metrics; each listener states its
+//! `ListenerPolicy` next to its own code and brings a `Handshake` and a connection handler.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::Request;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::HttpResponse;
+
+/// Pause after a failed accept: the failed connection stays in the listen queue, and without a
+/// pause the loop would retry at full speed until a descriptor frees up.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What happens to a connection that arrives while its listener is at the cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AtCap {
+    /// Stop accepting until a slot frees: new connections wait in the kernel's listen queue.
+    Wait,
+    /// Accept it and close it at once (the client sees EOF, not a hang), count it as
+    /// `ServeMetrics::refused(listener, "connection_limit")` and log at most once a second.
+    Refuse,
+}
+
+/// A connection cap: `max` slots, possibly shared by several listeners (the proxy's data
+/// path caps all its listeners together). A connection holds its `Slot` until it ends.
+#[derive(Debug, Clone)]
+pub struct Cap {
+    slots: Arc<Semaphore>,
+    max: usize,
+}
+
+impl Cap {
+    pub fn new(max: usize) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Slots in use now.
+    pub fn in_use(&self) -> usize {
+        self.max - self.slots.available_permits()
+    }
+}
+
+/// A connection's place under its listener's cap; dropping it frees the place.
+pub type Slot = OwnedSemaphorePermit;
+
+/// How one listener serves: stated once, next to the listener's code.
+#[derive(Debug, Clone)]
+pub struct ListenerPolicy {
+    /// Names the listener in logs and in the label of its accept metrics.
+    pub name: &'static str,
+    pub cap: Cap,
+    pub at_cap: AtCap,
+    /// The flag that sets the cap, named in log lines telling the operator what to change.
+    pub cap_flag: Option<&'static str>,
+    /// Deadline for the handshake step (TLS); the connection and its slot go when it passes.
+    pub handshake_timeout: Option<Duration>,
+    /// HTTP/1 listeners: deadline for receiving each request's head, the first included.
+    pub request_header_timeout: Option<Duration>,
+    /// TCP keepalive on accepted sockets (probes every quarter of it after that long idle).
+    pub keepalive: Option<Duration>,
+}
+
+impl ListenerPolicy {
+    /// A policy with `max_connections` of its own and no deadlines.
+    pub fn new(name: &'static str, max_connections: usize, at_cap: AtCap) -> Self {
+        Self {
+            name,
+            cap: Cap::new(max_connections),
+            at_cap,
+            cap_flag: None,
+            handshake_timeout: None,
+            request_header_timeout: None,
+            keepalive: None,
+        }
+    }
+}
+
+/// Where serving runs and how it stops. Accept loops run on `tracker` and end when
+/// `stop_accepting` fires; connections run on `connections` and are told to end by `close`.
+#[derive(Debug, Clone, Default)]
+pub struct Drain {
+    pub tracker: TaskTracker,
+    pub connections: TaskTracker,
+    pub stop_accepting: CancellationToken,
+    pub close: CancellationToken,
+}
+
+impl Drain {
+    /// No drain: `cancel` stops accepting and closes connections at once, and both loops and
+    /// connections run on `tracker`.
+    pub fn immediate(tracker: &TaskTracker, cancel: &CancellationToken) -> Self {
+        Self {
+            tracker: tracker.clone(),
+            connections: tracker.clone(),
+            stop_accepting: cancel.clone(),
+            close: cancel.clone(),
+        }
+    }
+
+    /// Stops accepting, lets open connections finish for up to `timeout`, then closes what is
+    /// left and waits for it. Returns whether everything finished within the timeout.
+    pub async fn shutdown(&self, timeout: Duration) -> bool {
+        self.stop_accepting.cancel();
+        self.connections.close();
+        if tokio::time::timeout(timeout, self.connections.wait())
+            .await
+            .is_ok()
+        {
+            return true;
+        }
+        tracing::info!(
+            open = self.connections.len(),
+            "drain timeout reached; closing the remaining connections"
+        );
+        self.close.cancel();
+        self.connections.wait().await;
+        false
+    }
+}
+
+/// Counters the loop reports to; each binary maps them onto its own metric names.
+pub trait ServeMetrics: Send + Sync + 'static {
+    /// A connection closed before its handler ran, e.g. `"connection_limit"`.
+    fn refused(&self, listener: &'static str, reason: &'static str) {
+        let _ = (listener, reason);
+    }
+    /// A failed accept, by `io_failure_reason`.
+    fn accept_failed(&self, listener: &'static str, reason: &'static str) {
+        let _ = (listener, reason);
+    }
+}
+
+/// Counts nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoMetrics;
+
+impl ServeMetrics for NoMetrics {}
+
+/// A listening socket the loop can accept on.
+pub trait Listen: Send + 'static {
+    type Conn: Send + 'static;
+    type Addr: fmt::Debug + Clone + Send + Sync + 'static;
+    fn accept(&self) -> impl Future<Output = io::Result<(Self::Conn, Self::Addr)>> + Send;
+    /// Socket options for an accepted connection.
+    fn tune(&self, _conn: &Self::Conn, _policy: &ListenerPolicy) {}
+}
+
+impl Listen for TcpListener {
+    type Conn = TcpStream;
+    type Addr = std::net::SocketAddr;
+    fn accept(&self) -> impl Future<Output = io::Result<(TcpStream, std::net::SocketAddr)>> + Send {
+        TcpListener::accept(self)
+    }
+    /// TCP_NODELAY always, keepalive when the policy asks for it.
+    fn tune(&self, conn: &TcpStream, policy: &ListenerPolicy) {
+        let _ = conn.set_nodelay(true);
+        if let Some(keepalive) = policy.keepalive {
+            let probes = socket2::TcpKeepalive::new()
+                .with_time(keepalive)
+                .with_interval(keepalive / 4);
+            let _ = socket2::SockRef::from(conn).set_tcp_keepalive(&probes);
+        }
+    }
+}
+
+impl Listen for UnixListener {
+    type Conn = UnixStream;
+    type Addr = Arc<tokio::net::unix::SocketAddr>;
+    async fn accept(&self) -> io::Result<(UnixStream, Self::Addr)> {
+        let (conn, addr) = UnixListener::accept(self).await?;
+        Ok((conn, Arc::new(addr)))
+    }
+}
+
+/// Why a handshake did not finish.
+#[derive(Debug)]
+pub enum HandshakeFailure {
+    TimedOut,
+    Failed(io::Error),
+}
+
+/// The step between accept and handler (a TLS handshake, or nothing), run off the accept loop
+/// under the policy's `handshake_timeout`.
+pub trait Handshake<I>: Send + Sync + 'static {
+    type Stream: Send + 'static;
+    fn handshake(&self, io: I) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+    /// Reports a failed handshake; by default a debug log line.
+    fn failed(&self, listener: &'static str, remote: &dyn fmt::Debug, failure: HandshakeFailure) {
+        match failure {
+            HandshakeFailure::TimedOut => {
+                tracing::debug!(listener, ?remote, "TLS handshake timed out")
+            }
+            HandshakeFailure::Failed(e) => {
+                tracing::debug!(listener, ?remote, "TLS handshake failed: {e}")
+            }
+        }
+    }
+}
+
+/// No handshake: the handler gets the accepted socket.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Plain;
+
+impl<I: Send + 'static> Handshake<I> for Plain {
+    type Stream = I;
+    async fn handshake(&self, io: I) -> io::Result<I> {
+        Ok(io)
+    }
+}
+
+/// A server-side TLS handshake.
+#[derive(Clone)]
+pub struct Tls(pub tokio_rustls::TlsAcceptor);
+
+impl<I> Handshake<I> for Tls
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = tokio_rustls::server::TlsStream<I>;
+    fn handshake(&self, io: I) -> impl Future<Output = io::Result<Self::Stream>> + Send {
+        self.0.accept(io)
+    }
+}
+
+/// A connection handed to a listener's handler.
+pub struct Accepted<S, A> {
+    pub stream: S,
+    pub remote: A,
+    /// Keep it for as long as the connection is open: it is the connection's place under the cap.
+    /// Bind it by name: an `async move` block that uses only other fields does not capture it.
+    pub slot: Slot,
+    /// Fires when the connection must end (shutdown, or the end of a drain).
+    pub close: CancellationToken,
+    pub policy: Arc<ListenerPolicy>,
+}
+
+/// Accepts on `listener` until `drain.stop_accepting` fires, under `policy`: takes a slot of the
+/// cap (or waits for one, or refuses), sets socket options, runs `handshake` within the
+/// handshake deadline and then `handle`, each connection as its own task on
+/// `drain.connections`. A failed accept (e.g. out of file descriptors) is counted, logged at
+/// most once a second and retried after `ACCEPT_BACKOFF`.
+pub fn serve<L, H, F, Fut>(
+    listener: L,
+    policy: ListenerPolicy,
+    drain: &Drain,
+    metrics: Arc<dyn ServeMetrics>,
+    handshake: H,
+    handle: F,
+) where
+    L: Listen,
+    H: Handshake<L::Conn>,
+    F: Fn(Accepted<H::Stream, L::Addr>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let policy = Arc::new(policy);
+    let handshake = Arc::new(handshake);
+    let handle = Arc::new(handle);
+    let drain = drain.clone();
+    let tracker = drain.tracker.clone();
+    tracker.spawn(async move {
+        let open_files = open_files_limit();
+        let mut accept_failures = Throttled::default();
+        let mut refusals = Throttled::default();
+        let name = policy.name;
+        loop {
+            let waited = match policy.at_cap {
+                AtCap::Wait => tokio::select! {
+                    _ = drain.stop_accepting.cancelled() => return,
+                    slot = policy.cap.slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => Some(slot),
+                        Err(_) => return,
+                    },
+                },
+                AtCap::Refuse => None,
+            };
+            let (conn, remote) = tokio::select! {
+                _ = drain.stop_accepting.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        accept_failed(&policy, &*metrics, &e, open_files, &mut accept_failures);
+                        tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        continue;
+                    }
+                },
+            };
+            if let Some(failed) = accept_failures.reset() {
+                tracing::info!(
+                    listener = name,
+                    "accepting again after {failed} failed accepts"
+                );
+            }
+            let slot = match waited {
+                Some(slot) => slot,
+                None => match policy.cap.slots.clone().try_acquire_owned() {
+                    Ok(slot) => slot,
+                    Err(_) => {
+                        // Dropping the connection closes it at once.
+                        drop(conn);
+                        metrics.refused(name, "connection_limit");
+                        if let Some(count) = refusals.note() {
+                            let limit = policy.cap.max;
+                            let what = match policy.cap_flag {
+                                Some(flag) => format!("{flag} {limit}"),
+                                None => format!("{limit} connections"),
+                            };
+                            tracing::warn!(
+                                listener = name,
+                                ?remote,
+                                limit,
+                                "connection limit reached ({what}): refused {count} \
+                                 connection(s) since the last report"
+                            );
+                        }
+                        continue;
+                    }
+                },
+            };
+            listener.tune(&conn, &policy);
+            let (policy, handshake, handle) = (policy.clone(), handshake.clone(), handle.clone());
+            let close = drain.close.clone();
+            drain.connections.spawn(async move {
+                let step = handshake.handshake(conn);
+                let finished = tokio::select! {
+                    _ = close.cancelled() => return,
+                    finished = async {
+                        match policy.handshake_timeout {
+                            Some(deadline) => tokio::time::timeout(deadline, step).await,
+                            None => Ok(step.await),
+                        }
+                    } => finished,
+                };
+                let stream = match finished {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        handshake.failed(policy.name, &remote, HandshakeFailure::Failed(e));
+                        return;
+                    }
+                    Err(_) => {
+                        handshake.failed(policy.name, &remote, HandshakeFailure::TimedOut);
+                        return;
+                    }
+                };
+                handle(Accepted {
+                    stream,
+                    remote,
+                    slot,
+                    close,
+                    policy,
+                })
+                .await;
+            });
+        }
+    });
+}
+
+/// Counts and logs (throttled) a failed accept. Running out of file descriptors is named with
+/// the limit, since that is what an operator has to change.
+fn accept_failed(
+    policy: &ListenerPolicy,
+    metrics: &dyn ServeMetrics,
+    e: &io::Error,
+    open_files: Option<u64>,
+    log: &mut Throttled,
+) {
+    let listener = policy.name;
+    let reason = io_failure_reason(e);
+    metrics.accept_failed(listener, reason);
+    let Some(count) = log.note() else { return };
+    if reason == "fd_limit" {
+        let limit = open_files.map_or_else(|| "unknown".to_string(), |l| l.to_string());
+        let or_lower = policy
+            .cap_flag
+            .map(|flag| format!(" or lower {flag} ({})", policy.cap.max))
+            .unwrap_or_default();
+        tracing::warn!(
+            listener,
+            failures = count,
+            "accept failed: {e}: the process is at its open-file limit (RLIMIT_NOFILE {limit}; \
+             every connection holds a descriptor, a proxied one two); new connections wait in \
+             the listen queue, retried every {ACCEPT_BACKOFF:?}. Raise the limit (ulimit -n, \
+             LimitNOFILE){or_lower}"
+        );
+    } else {
+        tracing::warn!(
+            listener,
+            failures = count,
+            "accept failed: {e}; retrying every {ACCEPT_BACKOFF:?}"
+        );
+    }
+}
+
+/// A short, stable reason for a failed accept or connect, for metrics.
+pub fn io_failure_reason(e: &io::Error) -> &'static str {
+    // EMFILE (per process) and ENFILE (system-wide), ENOBUFS and ENOMEM on Linux.
+    match e.raw_os_error() {
+        Some(24) | Some(23) => "fd_limit",
+        Some(105) | Some(12) => "out_of_memory",
+        _ => "other",
+    }
+}
+
+/// The soft open-file limit of this process (Linux: /proc/self/limits); `None` when unknown
+/// or unlimited.
+pub fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Serves HTTP/1 on an accepted connection with `handler`, under the policy's request-head
+/// deadline, until the client goes or `close` fires.
+pub async fn serve_http1<S, A, H, F>(conn: Accepted<S, A>, handler: H)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    A: fmt::Debug,
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = HttpResponse> + Send + 'static,
+{
+    let Accepted {
+        stream,
+        remote,
+        slot: _slot,
+        close,
+        policy,
+    } = conn;
+    let service = service_fn(move |request| {
+        let response = handler(request);
+        async move { Ok::<_, Infallible>(response.await) }
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(policy.request_header_timeout);
+    let served = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::select! {
+        _ = close.cancelled() => {}
+        result = served => if let Err(e) = result {
+            tracing::debug!(listener = policy.name, ?remote, "connection: {e}");
+        },
+    }
+}
+
+/// Installs the SIGINT and SIGTERM handlers and returns a token that fires on the first of
+/// them (logged by name). Both binaries shut down when it fires.
+pub fn shutdown_on_signal() -> io::Result<CancellationToken> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let token = CancellationToken::new();
+    let fire = token.clone();
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = interrupt.recv() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        };
+        tracing::info!(signal = name, "shutdown requested");
+        fire.cancel();
+    });
+    Ok(token)
+}
+
+/// Throttles a repeated log line: the first occurrence is logged, then at most one a second,
+/// each carrying how many happened since the last one logged.
+#[derive(Debug, Default)]
+struct Throttled {
+    since_log: u64,
+    total: u64,
+    last_log: Option<Instant>,
+}
+
+impl Throttled {
+    /// Notes one occurrence; returns the count to report when it is time to log.
+    fn note(&mut self) -> Option<u64> {
+        self.since_log += 1;
+        self.total += 1;
+        let now = Instant::now();
+        if self
+            .last_log
+            .is_some_and(|at| now.duration_since(at) < Duration::from_secs(1))
+        {
+            return None;
+        }
+        self.last_log = Some(now);
+        Some(std::mem::take(&mut self.since_log))
+    }
+
+    /// Ends a streak; returns its length if there was one.
+    fn reset(&mut self) -> Option<u64> {
+        if self.total == 0 {
+            return None;
+        }
+        let total = self.total;
+        *self = Self::default();
+        Some(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn throttled_logs_the_first_then_at_most_once_a_second_with_the_count() {
+        let mut t = Throttled::default();
+        assert_eq!(t.note(), Some(1), "the first is logged");
+        assert_eq!(t.note(), None);
+        assert_eq!(t.note(), None);
+        t.last_log = Some(Instant::now() - Duration::from_secs(2));
+        assert_eq!(t.note(), Some(3), "carries what was not logged");
+        assert_eq!(t.reset(), Some(4), "the whole streak");
+        assert_eq!(t.reset(), None);
+        assert_eq!(t.note(), Some(1), "a new streak logs at once");
+    }
+
+    #[test]
+    fn io_failures_name_the_fd_limit() {
+        let reason = |n| io_failure_reason(&io::Error::from_raw_os_error(n));
+        assert_eq!(reason(24), "fd_limit");
+        assert_eq!(reason(23), "fd_limit");
+        assert_eq!(reason(105), "out_of_memory");
+        assert_eq!(io_failure_reason(&io::Error::other("x")), "other");
+        // This process has a finite limit in any test environment.
+        assert!(open_files_limit().is_some_and(|l| l > 0));
+    }
+
+    #[derive(Default)]
+    struct Counted(std::sync::Mutex<Vec<(&'static str, &'static str)>>);
+
+    impl ServeMetrics for Counted {
+        fn refused(&self, listener: &'static str, reason: &'static str) {
+            self.0.lock().unwrap().push((listener, reason));
+        }
+    }
+
+    /// An echo listener under `policy`; returns its address.
+    async fn echo(
+        policy: ListenerPolicy,
+        drain: &Drain,
+        metrics: Arc<Counted>,
+    ) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        serve(
+            listener,
+            policy,
+            drain,
+            metrics,
+            Plain,
+            |conn: Accepted<TcpStream, _>| async move {
+                // Hold the slot: a closure capturing only `stream` and `close` would drop it.
+            let (mut stream, _slot) = (conn.stream, conn.slot);
+                let (mut r, mut w) = stream.split();
+                tokio::select! {
+                    _ = conn.close.cancelled() => {}
+                    _ = tokio::io::copy(&mut r, &mut w) => {}
+                }
+            },
+        );
+        addr
+    }
+
+    async fn echoed(addr: std::net::SocketAddr) -> io::Result<TcpStream> {
+        let mut tcp = TcpStream::connect(addr).await?;
+        tcp.write_all(b"ping").await?;
+        let mut buf = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(2), tcp.read_exact(&mut buf))
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        Ok(tcp)
+    }
+
+    #[tokio::test]
+    async fn refuse_at_cap_closes_at_once_and_counts() {
+        let drain = Drain::default();
+        let metrics = Arc::new(Counted::default());
+        let addr = echo(
+            ListenerPolicy::new("test", 1, AtCap::Refuse),
+            &drain,
+            metrics.clone(),
+        )
+        .await;
+        let held = echoed(addr).await.unwrap();
+        let mut over = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(2), over.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "closed at once: {read:?}"
+        );
+        assert_eq!(*metrics.0.lock().unwrap(), [("test", "connection_limit")]);
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(2), async {
+            while echoed(addr).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("served again once the slot is free");
+    }
+
+    #[tokio::test]
+    async fn wait_at_cap_queues_and_serves_when_a_slot_frees() {
+        let drain = Drain::default();
+        let metrics = Arc::new(Counted::default());
+        let addr = echo(
+            ListenerPolicy::new("test", 1, AtCap::Wait),
+            &drain,
+            metrics.clone(),
+        )
+        .await;
+        let held = echoed(addr).await.unwrap();
+        let waiting = tokio::spawn(echoed(addr));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "the second connection waits");
+        drop(held);
+        let served = tokio::time::timeout(Duration::from_secs(2), waiting).await;
+        assert!(
+            matches!(served, Ok(Ok(Ok(_)))),
+            "served once the slot frees"
+        );
+        assert!(metrics.0.lock().unwrap().is_empty(), "nothing refused");
+    }
+
+    #[tokio::test]
+    async fn the_handshake_deadline_frees_the_slot() {
+        struct Never;
+        impl Handshake<TcpStream> for Never {
+            type Stream = TcpStream;
+            async fn handshake(&self, io: TcpStream) -> io::Result<TcpStream> {
+                std::future::pending::<()>().await;
+                Ok(io)
+            }
+        }
+        let drain = Drain::default();
+        let policy = ListenerPolicy {
+            handshake_timeout: Some(Duration::from_millis(100)),
+            ..ListenerPolicy::new("test", 1, AtCap::Refuse)
+        };
+        let cap = policy.cap.clone();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        serve(
+            listener,
+            policy,
+            &drain,
+            Arc::new(NoMetrics),
+            Never,
+            |_: Accepted<_, _>| async {},
+        );
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(2), slow.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "closed at the deadline"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(cap.in_use(), 0, "its slot is free");
+    }
+
+    #[tokio::test]
+    async fn drain_stops_accepting_waits_then_closes() {
+        let drain = Drain::default();
+        let addr = echo(
+            ListenerPolicy::new("test", 8, AtCap::Refuse),
+            &drain,
+            Arc::new(Counted::default()),
+        )
+        .await;
+        let mut open = echoed(addr).await.unwrap();
+        let started = Instant::now();
+        assert!(
+            !drain.shutdown(Duration::from_millis(200)).await,
+            "one was still open"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(2), open.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "closed after the drain"
+        );
+        assert!(echoed(addr).await.is_err(), "no longer accepting");
+    }
+}
