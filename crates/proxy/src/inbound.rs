@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use latch_identity::SvidError;
+use latch_mesh::MtlsMode;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::authorizer::Decision;
-use crate::data_path::{DataPath, InboundMode, connect_failure_reason};
+use crate::data_path::{DataPath, connect_failure_reason};
 use crate::transport::{ALPN_LATCH, HeaderError, TransportHeader, resumed_peer_still_valid};
 
 const DIRECTION: &str = "inbound";
@@ -158,7 +159,7 @@ pub async fn plaintext(
             return;
         }
     };
-    if dp.mesh.load().mtls.for_port(port) == InboundMode::Strict {
+    if dp.mesh.load().settings.mtls_for_port(port) == MtlsMode::Strict {
         dp.metrics.refused(PLAINTEXT, "strict_mtls");
         tracing::info!(%remote, port, "refused plaintext connection: port {port} is STRICT (mTLS only)");
         return;
