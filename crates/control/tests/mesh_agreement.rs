@@ -147,7 +147,7 @@ fn policy() -> impl Strategy<Value = PolicySpec> {
         4 => prefix().prop_map(|p| PrincipalSpec { exact: None, prefix: Some(p) }),
         1 => Just(PrincipalSpec::default()),
     ];
-    let rule = (vec(principal, 0..3), vec(name(), 0..2), vec(port(), 0..2)).prop_map(
+    let rule = (vec(principal, 1..3), vec(name(), 0..2), vec(port(), 0..2)).prop_map(
         |(principals, namespaces, ports)| RuleSpec {
             principals,
             namespaces,
@@ -158,7 +158,7 @@ fn policy() -> impl Strategy<Value = PolicySpec> {
         name(),
         name(),
         labels(),
-        prop::sample::select(vec!["ALLOW", "deny", "Allow", "PERMIT"]),
+        prop::sample::select(vec!["ALLOW", "deny", "Allow", "DENY", "PERMIT"]),
         vec(rule, 0..3),
     )
         .prop_map(|(name, namespace, selector, action, rules)| PolicySpec {
@@ -264,6 +264,29 @@ proptest! {
             check_if_accepted(&MeshSettingsSpec::default(), &[], &[], std::slice::from_ref(p));
         }
         check_if_accepted(&settings, &workloads, &services, &policies);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Principals alone, in an otherwise valid policy: the rule the two sides once disagreed on.
+    #[test]
+    fn principals_the_control_plane_accepts_every_proxy_accepts(
+        exact in option::of(spiffe_id()),
+        prefix in option::of(prefix()),
+    ) {
+        let policy = PolicySpec {
+            name: "p".into(),
+            namespace: "demo".into(),
+            action: "ALLOW".into(),
+            rules: vec![RuleSpec {
+                principals: vec![PrincipalSpec { exact, prefix }],
+                ..RuleSpec::default()
+            }],
+            ..PolicySpec::default()
+        };
+        check_if_accepted(&MeshSettingsSpec::default(), &[], &[], &[policy]);
     }
 }
 
