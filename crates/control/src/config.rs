@@ -8,13 +8,15 @@ use std::time::Duration;
 
 use clap::Parser;
 use latch_identity::{SpiffeId, TrustDomain};
+use latch_mesh::MeshError;
+use latch_mesh::ports::{CONTROL_ADMIN, CONTROL_GRPC};
 use serde::Deserialize;
 
 use crate::ca::{PluginFiles, TtlPolicy};
 use crate::ca_secret::SecretRef;
 use crate::kubernetes::KubernetesAccess;
+use crate::mesh::MeshModel;
 use crate::mesh::spec::{MeshSettingsSpec, PolicySpec, ServiceSpec, WorkloadSpec};
-use crate::mesh::{MeshError, MeshModel};
 use crate::tls_incoming::AcceptLimits;
 use crate::tokens::{JoinTokens, TokenRecord};
 use crate::webhook::WebhookConfig;
@@ -35,10 +37,10 @@ pub struct Args {
     #[arg(long, env = "LATCH_DATA_DIR", default_value = "./latch-data")]
     pub data_dir: PathBuf,
     /// gRPC over TLS (certificate service).
-    #[arg(long, env = "LATCH_LISTEN", default_value = "127.0.0.1:15010")]
+    #[arg(long, env = "LATCH_LISTEN", default_value_t = SocketAddr::from(([127, 0, 0, 1], CONTROL_GRPC)))]
     pub listen: SocketAddr,
     /// Admin HTTP: /healthz, /ready, /metrics, join-token creation.
-    #[arg(long, env = "LATCH_ADMIN", default_value = "127.0.0.1:15014")]
+    #[arg(long, env = "LATCH_ADMIN", default_value_t = SocketAddr::from(([127, 0, 0, 1], CONTROL_ADMIN)))]
     pub admin: SocketAddr,
     /// YAML config file (join tokens, mesh settings, workloads, services, policies); edits
     /// are applied while running.

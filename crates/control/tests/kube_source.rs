@@ -20,9 +20,9 @@ use http_body_util::BodyExt;
 use hyper::{Method, StatusCode};
 use latch_control::kubernetes::KubernetesAccess;
 use latch_control::mesh::MeshSnapshot;
-use latch_control::mesh::model::MtlsMode;
 use latch_control::{Config, ControlPlane};
 use latch_identity::TrustDomain;
+use latch_mesh::MtlsMode;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedSender;
 

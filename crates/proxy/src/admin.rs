@@ -11,10 +11,10 @@ use latch_admin::{HttpResponse, error, json, text};
 use latch_identity::svid::format_time;
 use serde::Serialize;
 
-use crate::discovery::DiscoveryClient;
 use crate::identity::IdentityAgent;
 use crate::metrics::Metrics;
 use crate::state::MeshState;
+use crate::xds::DiscoveryClient;
 
 pub struct AdminState {
     pub agent: Arc<IdentityAgent>,
@@ -102,9 +102,9 @@ impl AdminState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::DiscoveryConfig;
     use crate::identity::{AgentConfig, Credential};
     use crate::state::LocalConfig;
+    use crate::xds::DiscoveryConfig;
     use latch_identity::ExpectedPeer;
 
     fn admin(discovery: bool) -> AdminState {

@@ -2,103 +2,12 @@
 //! verified SPIFFE ID and the target port; it evaluates the discovery policies in the current
 //! `MeshSnapshot` (DENY wins, then ALLOW if any, else mesh peers) and, when `--allow` is
 //! given, that list as an extra restriction. Also re-run on open connections after a change.
+//! What a single policy or rule matches is the model's (`latch_mesh::Policy::matches`).
 
 use latch_identity::{SpiffeId, TrustDomain};
-use serde_json::json;
+use latch_mesh::{Action, Policy};
 
 use crate::state::MeshSnapshot;
-
-/// What a policy does when it matches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Allow,
-    Deny,
-}
-
-/// How a rule names callers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Principal {
-    /// The caller's ID string equals this.
-    Exact(String),
-    /// The caller's ID string starts with this.
-    Prefix(String),
-}
-
-/// Matches when every non-empty field matches; with every field empty, matches every caller.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Rule {
-    pub principals: Vec<Principal>,
-    pub namespaces: Vec<String>,
-    pub ports: Vec<u16>,
-}
-
-/// An authorization policy from discovery, validated. It matches when any rule matches.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Policy {
-    /// "<namespace>/<name>".
-    pub name: String,
-    pub action: Action,
-    pub rules: Vec<Rule>,
-}
-
-/// The namespace in a `/ns/<ns>/sa/<sa>` ID; other shapes have none.
-fn namespace_of(peer: &SpiffeId) -> Option<&str> {
-    let mut segments = peer.path().strip_prefix('/')?.split('/');
-    match (
-        segments.next(),
-        segments.next(),
-        segments.next(),
-        segments.next(),
-        segments.next(),
-    ) {
-        (Some("ns"), Some(ns), Some("sa"), Some(_), None) => Some(ns),
-        _ => None,
-    }
-}
-
-impl Rule {
-    pub fn matches(&self, peer: &SpiffeId, port: u16) -> bool {
-        let principal = self.principals.is_empty()
-            || self.principals.iter().any(|p| match p {
-                Principal::Exact(id) => peer.as_str() == id,
-                Principal::Prefix(prefix) => peer.as_str().starts_with(prefix.as_str()),
-            });
-        let namespace = self.namespaces.is_empty()
-            || namespace_of(peer).is_some_and(|ns| self.namespaces.iter().any(|n| n == ns));
-        let port = self.ports.is_empty() || self.ports.contains(&port);
-        principal && namespace && port
-    }
-}
-
-impl Policy {
-    pub fn matches(&self, peer: &SpiffeId, port: u16) -> bool {
-        self.rules.iter().any(|r| r.matches(peer, port))
-    }
-
-    /// The policy as JSON, for /debug/config.
-    pub fn to_json(&self) -> serde_json::Value {
-        let rules: Vec<_> = self
-            .rules
-            .iter()
-            .map(|r| {
-                let principals: Vec<_> = r
-                    .principals
-                    .iter()
-                    .map(|p| match p {
-                        Principal::Exact(s) => json!({"exact": s}),
-                        Principal::Prefix(s) => json!({"prefix": s}),
-                    })
-                    .collect();
-                json!({"principals": principals, "namespaces": r.namespaces, "ports": r.ports})
-            })
-            .collect();
-        json!({
-            "name": self.name,
-            "action": match self.action { Action::Allow => "ALLOW", Action::Deny => "DENY" },
-            "rules": rules,
-        })
-    }
-}
 
 /// A decision; a denial names what decided it, for logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,10 +39,9 @@ pub fn evaluate(
         .filter(|p| p.action == Action::Deny)
         .find(|p| p.matches(peer, port))
     {
-        return Decision::deny(
-            deny.name.clone(),
-            format!("DENY policy {} matches {peer} on port {port}", deny.name),
-        );
+        let name = deny.resource_name();
+        let why = format!("DENY policy {name} matches {peer} on port {port}");
+        return Decision::deny(name, why);
     }
     let mut allows = policies
         .iter()
@@ -145,7 +53,7 @@ pub fn evaluate(
             if policy.matches(peer, port) {
                 return Decision::Allow;
             }
-            names.push(policy.name.as_str());
+            names.push(policy.resource_name());
         }
         names.sort_unstable();
         return Decision::deny(
@@ -195,6 +103,7 @@ impl Authorizer {
 mod tests {
     use super::*;
     use crate::state::{Discovered, Held, LocalConfig};
+    use latch_mesh::{Principal, Rule};
 
     fn id(s: &str) -> SpiffeId {
         SpiffeId::parse(s).unwrap()
@@ -204,9 +113,13 @@ mod tests {
         TrustDomain::new("cluster.local").unwrap()
     }
 
+    /// A policy named "<namespace>/<name>".
     fn policy(name: &str, action: Action, rules: Vec<Rule>) -> Policy {
+        let (namespace, name) = name.split_once('/').unwrap();
         Policy {
             name: name.into(),
+            namespace: namespace.into(),
+            selector: Default::default(),
             action,
             rules,
         }

@@ -74,7 +74,8 @@ impl Drop for ActiveGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{Discovered, Held, LocalConfig, MeshSnapshot, Route, Service};
+    use crate::state::{Discovered, Held, LocalConfig, MeshSnapshot, Route};
+    use latch_mesh::{Service, ServicePort};
 
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
@@ -129,9 +130,15 @@ mod tests {
                 Held {
                     version: "1".into(),
                     value: Service {
-                        name: "demo/api".into(),
+                        name: "api".into(),
+                        namespace: "demo".into(),
                         vips: vec!["10.96.0.1".parse().unwrap()],
-                        ports: [(80, 8080)].into(),
+                        hostnames: Vec::new(),
+                        ports: vec![ServicePort {
+                            port: 80,
+                            target_port: 8080,
+                            name: "http".into(),
+                        }],
                         endpoints: endpoints.iter().map(|e| e.parse().unwrap()).collect(),
                     },
                 },

@@ -6,6 +6,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 
+use latch_mesh::ports::{INBOUND_CAPTURE, INBOUND_MTLS, OUTBOUND_CAPTURE, PROXY_ADMIN, PROXY_UID};
 use thiserror::Error;
 use tokio::net::TcpStream;
 
@@ -19,13 +20,6 @@ pub fn original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
     addr.as_socket()
         .ok_or_else(|| std::io::Error::other("original destination is not an IP address"))
 }
-
-/// The uid the proxy runs as; its own traffic is never captured.
-pub const PROXY_UID: u32 = 1337;
-pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
-pub const INBOUND_CAPTURE_PORT: u16 = 15006;
-pub const INBOUND_MTLS_PORT: u16 = 15008;
-pub const ADMIN_PORT: u16 = 15020;
 
 const OUTPUT_CHAIN: &str = "LATCH_OUTPUT";
 const INBOUND_CHAIN: &str = "LATCH_INBOUND";
@@ -87,10 +81,10 @@ impl CaptureRules {
         // mid-stream: redirecting it would hand, say, the proxy's own discovery stream to the
         // capture port and silently break it. Found by the netns VIP test.
         out.push_str(&format!(
-            "-A {OUTPUT_CHAIN} -p tcp --syn -j REDIRECT --to-ports {OUTBOUND_CAPTURE_PORT}\n"
+            "-A {OUTPUT_CHAIN} -p tcp --syn -j REDIRECT --to-ports {OUTBOUND_CAPTURE}\n"
         ));
         // Inbound: everything arriving for the pod, except the proxy's mesh and admin ports.
-        for port in [INBOUND_MTLS_PORT, ADMIN_PORT]
+        for port in [INBOUND_MTLS, PROXY_ADMIN]
             .iter()
             .chain(&self.exclude_inbound_ports)
         {
@@ -99,7 +93,7 @@ impl CaptureRules {
             ));
         }
         out.push_str(&format!(
-            "-A {INBOUND_CHAIN} -p tcp --syn -j REDIRECT --to-ports {INBOUND_CAPTURE_PORT}\n"
+            "-A {INBOUND_CHAIN} -p tcp --syn -j REDIRECT --to-ports {INBOUND_CAPTURE}\n"
         ));
         out.push_str("COMMIT\n");
         out
@@ -176,7 +170,7 @@ mod tests {
     #[test]
     fn rules_exclude_the_proxy_loopback_and_configured_ports() {
         let rules = CaptureRules {
-            proxy_uid: 1337,
+            proxy_uid: PROXY_UID,
             exclude_outbound_ports: vec![22],
             exclude_inbound_ports: vec![9090],
         }

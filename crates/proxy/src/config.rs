@@ -6,9 +6,12 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 use latch_identity::SpiffeId;
+use latch_mesh::ports::{
+    CONTROL_GRPC, INBOUND_CAPTURE, INBOUND_MTLS, OUTBOUND_CAPTURE, PROXY_ADMIN,
+};
 
 use crate::outbound::ExplicitTarget;
-use crate::state::{MESH_PORT, MeshPeer};
+use crate::state::MeshPeer;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -31,7 +34,7 @@ pub enum Command {
         #[arg(value_enum)]
         action: IptablesAction,
         /// The uid the proxy runs as; its traffic is not captured.
-        #[arg(long, env = "LATCH_PROXY_UID", default_value_t = crate::capture::PROXY_UID)]
+        #[arg(long, env = "LATCH_PROXY_UID", default_value_t = latch_mesh::ports::PROXY_UID)]
         proxy_uid: u32,
         /// Destination ports the app reaches directly (comma-separated).
         #[arg(long, env = "LATCH_EXCLUDE_OUTBOUND_PORTS", value_delimiter = ',')]
@@ -79,7 +82,7 @@ impl std::str::FromStr for PeerFlag {
             Err(_) => (
                 addr.parse::<IpAddr>()
                     .map_err(|e| format!("{s:?}: {addr:?}: {e}"))?,
-                MESH_PORT,
+                INBOUND_MTLS,
             ),
         };
         let id = SpiffeId::parse(id).map_err(|e| format!("{s:?}: {id:?}: {e}"))?;
@@ -93,7 +96,7 @@ impl std::str::FromStr for PeerFlag {
 #[derive(Debug, Clone, clap::Args)]
 pub struct Args {
     /// The control plane's gRPC address (host:port).
-    #[arg(long, env = "LATCH_CONTROL_PLANE", default_value = "127.0.0.1:15010")]
+    #[arg(long, env = "LATCH_CONTROL_PLANE", default_value_t = format!("127.0.0.1:{CONTROL_GRPC}"))]
     pub control_plane: String,
     /// Trust bundle (PEM) that the control plane's certificate chains to.
     #[arg(long, env = "LATCH_CA_BUNDLE")]
@@ -136,20 +139,20 @@ pub struct Args {
     #[arg(long, env = "LATCH_DISCOVERY_ADDRESS")]
     pub discovery_address: Option<String>,
     /// Admin HTTP: /healthz, /ready, /metrics, /debug/certs, /debug/config.
-    #[arg(long, env = "LATCH_ADMIN", default_value = "127.0.0.1:15020")]
+    #[arg(long, env = "LATCH_ADMIN", default_value_t = SocketAddr::from(([127, 0, 0, 1], PROXY_ADMIN)))]
     pub admin: SocketAddr,
     /// Inbound mTLS listener for other proxies.
-    #[arg(long, env = "LATCH_INBOUND", default_value = "0.0.0.0:15008")]
+    #[arg(long, env = "LATCH_INBOUND", default_value_t = SocketAddr::from(([0, 0, 0, 0], INBOUND_MTLS)))]
     pub inbound: SocketAddr,
     /// Run the transparent-capture listeners (outbound 15001, inbound plaintext 15006); use
     /// with `latch-proxy iptables install`.
     #[arg(long, env = "LATCH_TRANSPARENT")]
     pub transparent: bool,
     /// Outbound capture listener (with --transparent).
-    #[arg(long, env = "LATCH_OUTBOUND_CAPTURE", default_value = "0.0.0.0:15001")]
+    #[arg(long, env = "LATCH_OUTBOUND_CAPTURE", default_value_t = SocketAddr::from(([0, 0, 0, 0], OUTBOUND_CAPTURE)))]
     pub outbound_capture: SocketAddr,
     /// Inbound plaintext capture listener (with --transparent).
-    #[arg(long, env = "LATCH_INBOUND_PLAINTEXT", default_value = "0.0.0.0:15006")]
+    #[arg(long, env = "LATCH_INBOUND_PLAINTEXT", default_value_t = SocketAddr::from(([0, 0, 0, 0], INBOUND_CAPTURE)))]
     pub inbound_plaintext: SocketAddr,
     /// Plaintext arriving for the app: refused (strict) or passed to it (permissive). When
     /// set, overrides the control plane's mTLS modes; when absent they decide (strict without

@@ -24,15 +24,6 @@ use crate::metrics::{ConnLabels, Metrics};
 use crate::state::{MeshState, Route};
 use crate::transport::MeshTls;
 
-/// What the plaintext inbound listener (15006) does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InboundMode {
-    /// Refuse plaintext: only mTLS from other proxies reaches the app.
-    Strict,
-    /// Forward plaintext to the app (migration).
-    Permissive,
-}
-
 /// Timeouts and caps.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -364,9 +355,9 @@ pub fn connect_failure_reason(e: &std::io::Error, otherwise: &'static str) -> &'
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::authorizer::{Action, Policy, Principal, Rule};
     use crate::state::{Discovered, Held, LocalConfig};
     use latch_identity::TrustDomain;
+    use latch_mesh::{Action, Policy, Principal, Rule};
 
     const WEB: &str = "spiffe://cluster.local/ns/demo/sa/web";
     const DB: &str = "spiffe://cluster.local/ns/demo/sa/db";
@@ -391,7 +382,9 @@ mod tests {
             Held {
                 version: "1".into(),
                 value: Policy {
-                    name: "demo/deny".into(),
+                    name: "deny".into(),
+                    namespace: "demo".into(),
+                    selector: Default::default(),
                     action: Action::Deny,
                     rules: vec![Rule {
                         principals: vec![Principal::Exact(peer.into())],
@@ -468,10 +461,16 @@ mod tests {
             "demo/api".into(),
             Held {
                 version: "1".into(),
-                value: crate::state::Service {
-                    name: "demo/api".into(),
+                value: latch_mesh::Service {
+                    name: "api".into(),
+                    namespace: "demo".into(),
                     vips: vec!["10.96.0.1".parse().unwrap()],
-                    ports: [(80, 8080)].into(),
+                    hostnames: Vec::new(),
+                    ports: vec![latch_mesh::ServicePort {
+                        port: 80,
+                        target_port: 8080,
+                        name: "http".into(),
+                    }],
                     endpoints: vec!["10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()],
                 },
             },

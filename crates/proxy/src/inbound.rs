@@ -12,11 +12,12 @@ use std::time::SystemTime;
 
 use latch_admin::serve::{Handshake, HandshakeFailure, Slot};
 use latch_identity::SvidError;
+use latch_mesh::MtlsMode;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
 use crate::authorizer::Decision;
-use crate::data_path::{DataPath, InboundMode, connect_failure_reason};
+use crate::data_path::{DataPath, connect_failure_reason};
 use crate::transport::{ALPN_LATCH, HeaderError, TransportHeader, resumed_peer_still_valid};
 
 const DIRECTION: &str = "inbound";
@@ -170,7 +171,7 @@ pub async fn plaintext(dp: Arc<DataPath>, tcp: TcpStream, remote: SocketAddr, _s
             return;
         }
     };
-    if dp.mesh.load().mtls.for_port(port) == InboundMode::Strict {
+    if dp.mesh.load().settings.mtls_for_port(port) == MtlsMode::Strict {
         dp.metrics.refused(PLAINTEXT, "strict_mtls");
         tracing::info!(%remote, port, "refused plaintext connection: port {port} is STRICT (mTLS only)");
         return;

@@ -1,5 +1,5 @@
 //! latch-proxy: the sidecar. It keeps the workload's identity alive (identity agent), serves it
-//! to SPIFFE-aware apps (Workload API), learns the mesh from the control plane (discovery),
+//! to SPIFFE-aware apps (Workload API), learns the mesh from the control plane (`xds`),
 //! carries the app's TCP over mTLS to other proxies (outbound, inbound, capture) and reports on
 //! all of it (admin). `Proxy::start` wires the parts for the binary and the tests.
 
@@ -10,7 +10,6 @@ pub mod capture;
 pub mod config;
 pub mod copy;
 pub mod data_path;
-pub mod discovery;
 pub mod identity;
 pub mod inbound;
 pub mod metrics;
@@ -20,6 +19,7 @@ pub mod state;
 mod testing;
 pub mod transport;
 pub mod workload_api;
+pub mod xds;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,12 +35,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{Args, Cli};
-pub use data_path::{InboundMode, Limits};
-pub use discovery::{DiscoveryClient, DiscoveryConfig};
+pub use data_path::Limits;
 pub use identity::{AgentConfig, Credential, IdentityAgent};
+pub use latch_mesh::{MtlsMode, OutboundPolicy};
 pub use metrics::Metrics;
 pub use outbound::{ExplicitDestination, ExplicitTarget};
-pub use state::{LocalConfig, MeshPeer, MeshSnapshot, MeshState, OutboundPolicy};
+pub use state::{LocalConfig, MeshPeer, MeshSnapshot, MeshState};
+pub use xds::{DiscoveryClient, DiscoveryConfig};
 
 #[derive(Debug, Error)]
 pub enum StartError {
@@ -75,7 +76,7 @@ pub struct DataPathConfig {
     /// passthrough).
     pub outbound_policy: Option<OutboundPolicy>,
     /// Local override of the MeshConfig's mTLS modes (default without either: STRICT).
-    pub inbound_mode: Option<InboundMode>,
+    pub inbound_mode: Option<MtlsMode>,
     /// Extra inbound restriction on top of the policies: only these IDs (when not empty).
     pub allow: Vec<SpiffeId>,
     pub app_host: std::net::IpAddr,
@@ -163,8 +164,8 @@ impl Config {
                 config::OutboundPolicyArg::RegistryOnly => OutboundPolicy::RegistryOnly,
             }),
             inbound_mode: args.inbound_mode.map(|m| match m {
-                config::InboundModeArg::Strict => InboundMode::Strict,
-                config::InboundModeArg::Permissive => InboundMode::Permissive,
+                config::InboundModeArg::Strict => MtlsMode::Strict,
+                config::InboundModeArg::Permissive => MtlsMode::Permissive,
             }),
             allow: args.allow.clone(),
             app_host: args.app_host,

@@ -1,7 +1,8 @@
 //! What the data path knows about the mesh: an immutable `MeshSnapshot` behind an `ArcSwap` in
 //! `MeshState`, read at every new connection. The snapshot is built from what discovery holds
-//! (`Discovered`, validated resources) plus the local flags (`LocalConfig`); the discovery
-//! client publishes a new one after every applied response, the data path only reads.
+//! (`Discovered`: resources already converted into `latch_mesh` types) plus the local flags
+//! (`LocalConfig`); the xDS client (`xds.rs`) publishes a new one after every applied
+//! response, the data path only reads. The bottom layer of the proxy: it uses no other module.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -9,28 +10,14 @@ use std::sync::Arc;
 
 use arc_swap::{ArcSwap, Guard};
 use latch_identity::{SpiffeId, TrustBundle};
+use latch_mesh::{MeshSettings, MtlsMode, OutboundPolicy, Policy, Principal, Service, Workload};
 use serde_json::json;
-
-use crate::authorizer::Policy;
-use crate::data_path::InboundMode;
-
-/// Default port of the inbound mTLS listener.
-pub const MESH_PORT: u16 = 15008;
 
 /// A meshed workload reachable at an IP.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeshPeer {
     pub id: SpiffeId,
     pub mesh_port: u16,
-}
-
-/// What to do with traffic for unknown destinations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutboundPolicy {
-    /// Forward in plain TCP.
-    Passthrough,
-    /// Refuse anything that is not in the mesh.
-    RegistryOnly,
 }
 
 /// Where an outbound connection goes.
@@ -48,55 +35,11 @@ pub enum Route {
     Refused { reason: &'static str, why: String },
 }
 
-/// A workload as discovery describes it, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Workload {
-    /// "<namespace>/<name>".
-    pub name: String,
-    pub id: SpiffeId,
-    pub ips: Vec<IpAddr>,
-    pub mesh_port: u16,
-}
-
-/// A service as discovery describes it, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Service {
-    /// "<namespace>/<name>".
-    pub name: String,
-    pub vips: Vec<IpAddr>,
-    /// Service port -> target port on the endpoints.
-    pub ports: BTreeMap<u16, u16>,
-    pub endpoints: Vec<IpAddr>,
-}
-
-/// The mTLS mode of the inbound plaintext listener: a default and per-app-port exceptions.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MtlsModes {
-    pub default: InboundMode,
-    pub ports: BTreeMap<u16, InboundMode>,
-}
-
-impl MtlsModes {
-    /// One mode for every port.
-    pub fn uniform(mode: InboundMode) -> Self {
-        Self {
-            default: mode,
-            ports: BTreeMap::new(),
-        }
-    }
-
-    /// The mode for plaintext arriving for app port `port`.
-    pub fn for_port(&self, port: u16) -> InboundMode {
-        self.ports.get(&port).copied().unwrap_or(self.default)
-    }
-}
-
-/// The mesh-wide settings (the MeshConfig resource), validated.
+/// The MeshConfig as the proxy holds it: the settings, and the trust bundle parsed and checked
+/// against the proxy's own SVID (`None` when the control plane sent none).
 #[derive(Debug, Clone)]
-pub struct MeshSettings {
-    pub mtls: MtlsModes,
-    pub outbound_policy: OutboundPolicy,
-    /// The CA's roots; `None` when the control plane sent none.
+pub struct CheckedMeshConfig {
+    pub settings: MeshSettings,
     pub bundle: Option<TrustBundle>,
 }
 
@@ -110,7 +53,7 @@ pub struct Held<T> {
 /// Everything discovery holds, per type, keyed by resource name.
 #[derive(Debug, Clone, Default)]
 pub struct Discovered {
-    pub mesh: BTreeMap<String, Held<MeshSettings>>,
+    pub mesh: BTreeMap<String, Held<CheckedMeshConfig>>,
     pub workloads: BTreeMap<String, Held<Workload>>,
     pub services: BTreeMap<String, Held<Service>>,
     pub policies: BTreeMap<String, Held<Policy>>,
@@ -122,7 +65,7 @@ pub struct LocalConfig {
     /// `--peer`: used for IPs discovery does not know.
     pub peers: Vec<(IpAddr, MeshPeer)>,
     /// `--inbound-mode`: when set, wins over the MeshConfig's modes.
-    pub inbound_mode: Option<InboundMode>,
+    pub inbound_mode: Option<MtlsMode>,
     /// `--outbound-policy`: when set, wins over the MeshConfig's policy.
     pub outbound_policy: Option<OutboundPolicy>,
 }
@@ -144,8 +87,8 @@ pub struct MeshSnapshot {
     pub services: HashMap<IpAddr, Arc<ServiceRoute>>,
     /// Policies selecting this workload, by name (the order decides nothing).
     pub policies: Vec<Policy>,
-    pub mtls: MtlsModes,
-    pub outbound_policy: OutboundPolicy,
+    /// mTLS modes and outbound policy: the MeshConfig's, or the flags' where given.
+    pub settings: MeshSettings,
 }
 
 impl MeshSnapshot {
@@ -157,12 +100,12 @@ impl MeshSnapshot {
         for workload in discovered.workloads.values().map(|h| &h.value) {
             for ip in &workload.ips {
                 let peer = MeshPeer {
-                    id: workload.id.clone(),
+                    id: workload.spiffe_id.clone(),
                     mesh_port: workload.mesh_port,
                 };
                 if let Some(existing) = peers.get(ip) {
                     if existing != &peer {
-                        tracing::warn!(%ip, workload = %workload.name, "IP already claimed by another workload; ignoring this claim");
+                        tracing::warn!(%ip, workload = %workload.resource_name(), "IP already claimed by another workload; ignoring this claim");
                     }
                     continue;
                 }
@@ -175,27 +118,30 @@ impl MeshSnapshot {
         let mut services = HashMap::new();
         for service in discovered.services.values().map(|h| &h.value) {
             let route = Arc::new(ServiceRoute {
-                name: service.name.clone(),
-                ports: service.ports.clone(),
+                name: service.resource_name(),
+                ports: service
+                    .ports
+                    .iter()
+                    .map(|p| (p.port, p.target_port))
+                    .collect(),
                 endpoints: service.endpoints.clone(),
             });
             for vip in &service.vips {
                 if services.contains_key(vip) {
-                    tracing::warn!(%vip, service = %service.name, "VIP already claimed by another service; ignoring this claim");
+                    tracing::warn!(%vip, service = %route.name, "VIP already claimed by another service; ignoring this claim");
                     continue;
                 }
                 services.insert(*vip, route.clone());
             }
         }
-        let mtls = match (local.inbound_mode, mesh) {
-            (Some(mode), _) => MtlsModes::uniform(mode),
-            (None, Some(mesh)) => mesh.mtls.clone(),
-            (None, None) => MtlsModes::uniform(InboundMode::Strict),
-        };
-        let outbound_policy = local
-            .outbound_policy
-            .or(mesh.map(|m| m.outbound_policy))
-            .unwrap_or(OutboundPolicy::Passthrough);
+        let mut settings = mesh.map(|m| m.settings.clone()).unwrap_or_default();
+        if let Some(mode) = local.inbound_mode {
+            settings.mtls = mode;
+            settings.port_mtls.clear();
+        }
+        if let Some(policy) = local.outbound_policy {
+            settings.outbound_policy = policy;
+        }
         Self {
             peers,
             services,
@@ -204,8 +150,7 @@ impl MeshSnapshot {
                 .values()
                 .map(|h| h.value.clone())
                 .collect(),
-            mtls,
-            outbound_policy,
+            settings,
         }
     }
 
@@ -256,7 +201,7 @@ impl MeshSnapshot {
         if let Some(route) = self.mesh_route(ip, destination.port()) {
             return route;
         }
-        match self.outbound_policy {
+        match self.settings.outbound_policy {
             OutboundPolicy::Passthrough => Route::Passthrough(destination),
             OutboundPolicy::RegistryOnly => Route::Refused {
                 reason: "registry_only",
@@ -269,10 +214,6 @@ impl MeshSnapshot {
 
     /// The snapshot as JSON, for /debug/config.
     pub fn to_json(&self) -> serde_json::Value {
-        let mode = |m: InboundMode| match m {
-            InboundMode::Strict => "STRICT",
-            InboundMode::Permissive => "PERMISSIVE",
-        };
         let peers: BTreeMap<String, _> = self
             .peers
             .iter()
@@ -297,22 +238,43 @@ impl MeshSnapshot {
                 )
             })
             .collect();
-        let mut policies: Vec<_> = self.policies.iter().map(Policy::to_json).collect();
+        let mut policies: Vec<_> = self.policies.iter().map(policy_json).collect();
         policies.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
         json!({
             "workloads": peers,
             "services": services,
             "policies": policies,
             "mtls": {
-                "default": mode(self.mtls.default),
-                "ports": self.mtls.ports.iter().map(|(p, m)| (p.to_string(), mode(*m))).collect::<BTreeMap<_, _>>(),
+                "default": self.settings.mtls.as_str(),
+                "ports": self.settings.port_mtls.iter().map(|(p, m)| (p.to_string(), m.as_str())).collect::<BTreeMap<_, _>>(),
             },
-            "outbound_policy": match self.outbound_policy {
-                OutboundPolicy::Passthrough => "PASSTHROUGH",
-                OutboundPolicy::RegistryOnly => "REGISTRY_ONLY",
-            },
+            "outbound_policy": self.settings.outbound_policy.as_str(),
         })
     }
+}
+
+/// A policy as JSON, for /debug/config.
+fn policy_json(policy: &Policy) -> serde_json::Value {
+    let rules: Vec<_> = policy
+        .rules
+        .iter()
+        .map(|r| {
+            let principals: Vec<_> = r
+                .principals
+                .iter()
+                .map(|p| match p {
+                    Principal::Exact(s) => json!({"exact": s}),
+                    Principal::Prefix(s) => json!({"prefix": s}),
+                })
+                .collect();
+            json!({"principals": principals, "namespaces": r.namespaces, "ports": r.ports})
+        })
+        .collect();
+    json!({
+        "name": policy.resource_name(),
+        "action": policy.action.as_str(),
+        "rules": rules,
+    })
 }
 
 /// The current snapshot and the local flags it is built with. Discovery publishes; the data
@@ -355,6 +317,8 @@ impl MeshState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use latch_mesh::ServicePort;
+    use latch_mesh::ports::INBOUND_MTLS;
 
     fn id(s: &str) -> SpiffeId {
         SpiffeId::parse(s).unwrap()
@@ -382,31 +346,39 @@ mod tests {
         d.workloads.insert(
             "demo/web".into(),
             held(Workload {
-                name: "demo/web".into(),
-                id: id("spiffe://cluster.local/ns/demo/sa/web"),
+                name: "web".into(),
+                namespace: "demo".into(),
+                spiffe_id: id("spiffe://cluster.local/ns/demo/sa/web"),
                 ips: vec![ip("10.0.0.2"), ip("10.0.0.3")],
-                mesh_port: 15008,
+                mesh_port: INBOUND_MTLS,
+                labels: BTreeMap::new(),
             }),
         );
         d.services.insert(
             "demo/api".into(),
             held(Service {
-                name: "demo/api".into(),
+                name: "api".into(),
+                namespace: "demo".into(),
                 vips: vec![ip("10.96.0.10")],
-                ports: [(80, 8080)].into(),
+                hostnames: Vec::new(),
+                ports: vec![ServicePort {
+                    port: 80,
+                    target_port: 8080,
+                    name: "http".into(),
+                }],
                 endpoints: vec![ip("10.0.0.2"), ip("10.1.0.9")],
             }),
         );
         d
     }
 
-    fn mesh(mode: InboundMode, policy: OutboundPolicy) -> Held<MeshSettings> {
-        held(MeshSettings {
-            mtls: MtlsModes {
-                default: mode,
-                ports: [(9090, InboundMode::Permissive)].into(),
+    fn mesh(mode: MtlsMode, policy: OutboundPolicy) -> Held<CheckedMeshConfig> {
+        held(CheckedMeshConfig {
+            settings: MeshSettings {
+                mtls: mode,
+                port_mtls: [(9090, MtlsMode::Permissive)].into(),
+                outbound_policy: policy,
             },
-            outbound_policy: policy,
             bundle: None,
         })
     }
@@ -419,7 +391,7 @@ mod tests {
                 ip("10.0.0.2"),
                 MeshPeer {
                     id: web.clone(),
-                    mesh_port: MESH_PORT,
+                    mesh_port: INBOUND_MTLS,
                 },
             )],
             ..LocalConfig::default()
@@ -435,8 +407,10 @@ mod tests {
         );
         let other = addr("10.0.0.3:80");
         assert_eq!(snapshot.route(other, |_| 0), Route::Passthrough(other));
-        assert_eq!(snapshot.mtls, MtlsModes::uniform(InboundMode::Strict));
-        assert_eq!(snapshot.outbound_policy, OutboundPolicy::Passthrough);
+        assert_eq!(
+            snapshot.settings,
+            MeshSettings::uniform(MtlsMode::Strict, OutboundPolicy::Passthrough)
+        );
     }
 
     #[test]
@@ -508,7 +482,7 @@ mod tests {
         );
         d.mesh.insert(
             "mesh".into(),
-            mesh(InboundMode::Strict, OutboundPolicy::RegistryOnly),
+            mesh(MtlsMode::Strict, OutboundPolicy::RegistryOnly),
         );
         let snapshot = MeshSnapshot::build(&d, &LocalConfig::default());
         assert!(matches!(
@@ -566,33 +540,42 @@ mod tests {
         let mut d = discovered();
         d.mesh.insert(
             "mesh".into(),
-            mesh(InboundMode::Strict, OutboundPolicy::RegistryOnly),
+            mesh(MtlsMode::Strict, OutboundPolicy::RegistryOnly),
         );
         let snapshot = MeshSnapshot::build(&d, &LocalConfig::default());
-        assert_eq!(snapshot.mtls.for_port(80), InboundMode::Strict);
-        assert_eq!(snapshot.mtls.for_port(9090), InboundMode::Permissive);
-        assert_eq!(snapshot.outbound_policy, OutboundPolicy::RegistryOnly);
+        assert_eq!(snapshot.settings.mtls_for_port(80), MtlsMode::Strict);
+        assert_eq!(snapshot.settings.mtls_for_port(9090), MtlsMode::Permissive);
+        assert_eq!(
+            snapshot.settings.outbound_policy,
+            OutboundPolicy::RegistryOnly
+        );
 
         let local = LocalConfig {
-            inbound_mode: Some(InboundMode::Strict),
+            inbound_mode: Some(MtlsMode::Strict),
             outbound_policy: Some(OutboundPolicy::Passthrough),
             ..LocalConfig::default()
         };
         let snapshot = MeshSnapshot::build(&d, &local);
         assert_eq!(
-            snapshot.mtls.for_port(9090),
-            InboundMode::Strict,
+            snapshot.settings.mtls_for_port(9090),
+            MtlsMode::Strict,
             "--inbound-mode wins over port_mtls too"
         );
-        assert_eq!(snapshot.outbound_policy, OutboundPolicy::Passthrough);
+        assert_eq!(
+            snapshot.settings.outbound_policy,
+            OutboundPolicy::Passthrough
+        );
 
         let local = LocalConfig {
-            inbound_mode: Some(InboundMode::Permissive),
+            inbound_mode: Some(MtlsMode::Permissive),
             ..LocalConfig::default()
         };
         let snapshot = MeshSnapshot::build(&d, &local);
-        assert_eq!(snapshot.mtls.for_port(80), InboundMode::Permissive);
-        assert_eq!(snapshot.outbound_policy, OutboundPolicy::RegistryOnly);
+        assert_eq!(snapshot.settings.mtls_for_port(80), MtlsMode::Permissive);
+        assert_eq!(
+            snapshot.settings.outbound_policy,
+            OutboundPolicy::RegistryOnly
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use latch_proto::discovery::aggregated_discovery_service_server::{
 use latch_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
 use latch_proto::mesh::{self, mesh_config};
 use latch_proto::type_url;
-use latch_proxy::{DiscoveryClient, DiscoveryConfig, InboundMode, LocalConfig, MeshState, Metrics};
+use latch_proxy::{DiscoveryClient, DiscoveryConfig, LocalConfig, MeshState, Metrics, MtlsMode};
 use prost::Message;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
@@ -238,8 +238,8 @@ async fn subscribes_acks_nacks_removes_and_resubscribes_with_what_it_holds() {
         "the new bundle is installed"
     );
     assert_eq!(
-        mesh_state.load().mtls.for_port(9090),
-        InboundMode::Permissive
+        mesh_state.load().settings.mtls_for_port(9090),
+        MtlsMode::Permissive
     );
 
     // Workloads.

@@ -14,7 +14,9 @@ use kube::core::ObjectMeta;
 use latch_identity::TrustDomain;
 use serde::Deserialize;
 
-use super::model::{self, MeshModel, MeshSettings, Workload, resource_name};
+use latch_mesh::{MeshSettings, Workload, resource_name};
+
+use super::model::{self, MeshModel};
 use super::spec::{PolicySpec, RuleSpec, ServicePortSpec, ServiceSpec, WorkloadSpec};
 
 /// The label the EndpointSlice controller puts on a slice, naming its Service.
@@ -719,7 +721,7 @@ mod tests {
         );
         assert_eq!(ips(&w.ips), ["10.244.1.5", "fd00:10:244:1::5"]);
         assert_eq!(w.labels["app"], "http-server");
-        assert_eq!(w.mesh_port, model::DEFAULT_MESH_PORT);
+        assert_eq!(w.mesh_port, latch_mesh::ports::INBOUND_MTLS);
 
         let s = &model.services["latch-demo/http-server"];
         assert_eq!(ips(&s.vips), ["10.96.12.34"]);
@@ -741,7 +743,7 @@ mod tests {
         );
 
         let p = &model.policies["latch-demo/http-server"];
-        assert_eq!(p.action, model::Action::Allow);
+        assert_eq!(p.action, latch_mesh::Action::Allow);
         assert_eq!(p.selector["app"], "http-server");
         assert_eq!(p.rules[0].ports, [8080]);
         assert!(p.selects(w));

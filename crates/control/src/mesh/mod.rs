@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::watch;
 
-pub use model::{MeshError, MeshModel};
+pub use model::MeshModel;
 pub use snapshot::{MeshSnapshot, ResourceMap, ResourceType, VersionedResource};
 
 use crate::metrics::Metrics;

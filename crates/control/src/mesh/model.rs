@@ -1,134 +1,24 @@
-//! The validated mesh model: workloads, services (endpoints resolved), authorization policies
-//! and mesh settings, built from the YAML sections in `spec`. Every refusal names the offending
-//! entry (`workloads[2].ips[0] "10.0.0.x": not an IP address`). `snapshot` converts the model
-//! into the resources proxies receive.
+//! The control plane's whole mesh (`MeshModel`: settings, workloads, services with endpoints
+//! resolved, policies) built from the YAML sections in `spec`. Each entry goes through the
+//! shared model's constructors (`latch_mesh`), the rules proxies apply to what they receive;
+//! this file adds what only the whole config can check (names and IPs listed twice, VIPs that
+//! are workload IPs) and resolves selectors. Every refusal names the offending entry
+//! (`workloads[2].ips[0] "10.0.0.x": not an IP address`). `snapshot` encodes the model.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use latch_identity::{SpiffeId, TrustDomain};
-use thiserror::Error;
+use latch_mesh::model::labels_match;
+use latch_mesh::validate::{check_labels, check_name, field, parse_ips, parse_spiffe_id};
+use latch_mesh::{
+    Action, MeshError, MeshSettings, MtlsMode, OutboundPolicy, Policy, Principal, Rule, Service,
+    ServicePort, Workload, ports, resource_name,
+};
 
 use super::spec::{
     MeshSettingsSpec, PolicySpec, PrincipalSpec, RuleSpec, ServiceSpec, WorkloadSpec,
 };
-
-/// The mesh port a workload listens on for mTLS when its entry does not say.
-pub const DEFAULT_MESH_PORT: u16 = 15008;
-/// Longest name, namespace, label key or hostname accepted.
-const MAX_NAME_LEN: usize = 253;
-
-/// A mesh configuration that cannot be used; `at` names the entry and field.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
-#[error("{at}: {reason}")]
-pub struct MeshError {
-    pub at: String,
-    pub reason: String,
-}
-
-fn invalid(at: impl Into<String>, reason: impl Into<String>) -> MeshError {
-    MeshError {
-        at: at.into(),
-        reason: reason.into(),
-    }
-}
-
-/// How a proxy treats plaintext arriving for an app port.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum MtlsMode {
-    #[default]
-    Strict,
-    Permissive,
-}
-
-/// What a proxy does with outbound traffic to an address the mesh does not know.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OutboundPolicy {
-    #[default]
-    Passthrough,
-    RegistryOnly,
-}
-
-/// Mesh-wide settings (`mesh:`).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct MeshSettings {
-    pub mtls: MtlsMode,
-    pub port_mtls: BTreeMap<u16, MtlsMode>,
-    pub outbound_policy: OutboundPolicy,
-}
-
-/// A meshed workload.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Workload {
-    pub name: String,
-    pub namespace: String,
-    pub spiffe_id: SpiffeId,
-    pub ips: Vec<IpAddr>,
-    pub mesh_port: u16,
-    pub labels: BTreeMap<String, String>,
-}
-
-/// A port of a service: `port` on the VIPs goes to `target_port` on the endpoints.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServicePort {
-    pub port: u16,
-    pub target_port: u16,
-    pub name: String,
-}
-
-/// A virtual service with its endpoints resolved.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Service {
-    pub name: String,
-    pub namespace: String,
-    pub vips: Vec<IpAddr>,
-    pub hostnames: Vec<String>,
-    pub ports: Vec<ServicePort>,
-    /// The selector the endpoints came from; `None` for explicit endpoints.
-    pub selector: Option<BTreeMap<String, String>>,
-    pub endpoints: Vec<IpAddr>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Allow,
-    Deny,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Principal {
-    Exact(String),
-    Prefix(String),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Rule {
-    pub principals: Vec<Principal>,
-    pub namespaces: Vec<String>,
-    pub ports: Vec<u16>,
-}
-
-/// Who may connect to the workloads a policy selects.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Policy {
-    pub name: String,
-    pub namespace: String,
-    pub selector: BTreeMap<String, String>,
-    pub action: Action,
-    pub rules: Vec<Rule>,
-}
-
-impl Policy {
-    /// True when the policy applies to `workload`: same namespace, and every selector label is
-    /// on the workload with the same value (an empty selector selects the whole namespace).
-    pub fn selects(&self, workload: &Workload) -> bool {
-        self.namespace == workload.namespace && labels_match(&self.selector, &workload.labels)
-    }
-}
-
-fn labels_match(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-}
 
 /// The whole mesh as configured. Keys are "<namespace>/<name>".
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -137,11 +27,6 @@ pub struct MeshModel {
     pub workloads: BTreeMap<String, Workload>,
     pub services: BTreeMap<String, Service>,
     pub policies: BTreeMap<String, Policy>,
-}
-
-/// The resource name of an object: "<namespace>/<name>".
-pub fn resource_name(namespace: &str, name: &str) -> String {
-    format!("{namespace}/{name}")
 }
 
 impl MeshModel {
@@ -166,7 +51,7 @@ impl MeshModel {
             let workload = build_workload(trust_domain, &at, spec)?;
             let key = resource_name(&workload.namespace, &workload.name);
             if let Some(first) = listed_at.insert(key.clone(), at.clone()) {
-                return Err(invalid(
+                return Err(MeshError::invalid(
                     at,
                     format!("workload {key} is listed twice (first at {first})"),
                 ));
@@ -174,7 +59,7 @@ impl MeshModel {
             for (j, ip) in workload.ips.iter().enumerate() {
                 if let Some(owner) = ip_owner.insert(*ip, key.clone()) {
                     let at = format!("{at}.ips[{j}] \"{ip}\"");
-                    return Err(invalid(
+                    return Err(MeshError::invalid(
                         at,
                         if owner == key {
                             "listed twice".to_string()
@@ -194,7 +79,7 @@ impl MeshModel {
             let service = build_service(&at, spec, &model.workloads)?;
             let key = resource_name(&service.namespace, &service.name);
             if let Some(first) = listed_at.insert(key.clone(), at.clone()) {
-                return Err(invalid(
+                return Err(MeshError::invalid(
                     at,
                     format!("service {key} is listed twice (first at {first})"),
                 ));
@@ -202,13 +87,13 @@ impl MeshModel {
             for (j, vip) in service.vips.iter().enumerate() {
                 let vip_at = format!("{at}.vips[{j}] \"{vip}\"");
                 if let Some(workload) = ip_owner.get(vip) {
-                    return Err(invalid(
+                    return Err(MeshError::invalid(
                         vip_at,
                         format!("is an IP of workload {workload}; a VIP must be its own address"),
                     ));
                 }
                 if let Some(owner) = vip_owner.insert(*vip, key.clone()) {
-                    return Err(invalid(
+                    return Err(MeshError::invalid(
                         vip_at,
                         if owner == key {
                             "listed twice".to_string()
@@ -227,7 +112,7 @@ impl MeshModel {
             let policy = build_policy(&at, spec)?;
             let key = resource_name(&policy.namespace, &policy.name);
             if let Some(first) = listed_at.insert(key.clone(), at.clone()) {
-                return Err(invalid(
+                return Err(MeshError::invalid(
                     at,
                     format!("policy {key} is listed twice (first at {first})"),
                 ));
@@ -238,109 +123,24 @@ impl MeshModel {
     }
 }
 
-fn mtls_mode(at: &str, text: &str) -> Result<MtlsMode, MeshError> {
-    match text.to_ascii_uppercase().as_str() {
-        "STRICT" => Ok(MtlsMode::Strict),
-        "PERMISSIVE" => Ok(MtlsMode::Permissive),
-        _ => Err(invalid(
-            format!("{at} \"{text}\""),
-            "must be STRICT or PERMISSIVE",
-        )),
-    }
-}
-
 fn build_settings(spec: &MeshSettingsSpec) -> Result<MeshSettings, MeshError> {
     let mtls = match &spec.mtls {
-        Some(text) => mtls_mode("mesh.mtls", text)?,
+        Some(text) => MtlsMode::from_name("mesh.mtls", text)?,
         None => MtlsMode::Strict,
     };
-    let mut port_mtls = BTreeMap::new();
-    for (port, mode) in &spec.port_mtls {
-        let at = format!("mesh.port_mtls[{port}]");
-        let port = app_port(&at, *port)?;
-        port_mtls.insert(port, mtls_mode(&at, mode)?);
-    }
+    let port_mtls = spec
+        .port_mtls
+        .iter()
+        .map(|(port, mode)| {
+            let mode = MtlsMode::from_name(&format!("mesh.port_mtls[{port}]"), mode)?;
+            Ok((*port, mode))
+        })
+        .collect::<Result<Vec<_>, MeshError>>()?;
     let outbound_policy = match spec.outbound_policy.as_deref() {
         None => OutboundPolicy::Passthrough,
-        Some(text) => match text.to_ascii_lowercase().replace('_', "-").as_str() {
-            "passthrough" => OutboundPolicy::Passthrough,
-            "registry-only" => OutboundPolicy::RegistryOnly,
-            _ => {
-                return Err(invalid(
-                    format!("mesh.outbound_policy \"{text}\""),
-                    "must be passthrough or registry-only",
-                ));
-            }
-        },
+        Some(text) => OutboundPolicy::from_name("mesh.outbound_policy", text)?,
     };
-    Ok(MeshSettings {
-        mtls,
-        port_mtls,
-        outbound_policy,
-    })
-}
-
-/// Checks a name, namespace or service account: letters, digits, '-', '.', '_'.
-fn check_name(at: &str, field: &str, value: &str) -> Result<(), MeshError> {
-    if value.is_empty() {
-        return Err(invalid(format!("{at}.{field}"), "must not be empty"));
-    }
-    if value.len() > MAX_NAME_LEN {
-        return Err(invalid(
-            format!("{at}.{field}"),
-            format!("longer than {MAX_NAME_LEN} characters"),
-        ));
-    }
-    if !value
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
-    {
-        return Err(invalid(
-            format!("{at}.{field} \"{value}\""),
-            "may hold only letters, digits, '-', '.' and '_'",
-        ));
-    }
-    Ok(())
-}
-
-fn check_labels(at: &str, labels: &BTreeMap<String, String>) -> Result<(), MeshError> {
-    for key in labels.keys() {
-        if key.is_empty() || key.len() > MAX_NAME_LEN || key.chars().any(char::is_whitespace) {
-            return Err(invalid(
-                format!("{at} \"{key}\""),
-                "a label key must be non-empty, without spaces, and at most 253 characters",
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn ip(at: String, text: &str) -> Result<IpAddr, MeshError> {
-    text.parse()
-        .map_err(|_| invalid(format!("{at} \"{text}\""), "not an IP address"))
-}
-
-fn ips(at: &str, texts: &[String]) -> Result<Vec<IpAddr>, MeshError> {
-    let mut out: Vec<IpAddr> = Vec::with_capacity(texts.len());
-    for (i, text) in texts.iter().enumerate() {
-        let addr = ip(format!("{at}[{i}]"), text)?;
-        if out.contains(&addr) {
-            return Err(invalid(format!("{at}[{i}] \"{text}\""), "listed twice"));
-        }
-        out.push(addr);
-    }
-    Ok(out)
-}
-
-/// A TCP port, 1..=65535.
-fn app_port(at: &str, port: u32) -> Result<u16, MeshError> {
-    match u16::try_from(port) {
-        Ok(p) if p != 0 => Ok(p),
-        _ => Err(invalid(
-            format!("{at} {port}"),
-            "not a TCP port (1 to 65535)",
-        )),
-    }
+    MeshSettings::new("mesh.port_mtls", mtls, port_mtls, outbound_policy)
 }
 
 pub(super) fn build_workload(
@@ -348,49 +148,46 @@ pub(super) fn build_workload(
     at: &str,
     spec: &WorkloadSpec,
 ) -> Result<Workload, MeshError> {
-    check_name(at, "name", &spec.name)?;
-    check_name(at, "namespace", &spec.namespace)?;
+    // Names first: the SPIFFE ID is made of the namespace.
+    check_name(&field(at, "name"), &spec.name)?;
+    check_name(&field(at, "namespace"), &spec.namespace)?;
     let spiffe_id = match (&spec.service_account, &spec.spiffe_id) {
         (Some(sa), None) => {
-            check_name(at, "service_account", sa)?;
+            check_name(&field(at, "service_account"), sa)?;
             SpiffeId::workload(trust_domain, &spec.namespace, sa).map_err(|e| {
-                invalid(
+                MeshError::invalid(
                     format!("{at}.service_account \"{sa}\""),
                     format!("does not make a SPIFFE ID: {e}"),
                 )
             })?
         }
         (None, Some(text)) => {
-            let id_at = format!("{at}.spiffe_id \"{text}\"");
-            let id = SpiffeId::parse(text)
-                .map_err(|e| invalid(&id_at, format!("not a SPIFFE ID: {e}")))?;
+            let id_at = field(at, "spiffe_id");
+            let id = parse_spiffe_id(&id_at, text)?;
             if !id.is_member_of(trust_domain) {
-                return Err(invalid(
-                    id_at,
+                return Err(MeshError::invalid(
+                    format!("{id_at} \"{text}\""),
                     format!("not in trust domain {trust_domain}"),
                 ));
             }
             id
         }
         _ => {
-            return Err(invalid(
+            return Err(MeshError::invalid(
                 at,
                 "give exactly one of service_account and spiffe_id",
             ));
         }
     };
-    check_labels(&format!("{at}.labels"), &spec.labels)?;
-    Ok(Workload {
-        name: spec.name.clone(),
-        namespace: spec.namespace.clone(),
+    Workload::new(
+        at,
+        &spec.name,
+        &spec.namespace,
         spiffe_id,
-        ips: ips(&format!("{at}.ips"), &spec.ips)?,
-        mesh_port: match spec.mesh_port {
-            Some(port) => app_port(&format!("{at}.mesh_port"), port)?,
-            None => DEFAULT_MESH_PORT,
-        },
-        labels: spec.labels.clone(),
-    })
+        spec.ips.iter().map(String::as_str),
+        spec.mesh_port.unwrap_or(u32::from(ports::INBOUND_MTLS)),
+        &spec.labels,
+    )
 }
 
 pub(super) fn build_service(
@@ -398,95 +195,64 @@ pub(super) fn build_service(
     spec: &ServiceSpec,
     workloads: &BTreeMap<String, Workload>,
 ) -> Result<Service, MeshError> {
-    check_name(at, "name", &spec.name)?;
-    check_name(at, "namespace", &spec.namespace)?;
-    for (i, host) in spec.hostnames.iter().enumerate() {
-        if host.is_empty() || host.len() > MAX_NAME_LEN || host.chars().any(char::is_whitespace) {
-            return Err(invalid(
-                format!("{at}.hostnames[{i}] \"{host}\""),
-                "not a host name",
-            ));
-        }
-    }
-    if spec.ports.is_empty() {
-        return Err(invalid(
-            format!("{at}.ports"),
-            "a service needs at least one port",
-        ));
-    }
-    let mut ports: Vec<ServicePort> = Vec::with_capacity(spec.ports.len());
-    for (i, p) in spec.ports.iter().enumerate() {
-        let port_at = format!("{at}.ports[{i}]");
-        let port = app_port(&format!("{port_at}.port"), p.port)?;
-        let target_port = match p.target_port {
-            Some(t) => app_port(&format!("{port_at}.target_port"), t)?,
-            None => port,
-        };
-        if ports.iter().any(|q| q.port == port) {
-            return Err(invalid(
-                format!("{port_at}.port {port}"),
-                "listed twice in this service",
-            ));
-        }
-        ports.push(ServicePort {
-            port,
-            target_port,
-            name: p.name.clone(),
-        });
-    }
-    let (selector, endpoints) = match (&spec.selector, &spec.endpoints) {
+    check_name(&field(at, "name"), &spec.name)?;
+    check_name(&field(at, "namespace"), &spec.namespace)?;
+    latch_mesh::validate::check_hostnames(&field(at, "hostnames"), &spec.hostnames)?;
+    let ports = ServicePort::list(
+        &field(at, "ports"),
+        spec.ports
+            .iter()
+            .map(|p| (p.port, p.target_port, p.name.clone())),
+    )?;
+    let endpoints = match (&spec.selector, &spec.endpoints) {
         (Some(selector), None) => {
-            check_labels(&format!("{at}.selector"), selector)?;
-            let endpoints = workloads
+            check_labels(&field(at, "selector"), selector)?;
+            workloads
                 .values()
                 .filter(|w| w.namespace == spec.namespace && labels_match(selector, &w.labels))
                 .flat_map(|w| w.ips.iter().copied())
-                .collect();
-            (Some(selector.clone()), endpoints)
+                .collect()
         }
-        (None, Some(explicit)) => (None, ips(&format!("{at}.endpoints"), explicit)?),
-        _ => {
-            return Err(invalid(at, "give exactly one of selector and endpoints"));
+        (None, Some(explicit)) => {
+            parse_ips(&field(at, "endpoints"), explicit.iter().map(String::as_str))?
         }
-    };
-    Ok(Service {
-        name: spec.name.clone(),
-        namespace: spec.namespace.clone(),
-        vips: ips(&format!("{at}.vips"), &spec.vips)?,
-        hostnames: spec.hostnames.clone(),
-        ports,
-        selector,
-        endpoints,
-    })
-}
-
-pub(super) fn build_policy(at: &str, spec: &PolicySpec) -> Result<Policy, MeshError> {
-    check_name(at, "name", &spec.name)?;
-    check_name(at, "namespace", &spec.namespace)?;
-    check_labels(&format!("{at}.selector"), &spec.selector)?;
-    let action = match spec.action.to_ascii_uppercase().as_str() {
-        "ALLOW" => Action::Allow,
-        "DENY" => Action::Deny,
         _ => {
-            return Err(invalid(
-                format!("{at}.action \"{}\"", spec.action),
-                "must be ALLOW or DENY",
+            return Err(MeshError::invalid(
+                at,
+                "give exactly one of selector and endpoints",
             ));
         }
     };
+    Service::new(
+        at,
+        &spec.name,
+        &spec.namespace,
+        spec.vips.iter().map(String::as_str),
+        &spec.hostnames,
+        ports,
+        endpoints,
+    )
+}
+
+pub(super) fn build_policy(at: &str, spec: &PolicySpec) -> Result<Policy, MeshError> {
+    check_name(&field(at, "name"), &spec.name)?;
+    check_name(&field(at, "namespace"), &spec.namespace)?;
+    check_labels(&field(at, "selector"), &spec.selector)?;
+    let action = Action::from_name(&field(at, "action"), &spec.action)?;
     let rules = spec
         .rules
         .iter()
         .enumerate()
         .map(|(i, rule)| build_rule(&format!("{at}.rules[{i}]"), rule))
         .collect::<Result<_, _>>()?;
-    Ok(Policy {
-        name: spec.name.clone(),
-        namespace: spec.namespace.clone(),
-        selector: spec.selector.clone(),
+    Policy::new(
+        at,
+        &spec.name,
+        &spec.namespace,
+        &spec.selector,
         action,
         rules,
-    })
+    )
 }
 
 fn build_rule(at: &str, spec: &RuleSpec) -> Result<Rule, MeshError> {
@@ -496,44 +262,17 @@ fn build_rule(at: &str, spec: &RuleSpec) -> Result<Rule, MeshError> {
         .enumerate()
         .map(|(i, p)| build_principal(&format!("{at}.principals[{i}]"), p))
         .collect::<Result<_, _>>()?;
-    for (i, ns) in spec.namespaces.iter().enumerate() {
-        check_name(at, &format!("namespaces[{i}]"), ns)?;
-    }
-    let ports = spec
-        .ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| app_port(&format!("{at}.ports[{i}]"), *p))
-        .collect::<Result<_, _>>()?;
-    Ok(Rule {
-        principals,
-        namespaces: spec.namespaces.clone(),
-        ports,
-    })
+    Rule::new(at, principals, &spec.namespaces, &spec.ports)
 }
 
 fn build_principal(at: &str, spec: &PrincipalSpec) -> Result<Principal, MeshError> {
     match (&spec.exact, &spec.prefix) {
-        (Some(exact), None) => {
-            // Any trust domain: policies may name federated callers.
-            SpiffeId::parse(exact).map_err(|e| {
-                invalid(
-                    format!("{at}.exact \"{exact}\""),
-                    format!("not a SPIFFE ID: {e}"),
-                )
-            })?;
-            Ok(Principal::Exact(exact.clone()))
-        }
-        (None, Some(prefix)) => {
-            if !prefix.starts_with("spiffe://") || prefix.len() <= "spiffe://".len() {
-                return Err(invalid(
-                    format!("{at}.prefix \"{prefix}\""),
-                    "must start with spiffe://<trust domain>",
-                ));
-            }
-            Ok(Principal::Prefix(prefix.clone()))
-        }
-        _ => Err(invalid(at, "give exactly one of exact and prefix")),
+        (Some(exact), None) => Principal::exact(at, exact),
+        (None, Some(prefix)) => Principal::prefix(at, prefix),
+        _ => Err(MeshError::invalid(
+            at,
+            "give exactly one of exact and prefix",
+        )),
     }
 }
 
@@ -646,6 +385,11 @@ mod tests {
                 r#"policies[0].rules[0].principals[0].prefix "demo/": must start with spiffe://"#,
             ),
             (
+                // Issue 16: once accepted here and refused by every proxy.
+                "policies:\n  - {name: p, namespace: demo, action: ALLOW, rules: [{principals: [{prefix: \"spiffe:///ns/x\"}]}]}\n",
+                r#"policies[0].rules[0].principals[0].prefix "spiffe:///ns/x": must start with spiffe://<trust domain>; the trust domain is empty"#,
+            ),
+            (
                 "policies:\n  - {name: p, namespace: demo, action: ALLOW, rules: [{ports: [8080, 0]}]}\n",
                 "policies[0].rules[0].ports[1] 0: not a TCP port",
             ),
@@ -693,7 +437,7 @@ mod tests {
         assert_eq!(model.settings.outbound_policy, OutboundPolicy::RegistryOnly);
         let web = &model.workloads["demo/web"];
         assert_eq!(web.spiffe_id.as_str(), "spiffe://cluster.local/custom/web");
-        assert_eq!(web.mesh_port, DEFAULT_MESH_PORT);
+        assert_eq!(web.mesh_port, ports::INBOUND_MTLS);
         assert_eq!(web.ips.len(), 2);
         let ext = &model.services["demo/ext"];
         assert_eq!(

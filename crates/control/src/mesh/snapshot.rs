@@ -13,9 +13,9 @@ use latch_identity::bundle::sha256_hex;
 use latch_proto::mesh as proto;
 use prost::Message;
 
-use super::model::{
-    Action, MeshModel, MtlsMode, OutboundPolicy, Policy, Principal, Service, Workload,
-};
+use latch_mesh::{MeshConfig, Workload};
+
+use super::model::MeshModel;
 
 /// Hex characters of SHA-256 kept in a version string.
 const VERSION_LEN: usize = 16;
@@ -176,32 +176,42 @@ impl MeshSnapshot {
         let mesh_config = encode_all(
             [(
                 Arc::from(latch_proto::MESH_CONFIG_NAME),
-                mesh_config_proto(&model, trust_bundle_pem).encode_to_vec(),
+                proto::MeshConfig::from(&MeshConfig {
+                    settings: model.settings.clone(),
+                    trust_bundle_pem: trust_bundle_pem.to_string(),
+                })
+                .encode_to_vec(),
             )],
             ResourceType::MeshConfig,
             prev(ResourceType::MeshConfig),
         );
         let workloads = encode_all(
-            model
-                .workloads
-                .iter()
-                .map(|(k, w)| (Arc::from(k.as_str()), workload_proto(w).encode_to_vec())),
+            model.workloads.iter().map(|(k, w)| {
+                (
+                    Arc::from(k.as_str()),
+                    proto::Workload::from(w).encode_to_vec(),
+                )
+            }),
             ResourceType::Workload,
             prev(ResourceType::Workload),
         );
         let services = encode_all(
-            model
-                .services
-                .iter()
-                .map(|(k, s)| (Arc::from(k.as_str()), service_proto(s).encode_to_vec())),
+            model.services.iter().map(|(k, s)| {
+                (
+                    Arc::from(k.as_str()),
+                    proto::Service::from(s).encode_to_vec(),
+                )
+            }),
             ResourceType::Service,
             prev(ResourceType::Service),
         );
         let policies = encode_all(
-            model
-                .policies
-                .iter()
-                .map(|(k, p)| (Arc::from(k.as_str()), policy_proto(p).encode_to_vec())),
+            model.policies.iter().map(|(k, p)| {
+                (
+                    Arc::from(k.as_str()),
+                    proto::AuthorizationPolicy::from(p).encode_to_vec(),
+                )
+            }),
             ResourceType::AuthorizationPolicy,
             prev(ResourceType::AuthorizationPolicy),
         );
@@ -333,95 +343,6 @@ fn encode_all(
         resources,
         version,
         delta,
-    }
-}
-
-fn mtls_proto(mode: MtlsMode) -> i32 {
-    match mode {
-        MtlsMode::Strict => proto::mesh_config::MtlsMode::Strict as i32,
-        MtlsMode::Permissive => proto::mesh_config::MtlsMode::Permissive as i32,
-    }
-}
-
-fn mesh_config_proto(model: &MeshModel, trust_bundle_pem: &str) -> proto::MeshConfig {
-    let s = &model.settings;
-    proto::MeshConfig {
-        mtls_mode: mtls_proto(s.mtls),
-        port_mtls: s
-            .port_mtls
-            .iter()
-            .map(|(port, mode)| (u32::from(*port), mtls_proto(*mode)))
-            .collect(),
-        trust_bundle_pem: trust_bundle_pem.to_string(),
-        outbound_policy: match s.outbound_policy {
-            OutboundPolicy::Passthrough => proto::mesh_config::OutboundPolicy::Passthrough as i32,
-            OutboundPolicy::RegistryOnly => proto::mesh_config::OutboundPolicy::RegistryOnly as i32,
-        },
-    }
-}
-
-pub(crate) fn workload_proto(w: &Workload) -> proto::Workload {
-    proto::Workload {
-        name: w.name.clone(),
-        namespace: w.namespace.clone(),
-        spiffe_id: w.spiffe_id.to_string(),
-        ips: w.ips.iter().map(ToString::to_string).collect(),
-        mesh_port: u32::from(w.mesh_port),
-        labels: w.labels.clone(),
-    }
-}
-
-pub(crate) fn service_proto(s: &Service) -> proto::Service {
-    proto::Service {
-        name: s.name.clone(),
-        namespace: s.namespace.clone(),
-        vips: s.vips.iter().map(ToString::to_string).collect(),
-        hostnames: s.hostnames.clone(),
-        ports: s
-            .ports
-            .iter()
-            .map(|p| proto::ServicePort {
-                port: u32::from(p.port),
-                target_port: u32::from(p.target_port),
-                name: p.name.clone(),
-            })
-            .collect(),
-        endpoints: s
-            .endpoints
-            .iter()
-            .map(|ip| proto::Endpoint { ip: ip.to_string() })
-            .collect(),
-    }
-}
-
-pub(crate) fn policy_proto(p: &Policy) -> proto::AuthorizationPolicy {
-    use proto::principal_match::Match;
-    proto::AuthorizationPolicy {
-        name: p.name.clone(),
-        namespace: p.namespace.clone(),
-        selector: p.selector.clone(),
-        action: match p.action {
-            Action::Allow => proto::authorization_policy::Action::Allow as i32,
-            Action::Deny => proto::authorization_policy::Action::Deny as i32,
-        },
-        rules: p
-            .rules
-            .iter()
-            .map(|r| proto::Rule {
-                principals: r
-                    .principals
-                    .iter()
-                    .map(|m| proto::PrincipalMatch {
-                        r#match: Some(match m {
-                            Principal::Exact(s) => Match::Exact(s.clone()),
-                            Principal::Prefix(s) => Match::Prefix(s.clone()),
-                        }),
-                    })
-                    .collect(),
-                namespaces: r.namespaces.clone(),
-                ports: r.ports.iter().map(|p| u32::from(*p)).collect(),
-            })
-            .collect(),
     }
 }
 

@@ -1,37 +1,32 @@
-//! The discovery client: one delta ADS stream to the control plane over mTLS (the proxy's SVID),
-//! subscribing to MeshConfig, Workload, Service and AuthorizationPolicy. Each response is
-//! decoded and validated as a whole, then applied (the `MeshState` snapshot rebuilt and swapped,
-//! the trust bundle installed, ACK) or rejected (NACK with the reasons, previous state kept).
-//! Reconnects with capped, jittered backoff and keeps the last good state meanwhile. Owned by
-//! `Proxy`; the admin server reads its sync status.
+//! The xDS (discovery) client: one delta ADS stream to the control plane over mTLS (the proxy's
+//! SVID), subscribing to MeshConfig, Workload, Service and AuthorizationPolicy; nonces, ACKs and
+//! NACKs (`DiscoveryClient::handle`), reconnects with capped, jittered backoff. Each response is
+//! converted into `latch_mesh` types as a whole (`apply`, through `latch_mesh::from_resource`),
+//! then applied (`MeshState` rebuilt and swapped, trust bundle installed, ACK) or rejected (NACK
+//! with every reason, previous state kept). Owned by `Proxy`; the admin server reads its sync.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use latch_identity::bundle::BundleError;
 use latch_identity::client::ClientError;
-use latch_identity::{CertStore, ExpectedPeer, PeerRole, SpiffeId, TrustBundle};
+use latch_identity::{CertStore, ExpectedPeer, PeerRole, SpiffeId, SvidError, TrustBundle};
+use latch_mesh::{MeshConfig, MeshError, from_resource};
 use latch_proto::discovery::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use latch_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
 use latch_proto::envoy::config::core::v3::Node;
-use latch_proto::mesh::{self, authorization_policy, mesh_config, principal_match};
 use latch_proto::type_url;
-use prost::Message;
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::authorizer::{Action, Policy, Principal, Rule};
-use crate::data_path::InboundMode;
 use crate::metrics::{Metrics, TypeLabel};
-use crate::state::{
-    Discovered, Held, MeshSettings, MeshState, MtlsModes, OutboundPolicy, Service, Workload,
-};
+use crate::state::{CheckedMeshConfig, Discovered, Held, MeshState};
 
 /// gRPC status code INVALID_ARGUMENT, sent in a NACK's error_detail.
 const INVALID_ARGUMENT: i32 = 3;
@@ -343,7 +338,11 @@ impl DiscoveryClient {
             }
             Err(reasons) => {
                 drop(discovered);
-                let message = reasons.join("; ");
+                let message = reasons
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
                 self.metrics
                     .discovery_rejected
                     .get_or_create(&TypeLabel { r#type: kind })
@@ -390,39 +389,52 @@ impl Discovered {
     }
 }
 
+/// Why a resource of a response was refused.
+#[derive(Debug, Error)]
+pub enum ResourceError {
+    /// Not a valid resource of its type (body, type URL, decoding, name or a field).
+    #[error(transparent)]
+    Mesh(#[from] MeshError),
+    #[error("sent twice in one response")]
+    SentTwice,
+    #[error("trust_bundle_pem: {0}")]
+    Bundle(#[from] BundleError),
+    /// Installing the bundle would cut this proxy off from every peer.
+    #[error("trust_bundle_pem has no root for this proxy's own SVID ({id}): {reason}")]
+    BundleLacksOwnRoot { id: SpiffeId, reason: SvidError },
+}
+
+/// Why a response was refused; the NACK's message joins them with "; ".
+#[derive(Debug, Error)]
+pub enum Rejection {
+    #[error("{name:?}: {error}")]
+    Resource { name: String, error: ResourceError },
+    #[error("type_url {0:?} is not one this proxy subscribed to")]
+    UnknownType(String),
+}
+
 /// The state after `response`, or every reason it is rejected.
 pub fn apply(
     current: &Discovered,
     response: &DeltaDiscoveryResponse,
     store: &CertStore,
     now: SystemTime,
-) -> Result<Discovered, Vec<String>> {
+) -> Result<Discovered, Vec<Rejection>> {
     let mut next = current.clone();
     match response.type_url.as_str() {
         type_url::MESH_CONFIG => apply_type(&mut next.mesh, response, |r| {
-            let m: mesh::MeshConfig = decode(r, type_url::MESH_CONFIG)?;
-            if r.name != latch_proto::MESH_CONFIG_NAME {
-                return Err(format!(
-                    "a MeshConfig must be named {:?}",
-                    latch_proto::MESH_CONFIG_NAME
-                ));
-            }
-            mesh_settings(&m, store, now)
+            check_mesh_config(from_resource(&r.name, r.resource.as_ref())?, store, now)
         })?,
         type_url::WORKLOAD => apply_type(&mut next.workloads, response, |r| {
-            workload(r, &decode(r, type_url::WORKLOAD)?)
+            Ok(from_resource(&r.name, r.resource.as_ref())?)
         })?,
         type_url::SERVICE => apply_type(&mut next.services, response, |r| {
-            service(r, &decode(r, type_url::SERVICE)?)
+            Ok(from_resource(&r.name, r.resource.as_ref())?)
         })?,
         type_url::AUTHORIZATION_POLICY => apply_type(&mut next.policies, response, |r| {
-            policy(r, &decode(r, type_url::AUTHORIZATION_POLICY)?)
+            Ok(from_resource(&r.name, r.resource.as_ref())?)
         })?,
-        other => {
-            return Err(vec![format!(
-                "type_url {other:?} is not one this proxy subscribed to"
-            )]);
-        }
+        other => return Err(vec![Rejection::UnknownType(other.to_string())]),
     }
     Ok(next)
 }
@@ -431,14 +443,14 @@ pub fn apply(
 fn apply_type<T>(
     held: &mut BTreeMap<String, Held<T>>,
     response: &DeltaDiscoveryResponse,
-    validate: impl Fn(&Resource) -> Result<T, String>,
-) -> Result<(), Vec<String>> {
+    validate: impl Fn(&Resource) -> Result<T, ResourceError>,
+) -> Result<(), Vec<Rejection>> {
     let mut errors = Vec::new();
     let mut updates = BTreeMap::new();
     for resource in &response.resources {
         let value = validate(resource).and_then(|value| {
             if updates.contains_key(&resource.name) {
-                Err("sent twice in one response".to_string())
+                Err(ResourceError::SentTwice)
             } else {
                 Ok(value)
             }
@@ -453,7 +465,10 @@ fn apply_type<T>(
                     },
                 );
             }
-            Err(reason) => errors.push(format!("{:?}: {reason}", resource.name)),
+            Err(error) => errors.push(Rejection::Resource {
+                name: resource.name.clone(),
+                error,
+            }),
         }
     }
     if !errors.is_empty() {
@@ -466,207 +481,29 @@ fn apply_type<T>(
     Ok(())
 }
 
-/// Decodes the resource's Any as `T`, checking it is of `expected` type.
-fn decode<T: Message + Default>(resource: &Resource, expected: &str) -> Result<T, String> {
-    let any = resource
-        .resource
-        .as_ref()
-        .ok_or_else(|| "no resource body".to_string())?;
-    if any.type_url != expected {
-        return Err(format!(
-            "carries a {:?} in a {} response",
-            any.type_url,
-            type_name(expected)
-        ));
-    }
-    T::decode(any.value.as_slice()).map_err(|e| format!("cannot be decoded: {e}"))
-}
-
-/// The resource name must be "<namespace>/<name>" of the message, both non-empty.
-fn check_name(resource: &Resource, namespace: &str, name: &str) -> Result<(), String> {
-    if namespace.is_empty() || name.is_empty() {
-        return Err("namespace and name must both be set".into());
-    }
-    let expected = format!("{namespace}/{name}");
-    if resource.name != expected {
-        return Err(format!(
-            "resource name does not match the message's {expected:?}"
-        ));
-    }
-    Ok(())
-}
-
-fn port(value: u32, what: &str) -> Result<u16, String> {
-    u16::try_from(value)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| format!("{what} {value} is not a port (1..=65535)"))
-}
-
-fn ip(value: &str, what: &str) -> Result<IpAddr, String> {
-    value
-        .parse()
-        .map_err(|_| format!("{what} {value:?} is not an IP address"))
-}
-
-fn workload(resource: &Resource, w: &mesh::Workload) -> Result<Workload, String> {
-    check_name(resource, &w.namespace, &w.name)?;
-    let id =
-        SpiffeId::parse(&w.spiffe_id).map_err(|e| format!("spiffe_id {:?}: {e}", w.spiffe_id))?;
-    if w.mesh_port == 0 {
-        return Err("mesh_port is not set".into());
-    }
-    Ok(Workload {
-        name: resource.name.clone(),
-        id,
-        ips: w
-            .ips
-            .iter()
-            .map(|s| ip(s, "ip"))
-            .collect::<Result<_, _>>()?,
-        mesh_port: port(w.mesh_port, "mesh_port")?,
-    })
-}
-
-fn service(resource: &Resource, s: &mesh::Service) -> Result<Service, String> {
-    check_name(resource, &s.namespace, &s.name)?;
-    let mut ports = BTreeMap::new();
-    for p in &s.ports {
-        let number = port(p.port, "port")?;
-        let target = port(p.target_port, "target_port")?;
-        if ports.insert(number, target).is_some() {
-            return Err(format!("port {number} is listed twice"));
-        }
-    }
-    Ok(Service {
-        name: resource.name.clone(),
-        vips: s
-            .vips
-            .iter()
-            .map(|v| ip(v, "vip"))
-            .collect::<Result<_, _>>()?,
-        ports,
-        endpoints: s
-            .endpoints
-            .iter()
-            .map(|e| ip(&e.ip, "endpoint ip"))
-            .collect::<Result<_, _>>()?,
-    })
-}
-
-fn principal(p: &mesh::PrincipalMatch) -> Result<Principal, String> {
-    match &p.r#match {
-        Some(principal_match::Match::Exact(id)) => SpiffeId::parse(id)
-            .map(|_| Principal::Exact(id.clone()))
-            .map_err(|e| format!("principal exact {id:?}: {e}")),
-        Some(principal_match::Match::Prefix(prefix)) => {
-            let rest = prefix.strip_prefix("spiffe://").unwrap_or_default();
-            if rest.is_empty() || rest.starts_with('/') {
-                Err(format!(
-                    "principal prefix {prefix:?} must start with spiffe://<trust-domain>"
-                ))
-            } else {
-                Ok(Principal::Prefix(prefix.clone()))
-            }
-        }
-        None => Err("a principal has neither exact nor prefix".into()),
-    }
-}
-
-fn policy(resource: &Resource, p: &mesh::AuthorizationPolicy) -> Result<Policy, String> {
-    check_name(resource, &p.namespace, &p.name)?;
-    let action = match authorization_policy::Action::try_from(p.action) {
-        Ok(authorization_policy::Action::Allow) => Action::Allow,
-        Ok(authorization_policy::Action::Deny) => Action::Deny,
-        Err(_) => return Err(format!("action {} is neither ALLOW nor DENY", p.action)),
-    };
-    let rules = p
-        .rules
-        .iter()
-        .map(|r| {
-            if let Some(ns) = r
-                .namespaces
-                .iter()
-                .find(|n| n.is_empty() || n.contains('/'))
-            {
-                return Err(format!("namespace {ns:?} is not a namespace name"));
-            }
-            Ok(Rule {
-                principals: r
-                    .principals
-                    .iter()
-                    .map(principal)
-                    .collect::<Result<_, _>>()?,
-                namespaces: r.namespaces.clone(),
-                ports: r
-                    .ports
-                    .iter()
-                    .map(|p| port(*p, "rule port"))
-                    .collect::<Result<_, _>>()?,
-            })
-        })
-        .collect::<Result<_, String>>()?;
-    Ok(Policy {
-        name: resource.name.clone(),
-        action,
-        rules,
-    })
-}
-
-fn mtls_mode(value: i32) -> Result<InboundMode, String> {
-    match mesh_config::MtlsMode::try_from(value) {
-        Ok(mesh_config::MtlsMode::Strict) => Ok(InboundMode::Strict),
-        Ok(mesh_config::MtlsMode::Permissive) => Ok(InboundMode::Permissive),
-        Err(_) => Err(format!(
-            "mTLS mode {value} is neither STRICT nor PERMISSIVE"
-        )),
-    }
-}
-
-/// The MeshConfig's settings. A trust bundle must parse and validate the proxy's current SVID:
-/// installing one that does not would cut this proxy off from every peer.
-fn mesh_settings(
-    m: &mesh::MeshConfig,
+/// The MeshConfig with its trust bundle parsed. A bundle must validate the proxy's current
+/// SVID: installing one that does not would cut this proxy off from every peer.
+fn check_mesh_config(
+    config: MeshConfig,
     store: &CertStore,
     now: SystemTime,
-) -> Result<MeshSettings, String> {
-    let mut ports = BTreeMap::new();
-    for (p, mode) in &m.port_mtls {
-        ports.insert(port(*p, "port_mtls port")?, mtls_mode(*mode)?);
-    }
-    let outbound_policy = match mesh_config::OutboundPolicy::try_from(m.outbound_policy) {
-        Ok(mesh_config::OutboundPolicy::Passthrough) => OutboundPolicy::Passthrough,
-        Ok(mesh_config::OutboundPolicy::RegistryOnly) => OutboundPolicy::RegistryOnly,
-        Err(_) => {
-            return Err(format!(
-                "outbound_policy {} is neither PASSTHROUGH nor REGISTRY_ONLY",
-                m.outbound_policy
-            ));
-        }
-    };
-    let bundle = if m.trust_bundle_pem.trim().is_empty() {
+) -> Result<CheckedMeshConfig, ResourceError> {
+    let bundle = if config.trust_bundle_pem.trim().is_empty() {
         None
     } else {
-        let bundle = TrustBundle::from_pem(m.trust_bundle_pem.as_bytes())
-            .map_err(|e| format!("trust_bundle_pem: {e}"))?;
+        let bundle = TrustBundle::from_pem(config.trust_bundle_pem.as_bytes())?;
         if let Some(svid) = store.svid() {
             latch_identity::verify_svid(svid.chain(), &bundle, now, PeerRole::Client).map_err(
-                |e| {
-                    format!(
-                        "trust_bundle_pem has no root for this proxy's own SVID ({}): {e}",
-                        svid.id()
-                    )
+                |reason| ResourceError::BundleLacksOwnRoot {
+                    id: svid.id().clone(),
+                    reason,
                 },
             )?;
         }
         Some(bundle)
     };
-    Ok(MeshSettings {
-        mtls: MtlsModes {
-            default: mtls_mode(m.mtls_mode)?,
-            ports,
-        },
-        outbound_policy,
+    Ok(CheckedMeshConfig {
+        settings: config.settings,
         bundle,
     })
 }
@@ -675,7 +512,12 @@ fn mesh_settings(
 mod tests {
     use super::*;
     use crate::testing::{ca_and_svid, store_with_svid};
-    use latch_proto::mesh::{Endpoint, PrincipalMatch, ServicePort};
+    use latch_mesh::{Action, MtlsMode, OutboundPolicy};
+    use latch_proto::mesh::{
+        self, Endpoint, PrincipalMatch, ServicePort, authorization_policy, mesh_config,
+        principal_match,
+    };
+    use prost::Message;
 
     const SELF: &str = "spiffe://cluster.local/ns/demo/sa/web";
 
@@ -766,7 +608,7 @@ mod tests {
             Ok(_) => panic!("accepted"),
             Err(reasons) => {
                 assert_eq!(reasons.len(), 1, "{reasons:?}");
-                reasons[0].clone()
+                reasons[0].to_string()
             }
         }
     }
@@ -796,7 +638,7 @@ mod tests {
             type_url::SERVICE,
             resource(type_url::SERVICE, "demo/api", &good_service()),
         );
-        assert_eq!(d.services["demo/api"].value.ports[&80], 8080);
+        assert_eq!(d.services["demo/api"].value.ports[0].target_port, 8080);
         let d = accepts(
             &store,
             type_url::AUTHORIZATION_POLICY,
@@ -814,11 +656,11 @@ mod tests {
             type_url::MESH_CONFIG,
             resource(type_url::MESH_CONFIG, "mesh", &mesh),
         );
-        let settings = &d.mesh["mesh"].value;
-        assert_eq!(settings.mtls.for_port(8080), InboundMode::Strict);
-        assert_eq!(settings.mtls.for_port(80), InboundMode::Permissive);
-        assert_eq!(settings.outbound_policy, OutboundPolicy::RegistryOnly);
-        assert!(settings.bundle.is_some());
+        let held = &d.mesh["mesh"].value;
+        assert_eq!(held.settings.mtls_for_port(8080), MtlsMode::Strict);
+        assert_eq!(held.settings.mtls_for_port(80), MtlsMode::Permissive);
+        assert_eq!(held.settings.outbound_policy, OutboundPolicy::RegistryOnly);
+        assert!(held.bundle.is_some());
     }
 
     #[test]
@@ -878,10 +720,14 @@ mod tests {
                 workload(|m| m.ips.push("10.0.0.300".into())),
                 "not an IP address",
             ),
-            (w, workload(|m| m.mesh_port = 0), "mesh_port is not set"),
+            (w, workload(|m| m.mesh_port = 0), "mesh_port: is not set"),
             (w, workload(|m| m.mesh_port = 70000), "mesh_port 70000"),
             (w, workload(|m| m.name = "api".into()), "does not match"),
-            (w, workload(|m| m.namespace.clear()), "must both be set"),
+            (
+                w,
+                workload(|m| m.namespace.clear()),
+                "namespace: must not be empty",
+            ),
             // A Service's bytes under the Workload type URL.
             (
                 w,
@@ -916,7 +762,7 @@ mod tests {
             (
                 s,
                 service(|m| m.endpoints[0].ip = "nope".into()),
-                "endpoint ip",
+                "endpoints[0] \"nope\": not an IP address",
             ),
             (s, service(|m| m.ports[0].port = 0), "port 0"),
             (s, service(|m| m.ports[0].target_port = 0), "target_port 0"),
@@ -938,7 +784,7 @@ mod tests {
                     "demo/allow",
                     &principal(principal_match::Match::Exact("web".into())),
                 ),
-                "principal exact",
+                "rules[0].principals[0].exact \"web\": not a SPIFFE ID",
             ),
             (
                 p,
@@ -947,7 +793,7 @@ mod tests {
                     "demo/allow",
                     &principal(principal_match::Match::Prefix("http://x/".into())),
                 ),
-                "principal prefix",
+                "rules[0].principals[0].prefix \"http://x/\": must start with spiffe://",
             ),
             (
                 p,
@@ -956,18 +802,31 @@ mod tests {
                     "demo/allow",
                     &principal(principal_match::Match::Prefix("spiffe://".into())),
                 ),
-                "principal prefix",
+                "rules[0].principals[0].prefix \"spiffe://\": must start with spiffe://",
+            ),
+            (
+                p,
+                resource(
+                    p,
+                    "demo/allow",
+                    &principal(principal_match::Match::Prefix("spiffe:///ns/x".into())),
+                ),
+                "rules[0].principals[0].prefix \"spiffe:///ns/x\": must start with spiffe://<trust domain>; the trust domain is empty",
             ),
             (
                 p,
                 policy(|m| m.rules[0].principals = vec![PrincipalMatch { r#match: None }]),
                 "neither exact nor prefix",
             ),
-            (p, policy(|m| m.rules[0].ports = vec![0]), "rule port 0"),
+            (
+                p,
+                policy(|m| m.rules[0].ports = vec![0]),
+                "rules[0].ports[0] 0",
+            ),
             (
                 p,
                 policy(|m| m.rules[0].namespaces = vec!["a/b".into()]),
-                "not a namespace",
+                "rules[0].namespaces[0] \"a/b\": may hold only",
             ),
             (
                 m,
@@ -987,7 +846,7 @@ mod tests {
             (
                 m,
                 mesh(|c| c.port_mtls = [(0, 0)].into()),
-                "port_mtls port 0",
+                "port_mtls[0] 0: not a TCP port",
             ),
             (
                 m,
@@ -1042,7 +901,10 @@ mod tests {
         };
         let reasons = apply(&held, &bad, &store, SystemTime::now()).unwrap_err();
         assert_eq!(reasons.len(), 1);
-        assert!(reasons[0].starts_with("\"demo/oops\""), "{reasons:?}");
+        assert!(
+            reasons[0].to_string().starts_with("\"demo/oops\""),
+            "{reasons:?}"
+        );
         // A good one removes and adds.
         let good = response(
             w,
@@ -1070,7 +932,11 @@ mod tests {
             SystemTime::now(),
         )
         .unwrap_err();
-        assert!(reasons[0].contains("not one this proxy subscribed to"));
+        assert!(
+            reasons[0]
+                .to_string()
+                .contains("not one this proxy subscribed to")
+        );
     }
 
     #[test]
