@@ -98,7 +98,7 @@ pub enum RotationError {
     Ca(#[from] CaError),
 }
 
-pub(super) fn to_unix(t: SystemTime) -> u64 {
+fn to_unix(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
@@ -186,7 +186,7 @@ impl Ca {
         Ok(rotation)
     }
 
-    pub(super) fn write_record(root: &RootFiles, record: &RotationRecord) -> Result<(), CaError> {
+    fn write_record(root: &RootFiles, record: &RotationRecord) -> Result<(), CaError> {
         let path = root.rotation_record();
         let json = serde_json::to_vec_pretty(record).map_err(|e| CaError::Sign(e.to_string()))?;
         files::write_private(&path, &json).map_err(write_err(&path))

@@ -61,7 +61,7 @@ impl RootFiles {
     }
 }
 
-pub(super) fn read(path: &Path) -> Result<Vec<u8>, CaError> {
+fn read(path: &Path) -> Result<Vec<u8>, CaError> {
     std::fs::read(path).map_err(|error| CaError::Read {
         path: path.to_path_buf(),
         error,
@@ -154,7 +154,7 @@ pub(super) fn ca_cert_facts(path: &Path, der: &CertificateDer<'_>) -> Result<CaC
     })
 }
 
-pub(super) fn asn1_time(t: x509_parser::time::ASN1Time) -> SystemTime {
+fn asn1_time(t: x509_parser::time::ASN1Time) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0).unsigned_abs())
 }
 
@@ -167,7 +167,7 @@ pub(super) fn cert_not_after(der: &CertificateDer<'_>) -> Option<SystemTime> {
 
 /// The earliest NotAfter on the path from `certs` (signing certificate first, then its
 /// intermediates) to the root in `roots` that issued the last of them.
-pub(super) fn chain_not_after(
+fn chain_not_after(
     certs: &[&CertificateDer<'static>],
     roots: &[CertificateDer<'static>],
 ) -> Option<SystemTime> {
@@ -305,7 +305,7 @@ impl Ca {
         Self::assemble(trust_domain, ttl, signer, roots, None, Rotation::default())
     }
 
-    pub(super) fn create_root(
+    fn create_root(
         dir: &Path,
         cert_path: &Path,
         key_path: &Path,
