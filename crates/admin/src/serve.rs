@@ -578,7 +578,7 @@ mod tests {
             Plain,
             |conn: Accepted<TcpStream, _>| async move {
                 // Hold the slot: a closure capturing only `stream` and `close` would drop it.
-            let (mut stream, _slot) = (conn.stream, conn.slot);
+                let (mut stream, _slot) = (conn.stream, conn.slot);
                 let (mut r, mut w) = stream.split();
                 tokio::select! {
                     _ = conn.close.cancelled() => {}
