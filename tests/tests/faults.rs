@@ -1120,7 +1120,7 @@ fn clock_skew_proxy_two_minutes_behind_keeps_mtls_and_renews() {
 }
 
 /// The uid latch-proxy runs as in a pod; the capture never redirects its own traffic.
-const PROXY_UID: u32 = 1337;
+use latch_mesh::ports::PROXY_UID;
 const POD_PROXY_ADMIN: &str = "127.0.0.1:15020";
 const CONTROL_ADMIN: &str = "127.0.0.1:15014";
 /// The connect timeout the app (curl) uses: a fault must surface well before it.

@@ -412,7 +412,7 @@ fn service_vip_spreads_over_endpoints_and_skips_removed_ones() {
 }
 
 /// The uid latch-proxy runs as; `latch-proxy iptables install` never captures its traffic.
-const PROXY_UID: u32 = 1337;
+use latch_mesh::ports::PROXY_UID;
 const PROXY_ADMIN: &str = "127.0.0.1:15020";
 /// latch-control's admin API, on the router namespace's loopback (latchctl runs there too).
 const CONTROL_ADMIN: &str = "127.0.0.1:15014";

@@ -13,6 +13,7 @@ use base64::Engine;
 use clap::{Parser, Subcommand};
 use latch_identity::client::{CaClient, control_plane_id};
 use latch_identity::{CertStore, ExpectedPeer, TrustBundle, TrustDomain, files};
+use latch_mesh::ports::{CONTROL_ADMIN, CONTROL_GRPC};
 
 mod admin_client;
 
@@ -68,7 +69,7 @@ enum Command {
         #[arg(
             long,
             env = "LATCH_ADMIN",
-            default_value = "127.0.0.1:15014",
+            default_value_t = format!("127.0.0.1:{CONTROL_ADMIN}"),
             global = true
         )]
         admin: String,
@@ -140,7 +141,7 @@ enum TokenCommand {
         #[arg(long)]
         reusable: bool,
         /// The control plane's admin address.
-        #[arg(long, env = "LATCH_ADMIN", default_value = "127.0.0.1:15014")]
+        #[arg(long, env = "LATCH_ADMIN", default_value_t = format!("127.0.0.1:{CONTROL_ADMIN}"))]
         admin: String,
         /// The control plane's data dir, where the admin credential (admin.token) lives.
         #[arg(long, env = "LATCH_DATA_DIR", default_value = "./latch-data")]
@@ -159,7 +160,7 @@ enum CertCommand {
         #[arg(long, env = "LATCH_JOIN_TOKEN", hide_env_values = true)]
         token: String,
         /// The control plane's gRPC address.
-        #[arg(long, env = "LATCH_CONTROL_PLANE", default_value = "127.0.0.1:15010")]
+        #[arg(long, env = "LATCH_CONTROL_PLANE", default_value_t = format!("127.0.0.1:{CONTROL_GRPC}"))]
         control_plane: String,
         /// Trust bundle (PEM) to verify the control plane with: <data-dir>/bundle.pem.
         #[arg(long, env = "LATCH_CA_BUNDLE")]

@@ -34,18 +34,18 @@ pub const BUNDLE_CONFIGMAP: &str = "latch-ca-bundle";
 pub const BUNDLE_KEY: &str = "bundle.pem";
 /// Audience of the projected token; the certificate service accepts only this one.
 pub const TOKEN_AUDIENCE: &str = "latch";
-/// The proxy's uid, exempt from capture (`latch-proxy iptables install --proxy-uid`).
-pub const PROXY_UID: u32 = 1337;
 /// Ports the proxy listens on in the pod: outbound capture, inbound plaintext capture, mTLS,
 /// admin. An app container declaring one of them would collide.
-pub const PROXY_PORTS: [u16; 4] = [15001, 15006, 15008, 15020];
-const ADMIN_PORT: u16 = 15020;
-const MTLS_PORT: u16 = 15008;
+pub use latch_mesh::ports::PROXY_PORTS;
+/// The proxy's uid, exempt from capture (`latch-proxy iptables install --proxy-uid`).
+pub use latch_mesh::ports::PROXY_UID;
+use latch_mesh::ports::{INBOUND_MTLS as MTLS_PORT, PROXY_ADMIN as ADMIN_PORT};
 
 const TOKEN_DIR: &str = "/var/run/latch/token";
 const BUNDLE_DIR: &str = "/var/run/latch/bundle";
 
 pub const DEFAULT_IMAGE: &str = "latch:dev";
+/// A literal for clap's `default_value`; a test checks its port is `ports::CONTROL_GRPC`.
 pub const DEFAULT_CONTROL_PLANE: &str = "latch-control.latch-system.svc:15010";
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
@@ -116,7 +116,8 @@ pub enum InjectError {
     NameTaken { kind: &'static str, name: String },
     #[error(
         "container {container:?} declares port {port}, which the Latch proxy uses in the pod \
-         (15001, 15006, 15008, 15020); move the app to another port"
+         ({ports}); move the app to another port",
+        ports = PROXY_PORTS.map(|p| p.to_string()).join(", ")
     )]
     PortTaken { container: String, port: u64 },
     #[error(transparent)]
@@ -471,6 +472,12 @@ pub fn inject(pod: &Value, config: &InjectConfig) -> Result<Injection, InjectErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_control_plane_is_on_the_grpc_port() {
+        let port = DEFAULT_CONTROL_PLANE.rsplit(':').next().unwrap();
+        assert_eq!(port, latch_mesh::ports::CONTROL_GRPC.to_string());
+    }
 
     #[test]
     fn port_lists_parse_or_are_refused_with_the_culprit() {

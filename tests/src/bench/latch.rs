@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use latch_mesh::ports;
 
 use super::proc::{Proc, log_tail, run_output, wait_port};
 use super::tunnel::{Alt, App, Tunnel};
@@ -49,8 +50,8 @@ impl ControlPlane {
         ]);
         let mut proc = Proc::spawn("latch-control", command, &log)
             .context("starting latch-control (cargo build --release --bins)")?;
-        wait_port(15010, Duration::from_secs(15))?;
-        wait_port(15014, Duration::from_secs(15))?;
+        wait_port(ports::CONTROL_GRPC, Duration::from_secs(15))?;
+        wait_port(ports::CONTROL_ADMIN, Duration::from_secs(15))?;
         proc.check_running()?;
         Ok(Self {
             _proc: proc,
