@@ -13,10 +13,10 @@ use std::sync::OnceLock;
 use std::time::SystemTime;
 
 use latch_identity::{CertStore, SpiffeId};
+use latch_mesh::{Action, Principal};
 use latch_proto::discovery::{DeltaDiscoveryResponse, Resource};
 use latch_proto::mesh::{self, authorization_policy, principal_match};
 use latch_proto::type_url;
-use latch_mesh::{Action, Principal};
 use latch_proxy::state::Discovered;
 use latch_proxy::xds::apply;
 use latch_proxy::{LocalConfig, MeshSnapshot};
@@ -287,11 +287,9 @@ fn check_snapshot(next: &Discovered) {
     let snapshot = MeshSnapshot::build(next, &LocalConfig::default());
     let workloads: Vec<_> = next.workloads.values().map(|h| &h.value).collect();
     for (ip, peer) in &snapshot.peers {
-        assert!(
-            workloads
-                .iter()
-                .any(|w| w.ips.contains(ip) && w.spiffe_id == peer.id && w.mesh_port == peer.mesh_port)
-        );
+        assert!(workloads.iter().any(|w| w.ips.contains(ip)
+            && w.spiffe_id == peer.id
+            && w.mesh_port == peer.mesh_port));
     }
     for w in &workloads {
         assert!(w.ips.iter().all(|ip| snapshot.peers.contains_key(ip)));
