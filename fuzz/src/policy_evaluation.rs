@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 
 use arbitrary::{Arbitrary, Result, Unstructured};
 use latch_identity::{SpiffeId, TrustDomain};
-use latch_proxy::authorizer::{Action, Authorizer, Decision, Policy, Principal, Rule, evaluate};
+use latch_mesh::{Action, Policy, Principal, Rule};
+use latch_proxy::authorizer::{Authorizer, Decision, evaluate};
 use latch_proxy::state::{Discovered, Held};
 use latch_proxy::{LocalConfig, MeshSnapshot};
 
@@ -149,7 +150,9 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
             rules.push(rule(u, &peer, port)?);
         }
         policies.push(Policy {
-            name: format!("demo/p{i}"),
+            name: format!("p{i}"),
+            namespace: "demo".into(),
+            selector: BTreeMap::new(),
             action,
             rules,
         });
@@ -170,15 +173,15 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
         expected,
         "{peer} on port {port} under {policies:#?}: {decision:?}"
     );
-    let matching_deny: Vec<&str> = policies
+    let matching_deny: Vec<String> = policies
         .iter()
         .filter(|p| p.action == Action::Deny && contract::policy_matches(p, peer.as_str(), port))
-        .map(|p| p.name.as_str())
+        .map(Policy::resource_name)
         .collect();
     if !matching_deny.is_empty() {
         match &decision {
             Decision::Deny { by, .. } => assert!(
-                matching_deny.contains(&by.as_str()),
+                matching_deny.contains(by),
                 "denied by {by}, not by a matching DENY policy ({matching_deny:?})"
             ),
             Decision::Allow => panic!("a matching DENY policy did not refuse {peer}"),
@@ -195,7 +198,9 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     // A DENY policy matching everyone refuses everyone, whatever else there is.
     let mut with_deny_all = policies.clone();
     with_deny_all.push(Policy {
-        name: "demo/deny-all".into(),
+        name: "deny-all".into(),
+        namespace: "demo".into(),
+        selector: BTreeMap::new(),
         action: Action::Deny,
         rules: vec![Rule::default()],
     });
@@ -213,7 +218,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                     version: "1".into(),
                     value: p.clone(),
                 };
-                (p.name.clone(), held)
+                (p.resource_name(), held)
             })
             .collect::<BTreeMap<_, _>>(),
         ..Discovered::default()

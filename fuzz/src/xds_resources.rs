@@ -13,12 +13,12 @@ use std::sync::OnceLock;
 use std::time::SystemTime;
 
 use latch_identity::{CertStore, SpiffeId};
+use latch_mesh::{Action, Principal};
 use latch_proto::discovery::{DeltaDiscoveryResponse, Resource};
 use latch_proto::mesh::{self, authorization_policy, principal_match};
 use latch_proto::type_url;
-use latch_proxy::authorizer::{Action, Principal};
-use latch_proxy::discovery::apply;
 use latch_proxy::state::Discovered;
+use latch_proxy::xds::apply;
 use latch_proxy::{LocalConfig, MeshSnapshot};
 use prost::Message;
 
@@ -214,8 +214,8 @@ fn check_faithful(next: &Discovered, response: &DeltaDiscoveryResponse) {
                 let m: mesh::Workload = decoded(r);
                 let held = &next.workloads[&r.name].value;
                 assert_eq!(r.name, format!("{}/{}", m.namespace, m.name));
-                assert_eq!(held.name, r.name);
-                assert_eq!(held.id.as_str(), m.spiffe_id);
+                assert_eq!(held.resource_name(), r.name);
+                assert_eq!(held.spiffe_id.as_str(), m.spiffe_id);
                 assert_eq!(held.ips, ips(&m.ips));
                 assert_eq!(u32::from(held.mesh_port), m.mesh_port);
                 assert_ne!(held.mesh_port, 0);
@@ -232,21 +232,18 @@ fn check_faithful(next: &Discovered, response: &DeltaDiscoveryResponse) {
                     m.ports.len(),
                     "a port was dropped or merged"
                 );
-                for p in &m.ports {
+                for (p, held) in m.ports.iter().zip(&held.ports) {
                     assert_ne!(p.port, 0);
                     assert_ne!(p.target_port, 0);
-                    let port = u16::try_from(p.port).expect("accepted port fits u16");
-                    assert_eq!(
-                        held.ports.get(&port).map(|t| u32::from(*t)),
-                        Some(p.target_port)
-                    );
+                    assert_eq!(u32::from(held.port), p.port);
+                    assert_eq!(u32::from(held.target_port), p.target_port);
                 }
             }
             type_url::AUTHORIZATION_POLICY => {
                 let m: mesh::AuthorizationPolicy = decoded(r);
                 let held = &next.policies[&r.name].value;
                 assert_eq!(r.name, format!("{}/{}", m.namespace, m.name));
-                assert_eq!(held.name, r.name);
+                assert_eq!(held.resource_name(), r.name);
                 let action = match held.action {
                     Action::Allow => authorization_policy::Action::Allow,
                     Action::Deny => authorization_policy::Action::Deny,
@@ -290,11 +287,9 @@ fn check_snapshot(next: &Discovered) {
     let snapshot = MeshSnapshot::build(next, &LocalConfig::default());
     let workloads: Vec<_> = next.workloads.values().map(|h| &h.value).collect();
     for (ip, peer) in &snapshot.peers {
-        assert!(
-            workloads
-                .iter()
-                .any(|w| w.ips.contains(ip) && w.id == peer.id && w.mesh_port == peer.mesh_port)
-        );
+        assert!(workloads.iter().any(|w| w.ips.contains(ip)
+            && w.spiffe_id == peer.id
+            && w.mesh_port == peer.mesh_port));
     }
     for w in &workloads {
         assert!(w.ips.iter().all(|ip| snapshot.peers.contains_key(ip)));
@@ -302,7 +297,12 @@ fn check_snapshot(next: &Discovered) {
     for (vip, route) in &snapshot.services {
         let service = &next.services[&route.name].value;
         assert!(service.vips.contains(vip));
-        assert_eq!(route.ports, service.ports);
+        let ports: BTreeMap<u16, u16> = service
+            .ports
+            .iter()
+            .map(|p| (p.port, p.target_port))
+            .collect();
+        assert_eq!(route.ports, ports);
     }
     assert_eq!(snapshot.policies.len(), next.policies.len());
 }
@@ -322,7 +322,7 @@ pub fn check(data: &[u8]) {
     let next = match apply(base, &response, store(), now) {
         Ok(next) => next,
         Err(reasons) => {
-            assert!(!reasons.is_empty() && reasons.iter().all(|r| !r.is_empty()));
+            assert!(!reasons.is_empty() && reasons.iter().all(|r| !r.to_string().is_empty()));
             return;
         }
     };
