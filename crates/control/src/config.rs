@@ -265,7 +265,9 @@ impl FileConfig {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        serde_saphyr::from_str(text).map_err(|e| e.to_string())
+        // YAML 1.2 booleans only (`yes`/`on` are not `true`), as with serde_yaml before.
+        let options = serde_saphyr::options! { strict_booleans: true };
+        serde_saphyr::from_str_with_options(text, options).map_err(|e| e.to_string())
     }
 
     /// Validates the mesh sections into the model proxies are served.

@@ -44,7 +44,8 @@ pub fn inject_manifests(
     // One document at a time, so an error names its document. Empty documents (a leading or
     // doubled `---`) yield nothing; merge keys (`<<`) are expanded while reading.
     let mut reader = yaml.as_bytes();
-    for (index, document) in serde_saphyr::read::<_, Value>(&mut reader).enumerate() {
+    let documents = serde_saphyr::read_with_options::<_, Value>(&mut reader, yaml_1_2());
+    for (index, document) in documents.enumerate() {
         let index = index + 1;
         let yaml_err = |e: &dyn std::fmt::Display| ManifestError::Yaml {
             index,
@@ -60,6 +61,17 @@ pub fn inject_manifests(
         docs.push(serde_saphyr::to_string(&doc).map_err(|e| yaml_err(&e))?);
     }
     Ok((docs.join("---\n"), outcomes))
+}
+
+/// YAML 1.2 scalars, as serde_yaml read them before: `yes`, `on`, `0755` and `1_000` stay
+/// strings instead of becoming booleans and numbers, so a document that is not a pod comes out
+/// as it went in.
+fn yaml_1_2() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        strict_booleans: true,
+        leading_zero_numbers_as_strings: true,
+        underscored_numbers_as_strings: true,
+    }
 }
 
 fn kind_of(doc: &Value) -> Option<&str> {
@@ -145,4 +157,33 @@ fn inject_object(
         skipped: injection.skipped,
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_documents_keep_yaml_1_2_scalars_and_merge_keys_are_expanded() {
+        let yaml = "kind: ConfigMap\nmetadata: {name: x}\ndata:\n  a: yes\n  b: on\n  c: 0755\n  \
+                    d: 1_000\n  e: 'no'\n---\n---\nkind: Other\nbase: &b {x: 1}\nm:\n  <<: *b\n  z: 2\n";
+        let (out, outcomes) = inject_manifests(yaml, &InjectConfig::default()).unwrap();
+        assert!(outcomes.is_empty());
+        assert_eq!(
+            out,
+            "kind: ConfigMap\nmetadata:\n  name: x\ndata:\n  a: \"yes\"\n  b: \"on\"\n  \
+             c: \"0755\"\n  d: \"1_000\"\n  e: \"no\"\n---\nkind: Other\nbase:\n  x: 1\nm:\n  \
+             z: 2\n  x: 1\n"
+        );
+    }
+
+    #[test]
+    fn a_syntax_error_names_its_document() {
+        let err = inject_manifests("kind: A\n---\nkind: [\n", &InjectConfig::default())
+            .expect_err("unclosed bracket");
+        assert!(
+            err.to_string().starts_with("document 2: not YAML: "),
+            "{err}"
+        );
+    }
 }
