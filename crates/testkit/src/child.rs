@@ -199,10 +199,11 @@ impl Drop for Child {
         if self.try_wait().is_some() {
             return;
         }
-        if let Some(grace) = self.grace {
-            if self.signal("TERM") && self.wait_exit(grace).is_some() {
-                return;
-            }
+        let stopped_politely = self
+            .grace
+            .is_some_and(|grace| self.signal("TERM") && self.wait_exit(grace).is_some());
+        if stopped_politely {
+            return;
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
