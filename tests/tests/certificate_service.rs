@@ -9,7 +9,7 @@ use latch_identity::csr::generate_csr;
 use latch_identity::{PeerRole, SpiffeId, verify_svid};
 use latch_proto::ca::CreateCertificateRequest;
 use latch_proto::ca::create_certificate_request::Proof;
-use latch_tests::Harness;
+use latch_testkit::Harness;
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
 use tonic::Code;
 

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use latch_tests::netns::{Pcap, on_path};
-use latch_tests::procs::{wait_for, workspace_binary, workspace_root};
+use latch_testkit::binaries::{workspace_binary, workspace_root};
+use latch_testkit::netns::{Pcap, on_path};
+use latch_testkit::wait_for;
 use xtask::compose::{Images, Project, build_images, engine_available, image_size};
 
 /// What the demo server answers (deploy/compose/demo-app.Dockerfile).

@@ -11,25 +11,10 @@ use std::time::{Duration, Instant, SystemTime};
 use latch_identity::{CertStore, ExpectedPeer, SpiffeId, SpiffeServerVerifier, Svid, TrustBundle};
 use latch_proxy::metrics::{ConnLabels, FailureLabels};
 use latch_proxy::{ExplicitDestination, ExplicitTarget, Proxy};
-use latch_tests::Harness;
+use latch_testkit::Harness;
+use latch_testkit::apps::byte_echo_app;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-/// An echo app on loopback.
-async fn echo_app() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
 
 /// A request/response app: reads until the client half-closes, then answers and closes.
 async fn reply_after_eof_app() -> SocketAddr {
@@ -73,10 +58,10 @@ struct Pair {
 async fn pair(h: &Harness, app_port: u16, ttl: Option<Duration>) -> Pair {
     let server_id = h.id("demo", "api");
     let client_id = h.id("demo", "web");
-    let server = latch_tests::start_proxy(h.mesh_proxy_config(&server_id, ttl)).await;
+    let server = latch_testkit::start_proxy(h.mesh_proxy_config(&server_id, ttl)).await;
     let mut config = h.proxy_config(&client_id, ttl, None, false);
     config.data.explicit = vec![outbound(&server_id, server.inbound_addr.unwrap(), app_port)];
-    let client = latch_tests::start_proxy(config).await;
+    let client = latch_testkit::start_proxy(config).await;
     let entry = client.explicit_addrs[0];
     Pair {
         server,
@@ -143,7 +128,7 @@ fn refusals(proxy: &Proxy, direction: &'static str, reason: &'static str) -> u64
 #[tokio::test(flavor = "multi_thread")]
 async fn tcp_crosses_mtls_and_each_side_knows_the_other() {
     let h = Harness::start().await;
-    let app = echo_app().await;
+    let app = byte_echo_app();
     let p = pair(&h, app.port(), None).await;
     assert_eq!(
         roundtrip(p.entry, b"hello through the mesh").await.unwrap(),
@@ -249,8 +234,8 @@ fn header(port: u16) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_mesh_port_refuses_everything_but_valid_svids_of_the_trust_domain() {
     let h = Harness::start().await;
-    let app = echo_app().await;
-    let server = latch_tests::start_proxy(h.mesh_proxy_config(&h.id("demo", "api"), None)).await;
+    let app = byte_echo_app();
+    let server = latch_testkit::start_proxy(h.mesh_proxy_config(&h.id("demo", "api"), None)).await;
     let inbound = server.inbound_addr.unwrap();
     let hdr = header(app.port());
 
@@ -379,9 +364,9 @@ async fn the_mesh_port_refuses_everything_but_valid_svids_of_the_trust_domain() 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_with_the_wrong_identity_is_refused_by_the_outbound_side() {
     let h = Harness::start().await;
-    let app = echo_app().await;
+    let app = byte_echo_app();
     // The proxy at the mesh address is "db", but the client expects "api".
-    let impostor = latch_tests::start_proxy(h.mesh_proxy_config(&h.id("demo", "db"), None)).await;
+    let impostor = latch_testkit::start_proxy(h.mesh_proxy_config(&h.id("demo", "db"), None)).await;
     let expected = h.id("demo", "api");
     let mut config = h.proxy_config(&h.id("demo", "web"), None, None, false);
     config.data.explicit = vec![outbound(
@@ -389,7 +374,7 @@ async fn a_server_with_the_wrong_identity_is_refused_by_the_outbound_side() {
         impostor.inbound_addr.unwrap(),
         app.port(),
     )];
-    let client = latch_tests::start_proxy(config).await;
+    let client = latch_testkit::start_proxy(config).await;
     let result = roundtrip(client.explicit_addrs[0], b"secret").await;
     assert!(
         result.is_err(),
@@ -408,7 +393,7 @@ async fn a_server_with_the_wrong_identity_is_refused_by_the_outbound_side() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_transport_headers_are_refused_within_the_timeout_without_disturbing_others() {
     let h = Harness::start().await;
-    let app = echo_app().await;
+    let app = byte_echo_app();
     let p = pair(&h, app.port(), None).await;
     let inbound = p.server.inbound_addr.unwrap();
     let (prober, bundle) = h.svid(&h.id("demo", "prober"), None).await;
@@ -457,18 +442,18 @@ async fn bad_transport_headers_are_refused_within_the_timeout_without_disturbing
 #[tokio::test(flavor = "multi_thread")]
 async fn the_allow_list_denies_other_callers_and_counts_them() {
     let h = Harness::start().await;
-    let app = echo_app().await;
+    let app = byte_echo_app();
     let server_id = h.id("demo", "api");
     let mut config = h.mesh_proxy_config(&server_id, None);
     config.data.allow = vec![h.id("demo", "frontend")];
-    let server = latch_tests::start_proxy(config).await;
+    let server = latch_testkit::start_proxy(config).await;
     let mut config = h.proxy_config(&h.id("demo", "web"), None, None, false);
     config.data.explicit = vec![outbound(
         &server_id,
         server.inbound_addr.unwrap(),
         app.port(),
     )];
-    let client = latch_tests::start_proxy(config).await;
+    let client = latch_testkit::start_proxy(config).await;
     assert!(
         roundtrip(client.explicit_addrs[0], b"let me in")
             .await
@@ -491,7 +476,7 @@ async fn the_allow_list_denies_other_callers_and_counts_them() {
 #[tokio::test(flavor = "multi_thread")]
 async fn five_rotations_under_load_fail_no_request_and_keep_an_old_connection() {
     let h = Harness::start().await;
-    let app = echo_app().await;
+    let app = byte_echo_app();
     let p = pair(&h, app.port(), Some(Duration::from_secs(10))).await;
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -562,7 +547,7 @@ async fn five_rotations_under_load_fail_no_request_and_keep_an_old_connection() 
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_drains_open_connections_and_stops_accepting() {
     let h = Harness::start().await;
-    let app = echo_app().await;
+    let app = byte_echo_app();
     let p = pair(&h, app.port(), None).await;
     let mut open = TcpStream::connect(p.entry).await.unwrap();
     open.write_all(b"a").await.unwrap();
@@ -592,7 +577,7 @@ async fn shutdown_drains_open_connections_and_stops_accepting() {
 async fn certificates_rotate_in_the_mesh_config() {
     // The mesh client configs are cached per expected ID; rotation must not pin an old SVID.
     let h = Harness::start().await;
-    let app = echo_app().await;
+    let app = byte_echo_app();
     let p = pair(&h, app.port(), Some(Duration::from_secs(4))).await;
     let first = p.client.store().svid().unwrap().info().serial.clone();
     let mut changes = p.client.store().subscribe();
@@ -623,7 +608,7 @@ fn handshakes(proxy: &Proxy, direction: &'static str, kind: &'static str) -> u64
 #[tokio::test(flavor = "multi_thread")]
 async fn repeat_connections_resume_until_the_client_rotates() {
     let h = Harness::start().await;
-    let app = echo_app().await;
+    let app = byte_echo_app();
     let p = pair(&h, app.port(), Some(Duration::from_secs(6))).await;
     for _ in 0..5 {
         assert_eq!(roundtrip(p.entry, b"again").await.unwrap(), b"again");

@@ -13,10 +13,10 @@ use latch_proto::discovery::aggregated_discovery_service_server::{
 };
 use latch_proto::discovery::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
 use latch_proto::{mesh, type_url};
-use latch_tests::Harness;
-use latch_tests::loopback_mesh::{
-    Load, Member, call, echo_app, free_port, metric, start_member, wait_ready, workloads_yaml,
-};
+use latch_testkit::Harness;
+use latch_testkit::admin::{metric, wait_ready};
+use latch_testkit::apps::{Load, call, echo_app};
+use latch_testkit::loopback_mesh::{Member, free_port, start_member, workloads_yaml};
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, mpsc};
@@ -94,7 +94,7 @@ async fn traffic_survives_a_control_plane_restart_and_resync_sends_nothing_uncha
     };
     let policy = "policies:\n  - name: server-callers\n    namespace: demo\n    selector: {app: server}\n    action: ALLOW\n    rules:\n      - principals: [{exact: \"spiffe://cluster.local/ns/demo/sa/client\"}]\n";
     let harness = Harness::start_with_mesh(&(workloads_yaml(&[&client, &server]) + policy)).await;
-    let app_port = echo_app(server.ip, "server").await;
+    let app_port = echo_app(server.ip, "server");
     let server_proxy = start_member(&harness, &server, &[]).await;
     // The explicit listener names the server by address, so every connection is routed through
     // the discovered snapshot: 127.0.0.32 is the server workload's IP.
@@ -111,7 +111,7 @@ async fn traffic_survives_a_control_plane_restart_and_resync_sends_nothing_uncha
     );
 
     // Load: back-to-back connections until told to stop; every failure counted.
-    let load = Load::start(entry, "ping", "server: ping".into());
+    let load = Load::start(&[(entry.to_string(), "server")], 1);
     let received = |proxy: &latch_proxy::Proxy| {
         let admin = proxy.admin_addr;
         async move { metric(admin, "latch_proxy_discovery_resources_received", &[]).await }
@@ -271,7 +271,7 @@ async fn a_malformed_resource_is_nacked_and_routing_keeps_the_last_good_snapshot
 
     // Server workload and app on 127.0.0.42; the client proxy routes by its address.
     let server_ip = "127.0.0.42";
-    let app_port = echo_app(server_ip, "server").await;
+    let app_port = echo_app(server_ip, "server");
     let server_member = Member {
         name: "server",
         ip: server_ip,
@@ -286,7 +286,7 @@ async fn a_malformed_resource_is_nacked_and_routing_keeps_the_last_good_snapshot
         ));
         config.data.app_host = server_ip.parse().unwrap();
         config.discovery = None;
-        latch_tests::start_proxy(config).await
+        latch_testkit::start_proxy(config).await
     };
     let client_id = harness.id("demo", "client");
     let mut config = harness.mesh_proxy_config(&client_id, None);
@@ -298,7 +298,7 @@ async fn a_malformed_resource_is_nacked_and_routing_keeps_the_last_good_snapshot
     if let Some(discovery) = config.discovery.as_mut() {
         discovery.address = Some(addr.to_string());
     }
-    let client_proxy = latch_tests::start_proxy(config).await;
+    let client_proxy = latch_testkit::start_proxy(config).await;
     let entry = client_proxy.explicit_addrs[0];
 
     // The proxy subscribes to every type.
@@ -350,7 +350,7 @@ async fn a_malformed_resource_is_nacked_and_routing_keeps_the_last_good_snapshot
         acked.push(r.response_nonce);
     }
     assert_eq!(acked, ["n1", "n2", "n3", "n4"]);
-    wait_ready(&client_proxy.admin_addr.to_string()).await;
+    wait_ready(client_proxy.admin_addr, Duration::from_secs(15)).await;
     assert_eq!(call(entry, "one").await.expect("routed"), "server: one");
 
     // Now a Workload update whose IP is not an address.

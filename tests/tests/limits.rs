@@ -4,47 +4,25 @@
 //! without spinning; slowloris on the mesh port holds slots only until the handshake timeout.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use latch_identity::SpiffeId;
-use latch_tests::procs::{free_port, workspace_binary};
-use latch_tests::{Harness, http_get};
+use latch_testkit::apps::byte_echo_app;
+use latch_testkit::binaries::workspace_binary;
+use latch_testkit::net::free_port;
+use latch_testkit::{Child, Harness, admin};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-/// An echo app on loopback.
-async fn echo_app() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut r, mut w) = tcp.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    addr
-}
+use tokio::net::TcpStream;
 
 /// A `latch-proxy` process, killed when dropped.
 struct ProxyProcess {
     child: Child,
     admin: String,
-    log: PathBuf,
     /// Its `--inbound` listener.
     inbound: SocketAddr,
     /// Its `--outbound` listener, if it has one.
     entry: Option<SocketAddr>,
-}
-
-impl Drop for ProxyProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl ProxyProcess {
@@ -87,29 +65,22 @@ impl ProxyProcess {
             .args(["--admin", &admin, "--inbound", &inbound.to_string()])
             .arg("--discovery=false")
             .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        let child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {command:?} (prlimit is in util-linux): {e}"));
+            .env("RUST_LOG", "info");
+        let child = Child::spawn("latch-proxy", command, &log)
+            .unwrap_or_else(|e| panic!("{e:#} (prlimit is in util-linux)"));
         let entry = extra
             .iter()
             .find_map(|a| a.split_once('=').map(|(listen, _)| listen.parse().unwrap()));
         let mut proxy = Self {
             child,
             admin,
-            log,
             inbound,
             entry,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(status) = proxy.child.try_wait().unwrap() {
-                panic!("latch-proxy exited ({status}):\n{}", proxy.log_text());
-            }
-            if matches!(http_get(&proxy.admin, "/ready").await, Ok((200, _))) {
+            proxy.child.assert_running();
+            if matches!(admin::get(&proxy.admin, "/ready").await, Ok((200, _))) {
                 break;
             }
             assert!(
@@ -123,22 +94,18 @@ impl ProxyProcess {
     }
 
     fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.child.log()
     }
 
     fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!("latch-proxy exited ({status}):\n{}", self.log_text());
-        }
+        self.child.assert_running();
     }
 
     /// The value of the sample `series` (name and labels exactly as exported), 0 when absent.
     async fn metric(&self, series: &str) -> f64 {
-        let (status, body) = http_get(&self.admin, "/metrics").await.unwrap();
+        let (status, body) = admin::get(&self.admin, "/metrics").await.unwrap();
         assert_eq!(status, 200);
-        body.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-            .map_or(0.0, |v| v.trim().parse().unwrap())
+        admin::metric_value(&body, series)
     }
 
     /// Waits (up to 10 s) until `series` reaches `want`; returns its last value.
@@ -155,17 +122,7 @@ impl ProxyProcess {
 
     /// User+system CPU time so far (/proc/<pid>/stat; prlimit execs the proxy, same PID).
     fn cpu_time(&self) -> Duration {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        let fields: Vec<u64> = stat
-            .rsplit_once(')')
-            .unwrap()
-            .1
-            .split_whitespace()
-            .skip(11)
-            .take(2)
-            .map(|f| f.parse().unwrap())
-            .collect();
-        Duration::from_millis((fields[0] + fields[1]) * 10)
+        self.child.cpu_time().unwrap()
     }
 }
 
@@ -234,7 +191,7 @@ async fn echoed_eventually(entry: SocketAddr) -> std::io::Result<TcpStream> {
 async fn the_connection_cap_refuses_at_once_counts_logs_and_serves_again_when_one_closes() {
     let h = Harness::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let app = echo_app().await;
+    let app = byte_echo_app();
     let (_server, mut client) = pair(&h, &dir, app, None, &[], &["--max-connections", "20"]).await;
     let entry = client.entry.unwrap();
 
@@ -278,7 +235,7 @@ async fn the_connection_cap_refuses_at_once_counts_logs_and_serves_again_when_on
 async fn running_out_of_file_descriptors_is_counted_logged_retried_without_spinning_and_survived() {
     let h = Harness::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let app = echo_app().await;
+    let app = byte_echo_app();
     // 64 descriptors: enough to start and proxy a few connections. The handshake timeout is
     // long so that nothing but the clients going away frees a descriptor.
     let (mut server, client) = pair(
@@ -353,7 +310,7 @@ const PARTIAL_CLIENT_HELLO: &[u8] = &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 
 async fn slowloris_on_the_mesh_port_holds_slots_only_until_the_handshake_timeout() {
     let h = Harness::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let app = echo_app().await;
+    let app = byte_echo_app();
     let (mut server, client) = pair(
         &h,
         &dir,

@@ -3,12 +3,14 @@
 //! plaintext; the mesh tests run latch-control and a transparent latch-proxy (iptables
 //! capture) in every meshed pod and assert what crosses the wire and who gets in. Need root.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use latch_identity::files::{ensure_private_dir, write_private};
-use latch_tests::netns::{Pod, PodProcess, TestNet, netns_list, require_netns, require_netns_with};
-use latch_tests::procs::workspace_binary;
+use latch_testkit::binaries::workspace_binary;
+use latch_testkit::netns::{
+    PROXY_ADMIN, Pod, PodControlPlane, PodProcess, TestNet, logs, netns_list, require_netns,
+    require_netns_with,
+};
+use latch_testkit::spiffe_id;
 
 /// What nginx answers; the tests look for it on the wire.
 const BODY: &str = "hello from nginx in pod b, latch-plaintext-marker";
@@ -58,7 +60,7 @@ fn curl_reaches_nginx_across_pods_over_mtls() {
     let a = net.add_pod("a");
     let b = net.add_pod("b");
     let nginx = b.start_nginx(BODY);
-    let control = ControlPlane::start(&net);
+    let control = PodControlPlane::start(&net);
     let proxy_a = control.mesh(&a, &b);
     let proxy_b = control.mesh(&b, &a);
 
@@ -101,7 +103,7 @@ fn strict_refuses_unmeshed_clients_permissive_admits_them() {
     let b = net.add_pod("b");
     let c = net.add_pod("c");
     let nginx = b.start_nginx(BODY);
-    let control = ControlPlane::start(&net);
+    let control = PodControlPlane::start(&net);
     let proxy_a = control.mesh(&a, &b);
     let proxy_b = control.mesh(&b, &a);
     let url = format!("http://{}/", b.ip);
@@ -199,7 +201,7 @@ fn registry_only_refuses_unmeshed_destinations() {
     let c = net.add_pod("c");
     let _nginx_b = b.start_nginx(BODY);
     let _nginx_c = c.start_nginx(BODY);
-    let control = ControlPlane::start(&net);
+    let control = PodControlPlane::start(&net);
     let proxy_b = control.mesh(&b, &a);
     let proxy_a = control.start_proxy(&a, Some(&b), &["--outbound-policy", "registry-only"]);
     a.run(workspace_binary("latch-proxy"), &["iptables", "install"]);
@@ -258,7 +260,7 @@ fn policies_from_discovery_allow_deny_and_cut_live_connections() {
     let b = net.add_pod("b");
     let c = net.add_pod("c");
     let nginx = b.start_nginx(BODY);
-    let control = ControlPlane::start_with(&net, &mesh_yaml(&[&a, &b, &c], ALLOW_ONLY_A));
+    let control = PodControlPlane::start_with(&net, &mesh_yaml(&[&a, &b, &c], ALLOW_ONLY_A));
     let proxy_b = control.mesh_discovered(&b);
     let proxy_a = control.mesh_discovered(&a);
     let proxy_c = control.mesh_discovered(&c);
@@ -345,7 +347,7 @@ fn service_vip_spreads_over_endpoints_and_skips_removed_ones() {
         )
     };
     let all: Vec<&Pod> = backends.iter().collect();
-    let control = ControlPlane::start_with(&net, &mesh_yaml(&pods, &service(&all)));
+    let control = PodControlPlane::start_with(&net, &mesh_yaml(&pods, &service(&all)));
     let mut proxies: Vec<PodProcess> = backends
         .iter()
         .map(|p| control.mesh_discovered(p))
@@ -409,171 +411,4 @@ fn service_vip_spreads_over_endpoints_and_skips_removed_ones() {
         "{second:?}\n{}",
         logs()
     );
-}
-
-/// The uid latch-proxy runs as; `latch-proxy iptables install` never captures its traffic.
-use latch_mesh::ports::PROXY_UID;
-const PROXY_ADMIN: &str = "127.0.0.1:15020";
-/// latch-control's admin API, on the router namespace's loopback (latchctl runs there too).
-const CONTROL_ADMIN: &str = "127.0.0.1:15014";
-
-/// The SPIFFE ID of pod `name`.
-fn spiffe_id(name: &str) -> String {
-    format!("spiffe://cluster.local/ns/demo/sa/{name}")
-}
-
-/// The logs of `processes`, for assertion messages.
-fn logs(processes: &[&PodProcess]) -> String {
-    processes
-        .iter()
-        .map(|p| format!("--- {} ---\n{}", p.name(), p.log()))
-        .collect()
-}
-
-fn utf8(path: &std::path::Path) -> &str {
-    path.to_str().expect("utf-8 temp path")
-}
-
-/// latch-control in the router namespace: pods reach it at 10.X.0.1:15010.
-struct ControlPlane<'n> {
-    net: &'n TestNet,
-    router: Pod<'n>,
-    data_dir: PathBuf,
-    config: PathBuf,
-    listen: String,
-    process: PodProcess<'n>,
-}
-
-impl<'n> ControlPlane<'n> {
-    /// latch-control with an empty mesh config file.
-    fn start(net: &'n TestNet) -> Self {
-        Self::start_with(net, "{}\n")
-    }
-
-    /// latch-control with `config` as its (watched) config file.
-    fn start_with(net: &'n TestNet, config: &str) -> Self {
-        let router = net.router();
-        let data_dir = net.dir().join("control");
-        let config_path = net.dir().join("mesh.yaml");
-        std::fs::write(&config_path, config).expect("write config");
-        let listen = format!("{}:15010", router.ip);
-        let process = router.spawn(
-            workspace_binary("latch-control"),
-            &[
-                "--data-dir",
-                utf8(&data_dir),
-                "--listen",
-                &listen,
-                "--admin",
-                CONTROL_ADMIN,
-                "--config",
-                utf8(&config_path),
-            ],
-            None,
-            &net.dir().join("control.log"),
-        );
-        process.wait_until(Duration::from_secs(15), "latch-control started", || {
-            process.log().contains("control plane started")
-        });
-        Self {
-            net,
-            router,
-            data_dir,
-            config: config_path,
-            listen,
-            process,
-        }
-    }
-
-    /// Replaces the config file the way an editor does (write aside, rename over).
-    fn write_config(&self, config: &str) {
-        let tmp = self.config.with_extension("tmp");
-        std::fs::write(&tmp, config).expect("write config");
-        std::fs::rename(&tmp, &self.config).expect("rename config");
-    }
-
-    /// A new single-use join token for `id`, from `latchctl token create`.
-    fn join_token(&self, id: &str) -> String {
-        self.router.run(
-            workspace_binary("latchctl"),
-            &[
-                "token",
-                "create",
-                "--spiffe-id",
-                id,
-                "--admin",
-                CONTROL_ADMIN,
-                "--data-dir",
-                utf8(&self.data_dir),
-            ],
-        )
-    }
-
-    /// Meshes `pod`: a transparent proxy that knows `peer`, then the iptables capture.
-    fn mesh(&self, pod: &Pod<'n>, peer: &Pod) -> PodProcess<'n> {
-        let proxy = self.start_proxy(pod, Some(peer), &[]);
-        self.capture(pod);
-        proxy
-    }
-
-    /// Meshes `pod` with a proxy that learns its peers from discovery only.
-    fn mesh_discovered(&self, pod: &Pod<'n>) -> PodProcess<'n> {
-        let proxy = self.start_proxy(pod, None, &[]);
-        self.capture(pod);
-        proxy
-    }
-
-    fn capture(&self, pod: &Pod<'n>) {
-        let capture = ["iptables", "install", "--proxy-uid", &PROXY_UID.to_string()];
-        pod.run(workspace_binary("latch-proxy"), &capture);
-    }
-
-    /// Starts a transparent latch-proxy in `pod` as uid 1337 with a fresh join token for
-    /// `pod`'s SPIFFE ID, workload name demo/<pod>, `peer` (if any) as a flag-configured meshed
-    /// peer and `extra` flags, and waits until it is ready (SVID held, discovery synced).
-    fn start_proxy(&self, pod: &Pod<'n>, peer: Option<&Pod>, extra: &[&str]) -> PodProcess<'n> {
-        let dir = self.net.dir().join(format!("proxy-{}", pod.name));
-        let bundle = dir.join("bundle.pem");
-        let token = dir.join("join-token");
-        let token_value = self.join_token(&spiffe_id(&pod.name));
-        ensure_private_dir(&dir).expect("proxy dir");
-        std::fs::copy(self.data_dir.join("bundle.pem"), &bundle).expect("copy bundle");
-        write_private(&token, token_value.as_bytes()).expect("token file");
-        for path in [&dir, &bundle, &token] {
-            std::os::unix::fs::chown(path, Some(PROXY_UID), Some(PROXY_UID)).expect("chown");
-        }
-
-        let workload = format!("demo/{}", pod.name);
-        let peer = peer.map(|peer| format!("{}={}", peer.ip, spiffe_id(&peer.name)));
-        let mut args = vec![
-            "--control-plane",
-            &self.listen,
-            "--ca-bundle",
-            utf8(&bundle),
-            "--join-token-file",
-            utf8(&token),
-            "--trust-domain",
-            "cluster.local",
-            "--admin",
-            PROXY_ADMIN,
-            "--transparent",
-            "--workload-name",
-            &workload,
-        ];
-        if let Some(peer) = &peer {
-            args.extend(["--peer", peer.as_str()]);
-        }
-        args.extend_from_slice(extra);
-        let proxy = pod.spawn(
-            workspace_binary("latch-proxy"),
-            &args,
-            Some(PROXY_UID),
-            &dir.join("proxy.log"),
-        );
-        let ready = format!("http://{PROXY_ADMIN}/ready");
-        proxy.wait_until(Duration::from_secs(20), "latch-proxy is ready", || {
-            pod.curl(&ready).is_ok()
-        });
-        proxy
-    }
 }

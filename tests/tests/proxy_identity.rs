@@ -10,7 +10,7 @@ use latch_identity::{
     CertStore, ClientAuth, ExpectedPeer, SpiffeClientVerifier, SpiffeServerVerifier, SvidInfo,
 };
 use latch_proto::ca::certificate_service_server::CertificateService;
-use latch_tests::Harness;
+use latch_testkit::Harness;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::client::TlsStream;
@@ -129,7 +129,7 @@ async fn control_plane_outage_keeps_the_svid_and_renewal_resumes() {
     let ttl = Duration::from_secs(20);
     // /ready is checked below; discovery would hold it at 503 against this control plane.
     let proxy =
-        latch_tests::start_proxy(h.proxy_config_without_discovery(&id, Some(ttl), false)).await;
+        latch_testkit::start_proxy(h.proxy_config_without_discovery(&id, Some(ttl), false)).await;
     let store = proxy.store().clone();
     let first = store.svid().unwrap();
     let renew_at = proxy.agent.next_rotation().expect("a renewal is planned");
@@ -155,7 +155,7 @@ async fn control_plane_outage_keeps_the_svid_and_renewal_resumes() {
         store.valid_svid(SystemTime::now()).is_some(),
         "and it is still valid"
     );
-    let (ready, _) = latch_tests::http_get(&proxy.admin_addr.to_string(), "/ready")
+    let (ready, _) = latch_testkit::admin::get(&proxy.admin_addr.to_string(), "/ready")
         .await
         .unwrap();
     assert_eq!(ready, 200, "/ready stays true while the SVID is valid");
@@ -182,7 +182,7 @@ async fn an_expired_svid_fails_closed_and_the_token_brings_the_proxy_back() {
     let h = Harness::start().await;
     let id = h.id("demo", "batch");
     let config = h.proxy_config_without_discovery(&id, Some(Duration::from_secs(3)), true);
-    let proxy = latch_tests::start_proxy(config).await;
+    let proxy = latch_testkit::start_proxy(config).await;
     let store = proxy.store().clone();
     let addr = echo_server(store.clone()).await;
     let client_token = h.token(&h.id("demo", "client"), Duration::from_secs(3600), false);
@@ -204,7 +204,7 @@ async fn an_expired_svid_fails_closed_and_the_token_brings_the_proxy_back() {
             + Duration::from_millis(1500),
     )
     .await;
-    let (status, body) = latch_tests::http_get(&admin, "/ready").await.unwrap();
+    let (status, body) = latch_testkit::admin::get(&admin, "/ready").await.unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("expired"), "{body}");
     // New handshakes fail closed: the server has nothing to present.
@@ -230,7 +230,7 @@ async fn an_expired_svid_fails_closed_and_the_token_brings_the_proxy_back() {
         .unwrap();
     assert!(store.valid_svid(SystemTime::now()).is_some());
     assert_eq!(
-        latch_tests::http_get(&admin, "/ready").await.unwrap().0,
+        latch_testkit::admin::get(&admin, "/ready").await.unwrap().0,
         200
     );
     let mut conn = connect(addr, &client).await;

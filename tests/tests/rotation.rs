@@ -5,41 +5,31 @@
 //! root meet on the same connection path; the old root leaves only after the longest leaf
 //! lifetime has passed since activation.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use latch_control::ca::TtlPolicy;
 use latch_identity::{PeerRole, TrustBundle};
-use latch_tests::Harness;
-use latch_tests::loopback_mesh::{
-    Load, Member, echo_app, free_port, start_member_with_ttl, workloads_yaml,
-};
-use latch_tests::procs::workspace_binary;
+use latch_testkit::Harness;
+use latch_testkit::apps::{Load, echo_app};
+use latch_testkit::binaries::{latchctl as latchctl_binary, outcome};
+use latch_testkit::loopback_mesh::{Member, free_port, start_member_with_ttl, workloads_yaml};
+use latch_testkit::until;
 use rustls_pki_types::CertificateDer;
 use serde_json::Value;
 
-/// Runs `latchctl ca <args>` against the harness; (exit success, stdout JSON or stderr).
-fn latchctl(harness: &Harness, args: &[&str]) -> (bool, String) {
+/// Runs `latchctl ca <args>` against the harness; stdout (JSON) or stderr.
+fn latchctl(harness: &Harness, args: &[&str]) -> Result<String, String> {
     let admin = harness.control_plane.admin_addr.to_string();
-    let data_dir = harness.control_data_dir();
-    let output = Command::new(workspace_binary("latchctl"))
-        .arg("ca")
-        .args(args)
-        .args(["--admin", &admin, "--data-dir"])
-        .arg(data_dir)
-        .output()
-        .expect("run latchctl");
-    let text = if output.status.success() {
-        String::from_utf8_lossy(&output.stdout).into_owned()
-    } else {
-        String::from_utf8_lossy(&output.stderr).into_owned()
-    };
-    (output.status.success(), text)
+    let data_dir = harness.control_data_dir().to_str().expect("utf-8 path");
+    let mut all = vec!["ca"];
+    all.extend_from_slice(args);
+    all.extend(["--admin", &admin, "--data-dir", data_dir]);
+    outcome(&latchctl_binary(&all))
 }
 
 fn latchctl_json(harness: &Harness, args: &[&str]) -> Value {
-    let (ok, text) = latchctl(harness, args);
-    assert!(ok, "latchctl ca {args:?} failed: {text}");
+    let text =
+        latchctl(harness, args).unwrap_or_else(|e| panic!("latchctl ca {args:?} failed: {e}"));
     serde_json::from_str(&text).expect("latchctl prints JSON")
 }
 
@@ -58,14 +48,6 @@ fn signed_by(proxy: &latch_proxy::Proxy, root: &CertificateDer<'static>) -> bool
 
 fn bundle_of(proxy: &latch_proxy::Proxy) -> Vec<CertificateDer<'static>> {
     proxy.agent.store().bundle().roots().to_vec()
-}
-
-async fn until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,7 +71,7 @@ async fn the_root_rotates_under_load_without_a_failed_request() {
         };
     })
     .await;
-    let app_port = echo_app(server.ip, "server").await;
+    let app_port = echo_app(server.ip, "server");
     // The server's leaf lives 30 s and is renewed 15 s after it arrives; the client's lives
     // 4 s. After the activation, which follows within seconds, the client soon presents a
     // leaf of the new root while the server still presents one of the old.
@@ -101,11 +83,7 @@ async fn the_root_rotates_under_load_without_a_failed_request() {
         Some(Duration::from_secs(4)),
     )
     .await;
-    let load = Load::start(
-        client_proxy.explicit_addrs[0],
-        "ping",
-        "server: ping".into(),
-    );
+    let load = Load::start(&[(client_proxy.explicit_addrs[0].to_string(), "server")], 1);
 
     let status = latchctl_json(&harness, &["status"]);
     assert_eq!(status["rotation"]["phase"], "idle");
@@ -181,8 +159,8 @@ async fn the_root_rotates_under_load_without_a_failed_request() {
     );
 
     // retire: refused before the longest leaf lifetime has passed since activation.
-    let (ok, refusal) = latchctl(&harness, &["rotate", "retire"]);
-    assert!(!ok, "retire must be refused this early");
+    let refusal =
+        latchctl(&harness, &["rotate", "retire"]).expect_err("retire must be refused this early");
     assert!(
         refusal.contains("may still anchor live leaves until"),
         "{refusal}"

@@ -54,7 +54,8 @@ fn main() -> Result<()> {
     }
 }
 
-/// Builds the release binaries and runs one of latch-tests' binaries with the given arguments.
+/// Builds the release binaries and runs one of them (`latch-demo` of latch-tests, `latch-bench`
+/// of latch-bench) with the given arguments.
 fn run_tests_bin(root: &std::path::Path, bin: &str, args: &[String]) -> Result<()> {
     let status = Command::new(env!("CARGO"))
         .current_dir(root)

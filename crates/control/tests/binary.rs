@@ -2,14 +2,12 @@
 //! a restart keeps, every flag has its LATCH_* variable, and a corrupt CA key or a bad config
 //! file stops start-up with a message naming the culprit. Every child is killed on drop.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
 
 use latch_identity::TrustBundle;
+use latch_testkit::Child;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_latch-control");
 /// How long start-up (or a refusal to start) may take.
@@ -28,106 +26,60 @@ fn command() -> Command {
 }
 
 /// Calls `check` every 50 ms until it yields a value or `TIMEOUT` passes.
-fn poll<T>(mut check: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(value) = check() {
-            return Some(value);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+fn poll<T>(check: impl FnMut() -> Option<T>) -> Option<T> {
+    latch_testkit::poll(TIMEOUT, check)
 }
 
-/// Everything the child wrote to stderr so far.
-#[derive(Clone, Default)]
-struct Log(Arc<Mutex<String>>);
-
-impl Log {
-    fn text(&self) -> String {
-        self.0.lock().unwrap().clone()
-    }
-}
-
-/// A `latch-control` process this test started; killed when dropped, so a failing assert
-/// never leaves it behind.
+/// A `latch-control` process this test started (the test kit's `Child`: killed when dropped,
+/// so a failing assert never leaves it behind), its stderr in a log file of its own.
 struct Running {
     child: Child,
-    log: Log,
-    reader: Option<JoinHandle<()>>,
+    _logs: tempfile::TempDir,
 }
 
 impl Running {
     /// Starts the binary on `data_dir` with both listeners on port 0, plus `extra` flags.
     fn start(data_dir: &Path, extra: &[&str]) -> Self {
-        let mut child = command()
+        let logs = tempfile::tempdir().expect("log dir");
+        let mut command = command();
+        command
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
+            .args(extra);
+        let child = Child::spawn("latch-control", command, &logs.path().join("control.log"))
             .expect("spawn latch-control");
-        let pipe = child.stderr.take().expect("stderr is piped");
-        let log = Log::default();
-        let sink = log.clone();
-        let reader = thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let mut text = sink.0.lock().unwrap();
-                text.push_str(&line);
-                text.push('\n');
-            }
-        });
-        Self {
-            child,
-            log,
-            reader: Some(reader),
-        }
+        Self { child, _logs: logs }
     }
 
     /// Waits until the bundle file exists and the start-up line is logged.
     fn wait_started(&mut self, data_dir: &Path) {
         let bundle = data_dir.join("bundle.pem");
         let started = poll(|| {
-            if let Some(status) = self.child.try_wait().unwrap() {
+            if let Some(status) = self.child.try_wait() {
                 panic!(
                     "latch-control exited ({status}) instead of starting:\n{}",
-                    self.log.text()
+                    self.child.log()
                 );
             }
-            (bundle.exists() && self.log.text().contains("control plane started")).then_some(())
+            (bundle.exists() && self.child.log().contains("control plane started")).then_some(())
         });
         assert!(
             started.is_some(),
             "latch-control did not start within {TIMEOUT:?}:\n{}",
-            self.log.text()
+            self.child.log()
         );
     }
 
-    /// Waits for the process to exit on its own; returns its status and all of its stderr.
+    /// Waits for the process to exit on its own; returns its status and all of its output.
     fn exit(mut self) -> (ExitStatus, String) {
-        let status = poll(|| self.child.try_wait().unwrap());
-        let Some(status) = status else {
+        let Some(status) = self.child.wait_exit(TIMEOUT) else {
             panic!(
                 "latch-control still running after {TIMEOUT:?}:\n{}",
-                self.log.text()
+                self.child.log()
             );
         };
-        if let Some(reader) = self.reader.take() {
-            reader.join().unwrap();
-        }
-        (status, self.log.text())
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        (status, self.child.log())
     }
 }
 
@@ -275,12 +227,12 @@ fn publish_bundle_writes_a_readable_copy_or_stops_start_up() {
     running.wait_started(&data_dir);
     let logged = poll(|| {
         running
-            .log
-            .text()
+            .child
+            .log()
             .contains("trust bundle published")
             .then_some(())
     });
-    assert!(logged.is_some(), "{}", running.log.text());
+    assert!(logged.is_some(), "{}", running.child.log());
     assert_eq!(read(&published), read(&data_dir.join("bundle.pem")));
     let mode = std::fs::metadata(&published).unwrap().permissions().mode() & 0o777;
     assert_eq!(

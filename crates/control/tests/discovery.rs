@@ -2,9 +2,6 @@
 //! SVIDs from the control plane's own CA, the mesh comes from a real config file edited on
 //! disk, and every check is something a proxy or an operator would observe.
 
-#[path = "admin_http/mod.rs"]
-mod admin_http;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -183,7 +180,9 @@ impl Plane {
     }
 
     async fn admin_get(&self, path: &str) -> (u16, String) {
-        admin_http::request(self.cp.admin_addr, "GET", path, None).await
+        latch_testkit::admin::request(self.cp.admin_addr, "GET", path, None, "")
+            .await
+            .expect("admin API answers")
     }
 }
 
@@ -783,7 +782,15 @@ async fn a_large_push_is_split_and_only_its_last_part_carries_the_version() {
 /// POSTs `path` to the admin API with the admin credential: (status, body).
 async fn admin_post(plane: &Plane, path: &str) -> (u16, String) {
     let credential = std::fs::read_to_string(&plane.cp.admin_token_path).unwrap();
-    admin_http::request(plane.cp.admin_addr, "POST", path, Some(credential.trim())).await
+    latch_testkit::admin::request(
+        plane.cp.admin_addr,
+        "POST",
+        path,
+        Some(credential.trim()),
+        "",
+    )
+    .await
+    .expect("admin API answers")
 }
 
 #[tokio::test]

@@ -5,8 +5,6 @@
 //! injected pods get the trust bundle ConfigMap by server-side apply, again after it is deleted.
 //! Kinds that cannot be listed or watched are named on /ready, which fails until all are listed.
 
-#[path = "admin_http/mod.rs"]
-mod admin_http;
 #[path = "fake_kube/mod.rs"]
 mod fake_kube;
 
@@ -567,7 +565,9 @@ async fn the_published_mesh_follows_the_cluster() {
 
 /// GET `path` on the admin server: (status, body).
 async fn admin_get(cp: &ControlPlane, path: &str) -> (u16, String) {
-    admin_http::request(cp.admin_addr, "GET", path, None).await
+    latch_testkit::admin::request(cp.admin_addr, "GET", path, None, "")
+        .await
+        .expect("admin API answers")
 }
 
 /// Polls /ready (up to 20 s: the watchers back off) until `check` holds; returns the last answer.

@@ -15,8 +15,6 @@ use latch_proto::mesh::{self, mesh_config};
 use latch_proto::type_url;
 use latch_proxy::{DiscoveryClient, DiscoveryConfig, LocalConfig, MeshState, Metrics, MtlsMode};
 use prost::Message;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
-use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
@@ -80,29 +78,7 @@ impl AggregatedDiscoveryService for FakeAds {
 
 /// A root CA's PEM and an SVID for SELF_ID it signed.
 fn ca_and_svid() -> (String, Svid) {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::default();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut leaf = CertificateParams::default();
-    leaf.subject_alt_names = vec![SanType::URI(SELF_ID.try_into().unwrap())];
-    leaf.is_ca = IsCa::ExplicitNoCa;
-    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    leaf.extended_key_usages = vec![
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let leaf_cert = leaf
-        .signed_by(&key, &Issuer::from_params(&ca, &ca_key))
-        .unwrap();
-    let svid = Svid::new(
-        vec![CertificateDer::from(leaf_cert.der().to_vec())],
-        PrivatePkcs8KeyDer::from(key.serialize_der()),
-    )
-    .unwrap();
-    (ca_cert.pem(), svid)
+    latch_testkit::certs::ca_and_svid(SELF_ID)
 }
 
 fn resource<M: Message>(url: &str, name: &str, message: &M) -> Resource {

@@ -12,7 +12,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use latch_tests::procs::{ChildGuard, free_port, sibling_binary, wait_for};
+use latch_testkit::Child;
+use latch_testkit::binaries::sibling_binary;
+use latch_testkit::files::replace_file;
+use latch_testkit::net::free_port;
+use latch_testkit::wait_for;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn step(text: &str) {
@@ -110,17 +114,16 @@ fn mesh_yaml(web_mesh: u16, api_mesh: u16, api_port: u16, api_callers: &str) -> 
     )
 }
 
-/// Replaces the config file the way an editor does.
-fn write_config(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+/// Starts our `binary` (next to this one) with `args`, output to `log`; stopped when dropped.
+fn spawn(binary: &str, args: &[&str], log: &Path) -> Result<Child> {
+    let mut command = std::process::Command::new(sibling_binary(binary));
+    command.args(args);
+    Child::spawn(binary, command, log)
 }
 
 /// The admin endpoint's JSON or text, or an error.
 async fn admin_get(addr: &str, path: &str) -> Result<String> {
-    match latch_tests::http_get(addr, path).await? {
+    match latch_testkit::admin::get(addr, path).await? {
         (200, body) => Ok(body),
         (status, body) => bail!("GET {path} on {addr}: {status} {body}"),
     }
@@ -142,10 +145,10 @@ async fn start_proxy(
     name: &str,
     control: &Control,
     extra: &[String],
-) -> Result<(ChildGuard, String)> {
+) -> Result<(Child, String)> {
     let id = format!("spiffe://cluster.local/ns/demo/sa/{name}");
     let dir = root.join(format!("{name}-proxy"));
-    latch_identity::files::ensure_private_dir(&dir)?;
+    latch_testkit::latch_identity::files::ensure_private_dir(&dir)?;
     let token = run(
         "latchctl",
         &[
@@ -160,7 +163,7 @@ async fn start_proxy(
         ],
     )?;
     let token_file = dir.join("join-token");
-    latch_identity::files::write_private(&token_file, token.as_bytes())?;
+    latch_testkit::latch_identity::files::write_private(&token_file, token.as_bytes())?;
     let admin = format!("127.0.0.1:{}", free_port()?);
     let mut args = vec![
         "--control-plane".to_string(),
@@ -179,10 +182,9 @@ async fn start_proxy(
     args.extend(extra.iter().cloned());
     let shown: Vec<&str> = args.iter().map(String::as_str).collect();
     println!("$ latch-proxy {}", shown.join(" "));
-    let guard = ChildGuard::spawn("latch-proxy", &shown, &dir.join("proxy.log"))?;
+    let guard = spawn("latch-proxy", &shown, &dir.join("proxy.log"))?;
     if !wait_for(Duration::from_secs(15), || {
-        futures::executor::block_on(latch_tests::http_get(&admin, "/ready"))
-            .is_ok_and(|(s, _)| s == 200)
+        latch_testkit::admin::is_ready(&admin)
     }) {
         bail!(
             "{name}'s proxy did not become ready:\n{}",
@@ -211,7 +213,7 @@ async fn demo(root: &Path) -> Result<()> {
     let api_port = api_listener.local_addr()?.port();
     let (web_mesh, api_mesh) = (free_port()?, free_port()?);
     let config = root.join("mesh.yaml");
-    write_config(&config, &mesh_yaml(web_mesh, api_mesh, api_port, "web"))?;
+    replace_file(&config, &mesh_yaml(web_mesh, api_mesh, api_port, "web"))?;
 
     step("Start the control plane (a CA is created on first start) with the mesh config");
     println!(
@@ -227,7 +229,7 @@ async fn demo(root: &Path) -> Result<()> {
         config.display()
     );
     let log = root.join("control.log");
-    let _control = ChildGuard::spawn(
+    let _control = spawn(
         "latch-control",
         &[
             "--data-dir",
@@ -315,7 +317,7 @@ async fn demo(root: &Path) -> Result<()> {
         "web (live connection) got: {}",
         String::from_utf8_lossy(&reply[..n])
     );
-    write_config(&config, &mesh_yaml(web_mesh, api_mesh, api_port, "admin"))?;
+    replace_file(&config, &mesh_yaml(web_mesh, api_mesh, api_port, "admin"))?;
     let edited = std::time::Instant::now();
     println!(
         "$ edit {}: principals [.../sa/web] -> [.../sa/admin]",
@@ -343,7 +345,7 @@ async fn demo(root: &Path) -> Result<()> {
     {
         println!("  api's proxy: {line}");
     }
-    write_config(&config, &mesh_yaml(web_mesh, api_mesh, api_port, "web"))?;
+    replace_file(&config, &mesh_yaml(web_mesh, api_mesh, api_port, "web"))?;
     println!(
         "$ edit {}: principals back to [.../sa/web]",
         config.display()

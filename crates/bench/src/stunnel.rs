@@ -10,8 +10,9 @@ use std::time::Duration;
 use anyhow::Result;
 
 use super::latch::SvidFiles;
-use super::proc::{Proc, wait_port};
 use super::tunnel::{Alt, App, Tunnel};
+use latch_testkit::Child as Proc;
+use latch_testkit::net::wait_port;
 
 pub const ENTRY_BASE: u16 = 12000;
 const TLS_BASE: u16 = 22000;
@@ -38,7 +39,7 @@ fn side(dir: &Path, name: &str, svid: &SvidFiles, suite: &str, client: bool) -> 
     std::fs::write(&config_path, config(svid, suite, client))?;
     let mut command = Command::new("stunnel");
     command.arg(&config_path);
-    let mut proc = Proc::spawn(name, command, &log)?;
+    let mut proc = crate::spawn(name, command, &log)?;
     std::thread::sleep(Duration::from_millis(200));
     proc.check_running()?;
     Ok(proc)

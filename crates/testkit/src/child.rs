@@ -1,23 +1,26 @@
-//! Processes the mesh bench starts (servers, sidecars, tools): each one is owned by a `Proc`
-//! that stops it by PID when dropped (SIGTERM, then SIGKILL after a grace period), and reads its
-//! CPU time and resident memory from /proc.
+//! The one owner of child processes for tests, the bench and the demo: a `Child` is started
+//! with its stdout and stderr in a log file and stopped when dropped, by its own PID only
+//! (SIGKILL, or SIGTERM then SIGKILL after a grace period); it reads its log, exit status,
+//! CPU time, memory and open files from /proc. Used by `processes`, `netns`, latch-bench.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-/// A running child process, stopped when dropped.
-pub struct Proc {
-    child: Child,
-    pub name: String,
+/// A process this program started, stopped when dropped.
+pub struct Child {
+    child: std::process::Child,
+    name: String,
     /// Where its stdout and stderr go.
-    pub log: PathBuf,
+    log: PathBuf,
+    /// When set, a drop sends SIGTERM and waits this long before SIGKILL.
+    grace: Option<Duration>,
 }
 
-impl Proc {
-    /// Starts `command` with stdout and stderr appended to `log`.
+impl Child {
+    /// Starts `command` with stdin closed and stdout and stderr written to `log`.
     pub fn spawn(name: &str, mut command: Command, log: &Path) -> Result<Self> {
         let out =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
@@ -32,11 +35,44 @@ impl Proc {
             child,
             name: name.to_string(),
             log: log.to_path_buf(),
+            grace: None,
         })
+    }
+
+    /// Stops it politely when dropped: SIGTERM, then SIGKILL after `grace` (e.g. so that
+    /// nginx's master takes its workers with it).
+    pub fn with_grace(mut self, grace: Duration) -> Self {
+        self.grace = Some(grace);
+        self
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The name it was started under.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The file its output goes to.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// What it wrote so far (stdout and stderr).
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
+    /// Its log under a `--- name ---` header, for assertion messages.
+    pub fn logs(&self) -> String {
+        format!("--- {} ---\n{}\n", self.name, self.log())
+    }
+
+    /// Its exit status if it has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// Fails, with the tail of its log, if the process has already exited.
@@ -50,6 +86,54 @@ impl Proc {
             );
         }
         Ok(())
+    }
+
+    /// Panics, with its log, if the process has already exited.
+    pub fn assert_running(&mut self) {
+        if let Err(e) = self.check_running() {
+            panic!("{e:#}");
+        }
+    }
+
+    /// Waits for `check`, panicking with the process's log if it is not true within `timeout`.
+    pub fn wait_until(&self, timeout: Duration, what: &str, check: impl FnMut() -> bool) {
+        assert!(
+            crate::wait_for(timeout, check),
+            "timed out after {timeout:?} waiting until {what}\n{}",
+            self.logs()
+        );
+    }
+
+    /// kill -9, then reap it; asserts that SIGKILL is what ended it.
+    pub fn kill9(&mut self) {
+        use std::os::unix::process::ExitStatusExt;
+        self.child.kill().expect("SIGKILL");
+        let status = self.child.wait().expect("wait");
+        assert_eq!(status.signal(), Some(9), "{} ended by SIGKILL", self.name);
+    }
+
+    /// Sends `signal` (e.g. "INT") with `kill -<signal> <pid>`, to this process only.
+    pub fn signal(&self, signal: &str) -> bool {
+        Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself; its status, or `None` if it
+    /// is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// User+system CPU time used so far (utime + stime from /proc/<pid>/stat, all threads).
@@ -110,22 +194,16 @@ impl Proc {
     }
 }
 
-impl Drop for Proc {
+impl Drop for Child {
     fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(Some(_))) {
+        if self.try_wait().is_some() {
             return;
         }
-        // A polite stop first, so that e.g. nginx's master takes its workers with it.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let stopped_politely = self
+            .grace
+            .is_some_and(|grace| self.signal("TERM") && self.wait_exit(grace).is_some());
+        if stopped_politely {
+            return;
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -137,21 +215,6 @@ pub fn log_tail(log: &Path) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(15)..].join("\n")
-}
-
-/// Waits until something accepts TCP connections on 127.0.0.1:`port`.
-pub fn wait_port(port: u16, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("nothing listens on 127.0.0.1:{port} after {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Runs a command to completion and returns its stdout; fails with stderr if it fails.

@@ -1,20 +1,22 @@
 //! Test networks made of Linux network namespaces: a "router" namespace holding a bridge, and
 //! one namespace per pod joined to it by a veth pair. Nothing touches the host's interfaces;
 //! dropping the `TestNet` deletes every namespace it made. Pods run real tools (nginx, curl,
-//! tcpdump, our binaries) through `ip netns exec`. Used by tests/tests/netns.rs; needs root.
+//! tcpdump, our binaries) through `ip netns exec`. Also latch-control in the router namespace
+//! (`PodControlPlane`). Used by tests/tests/netns.rs and faults_kill.rs; needs root.
 
 use std::cell::RefCell;
 use std::ffi::OsStr;
-use std::fs::File;
 use std::marker::PhantomData;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use crate::procs::{ChildGuard, wait_for};
+use crate::Child;
+use crate::binaries::workspace_binary;
+use crate::files::{replace_file, utf8, write_token};
 
 /// Tools every namespace test needs, besides root.
 const TOOLS: &[&str] = &["ip", "iptables", "nginx", "curl", "tcpdump"];
@@ -40,7 +42,7 @@ pub fn require_netns() -> bool {
 
 /// `require_netns`, plus `extra_tools` that one test needs (e.g. `tshark`).
 pub fn require_netns_with(extra_tools: &[&str]) -> bool {
-    let mut missing: Vec<&str> = if crate::procs::is_root() {
+    let mut missing: Vec<&str> = if crate::is_root() {
         vec![]
     } else {
         vec!["root"]
@@ -277,18 +279,10 @@ impl<'n> Pod<'n> {
         log: &Path,
     ) -> PodProcess<'n> {
         let name = format!("{} in {}", cmd.as_ref().to_string_lossy(), self.name);
-        let file = File::create(log).unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
-        let stdout = file.try_clone().expect("dup log file");
-        let child = self
-            .command(cmd, args, uid)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let child = Child::spawn(&name, self.command(cmd, args, uid), log)
+            .unwrap_or_else(|e| panic!("{e:#}"));
         PodProcess {
-            guard: ChildGuard { child, name },
-            log: log.to_path_buf(),
+            child,
             _net: PhantomData,
         }
     }
@@ -404,50 +398,42 @@ impl<'n> Pod<'n> {
     }
 }
 
-/// A process started in a pod: killed (SIGKILL, by its `Child`) when dropped. It borrows the
+/// A process started in a pod: killed (SIGKILL, by its PID) when dropped. It borrows the
 /// `TestNet`, so it always ends before the namespaces are deleted.
 pub struct PodProcess<'n> {
-    guard: ChildGuard,
-    log: PathBuf,
+    child: Child,
     _net: PhantomData<&'n TestNet>,
 }
 
 impl PodProcess<'_> {
     pub fn pid(&self) -> u32 {
-        self.guard.pid()
+        self.child.pid()
     }
 
     /// "<command> in <pod>".
     pub fn name(&self) -> &str {
-        &self.guard.name
+        self.child.name()
     }
 
     /// What the process wrote so far (stdout and stderr).
     pub fn log(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+        self.child.log()
     }
 
     /// Waits for `ready`, panicking with the process's log if it is not within `timeout`.
     pub fn wait_until(&self, timeout: Duration, what: &str, ready: impl FnMut() -> bool) {
-        if !wait_for(timeout, ready) {
-            panic!(
-                "timed out after {timeout:?} waiting until {what}; log of {}:\n{}",
-                self.guard.name,
-                self.log()
-            );
-        }
+        self.child.wait_until(timeout, what, ready);
     }
 
     /// Sends SIGINT (with `kill -INT <pid>`) and waits up to `timeout` for the process to exit.
     pub fn interrupt(&mut self, timeout: Duration) -> bool {
-        let status = Command::new("kill")
-            .args(["-INT", &self.pid().to_string()])
-            .status();
-        status.is_ok_and(|s| s.success())
-            && wait_for(timeout, || {
-                self.guard.child.try_wait().is_ok_and(|s| s.is_some())
-            })
+        self.child.signal("INT") && self.child.wait_exit(timeout).is_some()
     }
+}
+
+/// The logs of `processes`, for assertion messages.
+pub fn logs(processes: &[&PodProcess]) -> String {
+    processes.iter().map(|p| p.child.logs()).collect()
 }
 
 /// A running tcpdump on one bridge port.
@@ -523,5 +509,177 @@ impl Pcap {
             String::from_utf8_lossy(&output.stderr).trim()
         );
         String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+}
+
+/// The uid latch-proxy runs as in a pod; `latch-proxy iptables install` never captures its
+/// traffic.
+pub use latch_mesh::ports::PROXY_UID;
+/// A pod's latch-proxy admin endpoint, on the pod's loopback.
+pub const PROXY_ADMIN: &str = "127.0.0.1:15020";
+/// latch-control's admin API, on the router namespace's loopback (latchctl runs there too).
+pub const CONTROL_ADMIN: &str = "127.0.0.1:15014";
+
+/// latch-control in the router namespace: pods reach it at 10.X.0.1:15010.
+pub struct PodControlPlane<'n> {
+    net: &'n TestNet,
+    router: Pod<'n>,
+    pub data_dir: PathBuf,
+    config: PathBuf,
+    /// Its gRPC address, as pods reach it.
+    pub listen: String,
+    pub process: PodProcess<'n>,
+}
+
+impl<'n> PodControlPlane<'n> {
+    /// latch-control with an empty mesh config file.
+    pub fn start(net: &'n TestNet) -> Self {
+        Self::start_with(net, "{}\n")
+    }
+
+    /// latch-control with `config` as its (watched) config file.
+    pub fn start_with(net: &'n TestNet, config: &str) -> Self {
+        let router = net.router();
+        let data_dir = net.dir().join("control");
+        let config_path = net.dir().join("mesh.yaml");
+        std::fs::write(&config_path, config).expect("write config");
+        let listen = format!("{}:15010", router.ip);
+        let process = router.spawn(
+            workspace_binary("latch-control"),
+            &[
+                "--data-dir",
+                utf8(&data_dir),
+                "--listen",
+                &listen,
+                "--admin",
+                CONTROL_ADMIN,
+                "--config",
+                utf8(&config_path),
+            ],
+            None,
+            &net.dir().join("control.log"),
+        );
+        process.wait_until(Duration::from_secs(20), "latch-control started", || {
+            process.log().contains("control plane started")
+        });
+        Self {
+            net,
+            router,
+            data_dir,
+            config: config_path,
+            listen,
+            process,
+        }
+    }
+
+    /// Replaces the config file the way an editor does (write aside, rename over).
+    pub fn write_config(&self, config: &str) {
+        replace_file(&self.config, config).expect("replace config");
+    }
+
+    /// A new join token for `id` from `latchctl token create`, reusable when asked.
+    pub fn join_token(&self, id: &str, reusable: bool) -> String {
+        let mut args = vec![
+            "token",
+            "create",
+            "--spiffe-id",
+            id,
+            "--admin",
+            CONTROL_ADMIN,
+        ];
+        args.extend(["--data-dir", utf8(&self.data_dir)]);
+        if reusable {
+            args.push("--reusable");
+        }
+        self.router.run(workspace_binary("latchctl"), &args)
+    }
+
+    /// Meshes `pod`: a transparent proxy that knows `peer`, then the iptables capture.
+    pub fn mesh(&self, pod: &Pod<'n>, peer: &Pod) -> PodProcess<'n> {
+        let proxy = self.start_proxy(pod, Some(peer), &[]);
+        self.capture(pod);
+        proxy
+    }
+
+    /// Meshes `pod` with a proxy that learns its peers from discovery only.
+    pub fn mesh_discovered(&self, pod: &Pod<'n>) -> PodProcess<'n> {
+        let proxy = self.start_proxy(pod, None, &[]);
+        self.capture(pod);
+        proxy
+    }
+
+    /// `latch-proxy iptables install` in `pod`: its traffic goes through its proxy.
+    pub fn capture(&self, pod: &Pod<'n>) {
+        let capture = ["iptables", "install", "--proxy-uid", &PROXY_UID.to_string()];
+        pod.run(workspace_binary("latch-proxy"), &capture);
+    }
+
+    /// The folder of `pod`'s proxy, owned by uid 1337, with the bundle and a join token for
+    /// `pod`'s SPIFFE ID (reusable when asked, so that a restarted proxy can join again).
+    pub fn proxy_dir(&self, pod: &Pod<'n>, reusable: bool) -> PathBuf {
+        let dir = self.net.dir().join(format!("proxy-{}", pod.name));
+        let bundle = dir.join("bundle.pem");
+        let token = dir.join("join-token");
+        let token_value = self.join_token(&crate::spiffe_id(&pod.name), reusable);
+        latch_identity::files::ensure_private_dir(&dir).expect("proxy dir");
+        std::fs::copy(self.data_dir.join("bundle.pem"), &bundle).expect("copy bundle");
+        write_token(&token, &token_value);
+        for path in [&dir, &bundle, &token] {
+            std::os::unix::fs::chown(path, Some(PROXY_UID), Some(PROXY_UID)).expect("chown");
+        }
+        dir
+    }
+
+    /// Starts a transparent latch-proxy in `pod` as uid 1337 with a fresh join token for
+    /// `pod`'s SPIFFE ID, workload name demo/<pod>, `peer` (if any) as a flag-configured meshed
+    /// peer and `extra` flags, and waits until it is ready (SVID held, discovery synced).
+    pub fn start_proxy(&self, pod: &Pod<'n>, peer: Option<&Pod>, extra: &[&str]) -> PodProcess<'n> {
+        let dir = self.proxy_dir(pod, false);
+        self.run_proxy(pod, &dir, peer, extra, "proxy.log")
+    }
+
+    /// Starts latch-proxy in `pod` from `dir` (made by `proxy_dir`), logging to `dir/<log>`,
+    /// and waits until it is ready.
+    pub fn run_proxy(
+        &self,
+        pod: &Pod<'n>,
+        dir: &Path,
+        peer: Option<&Pod>,
+        extra: &[&str],
+        log: &str,
+    ) -> PodProcess<'n> {
+        let (bundle, token) = (dir.join("bundle.pem"), dir.join("join-token"));
+        let workload = format!("demo/{}", pod.name);
+        let peer = peer.map(|peer| format!("{}={}", peer.ip, crate::spiffe_id(&peer.name)));
+        let mut args = vec![
+            "--control-plane",
+            &self.listen,
+            "--ca-bundle",
+            utf8(&bundle),
+            "--join-token-file",
+            utf8(&token),
+            "--trust-domain",
+            crate::TRUST_DOMAIN,
+            "--admin",
+            PROXY_ADMIN,
+            "--transparent",
+            "--workload-name",
+            &workload,
+        ];
+        if let Some(peer) = &peer {
+            args.extend(["--peer", peer.as_str()]);
+        }
+        args.extend_from_slice(extra);
+        let proxy = pod.spawn(
+            workspace_binary("latch-proxy"),
+            &args,
+            Some(PROXY_UID),
+            &dir.join(log),
+        );
+        let ready = format!("http://{PROXY_ADMIN}/ready");
+        proxy.wait_until(Duration::from_secs(20), "latch-proxy is ready", || {
+            pod.curl(&ready).is_ok()
+        });
+        proxy
     }
 }

@@ -10,8 +10,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use super::latch::SvidFiles;
-use super::proc::{Proc, wait_port};
 use super::tunnel::{Alt, App, Tunnel};
+use latch_testkit::Child as Proc;
+use latch_testkit::net::wait_port;
 
 pub const ENTRY_BASE: u16 = 13000;
 const TLS_BASE: u16 = 23000;
@@ -74,7 +75,7 @@ fn side(
     )?;
     let mut command = Command::new("haproxy");
     command.arg("-db").arg("-f").arg(&config_path);
-    let mut proc = Proc::spawn(name, command, &log)?;
+    let mut proc = crate::spawn(name, command, &log)?;
     std::thread::sleep(Duration::from_millis(200));
     proc.check_running()?;
     Ok(proc)

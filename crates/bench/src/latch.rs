@@ -10,9 +10,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use latch_mesh::ports;
 
-use super::proc::{Proc, log_tail, run_output, wait_port};
 use super::tunnel::{Alt, App, Tunnel};
-use crate::procs::sibling_binary;
+use latch_testkit::Child as Proc;
+use latch_testkit::binaries::sibling_binary;
+use latch_testkit::child::{log_tail, run_output};
+use latch_testkit::net::wait_port;
 
 pub const ENTRY_BASE: u16 = 11000;
 const CONTROL_GRPC: &str = "127.0.0.1:15010";
@@ -48,7 +50,7 @@ impl ControlPlane {
             "--admin",
             CONTROL_ADMIN,
         ]);
-        let mut proc = Proc::spawn("latch-control", command, &log)
+        let mut proc = crate::spawn("latch-control", command, &log)
             .context("starting latch-control (cargo build --release --bins)")?;
         wait_port(ports::CONTROL_GRPC, Duration::from_secs(15))?;
         wait_port(ports::CONTROL_ADMIN, Duration::from_secs(15))?;
@@ -182,14 +184,14 @@ fn proxy(
     for rule in outbound {
         command.args(["--outbound", rule]);
     }
-    let mut proc = Proc::spawn(name, command, &log)?;
+    let mut proc = crate::spawn(name, command, &log)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while !is_ready(admin) {
         proc.check_running()?;
         if Instant::now() > deadline {
             bail!(
                 "{name} not ready after 20 s; its log:\n{}",
-                log_tail(&proc.log)
+                log_tail(proc.log_path())
             );
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -27,11 +27,12 @@ use latch_proto::type_url;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::proc::{Proc, log_tail, wait_port};
 use super::report::{DocSection, first_line, update_doc};
-use crate::procs::{free_port, sibling_binary};
-
-pub const USAGE: &str = "latch-bench discovery [--proxies 1000,5000] [--changes 5] [--no-docs]";
+use latch_testkit::Child as Proc;
+use latch_testkit::binaries::sibling_binary;
+use latch_testkit::child::log_tail;
+use latch_testkit::net::free_port;
+use latch_testkit::net::wait_port;
 
 const SECTION: DocSection = DocSection {
     heading: "## Discovery: config change to every proxy (`cargo xtask bench discovery`)",
@@ -42,43 +43,29 @@ const SECTION: DocSection = DocSection {
 /// Workloads per service in the generated model.
 const GROUP: usize = 10;
 
-#[derive(Debug)]
+/// `latch-bench discovery`.
+#[derive(Debug, clap::Args)]
 pub struct Options {
+    /// Simulated proxy counts, one row each (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
     proxies: Vec<usize>,
-    changes: usize,
+    /// Config changes measured per row.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    changes: u64,
+    /// Print the report without updating docs/benchmarks.md.
+    #[arg(long = "no-docs", action = clap::ArgAction::SetFalse)]
     write_docs: bool,
+    /// The arguments as given, to print in the doc.
+    #[arg(skip)]
     args: Vec<String>,
 }
 
-pub fn parse_options(args: &[String]) -> Result<Options> {
-    let mut options = Options {
-        proxies: vec![1000, 5000],
-        changes: 5,
-        write_docs: true,
-        args: args.to_vec(),
-    };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        match arg.as_str() {
-            "--no-docs" => options.write_docs = false,
-            "--proxies" | "--changes" => {
-                let value = it.next().with_context(|| format!("{arg} needs a value"))?;
-                if arg == "--proxies" {
-                    options.proxies = value
-                        .split(',')
-                        .map(|n| n.parse().with_context(|| format!("--proxies {value:?}")))
-                        .collect::<Result<_>>()?;
-                } else {
-                    options.changes = value.parse().context("--changes")?;
-                }
-            }
-            other => bail!("unknown option {other}\nusage: {USAGE}"),
-        }
+impl Options {
+    /// Keeps `raw`, the arguments as given.
+    pub fn with_args(mut self, raw: &[String]) -> Self {
+        self.args = raw.to_vec();
+        self
     }
-    if options.changes == 0 {
-        bail!("--changes must be at least 1");
-    }
-    Ok(options)
 }
 
 /// What one simulated proxy saw, updated by its stream task.
@@ -114,12 +101,12 @@ pub async fn run(options: Options) -> Result<()> {
     let mut rows = Vec::new();
     for &proxies in &options.proxies {
         eprintln!("discovery bench: {proxies} proxies");
-        rows.push(run_one(proxies, options.changes).await?);
+        rows.push(run_one(proxies, options.changes as usize).await?);
     }
     let report = markdown(&rows, &options);
     println!("{report}");
     if options.write_docs {
-        let doc = crate::procs::workspace_root().join("docs/benchmarks.md");
+        let doc = latch_testkit::binaries::workspace_root().join("docs/benchmarks.md");
         update_doc(&doc, &SECTION, &report)?;
         eprintln!("updated {}", doc.display());
     }
@@ -222,7 +209,7 @@ fn start_control(dir: &Path, config: &Path) -> Result<Control> {
         .args(["--admin", &format!("127.0.0.1:{admin_port}")])
         .args(["--max-connections", "20000"]);
     let log = dir.join("latch-control.log");
-    let mut proc = Proc::spawn("latch-control", command, &log)
+    let mut proc = crate::spawn("latch-control", command, &log)
         .context("starting latch-control (cargo build --release --bins)")?;
     wait_port(grpc_port, Duration::from_secs(60))
         .with_context(|| format!("latch-control did not start:\n{}", log_tail(&log)))?;
@@ -525,10 +512,16 @@ mod tests {
 
     #[test]
     fn options() {
-        let o = parse_options(&["--proxies".into(), "10,20".into(), "--no-docs".into()]).unwrap();
+        use clap::Parser;
+        let parse = |args: &[&str]| {
+            crate::Bench::try_parse_from(["latch-bench", "discovery"].iter().chain(args))
+        };
+        let Ok(crate::Bench::Discovery(o)) = parse(&["--proxies", "10,20", "--no-docs"]) else {
+            panic!("discovery options parse");
+        };
         assert_eq!(o.proxies, [10, 20]);
         assert!(!o.write_docs);
-        assert!(parse_options(&["--changes".into(), "0".into()]).is_err());
-        assert!(parse_options(&["--bogus".into()]).is_err());
+        assert!(parse(&["--changes", "0"]).is_err());
+        assert!(parse(&["--bogus"]).is_err());
     }
 }

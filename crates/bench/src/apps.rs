@@ -9,8 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::proc::{Proc, wait_port};
 use super::tunnel::App;
+use latch_testkit::Child as Proc;
+use latch_testkit::net::wait_port;
 
 /// The running servers; stopped when dropped.
 pub struct Apps {
@@ -42,8 +43,8 @@ pub async fn start(dir: &Path) -> Result<Apps> {
             "20000",
         ]);
     let mut procs = vec![
-        Proc::spawn("iperf3 -s", iperf, &dir.join("iperf3.log"))?,
-        Proc::spawn("redis-server", redis, &dir.join("redis.log"))?,
+        crate::spawn("iperf3 -s", iperf, &dir.join("iperf3.log"))?,
+        crate::spawn("redis-server", redis, &dir.join("redis.log"))?,
         nginx(dir)?,
     ];
     let hold = hold_server().await?;
@@ -65,9 +66,9 @@ pub async fn start(dir: &Path) -> Result<Apps> {
 /// Waits until `proc`'s log contains `text`.
 fn wait_for_log(proc: &Proc, text: &str, timeout: Duration) -> Result<()> {
     let deadline = std::time::Instant::now() + timeout;
-    while !std::fs::read_to_string(&proc.log).is_ok_and(|log| log.contains(text)) {
+    while !std::fs::read_to_string(proc.log_path()).is_ok_and(|log| log.contains(text)) {
         if std::time::Instant::now() > deadline {
-            anyhow::bail!("{} did not log {text:?} within {timeout:?}", proc.name);
+            anyhow::bail!("{} did not log {text:?} within {timeout:?}", proc.name());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -94,7 +95,7 @@ fn nginx(dir: &Path) -> Result<Proc> {
     std::fs::write(&config_path, config)?;
     let mut command = Command::new("nginx");
     command.arg("-c").arg(&config_path).arg("-p").arg(&root);
-    Proc::spawn("nginx", command, &dir.join("nginx.log"))
+    crate::spawn("nginx", command, &dir.join("nginx.log"))
 }
 
 /// Accepts on the hold port; greets each connection with one byte and holds it until EOF.

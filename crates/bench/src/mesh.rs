@@ -11,15 +11,12 @@ use anyhow::{Context, Result, bail};
 
 use super::latch::{CLIENT_ID, ControlPlane, SERVER_ID, SvidFiles};
 use super::netns::PrivateNetns;
-use super::proc::run_output;
 use super::report::{Facts, MESH_SECTION, Results, generated_section, update_doc};
 use super::tunnel::{Alt, App, Tunnel};
 use super::workloads::{Settings, Workload};
 use super::{apps, haproxy, stunnel};
-use crate::procs::workspace_root;
-
-pub const USAGE: &str = "latch-bench mesh [--quick] [--reps N] [--seconds S] \
-    [--idle-connections 1000,9000] [--alt-suite TLS_AES_128_GCM_SHA256] [--no-docs]";
+use latch_testkit::binaries::workspace_root;
+use latch_testkit::child::run_output;
 
 /// Tools the bench runs, and the Debian package of each.
 const TOOLS: &[(&str, &str)] = &[
@@ -37,61 +34,47 @@ const TOOLS: &[(&str, &str)] = &[
 /// containers, not raisable without CAP_SYS_RESOURCE) caps the memory rows at 9,000 connections.
 const RAISE_NOFILE: &str = "ulimit -n \"$(ulimit -Hn)\"";
 
-#[derive(Debug)]
+/// `latch-bench mesh`.
+#[derive(Debug, clap::Args)]
 pub struct Options {
+    /// Repetitions of each measurement.
+    #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5)]
     seconds: u64,
+    /// Idle connection counts for the memory rows (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1000,9000")]
     idle_connections: Vec<usize>,
+    /// The TLS 1.3 suite of the alternative rows.
+    #[arg(long, default_value = "TLS_AES_128_GCM_SHA256")]
     alt_suite: String,
+    /// One short run: --reps 1 --seconds 2 --idle-connections 1000 --no-docs.
+    #[arg(long)]
+    quick: bool,
+    /// Print the report without updating docs/benchmarks.md.
+    #[arg(long = "no-docs", action = clap::ArgAction::SetFalse)]
     write_docs: bool,
     /// Set on the inner run: the namespace it runs in.
+    #[arg(long, hide = true)]
     inside: Option<String>,
     /// The arguments as given, to pass on to the inner run and to print in the doc.
+    #[arg(skip)]
     args: Vec<String>,
 }
 
-pub fn parse_options(args: &[String]) -> Result<Options> {
-    let mut options = Options {
-        reps: 3,
-        seconds: 5,
-        idle_connections: vec![1000, 9000],
-        alt_suite: "TLS_AES_128_GCM_SHA256".into(),
-        write_docs: true,
-        inside: None,
-        args: args.iter().filter(|a| *a != "--inside").cloned().collect(),
-    };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--quick" => {
-                options.reps = 1;
-                options.seconds = 2;
-                options.idle_connections = vec![1000];
-                options.write_docs = false;
-            }
-            "--no-docs" => options.write_docs = false,
-            "--reps" => options.reps = value()?.parse().context("--reps")?,
-            "--seconds" => options.seconds = value()?.parse().context("--seconds")?,
-            "--alt-suite" => options.alt_suite = value()?.clone(),
-            "--idle-connections" => {
-                options.idle_connections = value()?
-                    .split(',')
-                    .filter(|n| !n.is_empty())
-                    .map(|n| {
-                        n.parse()
-                            .with_context(|| format!("--idle-connections {n:?}"))
-                    })
-                    .collect::<Result<_>>()?
-            }
-            "--inside" => options.inside = Some(value()?.clone()),
-            other => bail!("unknown option {other}\nusage: {USAGE}"),
+impl Options {
+    /// Applies --quick and keeps `raw` (the arguments as given, without --inside).
+    pub fn with_args(mut self, raw: &[String]) -> Self {
+        if self.quick {
+            self.reps = 1;
+            self.seconds = 2;
+            self.idle_connections = vec![1000];
+            self.write_docs = false;
         }
+        self.args = crate::outer_args(raw, self.inside.as_deref());
+        self
     }
-    if let Some(netns) = &options.inside {
-        options.args.retain(|a| a != netns);
-    }
-    Ok(options)
 }
 
 pub async fn run(options: Options) -> Result<()> {
@@ -103,7 +86,7 @@ pub async fn run(options: Options) -> Result<()> {
 
 /// As root: tools, the namespace, the inner run; the namespace goes away whatever happens.
 async fn run_outside(options: Options) -> Result<()> {
-    if !crate::procs::is_root() {
+    if !latch_testkit::is_root() {
         bail!(
             "the mesh bench needs root: to install its tools and for a private network namespace"
         );

@@ -15,13 +15,12 @@ use tokio::net::TcpStream;
 
 use super::latch::{CLIENT_ADMIN, CLIENT_ID, ControlPlane, SERVER_ADMIN, SERVER_ID};
 use super::netns::PrivateNetns;
-use super::proc::{Proc, run_output, wait_port};
 use super::report::{DocSection, Facts, format_number, update_doc};
 use super::tunnel::{Alt, App, Tunnel};
 use super::{haproxy, latch};
-use crate::procs::workspace_root;
-
-pub const USAGE: &str = "latch-bench load [--idle 10000] [--rate 1000] [--seconds 60] [--no-docs]";
+use latch_testkit::binaries::workspace_root;
+use latch_testkit::child::run_output;
+use latch_testkit::net::wait_port;
 
 pub const LOAD_SECTION: DocSection = DocSection {
     heading: "## Load: idle connections and connection churn (`cargo xtask bench load`)",
@@ -39,46 +38,35 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes each churn connection sends and expects back.
 const ECHO_BYTES: usize = 64;
 
-#[derive(Debug)]
+/// `latch-bench load`.
+#[derive(Debug, clap::Args)]
 pub struct Options {
+    /// Idle connections held open through each pair.
+    #[arg(long, default_value_t = 10_000)]
     idle: usize,
+    /// New connections per second in the churn phase.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     rate: u64,
+    /// Seconds of churn.
+    #[arg(long, default_value_t = 60)]
     seconds: u64,
+    /// Print the report without updating docs/benchmarks.md.
+    #[arg(long = "no-docs", action = clap::ArgAction::SetFalse)]
     write_docs: bool,
     /// Set on the inner run: the namespace it runs in.
+    #[arg(long, hide = true)]
     inside: Option<String>,
     /// The arguments as given, for the inner run and the doc.
+    #[arg(skip)]
     args: Vec<String>,
 }
 
-pub fn parse_options(args: &[String]) -> Result<Options> {
-    let mut options = Options {
-        idle: 10_000,
-        rate: 1000,
-        seconds: 60,
-        write_docs: true,
-        inside: None,
-        args: args.iter().filter(|a| *a != "--inside").cloned().collect(),
-    };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--idle" => options.idle = value()?.parse().context("--idle")?,
-            "--rate" => options.rate = value()?.parse().context("--rate")?,
-            "--seconds" => options.seconds = value()?.parse().context("--seconds")?,
-            "--no-docs" => options.write_docs = false,
-            "--inside" => options.inside = Some(value()?.clone()),
-            other => bail!("unknown option {other}\nusage: {USAGE}"),
-        }
+impl Options {
+    /// Keeps `raw` (the arguments as given, without --inside).
+    pub fn with_args(mut self, raw: &[String]) -> Self {
+        self.args = crate::outer_args(raw, self.inside.as_deref());
+        self
     }
-    if options.rate == 0 {
-        bail!("--rate must be at least 1");
-    }
-    if let Some(netns) = &options.inside {
-        options.args.retain(|a| a != netns);
-    }
-    Ok(options)
 }
 
 pub async fn run(options: Options) -> Result<()> {
@@ -91,7 +79,7 @@ pub async fn run(options: Options) -> Result<()> {
 /// As root: HAProxy if missing, the namespace, the inner run with the soft open-file limit
 /// raised to the hard one; the namespace goes away whatever happens.
 async fn run_outside(options: Options) -> Result<()> {
-    if !crate::procs::is_root() {
+    if !latch_testkit::is_root() {
         bail!("the load bench needs root: to install HAProxy and for a private network namespace");
     }
     if !Path::new("/usr/sbin/haproxy").exists() && !on_path("haproxy") {
@@ -270,7 +258,7 @@ async fn run_inside(options: Options) -> Result<()> {
     let server_svid = control.svid_files(SERVER_ID, &dir.join("svid-server"))?;
     let mut echo = std::process::Command::new(std::env::current_exe()?);
     echo.args(["load-echo", &format!("127.0.0.1:{}", App::Hold.port())]);
-    let mut echo = Proc::spawn("echo server", echo, &dir.join("echo.log"))?;
+    let mut echo = crate::spawn("echo server", echo, &dir.join("echo.log"))?;
     wait_port(App::Hold.port(), Duration::from_secs(10))?;
     echo.check_running()?;
 
@@ -607,7 +595,7 @@ async fn churn(
 async fn latch_counters() -> Result<std::collections::BTreeMap<String, f64>> {
     let mut out = std::collections::BTreeMap::new();
     for (side, admin) in [("client", CLIENT_ADMIN), ("server", SERVER_ADMIN)] {
-        let (status, body) = crate::http_get(admin, "/metrics")
+        let (status, body) = latch_testkit::admin::get(admin, "/metrics")
             .await
             .with_context(|| format!("reading {side}'s /metrics"))?;
         if status != 200 {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use super::proc::run_output;
+use latch_testkit::child::run_output;
 
 /// A network namespace this process created; deleted on drop.
 pub struct PrivateNetns {

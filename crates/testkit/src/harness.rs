@@ -1,7 +1,8 @@
-//! The in-process test harness: starts a control plane on ephemeral ports with a temporary
-//! data dir, and builds certificate-service clients that present whatever a test needs.
+//! latch-control and latch-proxy in-process: `Harness` starts a control plane on ephemeral
+//! ports with a temporary data dir (optionally a watched mesh config), makes join tokens,
+//! SVIDs, proxy configs and certificate-service clients presenting whatever a test needs.
+//! Used by the in-process tests of tests/, crates/control/tests and crates/cli/tests.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,32 +11,8 @@ use latch_identity::client::{CaClient, control_plane_id};
 use latch_identity::{CertStore, ExpectedPeer, SpiffeId, Svid, TrustBundle, TrustDomain};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-pub use latch_identity;
-
-pub mod bench;
-pub mod loopback_mesh;
-pub mod netns;
-pub mod procs;
-
-/// GET `path` from an admin endpoint over HTTP/1.0; returns the status code and body.
-pub async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(addr).await?;
-    tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut response = String::new();
-    tcp.read_to_string(&mut response).await?;
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((status, body))
-}
+use crate::files::replace_file;
+use crate::net::any_loopback;
 
 /// A control plane running in this process.
 pub struct Harness {
@@ -68,10 +45,6 @@ impl Paused {
     }
 }
 
-fn loopback() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 0))
-}
-
 impl Harness {
     /// Starts a control plane for `cluster.local` with default settings.
     pub async fn start() -> Self {
@@ -84,12 +57,12 @@ impl Harness {
     }
 
     async fn start_in(data_dir: tempfile::TempDir, adjust: impl FnOnce(&mut Config)) -> Self {
-        let trust_domain = TrustDomain::new("cluster.local").expect("trust domain");
+        let trust_domain = TrustDomain::new(crate::TRUST_DOMAIN).expect("trust domain");
         let mut config = Config::new(
             trust_domain.clone(),
             data_dir.path().join("data"),
-            loopback(),
-            loopback(),
+            any_loopback(),
+            any_loopback(),
         );
         adjust(&mut config);
         let trust_domain = config.trust_domain.clone();
@@ -128,10 +101,7 @@ impl Harness {
 
     /// Replaces the config file the way an editor does (write aside, rename over it).
     pub fn write_mesh(&self, yaml: &str) {
-        let file = self.data_dir.path().join("mesh.yaml");
-        let tmp = self.data_dir.path().join("mesh.yaml.tmp");
-        std::fs::write(&tmp, yaml).expect("write mesh config");
-        std::fs::rename(&tmp, &file).expect("replace mesh config");
+        replace_file(&self.data_dir.path().join("mesh.yaml"), yaml).expect("replace mesh config");
     }
 
     pub fn bundle(&self) -> TrustBundle {
@@ -254,7 +224,7 @@ impl Harness {
             },
             bundle: self.bundle(),
             workload_api,
-            admin: loopback(),
+            admin: any_loopback(),
             data: latch_proxy::DataPathConfig::none(self.trust_domain.clone()),
             discovery: Some(latch_proxy::DiscoveryConfig::default()),
         }
@@ -277,7 +247,7 @@ impl Harness {
     /// on 127.0.0.1 (tests add explicit outbound listeners or change limits as they need).
     pub fn mesh_proxy_config(&self, id: &SpiffeId, ttl: Option<Duration>) -> latch_proxy::Config {
         let mut config = self.proxy_config(id, ttl, None, false);
-        config.data.inbound = Some(loopback());
+        config.data.inbound = Some(any_loopback());
         config
     }
 

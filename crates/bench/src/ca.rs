@@ -3,10 +3,6 @@
 //! "full" (each request generates a key and CSR and validates the returned chain, as a proxy
 //! does) and "capacity" (CSRs made before the clock starts, every 16th answer validated), which
 //! measures what the CA can serve when its clients run on other machines.
-//! `cargo xtask bench mesh`: Latch against stunnel, HAProxy and no proxy (latch_tests::bench).
-//! `cargo xtask bench discovery`: a config change reaching 1,000+ proxies (latch_tests::bench).
-//! `cargo xtask bench load`: 10,000 idle connections and connection churn through a proxy pair,
-//! Latch and HAProxy (latch_tests::bench::load).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,36 +11,21 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use latch_identity::client::{CaClient, control_plane_id};
 use latch_identity::{CertStore, ExpectedPeer, TrustBundle, TrustDomain};
-use latch_tests::bench::{discovery, load, mesh};
-use latch_tests::procs::{ChildGuard, free_port, wait_for};
+use latch_testkit::binaries::sibling_binary;
+use latch_testkit::net::free_port;
+use latch_testkit::wait_for;
 
 const TOKEN: &str = "latch-bench-reusable-token-0123456789";
 
-struct Options {
+/// `latch-bench ca`: clients and seconds per row.
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Client counts, one row each (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
     clients: Vec<usize>,
+    /// Seconds per row.
+    #[arg(long, default_value_t = 5)]
     seconds: u64,
-}
-
-fn parse_options(args: &[String]) -> Result<Options> {
-    let mut options = Options {
-        clients: vec![1, 4, 16, 64],
-        seconds: 5,
-    };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let value = it.next().with_context(|| format!("{arg} needs a value"))?;
-        match arg.as_str() {
-            "--clients" => {
-                options.clients = value
-                    .split(',')
-                    .map(|n| n.parse().with_context(|| format!("--clients {value:?}")))
-                    .collect::<Result<_>>()?
-            }
-            "--seconds" => options.seconds = value.parse().context("--seconds")?,
-            other => bail!("unknown option {other}"),
-        }
-    }
-    Ok(options)
 }
 
 #[derive(Default)]
@@ -173,7 +154,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index.min(sorted.len() - 1)]
 }
 
-async fn bench_ca(options: Options) -> Result<()> {
+pub async fn run(options: Options) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let data_dir = dir.path().join("data");
     let config = dir.path().join("config.yaml");
@@ -186,21 +167,14 @@ async fn bench_ca(options: Options) -> Result<()> {
     let listen = format!("127.0.0.1:{}", free_port()?);
     let admin = format!("127.0.0.1:{}", free_port()?);
     let log = dir.path().join("control.log");
-    let server = ChildGuard::spawn(
-        "latch-control",
-        &[
-            "--data-dir",
-            data_dir.to_str().context("path")?,
-            "--listen",
-            &listen,
-            "--admin",
-            &admin,
-            "--config",
-            config.to_str().context("path")?,
-        ],
-        &log,
-    )
-    .context("starting latch-control (build it with cargo build --release)")?;
+    let mut command = std::process::Command::new(sibling_binary("latch-control"));
+    command
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(["--listen", &listen, "--admin", &admin, "--config"])
+        .arg(&config);
+    let server = crate::spawn("latch-control", command, &log)
+        .context("starting latch-control (build it with cargo build --release)")?;
     let bundle_path = data_dir.join("bundle.pem");
     let up = wait_for(Duration::from_secs(15), || {
         std::fs::read_to_string(&log).is_ok_and(|l| l.contains("control plane started"))
@@ -261,23 +235,4 @@ async fn bench_ca(options: Options) -> Result<()> {
     }
     drop(server);
     Ok(())
-}
-
-#[tokio::main]
-async fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("ca") => bench_ca(parse_options(&args[1..])?).await,
-        Some("mesh") => mesh::run(mesh::parse_options(&args[1..])?).await,
-        Some("discovery") => discovery::run(discovery::parse_options(&args[1..])?).await,
-        Some("load") => load::run(load::parse_options(&args[1..])?).await,
-        // The load bench's echo server, a process of its own.
-        Some("load-echo") => load::echo_server(args.get(1).context("load-echo ADDR")?).await,
-        _ => bail!(
-            "usage: latch-bench ca [--clients 1,4,16,64] [--seconds 5]\n       {}\n       {}\n       {}",
-            mesh::USAGE,
-            discovery::USAGE,
-            load::USAGE
-        ),
-    }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use super::proc::Proc;
+use latch_testkit::Child as Proc;
 
 /// The servers behind the tunnels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
