@@ -24,6 +24,39 @@ use tokio_util::task::TaskTracker;
 
 use crate::HttpResponse;
 
+/// A listener that could not be bound: the address, the flag that chose it, and why. The OS
+/// error is said once, in the message, and not again as a source.
+#[derive(Debug)]
+pub struct BindError {
+    pub addr: std::net::SocketAddr,
+    pub flag: &'static str,
+    pub error: io::Error,
+}
+
+impl fmt::Display for BindError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cannot listen on {} ({}): {} (is another process using it? pick another address with {})",
+            self.addr, self.flag, self.error, self.flag
+        )
+    }
+}
+
+impl std::error::Error for BindError {}
+
+/// Binds `addr` for the listener chosen by `flag`; returns the listener and the address it got
+/// (port 0 picks one).
+pub async fn bind(
+    addr: std::net::SocketAddr,
+    flag: &'static str,
+) -> Result<(TcpListener, std::net::SocketAddr), BindError> {
+    let bind_err = |error| BindError { addr, flag, error };
+    let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
+    let local = listener.local_addr().map_err(bind_err)?;
+    Ok((listener, local))
+}
+
 /// Pause after a failed accept: the failed connection stays in the listen queue, and without a
 /// pause the loop would retry at full speed until a descriptor frees up.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);

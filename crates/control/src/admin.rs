@@ -119,16 +119,9 @@ impl AdminState {
     }
 
     async fn rotate(&self, step: &str, request: Request<Incoming>) -> HttpResponse {
-        if !self.authorized(&request) {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong admin credential: latchctl reads it from <data-dir>/admin.token \
-                 (set --data-dir or LATCH_DATA_DIR to the control plane's data dir)",
-            );
-        }
-        let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
-            Ok(body) => body.to_bytes(),
-            Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {e}")),
+        let body = match self.authorized_body(request).await {
+            Ok(body) => body,
+            Err(refused) => return refused,
         };
         let result = match step {
             "prepare" => self.ca.prepare_rotation(),
@@ -187,6 +180,28 @@ impl AdminState {
         ))
     }
 
+    /// The body of a management request (at most `MAX_BODY`), or the response refusing it: no
+    /// or a wrong admin credential, or a body too large.
+    async fn authorized_body(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<hyper::body::Bytes, HttpResponse> {
+        if !self.authorized(&request) {
+            return Err(error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong admin credential: latchctl reads it from <data-dir>/admin.token \
+                 (set --data-dir or LATCH_DATA_DIR to the control plane's data dir)",
+            ));
+        }
+        match Limited::new(request.into_body(), MAX_BODY).collect().await {
+            Ok(body) => Ok(body.to_bytes()),
+            Err(e) => Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body: {e}"),
+            )),
+        }
+    }
+
     fn authorized(&self, request: &Request<Incoming>) -> bool {
         let presented = request
             .headers()
@@ -198,16 +213,9 @@ impl AdminState {
     }
 
     async fn create_token(&self, request: Request<Incoming>) -> HttpResponse {
-        if !self.authorized(&request) {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong admin credential: latchctl reads it from <data-dir>/admin.token \
-                 (set --data-dir or LATCH_DATA_DIR to the control plane's data dir)",
-            );
-        }
-        let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
-            Ok(body) => body.to_bytes(),
-            Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, format!("request body: {e}")),
+        let body = match self.authorized_body(request).await {
+            Ok(body) => body,
+            Err(refused) => return refused,
         };
         let req: CreateTokenRequest = match serde_json::from_slice(&body) {
             Ok(r) => r,

@@ -29,7 +29,6 @@ use latch_identity::{ClientAuth, SpiffeClientVerifier, files};
 use latch_proto::ca::certificate_service_server::CertificateServiceServer;
 use latch_proto::discovery::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use thiserror::Error;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -59,14 +58,8 @@ pub enum StartError {
     Tokens(#[from] tokens::TokenError),
     #[error("{0}")]
     Config(String),
-    #[error(
-        "cannot listen on {addr}: {source} (is another control plane running? pick another address with {flag})"
-    )]
-    Bind {
-        addr: SocketAddr,
-        flag: &'static str,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] latch_admin::serve::BindError),
     #[error(
         "data dir file {path}: {error} (check that the data dir is writable and has free space)"
     )]
@@ -177,17 +170,6 @@ fn write_bundle(path: &std::path::Path, pem: &str) -> std::io::Result<()> {
         return Ok(());
     }
     files::write_public(path, pem.as_bytes())
-}
-
-/// Binds `addr`; returns the listener and the address it got (port 0 picks one).
-async fn bind(
-    addr: SocketAddr,
-    flag: &'static str,
-) -> Result<(TcpListener, SocketAddr), StartError> {
-    let bind_err = |source| StartError::Bind { addr, flag, source };
-    let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
-    let local = listener.local_addr().map_err(bind_err)?;
-    Ok((listener, local))
 }
 
 impl ControlPlane {
@@ -355,11 +337,14 @@ impl ControlPlane {
         tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         tls.send_tls13_tickets = 0;
 
-        let (grpc_listener, grpc_addr) = bind(config.listen, "--listen").await?;
-        let (admin_listener, admin_addr) = bind(config.admin, "--admin").await?;
+        let (grpc_listener, grpc_addr) =
+            latch_admin::serve::bind(config.listen, "--listen").await?;
+        let (admin_listener, admin_addr) =
+            latch_admin::serve::bind(config.admin, "--admin").await?;
         let webhook_addr = match &config.webhook {
             Some(webhook) => {
-                let (listener, addr) = bind(webhook.listen, "--webhook").await?;
+                let (listener, addr) =
+                    latch_admin::serve::bind(webhook.listen, "--webhook").await?;
                 webhook::serve(
                     listener,
                     webhook,

@@ -30,7 +30,6 @@ use latch_admin::serve::{Drain, Plain};
 use latch_identity::client::control_plane_id;
 use latch_identity::{CertStore, ExpectedPeer, SpiffeId, TrustBundle, TrustDomain};
 use thiserror::Error;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -49,12 +48,8 @@ pub enum StartError {
     Config(String),
     #[error("cannot read the CA bundle {path}: {reason}")]
     Bundle { path: PathBuf, reason: String },
-    #[error("cannot listen on {addr} for {what}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        what: &'static str,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] latch_admin::serve::BindError),
     #[error(transparent)]
     WorkloadApi(#[from] workload_api::WorkloadApiError),
     #[error("TLS configuration: {0}")]
@@ -222,16 +217,6 @@ pub struct Proxy {
     drain: Drain,
 }
 
-async fn bind(
-    addr: SocketAddr,
-    what: &'static str,
-) -> Result<(TcpListener, SocketAddr), StartError> {
-    let bind_err = |source| StartError::Bind { addr, what, source };
-    let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
-    let local = listener.local_addr().map_err(bind_err)?;
-    Ok((listener, local))
-}
-
 impl Proxy {
     /// Starts the identity agent, the Workload API (if configured), the discovery client (if
     /// on), the admin server and the data path. The first SVID and the first discovery sync
@@ -283,7 +268,8 @@ impl Proxy {
             ))
         });
 
-        let (admin_listener, admin_addr) = bind(config.admin, "admin (--admin)").await?;
+        let (admin_listener, admin_addr) =
+            latch_admin::serve::bind(config.admin, "--admin").await?;
         if let Some(path) = &config.workload_api {
             workload_api::serve(path, store.clone(), &tracker, cancel.clone())?;
             tracing::info!(socket = %path.display(), "serving the SPIFFE Workload API");
@@ -354,17 +340,17 @@ impl Proxy {
         self.drain.close = dp.close_connections.clone();
         let drain = &self.drain;
         if let Some(addr) = data.inbound {
-            let (listener, local) = bind(addr, "inbound mTLS (--inbound)").await?;
+            let (listener, local) = latch_admin::serve::bind(addr, "--inbound").await?;
             let handshake = inbound::MtlsHandshake(dp.clone());
             dp.serve("inbound", listener, drain, handshake, inbound::mtls);
             self.inbound_addr = Some(local);
         }
         if let Some((outbound, plaintext)) = data.transparent {
             let (listener, out_local) =
-                bind(outbound, "outbound capture (--outbound-capture)").await?;
+                latch_admin::serve::bind(outbound, "--outbound-capture").await?;
             dp.serve("outbound", listener, drain, Plain, outbound::transparent);
             let (listener, in_local) =
-                bind(plaintext, "inbound plaintext (--inbound-plaintext)").await?;
+                latch_admin::serve::bind(plaintext, "--inbound-plaintext").await?;
             dp.serve(
                 "inbound_plaintext",
                 listener,
@@ -375,7 +361,7 @@ impl Proxy {
             self.capture_addrs = Some((out_local, in_local));
         }
         for target in data.explicit {
-            let (listener, local) = bind(target.listen, "explicit outbound (--outbound)").await?;
+            let (listener, local) = latch_admin::serve::bind(target.listen, "--outbound").await?;
             dp.serve(
                 "outbound",
                 listener,
