@@ -183,7 +183,7 @@ async fn main() -> std::process::ExitCode {
     match run(Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", latch_identity::error_chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -236,3 +236,50 @@ async fn token_create_needs_the_admin_credential() {
     );
     cp.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bundle_of_another_control_plane_is_said_once_in_our_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = start(&dir.path().join("ours")).await;
+    let theirs = start(&dir.path().join("theirs")).await;
+    let grpc = ours.grpc_addr.to_string();
+    let wrong_bundle = dir.path().join("theirs/bundle.pem");
+    let out = dir.path().join("out");
+    let output = tokio::task::spawn_blocking(move || {
+        latchctl(&[
+            "cert",
+            "request",
+            "--token",
+            "latch-jt-0000000000000000000000000000000000000000000000000000000000000000",
+            "--control-plane",
+            &grpc,
+            "--bundle",
+            wrong_bundle.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    })
+    .await
+    .unwrap();
+    drop(theirs);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("does not chain to the trust bundle"),
+        "says why the control plane was refused:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("is it this control plane's bundle.pem?"),
+        "says what to check:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("OtherError") && !stderr.contains("SpiffeId {"),
+        "no Rust debug structure:\n{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("invalid peer certificate").count(),
+        1,
+        "said once:\n{stderr}"
+    );
+    drop(ours);
+}

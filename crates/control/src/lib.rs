@@ -187,6 +187,15 @@ impl ControlPlane {
             .map(|path| file_source::load(path, &config.trust_domain))
             .transpose()
             .map_err(StartError::Config)?;
+        // Bind before the CA is touched: a port that is taken must not leave a new CA behind.
+        let (grpc_listener, grpc_addr) =
+            latch_admin::serve::bind(config.listen, "--listen").await?;
+        let (admin_listener, admin_addr) =
+            latch_admin::serve::bind(config.admin, "--admin").await?;
+        let webhook_listener = match &config.webhook {
+            Some(webhook) => Some(latch_admin::serve::bind(webhook.listen, "--webhook").await?),
+            None => None,
+        };
         let kube_client = config
             .kubernetes
             .as_ref()
@@ -337,14 +346,8 @@ impl ControlPlane {
         tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         tls.send_tls13_tickets = 0;
 
-        let (grpc_listener, grpc_addr) =
-            latch_admin::serve::bind(config.listen, "--listen").await?;
-        let (admin_listener, admin_addr) =
-            latch_admin::serve::bind(config.admin, "--admin").await?;
-        let webhook_addr = match &config.webhook {
-            Some(webhook) => {
-                let (listener, addr) =
-                    latch_admin::serve::bind(webhook.listen, "--webhook").await?;
+        let webhook_addr = match (&config.webhook, webhook_listener) {
+            (Some(webhook), Some((listener, addr))) => {
                 webhook::serve(
                     listener,
                     webhook,
@@ -384,7 +387,7 @@ impl ControlPlane {
                 }
                 Some(addr)
             }
-            None => None,
+            _ => None,
         };
 
         let incoming = tls_incoming::incoming(

@@ -10,7 +10,7 @@ async fn main() -> std::process::ExitCode {
     match run(Args::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", latch_identity::error_chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }

@@ -40,13 +40,16 @@ struct Running {
 impl Running {
     /// Starts the binary on `data_dir` with both listeners on port 0, plus `extra` flags.
     fn start(data_dir: &Path, extra: &[&str]) -> Self {
+        let mut args = vec!["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        Self::start_with(data_dir, &args)
+    }
+
+    /// Starts the binary on `data_dir` with exactly `args` besides `--data-dir`.
+    fn start_with(data_dir: &Path, args: &[&str]) -> Self {
         let logs = tempfile::tempdir().expect("log dir");
         let mut command = command();
-        command
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .args(extra);
+        command.arg("--data-dir").arg(data_dir).args(args);
         let child = Child::spawn("latch-control", command, &logs.path().join("control.log"))
             .expect("spawn latch-control");
         Self { child, _logs: logs }
@@ -194,6 +197,34 @@ fn corrupt_ca_key_stops_start_up_and_keeps_the_root() {
     assert!(stderr.contains(&key_path.display().to_string()), "{stderr}");
     assert_eq!(read(&root_path), root, "a refused start replaced the root");
     assert_eq!(read(&key_path), b"\x00\xffthis is not a key");
+}
+
+#[test]
+fn a_taken_port_stops_start_up_said_once_and_leaves_no_ca_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let data_dir = dir.path().join("data");
+    let (status, stderr) =
+        Running::start_with(&data_dir, &["--listen", &taken, "--admin", "127.0.0.1:0"]).exit();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {taken} (--listen)")),
+        "the message names the address and the flag:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("pick another address with --listen"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.matches("os error 98").count(),
+        1,
+        "the OS error is said once:\n{stderr}"
+    );
+    assert!(
+        !data_dir.join("ca").exists(),
+        "a start that fails on a taken port must not create a CA"
+    );
 }
 
 #[test]

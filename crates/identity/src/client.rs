@@ -192,20 +192,17 @@ pub async fn connect_channel(
             }
         }))
         .await
-        .map_err(|e| ClientError::Connect {
-            addr: addr.to_string(),
-            reason: error_chain(&e),
+        .map_err(|e| {
+            let mut reason = crate::report::error_chain(&e);
+            if matches!(crate::report::svid_error(&e), Some(SvidError::Chain { .. })) {
+                reason.push_str(
+                    " (the control plane's certificate is not signed by a root of the trust \
+                     bundle given to this process: is it this control plane's bundle.pem?)",
+                );
+            }
+            ClientError::Connect {
+                addr: addr.to_string(),
+                reason,
+            }
         })
-}
-
-/// An error and its sources on one line, for operators.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

@@ -9,6 +9,7 @@ pub mod csr;
 pub mod files;
 pub mod hex;
 pub mod pem;
+pub mod report;
 pub mod spiffe_id;
 pub mod store;
 pub mod svid;
@@ -18,6 +19,7 @@ pub mod tls;
 pub mod verifier;
 
 pub use bundle::TrustBundle;
+pub use report::error_chain;
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
 pub use store::CertStore;
 pub use svid::{PeerRole, Svid, SvidError, SvidInfo, verify_svid};

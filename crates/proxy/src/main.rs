@@ -58,7 +58,7 @@ async fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", latch_identity::error_chain(e.as_ref()));
             std::process::ExitCode::FAILURE
         }
     }
