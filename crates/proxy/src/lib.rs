@@ -14,6 +14,7 @@ pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod shared_uid;
 pub mod state;
 #[cfg(test)]
 mod testing;
@@ -293,10 +294,11 @@ impl Proxy {
             metrics: metrics.clone(),
             mesh: mesh.clone(),
             discovery: discovery.clone(),
+            debug_refusals: Default::default(),
         });
         latch_admin::serve(
             admin_listener,
-            move |request| state.clone().handle(request),
+            move |peer, request| state.clone().handle(peer, request),
             &tracker,
             cancel.clone(),
         );
@@ -360,6 +362,7 @@ impl Proxy {
             self.inbound_addr = Some(local);
         }
         if let Some((outbound, plaintext)) = data.transparent {
+            shared_uid::check(&self.metrics);
             let (listener, out_local) =
                 bind(outbound, "outbound capture (--outbound-capture)").await?;
             dp.serve("outbound", listener, drain, Plain, outbound::transparent);
