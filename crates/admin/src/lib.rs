@@ -8,6 +8,7 @@ pub mod serve;
 pub mod backoff;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -93,23 +94,32 @@ pub fn readiness(state: Result<(), String>) -> HttpResponse {
     }
 }
 
+/// Connections one source address may hold open on an admin listener at a time.
+pub const ADMIN_CONNECTIONS_PER_SOURCE: usize = 16;
+
 /// The admin listener of both binaries: 256 connections (more wait in the kernel's listen
-/// queue), 10 s to send a request's head. It closes at once on shutdown, without a drain.
+/// queue), at most `ADMIN_CONNECTIONS_PER_SOURCE` of them from one address (more are closed at
+/// once), 10 s to send a request's head (the first too: an idle connection is closed then). A
+/// client holding thousands of idle connections therefore keeps 16 places, not the listener:
+/// the kubelet's probes and Prometheus, from other addresses, are still served. It closes at
+/// once on shutdown, without a drain.
 pub fn admin_policy() -> ListenerPolicy {
     ListenerPolicy {
         request_header_timeout: Some(Duration::from_secs(10)),
+        per_source: Some(ADMIN_CONNECTIONS_PER_SOURCE),
         ..ListenerPolicy::new("admin", 256, AtCap::Wait)
     }
 }
 
-/// Serves HTTP/1 on `listener` with `handler` until `cancel` fires.
+/// Serves HTTP/1 on `listener` with `handler` until `cancel` fires. The handler gets the
+/// connection's peer address with each request, for endpoints served to loopback only.
 pub fn serve<H, F>(
     listener: TcpListener,
     handler: H,
     tracker: &TaskTracker,
     cancel: CancellationToken,
 ) where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = HttpResponse> + Send + 'static,
 {
     serve::serve(
@@ -118,6 +128,150 @@ pub fn serve<H, F>(
         &Drain::immediate(tracker, &cancel),
         Arc::new(NoMetrics),
         Plain,
-        move |conn| serve::serve_http1(conn, handler.clone()),
+        move |conn: serve::Accepted<_, SocketAddr>| {
+            let (peer, handler) = (conn.remote, handler.clone());
+            serve::serve_http1(conn, move |request| handler(peer, request))
+        },
     );
+}
+
+/// Whether `peer` is this host's loopback (127.0.0.0/8, ::1, or 127.0.0.0/8 mapped into IPv6 by
+/// a dual-stack listener): the address a process inside the pod's network namespace connects
+/// from, and no other pod can.
+pub fn is_loopback(peer: SocketAddr) -> bool {
+    peer.ip().to_canonical().is_loopback()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::serve::{Accepted, AtCap, serve as serve_loop};
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpSocket, TcpStream};
+
+    const FLOOD: usize = 10_000;
+
+    /// `GET path` on a new connection from 127.0.0.1; the status line.
+    async fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+        let mut tcp = TcpStream::connect(addr).await?;
+        tcp.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut response = String::new();
+        tcp.read_to_string(&mut response).await?;
+        Ok(response.lines().next().unwrap_or_default().to_string())
+    }
+
+    /// An echo round trip on a new connection.
+    async fn echo_once(addr: SocketAddr) -> std::io::Result<()> {
+        let mut tcp = TcpStream::connect(addr).await?;
+        tcp.write_all(b"ping").await?;
+        let mut buf = [0u8; 4];
+        tcp.read_exact(&mut buf).await?;
+        Ok(())
+    }
+
+    /// Opens `FLOOD` connections to `addr` from 127.0.0.2, 100 at a time, and holds them all
+    /// without sending a byte; returns how many connected.
+    async fn flood(addr: SocketAddr) -> (usize, Vec<TcpStream>) {
+        let mut held = Vec::with_capacity(FLOOD);
+        let mut connected = 0;
+        for _ in 0..FLOOD / 100 {
+            let mut batch = tokio::task::JoinSet::new();
+            for _ in 0..100 {
+                batch.spawn(async move {
+                    let socket = TcpSocket::new_v4()?;
+                    socket.bind(([127, 0, 0, 2], 0).into())?;
+                    socket.connect(addr).await
+                });
+            }
+            while let Some(done) = batch.join_next().await {
+                if let Ok(Ok(tcp)) = done {
+                    connected += 1;
+                    held.push(tcp);
+                }
+            }
+        }
+        (connected, held)
+    }
+
+    /// Threat model "no unauthenticated caller can exhaust what others need": one client opens
+    /// and holds 10,000 idle admin connections; /ready from another address and traffic on a
+    /// data listener of the same process keep answering within 2 s throughout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ten_thousand_idle_admin_connections_from_one_client_leave_ready_and_traffic_served() {
+        let limit = crate::serve::open_files_limit().unwrap_or(0);
+        assert!(
+            limit > FLOOD as u64 + 1000,
+            "RLIMIT_NOFILE {limit} is too low for this test: ulimit -n 20000"
+        );
+        let (tracker, cancel) = (TaskTracker::new(), CancellationToken::new());
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        serve(
+            admin,
+            |_peer, request: Request<Incoming>| async move {
+                match request.uri().path() {
+                    "/ready" => readiness(Ok(())),
+                    _ => error(StatusCode::NOT_FOUND, "not found"),
+                }
+            },
+            &tracker,
+            cancel.clone(),
+        );
+        let data = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let data_addr = data.local_addr().unwrap();
+        serve_loop(
+            data,
+            ListenerPolicy::new("data", 1024, AtCap::Refuse),
+            &Drain::immediate(&tracker, &cancel),
+            Arc::new(NoMetrics),
+            Plain,
+            |conn: Accepted<TcpStream, SocketAddr>| async move {
+                let (mut stream, _slot) = (conn.stream, conn.slot);
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            },
+        );
+
+        let within = Duration::from_secs(2);
+        let check = || async move {
+            let started = Instant::now();
+            let ready = tokio::time::timeout(within, get(admin_addr, "/ready")).await;
+            assert!(
+                matches!(&ready, Ok(Ok(line)) if line.contains("200")),
+                "/ready during the flood: {ready:?}"
+            );
+            let echoed = tokio::time::timeout(within, echo_once(data_addr)).await;
+            assert!(
+                matches!(echoed, Ok(Ok(()))),
+                "traffic during the flood: {echoed:?}"
+            );
+            started.elapsed()
+        };
+        let flooding = tokio::spawn(flood(admin_addr));
+        let (mut checks, mut slowest) = (0, Duration::ZERO);
+        let flood_started = Instant::now();
+        while !flooding.is_finished() {
+            slowest = slowest.max(check().await);
+            checks += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (connected, held) = flooding.await.unwrap();
+        let flood_took = flood_started.elapsed();
+        assert_eq!(connected, FLOOD, "every flood connection was opened");
+        // All 10,000 are held now: still served.
+        for _ in 0..5 {
+            slowest = slowest.max(check().await);
+        }
+        eprintln!(
+            "{connected} connections opened in {flood_took:?}; {checks} checks during the flood \
+             and 5 after, the slowest /ready + echo took {slowest:?}"
+        );
+        assert!(checks > 0, "checked while the flood was under way");
+        drop(held);
+        cancel.cancel();
+    }
 }

@@ -4,11 +4,13 @@
 //! deadline, accept-error backoff, drain and the accept metrics; each listener states its
 //! `ListenerPolicy` next to its own code and brings a `Handshake` and a connection handler.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hyper::Request;
@@ -107,6 +109,11 @@ pub struct ListenerPolicy {
     pub name: &'static str,
     pub cap: Cap,
     pub at_cap: AtCap,
+    /// At most this many connections from one source address (IPv4-mapped IPv6 counted as
+    /// IPv4) at a time; more are accepted and closed at once, counted as
+    /// `source_connection_limit`. Keeps one client from taking the whole cap. Only for
+    /// listeners whose `Listen::source` knows addresses (TCP).
+    pub per_source: Option<usize>,
     /// The flag that sets the cap, named in log lines telling the operator what to change.
     pub cap_flag: Option<&'static str>,
     /// Deadline for the handshake step (TLS); the connection and its slot go when it passes.
@@ -124,6 +131,7 @@ impl ListenerPolicy {
             name,
             cap: Cap::new(max_connections),
             at_cap,
+            per_source: None,
             cap_flag: None,
             handshake_timeout: None,
             request_header_timeout: None,
@@ -200,6 +208,10 @@ pub trait Listen: Send + 'static {
     fn accept(&self) -> impl Future<Output = io::Result<(Self::Conn, Self::Addr)>> + Send;
     /// Socket options for an accepted connection.
     fn tune(&self, _conn: &Self::Conn, _policy: &ListenerPolicy) {}
+    /// The address a per-source cap counts a connection under, when there is one.
+    fn source(_remote: &Self::Addr) -> Option<IpAddr> {
+        None
+    }
 }
 
 impl Listen for TcpListener {
@@ -216,6 +228,47 @@ impl Listen for TcpListener {
                 .with_time(keepalive)
                 .with_interval(keepalive / 4);
             let _ = socket2::SockRef::from(conn).set_tcp_keepalive(&probes);
+        }
+    }
+    fn source(remote: &std::net::SocketAddr) -> Option<IpAddr> {
+        Some(remote.ip().to_canonical())
+    }
+}
+
+/// Open connections per source address, for `ListenerPolicy::per_source`.
+#[derive(Debug, Default, Clone)]
+struct SourceCounts(Arc<Mutex<HashMap<IpAddr, usize>>>);
+
+/// A connection's place under its source's cap; dropping it frees the place.
+struct SourceSlot {
+    counts: SourceCounts,
+    source: IpAddr,
+}
+
+impl SourceCounts {
+    /// A place for one more connection from `source`, unless it already has `max`.
+    fn try_take(&self, source: IpAddr, max: usize) -> Option<SourceSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let open = counts.entry(source).or_insert(0);
+        if *open >= max {
+            return None;
+        }
+        *open += 1;
+        Some(SourceSlot {
+            counts: self.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(open) = counts.get_mut(&self.source) {
+            *open -= 1;
+            if *open == 0 {
+                counts.remove(&self.source);
+            }
         }
     }
 }
@@ -318,6 +371,8 @@ pub fn serve<L, H, F, Fut>(
         let open_files = open_files_limit();
         let mut accept_failures = Throttled::default();
         let mut refusals = Throttled::default();
+        let mut source_refusals = Throttled::default();
+        let sources = SourceCounts::default();
         let name = policy.name;
         loop {
             let waited = match policy.at_cap {
@@ -373,10 +428,33 @@ pub fn serve<L, H, F, Fut>(
                     }
                 },
             };
+            let source_slot = match (policy.per_source, L::source(&remote)) {
+                (Some(max), Some(source)) => match sources.try_take(source, max) {
+                    Some(place) => Some(place),
+                    None => {
+                        // Closes it at once and frees its place under the listener's cap.
+                        drop((conn, slot));
+                        metrics.refused(name, "source_connection_limit");
+                        if let Some(count) = source_refusals.note() {
+                            tracing::warn!(
+                                listener = name,
+                                %source,
+                                limit = max,
+                                "connection limit per source address reached ({max}): refused \
+                                 {count} connection(s) since the last report"
+                            );
+                        }
+                        continue;
+                    }
+                },
+                _ => None,
+            };
             listener.tune(&conn, &policy);
             let (policy, handshake, handle) = (policy.clone(), handshake.clone(), handle.clone());
             let close = drain.close.clone();
             drain.connections.spawn(async move {
+                // Held for as long as the connection: its place under the per-source cap.
+                let _source_slot = source_slot;
                 let step = handshake.handshake(conn);
                 let finished = tokio::select! {
                     _ = close.cancelled() => return,
@@ -717,6 +795,92 @@ mod tests {
             matches!(read, Ok(Ok(0)) | Ok(Err(_))),
             "closed at the deadline"
         );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(cap.in_use(), 0, "its slot is free");
+    }
+
+    /// A connection from `source` (a loopback address) to `addr`.
+    async fn connect_from(source: [u8; 4], addr: std::net::SocketAddr) -> io::Result<TcpStream> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind((source, 0).into())?;
+        socket.connect(addr).await
+    }
+
+    #[tokio::test]
+    async fn a_source_over_its_cap_is_closed_at_once_while_others_are_served() {
+        let drain = Drain::default();
+        let metrics = Arc::new(Counted::default());
+        let policy = ListenerPolicy {
+            per_source: Some(2),
+            ..ListenerPolicy::new("test", 8, AtCap::Wait)
+        };
+        let addr = echo(policy, &drain, metrics.clone()).await;
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut tcp = connect_from([127, 0, 0, 2], addr).await.unwrap();
+            tcp.write_all(b"ping").await.unwrap();
+            let mut buf = [0u8; 4];
+            tcp.read_exact(&mut buf).await.unwrap();
+            held.push(tcp);
+        }
+        let mut over = connect_from([127, 0, 0, 2], addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(2), over.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "closed at once: {read:?}"
+        );
+        assert_eq!(
+            *metrics.0.lock().unwrap(),
+            [("test", "source_connection_limit")]
+        );
+        assert!(echoed(addr).await.is_ok(), "another source is served");
+        held.pop();
+        tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                let mut tcp = connect_from([127, 0, 0, 2], addr).await.unwrap();
+                tcp.write_all(b"ping").await.unwrap();
+                let mut buf = [0u8; 4];
+                if tcp.read_exact(&mut buf).await.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the source is served again once one of its connections ends");
+    }
+
+    #[tokio::test]
+    async fn an_idle_http1_connection_is_closed_at_the_request_head_deadline() {
+        let drain = Drain::default();
+        let policy = ListenerPolicy {
+            request_header_timeout: Some(Duration::from_millis(300)),
+            // Refuse, not Wait: a waiting loop holds the next slot while it accepts.
+            ..ListenerPolicy::new("test", 1, AtCap::Refuse)
+        };
+        let cap = policy.cap.clone();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        serve(
+            listener,
+            policy,
+            &drain,
+            Arc::new(NoMetrics),
+            Plain,
+            |conn: Accepted<TcpStream, _>| {
+                serve_http1(conn, |_| async { crate::text(hyper::StatusCode::OK, "ok") })
+            },
+        );
+        let started = Instant::now();
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "closed without a request: {read:?}"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(250));
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(cap.in_use(), 0, "its slot is free");
     }

@@ -282,4 +282,30 @@ async fn a_bundle_of_another_control_plane_is_said_once_in_our_words() {
         "said once:\n{stderr}"
     );
     drop(ours);
+
+#[test]
+fn inject_refuses_an_app_running_as_the_proxy_uid() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.yaml");
+    let output = dir.path().join("out.yaml");
+    std::fs::write(
+        &input,
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: api}\nspec:\n  template:\n    \
+         spec:\n      containers:\n      - {name: api, image: api, securityContext: {runAsUser: 1337}}\n",
+    )
+    .unwrap();
+    let run = latchctl(&[
+        "inject",
+        "-f",
+        input.to_str().unwrap(),
+        "-o",
+        output.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("Deployment/api") && stderr.contains("container \"api\" runs as uid 1337"),
+        "{stderr}"
+    );
+    assert!(!output.exists(), "nothing written");
 }

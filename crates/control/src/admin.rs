@@ -298,7 +298,7 @@ pub fn serve(
 ) {
     latch_admin::serve(
         listener,
-        move |request| state.clone().handle(request),
+        move |_peer, request| state.clone().handle(request),
         tracker,
         cancel,
     );

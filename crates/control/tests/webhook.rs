@@ -207,6 +207,29 @@ async fn a_pod_is_injected_over_https_exactly_like_offline_injection() {
     let message = review["response"]["status"]["message"].as_str().unwrap();
     assert!(message.contains("\"postgres\" is not a port"), "{message}");
     assert_eq!(reviews(&cp, "refused"), 1);
+
+    // An app container running as the proxy's uid would be exempt from capture: denied.
+    let mut shared_uid = demo_pod();
+    shared_uid["spec"]["containers"][0]["securityContext"] = json!({"runAsUser": 1337});
+    let (status, body) = request(
+        &cp,
+        "POST",
+        "/inject",
+        &admission_review("3f0b7c2e-4", shared_uid),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let review: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(review["response"]["uid"], "3f0b7c2e-4");
+    assert_eq!(review["response"]["allowed"], false);
+    assert!(review["response"].get("patch").is_none());
+    let message = review["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("container \"client\" runs as uid 1337")
+            && message.contains("bypass the mesh"),
+        "{message}"
+    );
+    assert_eq!(reviews(&cp, "refused"), 2);
     cp.shutdown().await;
 }
 

@@ -120,6 +120,17 @@ pub enum InjectError {
         ports = PROXY_PORTS.map(|p| p.to_string()).join(", ")
     )]
     PortTaken { container: String, port: u64 },
+    #[error(
+        "{whom} runs as uid {uid} (securityContext.runAsUser), the Latch proxy's uid: the \
+         capture rules let that uid's traffic leave unproxied and in clear, so this app would \
+         bypass the mesh; run it as another uid",
+        uid = PROXY_UID
+    )]
+    ProxyUid {
+        /// `the pod` (pod-level securityContext, inherited by every container and by
+        /// ephemeral debug containers) or `container "app"`.
+        whom: String,
+    },
     #[error(transparent)]
     Patch(#[from] patch::PatchError),
 }
@@ -219,6 +230,42 @@ fn named<'a>(spec: &'a Value, list: &str) -> impl Iterator<Item = &'a Value> {
 
 fn has_name(spec: &Value, list: &str, name: &str) -> bool {
     named(spec, list).any(|item| item.get("name").and_then(Value::as_str) == Some(name))
+}
+
+fn runs_as_proxy_uid(item: &Value) -> bool {
+    item.get("securityContext")
+        .and_then(|context| context.get("runAsUser"))
+        .and_then(Value::as_i64)
+        == Some(i64::from(PROXY_UID))
+}
+
+/// Refuses an app that would run as the proxy's uid: the capture rules exempt that uid, so its
+/// traffic would leave in clear. Checked on the pod-level securityContext (which containers
+/// without their own `runAsUser`, and ephemeral debug containers added later, inherit) and on
+/// each of the app's containers, init containers and ephemeral containers. `runAsGroup` 1337 is
+/// allowed: the rules match the owner uid only (`-m owner --uid-owner`).
+fn check_proxy_uid(spec: &Value) -> Result<(), InjectError> {
+    if runs_as_proxy_uid(spec) {
+        return Err(InjectError::ProxyUid {
+            whom: "the pod".into(),
+        });
+    }
+    for (list, kind) in [
+        ("containers", "container"),
+        ("initContainers", "init container"),
+        ("ephemeralContainers", "ephemeral container"),
+    ] {
+        if let Some(container) = named(spec, list).find(|c| runs_as_proxy_uid(c)) {
+            let name = container
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            return Err(InjectError::ProxyUid {
+                whom: format!("{kind} {name:?}"),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn join_ports(ports: &[u16]) -> String {
@@ -363,7 +410,8 @@ pub fn is_injected(pod: &Value) -> bool {
 /// Injects the proxy into `pod`, a Pod or a pod template (`{metadata, spec}`).
 ///
 /// Skipped (no patch): opted out, already injected, hostNetwork. Refused: a malformed
-/// annotation, a name or port the injection needs already taken, something that is not a pod.
+/// annotation, a name or port the injection needs already taken, an app running as the proxy's
+/// uid, something that is not a pod.
 pub fn inject(pod: &Value, config: &InjectConfig) -> Result<Injection, InjectError> {
     let spec = pod
         .get("spec")
@@ -392,6 +440,7 @@ pub fn inject(pod: &Value, config: &InjectConfig) -> Result<Injection, InjectErr
         });
     }
 
+    check_proxy_uid(spec)?;
     for name in [TOKEN_VOLUME, BUNDLE_VOLUME] {
         if has_name(spec, "volumes", name) {
             return Err(InjectError::NameTaken {

@@ -393,6 +393,78 @@ fn bad_annotations_are_refused_with_the_annotation_and_value() {
 }
 
 #[test]
+fn apps_running_as_the_proxy_uid_are_refused() {
+    let config = InjectConfig::default();
+    let refused = |edit: &dyn Fn(&mut Value)| {
+        let mut pod = pod_with_annotations(json!({}));
+        pod["spec"]["initContainers"] = json!([{"name": "migrate", "image": "m:1"}]);
+        edit(&mut pod);
+        inject(&pod, &config).map(|_| ()).map_err(|e| e.to_string())
+    };
+    for (edit, whom) in [
+        (
+            &(|p: &mut Value| p["spec"]["securityContext"] = json!({"runAsUser": 1337}))
+                as &dyn Fn(&mut Value),
+            "the pod runs as uid 1337",
+        ),
+        (
+            &|p: &mut Value| {
+                p["spec"]["containers"][0]["securityContext"] = json!({"runAsUser": 1337})
+            },
+            "container \"app\" runs as uid 1337",
+        ),
+        (
+            &|p: &mut Value| {
+                p["spec"]["initContainers"][0]["securityContext"] = json!({"runAsUser": 1337})
+            },
+            "init container \"migrate\" runs as uid 1337",
+        ),
+        (
+            // Overridden by every container today, but an ephemeral debug container added
+            // later would inherit it.
+            &|p: &mut Value| {
+                p["spec"]["securityContext"] = json!({"runAsUser": 1337});
+                p["spec"]["containers"][0]["securityContext"] = json!({"runAsUser": 1000});
+            },
+            "the pod runs as uid 1337",
+        ),
+    ] {
+        let err = refused(edit).expect_err(whom);
+        assert!(err.starts_with(whom), "{err}");
+        assert!(err.contains("bypass the mesh"), "{err}");
+    }
+    // Other uids, and group 1337 (the capture rules match the owner uid only), are injected.
+    for edit in [
+        &(|p: &mut Value| p["spec"]["securityContext"] = json!({"runAsUser": 1000}))
+            as &dyn Fn(&mut Value),
+        &|p: &mut Value| {
+            p["spec"]["containers"][0]["securityContext"] =
+                json!({"runAsUser": 1338, "runAsGroup": 1337})
+        },
+    ] {
+        assert_eq!(refused(edit), Ok(()));
+    }
+    // Not meshed, so not refused: an opted-out pod running as 1337.
+    let mut pod = pod_with_annotations(json!({"latch.dev/inject": "false"}));
+    pod["spec"]["securityContext"] = json!({"runAsUser": 1337});
+    assert!(inject(&pod, &config).unwrap().skipped.is_some());
+    // Through a manifest, as `latchctl inject` sees it.
+    let yaml = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: api}\nspec:\n  template:\n    \
+                spec:\n      securityContext: {runAsUser: 1337}\n      containers: [{name: api, image: api}]\n";
+    let err = inject_manifests(yaml, &config).unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            ManifestError::Inject {
+                source: InjectError::ProxyUid { .. },
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
 fn pods_that_would_break_are_refused() {
     let config = InjectConfig::default();
     let mut pod = pod_with_annotations(json!({}));

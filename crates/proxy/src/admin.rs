@@ -1,9 +1,11 @@
 //! The proxy's admin HTTP endpoints: /healthz, /ready (a valid SVID is held and, with
 //! discovery on, the first sync is done), /metrics, /debug/certs (the SVID and bundle as JSON)
-//! and /debug/config (the mesh snapshot the data path uses, as JSON).
+//! and /debug/config (the mesh snapshot the data path uses, as JSON). The port is reachable from
+//! the pod network (the kubelet and Prometheus use the pod IP); /debug/* answers loopback only.
 
-use std::sync::Arc;
-use std::time::SystemTime;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
@@ -21,7 +23,13 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub mesh: Arc<MeshState>,
     pub discovery: Option<Arc<DiscoveryClient>>,
+    /// When a refused /debug request was last logged, and how many since.
+    pub debug_refusals: Mutex<(Option<Instant>, u64)>,
 }
+
+/// What a /debug request from off the pod gets.
+pub const DEBUG_LOOPBACK_ONLY: &str = "debug endpoints are served on loopback only: from inside \
+     the pod (kubectl exec, or kubectl port-forward), use 127.0.0.1";
 
 #[derive(Serialize)]
 struct CertsView {
@@ -87,8 +95,46 @@ impl AdminState {
         }
     }
 
-    pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> HttpResponse {
-        match (request.method(), request.uri().path()) {
+    /// Counts a /debug request from `peer`, off loopback, and logs it at most once a second
+    /// with the number since the last line.
+    fn refuse_debug(&self, peer: SocketAddr, path: &str) -> HttpResponse {
+        self.metrics.admin_debug_refused.inc();
+        let mut last = self
+            .debug_refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        last.1 += 1;
+        let now = Instant::now();
+        if last
+            .0
+            .is_none_or(|at| now.duration_since(at) >= Duration::from_secs(1))
+        {
+            // The path comes from the network: logged escaped and cut short.
+            let path: String = path.chars().take(64).collect();
+            tracing::warn!(
+                %peer,
+                path = ?path,
+                refused = last.1,
+                "admin: refused /debug request(s) from off loopback since the last report"
+            );
+            *last = (Some(now), 0);
+        }
+        error(StatusCode::FORBIDDEN, DEBUG_LOOPBACK_ONLY)
+    }
+
+    /// Routes one admin request from `peer`. /healthz, /ready and /metrics answer anyone who
+    /// reaches the port; /debug/* (every workload, address, identity and policy of the mesh)
+    /// only a process in the pod's network namespace, i.e. a loopback peer.
+    pub async fn handle(
+        self: Arc<Self>,
+        peer: SocketAddr,
+        request: Request<Incoming>,
+    ) -> HttpResponse {
+        let path = request.uri().path();
+        if path.starts_with("/debug") && !latch_admin::is_loopback(peer) {
+            return self.refuse_debug(peer, path);
+        }
+        match (request.method(), path) {
             (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
             (&Method::GET, "/ready") => latch_admin::readiness(self.ready()),
             (&Method::GET, "/metrics") => latch_admin::metrics(self.metrics.registry()),
@@ -135,6 +181,7 @@ mod tests {
             metrics,
             mesh,
             discovery,
+            debug_refusals: Mutex::default(),
         }
     }
 
@@ -146,6 +193,86 @@ mod tests {
             waiting,
             "discovery not in sync yet: waiting for MeshConfig, Workload, Service, AuthorizationPolicy"
         );
+    }
+
+    /// An IPv4 address of this machine other than loopback (`ip -o -4 addr show scope global`).
+    fn non_loopback_address() -> std::net::IpAddr {
+        let output = std::process::Command::new("ip")
+            .args(["-o", "-4", "addr", "show", "scope", "global"])
+            .output()
+            .expect("ip runs");
+        String::from_utf8_lossy(&output.stdout)
+            .split_whitespace()
+            .skip_while(|word| *word != "inet")
+            .nth(1)
+            .and_then(|cidr| cidr.split('/').next()?.parse().ok())
+            .expect("this machine has a non-loopback IPv4 address")
+    }
+
+    #[tokio::test]
+    async fn debug_answers_loopback_only_while_probes_and_metrics_answer_anyone() {
+        let state = Arc::new(admin(false));
+        let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (tracker, cancel) = (
+            tokio_util::task::TaskTracker::new(),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        let serving = state.clone();
+        latch_admin::serve(
+            listener,
+            move |peer, request| serving.clone().handle(peer, request),
+            &tracker,
+            cancel.clone(),
+        );
+        let pod_network = SocketAddr::new(non_loopback_address(), port);
+        let loopback = SocketAddr::from(([127, 0, 0, 1], port));
+        let get = latch_testkit::admin::get;
+
+        for path in ["/debug/config", "/debug/certs"] {
+            let (status, body) = get(pod_network, path).await.unwrap();
+            assert_eq!(status, 403, "{path} from {pod_network}: {body}");
+            assert!(
+                body.contains("debug endpoints are served on loopback only"),
+                "{body}"
+            );
+            assert!(
+                !body.contains("STRICT"),
+                "nothing of the config leaks: {body}"
+            );
+        }
+        assert_eq!(state.metrics.admin_debug_refused.get(), 2);
+        let (status, body) = get(loopback, "/debug/config").await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("STRICT"), "{body}");
+        assert_eq!(get(loopback, "/debug/certs").await.unwrap().0, 200);
+        for path in ["/healthz", "/ready", "/metrics"] {
+            let (status, body) = get(pod_network, path).await.unwrap();
+            assert_eq!(status, 200, "{path} from {pod_network}: {body}");
+        }
+        let (_, metrics) = get(pod_network, "/metrics").await.unwrap();
+        assert!(
+            metrics.contains("latch_proxy_admin_debug_refused_total 2"),
+            "{metrics}"
+        );
+        cancel.cancel();
+    }
+
+    #[test]
+    fn loopback_is_127_slash_8_and_v6_loopback_including_mapped() {
+        for (peer, loopback) in [
+            ("127.0.0.1:1", true),
+            ("127.3.2.1:1", true),
+            ("[::1]:1", true),
+            ("[::ffff:127.0.0.1]:1", true),
+            ("10.0.0.7:1", false),
+            ("0.0.0.0:1", false),
+            ("[::ffff:10.0.0.7]:1", false),
+            ("[fd00::2]:1", false),
+        ] {
+            let peer: SocketAddr = peer.parse().unwrap();
+            assert_eq!(latch_admin::is_loopback(peer), loopback, "{peer}");
+        }
     }
 
     #[test]

@@ -283,6 +283,7 @@ impl DataPath {
             name,
             cap: self.cap.clone(),
             at_cap: AtCap::Refuse,
+            per_source: None,
             cap_flag: Some("--max-connections"),
             handshake_timeout: Some(self.limits.handshake_timeout),
             request_header_timeout: None,

@@ -14,6 +14,7 @@ pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod shared_uid;
 pub mod state;
 #[cfg(test)]
 mod testing;
@@ -279,10 +280,11 @@ impl Proxy {
             metrics: metrics.clone(),
             mesh: mesh.clone(),
             discovery: discovery.clone(),
+            debug_refusals: Default::default(),
         });
         latch_admin::serve(
             admin_listener,
-            move |request| state.clone().handle(request),
+            move |peer, request| state.clone().handle(peer, request),
             &tracker,
             cancel.clone(),
         );
@@ -346,6 +348,7 @@ impl Proxy {
             self.inbound_addr = Some(local);
         }
         if let Some((outbound, plaintext)) = data.transparent {
+            shared_uid::check(&self.metrics);
             let (listener, out_local) =
                 latch_admin::serve::bind(outbound, "--outbound-capture").await?;
             dp.serve("outbound", listener, drain, Plain, outbound::transparent);

@@ -66,6 +66,8 @@ pub struct Metrics {
     pub accept_errors: Family<AcceptLabels, Counter>,
     pub authorization_denials: Family<ConnLabels, Counter>,
     pub connections_closed_by_policy: Counter,
+    pub admin_debug_refused: Counter,
+    pub uid_shared_processes: Gauge,
     pub discovery_connected: Gauge,
     pub discovery_applied: Family<TypeLabel, Counter>,
     pub discovery_rejected: Family<TypeLabel, Counter>,
@@ -165,6 +167,20 @@ impl Metrics {
             "Open inbound connections closed because a policy change no longer allows them",
             connections_closed_by_policy.clone(),
         );
+        let admin_debug_refused = Counter::default();
+        registry.register(
+            "latch_proxy_admin_debug_refused",
+            "Requests for /debug/* on the admin port refused because they did not come from \
+             loopback",
+            admin_debug_refused.clone(),
+        );
+        let uid_shared_processes = Gauge::default();
+        registry.register(
+            "latch_proxy_uid_shared_processes",
+            "Other processes running as the proxy's uid in its network namespace (checked at \
+             start in transparent mode): their traffic is exempt from capture",
+            uid_shared_processes.clone(),
+        );
         let discovery_connected = Gauge::default();
         registry.register(
             "latch_proxy_discovery_connected",
@@ -211,6 +227,8 @@ impl Metrics {
             accept_errors,
             authorization_denials,
             connections_closed_by_policy,
+            admin_debug_refused,
+            uid_shared_processes,
             discovery_connected,
             discovery_applied,
             discovery_rejected,
