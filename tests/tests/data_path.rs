@@ -440,6 +440,36 @@ async fn bad_transport_headers_are_refused_within_the_timeout_without_disturbing
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_proxy_s_own_listeners_are_never_a_target() {
+    let h = Harness::start().await;
+    let app = byte_echo_app();
+    let server_id = h.id("demo", "api");
+    let server = latch_testkit::start_proxy(h.mesh_proxy_config(&server_id, None)).await;
+    let mesh = server.inbound_addr.unwrap();
+    // The app next to the server answers; the server's admin and mesh listeners (random
+    // ports here, so refused as bound listeners, not as well-known ports) do not.
+    let mut config = h.proxy_config(&h.id("demo", "web"), None, None, false);
+    config.data.explicit = [app.port(), server.admin_addr.port(), mesh.port()]
+        .into_iter()
+        .map(|port| outbound(&server_id, mesh, port))
+        .collect();
+    let client = latch_testkit::start_proxy(config).await;
+    let entries = client.explicit_addrs.clone();
+    assert_eq!(roundtrip(entries[0], b"app").await.unwrap(), b"app");
+    for entry in &entries[1..] {
+        let reply = roundtrip(*entry, b"GET /debug/config HTTP/1.0\r\n\r\n").await;
+        assert!(
+            reply.is_err(),
+            "the proxy answered through the tunnel: {reply:?}"
+        );
+    }
+    assert_eq!(refusals(&server, "inbound", "proxy_port"), 2);
+    client.shutdown().await;
+    server.shutdown().await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_allow_list_denies_other_callers_and_counts_them() {
     let h = Harness::start().await;
     let app = byte_echo_app();

@@ -284,7 +284,6 @@ async fn a_malformed_resource_is_nacked_and_routing_keeps_the_last_good_snapshot
             server_ip.parse().unwrap(),
             server_member.mesh_port,
         ));
-        config.data.app_host = server_ip.parse().unwrap();
         config.discovery = None;
         latch_testkit::start_proxy(config).await
     };

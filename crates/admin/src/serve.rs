@@ -600,9 +600,10 @@ pub fn shutdown_on_signal() -> io::Result<CancellationToken> {
 }
 
 /// Throttles a repeated log line: the first occurrence is logged, then at most one a second,
-/// each carrying how many happened since the last one logged.
+/// each carrying how many happened since the last one logged. Also used by the proxy's
+/// refusal logs.
 #[derive(Debug, Default)]
-struct Throttled {
+pub struct Throttled {
     since_log: u64,
     total: u64,
     last_log: Option<Instant>,
@@ -610,7 +611,7 @@ struct Throttled {
 
 impl Throttled {
     /// Notes one occurrence; returns the count to report when it is time to log.
-    fn note(&mut self) -> Option<u64> {
+    pub fn note(&mut self) -> Option<u64> {
         self.since_log += 1;
         self.total += 1;
         let now = Instant::now();

@@ -282,6 +282,7 @@ async fn a_bundle_of_another_control_plane_is_said_once_in_our_words() {
         "said once:\n{stderr}"
     );
     drop(ours);
+}
 
 #[test]
 fn inject_refuses_an_app_running_as_the_proxy_uid() {

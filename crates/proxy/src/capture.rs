@@ -6,7 +6,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 
-use latch_mesh::ports::{INBOUND_CAPTURE, INBOUND_MTLS, OUTBOUND_CAPTURE, PROXY_ADMIN, PROXY_UID};
+use latch_mesh::ports::{INBOUND_CAPTURE, OUTBOUND_CAPTURE, PROXY_PORTS, PROXY_UID};
 use thiserror::Error;
 use tokio::net::TcpStream;
 
@@ -30,7 +30,8 @@ pub struct CaptureRules {
     pub proxy_uid: u32,
     /// Destination ports the app reaches directly, never through the proxy.
     pub exclude_outbound_ports: Vec<u16>,
-    /// Local ports reached directly from outside (besides the proxy's own 15008 and 15020).
+    /// Local ports reached directly from outside (besides the proxy's own 15001, 15006, 15008
+    /// and 15020).
     pub exclude_inbound_ports: Vec<u16>,
 }
 
@@ -83,11 +84,13 @@ impl CaptureRules {
         out.push_str(&format!(
             "-A {OUTPUT_CHAIN} -p tcp --syn -j REDIRECT --to-ports {OUTBOUND_CAPTURE}\n"
         ));
-        // Inbound: everything arriving for the pod, except the proxy's mesh and admin ports.
-        for port in [INBOUND_MTLS, PROXY_ADMIN]
-            .iter()
-            .chain(&self.exclude_inbound_ports)
-        {
+        // Inbound: everything arriving for the pod, except the proxy's own ports. Redirecting a
+        // connection to 15001 or 15006 to the capture listener would make the proxy connect to
+        // its own listener; left alone it reaches the listener directly, which refuses a
+        // destination that is the proxy itself. The outbound chain needs no such rule: the
+        // proxy's own connections (uid) and loopback are never captured, and a captured app
+        // connection to this pod's proxy ports is refused by the proxy.
+        for port in PROXY_PORTS.iter().chain(&self.exclude_inbound_ports) {
             out.push_str(&format!(
                 "-A {INBOUND_CHAIN} -p tcp --dport {port} -j RETURN\n"
             ));
@@ -186,6 +189,8 @@ mod tests {
             "-A LATCH_OUTPUT -d 127.0.0.0/8 -j RETURN",
             "-A LATCH_OUTPUT -p tcp --dport 22 -j RETURN",
             "-A LATCH_OUTPUT -p tcp --syn -j REDIRECT --to-ports 15001",
+            "-A LATCH_INBOUND -p tcp --dport 15001 -j RETURN",
+            "-A LATCH_INBOUND -p tcp --dport 15006 -j RETURN",
             "-A LATCH_INBOUND -p tcp --dport 15008 -j RETURN",
             "-A LATCH_INBOUND -p tcp --dport 15020 -j RETURN",
             "-A LATCH_INBOUND -p tcp --dport 9090 -j RETURN",

@@ -174,9 +174,19 @@ pub struct Args {
     /// policies (both must allow); default: no extra restriction. Repeatable.
     #[arg(long = "allow", env = "LATCH_ALLOW", value_delimiter = ',')]
     pub allow: Vec<SpiffeId>,
-    /// Address of the local app for inbound connections.
-    #[arg(long, env = "LATCH_APP_HOST", default_value = "127.0.0.1")]
-    pub app_host: IpAddr,
+    /// Deliver every inbound connection to this address instead of the workload's own (the
+    /// address the peer connected to). 127.0.0.1 exposes the pod's loopback-only services to
+    /// every allowed peer: prefer --inbound-loopback-port for the ports that need it.
+    #[arg(long, env = "LATCH_APP_HOST")]
+    pub app_host: Option<IpAddr>,
+    /// Deliver inbound connections for this port to loopback (127.0.0.1 or ::1) instead of the
+    /// workload's address, for an app that listens on loopback only; repeatable.
+    #[arg(
+        long = "inbound-loopback-port",
+        env = "LATCH_INBOUND_LOOPBACK_PORTS",
+        value_delimiter = ','
+    )]
+    pub inbound_loopback_ports: Vec<u16>,
     /// Most proxied connections at once; more are refused.
     #[arg(long, env = "LATCH_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
@@ -189,6 +199,10 @@ pub struct Args {
     /// Close connections with no bytes in either direction for this long.
     #[arg(long, env = "LATCH_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
+    /// Once one direction of a proxied connection has ended (EOF), close the pair when the
+    /// other direction moves no byte for this long.
+    #[arg(long, env = "LATCH_HALF_CLOSED_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub half_closed_timeout: Duration,
     /// On SIGTERM, how long open connections may take to finish.
     #[arg(long, env = "LATCH_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -251,6 +265,22 @@ mod tests {
                 "{bad:?} is refused"
             );
         }
+    }
+
+    #[test]
+    fn inbound_delivery_flags() {
+        let args = parse(&[]).unwrap();
+        assert_eq!(args.app_host, None, "the workload's own address by default");
+        assert!(args.inbound_loopback_ports.is_empty());
+        let args = parse(&[
+            "--inbound-loopback-port",
+            "8080",
+            "--inbound-loopback-port",
+            "9090,9091",
+        ])
+        .unwrap();
+        assert_eq!(args.inbound_loopback_ports, vec![8080, 9090, 9091]);
+        assert!(parse(&["--inbound-loopback-port", "0x"]).is_err());
     }
 
     #[test]

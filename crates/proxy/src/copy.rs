@@ -1,6 +1,7 @@
 //! Copies bytes both ways between two connections until both directions finish, passing each
 //! half-close on (EOF on one side shuts down writing on the other). An error in either direction
-//! (a reset) ends both; so do an idle period with no bytes either way and the proxy stopping.
+//! (a reset) ends both; so do an idle period with no bytes either way, a half-closed pair whose
+//! remaining direction stalls, and the proxy stopping.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +29,8 @@ pub struct Transferred {
 pub enum CopyEnd {
     Done(Transferred),
     Idle(Transferred),
+    /// One direction ended with EOF and the other moved nothing for the half-closed allowance.
+    HalfClosedStalled(Transferred),
     Cancelled(Transferred),
     Failed(io::Error, Transferred),
 }
@@ -63,8 +66,17 @@ where
 }
 
 /// Copies between `a` and `b` until both directions have seen EOF, `idle` passes without a
-/// byte, or `cancel` fires.
-pub async fn bidirectional<A, B>(a: A, b: B, idle: Duration, cancel: &CancellationToken) -> CopyEnd
+/// byte, or `cancel` fires. Once one direction has ended with EOF, the other must keep moving:
+/// `half_closed` without a byte moved in it (the side that is left is silent, or its
+/// destination stopped reading) closes the pair, so a connection whose one side is gone is not
+/// held for the whole idle timeout.
+pub async fn bidirectional<A, B>(
+    a: A,
+    b: B,
+    idle: Duration,
+    half_closed: Duration,
+    cancel: &CancellationToken,
+) -> CopyEnd
 where
     A: AsyncRead + AsyncWrite + Send,
     B: AsyncRead + AsyncWrite + Send,
@@ -73,36 +85,51 @@ where
     let (b_read, b_write) = tokio::io::split(b);
     let (forward, backward, last) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let start = Instant::now();
-    // An EOF ends one direction only (half-close); an error ends both.
-    let copy = async {
-        tokio::try_join!(
-            one_way(a_read, b_write, &forward, &last, start),
-            one_way(b_read, a_write, &backward, &last, start)
-        )
-        .map(|_| ())
-    };
-    let idle_watch = async {
-        loop {
-            let quiet_for = start
-                .elapsed()
-                .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
-            if quiet_for >= idle {
-                return;
-            }
-            tokio::time::sleep(idle - quiet_for).await;
-        }
-    };
     let totals = || Transferred {
         forward: forward.load(Ordering::Relaxed),
         backward: backward.load(Ordering::Relaxed),
     };
-    tokio::select! {
-        result = copy => match result {
-            Ok(()) => CopyEnd::Done(totals()),
-            Err(e) => CopyEnd::Failed(e, totals()),
-        },
-        _ = idle_watch => CopyEnd::Idle(totals()),
-        _ = cancel.cancelled() => CopyEnd::Cancelled(totals()),
+    // An EOF ends one direction only (half-close); an error ends both.
+    let to_b = one_way(a_read, b_write, &forward, &last, start);
+    let to_a = one_way(b_read, a_write, &backward, &last, start);
+    tokio::pin!(to_b, to_a);
+    let (mut to_b_done, mut to_a_done) = (false, false);
+    let mark_progress = || last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    loop {
+        let half = to_b_done || to_a_done;
+        let limit = if half { idle.min(half_closed) } else { idle };
+        let quiet_for = start
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+        if quiet_for >= limit {
+            return if half {
+                CopyEnd::HalfClosedStalled(totals())
+            } else {
+                CopyEnd::Idle(totals())
+            };
+        }
+        tokio::select! {
+            result = &mut to_b, if !to_b_done => match result {
+                Ok(()) => {
+                    to_b_done = true;
+                    // The other direction's allowance starts now.
+                    mark_progress();
+                }
+                Err(e) => return CopyEnd::Failed(e, totals()),
+            },
+            result = &mut to_a, if !to_a_done => match result {
+                Ok(()) => {
+                    to_a_done = true;
+                    mark_progress();
+                }
+                Err(e) => return CopyEnd::Failed(e, totals()),
+            },
+            _ = tokio::time::sleep(limit - quiet_for) => {}
+            _ = cancel.cancelled() => return CopyEnd::Cancelled(totals()),
+        }
+        if to_b_done && to_a_done {
+            return CopyEnd::Done(totals());
+        }
     }
 }
 
@@ -116,7 +143,14 @@ mod tests {
         let (proxy_b, server) = tokio::io::duplex(1024);
         let cancel = CancellationToken::new();
         let copier = tokio::spawn(async move {
-            bidirectional(proxy_a, proxy_b, Duration::from_secs(5), &cancel).await
+            bidirectional(
+                proxy_a,
+                proxy_b,
+                Duration::from_secs(5),
+                Duration::from_secs(5),
+                &cancel,
+            )
+            .await
         });
         let (mut client_read, mut client_write) = tokio::io::split(client);
         let (mut server_read, mut server_write) = tokio::io::split(server);
@@ -178,6 +212,7 @@ mod tests {
             proxy_a,
             Broken,
             Duration::from_secs(5),
+            Duration::from_secs(5),
             &CancellationToken::new(),
         )
         .await;
@@ -192,9 +227,68 @@ mod tests {
             proxy_a,
             proxy_b,
             Duration::from_millis(100),
+            Duration::from_millis(50),
             &CancellationToken::new(),
         )
         .await;
         assert!(matches!(end, CopyEnd::Idle(_)), "{end:?}");
+    }
+
+    #[tokio::test]
+    async fn a_half_closed_pair_whose_other_side_stalls_is_closed() {
+        // The client sends and closes; the app never answers nor closes.
+        let (client, proxy_a) = tokio::io::duplex(64);
+        let (proxy_b, _server) = tokio::io::duplex(64);
+        let (_, mut client_write) = tokio::io::split(client);
+        client_write.write_all(b"hi").await.unwrap();
+        client_write.shutdown().await.unwrap();
+        let started = Instant::now();
+        let end = bidirectional(
+            proxy_a,
+            proxy_b,
+            Duration::from_secs(3600),
+            Duration::from_millis(200),
+            &CancellationToken::new(),
+        )
+        .await;
+        assert!(
+            matches!(end, CopyEnd::HalfClosedStalled(t) if t.forward == 2),
+            "{end:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "not held to the idle timeout"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_half_closed_pair_stays_open_while_the_other_direction_moves() {
+        let (client, proxy_a) = tokio::io::duplex(1024);
+        let (proxy_b, server) = tokio::io::duplex(1024);
+        let copier = tokio::spawn(async move {
+            bidirectional(
+                proxy_a,
+                proxy_b,
+                Duration::from_secs(3600),
+                Duration::from_millis(300),
+                &CancellationToken::new(),
+            )
+            .await
+        });
+        let (mut client_read, mut client_write) = tokio::io::split(client);
+        let (_, mut server_write) = tokio::io::split(server);
+        client_write.shutdown().await.unwrap();
+        // The app streams for three times the allowance, a chunk every 100 ms.
+        for _ in 0..9 {
+            server_write.write_all(b"chunk").await.unwrap();
+            let mut got = [0u8; 5];
+            client_read.read_exact(&mut got).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        server_write.shutdown().await.unwrap();
+        match copier.await.unwrap() {
+            CopyEnd::Done(t) => assert_eq!((t.forward, t.backward), (0, 45)),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -2,17 +2,21 @@
 //! authorizer, limits, socket options, its listeners' policy for the shared serve loop (one
 //! connection cap for all of them), the
 //! per-connection bookkeeping (metrics, drain, endpoint load) and the table of open inbound
-//! connections that is re-authorized after every snapshot change. `inbound.rs` and
-//! `outbound.rs` hold the handlers.
+//! connections that is re-authorized after every snapshot change, where inbound connections are
+//! delivered (`Delivery`) and which destinations are the proxy's own (`ProxyPorts`, never a
+//! target). `inbound.rs` and `outbound.rs` hold the handlers.
 
+use std::collections::BTreeSet;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use latch_admin::serve::{AtCap, Cap, Drain, Handshake, ListenerPolicy, Slot, io_failure_reason};
+use latch_admin::serve::{
+    AtCap, Cap, Drain, Handshake, ListenerPolicy, Slot, Throttled, io_failure_reason,
+};
 use latch_identity::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -31,6 +35,8 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     pub header_timeout: Duration,
     pub idle_timeout: Duration,
+    /// Once one direction of a pair ended with EOF, how long the other may move nothing.
+    pub half_closed_timeout: Duration,
     pub max_connections: usize,
     pub keepalive: Duration,
 }
@@ -42,9 +48,83 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(5),
             header_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(3600),
+            half_closed_timeout: Duration::from_secs(5),
             max_connections: 10_000,
             keepalive: Duration::from_secs(60),
         }
+    }
+}
+
+/// Where inbound connections reach the app. By default the workload's own address, the one the
+/// peer meant (the local address of the mTLS connection, or the original destination of a
+/// captured one), so only what the app exposes to the network is reachable through the mesh,
+/// never a service bound to loopback. Loopback (or another host) only when the operator asks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Delivery {
+    /// `--app-host`: every inbound connection goes to this address instead.
+    pub app_host: Option<IpAddr>,
+    /// `--inbound-loopback-port`: these target ports go to loopback (127.0.0.1 or ::1, the
+    /// workload address's family).
+    pub loopback_ports: Vec<u16>,
+}
+
+impl Delivery {
+    /// The app's address for a connection that meant `workload:port`.
+    pub fn app_address(&self, workload: IpAddr, port: u16) -> SocketAddr {
+        let workload = workload.to_canonical();
+        let host = if let Some(host) = self.app_host {
+            host
+        } else if self.loopback_ports.contains(&port) {
+            match workload {
+                IpAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+                IpAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+            }
+        } else {
+            workload
+        };
+        SocketAddr::new(host, port)
+    }
+}
+
+/// The proxy's own ports: the well-known ones (`latch_mesh::ports::PROXY_PORTS`) and every
+/// listener it has bound (admin, inbound, capture, explicit outbound). Never a target on the
+/// proxy's own addresses, whatever a transport header or an original destination says: that
+/// would expose the admin server to peers, or loop the proxy into itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyPorts {
+    ports: BTreeSet<u16>,
+    listeners: Vec<SocketAddr>,
+}
+
+impl ProxyPorts {
+    /// The well-known ports plus `listeners` (bound addresses).
+    pub fn new(listeners: &[SocketAddr]) -> Self {
+        let mut ports: BTreeSet<u16> = latch_mesh::ports::PROXY_PORTS.into_iter().collect();
+        ports.extend(listeners.iter().map(SocketAddr::port));
+        Self {
+            ports,
+            listeners: listeners.to_vec(),
+        }
+    }
+
+    /// True when `port` is one of the proxy's: an inbound connection to it on the workload's
+    /// own address would reach the proxy, not the app.
+    pub fn is_proxy_port(&self, port: u16) -> bool {
+        self.ports.contains(&port)
+    }
+
+    /// True when `destination` is the proxy itself: one of its bound listeners, or one of its
+    /// ports on a loopback address or on `local`, an address of this host (a captured
+    /// connection's source, or the address it was accepted on).
+    pub fn is_own(&self, destination: SocketAddr, local: &[IpAddr]) -> bool {
+        let ip = destination.ip().to_canonical();
+        let on_this_host =
+            ip.is_loopback() || ip.is_unspecified() || local.iter().any(|l| l.to_canonical() == ip);
+        (on_this_host && self.is_proxy_port(destination.port()))
+            || self
+                .listeners
+                .iter()
+                .any(|l| l.port() == destination.port() && l.ip().to_canonical() == ip)
     }
 }
 
@@ -78,7 +158,11 @@ pub struct DataPath {
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
     /// Where inbound connections reach the local app.
-    pub app_host: IpAddr,
+    pub delivery: Delivery,
+    /// Destinations that are the proxy itself; refused.
+    pub proxy_ports: ProxyPorts,
+    /// Throttles the log of refused connections to the proxy's own ports.
+    proxy_port_log: Mutex<Throttled>,
     /// Active connections per service endpoint, for load balancing.
     pub endpoints: Arc<ActiveConnections>,
     /// Open inbound mTLS connections by a local sequence number.
@@ -97,7 +181,8 @@ impl DataPath {
         authorizer: Authorizer,
         metrics: Arc<Metrics>,
         limits: Limits,
-        app_host: IpAddr,
+        delivery: Delivery,
+        proxy_ports: ProxyPorts,
     ) -> Self {
         let data_path = Self {
             tls,
@@ -105,7 +190,9 @@ impl DataPath {
             authorizer,
             metrics,
             limits,
-            app_host,
+            delivery,
+            proxy_ports,
+            proxy_port_log: Mutex::new(Throttled::default()),
             endpoints: Arc::new(ActiveConnections::default()),
             inbound_connections: DashMap::new(),
             next_connection: AtomicU64::new(0),
@@ -206,6 +293,36 @@ impl DataPath {
         }
     }
 
+    /// Refuses a connection whose target is the proxy itself: counted as
+    /// `latch_proxy_tcp_connections_refused_total{direction,reason="proxy_port"}` and logged
+    /// with the peer (at most once a second, with the count since the last line).
+    pub fn refuse_proxy_port(
+        &self,
+        direction: &'static str,
+        remote: SocketAddr,
+        peer: &str,
+        target: SocketAddr,
+    ) {
+        self.metrics.refused(direction, "proxy_port");
+        let count = match self.proxy_port_log.lock() {
+            Ok(mut log) => log.note(),
+            Err(_) => Some(1),
+        };
+        if let Some(count) = count {
+            tracing::warn!(
+                direction,
+                %remote,
+                peer,
+                %target,
+                refused = count,
+                "refused a connection to the proxy's own port {}: the proxy's listeners \
+                 (latch_mesh::ports, --admin, --inbound, capture and --outbound listeners) are \
+                 never a target",
+                target.port()
+            );
+        }
+    }
+
     /// TCP_NODELAY and keepalive on a proxied socket.
     pub fn tune(&self, stream: &TcpStream) {
         let _ = stream.set_nodelay(true);
@@ -250,11 +367,20 @@ impl DataPath {
         let m = &self.metrics;
         m.connections_opened.get_or_create(&labels).inc();
         m.connections_active.get_or_create(&labels).inc();
-        let end = copy::bidirectional(local, remote, self.limits.idle_timeout, close).await;
+        let end = copy::bidirectional(
+            local,
+            remote,
+            self.limits.idle_timeout,
+            self.limits.half_closed_timeout,
+            close,
+        )
+        .await;
         let moved = match &end {
-            CopyEnd::Done(t) | CopyEnd::Idle(t) | CopyEnd::Cancelled(t) | CopyEnd::Failed(_, t) => {
-                *t
-            }
+            CopyEnd::Done(t)
+            | CopyEnd::Idle(t)
+            | CopyEnd::HalfClosedStalled(t)
+            | CopyEnd::Cancelled(t)
+            | CopyEnd::Failed(_, t) => *t,
         };
         m.bytes_sent.get_or_create(&labels).inc_by(moved.forward);
         m.bytes_received
@@ -266,6 +392,11 @@ impl DataPath {
             CopyEnd::Idle(_) => {
                 tracing::debug!(direction, peer = %labels.peer, "closed idle connection")
             }
+            CopyEnd::HalfClosedStalled(_) => tracing::debug!(
+                direction,
+                peer = %labels.peer,
+                "closed a half-closed connection whose other direction stalled"
+            ),
             CopyEnd::Failed(e, _) => {
                 tracing::debug!(direction, peer = %labels.peer, "connection ended: {e}")
             }
@@ -372,7 +503,8 @@ mod tests {
             Authorizer::new(td, vec![]),
             Arc::new(Metrics::new()),
             Limits::default(),
-            std::net::Ipv4Addr::LOCALHOST.into(),
+            Delivery::default(),
+            ProxyPorts::new(&[]),
         )
     }
 
@@ -438,6 +570,89 @@ mod tests {
             .expect("closed after the publish");
         cancel.cancel();
         task.await.unwrap();
+    }
+
+    #[test]
+    fn inbound_goes_to_the_workload_address_unless_asked_otherwise() {
+        let pod: IpAddr = "10.0.0.7".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.0.0.7".parse().unwrap();
+        let v6: IpAddr = "fd00::7".parse().unwrap();
+        let table: [(Delivery, IpAddr, u16, &str); 6] = [
+            (Delivery::default(), pod, 80, "10.0.0.7:80"),
+            (Delivery::default(), mapped, 80, "10.0.0.7:80"),
+            (
+                Delivery::default(),
+                "127.0.0.1".parse().unwrap(),
+                80,
+                "127.0.0.1:80",
+            ),
+            (
+                Delivery {
+                    loopback_ports: vec![8080],
+                    ..Delivery::default()
+                },
+                pod,
+                8080,
+                "127.0.0.1:8080",
+            ),
+            (
+                Delivery {
+                    loopback_ports: vec![8080],
+                    ..Delivery::default()
+                },
+                v6,
+                8080,
+                "[::1]:8080",
+            ),
+            (
+                Delivery {
+                    app_host: Some("10.0.0.9".parse().unwrap()),
+                    loopback_ports: vec![],
+                },
+                pod,
+                80,
+                "10.0.0.9:80",
+            ),
+        ];
+        for (i, (delivery, workload, port, expected)) in table.into_iter().enumerate() {
+            assert_eq!(
+                delivery.app_address(workload, port),
+                expected.parse().unwrap(),
+                "case {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_proxy_s_own_ports_and_listeners_are_recognised() {
+        let own = ProxyPorts::new(&[
+            "127.0.0.1:25020".parse().unwrap(),
+            "0.0.0.0:25008".parse().unwrap(),
+            "127.0.0.1:18080".parse().unwrap(),
+        ]);
+        for port in [15001, 15006, 15008, 15020, 25020, 25008, 18080] {
+            assert!(own.is_proxy_port(port), "{port}");
+        }
+        assert!(!own.is_proxy_port(80));
+        let pod: IpAddr = "10.0.0.7".parse().unwrap();
+        let local = [pod];
+        for (destination, expected) in [
+            ("10.0.0.7:15006", true),
+            ("127.0.0.1:15001", true),
+            ("10.0.0.7:25008", true),
+            ("10.0.0.8:25008", false), // another pod's proxy
+            ("127.0.0.1:18080", true),
+            ("10.0.0.7:18080", true),
+            ("10.0.0.8:15008", false), // another pod's proxy
+            ("10.0.0.8:18080", false),
+            ("10.0.0.7:80", false),
+        ] {
+            assert_eq!(
+                own.is_own(destination.parse().unwrap(), &local),
+                expected,
+                "{destination}"
+            );
+        }
     }
 
     #[test]

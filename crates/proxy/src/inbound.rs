@@ -1,8 +1,9 @@
 //! Inbound: the mTLS listener (15008) that other proxies connect to, and the plaintext capture
 //! listener (15006). mTLS: handshake (client SVID of the trust domain required) -> ALPN check ->
-//! transport header -> authorize the peer's SPIFFE ID (and keep re-checking it while the
-//! connection is open) -> connect to the local app -> copy. Plaintext: the snapshot's mTLS
-//! mode for the original destination port decides.
+//! transport header -> refuse the proxy's own ports -> authorize the peer's SPIFFE ID (and keep
+//! re-checking it while the connection is open) -> connect to the app on the workload's own
+//! address (the one the peer connected to) -> copy. Plaintext: the original destination must be
+//! this workload and not the proxy; then the snapshot's mTLS mode for its port decides.
 
 use std::fmt;
 use std::future::Future;
@@ -128,6 +129,20 @@ pub async fn mtls(
             return;
         }
     };
+    // The peer meant this workload: the address it connected to, on the port it named.
+    let workload = match tls.get_ref().0.local_addr() {
+        Ok(local) => local.ip(),
+        Err(e) => {
+            dp.metrics.refused(DIRECTION, "io");
+            tracing::info!(%remote, peer = %peer, "no local address on the connection: {e}");
+            return;
+        }
+    };
+    if dp.proxy_ports.is_proxy_port(header.target_port) {
+        let target = SocketAddr::new(workload, header.target_port);
+        dp.refuse_proxy_port(DIRECTION, remote, peer.as_str(), target);
+        return;
+    }
     let (_live, close) = match dp.admit(&peer, header.target_port) {
         Ok(admitted) => admitted,
         Err(decision) => {
@@ -144,7 +159,7 @@ pub async fn mtls(
             return;
         }
     };
-    let app = SocketAddr::new(dp.app_host, header.target_port);
+    let app = dp.delivery.app_address(workload, header.target_port);
     let upstream = match dp.connect(app).await {
         Ok(s) => s,
         Err(e) => {
@@ -160,23 +175,46 @@ pub async fn mtls(
 }
 
 /// Handles one connection captured on the plaintext inbound listener: refused when the
-/// original destination port is STRICT, forwarded to the app's original port when PERMISSIVE.
+/// original destination is the proxy itself (a direct connection to 15006 would otherwise
+/// loop into this listener until the descriptors run out) or not this workload's address, or
+/// its port is STRICT; forwarded to the app at the original destination when PERMISSIVE.
 pub async fn plaintext(dp: Arc<DataPath>, tcp: TcpStream, remote: SocketAddr, _slot: Slot) {
     const PLAINTEXT: &str = "inbound_plaintext";
-    let port = match crate::capture::original_dst(&tcp) {
-        Ok(dst) => dst.port(),
+    let original = match crate::capture::original_dst(&tcp) {
+        Ok(dst) => dst,
         Err(e) => {
             dp.metrics.refused(PLAINTEXT, "no_original_dst");
             tracing::warn!(%remote, "no original destination on a captured connection: {e}");
             return;
         }
     };
+    let port = original.port();
+    let local = match tcp.local_addr() {
+        Ok(local) => local,
+        Err(e) => {
+            dp.metrics.refused(PLAINTEXT, "io");
+            tracing::info!(%remote, "no local address on a captured connection: {e}");
+            return;
+        }
+    };
+    if dp.proxy_ports.is_proxy_port(port) || dp.proxy_ports.is_own(original, &[local.ip()]) {
+        dp.refuse_proxy_port(PLAINTEXT, remote, "unknown", original);
+        return;
+    }
+    // REDIRECT rewrote the destination to the address the packet arrived on; any other
+    // original address (another host's, loopback) was sent to this pod on purpose and would
+    // make the proxy a relay.
+    if original.ip().to_canonical() != local.ip().to_canonical() {
+        dp.metrics.refused(PLAINTEXT, "not_local_destination");
+        tracing::info!(%remote, %original, %local, "refused a captured connection whose original destination is not this workload's address");
+        return;
+    }
     if dp.mesh.load().settings.mtls_for_port(port) == MtlsMode::Strict {
         dp.metrics.refused(PLAINTEXT, "strict_mtls");
         tracing::info!(%remote, port, "refused plaintext connection: port {port} is STRICT (mTLS only)");
         return;
     }
-    let app = SocketAddr::new(dp.app_host, port);
+    let app = dp.delivery.app_address(original.ip(), port);
     match dp.connect(app).await {
         Ok(upstream) => {
             dp.proxy(

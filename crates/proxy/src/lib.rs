@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use config::{Args, Cli};
-pub use data_path::Limits;
+pub use data_path::{Delivery, Limits};
 pub use identity::{AgentConfig, Credential, IdentityAgent};
 pub use latch_mesh::{MtlsMode, OutboundPolicy};
 pub use metrics::Metrics;
@@ -75,7 +75,8 @@ pub struct DataPathConfig {
     pub inbound_mode: Option<MtlsMode>,
     /// Extra inbound restriction on top of the policies: only these IDs (when not empty).
     pub allow: Vec<SpiffeId>,
-    pub app_host: std::net::IpAddr,
+    /// Where inbound connections reach the app (default: the workload's own address).
+    pub delivery: Delivery,
     pub limits: Limits,
     pub drain_timeout: Duration,
 }
@@ -92,7 +93,7 @@ impl DataPathConfig {
             outbound_policy: None,
             inbound_mode: None,
             allow: Vec::new(),
-            app_host: std::net::Ipv4Addr::LOCALHOST.into(),
+            delivery: Delivery::default(),
             limits: Limits::default(),
             drain_timeout: Duration::from_secs(10),
         }
@@ -164,12 +165,16 @@ impl Config {
                 config::InboundModeArg::Permissive => MtlsMode::Permissive,
             }),
             allow: args.allow.clone(),
-            app_host: args.app_host,
+            delivery: Delivery {
+                app_host: args.app_host,
+                loopback_ports: args.inbound_loopback_ports.clone(),
+            },
             limits: Limits {
                 connect_timeout: args.connect_timeout,
                 handshake_timeout: args.handshake_timeout,
                 header_timeout: args.handshake_timeout,
                 idle_timeout: args.idle_timeout,
+                half_closed_timeout: args.half_closed_timeout,
                 max_connections: args.max_connections,
                 ..Limits::default()
             },
@@ -316,7 +321,9 @@ impl Proxy {
             tracker,
         };
         if any_listener {
-            proxy.start_data_path(data, store, metrics).await?;
+            proxy
+                .start_data_path(data, store, metrics, admin_addr)
+                .await?;
         }
         tracing::info!(admin = %admin_addr, inbound = ?proxy.inbound_addr, "proxy started");
         Ok(proxy)
@@ -327,7 +334,35 @@ impl Proxy {
         data: DataPathConfig,
         store: Arc<CertStore>,
         metrics: Arc<Metrics>,
+        admin_addr: SocketAddr,
     ) -> Result<(), StartError> {
+        // Every listener is bound first: the data path must know all of them, since none may
+        // ever be a target (`ProxyPorts`).
+        let mut bound = vec![admin_addr];
+        let inbound = match data.inbound {
+            Some(addr) => Some(latch_admin::serve::bind(addr, "--inbound").await?),
+            None => None,
+        };
+        let transparent = match data.transparent {
+            Some((outbound, plaintext)) => Some((
+                latch_admin::serve::bind(outbound, "--outbound-capture").await?,
+                latch_admin::serve::bind(plaintext, "--inbound-plaintext").await?,
+            )),
+            None => None,
+        };
+        let mut explicit = Vec::new();
+        for target in data.explicit {
+            let listener = latch_admin::serve::bind(target.listen, "--outbound").await?;
+            explicit.push((target, listener));
+        }
+        bound.extend(inbound.iter().map(|(_, local)| *local));
+        bound.extend(
+            transparent
+                .iter()
+                .flat_map(|((_, out), (_, plain))| [*out, *plain]),
+        );
+        bound.extend(explicit.iter().map(|(_, (_, local))| *local));
+
         let authorizer = authorizer::Authorizer::new(data.trust_domain.clone(), data.allow);
         let dp = Arc::new(data_path::DataPath::new(
             transport::MeshTls::new(store, data.trust_domain)?,
@@ -335,36 +370,37 @@ impl Proxy {
             authorizer,
             metrics,
             data.limits,
-            data.app_host,
+            data.delivery,
+            data_path::ProxyPorts::new(&bound),
         ));
         self.tracker
             .spawn(dp.clone().watch_mesh(self.cancel.clone()));
         self.drain.close = dp.close_connections.clone();
         let drain = &self.drain;
-        if let Some(addr) = data.inbound {
-            let (listener, local) = latch_admin::serve::bind(addr, "--inbound").await?;
+        if let Some((listener, local)) = inbound {
             let handshake = inbound::MtlsHandshake(dp.clone());
             dp.serve("inbound", listener, drain, handshake, inbound::mtls);
             self.inbound_addr = Some(local);
         }
-        if let Some((outbound, plaintext)) = data.transparent {
+        if let Some(((out_listener, out_local), (in_listener, in_local))) = transparent {
             shared_uid::check(&self.metrics);
-            let (listener, out_local) =
-                latch_admin::serve::bind(outbound, "--outbound-capture").await?;
-            dp.serve("outbound", listener, drain, Plain, outbound::transparent);
-            let (listener, in_local) =
-                latch_admin::serve::bind(plaintext, "--inbound-plaintext").await?;
+            dp.serve(
+                "outbound",
+                out_listener,
+                drain,
+                Plain,
+                outbound::transparent,
+            );
             dp.serve(
                 "inbound_plaintext",
-                listener,
+                in_listener,
                 drain,
                 Plain,
                 inbound::plaintext,
             );
             self.capture_addrs = Some((out_local, in_local));
         }
-        for target in data.explicit {
-            let (listener, local) = latch_admin::serve::bind(target.listen, "--outbound").await?;
+        for (target, (listener, local)) in explicit {
             dp.serve(
                 "outbound",
                 listener,

@@ -254,10 +254,13 @@ pub async fn transparent(dp: Arc<DataPath>, app: TcpStream, remote: SocketAddr, 
             return;
         }
     };
-    // Connecting straight to the capture port would loop back into this listener.
-    if app.local_addr().is_ok_and(|local| local == destination) {
-        dp.metrics.refused(DIRECTION, "loop");
-        tracing::warn!(%remote, "connection addressed to the capture port itself; closing");
+    // The proxy itself is never a destination: connecting straight to a capture port would
+    // loop back into its listener, and the rest are the proxy's, not the app's. The app's own
+    // source address is this pod's, and so is the address the connection was accepted on.
+    let mut local = vec![remote.ip()];
+    local.extend(app.local_addr().ok().map(|a| a.ip()));
+    if dp.proxy_ports.is_own(destination, &local) {
+        dp.refuse_proxy_port(DIRECTION, remote, "local app", destination);
         return;
     }
     // The guard counts the connection against the chosen service endpoint while it lasts.

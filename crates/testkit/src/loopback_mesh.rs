@@ -32,8 +32,8 @@ pub fn free_port(ip: &str) -> u16 {
     crate::net::free_port_on(ip.parse().expect("ip")).expect("free port")
 }
 
-/// Starts a proxy for `demo/<name>` with discovery on, inbound mTLS on `ip:mesh_port`, apps on
-/// `ip`, and `outbound` explicit listeners; waits until /ready (SVID + first sync).
+/// Starts a proxy for `demo/<name>` with discovery on, inbound mTLS on `ip:mesh_port` (so
+/// inbound reaches the apps on `ip`, the workload's address), and `outbound` explicit listeners; waits until /ready (SVID + first sync).
 pub async fn start_member(
     harness: &Harness,
     member: &Member,
@@ -53,7 +53,6 @@ pub async fn start_member_with_ttl(
     let mut config = harness.mesh_proxy_config(&id, ttl);
     let ip: IpAddr = member.ip.parse().expect("ip");
     config.data.inbound = Some(SocketAddr::new(ip, member.mesh_port));
-    config.data.app_host = ip;
     config.data.explicit = outbound
         .iter()
         .map(|o| o.parse().expect("outbound target"))

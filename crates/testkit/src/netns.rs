@@ -330,12 +330,28 @@ impl<'n> Pod<'n> {
     /// paths live in the net's temp dir; one process (`master_process off`), so dropping the
     /// handle stops all of nginx.
     pub fn start_nginx(&self, body: &str) -> PodProcess<'n> {
+        self.start_nginx_on("80", body)
+    }
+
+    /// `start_nginx` listening on `listen` (nginx's syntax: "80", "127.0.0.1:8081"), e.g. a
+    /// service the pod exposes on loopback only.
+    pub fn start_nginx_on(&self, listen: &str, body: &str) -> PodProcess<'n> {
+        assert!(
+            listen
+                .chars()
+                .all(|c| c.is_ascii_digit() || matches!(c, '.' | ':')),
+            "nginx listen {listen:?}: an IPv4 address and port, or a port"
+        );
         assert!(
             body.chars()
                 .all(|c| c == ' ' || (c.is_ascii_graphic() && !matches!(c, '"' | '\\'))),
             "nginx body {body:?} needs quoting this helper does not do"
         );
-        let dir = self.net.dir().join(format!("nginx-{}", self.name));
+        let dir = self.net.dir().join(format!(
+            "nginx-{}-{}",
+            self.name,
+            listen.replace([':', '.'], "-")
+        ));
         std::fs::create_dir_all(&dir).expect("nginx dir");
         let d = dir.display();
         let config = format!(
@@ -348,7 +364,7 @@ impl<'n> Pod<'n> {
              \x20 access_log /dev/stderr;\n\
              \x20 client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
              \x20 fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
-             \x20 server {{ listen 80; default_type text/plain; location / {{ return 200 \"{body}\"; }} }}\n\
+             \x20 server {{ listen {listen}; default_type text/plain; location / {{ return 200 \"{body}\"; }} }}\n\
              }}\n"
         );
         let conf = dir.join("nginx.conf");
@@ -361,8 +377,13 @@ impl<'n> Pod<'n> {
             None,
             &dir.join("nginx.log"),
         );
-        nginx.wait_until(Duration::from_secs(10), "nginx answers on port 80", || {
-            self.curl("http://127.0.0.1/").is_ok()
+        let port = listen.rsplit(':').next().unwrap_or(listen);
+        let host = listen
+            .rsplit_once(':')
+            .map_or_else(|| "127.0.0.1".to_string(), |(host, _)| host.to_string());
+        let url = format!("http://{host}:{port}/");
+        nginx.wait_until(Duration::from_secs(10), "nginx answers", || {
+            self.curl(&url).is_ok()
         });
         nginx
     }

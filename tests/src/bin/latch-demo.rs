@@ -260,12 +260,7 @@ async fn demo(root: &Path) -> Result<()> {
         root,
         "api",
         &control,
-        &[
-            "--inbound".into(),
-            format!("{API_IP}:{api_mesh}"),
-            "--app-host".into(),
-            API_IP.into(),
-        ],
+        &["--inbound".into(), format!("{API_IP}:{api_mesh}")],
     )
     .await?;
 
@@ -279,8 +274,6 @@ async fn demo(root: &Path) -> Result<()> {
         &[
             "--inbound".into(),
             format!("{WEB_IP}:{web_mesh}"),
-            "--app-host".into(),
-            WEB_IP.into(),
             "--outbound".into(),
             format!("{entry}={API_VIP}:80"),
             "--workload-api".into(),
