@@ -199,8 +199,8 @@ pub struct Args {
     /// Close connections with no bytes in either direction for this long.
     #[arg(long, env = "LATCH_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
-    /// Once one direction of a proxied connection has ended (EOF), close the pair when the
-    /// other direction moves no byte for this long.
+    /// Once one direction of a proxied connection has ended (EOF), close the pair when a write
+    /// in the other direction waits this long (its destination stopped reading).
     #[arg(long, env = "LATCH_HALF_CLOSED_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub half_closed_timeout: Duration,
     /// On SIGTERM, how long open connections may take to finish.
