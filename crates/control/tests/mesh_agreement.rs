@@ -229,7 +229,12 @@ fn check_agreement(model: MeshModel) {
     for policy in model.policies.values() {
         for principal in policy.rules.iter().flat_map(|r| &r.principals) {
             match principal {
-                Principal::Exact(id) => assert!(id.starts_with("spiffe://cluster.local/"), "{id}"),
+                Principal::Exact(id) => assert_eq!(
+                    latch_identity::SpiffeId::parse(id)
+                        .map(|id| id.trust_domain_name().to_string()),
+                    Ok("cluster.local".to_string()),
+                    "{id}"
+                ),
                 Principal::Prefix(p) => assert!(
                     p.starts_with("spiffe://cluster.local/") && p.ends_with('/'),
                     "{p}"
