@@ -119,12 +119,8 @@ pub fn parse_spiffe_id(at: &str, text: &str) -> Result<SpiffeId, MeshError> {
 /// but not `spiffe://td/ns/ab/...`). `spiffe://td/` names every workload of trust domain `td`;
 /// `spiffe://td` alone is refused like any other prefix without the final `/`.
 pub fn check_principal_prefix(at: &str, prefix: &str) -> Result<(), MeshError> {
-    let trust_domain = prefix
-        .strip_prefix("spiffe://")
-        .map(|rest| rest.split('/').next().unwrap_or_default());
-    match trust_domain {
-        Some(td) if !td.is_empty() => {}
-        Some(_) => {
+    match prefix_trust_domain(prefix) {
+        Some("") => {
             return Err(MeshError::invalid(
                 format!("{at} \"{prefix}\""),
                 "must start with spiffe://<trust domain>; the trust domain is empty",
@@ -136,6 +132,7 @@ pub fn check_principal_prefix(at: &str, prefix: &str) -> Result<(), MeshError> {
                 "must start with spiffe://<trust domain>",
             ));
         }
+        Some(_) => {}
     }
     if !prefix.ends_with('/') {
         return Err(MeshError::invalid(
