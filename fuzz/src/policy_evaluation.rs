@@ -2,7 +2,9 @@
 //! `MeshSnapshot`) on generated policies, callers and ports, against the contract spelled out
 //! independently here: a matching DENY always refuses (and names a DENY policy that matches);
 //! otherwise, with any ALLOW policy, one must match; otherwise only the trust domain's peers get
-//! in. The `--allow` list only ever narrows, and the order of policies decides nothing.
+//! in. A prefix matches by whole path segments (the ID equals it, or it ends in '/' and the ID
+//! starts with it), and one the shared validation accepts admits an ID only that way. The
+//! `--allow` list only ever narrows, and the order of policies decides nothing.
 //!
 //! Input: structured through `arbitrary`; names and IDs come mostly from a small vocabulary so
 //! that rules and callers meet often, with arbitrary strings mixed in.
@@ -52,8 +54,17 @@ fn spiffe_id(u: &mut Unstructured<'_>) -> Result<SpiffeId> {
 }
 
 fn principal(u: &mut Unstructured<'_>, peer: &SpiffeId) -> Result<Principal> {
-    let text = match u.int_in_range(0..=3)? {
+    let text = match u.int_in_range(0..=4)? {
         0 => peer.to_string(),
+        4 => {
+            // A prefix of the caller's ID cut just after one of its '/' (a whole-segment
+            // prefix), sometimes with the '/' dropped.
+            let s = peer.as_str();
+            let cuts: Vec<usize> = s.match_indices('/').map(|(i, _)| i + 1).collect();
+            let cut = *u.choose(&cuts)?;
+            let cut = if u.arbitrary()? { cut } else { cut - 1 };
+            s[..cut].to_string()
+        }
         1 => {
             // A prefix of the caller's ID, cut anywhere.
             let s = peer.as_str();
@@ -109,7 +120,11 @@ mod contract {
         let principal_ok = rule.principals.is_empty()
             || rule.principals.iter().any(|p| match p {
                 Principal::Exact(s) => s == peer,
-                Principal::Prefix(s) => peer.as_bytes().get(..s.len()) == Some(s.as_bytes()),
+                Principal::Prefix(s) => {
+                    s == peer
+                        || (s.ends_with('/')
+                            && peer.as_bytes().get(..s.len()) == Some(s.as_bytes()))
+                }
             });
         let namespace_ok = rule.namespaces.is_empty()
             || rule.namespaces.iter().any(|n| namespace(peer) == Some(n));
@@ -164,6 +179,26 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
         } else {
             spiffe_id(u)?
         });
+    }
+
+    // A prefix the shared validation accepts admits an ID only by whole path segments.
+    for principal in policies
+        .iter()
+        .flat_map(|p| &p.rules)
+        .flat_map(|r| &r.principals)
+    {
+        if let Principal::Prefix(text) = principal {
+            if let Ok(accepted) = Principal::prefix("prefix", text) {
+                assert!(text.ends_with('/'), "accepted prefix {text:?} without a final '/'");
+                if accepted.matches(&peer) {
+                    let id = peer.as_str();
+                    assert!(
+                        id == text || (text.ends_with('/') && id.starts_with(text.as_str())),
+                        "accepted prefix {text:?} admits {id}"
+                    );
+                }
+            }
+        }
     }
 
     let decision = evaluate(&policies, &td, &peer, port);

@@ -271,6 +271,7 @@ fn check_faithful(next: &Discovered, response: &DeltaDiscoveryResponse) {
                                 assert_eq!(p, s);
                                 let rest = p.strip_prefix("spiffe://").expect("spiffe:// prefix");
                                 assert!(!rest.is_empty() && !rest.starts_with('/'));
+                                assert!(p.ends_with('/'), "accepted prefix {p:?} without '/'");
                             }
                             other => panic!("principal decoded as {other:?}"),
                         }

@@ -1,7 +1,8 @@
 //! Limits of latch-proxy as an operator sees them, with real `latch-proxy` processes (their
 //! logs, `/metrics` and open-file limit are per process): the connection cap refuses at once,
 //! counts and logs; running out of file descriptors is survived, counted, logged and retried
-//! without spinning; slowloris on the mesh port holds slots only until the handshake timeout.
+//! without spinning; slowloris on the mesh port holds slots only until the handshake timeout;
+//! a soft open-file limit below the hard one is raised at start.
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -26,13 +27,13 @@ struct ProxyProcess {
 }
 
 impl ProxyProcess {
-    /// Starts latch-proxy for `id` (discovery off), optionally under `prlimit --nofile=N:N`,
+    /// Starts latch-proxy for `id` (discovery off), optionally under `prlimit --nofile=S:H`,
     /// with `extra` flags, and waits for /ready.
     async fn start(
         h: &Harness,
         dir: &tempfile::TempDir,
         id: &SpiffeId,
-        nofile: Option<u64>,
+        nofile: Option<(u64, u64)>,
         extra: &[String],
     ) -> Self {
         let id_text = id.to_string();
@@ -48,9 +49,11 @@ impl ProxyProcess {
         let log = dir.path().join(format!("{name}.log"));
         let proxy = workspace_binary("latch-proxy");
         let mut command = match nofile {
-            Some(n) => {
+            Some((soft, hard)) => {
                 let mut c = Command::new("prlimit");
-                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(&proxy);
+                c.arg(format!("--nofile={soft}:{hard}"))
+                    .arg("--")
+                    .arg(&proxy);
                 c
             }
             None => Command::new(&proxy),
@@ -132,7 +135,7 @@ async fn pair(
     h: &Harness,
     dir: &tempfile::TempDir,
     app: SocketAddr,
-    server_nofile: Option<u64>,
+    server_nofile: Option<(u64, u64)>,
     server_flags: &[&str],
     client_flags: &[&str],
 ) -> (ProxyProcess, ProxyProcess) {
@@ -242,7 +245,7 @@ async fn running_out_of_file_descriptors_is_counted_logged_retried_without_spinn
         &h,
         &dir,
         app,
-        Some(64),
+        Some((64, 64)),
         &["--handshake-timeout", "60s"],
         &[],
     )
@@ -360,4 +363,71 @@ async fn slowloris_on_the_mesh_port_holds_slots_only_until_the_handshake_timeout
         .await
         .expect("served once the slow handshakes timed out");
     server.assert_running();
+}
+
+/// The hard open-file limit to start latch-proxy under with `prlimit --nofile=1024:<hard>`:
+/// 65536 where prlimit may set it (root with CAP_SYS_RESOURCE, or a hard limit already that
+/// high), else this process's own hard limit if it is at least 4096. `None` (after a printed
+/// SKIPPED line; a panic when LATCH_REQUIRE_NETNS=1) without prlimit or such a limit.
+fn hard_nofile_limit_for_test() -> Option<u64> {
+    let missing = if !latch_testkit::netns::on_path("prlimit") {
+        "prlimit (util-linux)"
+    } else if Command::new("prlimit")
+        .args(["--nofile=1024:65536", "--", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        return Some(65536);
+    } else {
+        let own_hard = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|l| {
+                l.lines()
+                    .find_map(|l| l.strip_prefix("Max open files"))
+                    .and_then(|f| f.split_whitespace().nth(1)?.parse::<u64>().ok())
+            });
+        match own_hard {
+            Some(hard) if hard >= 4096 => {
+                eprintln!("prlimit may not set a hard open-file limit of 65536 here; using {hard}");
+                return Some(hard);
+            }
+            _ => "a hard open-file limit of at least 4096 (or CAP_SYS_RESOURCE)",
+        }
+    };
+    if std::env::var("LATCH_REQUIRE_NETNS").is_ok_and(|v| v == "1") {
+        panic!("LATCH_REQUIRE_NETNS=1 but this machine lacks: {missing}");
+    }
+    eprintln!("\n*** SKIPPED: needs {missing} (set LATCH_REQUIRE_NETNS=1 to fail instead) ***\n");
+    None
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_soft_open_file_limit_below_the_hard_one_is_raised_at_start() {
+    let Some(hard) = hard_nofile_limit_for_test() else {
+        return;
+    };
+    let h = Harness::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let id = h.id("demo", "server");
+    // --max-connections 1000 needs 2064 descriptors: more than the soft limit of 1024 (so
+    // without the raise the proxy would warn), at most the hard limit.
+    let flags = ["--max-connections".to_string(), "1000".to_string()];
+    let mut proxy = ProxyProcess::start(&h, &dir, &id, Some((1024, hard)), &flags).await;
+    assert_eq!(
+        proxy.child.open_files_limit().unwrap(),
+        (hard.to_string(), hard.to_string()),
+        "soft limit raised to the hard one (/proc/<pid>/limits)"
+    );
+    let log = proxy.log_text();
+    assert!(
+        log.contains(&format!(
+            "raised the soft open-file limit (RLIMIT_NOFILE) from 1024 to the hard limit {hard}"
+        )),
+        "the raise is logged:\n{log}"
+    );
+    assert!(
+        !log.contains("is below what --max-connections"),
+        "no open-file warning once raised:\n{log}"
+    );
+    proxy.assert_running();
 }

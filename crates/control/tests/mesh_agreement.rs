@@ -12,7 +12,7 @@ use latch_control::mesh::spec::{
 };
 use latch_control::mesh::{MeshModel, MeshSnapshot, ResourceType};
 use latch_identity::TrustDomain;
-use latch_mesh::{MeshConfig, Policy, Resource, Service, Workload, from_resource};
+use latch_mesh::{MeshConfig, Policy, Principal, Resource, Service, Workload, from_resource};
 use proptest::collection::{btree_map, vec};
 use proptest::option;
 use proptest::prelude::*;
@@ -61,15 +61,20 @@ fn spiffe_id() -> impl Strategy<Value = String> {
     ]
 }
 
-/// Principal prefixes, with the shapes the two sides once disagreed on.
+/// Principal prefixes: mostly accepted ones (whole segments of cluster.local), then the near
+/// misses (no final '/', another trust domain) and the shapes the two sides once disagreed on.
 fn prefix() -> impl Strategy<Value = String> {
     prop_oneof![
-        4 => "spiffe://cluster\\.local/ns/[a-z]{0,3}/?",
+        4 => "spiffe://cluster\\.local/(ns/[a-z]{1,3}/(sa/[a-z]{1,3}/)?)?",
+        2 => "spiffe://(cluster\\.local|other\\.org)/ns/[a-z]{0,3}/?",
         2 => prop::sample::select(vec![
             "spiffe:///ns/x",
             "spiffe://",
             "spiffe:///",
             "spiffe://c",
+            "spiffe://c/",
+            "spiffe://cluster.local",
+            "spiffe://cluster.local/ns/a/sa/web",
             "spiffe:/x",
             "http://x/",
         ])
@@ -220,6 +225,23 @@ fn check_agreement(model: MeshModel) {
     let policies: BTreeMap<String, Policy> =
         proxy_reads(&snapshot, ResourceType::AuthorizationPolicy);
     assert_eq!(policies, model.policies);
+    // What the control plane accepts names callers of its trust domain, by whole segments.
+    for policy in model.policies.values() {
+        for principal in policy.rules.iter().flat_map(|r| &r.principals) {
+            match principal {
+                Principal::Exact(id) => assert_eq!(
+                    latch_identity::SpiffeId::parse(id)
+                        .map(|id| id.trust_domain_name().to_string()),
+                    Ok("cluster.local".to_string()),
+                    "{id}"
+                ),
+                Principal::Prefix(p) => assert!(
+                    p.starts_with("spiffe://cluster.local/") && p.ends_with('/'),
+                    "{p}"
+                ),
+            }
+        }
+    }
 }
 
 /// Builds and checks the model, if the control plane accepts it.

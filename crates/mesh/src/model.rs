@@ -7,12 +7,12 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use latch_identity::SpiffeId;
+use latch_identity::{SpiffeId, TrustDomain};
 
 use crate::MeshError;
 use crate::validate::{
     check_hostnames, check_labels, check_name, check_principal_prefix, field, parse_ips,
-    parse_port, parse_spiffe_id,
+    parse_port, parse_spiffe_id, prefix_trust_domain,
 };
 
 /// The resource name of an object: "<namespace>/<name>".
@@ -285,13 +285,17 @@ impl Action {
     }
 }
 
-/// How a rule names callers.
+/// How a rule names callers. Both name IDs as strings; proxies only ever see callers of their
+/// own trust domain (the mesh TLS verifier refuses others), and the control plane refuses
+/// principals of other trust domains (`Principal::check_trust_domain`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
-    /// The caller's ID string equals this SPIFFE ID (of any trust domain: policies may name
-    /// federated callers).
+    /// The caller's ID string equals this SPIFFE ID.
     Exact(String),
-    /// The caller's ID string starts with this (`spiffe://<trust domain>...`).
+    /// The caller's ID lies under this prefix, by whole path segments: it equals the prefix, or
+    /// the prefix ends in `/` and the ID starts with it (`spiffe://td/ns/a/` matches
+    /// `spiffe://td/ns/a/sa/web`; `spiffe://td/` every ID of `td`). Prefixes built through
+    /// `Principal::prefix` always end in `/`.
     Prefix(String),
 }
 
@@ -310,9 +314,46 @@ impl Principal {
 
     /// True when `peer` is named by this principal.
     pub fn matches(&self, peer: &SpiffeId) -> bool {
+        let peer = peer.as_str();
         match self {
-            Principal::Exact(id) => peer.as_str() == id,
-            Principal::Prefix(prefix) => peer.as_str().starts_with(prefix.as_str()),
+            Principal::Exact(id) => peer == id,
+            Principal::Prefix(prefix) => {
+                peer == prefix || (prefix.ends_with('/') && peer.starts_with(prefix.as_str()))
+            }
+        }
+    }
+
+    /// Refuses a principal outside `trust_domain`: no peer of another trust domain can connect,
+    /// so such a rule could never match (the control plane's check; proxies accept either).
+    /// `at` names the principal.
+    pub fn check_trust_domain(
+        &self,
+        at: &str,
+        trust_domain: &TrustDomain,
+    ) -> Result<(), MeshError> {
+        let (at, text, td) = match self {
+            Principal::Exact(id) => (
+                field(at, "exact"),
+                id,
+                SpiffeId::parse(id)
+                    .ok()
+                    .map(|id| id.trust_domain_name().to_string()),
+            ),
+            Principal::Prefix(prefix) => (
+                field(at, "prefix"),
+                prefix,
+                prefix_trust_domain(prefix).map(str::to_string),
+            ),
+        };
+        if td.as_deref() == Some(trust_domain.as_str()) {
+            Ok(())
+        } else {
+            Err(MeshError::invalid(
+                format!("{at} \"{text}\""),
+                format!(
+                    "not in trust domain {trust_domain}; peers of other trust domains cannot connect"
+                ),
+            ))
         }
     }
 }
@@ -432,4 +473,144 @@ pub fn labels_match(
     labels: &BTreeMap<String, String>,
 ) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn prefixes_match_whole_path_segments() {
+        const WEB: &str = "spiffe://cluster.local/ns/a/sa/web";
+        for (prefix, peer, matches) in [
+            ("spiffe://cluster.local/ns/a/sa/web/", WEB, false),
+            (
+                "spiffe://cluster.local/ns/a/sa/web/",
+                "spiffe://cluster.local/ns/a/sa/web/x",
+                true,
+            ),
+            ("spiffe://cluster.local/ns/a/sa/", WEB, true),
+            (
+                "spiffe://cluster.local/ns/a/sa/",
+                "spiffe://cluster.local/ns/a/sa/webhook-evil",
+                true,
+            ),
+            ("spiffe://cluster.local/ns/a/", WEB, true),
+            (
+                "spiffe://cluster.local/ns/a/",
+                "spiffe://cluster.local/ns/ab/sa/web",
+                false,
+            ),
+            ("spiffe://cluster.local/", WEB, true),
+            (
+                "spiffe://cluster.local/",
+                "spiffe://cluster.localx/ns/a/sa/web",
+                false,
+            ),
+            (
+                "spiffe://cluster.local/",
+                "spiffe://other.org/ns/a/sa/web",
+                false,
+            ),
+            // Without the final '/' (refused by `Principal::prefix`, but a value built
+            // directly): only the ID itself, never a longer segment.
+            (WEB, WEB, true),
+            (WEB, "spiffe://cluster.local/ns/a/sa/webhook-evil", false),
+            (WEB, "spiffe://cluster.local/ns/a/sa/web/x", false),
+            ("spiffe://cluster.local/ns/a", WEB, false),
+            (
+                "spiffe://cluster.local",
+                "spiffe://cluster.localx/ns/a/sa/web",
+                false,
+            ),
+        ] {
+            assert_eq!(
+                Principal::Prefix(prefix.into()).matches(&id(peer)),
+                matches,
+                "{prefix} / {peer}"
+            );
+        }
+        assert!(Principal::Exact(WEB.into()).matches(&id(WEB)));
+        assert!(!Principal::Exact(WEB.into()).matches(&id("spiffe://cluster.local/ns/a/sa/webx")));
+    }
+
+    #[test]
+    fn only_prefixes_ending_in_a_slash_are_built() {
+        assert_eq!(
+            Principal::prefix("principals[0]", "spiffe://cluster.local/ns/a/sa/web")
+                .unwrap_err()
+                .to_string(),
+            "principals[0].prefix \"spiffe://cluster.local/ns/a/sa/web\": must end in \"/\" to \
+             match whole path segments (write spiffe://cluster.local/ns/a/sa/web/ for IDs under \
+             it, or use exact: for this one ID)"
+        );
+        assert_eq!(
+            Principal::prefix("p", "spiffe://cluster.local/"),
+            Ok(Principal::Prefix("spiffe://cluster.local/".into()))
+        );
+    }
+
+    #[test]
+    fn principals_of_other_trust_domains_are_refused() {
+        let td = TrustDomain::new("cluster.local").unwrap();
+        for (principal, field, ok) in [
+            (
+                Principal::Exact("spiffe://cluster.local/ns/a/sa/web".into()),
+                "exact",
+                true,
+            ),
+            (
+                Principal::Prefix("spiffe://cluster.local/".into()),
+                "prefix",
+                true,
+            ),
+            (
+                Principal::Prefix("spiffe://cluster.local/ns/a/".into()),
+                "prefix",
+                true,
+            ),
+            (
+                Principal::Exact("spiffe://other.org/ns/a/sa/web".into()),
+                "exact",
+                false,
+            ),
+            (
+                Principal::Exact("spiffe://cluster.localx/ns/a".into()),
+                "exact",
+                false,
+            ),
+            (
+                Principal::Prefix("spiffe://other.org/ns/".into()),
+                "prefix",
+                false,
+            ),
+            (
+                Principal::Prefix("spiffe://cluster.localx/".into()),
+                "prefix",
+                false,
+            ),
+            (
+                Principal::Prefix("spiffe://Cluster.local/".into()),
+                "prefix",
+                false,
+            ),
+        ] {
+            let result = principal.check_trust_domain("r.principals[1]", &td);
+            assert_eq!(result.is_ok(), ok, "{principal:?}: {result:?}");
+            if let Err(e) = result {
+                let (Principal::Exact(text) | Principal::Prefix(text)) = &principal;
+                assert_eq!(
+                    e.to_string(),
+                    format!(
+                        "r.principals[1].{field} \"{text}\": not in trust domain cluster.local; \
+                         peers of other trust domains cannot connect"
+                    )
+                );
+            }
+        }
+    }
 }

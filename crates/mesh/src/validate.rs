@@ -114,23 +114,43 @@ pub fn parse_spiffe_id(at: &str, text: &str) -> Result<SpiffeId, MeshError> {
     })
 }
 
-/// A principal prefix: `spiffe://` and a non-empty trust domain, then anything (the caller's
-/// ID string must start with it).
+/// A principal prefix: `spiffe://`, a non-empty trust domain, then a path that ends in `/`, so
+/// that it matches whole path segments (`spiffe://td/ns/a/` matches `spiffe://td/ns/a/sa/web`
+/// but not `spiffe://td/ns/ab/...`). `spiffe://td/` names every workload of trust domain `td`;
+/// `spiffe://td` alone is refused like any other prefix without the final `/`.
 pub fn check_principal_prefix(at: &str, prefix: &str) -> Result<(), MeshError> {
-    let trust_domain = prefix
-        .strip_prefix("spiffe://")
-        .map(|rest| rest.split('/').next().unwrap_or_default());
-    match trust_domain {
-        Some(td) if !td.is_empty() => Ok(()),
-        Some(_) => Err(MeshError::invalid(
-            format!("{at} \"{prefix}\""),
-            "must start with spiffe://<trust domain>; the trust domain is empty",
-        )),
-        None => Err(MeshError::invalid(
-            format!("{at} \"{prefix}\""),
-            "must start with spiffe://<trust domain>",
-        )),
+    match prefix_trust_domain(prefix) {
+        Some("") => {
+            return Err(MeshError::invalid(
+                format!("{at} \"{prefix}\""),
+                "must start with spiffe://<trust domain>; the trust domain is empty",
+            ));
+        }
+        None => {
+            return Err(MeshError::invalid(
+                format!("{at} \"{prefix}\""),
+                "must start with spiffe://<trust domain>",
+            ));
+        }
+        Some(_) => {}
     }
+    if !prefix.ends_with('/') {
+        return Err(MeshError::invalid(
+            format!("{at} \"{prefix}\""),
+            format!(
+                "must end in \"/\" to match whole path segments (write {prefix}/ for IDs under \
+                 it, or use exact: for this one ID)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The trust domain a principal prefix names (the text between `spiffe://` and the next `/`);
+/// `None` when it does not start with `spiffe://`.
+pub fn prefix_trust_domain(prefix: &str) -> Option<&str> {
+    let rest = prefix.strip_prefix("spiffe://")?;
+    Some(rest.split('/').next().unwrap_or_default())
 }
 
 #[cfg(test)]
@@ -139,26 +159,59 @@ mod tests {
 
     #[test]
     fn principal_prefix_needs_a_trust_domain() {
+        for prefix in [
+            "spiffe://",
+            "spiffe:///ns/x/",
+            "spiffe:/x/",
+            "http://cluster.local/",
+            "demo/",
+            "",
+        ] {
+            let text = check_principal_prefix("prefix", prefix)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                text.starts_with(&format!("prefix \"{prefix}\": must start with spiffe://")),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn principal_prefix_must_end_in_a_slash() {
         for (prefix, ok) in [
             ("spiffe://cluster.local/ns/ops/", true),
-            ("spiffe://cluster.local", true),
-            ("spiffe://c", true),
-            ("spiffe://", false),
-            ("spiffe:///ns/x", false),
-            ("spiffe:/x", false),
-            ("http://cluster.local/", false),
-            ("demo/", false),
-            ("", false),
+            ("spiffe://cluster.local/ns/a/sa/web/", true),
+            ("spiffe://cluster.local/", true),
+            ("spiffe://c/", true),
+            ("spiffe://cluster.local/ns/a/sa/web", false),
+            ("spiffe://cluster.local/ns/ops", false),
+            ("spiffe://cluster.local", false),
+            ("spiffe://c", false),
         ] {
-            let result = check_principal_prefix("prefix", prefix);
+            let result = check_principal_prefix("p.prefix", prefix);
             assert_eq!(result.is_ok(), ok, "{prefix:?}: {result:?}");
             if let Err(e) = result {
-                let text = e.to_string();
-                assert!(
-                    text.starts_with(&format!("prefix \"{prefix}\": must start with spiffe://")),
-                    "{text}"
+                assert_eq!(
+                    e.to_string(),
+                    format!(
+                        "p.prefix \"{prefix}\": must end in \"/\" to match whole path segments \
+                         (write {prefix}/ for IDs under it, or use exact: for this one ID)"
+                    )
                 );
             }
+        }
+    }
+
+    #[test]
+    fn prefix_trust_domains() {
+        for (prefix, td) in [
+            ("spiffe://cluster.local/ns/", Some("cluster.local")),
+            ("spiffe://other.org/", Some("other.org")),
+            ("spiffe://", Some("")),
+            ("http://x/", None),
+        ] {
+            assert_eq!(prefix_trust_domain(prefix), td, "{prefix}");
         }
     }
 

@@ -471,6 +471,39 @@ impl DataPath {
     }
 }
 
+/// Raises this process's soft open-file limit (RLIMIT_NOFILE) to its hard limit, as servers
+/// that hold many sockets do: the soft limit is often 1024 while the hard one allows far more.
+/// Called once at the binary's start, before `DataPath::new` checks the limit against
+/// `--max-connections`. Logs the raise at info; a refusal is logged and otherwise ignored.
+pub fn raise_open_files_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // `None` is unlimited: nothing to raise, or no finite hard limit to raise to.
+    let (Some(soft), Some(hard)) = (limit.current, limit.maximum) else {
+        return;
+    };
+    if soft >= hard {
+        return;
+    }
+    let raised = Rlimit {
+        current: Some(hard),
+        maximum: Some(hard),
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => tracing::info!(
+            from = soft,
+            to = hard,
+            "raised the soft open-file limit (RLIMIT_NOFILE) from {soft} to the hard limit {hard}"
+        ),
+        Err(e) => tracing::warn!(
+            soft,
+            hard,
+            "could not raise the soft open-file limit (RLIMIT_NOFILE {soft}) to the hard limit \
+             {hard}: {e}"
+        ),
+    }
+}
+
 /// Descriptors the proxy holds besides its proxied connections (listeners, admin, control
 /// plane, logs), with room to spare.
 const FD_RESERVE: u64 = 64;

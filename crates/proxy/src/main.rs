@@ -9,6 +9,7 @@ use latch_proxy::{Args, Cli, Config, Proxy};
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let config = Config::from_args(&args)?;
+    latch_proxy::data_path::raise_open_files_limit();
     let proxy = Proxy::start(config)
         .await
         .context("latch-proxy could not start")?;

@@ -135,7 +135,7 @@ pub fn translate(
     };
     add_workloads(objects, trust_domain, &mut out);
     add_services(objects, &mut out);
-    add_policies(objects, &mut out);
+    add_policies(objects, trust_domain, &mut out);
     out
 }
 
@@ -491,7 +491,7 @@ fn add_services(objects: &ClusterObjects, out: &mut Translation) {
     }
 }
 
-fn add_policies(objects: &ClusterObjects, out: &mut Translation) {
+fn add_policies(objects: &ClusterObjects, trust_domain: &TrustDomain, out: &mut Translation) {
     for object in objects.policies.values() {
         let (namespace, name) = meta_key(&object.metadata);
         let key = resource_name(&namespace, &name);
@@ -502,6 +502,7 @@ fn add_policies(objects: &ClusterObjects, out: &mut Translation) {
             .and_then(|spec| PolicyObjectSpec::deserialize(spec).map_err(|e| format!("spec: {e}")))
             .and_then(|spec| {
                 model::build_policy(
+                    trust_domain,
                     "spec",
                     &PolicySpec {
                         name,
@@ -763,6 +764,14 @@ mod tests {
                     "bad-principal",
                     json!({"action": "ALLOW", "rules": [{"principals": [{"prefix": "ns/latch-demo"}]}]}),
                 ),
+                policy(
+                    "raw-prefix",
+                    json!({"action": "ALLOW", "rules": [{"principals": [{"prefix": "spiffe://cluster.local/ns/latch-demo"}]}]}),
+                ),
+                policy(
+                    "foreign",
+                    json!({"action": "DENY", "rules": [{"principals": [{"exact": "spiffe://other.org/ns/a/sa/b"}]}]}),
+                ),
                 json!({"apiVersion": "latch.dev/v1alpha1", "kind": "AuthorizationPolicy", "metadata": {"name": "no-spec", "namespace": "latch-demo"}}),
                 good,
             ],
@@ -783,6 +792,14 @@ mod tests {
                 "spec: invalid type: string \"everyone\"",
             ),
             ("latch-demo/bad-principal", "must start with spiffe://"),
+            (
+                "latch-demo/raw-prefix",
+                r#"spec.rules[0].principals[0].prefix "spiffe://cluster.local/ns/latch-demo": must end in "/""#,
+            ),
+            (
+                "latch-demo/foreign",
+                "not in trust domain cluster.local; peers of other trust domains cannot connect",
+            ),
             ("latch-demo/no-spec", "has no spec"),
         ] {
             assert!(

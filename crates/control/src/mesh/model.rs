@@ -109,7 +109,7 @@ impl MeshModel {
         listed_at.clear();
         for (i, spec) in policies.iter().enumerate() {
             let at = format!("policies[{i}]");
-            let policy = build_policy(&at, spec)?;
+            let policy = build_policy(trust_domain, &at, spec)?;
             let key = resource_name(&policy.namespace, &policy.name);
             if let Some(first) = listed_at.insert(key.clone(), at.clone()) {
                 return Err(MeshError::invalid(
@@ -234,7 +234,12 @@ pub(super) fn build_service(
     )
 }
 
-pub(super) fn build_policy(at: &str, spec: &PolicySpec) -> Result<Policy, MeshError> {
+/// A policy; its principals must name IDs of `trust_domain` (peers of others cannot connect).
+pub(super) fn build_policy(
+    trust_domain: &TrustDomain,
+    at: &str,
+    spec: &PolicySpec,
+) -> Result<Policy, MeshError> {
     check_name(&field(at, "name"), &spec.name)?;
     check_name(&field(at, "namespace"), &spec.namespace)?;
     check_labels(&field(at, "selector"), &spec.selector)?;
@@ -243,7 +248,7 @@ pub(super) fn build_policy(at: &str, spec: &PolicySpec) -> Result<Policy, MeshEr
         .rules
         .iter()
         .enumerate()
-        .map(|(i, rule)| build_rule(&format!("{at}.rules[{i}]"), rule))
+        .map(|(i, rule)| build_rule(trust_domain, &format!("{at}.rules[{i}]"), rule))
         .collect::<Result<_, _>>()?;
     Policy::new(
         at,
@@ -255,25 +260,33 @@ pub(super) fn build_policy(at: &str, spec: &PolicySpec) -> Result<Policy, MeshEr
     )
 }
 
-fn build_rule(at: &str, spec: &RuleSpec) -> Result<Rule, MeshError> {
+fn build_rule(trust_domain: &TrustDomain, at: &str, spec: &RuleSpec) -> Result<Rule, MeshError> {
     let principals = spec
         .principals
         .iter()
         .enumerate()
-        .map(|(i, p)| build_principal(&format!("{at}.principals[{i}]"), p))
+        .map(|(i, p)| build_principal(trust_domain, &format!("{at}.principals[{i}]"), p))
         .collect::<Result<_, _>>()?;
     Rule::new(at, principals, &spec.namespaces, &spec.ports)
 }
 
-fn build_principal(at: &str, spec: &PrincipalSpec) -> Result<Principal, MeshError> {
-    match (&spec.exact, &spec.prefix) {
-        (Some(exact), None) => Principal::exact(at, exact),
-        (None, Some(prefix)) => Principal::prefix(at, prefix),
-        _ => Err(MeshError::invalid(
-            at,
-            "give exactly one of exact and prefix",
-        )),
-    }
+fn build_principal(
+    trust_domain: &TrustDomain,
+    at: &str,
+    spec: &PrincipalSpec,
+) -> Result<Principal, MeshError> {
+    let principal = match (&spec.exact, &spec.prefix) {
+        (Some(exact), None) => Principal::exact(at, exact)?,
+        (None, Some(prefix)) => Principal::prefix(at, prefix)?,
+        _ => {
+            return Err(MeshError::invalid(
+                at,
+                "give exactly one of exact and prefix",
+            ));
+        }
+    };
+    principal.check_trust_domain(at, trust_domain)?;
+    Ok(principal)
 }
 
 #[cfg(test)]
@@ -388,6 +401,24 @@ mod tests {
                 // Issue 16: once accepted here and refused by every proxy.
                 "policies:\n  - {name: p, namespace: demo, action: ALLOW, rules: [{principals: [{prefix: \"spiffe:///ns/x\"}]}]}\n",
                 r#"policies[0].rules[0].principals[0].prefix "spiffe:///ns/x": must start with spiffe://<trust domain>; the trust domain is empty"#,
+            ),
+            (
+                // Issue 17: a raw string prefix admitted .../sa/webhook-evil.
+                "policies:\n  - {name: p, namespace: demo, action: ALLOW, rules: [{principals: [{prefix: \"spiffe://cluster.local/ns/a/sa/web\"}]}]}\n",
+                r#"policies[0].rules[0].principals[0].prefix "spiffe://cluster.local/ns/a/sa/web": must end in "/" to match whole path segments (write spiffe://cluster.local/ns/a/sa/web/ for IDs under it, or use exact: for this one ID)"#,
+            ),
+            (
+                "policies:\n  - {name: p, namespace: demo, action: ALLOW, rules: [{principals: [{prefix: \"spiffe://cluster.local\"}]}]}\n",
+                r#"policies[0].rules[0].principals[0].prefix "spiffe://cluster.local": must end in "/" to match whole path segments (write spiffe://cluster.local/ for IDs under it, or use exact: for this one ID)"#,
+            ),
+            (
+                // Issue 19: no peer of another trust domain can ever connect.
+                "policies:\n  - {name: p, namespace: demo, action: ALLOW, rules: [{principals: [{exact: spiffe://cluster.local/ns/a/sa/b}, {prefix: \"spiffe://other.org/ns/\"}]}]}\n",
+                r#"policies[0].rules[0].principals[1].prefix "spiffe://other.org/ns/": not in trust domain cluster.local; peers of other trust domains cannot connect"#,
+            ),
+            (
+                "policies:\n  - {name: p, namespace: demo, action: DENY, rules: [{principals: [{exact: spiffe://other.org/ns/a/sa/b}]}]}\n",
+                r#"policies[0].rules[0].principals[0].exact "spiffe://other.org/ns/a/sa/b": not in trust domain cluster.local; peers of other trust domains cannot connect"#,
             ),
             (
                 "policies:\n  - {name: p, namespace: demo, action: ALLOW, rules: [{ports: [8080, 0]}]}\n",
