@@ -31,14 +31,7 @@ fn store() -> &'static CertStore {
 }
 
 fn resource<M: Message>(url: &str, name: &str, version: &str, message: &M) -> Resource {
-    Resource {
-        version: version.into(),
-        name: name.into(),
-        resource: Some(prost_types::Any {
-            type_url: url.into(),
-            value: message.encode_to_vec(),
-        }),
-    }
+    Resource::of(url, name, version, message)
 }
 
 fn response(url: &str, resources: Vec<Resource>, removed: &[&str]) -> DeltaDiscoveryResponse {

@@ -207,15 +207,8 @@ impl AggregatedDiscoveryService for ScriptedServer {
 }
 
 fn resource<M: Message>(type_url: &str, name: &str, message: &M) -> Resource {
-    let value = message.encode_to_vec();
-    Resource {
-        name: name.to_string(),
-        version: format!("v{}", value.len()),
-        resource: Some(prost_types::Any {
-            type_url: type_url.to_string(),
-            value,
-        }),
-    }
+    let version = format!("v{}", message.encoded_len());
+    Resource::of(type_url, name, &version, message)
 }
 
 fn response(type_url: &str, nonce: &str, resources: Vec<Resource>) -> DeltaDiscoveryResponse {

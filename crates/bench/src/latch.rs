@@ -67,18 +67,17 @@ impl ControlPlane {
 
     /// A new single-use join token for `id`.
     pub fn token(&self, id: &str) -> Result<String> {
+        let data_dir = self
+            .data_dir
+            .to_str()
+            .context("the bench's data dir is not UTF-8")?;
         let mut command = Command::new(sibling_binary("latchctl"));
-        command
-            .args([
-                "token",
-                "create",
-                "--spiffe-id",
-                id,
-                "--admin",
-                CONTROL_ADMIN,
-            ])
-            .arg("--data-dir")
-            .arg(&self.data_dir);
+        command.args(latch_testkit::binaries::token_create_args(
+            id,
+            CONTROL_ADMIN,
+            data_dir,
+            false,
+        ));
         Ok(run_output(command)?.trim().to_string())
     }
 

@@ -3,7 +3,7 @@
 //! Like the mesh bench it re-runs itself (as root) in a private network namespace with the
 //! open-file limit raised; the echo server is this binary again (`latch-bench load-echo`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -14,12 +14,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::latch::{CLIENT_ADMIN, CLIENT_ID, ControlPlane, SERVER_ADMIN, SERVER_ID};
-use super::netns::PrivateNetns;
+use super::netns;
 use super::report::{DocSection, Facts, format_number, update_doc};
 use super::tunnel::{Alt, App, Tunnel};
 use super::{haproxy, latch};
 use latch_testkit::binaries::workspace_root;
-use latch_testkit::child::run_output;
 use latch_testkit::net::wait_port;
 
 pub const LOAD_SECTION: DocSection = DocSection {
@@ -82,45 +81,8 @@ async fn run_outside(options: Options) -> Result<()> {
     if !latch_testkit::is_root() {
         bail!("the load bench needs root: to install HAProxy and for a private network namespace");
     }
-    if !Path::new("/usr/sbin/haproxy").exists() && !on_path("haproxy") {
-        eprintln!("installing haproxy");
-        let apt = |args: &[&str]| {
-            let mut command = std::process::Command::new("apt-get");
-            command.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-            command
-        };
-        run_output(apt(&["update", "-qq"]))?;
-        run_output(apt(&["install", "-y", "-qq", "haproxy"])).context("installing haproxy")?;
-    }
-    let netns = PrivateNetns::create(&format!("latch-load-{}", std::process::id()))?;
-    tokio::spawn(async {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("interrupted: stopping the bench and deleting its namespace");
-        }
-    });
-    let exe = std::env::current_exe().context("locating latch-bench")?;
-    let mut command = netns.command("sh");
-    command
-        .arg("-c")
-        .arg("ulimit -n \"$(ulimit -Hn)\" && exec \"$0\" \"$@\"")
-        .arg(&exe)
-        .args(["load", "--inside", &netns.name])
-        .args(&options.args);
-    let status = tokio::task::spawn_blocking(move || command.status())
-        .await?
-        .context("running the bench inside its namespace")?;
-    drop(netns);
-    if !status.success() {
-        bail!("the load bench failed ({status})");
-    }
-    Ok(())
-}
-
-fn on_path(tool: &str) -> bool {
-    std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
+    netns::install_missing(&[("haproxy", "haproxy")])?;
+    netns::run_inside("load", &options.args).await
 }
 
 /// `latch-bench load-echo ADDR`: echoes every byte back until the client closes.

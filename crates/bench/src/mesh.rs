@@ -4,19 +4,17 @@
 //! each alternative in turn, repetition after repetition, and reports medians and ratios.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
 use super::latch::{CLIENT_ID, ControlPlane, SERVER_ID, SvidFiles};
-use super::netns::PrivateNetns;
+use super::netns;
 use super::report::{Facts, MESH_SECTION, Results, generated_section, update_doc};
 use super::tunnel::{Alt, App, Tunnel};
 use super::workloads::{Settings, Workload};
 use super::{apps, haproxy, stunnel};
 use latch_testkit::binaries::workspace_root;
-use latch_testkit::child::run_output;
 
 /// Tools the bench runs, and the Debian package of each.
 const TOOLS: &[(&str, &str)] = &[
@@ -28,11 +26,6 @@ const TOOLS: &[(&str, &str)] = &[
     ("nginx", "nginx-light"),
     ("wrk", "wrk"),
 ];
-
-/// Raises the soft limit on open files to the hard one for everything in the namespace. Each
-/// idle connection costs a sidecar two descriptors, so the hard limit (20,000 in this machine's
-/// containers, not raisable without CAP_SYS_RESOURCE) caps the memory rows at 9,000 connections.
-const RAISE_NOFILE: &str = "ulimit -n \"$(ulimit -Hn)\"";
 
 /// `latch-bench mesh`.
 #[derive(Debug, clap::Args)]
@@ -91,60 +84,8 @@ async fn run_outside(options: Options) -> Result<()> {
             "the mesh bench needs root: to install its tools and for a private network namespace"
         );
     }
-    install_missing_tools()?;
-    let netns = PrivateNetns::create(&format!("latch-bench-{}", std::process::id()))?;
-    // Ctrl-C stops the inner run (same process group); this process stays to clean up.
-    tokio::spawn(async {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("interrupted: stopping the bench and deleting its namespace");
-        }
-    });
-    let exe = std::env::current_exe().context("locating latch-bench")?;
-    let mut command = netns.command("sh");
-    command
-        .arg("-c")
-        .arg(format!("{RAISE_NOFILE} && exec \"$0\" \"$@\""))
-        .arg(&exe)
-        .args(["mesh", "--inside", &netns.name])
-        .args(&options.args);
-    let status = tokio::task::spawn_blocking(move || command.status())
-        .await?
-        .context("running the bench inside its namespace")?;
-    drop(netns);
-    if !status.success() {
-        bail!("the mesh bench failed ({status})");
-    }
-    Ok(())
-}
-
-fn on_path(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
-/// `apt-get install` for each tool not on PATH (one `apt-get update` first).
-fn install_missing_tools() -> Result<()> {
-    let missing: Vec<&str> = TOOLS
-        .iter()
-        .filter(|(tool, _)| !on_path(tool))
-        .map(|(_, package)| *package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    eprintln!("installing {}", missing.join(" "));
-    let apt = |args: &[&str]| {
-        let mut command = Command::new("apt-get");
-        command.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-        command
-    };
-    run_output(apt(&["update", "-qq"]))?;
-    let mut install = apt(&["install", "-y", "-qq"]);
-    install.args(&missing);
-    run_output(install).context("installing the bench's tools")?;
-    Ok(())
+    netns::install_missing(TOOLS)?;
+    netns::run_inside("mesh", &options.args).await
 }
 
 /// Where logs and configs go: `target/latch-bench-mesh`, recreated on each run.

@@ -62,3 +62,18 @@ pub mod type_url {
 
 /// The single MeshConfig resource's name.
 pub const MESH_CONFIG_NAME: &str = "mesh";
+
+impl discovery::Resource {
+    /// A discovery resource named `name` at `version` whose body is `message` as an Any of
+    /// `type_url`: how tests and fuzz targets build what a control plane would send.
+    pub fn of(type_url: &str, name: &str, version: &str, message: &impl prost::Message) -> Self {
+        discovery::Resource {
+            version: version.into(),
+            name: name.into(),
+            resource: Some(prost_types::Any {
+                type_url: type_url.into(),
+                value: message.encode_to_vec(),
+            }),
+        }
+    }
+}

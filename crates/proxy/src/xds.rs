@@ -526,14 +526,7 @@ mod tests {
     }
 
     fn resource<M: Message>(url: &str, name: &str, message: &M) -> Resource {
-        Resource {
-            version: "v1".into(),
-            name: name.into(),
-            resource: Some(prost_types::Any {
-                type_url: url.into(),
-                value: message.encode_to_vec(),
-            }),
-        }
+        Resource::of(url, name, "v1", message)
     }
 
     fn response(url: &str, resources: Vec<Resource>, removed: &[&str]) -> DeltaDiscoveryResponse {

@@ -82,14 +82,8 @@ fn ca_and_svid() -> (String, Svid) {
 }
 
 fn resource<M: Message>(url: &str, name: &str, message: &M) -> Resource {
-    Resource {
-        version: format!("v-{name}-{}", message.encoded_len()),
-        name: name.into(),
-        resource: Some(prost_types::Any {
-            type_url: url.into(),
-            value: message.encode_to_vec(),
-        }),
-    }
+    let version = format!("v-{name}-{}", message.encoded_len());
+    Resource::of(url, name, &version, message)
 }
 
 fn response(

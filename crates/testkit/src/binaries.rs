@@ -95,6 +95,30 @@ pub fn latchctl(args: &[&str]) -> Output {
     run(workspace_binary("latchctl"), args)
 }
 
+/// The arguments of `latchctl token create` for a join token bound to `id`, asked of the admin
+/// API at `admin` with the credential in `data_dir`; reusable when asked.
+pub fn token_create_args<'a>(
+    id: &'a str,
+    admin: &'a str,
+    data_dir: &'a str,
+    reusable: bool,
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "token",
+        "create",
+        "--spiffe-id",
+        id,
+        "--admin",
+        admin,
+        "--data-dir",
+        data_dir,
+    ];
+    if reusable {
+        args.push("--reusable");
+    }
+    args
+}
+
 /// A finished command's stdout, trimmed, or its stderr (trimmed) when it failed.
 pub fn outcome(out: &Output) -> Result<String, String> {
     if out.status.success() {

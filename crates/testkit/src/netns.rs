@@ -600,18 +600,8 @@ impl<'n> PodControlPlane<'n> {
 
     /// A new join token for `id` from `latchctl token create`, reusable when asked.
     pub fn join_token(&self, id: &str, reusable: bool) -> String {
-        let mut args = vec![
-            "token",
-            "create",
-            "--spiffe-id",
-            id,
-            "--admin",
-            CONTROL_ADMIN,
-        ];
-        args.extend(["--data-dir", utf8(&self.data_dir)]);
-        if reusable {
-            args.push("--reusable");
-        }
+        let args =
+            crate::binaries::token_create_args(id, CONTROL_ADMIN, utf8(&self.data_dir), reusable);
         self.router.run(workspace_binary("latchctl"), &args)
     }
 
