@@ -36,12 +36,7 @@ async fn assert_refused(
         .create_certificate(request)
         .await
         .expect_err("request must be refused");
-    assert_eq!(status.code(), code, "message: {}", status.message());
-    assert!(
-        status.message().contains(message_part),
-        "message {:?} should mention {message_part:?}",
-        status.message()
-    );
+    latch_testkit::harness::assert_status(&status, code, message_part);
     assert_eq!(
         h.issued(),
         before,

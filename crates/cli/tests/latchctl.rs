@@ -1,13 +1,11 @@
 //! latchctl end to end against a control plane, with openssl as the outside judge of what the
 //! CA issues: the chain verifies, the extensions are exactly the X509-SVID set, TTL one hour.
 
-use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use latch_control::{Config, ControlPlane};
-use latch_identity::TrustDomain;
+use latch_control::ControlPlane;
 
 fn latchctl(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_latchctl"))
@@ -35,13 +33,7 @@ fn openssl(args: &[&str]) -> String {
 }
 
 async fn start(data_dir: &Path) -> ControlPlane {
-    let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    let config = Config::new(
-        TrustDomain::new("cluster.local").unwrap(),
-        data_dir.to_path_buf(),
-        any,
-        any,
-    );
+    let config = latch_testkit::loopback_config(data_dir.to_path_buf());
     ControlPlane::start(config)
         .await
         .expect("control plane starts")

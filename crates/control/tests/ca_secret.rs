@@ -16,7 +16,7 @@ use hyper::{Method, StatusCode};
 use latch_control::ca_secret::SecretRef;
 use latch_control::kubernetes::KubernetesAccess;
 use latch_control::{Config, ControlPlane, StartError};
-use latch_identity::{TrustBundle, TrustDomain};
+use latch_identity::TrustBundle;
 use serde_json::{Value, json};
 
 const PATH: &str = "/api/v1/namespaces/latch-system/secrets/latch-ca";
@@ -108,13 +108,7 @@ async fn fake_api(store: Arc<Mutex<Store>>, barrier: Option<Arc<Race>>) -> Socke
 }
 
 fn config(api: SocketAddr, data_dir: &std::path::Path) -> Config {
-    let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    let mut config = Config::new(
-        TrustDomain::new("cluster.local").unwrap(),
-        data_dir.to_path_buf(),
-        any,
-        any,
-    );
+    let mut config = latch_testkit::loopback_config(data_dir.to_path_buf());
     let kube = kube::Config::new(format!("http://{api}").parse().unwrap());
     config.kubernetes = Some(KubernetesAccess::Config(Box::new(kube)));
     config.ca_secret = Some("latch-system/latch-ca".parse::<SecretRef>().unwrap());
@@ -202,15 +196,9 @@ async fn replicas_starting_together_share_one_root() {
 async fn an_operators_secret_is_used_as_it_is() {
     // The root an operator made with latch-control itself, as docs/kubernetes.md shows.
     let init = tempfile::tempdir().unwrap();
-    let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    let first = ControlPlane::start(Config::new(
-        TrustDomain::new("cluster.local").unwrap(),
-        init.path().to_path_buf(),
-        any,
-        any,
-    ))
-    .await
-    .unwrap();
+    let first = ControlPlane::start(latch_testkit::loopback_config(init.path().to_path_buf()))
+        .await
+        .unwrap();
     first.shutdown().await;
     let cert = std::fs::read(init.path().join("ca/root.crt.pem")).unwrap();
     let key = std::fs::read(init.path().join("ca/root.key.pem")).unwrap();

@@ -56,10 +56,6 @@ struct Plane {
     trust_domain: TrustDomain,
 }
 
-fn loopback() -> std::net::SocketAddr {
-    std::net::SocketAddr::from(([127, 0, 0, 1], 0))
-}
-
 impl Plane {
     async fn start(yaml: Option<&str>) -> Self {
         Self::start_with(yaml, |_| {}).await
@@ -86,13 +82,8 @@ impl Plane {
         config_path: Option<PathBuf>,
         adjust: impl FnOnce(&mut Config),
     ) -> (ControlPlane, TrustDomain) {
-        let trust_domain = TrustDomain::new("cluster.local").unwrap();
-        let mut config = Config::new(
-            trust_domain.clone(),
-            dir.join("data"),
-            loopback(),
-            loopback(),
-        );
+        let mut config = latch_testkit::loopback_config(dir.join("data"));
+        let trust_domain = config.trust_domain.clone();
         config.config_file = config_path;
         adjust(&mut config);
         let cp = ControlPlane::start(config)
@@ -703,12 +694,7 @@ async fn a_bad_mesh_in_the_config_file_stops_start_up() {
         ),
     )
     .unwrap();
-    let mut config = Config::new(
-        TrustDomain::new("cluster.local").unwrap(),
-        dir.path().join("data"),
-        loopback(),
-        loopback(),
-    );
+    let mut config = latch_testkit::loopback_config(dir.path().join("data"));
     config.config_file = Some(path.clone());
     let err = ControlPlane::start(config)
         .await

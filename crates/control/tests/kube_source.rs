@@ -19,7 +19,6 @@ use hyper::{Method, StatusCode};
 use latch_control::kubernetes::KubernetesAccess;
 use latch_control::mesh::MeshSnapshot;
 use latch_control::{Config, ControlPlane};
-use latch_identity::TrustDomain;
 use latch_mesh::MtlsMode;
 use serde_json::{Value, json};
 use tokio::sync::mpsc::UnboundedSender;
@@ -347,13 +346,7 @@ async fn the_published_mesh_follows_the_cluster() {
         "mesh:\n  mtls: PERMISSIVE\nworkloads:\n  - {name: vm, namespace: legacy, service_account: vm, ips: [192.0.2.10]}\n  - {name: squatter, namespace: legacy, service_account: vm, ips: [10.244.1.5]}\n",
     )
     .unwrap();
-    let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    let mut config = Config::new(
-        TrustDomain::new("cluster.local").unwrap(),
-        dir.path().join("data"),
-        any,
-        any,
-    );
+    let mut config = latch_testkit::loopback_config(dir.path().join("data"));
     config.config_file = Some(file);
     config.kubernetes = Some(KubernetesAccess::Config(Box::new(kube::Config::new(
         format!("http://{addr}").parse().unwrap(),
@@ -591,8 +584,7 @@ async fn until_ready(cp: &ControlPlane, what: &str, check: impl Fn(u16, &str) ->
 }
 
 fn kube_config(addr: SocketAddr, data: std::path::PathBuf) -> Config {
-    let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    let mut config = Config::new(TrustDomain::new("cluster.local").unwrap(), data, any, any);
+    let mut config = latch_testkit::loopback_config(data);
     config.kubernetes = Some(KubernetesAccess::Config(Box::new(kube::Config::new(
         format!("http://{addr}").parse().unwrap(),
     ))));

@@ -15,8 +15,8 @@ use fake_kube::{Call, not_found, respond};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Method, Response, StatusCode};
+use latch_control::ControlPlane;
 use latch_control::kubernetes::KubernetesAccess;
-use latch_control::{Config, ControlPlane};
 use latch_identity::client::{CaClient, control_plane_id};
 use latch_identity::csr::generate_csr;
 use latch_identity::{CertStore, ExpectedPeer, SpiffeId, TrustDomain};
@@ -155,13 +155,7 @@ impl Plane {
 
     async fn start_at(url: String, api: Shared) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let any = SocketAddr::from(([127, 0, 0, 1], 0));
-        let mut config = Config::new(
-            TrustDomain::new("cluster.local").unwrap(),
-            dir.path().join("data"),
-            any,
-            any,
-        );
+        let mut config = latch_testkit::loopback_config(dir.path().join("data"));
         let kube_config = kube::Config::new(url.parse().unwrap());
         config.kubernetes = Some(KubernetesAccess::Config(Box::new(kube_config)));
         let cp = ControlPlane::start(config)
@@ -203,12 +197,7 @@ impl Plane {
             })
             .await
             .expect_err("the request must be refused");
-        assert_eq!(status.code(), code, "message: {}", status.message());
-        assert!(
-            status.message().contains(message_part),
-            "message {:?} should mention {message_part:?}",
-            status.message()
-        );
+        latch_testkit::harness::assert_status(&status, code, message_part);
         assert_eq!(
             self.cp.metrics.refusals(reason),
             before + 1,
@@ -447,13 +436,7 @@ async fn unreachable_api_server_is_unavailable_not_a_verdict() {
 #[tokio::test]
 async fn without_kubernetes_tokens_are_still_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    let config = Config::new(
-        TrustDomain::new("cluster.local").unwrap(),
-        dir.path().join("data"),
-        any,
-        any,
-    );
+    let config = latch_testkit::loopback_config(dir.path().join("data"));
     let cp = ControlPlane::start(config).await.unwrap();
     let plane = Plane {
         cp,

@@ -14,7 +14,6 @@ use std::time::Duration;
 use base64::Engine;
 use latch_control::webhook::{MAX_BODY, WEBHOOK_DNS_NAME, WebhookConfig};
 use latch_control::{Config, ControlPlane};
-use latch_identity::TrustDomain;
 use latch_inject::InjectConfig;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use serde_json::{Value, json};
@@ -31,12 +30,7 @@ fn inject_config() -> InjectConfig {
 
 async fn start(data_dir: &Path, ttl: Option<Duration>) -> ControlPlane {
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    let mut config = Config::new(
-        TrustDomain::new("cluster.local").unwrap(),
-        data_dir.to_path_buf(),
-        any,
-        any,
-    );
+    let mut config = latch_testkit::loopback_config(data_dir.to_path_buf());
     config.webhook = Some(WebhookConfig {
         listen: any,
         inject: inject_config(),
@@ -412,15 +406,9 @@ async fn the_webhook_is_off_unless_asked_for() {
         "latch-control.latch-system.svc:15010"
     );
     let dir = tempfile::tempdir().unwrap();
-    let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    let cp = ControlPlane::start(Config::new(
-        TrustDomain::new("cluster.local").unwrap(),
-        dir.path().to_path_buf(),
-        any,
-        any,
-    ))
-    .await
-    .unwrap();
+    let cp = ControlPlane::start(latch_testkit::loopback_config(dir.path().to_path_buf()))
+        .await
+        .unwrap();
     assert!(cp.webhook_addr.is_none());
     cp.shutdown().await;
 }

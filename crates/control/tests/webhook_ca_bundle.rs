@@ -15,12 +15,11 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use fake_kube::{Call, not_found, respond};
 use hyper::{Method, StatusCode};
+use latch_control::ControlPlane;
 use latch_control::kubernetes::KubernetesAccess;
 use latch_control::metrics::Metrics;
 use latch_control::webhook::WebhookConfig;
 use latch_control::webhook_ca_bundle::{Synced, WebhookCaBundle};
-use latch_control::{Config, ControlPlane};
-use latch_identity::TrustDomain;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -262,12 +261,7 @@ async fn control_plane_writes_its_roots() {
     let api = fake_api(store.clone()).await;
     let dir = tempfile::tempdir().unwrap();
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    let mut config = Config::new(
-        TrustDomain::new("cluster.local").unwrap(),
-        dir.path().to_path_buf(),
-        any,
-        any,
-    );
+    let mut config = latch_testkit::loopback_config(dir.path().to_path_buf());
     config.kubernetes = Some(KubernetesAccess::Config(Box::new(kube::Config::new(
         format!("http://{api}").parse().unwrap(),
     ))));

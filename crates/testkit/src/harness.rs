@@ -14,6 +14,28 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use crate::files::replace_file;
 use crate::net::any_loopback;
 
+/// Asserts that `status` refuses a request with `code` and a message mentioning `message_part`.
+pub fn assert_status(status: &tonic::Status, code: tonic::Code, message_part: &str) {
+    assert_eq!(status.code(), code, "message: {}", status.message());
+    assert!(
+        status.message().contains(message_part),
+        "message {:?} should mention {message_part:?}",
+        status.message()
+    );
+}
+
+/// A control-plane config as tests use it: the test trust domain, data in `data_dir`, the
+/// gRPC and admin listeners on loopback port 0.
+pub fn loopback_config(data_dir: impl Into<std::path::PathBuf>) -> Config {
+    let trust_domain = TrustDomain::new(crate::TRUST_DOMAIN).expect("trust domain");
+    Config::new(
+        trust_domain,
+        data_dir.into(),
+        any_loopback(),
+        any_loopback(),
+    )
+}
+
 /// A control plane running in this process.
 pub struct Harness {
     pub control_plane: ControlPlane,
@@ -57,13 +79,7 @@ impl Harness {
     }
 
     async fn start_in(data_dir: tempfile::TempDir, adjust: impl FnOnce(&mut Config)) -> Self {
-        let trust_domain = TrustDomain::new(crate::TRUST_DOMAIN).expect("trust domain");
-        let mut config = Config::new(
-            trust_domain.clone(),
-            data_dir.path().join("data"),
-            any_loopback(),
-            any_loopback(),
-        );
+        let mut config = loopback_config(data_dir.path().join("data"));
         adjust(&mut config);
         let trust_domain = config.trust_domain.clone();
         let control_plane = ControlPlane::start(config.clone())

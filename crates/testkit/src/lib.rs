@@ -19,7 +19,7 @@ pub mod netns;
 pub mod processes;
 
 pub use child::Child;
-pub use harness::{Harness, Paused, start_proxy};
+pub use harness::{Harness, Paused, loopback_config, start_proxy};
 pub use latch_identity;
 
 /// The trust domain every test and the demo use.
