@@ -305,7 +305,7 @@ fn proxy_kill_9_fails_the_apps_connections_fast_and_they_recover_on_restart() {
     for pod in [&a, &b] {
         control.capture(pod);
     }
-    let url = format!("http://{}/", b.ip);
+    let url = format!("http://{}/", b.ip());
     assert_eq!(
         a.curl(&url).as_deref(),
         Ok(BODY),

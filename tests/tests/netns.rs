@@ -26,7 +26,7 @@ fn plaintext_between_pods_is_visible_on_the_wire() {
     let nginx = b.start_nginx(BODY);
 
     let capture = b.capture();
-    let reply = a.curl(&format!("http://{}/", b.ip));
+    let reply = a.curl(&format!("http://{}/", b.ip()));
     let pcap = capture.stop();
 
     assert_eq!(reply.as_deref(), Ok(BODY), "nginx log:\n{}", nginx.log());
@@ -65,32 +65,12 @@ fn curl_reaches_nginx_across_pods_over_mtls() {
     let proxy_b = control.mesh(&b, &a);
 
     let capture = b.capture();
-    let reply = a.curl(&format!("http://{}/", b.ip));
+    let reply = a.curl(&format!("http://{}/", b.ip()));
     let pcap = capture.stop();
 
     let logs = || logs(&[&proxy_a, &proxy_b, &nginx]);
     assert_eq!(reply.as_deref(), Ok(BODY), "{}", logs());
-    assert!(
-        !pcap.text("tcp port 15008").is_empty(),
-        "the request should cross the wire to b's mTLS port 15008:\n{}",
-        pcap.text("")
-    );
-    assert_eq!(
-        pcap.text("tcp port 80"),
-        "",
-        "nothing should reach b's port 80 over the wire"
-    );
-    let everything = pcap.text("");
-    assert!(
-        !everything.contains(BODY),
-        "the response crossed the wire in clear:\n{everything}"
-    );
-    // Every ServerHello on the mesh port negotiates TLS 1.3 (supported_versions = 0x0304).
-    let versions = pcap.server_hello_versions(15008);
-    assert!(
-        !versions.is_empty() && versions.iter().all(|v| *v == "0x0304"),
-        "expected TLS 1.3 ServerHellos on port 15008, got {versions:?}"
-    );
+    pcap.assert_mesh_only(15008, 80, BODY);
 }
 
 #[test]
@@ -106,7 +86,7 @@ fn strict_refuses_unmeshed_clients_permissive_admits_them() {
     let control = PodControlPlane::start(&net);
     let proxy_a = control.mesh(&a, &b);
     let proxy_b = control.mesh(&b, &a);
-    let url = format!("http://{}/", b.ip);
+    let url = format!("http://{}/", b.ip());
 
     // B serves its meshed peer, so a refusal below is B's policy, not a broken setup.
     let meshed = a.curl(&url);
@@ -207,12 +187,12 @@ fn registry_only_refuses_unmeshed_destinations() {
     a.run(workspace_binary("latch-proxy"), &["iptables", "install"]);
     // b is meshed: allowed. c is not: refused, where passthrough would have let it through.
     assert_eq!(
-        a.curl(&format!("http://{}/", b.ip)).as_deref(),
+        a.curl(&format!("http://{}/", b.ip())).as_deref(),
         Ok(BODY),
         "{}",
         logs(&[&proxy_a, &proxy_b])
     );
-    let outside = a.curl(&format!("http://{}/", c.ip));
+    let outside = a.curl(&format!("http://{}/", c.ip()));
     assert!(
         outside.is_err(),
         "registry-only let a reach unmeshed c: {outside:?}"
@@ -228,23 +208,10 @@ fn mesh_yaml(pods: &[&Pod], rest: &str) -> String {
         let role = pod.name.trim_end_matches(|c: char| c.is_ascii_digit());
         out.push_str(&format!(
             "  - name: {0}\n    namespace: demo\n    service_account: {0}\n    ips: [\"{1}\"]\n    labels: {{app: {0}, role: {role}}}\n",
-            pod.name, pod.ip
+            pod.name, pod.ip()
         ));
     }
     out + rest
-}
-
-/// One metric's value from a proxy's /metrics in `pod` (0 when absent): the first line that
-/// starts with `name` and contains every one of `labels`.
-fn metric(pod: &Pod, name: &str, labels: &[&str]) -> f64 {
-    let text = pod
-        .curl(&format!("http://{PROXY_ADMIN}/metrics"))
-        .unwrap_or_default();
-    text.lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-        .next()
-        .unwrap_or(0.0)
 }
 
 const ALLOW_ONLY_A: &str = "policies:\n  - name: b-callers\n    namespace: demo\n    selector: {app: b}\n    action: ALLOW\n    rules:\n      - principals: [{exact: \"spiffe://cluster.local/ns/demo/sa/a\"}]\n";
@@ -265,7 +232,7 @@ fn policies_from_discovery_allow_deny_and_cut_live_connections() {
     let proxy_a = control.mesh_discovered(&a);
     let proxy_c = control.mesh_discovered(&c);
     let logs = || logs(&[&proxy_a, &proxy_b, &proxy_c, &nginx, &control.process]);
-    let url = format!("http://{}/", b.ip);
+    let url = format!("http://{}/", b.ip());
 
     // The policy selecting b allows a only; c is a meshed peer with a valid SVID all the same.
     assert_eq!(a.curl(&url).as_deref(), Ok(BODY), "{}", logs());
@@ -273,7 +240,7 @@ fn policies_from_discovery_allow_deny_and_cut_live_connections() {
     assert!(refused.is_err(), "b's policy let c in: {refused:?}");
     let c_label = format!("peer=\"{}\"", spiffe_id("c"));
     assert_eq!(
-        metric(&b, "latch_proxy_authorization_denials", &[&c_label]),
+        b.proxy_metric("latch_proxy_authorization_denials", &[&c_label]),
         1.0,
         "{}",
         logs()
@@ -291,7 +258,7 @@ fn policies_from_discovery_allow_deny_and_cut_live_connections() {
          IFS= read -r -t 5 status <&3 && echo \"FIRST $status\"\n\
          while IFS= read -r -t 1 line <&3; do :; done\n\
          IFS= read -r -t 60 line <&3; echo \"END rc=$?\"\n",
-        ip = b.ip
+        ip = b.ip()
     );
     let live = a.spawn("bash", &["-c", &script], None, &net.dir().join("live.log"));
     live.wait_until(
@@ -315,7 +282,7 @@ fn policies_from_discovery_allow_deny_and_cut_live_connections() {
     assert_eq!(c.curl(&url).as_deref(), Ok(BODY), "{}", logs());
     assert!(a.curl(&url).is_err(), "a is no longer allowed");
     assert!(
-        metric(&b, "latch_proxy_tcp_connections_closed_by_policy", &[]) >= 1.0,
+        b.proxy_metric("latch_proxy_tcp_connections_closed_by_policy", &[]) >= 1.0,
         "{}",
         logs()
     );
@@ -340,7 +307,10 @@ fn service_vip_spreads_over_endpoints_and_skips_removed_ones() {
         .collect();
     let pods: Vec<&Pod> = std::iter::once(&a).chain(backends.iter()).collect();
     let service = |endpoints: &[&Pod]| {
-        let ips: Vec<String> = endpoints.iter().map(|p| format!("\"{}\"", p.ip)).collect();
+        let ips: Vec<String> = endpoints
+            .iter()
+            .map(|p| format!("\"{}\"", p.ip()))
+            .collect();
         format!(
             "services:\n  - name: web\n    namespace: demo\n    vips: [\"{VIP}\"]\n    ports: [{{port: 80, target_port: 80}}]\n    endpoints: [{}]\n",
             ips.join(", ")
@@ -384,7 +354,8 @@ fn service_vip_spreads_over_endpoints_and_skips_removed_ones() {
     assert_eq!(first.values().sum::<i32>(), 30, "{first:?}");
 
     // web3 leaves the service; once a's proxy has the change, no new connection goes there.
-    let applied = |pod: &Pod| metric(pod, "latch_proxy_discovery_responses_applied", &["Service"]);
+    let applied =
+        |pod: &Pod| pod.proxy_metric("latch_proxy_discovery_responses_applied", &["Service"]);
     let before = applied(&a);
     control.write_config(&mesh_yaml(&pods, &service(&all[..2])));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -48,15 +48,51 @@ impl fmt::Display for BindError {
 impl std::error::Error for BindError {}
 
 /// Binds `addr` for the listener chosen by `flag`; returns the listener and the address it got
-/// (port 0 picks one).
+/// (port 0 picks one). `[::]` listens on both families (IPV6_V6ONLY off, whatever the host's
+/// `net.ipv6.bindv6only` says), so IPv4 peers arrive as IPv4-mapped addresses, which `serve`
+/// hands to handlers in their plain IPv4 form. On a kernel without IPv6 `[::]` falls back to
+/// `0.0.0.0`, said in the log.
 pub async fn bind(
     addr: std::net::SocketAddr,
     flag: &'static str,
 ) -> Result<(TcpListener, std::net::SocketAddr), BindError> {
     let bind_err = |error| BindError { addr, flag, error };
-    let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
+    let listener = match listen_socket(addr) {
+        Err(e) if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) && no_ipv6(&e) => {
+            let v4 = std::net::SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), addr.port());
+            tracing::warn!(
+                "{flag} {addr}: this kernel has no IPv6 ({e}); listening on {v4}, IPv4 only"
+            );
+            listen_socket(v4)
+        }
+        other => other,
+    }
+    .map_err(bind_err)?;
     let local = listener.local_addr().map_err(bind_err)?;
     Ok((listener, local))
+}
+
+/// A listening TCP socket on `addr` with SO_REUSEADDR (as tokio's `TcpListener::bind`), and
+/// both families on an IPv6 wildcard.
+fn listen_socket(addr: std::net::SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// True when `error` says the kernel has no IPv6 at all (or it is disabled on every interface).
+fn no_ipv6(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+    )
 }
 
 /// Pause after a failed accept: the failed connection stays in the listen queue, and without a
@@ -217,8 +253,11 @@ pub trait Listen: Send + 'static {
 impl Listen for TcpListener {
     type Conn = TcpStream;
     type Addr = std::net::SocketAddr;
-    fn accept(&self) -> impl Future<Output = io::Result<(TcpStream, std::net::SocketAddr)>> + Send {
-        TcpListener::accept(self)
+    /// The peer's address in its plain form: an IPv4 peer of a dual-stack listener is
+    /// `10.0.0.2`, not `::ffff:10.0.0.2`, for every handler, log line and per-source count.
+    async fn accept(&self) -> io::Result<(TcpStream, std::net::SocketAddr)> {
+        let (conn, remote) = TcpListener::accept(self).await?;
+        Ok((conn, canonical(remote)))
     }
     /// TCP_NODELAY always, keepalive when the policy asks for it.
     fn tune(&self, conn: &TcpStream, policy: &ListenerPolicy) {
@@ -231,8 +270,13 @@ impl Listen for TcpListener {
         }
     }
     fn source(remote: &std::net::SocketAddr) -> Option<IpAddr> {
-        Some(remote.ip().to_canonical())
+        Some(remote.ip())
     }
+}
+
+/// `addr` with an IPv4-mapped IPv6 address (`[::ffff:10.0.0.2]:80`) in its IPv4 form.
+pub fn canonical(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 /// Open connections per source address, for `ListenerPolicy::per_source`.

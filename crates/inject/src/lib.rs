@@ -335,8 +335,9 @@ fn proxy_container(config: &InjectConfig) -> Value {
             // Expanded by the kubelet from the env below: the pod's real name, which a webhook
             // does not know yet for pods named by generateName.
             "--workload-name", "$(LATCH_POD_NAMESPACE)/$(LATCH_POD_NAME)",
-            // The kubelet probes the pod IP; the capture rules never redirect this port.
-            "--admin", format!("0.0.0.0:{ADMIN_PORT}"),
+            // The kubelet probes the pod IP, of either family; the capture rules never redirect
+            // this port.
+            "--admin", format!("[::]:{ADMIN_PORT}"),
         ],
         "env": [
             {"name": "LATCH_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},

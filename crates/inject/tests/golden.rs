@@ -178,7 +178,7 @@ fn excluded_ports_reach_the_iptables_rules() {
         exclude_outbound_ports,
         exclude_inbound_ports,
     }
-    .render();
+    .render(latch_proxy::capture::Family::V4);
     for rule in [
         "-A LATCH_OUTPUT -m owner --uid-owner 1337 -j RETURN",
         "-A LATCH_OUTPUT -p tcp --dport 22 -j RETURN",

@@ -1,28 +1,82 @@
 //! Transparent capture: the original destination of a REDIRECTed connection (SO_ORIGINAL_DST),
-//! and the iptables rules that send the app's TCP through the proxy (`latch-proxy iptables
-//! install|uninstall|print`), applied with iptables-restore in the pod's network namespace.
+//! and the iptables and ip6tables rules that send the app's TCP through the proxy
+//! (`latch-proxy iptables install|uninstall|print`), applied with iptables-restore and
+//! ip6tables-restore in the pod's network namespace.
 
 use std::io::Write;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::process::{Command, Stdio};
 
 use latch_mesh::ports::{INBOUND_CAPTURE, OUTBOUND_CAPTURE, PROXY_PORTS, PROXY_UID};
 use thiserror::Error;
 use tokio::net::TcpStream;
 
-/// The original destination of a connection redirected by iptables.
+/// The original destination of a connection redirected by iptables or ip6tables, an IPv4
+/// address in its plain form. A dual-stack listener accepts IPv4 connections as IPv4-mapped
+/// IPv6 sockets, but their original destination is in the IPv4 conntrack table.
 pub fn original_dst(stream: &TcpStream) -> std::io::Result<SocketAddr> {
     let sock = socket2::SockRef::from(stream);
     let addr = match stream.local_addr()? {
-        SocketAddr::V4(_) => sock.original_dst_v4()?,
-        SocketAddr::V6(_) => sock.original_dst_v6()?,
+        SocketAddr::V6(local) if local.ip().to_ipv4_mapped().is_none() => sock.original_dst_v6()?,
+        _ => sock.original_dst_v4()?,
     };
-    addr.as_socket()
-        .ok_or_else(|| std::io::Error::other("original destination is not an IP address"))
+    let addr = addr
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("original destination is not an IP address"))?;
+    Ok(SocketAddr::new(addr.ip().to_canonical(), addr.port()))
+}
+
+/// True when `ip` is an address of this network namespace: the kernel lets a socket bind it.
+/// (REDIRECT rewrites the destination to one address of the interface the packet came in on,
+/// which need not be the one the client used when the interface has several.)
+pub fn is_local_address(ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    !ip.is_unspecified()
+        && !ip.is_multicast()
+        && std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 const OUTPUT_CHAIN: &str = "LATCH_OUTPUT";
 const INBOUND_CHAIN: &str = "LATCH_INBOUND";
+
+/// An IP family: the rules are the same for both but for loopback and the tools applying them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const BOTH: [Family; 2] = [Family::V4, Family::V6];
+
+    fn iptables(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+
+    fn restore(self) -> &'static str {
+        match self {
+            Family::V4 => "iptables-restore",
+            Family::V6 => "ip6tables-restore",
+        }
+    }
+
+    fn loopback(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.0/8",
+            Family::V6 => "::1/128",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+}
 
 /// What to capture.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,11 +108,31 @@ pub enum CaptureError {
     },
     #[error("{command} failed: {stderr}")]
     Failed { command: String, stderr: String },
+    #[error(
+        "this pod has the IPv6 address {address}, but the IPv6 capture rules could not be \
+         installed, so IPv6 traffic would bypass the proxy; no rules were left installed. \
+         Install ip6tables (with the ip6table_nat module, or nf_tables) in this image, or \
+         remove IPv6 from the pod. The cause: {cause}"
+    )]
+    Ipv6Hole {
+        address: Ipv6Addr,
+        cause: Box<CaptureError>,
+    },
+}
+
+/// What `install` did.
+#[derive(Debug)]
+pub enum Installed {
+    /// Rules for IPv4 and IPv6.
+    BothFamilies,
+    /// IPv4 rules only: the IPv6 ones could not be installed (the error), and the pod has no
+    /// global IPv6 address, so no IPv6 traffic can reach or leave it around the proxy.
+    Ipv4Only(CaptureError),
 }
 
 impl CaptureRules {
-    /// The nat table rules in iptables-restore format (used with --noflush).
-    pub fn render(&self) -> String {
+    /// The nat table rules for `family` in iptables-restore format (used with --noflush).
+    pub fn render(&self, family: Family) -> String {
         let mut out = String::from("*nat\n");
         out.push_str(&format!(
             ":{OUTPUT_CHAIN} - [0:0]\n:{INBOUND_CHAIN} - [0:0]\n"
@@ -70,7 +144,10 @@ impl CaptureRules {
             "-A {OUTPUT_CHAIN} -m owner --uid-owner {} -j RETURN\n",
             self.proxy_uid
         ));
-        out.push_str(&format!("-A {OUTPUT_CHAIN} -d 127.0.0.0/8 -j RETURN\n"));
+        out.push_str(&format!(
+            "-A {OUTPUT_CHAIN} -d {} -j RETURN\n",
+            family.loopback()
+        ));
         for port in &self.exclude_outbound_ports {
             out.push_str(&format!(
                 "-A {OUTPUT_CHAIN} -p tcp --dport {port} -j RETURN\n"
@@ -102,33 +179,63 @@ impl CaptureRules {
         out
     }
 
-    /// Installs the rules, replacing any earlier Latch rules (idempotent).
-    pub fn install(&self) -> Result<(), CaptureError> {
+    /// Both families' rules, each under a comment naming the command that applies it.
+    pub fn print(&self) -> String {
+        Family::BOTH
+            .iter()
+            .map(|&family| {
+                format!(
+                    "# {}: {} --noflush\n{}",
+                    family.name(),
+                    family.restore(),
+                    self.render(family)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Installs the rules for both families, replacing any earlier Latch rules (idempotent).
+    /// IPv4 rules are required. IPv6 rules are required when the pod has a global IPv6
+    /// address; without one, a failure to install them is returned as `Installed::Ipv4Only`.
+    /// On an error no Latch rule is left installed.
+    pub fn install(&self) -> Result<Installed, CaptureError> {
         uninstall()?;
-        let command = "iptables-restore --noflush".to_string();
-        let mut child = Command::new("iptables-restore")
+        self.restore(Family::V4)?;
+        match self.restore(Family::V6) {
+            Ok(()) => Ok(Installed::BothFamilies),
+            Err(cause) => match global_ipv6_addresses().into_iter().next() {
+                None => Ok(Installed::Ipv4Only(cause)),
+                Some(address) => {
+                    uninstall()?;
+                    Err(CaptureError::Ipv6Hole {
+                        address,
+                        cause: Box::new(cause),
+                    })
+                }
+            },
+        }
+    }
+
+    fn restore(&self, family: Family) -> Result<(), CaptureError> {
+        let command = format!("{} --noflush", family.restore());
+        let spawn_err = |source| CaptureError::Spawn {
+            command: command.clone(),
+            source,
+        };
+        let mut child = Command::new(family.restore())
             .arg("--noflush")
             .stdin(Stdio::piped())
+            .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|source| CaptureError::Spawn {
-                command: command.clone(),
-                source,
-            })?;
+            .map_err(spawn_err)?;
         if let Some(mut stdin) = child.stdin.take() {
             stdin
-                .write_all(self.render().as_bytes())
-                .map_err(|source| CaptureError::Spawn {
-                    command: command.clone(),
-                    source,
-                })?;
+                .write_all(self.render(family).as_bytes())
+                .map_err(spawn_err)?;
         }
-        let output = child
-            .wait_with_output()
-            .map_err(|source| CaptureError::Spawn {
-                command: command.clone(),
-                source,
-            })?;
+        let output = child.wait_with_output().map_err(spawn_err)?;
         if !output.status.success() {
             return Err(CaptureError::Failed {
                 command,
@@ -139,9 +246,32 @@ impl CaptureRules {
     }
 }
 
-fn iptables(args: &[&str]) -> Result<bool, CaptureError> {
-    let command = format!("iptables {}", args.join(" "));
-    let output = Command::new("iptables")
+/// The global-scope IPv6 addresses of this network namespace (unique-local fd00::/8 included,
+/// as the kernel counts them), from /proc/net/if_inet6; none when the kernel has no IPv6.
+pub fn global_ipv6_addresses() -> Vec<Ipv6Addr> {
+    std::fs::read_to_string("/proc/net/if_inet6")
+        .map(|text| parse_if_inet6(&text))
+        .unwrap_or_default()
+}
+
+/// Lines of `<32 hex digits> <ifindex> <prefix length> <scope> <flags> <name>`; scope 00 is
+/// global.
+fn parse_if_inet6(text: &str) -> Vec<Ipv6Addr> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (hex, scope) = (fields.first()?, fields.get(3)?);
+            if *scope != "00" || hex.len() != 32 {
+                return None;
+            }
+            u128::from_str_radix(hex, 16).ok().map(Ipv6Addr::from)
+        })
+        .collect()
+}
+
+fn iptables(family: Family, args: &[&str]) -> Result<bool, CaptureError> {
+    let command = format!("{} {}", family.iptables(), args.join(" "));
+    let output = Command::new(family.iptables())
         .args(args)
         .output()
         .map_err(|source| CaptureError::Spawn {
@@ -151,14 +281,31 @@ fn iptables(args: &[&str]) -> Result<bool, CaptureError> {
     Ok(output.status.success())
 }
 
-/// Removes every Latch rule and chain; does nothing when none are installed.
+/// Removes every Latch rule and chain of both families; does nothing when none are installed
+/// (nor for IPv6 when ip6tables is not installed: then no IPv6 rule can be).
 pub fn uninstall() -> Result<(), CaptureError> {
+    for family in Family::BOTH {
+        match uninstall_family(family) {
+            Err(CaptureError::Spawn { source, .. })
+                if family == Family::V6 && source.kind() == std::io::ErrorKind::NotFound => {}
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
+fn uninstall_family(family: Family) -> Result<(), CaptureError> {
     for (parent, chain) in [("OUTPUT", OUTPUT_CHAIN), ("PREROUTING", INBOUND_CHAIN)] {
         // Delete every jump into our chain (there may be several after manual edits).
-        while iptables(&["-t", "nat", "-D", parent, "-p", "tcp", "-j", chain])? {}
-        if iptables(&["-t", "nat", "-F", chain])? && !iptables(&["-t", "nat", "-X", chain])? {
+        while iptables(
+            family,
+            &["-t", "nat", "-D", parent, "-p", "tcp", "-j", chain],
+        )? {}
+        if iptables(family, &["-t", "nat", "-F", chain])?
+            && !iptables(family, &["-t", "nat", "-X", chain])?
+        {
             return Err(CaptureError::Failed {
-                command: format!("iptables -t nat -X {chain}"),
+                command: format!("{} -t nat -X {chain}", family.iptables()),
                 stderr: "chain is still referenced".into(),
             });
         }
@@ -177,7 +324,7 @@ mod tests {
             exclude_outbound_ports: vec![22],
             exclude_inbound_ports: vec![9090],
         }
-        .render();
+        .render(Family::V4);
         let lines: Vec<&str> = rules.lines().collect();
         let expected = [
             "*nat",
@@ -198,5 +345,48 @@ mod tests {
             "COMMIT",
         ];
         assert_eq!(lines, expected);
+    }
+
+    #[test]
+    fn ipv6_rules_differ_only_in_loopback() {
+        let rules = CaptureRules::default();
+        let v4 = rules.render(Family::V4);
+        let v6 = rules.render(Family::V6);
+        assert!(
+            v6.lines()
+                .any(|l| l == "-A LATCH_OUTPUT -d ::1/128 -j RETURN")
+        );
+        assert_eq!(v4.replace("127.0.0.0/8", "::1/128"), v6);
+        let printed = rules.print();
+        assert!(printed.starts_with("# IPv4: iptables-restore --noflush\n*nat\n"));
+        assert!(printed.contains("\n# IPv6: ip6tables-restore --noflush\n*nat\n"));
+        assert_eq!(printed.matches("COMMIT").count(), 2);
+    }
+
+    #[test]
+    fn global_ipv6_addresses_are_scope_00() {
+        let text = "\
+00000000000000000000000000000001 01 80 10 80       lo
+fe800000000000000000000000000001 02 40 20 80     eth0
+fd000005000000000000000000000010 02 40 00 80     eth0
+20010db8000000000000000000000001 02 40 00 80     eth0
+";
+        assert_eq!(
+            parse_if_inet6(text),
+            vec![
+                "fd00:5::10".parse::<Ipv6Addr>().unwrap(),
+                "2001:db8::1".parse().unwrap()
+            ]
+        );
+        assert!(parse_if_inet6("garbage\n").is_empty());
+    }
+
+    #[test]
+    fn local_addresses_are_those_a_socket_can_bind() {
+        assert!(is_local_address("127.0.0.1".parse().unwrap()));
+        assert!(is_local_address("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!is_local_address("0.0.0.0".parse().unwrap()));
+        // TEST-NET-3, never assigned to a host.
+        assert!(!is_local_address("203.0.113.7".parse().unwrap()));
     }
 }

@@ -1,6 +1,6 @@
 //! The proxy's command line; every flag also reads a LATCH_* environment variable.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -141,18 +141,19 @@ pub struct Args {
     /// Admin HTTP: /healthz, /ready, /metrics, /debug/certs, /debug/config.
     #[arg(long, env = "LATCH_ADMIN", default_value_t = SocketAddr::from(([127, 0, 0, 1], PROXY_ADMIN)))]
     pub admin: SocketAddr,
-    /// Inbound mTLS listener for other proxies.
-    #[arg(long, env = "LATCH_INBOUND", default_value_t = SocketAddr::from(([0, 0, 0, 0], INBOUND_MTLS)))]
+    /// Inbound mTLS listener for other proxies. `[::]` is both IPv4 and IPv6 (IPv4 only on a
+    /// kernel without IPv6).
+    #[arg(long, env = "LATCH_INBOUND", default_value_t = SocketAddr::from((Ipv6Addr::UNSPECIFIED, INBOUND_MTLS)))]
     pub inbound: SocketAddr,
     /// Run the transparent-capture listeners (outbound 15001, inbound plaintext 15006); use
     /// with `latch-proxy iptables install`.
     #[arg(long, env = "LATCH_TRANSPARENT")]
     pub transparent: bool,
     /// Outbound capture listener (with --transparent).
-    #[arg(long, env = "LATCH_OUTBOUND_CAPTURE", default_value_t = SocketAddr::from(([0, 0, 0, 0], OUTBOUND_CAPTURE)))]
+    #[arg(long, env = "LATCH_OUTBOUND_CAPTURE", default_value_t = SocketAddr::from((Ipv6Addr::UNSPECIFIED, OUTBOUND_CAPTURE)))]
     pub outbound_capture: SocketAddr,
     /// Inbound plaintext capture listener (with --transparent).
-    #[arg(long, env = "LATCH_INBOUND_PLAINTEXT", default_value_t = SocketAddr::from(([0, 0, 0, 0], INBOUND_CAPTURE)))]
+    #[arg(long, env = "LATCH_INBOUND_PLAINTEXT", default_value_t = SocketAddr::from((Ipv6Addr::UNSPECIFIED, INBOUND_CAPTURE)))]
     pub inbound_plaintext: SocketAddr,
     /// Plaintext arriving for the app: refused (strict) or passed to it (permissive). When
     /// set, overrides the control plane's mTLS modes; when absent they decide (strict without

@@ -131,7 +131,7 @@ pub async fn mtls(
     };
     // The peer meant this workload: the address it connected to, on the port it named.
     let workload = match tls.get_ref().0.local_addr() {
-        Ok(local) => local.ip(),
+        Ok(local) => local.ip().to_canonical(),
         Err(e) => {
             dp.metrics.refused(DIRECTION, "io");
             tracing::info!(%remote, peer = %peer, "no local address on the connection: {e}");
@@ -201,10 +201,12 @@ pub async fn plaintext(dp: Arc<DataPath>, tcp: TcpStream, remote: SocketAddr, _s
         dp.refuse_proxy_port(PLAINTEXT, remote, "unknown", original);
         return;
     }
-    // REDIRECT rewrote the destination to the address the packet arrived on; any other
-    // original address (another host's, loopback) was sent to this pod on purpose and would
-    // make the proxy a relay.
-    if original.ip().to_canonical() != local.ip().to_canonical() {
+    // REDIRECT rewrote the destination to an address of the interface the packet arrived on;
+    // an original address that is not this pod's (another host's, sent to this pod on
+    // purpose) would make the proxy a relay. Loopback never arrives through PREROUTING.
+    let original_is_local = original.ip() == local.ip().to_canonical()
+        || crate::capture::is_local_address(original.ip());
+    if original.ip().is_loopback() || !original_is_local {
         dp.metrics.refused(PLAINTEXT, "not_local_destination");
         tracing::info!(%remote, %original, %local, "refused a captured connection whose original destination is not this workload's address");
         return;

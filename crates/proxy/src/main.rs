@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use latch_proxy::capture::CaptureRules;
+use latch_proxy::capture::{CaptureRules, Installed};
 use latch_proxy::config::{Command, IptablesAction};
 use latch_proxy::{Args, Cli, Config, Proxy};
 
@@ -35,11 +35,15 @@ fn iptables(command: Command) -> anyhow::Result<()> {
         exclude_inbound_ports,
     };
     match action {
-        IptablesAction::Print => print!("{}", rules.render()),
-        IptablesAction::Install => {
-            rules.install()?;
-            tracing::info!("capture rules installed");
-        }
+        IptablesAction::Print => print!("{}", rules.print()),
+        IptablesAction::Install => match rules.install()? {
+            Installed::BothFamilies => tracing::info!("capture rules installed (IPv4 and IPv6)"),
+            Installed::Ipv4Only(why) => tracing::warn!(
+                "capture rules installed for IPv4 only: the IPv6 ones could not be ({}); this \
+                 pod has no global IPv6 address, so no IPv6 traffic can bypass the proxy",
+                latch_identity::error_chain(&why)
+            ),
+        },
         IptablesAction::Uninstall => {
             latch_proxy::capture::uninstall()?;
             tracing::info!("capture rules removed");

@@ -7,7 +7,7 @@
 use std::cell::RefCell;
 use std::ffi::OsStr;
 use std::marker::PhantomData;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -27,8 +27,29 @@ const REQUIRE_ENV: &str = "LATCH_REQUIRE_NETNS";
 /// The bridge's name and address suffix inside the router namespace.
 const BRIDGE: &str = "br0";
 const ROUTER_HOST: u8 = 1;
-/// Pods get 10.X.0.10, 10.X.0.11, ... in the order they are added.
+/// Pods get 10.X.0.10, 10.X.0.11, ... (and fd00:X::10, fd00:X::11, ...) in the order they
+/// are added.
 const FIRST_POD_HOST: u8 = 10;
+
+/// The address families of a test network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stack {
+    /// 10.X.0.0/24 only.
+    Ipv4,
+    /// 10.X.0.0/24 and fd00:X::/64 on every pod, the router and the bridge.
+    Dual,
+    /// fd00:X::/64 only.
+    Ipv6,
+}
+
+impl Stack {
+    fn has_v4(self) -> bool {
+        self != Stack::Ipv6
+    }
+    fn has_v6(self) -> bool {
+        self != Stack::Ipv4
+    }
+}
 
 /// Numbers the networks of this process, for unique names and subnets.
 static NETS_CREATED: AtomicU32 = AtomicU32::new(0);
@@ -69,10 +90,15 @@ pub fn require_netns_with(extra_tools: &[&str]) -> bool {
 
 /// True when an executable `tool` is on PATH.
 pub fn on_path(tool: &str) -> bool {
+    which(tool).is_some()
+}
+
+/// The full path of the executable `tool` on PATH, if there is one.
+pub fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).any(|dir| {
-        std::fs::metadata(dir.join(tool)).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0)
-    })
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(tool))
+        .find(|file| std::fs::metadata(file).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0))
 }
 
 /// The namespaces that exist now (`ip netns list`, names only).
@@ -104,20 +130,28 @@ fn ip_ok(args: &[&str]) {
     );
 }
 
-/// A private network: namespace `<name>-br` holds bridge `br0` at 10.X.0.1/24, and each pod
-/// namespace `<name>-<pod>` has `eth0` on 10.X.0.0/24, cabled to the bridge by veth `v-<pod>`.
+/// A private network: namespace `<name>-br` holds bridge `br0` at 10.X.0.1/24 (and/or
+/// fd00:X::1/64, by `Stack`), and each pod namespace `<name>-<pod>` has `eth0` on the same
+/// subnets, cabled to the bridge by veth `v-<pod>`.
 /// `<name>` is `latch-<prefix>-<pid>-<n>`, so tests run in parallel without clashing and
 /// leftovers of a killed run are easy to spot (`ip netns list | grep ^latch-`).
 pub struct TestNet {
     name: String,
     subnet: u8,
+    stack: Stack,
     dir: tempfile::TempDir,
     /// Namespaces created so far, router first; deleted in reverse order on drop.
     namespaces: RefCell<Vec<String>>,
 }
 
 impl TestNet {
+    /// An IPv4 network.
     pub fn new(prefix: &str) -> Self {
+        Self::with_stack(prefix, Stack::Ipv4)
+    }
+
+    /// A network of the families `stack` names.
+    pub fn with_stack(prefix: &str, stack: Stack) -> Self {
         let n = NETS_CREATED.fetch_add(1, Ordering::Relaxed);
         let dir = tempfile::Builder::new()
             .prefix("latch-netns-")
@@ -129,13 +163,13 @@ impl TestNet {
         let net = Self {
             name: format!("latch-{prefix}-{}-{n}", std::process::id()),
             subnet: u8::try_from(1 + n % 250).expect("below 251"),
+            stack,
             dir,
             namespaces: RefCell::new(Vec::new()),
         };
         let router = net.add_namespace("br");
-        let cidr = format!("{}/24", net.host(ROUTER_HOST));
         ip_ok(&["-n", &router, "link", "add", BRIDGE, "type", "bridge"]);
-        ip_ok(&["-n", &router, "addr", "add", &cidr, "dev", BRIDGE]);
+        net.add_addresses(&router, BRIDGE, ROUTER_HOST);
         ip_ok(&["-n", &router, "link", "set", BRIDGE, "up"]);
         net
     }
@@ -151,7 +185,6 @@ impl TestNet {
         let host = FIRST_POD_HOST + u8::try_from(pods_so_far).expect("fewer than 245 pods");
         let netns = self.add_namespace(name);
         let router = self.router_netns();
-        let cidr = format!("{}/24", self.host(host));
         // Created inside the router namespace with the peer moved straight into the pod's, so
         // neither end ever appears in the host's namespace.
         ip_ok(&[
@@ -159,18 +192,52 @@ impl TestNet {
             &netns,
         ]);
         ip_ok(&["-n", &router, "link", "set", &port, "master", BRIDGE, "up"]);
-        ip_ok(&["-n", &netns, "addr", "add", &cidr, "dev", "eth0"]);
+        self.add_addresses(&netns, "eth0", host);
         ip_ok(&["-n", &netns, "link", "set", "eth0", "up"]);
         // A default route through the bridge, so service VIPs (addresses no pod owns) are
         // routable and the capture sees connections to them.
-        let gateway = self.host(ROUTER_HOST).to_string();
-        ip_ok(&["-n", &netns, "route", "add", "default", "via", &gateway]);
+        for gateway in self.addresses(ROUTER_HOST) {
+            let family = if gateway.is_ipv4() { "-4" } else { "-6" };
+            let gateway = gateway.to_string();
+            ip_ok(&[
+                family, "-n", &netns, "route", "add", "default", "via", &gateway,
+            ]);
+        }
         Pod {
             net: self,
             name: name.to_string(),
             netns,
-            ip: self.host(host),
+            ips: self.addresses(host),
             port,
+        }
+    }
+
+    /// Host number `host`'s addresses on this network, IPv4 first.
+    fn addresses(&self, host: u8) -> Vec<IpAddr> {
+        let mut ips = Vec::new();
+        if self.stack.has_v4() {
+            ips.push(Ipv4Addr::new(10, self.subnet, 0, host).into());
+        }
+        if self.stack.has_v6() {
+            let v6 = Ipv6Addr::new(0xfd00, self.subnet.into(), 0, 0, 0, 0, 0, host.into());
+            ips.push(v6.into());
+        }
+        ips
+    }
+
+    /// Gives `dev` in `netns` host number `host`'s addresses. IPv6 ones skip duplicate address
+    /// detection, so they are usable at once rather than "tentative" for a second or two.
+    fn add_addresses(&self, netns: &str, dev: &str, host: u8) {
+        for ip in self.addresses(host) {
+            let cidr = match ip {
+                IpAddr::V4(_) => format!("{ip}/24"),
+                IpAddr::V6(_) => format!("{ip}/64"),
+            };
+            let mut args = vec!["-n", netns, "addr", "add", &cidr, "dev", dev];
+            if ip.is_ipv6() {
+                args.push("nodad");
+            }
+            ip_ok(&args);
         }
     }
 
@@ -182,7 +249,7 @@ impl TestNet {
             net: self,
             name: "router".to_string(),
             netns: self.router_netns(),
-            ip: self.host(ROUTER_HOST),
+            ips: self.addresses(ROUTER_HOST),
             port: BRIDGE.to_string(),
         }
     }
@@ -195,10 +262,6 @@ impl TestNet {
     /// The namespaces this network made (all deleted on drop).
     pub fn namespaces(&self) -> Vec<String> {
         self.namespaces.borrow().clone()
-    }
-
-    fn host(&self, host: u8) -> Ipv4Addr {
-        Ipv4Addr::new(10, self.subnet, 0, host)
     }
 
     fn router_netns(&self) -> String {
@@ -238,18 +301,38 @@ impl Drop for TestNet {
     }
 }
 
-/// A namespace on the test network with one address. Cheap to clone.
+/// A namespace on the test network with its addresses. Cheap to clone.
 #[derive(Clone)]
 pub struct Pod<'n> {
     net: &'n TestNet,
     pub name: String,
     pub netns: String,
-    pub ip: Ipv4Addr,
+    /// IPv4 first, then IPv6, as the network's `Stack` gives them.
+    pub ips: Vec<IpAddr>,
     /// This pod's interface on the bridge side (in the router namespace).
     port: String,
 }
 
 impl<'n> Pod<'n> {
+    /// The pod's first address: IPv4 unless the network is IPv6-only.
+    pub fn ip(&self) -> IpAddr {
+        self.ips[0]
+    }
+
+    /// The pod's IPv6 address; panics on an IPv4 network.
+    pub fn ip6(&self) -> IpAddr {
+        *self
+            .ips
+            .iter()
+            .find(|ip| ip.is_ipv6())
+            .unwrap_or_else(|| panic!("{} has no IPv6 address", self.name))
+    }
+
+    /// `http://<ip>:<port>/`, with the brackets an IPv6 address needs.
+    pub fn url(ip: IpAddr, port: u16) -> String {
+        format!("http://{}/", SocketAddr::new(ip, port))
+    }
+
     /// `ip netns exec <netns> [setpriv --reuid U --regid U --clear-groups] cmd args`.
     fn command(&self, cmd: impl AsRef<OsStr>, args: &[&str], uid: Option<u32>) -> Command {
         let mut command = Command::new("ip");
@@ -295,6 +378,19 @@ impl<'n> Pod<'n> {
             .unwrap_or_else(|e| panic!("running {what}: {e}"))
     }
 
+    /// One metric's value from this pod's latch-proxy /metrics (0 when absent): the first line
+    /// that starts with `name` and contains every one of `labels`.
+    pub fn proxy_metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let text = self
+            .curl(&format!("http://{PROXY_ADMIN}/metrics"))
+            .unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with(name) && labels.iter().all(|label| l.contains(label)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .next()
+            .unwrap_or(0.0)
+    }
+
     /// `exec`, panicking with stderr unless it succeeds; returns stdout, trimmed.
     pub fn run(&self, cmd: impl AsRef<OsStr>, args: &[&str]) -> String {
         let what = format!("{} {}", cmd.as_ref().to_string_lossy(), args.join(" "));
@@ -312,7 +408,8 @@ impl<'n> Pod<'n> {
     /// GETs `url` with curl from this pod (as root, 5 s timeout, HTTP errors count as
     /// failures). Ok(body), or Err(curl's exit status and message).
     pub fn curl(&self, url: &str) -> Result<String, String> {
-        let output = self.exec("curl", &["-sS", "-f", "--max-time", "5", url]);
+        // -g: brackets are an IPv6 address, not a URL glob.
+        let output = self.exec("curl", &["-sS", "-f", "-g", "--max-time", "5", url]);
         if output.status.success() {
             Ok(String::from_utf8_lossy(&output.stdout).into_owned())
         } else {
@@ -325,23 +422,25 @@ impl<'n> Pod<'n> {
         }
     }
 
-    /// Starts nginx in this pod answering every request on port 80 with `body` (printable
-    /// ASCII, no quotes or backslashes), and waits until it does. Its config, pid and temp
-    /// paths live in the net's temp dir; one process (`master_process off`), so dropping the
-    /// handle stops all of nginx.
+    /// Starts nginx in this pod answering every request on port 80 of every address (IPv4
+    /// and IPv6) with `body` (printable ASCII, no quotes or backslashes), and waits until it
+    /// does. Its config, pid and temp paths live in the net's temp dir; one process
+    /// (`master_process off`), so dropping the handle stops all of nginx.
     pub fn start_nginx(&self, body: &str) -> PodProcess<'n> {
-        self.start_nginx_on("80", body)
+        self.start_nginx_on(&["80", "[::]:80"], body)
     }
 
-    /// `start_nginx` listening on `listen` (nginx's syntax: "80", "127.0.0.1:8081"), e.g. a
-    /// service the pod exposes on loopback only.
-    pub fn start_nginx_on(&self, listen: &str, body: &str) -> PodProcess<'n> {
-        assert!(
-            listen
-                .chars()
-                .all(|c| c.is_ascii_digit() || matches!(c, '.' | ':')),
-            "nginx listen {listen:?}: an IPv4 address and port, or a port"
-        );
+    /// `start_nginx` listening on `listen` (nginx's syntax: "80", "127.0.0.1:8081",
+    /// "[::1]:8081"), e.g. a service the pod exposes on loopback only.
+    pub fn start_nginx_on(&self, listen: &[&str], body: &str) -> PodProcess<'n> {
+        for listen in listen {
+            assert!(
+                listen
+                    .chars()
+                    .all(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']')),
+                "nginx listen {listen:?}: an IP address and port, or a port"
+            );
+        }
         assert!(
             body.chars()
                 .all(|c| c == ' ' || (c.is_ascii_graphic() && !matches!(c, '"' | '\\'))),
@@ -350,10 +449,11 @@ impl<'n> Pod<'n> {
         let dir = self.net.dir().join(format!(
             "nginx-{}-{}",
             self.name,
-            listen.replace([':', '.'], "-")
+            listen[0].replace([':', '.', '[', ']'], "-")
         ));
         std::fs::create_dir_all(&dir).expect("nginx dir");
         let d = dir.display();
+        let listen_lines: String = listen.iter().map(|l| format!("listen {l}; ")).collect();
         let config = format!(
             "daemon off;\n\
              master_process off;\n\
@@ -364,7 +464,7 @@ impl<'n> Pod<'n> {
              \x20 access_log /dev/stderr;\n\
              \x20 client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n\
              \x20 fastcgi_temp_path {d}/fastcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
-             \x20 server {{ listen {listen}; default_type text/plain; location / {{ return 200 \"{body}\"; }} }}\n\
+             \x20 server {{ {listen_lines}default_type text/plain; location / {{ return 200 \"{body}\"; }} }}\n\
              }}\n"
         );
         let conf = dir.join("nginx.conf");
@@ -377,11 +477,10 @@ impl<'n> Pod<'n> {
             None,
             &dir.join("nginx.log"),
         );
-        let port = listen.rsplit(':').next().unwrap_or(listen);
-        let host = listen
-            .rsplit_once(':')
-            .map_or_else(|| "127.0.0.1".to_string(), |(host, _)| host.to_string());
-        let url = format!("http://{host}:{port}/");
+        let url = match listen[0].rsplit_once(':') {
+            Some((host, port)) => format!("http://{host}:{port}/"),
+            None => format!("http://127.0.0.1:{}/", listen[0]),
+        };
         nginx.wait_until(Duration::from_secs(10), "nginx answers", || {
             self.curl(&url).is_ok()
         });
@@ -483,6 +582,33 @@ pub struct Pcap {
 }
 
 impl Pcap {
+    /// Asserts what an eavesdropper on the wire saw of a meshed request: traffic on
+    /// `mesh_port`, nothing on `app_port`, no `secret` anywhere in clear, and every ServerHello
+    /// on `mesh_port` negotiating TLS 1.3 (needs tshark).
+    pub fn assert_mesh_only(&self, mesh_port: u16, app_port: u16, secret: &str) {
+        assert!(
+            !self.text(&format!("tcp port {mesh_port}")).is_empty(),
+            "the request should cross the wire to the mTLS port {mesh_port}:\n{}",
+            self.text("")
+        );
+        assert_eq!(
+            self.text(&format!("tcp port {app_port}")),
+            "",
+            "nothing should reach the app's port {app_port} over the wire"
+        );
+        let everything = self.text("");
+        assert!(
+            !everything.contains(secret),
+            "{secret:?} crossed the wire in clear:\n{everything}"
+        );
+        // supported_versions = 0x0304
+        let versions = self.server_hello_versions(mesh_port);
+        assert!(
+            !versions.is_empty() && versions.iter().all(|v| *v == "0x0304"),
+            "expected TLS 1.3 ServerHellos on port {mesh_port}, got {versions:?}"
+        );
+    }
+
     /// `tcpdump -r <file> -A -nn <filter>`: one summary line per packet, then its payload as
     /// ASCII. `filter` is a pcap filter ("tcp port 80"), or "" for every packet.
     pub fn text(&self, filter: &str) -> String {
@@ -536,12 +662,16 @@ impl Pcap {
 /// The uid latch-proxy runs as in a pod; `latch-proxy iptables install` never captures its
 /// traffic.
 pub use latch_mesh::ports::PROXY_UID;
-/// A pod's latch-proxy admin endpoint, on the pod's loopback.
+/// A pod's latch-proxy admin endpoint, as reached from the pod itself (its loopback).
 pub const PROXY_ADMIN: &str = "127.0.0.1:15020";
+/// Where a pod's latch-proxy admin listens: every address of the pod, as the injector sets it
+/// (the kubelet and Prometheus reach it on the pod IP; `/debug/*` answers loopback only).
+pub const POD_PROXY_ADMIN: &str = "[::]:15020";
 /// latch-control's admin API, on the router namespace's loopback (latchctl runs there too).
 pub const CONTROL_ADMIN: &str = "127.0.0.1:15014";
 
-/// latch-control in the router namespace: pods reach it at 10.X.0.1:15010.
+/// latch-control in the router namespace: pods reach it at the router's first address, port
+/// 15010 (10.X.0.1:15010, or [fd00:X::1]:15010 on an IPv6-only network).
 pub struct PodControlPlane<'n> {
     net: &'n TestNet,
     router: Pod<'n>,
@@ -564,7 +694,7 @@ impl<'n> PodControlPlane<'n> {
         let data_dir = net.dir().join("control");
         let config_path = net.dir().join("mesh.yaml");
         std::fs::write(&config_path, config).expect("write config");
-        let listen = format!("{}:15010", router.ip);
+        let listen = SocketAddr::new(router.ip(), 15010).to_string();
         let process = router.spawn(
             workspace_binary("latch-control"),
             &[
@@ -661,7 +791,13 @@ impl<'n> PodControlPlane<'n> {
     ) -> PodProcess<'n> {
         let (bundle, token) = (dir.join("bundle.pem"), dir.join("join-token"));
         let workload = format!("demo/{}", pod.name);
-        let peer = peer.map(|peer| format!("{}={}", peer.ip, crate::spiffe_id(&peer.name)));
+        // The peer under each of its addresses, so its IPv6 address is meshed as its IPv4 one.
+        let peers: Vec<String> = peer
+            .map(|peer| {
+                let id = crate::spiffe_id(&peer.name);
+                peer.ips.iter().map(|ip| format!("{ip}={id}")).collect()
+            })
+            .unwrap_or_default();
         let mut args = vec![
             "--control-plane",
             &self.listen,
@@ -672,12 +808,12 @@ impl<'n> PodControlPlane<'n> {
             "--trust-domain",
             crate::TRUST_DOMAIN,
             "--admin",
-            PROXY_ADMIN,
+            POD_PROXY_ADMIN,
             "--transparent",
             "--workload-name",
             &workload,
         ];
-        if let Some(peer) = &peer {
+        for peer in &peers {
             args.extend(["--peer", peer.as_str()]);
         }
         args.extend_from_slice(extra);

@@ -911,6 +911,35 @@ mod tests {
     }
 
     #[test]
+    fn dual_stack_services_carry_both_families() {
+        // As the API server writes a PreferDualStack Service: one EndpointSlice per family.
+        let mut dual = service("http-server", json!(8080));
+        dual["spec"]["clusterIPs"] = json!(["10.96.12.34", "fd00:10:96::1234"]);
+        dual["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
+        dual["spec"]["ipFamilyPolicy"] = json!("PreferDualStack");
+        let v4 = endpoint_slice(
+            "http-server-v4",
+            "http-server",
+            json!([endpoint("10.244.1.5", Some(true))]),
+        );
+        let mut v6 = endpoint_slice(
+            "http-server-v6",
+            "http-server",
+            json!([endpoint("fd00:10:244:1::5", Some(true))]),
+        );
+        v6["addressType"] = json!("IPv6");
+        let out = translate(
+            &objects(&[], &[dual], &[v4, v6], &[]),
+            &td(),
+            &MeshSettings::default(),
+        );
+        assert!(out.skipped.is_empty(), "{:?}", out.skipped);
+        let s = &out.model.services["latch-demo/http-server"];
+        assert_eq!(ips(&s.vips), ["10.96.12.34", "fd00:10:96::1234"]);
+        assert_eq!(ips(&s.endpoints), ["10.244.1.5", "fd00:10:244:1::5"]);
+    }
+
+    #[test]
     fn a_pod_reusing_another_pods_ip_is_skipped() {
         let out = translate(
             &objects(
