@@ -185,7 +185,10 @@ fn the_proxy_admin_serves_debug_on_loopback_only_and_survives_a_flood() {
     let config = b
         .curl(&format!("http://{PROXY_ADMIN}/debug/config"))
         .unwrap_or_else(|e| panic!("/debug/config from b's loopback: {e}\n{}", all_logs()));
-    assert!(config.contains(&spiffe_id("a")), "b's peers are in its config: {config}");
+    assert!(
+        config.contains(&spiffe_id("a")),
+        "b's peers are in its config: {config}"
+    );
 
     // 10,000 connections to b's admin from one client in c, held open: the per-source cap
     // refuses all but a few, real traffic and /ready carry on, and b's descriptors stay flat.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use latch_testkit::binaries::workspace_binary;
 use latch_testkit::netns::{
-    PROXY_ADMIN, Pod, PodControlPlane, PodProcess, TestNet, logs, netns_list, require_netns,
+    Pod, PodControlPlane, PodProcess, Stack, TestNet, logs, netns_list, require_netns,
     require_netns_with,
 };
 use latch_testkit::spiffe_id;
@@ -117,55 +117,55 @@ fn iptables_install_is_idempotent_and_uninstall_restores_the_table() {
     if !require_netns() {
         return;
     }
-    let net = TestNet::new("ipt");
+    let net = TestNet::with_stack("ipt", Stack::Dual);
     let pod = net.add_pod("a");
     let proxy = workspace_binary("latch-proxy");
-    let nat = || pod.run("iptables-save", &["-t", "nat"]);
-    // iptables-save prints counters and a timestamp; compare the rules only.
-    let rules = |dump: String| -> Vec<String> {
-        dump.lines()
-            .filter(|l| l.starts_with('-') || l.starts_with(':'))
-            .map(|l| l.split(" [").next().unwrap_or(l).to_string())
+    // Both families' nat tables, rules only: iptables-save prints counters and a timestamp.
+    let nat = || -> Vec<String> {
+        ["iptables-save", "ip6tables-save"]
+            .iter()
+            .flat_map(|save| {
+                pod.run(save, &["-t", "nat"])
+                    .lines()
+                    .filter(|l| l.starts_with('-') || l.starts_with(':'))
+                    .map(|l| format!("{save}: {}", l.split(" [").next().unwrap_or(l)))
+                    .collect::<Vec<_>>()
+            })
             .collect()
     };
-    let before = rules(nat());
-    pod.run(
-        &proxy,
-        &["iptables", "install", "--exclude-outbound-ports", "22"],
-    );
-    let once = rules(nat());
-    pod.run(
-        &proxy,
-        &["iptables", "install", "--exclude-outbound-ports", "22"],
-    );
-    let twice = rules(nat());
+    let install = ["iptables", "install", "--exclude-outbound-ports", "22"];
+    let before = nat();
+    pod.run(&proxy, &install);
+    let once = nat();
+    pod.run(&proxy, &install);
+    let twice = nat();
     assert_eq!(once, twice, "a second install changes nothing");
-    assert!(
-        once.iter()
-            .any(|l| l == "-A LATCH_OUTPUT -p tcp -m tcp --dport 22 -j RETURN"),
-        "{once:#?}"
-    );
-    assert!(
-        once.iter().any(|l| l.contains("REDIRECT --to-ports 15001")),
-        "{once:#?}"
-    );
-    assert!(
-        once.iter().any(|l| l.contains("REDIRECT --to-ports 15006")),
-        "{once:#?}"
-    );
+    for save in ["iptables-save", "ip6tables-save"] {
+        for rule in [
+            "-A LATCH_OUTPUT -p tcp -m tcp --dport 22 -j RETURN",
+            "-A LATCH_OUTPUT -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j REDIRECT --to-ports 15001",
+            "-A LATCH_INBOUND -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -j REDIRECT --to-ports 15006",
+        ] {
+            let rule = format!("{save}: {rule}");
+            assert!(once.contains(&rule), "{rule} missing in {once:#?}");
+        }
+    }
     let printed = pod.run(
         &proxy,
         &["iptables", "print", "--exclude-outbound-ports", "22"],
     );
-    assert!(
-        printed.contains("-A LATCH_OUTPUT -p tcp --dport 22 -j RETURN"),
+    assert_eq!(
+        printed
+            .matches("-A LATCH_OUTPUT -p tcp --dport 22 -j RETURN")
+            .count(),
+        2,
         "{printed}"
     );
     pod.run(&proxy, &["iptables", "uninstall"]);
     assert_eq!(
-        rules(nat()),
+        nat(),
         before,
-        "uninstall leaves the nat table as it was"
+        "uninstall leaves both nat tables as they were"
     );
     pod.run(&proxy, &["iptables", "uninstall"]); // and is harmless when nothing is installed
 }
