@@ -177,6 +177,47 @@ async fn csr_asking_for_another_id_is_permission_denied() {
 }
 
 #[tokio::test]
+async fn the_control_planes_own_id_is_never_issued() {
+    let h = Harness::start().await;
+    // A token for it cannot be created through the admin API or the config file (see
+    // latchctl's and the config's tests); this one stands for a token recorded before that
+    // check existed, or for a Kubernetes service account of that name.
+    let reserved = h.id("latch-system", "latch-control");
+    let token = h.token(&reserved, HOUR, true);
+    for csr in [valid_csr(), generate_csr(Some(&reserved)).unwrap().csr_der] {
+        assert_refused(
+            &h,
+            &mut h.client().await,
+            request(csr, Some(&token)),
+            Code::PermissionDenied,
+            "is reserved for the control plane's own use",
+        )
+        .await;
+    }
+    let self_test = h.id("latch-system", "ca-self-test");
+    let token = h.token(&self_test, HOUR, false);
+    assert_refused(
+        &h,
+        &mut h.client().await,
+        request(valid_csr(), Some(&token)),
+        Code::PermissionDenied,
+        "reserved",
+    )
+    .await;
+    // Other service accounts of the namespace are ordinary workloads.
+    let monitoring = h.id("latch-system", "monitoring");
+    let token = h.token(&monitoring, HOUR, false);
+    let (svid, _) = h
+        .client()
+        .await
+        .fetch_svid(None, None, Some(token))
+        .await
+        .unwrap();
+    assert_eq!(svid.id(), &monitoring);
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn unknown_token_is_unauthenticated() {
     let h = Harness::start().await;
     assert_refused(

@@ -24,19 +24,71 @@ use crate::serve::{AtCap, Drain, ListenerPolicy, NoMetrics, Plain};
 pub use hyper::{Method, StatusCode as Status};
 
 /// Logs to stderr as text or JSON (`--log-format`), filtered by RUST_LOG (default info). Text
-/// is coloured only on a terminal: `docker logs`, files and journald get no escape codes.
+/// is coloured only on a terminal: `docker logs`, files and journald get no escape codes. Text
+/// is one line per event whatever a message holds (`OneLine`); JSON escapes by itself.
 pub fn init_logging(format: &str) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_ansi(ansi);
     if format == "json" {
-        builder.json().init();
+        builder.json().with_writer(std::io::stderr).init();
     } else {
-        builder.init();
+        builder
+            .with_writer(move || OneLine {
+                out: std::io::stderr(),
+                keep_ansi: ansi,
+            })
+            .init();
+    }
+}
+
+/// A text log writer that keeps every event on one line: a newline, carriage return or other
+/// control character inside an event (a string from the network in a message or a field, say a
+/// CSR's URI or a NACK's error text) is written escaped (`\n`, `\u{1b}`), so nobody can forge a
+/// log line or rewrite the terminal. Only the event's final newline stays. tracing-subscriber
+/// formats an event completely and hands it over in one `write_all`, so one `write` is one
+/// event. `keep_ansi`: the escape character is left alone for the colours of a terminal.
+pub struct OneLine<W> {
+    pub out: W,
+    pub keep_ansi: bool,
+}
+
+impl<W: std::io::Write> std::io::Write for OneLine<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        let body = text.strip_suffix('\n').unwrap_or(&text);
+        let mut line = String::with_capacity(body.len() + 1);
+        for c in body.chars() {
+            if c.is_control() && c != '\t' && !(self.keep_ansi && c == '\x1b') {
+                line.extend(c.escape_default());
+            } else {
+                line.push(c);
+            }
+        }
+        line.push('\n');
+        self.out.write_all(line.as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// `s` for a log line or an error message when it came from the network: quoted and escaped
+/// (Rust's `{:?}`), and cut to `max` characters with the full length said, so a peer controls
+/// neither the shape nor the size of what is written.
+pub fn untrusted(s: &str, max: usize) -> String {
+    let chars = s.chars().count();
+    if chars <= max {
+        format!("{s:?}")
+    } else {
+        let head: String = s.chars().take(max).collect();
+        format!("{head:?}... ({} bytes in all)", s.len())
     }
 }
 
@@ -151,6 +203,36 @@ mod tests {
     use tokio::net::{TcpSocket, TcpStream};
 
     const FLOOD: usize = 10_000;
+
+    #[test]
+    fn a_log_event_stays_on_one_line_whatever_it_holds() {
+        use std::io::Write;
+        let mut sink = OneLine {
+            out: Vec::new(),
+            keep_ansi: false,
+        };
+        // What a CSR URI with a newline made of the refusal line before: a second, forged line.
+        let event = "INFO refused certificate request: CSR asks for spiffe://td/x\nINFO issued SVID spiffe_id=spiffe://td/ns/latch-system/sa/latch-control\r\x1b[2K\n";
+        let written = sink.write(event.as_bytes()).unwrap();
+        assert_eq!(written, event.len());
+        let out = String::from_utf8(sink.out).unwrap();
+        assert_eq!(out.lines().count(), 1, "{out}");
+        assert!(out.ends_with('\n'));
+        assert!(
+            out.contains("spiffe://td/x\\nINFO issued SVID") && out.contains("\\r\\u{1b}[2K"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn untrusted_strings_are_quoted_and_bounded() {
+        assert_eq!(untrusted("web", 10), "\"web\"");
+        assert_eq!(untrusted("a\nb", 10), "\"a\\nb\"");
+        let long = "x".repeat(3_000_000);
+        let shown = untrusted(&long, 64);
+        assert!(shown.len() < 100, "{shown}");
+        assert!(shown.ends_with("... (3000000 bytes in all)"), "{shown}");
+    }
 
     /// `GET path` on a new connection from 127.0.0.1; the status line.
     async fn get(addr: SocketAddr, path: &str) -> std::io::Result<String> {

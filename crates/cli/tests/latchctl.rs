@@ -230,6 +230,38 @@ async fn token_create_needs_the_admin_credential() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn token_create_refuses_the_control_planes_own_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cp = start(&data).await;
+    let admin = cp.admin_addr.to_string();
+    let output = tokio::task::spawn_blocking(move || {
+        latchctl(&[
+            "token",
+            "create",
+            "--spiffe-id",
+            "spiffe://cluster.local/ns/latch-system/sa/latch-control",
+            "--admin",
+            &admin,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ])
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("400")
+            && stderr.contains("is reserved for the control plane's own use")
+            && stderr.contains("use another service account"),
+        "{stderr}"
+    );
+    assert!(output.stdout.is_empty(), "no token printed");
+    cp.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_bundle_of_another_control_plane_is_said_once_in_our_words() {
     let dir = tempfile::tempdir().unwrap();
     let ours = start(&dir.path().join("ours")).await;

@@ -239,6 +239,12 @@ impl AdminState {
                 ),
             );
         }
+        if latch_identity::client::is_reserved(&id) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                latch_identity::client::reserved_refusal(&id),
+            );
+        }
         let ttl = req
             .ttl_seconds
             .map(Duration::from_secs)

@@ -258,6 +258,14 @@ impl CertificateServer {
         };
         let ttl = self.ca.ttl_policy().resolve(requested_ttl)?;
         let proven = self.authenticate(request.proof.as_ref(), peer, now).await?;
+        // Whatever the proof (a token created before this check existed, a Kubernetes service
+        // account of that name, a certificate from an earlier CA): never issued.
+        if latch_identity::client::is_reserved(proven.id()) {
+            return Err(Refusal::new(
+                "reserved_id",
+                Status::permission_denied(latch_identity::client::reserved_refusal(proven.id())),
+            ));
+        }
         let csr = match check_csr(&request.csr, proven.id()) {
             Ok(csr) => csr,
             Err(CsrRefusal::Invalid(e)) => return Err(e.into()),
@@ -274,7 +282,10 @@ impl CertificateServer {
                 };
                 return Err(Refusal::new(
                     "csr_identity",
-                    Status::permission_denied(format!("CSR asks for {other}, but {why}")),
+                    Status::permission_denied(format!(
+                        "CSR asks for {}, but {why}",
+                        latch_admin::untrusted(&other, 256)
+                    )),
                 ));
             }
         };

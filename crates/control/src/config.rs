@@ -296,6 +296,12 @@ impl FileConfig {
                     "{at}.spiffe_id {id} is not in trust domain {trust_domain}"
                 ));
             }
+            if latch_identity::client::is_reserved(&id) {
+                return Err(format!(
+                    "{at}.spiffe_id: {}",
+                    latch_identity::client::reserved_refusal(&id)
+                ));
+            }
             if entry.token.is_some() == entry.token_sha256.is_some() {
                 return Err(format!("{at}: give exactly one of token and token_sha256"));
             }

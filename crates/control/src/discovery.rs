@@ -23,12 +23,19 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::ca::Ca;
 use crate::mesh::snapshot::{diff, set_version};
 use crate::mesh::{Mesh, MeshSnapshot, ResourceMap, ResourceType, VersionedResource};
-use crate::metrics::{Metrics, NodeLabel, TypeLabel};
+use crate::metrics::{CallerLabel, Metrics, TypeLabel};
 use crate::tls_incoming::PeerConn;
 
 /// Responses queued per stream before its task waits for the proxy to read; a slow proxy
 /// then skips intermediate models instead of buffering them.
 const RESPONSE_BUFFER: usize = 2;
+/// Largest discovery request decoded (tonic answers OUT_OF_RANGE above it): ACKs, NACKs and
+/// subscriptions are small; the resource versions a reconnecting proxy holds take ~100 bytes
+/// each.
+pub const MAX_DISCOVERY_REQUEST_BYTES: usize = 1024 * 1024;
+/// Characters of a NACK's error text that reach the log (a proxy's own text, cut so that a
+/// peer controls neither the shape nor the size of a log line).
+const MAX_NACK_MESSAGE_CHARS: usize = 512;
 /// How long a stream's last error may wait to be queued before the stream just ends.
 const FINAL_SEND_TIMEOUT: Duration = Duration::from_secs(1);
 /// Largest response (roughly, in encoded bytes) before a push is split. Each stream's encoder
@@ -395,8 +402,16 @@ impl DeltaStream {
 
     async fn handle(&mut self, request: DeltaDiscoveryRequest) -> Result<(), Ended> {
         if self.node_id.is_empty()
-            && let Some(node) = &request.node
+            && let Some(node) = request.node.as_ref().filter(|n| !n.id.is_empty())
         {
+            // It reaches logs and selects policies: a workload name or nothing.
+            if !latch_mesh::validate::is_workload_name(&node.id) {
+                return Err(Ended::Refused(Status::invalid_argument(format!(
+                    "node id {} is not <namespace>/<name> (letters, digits, '.', '-', '_'), \
+                     e.g. demo/web: set --workload-name",
+                    latch_admin::untrusted(&node.id, 64)
+                ))));
+            }
             self.node_id = node.id.clone();
         }
         let Some(ty) = ResourceType::from_type_url(&request.type_url) else {
@@ -413,15 +428,15 @@ impl DeltaStream {
                         node = self.node_label(),
                         caller = %self.caller.id,
                         r#type = ty.label(),
-                        nonce = %request.response_nonce,
+                        nonce = %latch_admin::untrusted(&request.response_nonce, 64),
                         code = error.code,
                         "proxy rejected a discovery response (NACK): {}",
-                        error.message
+                        latch_admin::untrusted(&error.message, MAX_NACK_MESSAGE_CHARS)
                     );
                     self.metrics
                         .discovery_nacks
-                        .get_or_create(&NodeLabel {
-                            node: self.node_label().to_string(),
+                        .get_or_create(&CallerLabel {
+                            spiffe_id: self.caller.id.to_string(),
                         })
                         .inc();
                 }

@@ -38,7 +38,7 @@ pub use config::{Args, Config};
 use crate::bundle_configmaps::BundleConfigMaps;
 use crate::ca::Ca;
 use crate::certificate_service::{CertificateServer, MAX_REQUEST_BYTES};
-use crate::discovery::{BundleAcks, DiscoveryServer};
+use crate::discovery::{BundleAcks, DiscoveryServer, MAX_DISCOVERY_REQUEST_BYTES};
 use crate::kubernetes::{KubeTokenReviewer, ServiceAccountAuthenticator};
 use crate::mesh::Mesh;
 use crate::mesh::file_source::{self, FileSource};
@@ -412,7 +412,8 @@ impl ControlPlane {
             bundle_acks.clone(),
             tracker.clone(),
             cancel.clone(),
-        ));
+        ))
+        .max_decoding_message_size(MAX_DISCOVERY_REQUEST_BYTES);
         // Each proxy holds one discovery stream on its own connection, so per-connection
         // limits stay small; the connection cap (AcceptLimits) bounds proxies in total.
         // The timeout covers a handler until it returns its response; discovery returns its

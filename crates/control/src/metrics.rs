@@ -42,9 +42,10 @@ pub struct CaCertLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct NodeLabel {
-    /// The proxy's node id, or its SPIFFE ID when it sent none.
-    pub node: String,
+pub struct CallerLabel {
+    /// The SPIFFE ID of the caller's certificate (verified, so bounded and of a known
+    /// alphabet); never a string the caller merely sent, like a node id.
+    pub spiffe_id: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -64,7 +65,7 @@ pub struct Metrics {
     pub ca_certificate_expiry: Family<CaCertLabel, Gauge>,
     pub discovery_streams: Gauge,
     pub discovery_responses: Family<TypeLabel, Counter>,
-    pub discovery_nacks: Family<NodeLabel, Counter>,
+    pub discovery_nacks: Family<CallerLabel, Counter>,
     pub config_reloads: Family<ResultLabel, Counter>,
     pub mesh_generation: Gauge,
     pub webhook_reviews: Family<ResultLabel, Counter>,
@@ -110,7 +111,7 @@ impl Metrics {
         );
         let discovery_streams = Gauge::default();
         let discovery_responses = Family::<TypeLabel, Counter>::default();
-        let discovery_nacks = Family::<NodeLabel, Counter>::default();
+        let discovery_nacks = Family::<CallerLabel, Counter>::default();
         let config_reloads = Family::<ResultLabel, Counter>::default();
         let mesh_generation = Gauge::default();
         registry.register(
@@ -125,7 +126,7 @@ impl Metrics {
         );
         registry.register(
             "latch_control_discovery_nacks",
-            "Discovery responses a proxy rejected, by node",
+            "Discovery responses a proxy rejected, by the proxy's SPIFFE ID",
             discovery_nacks.clone(),
         );
         registry.register(
@@ -264,11 +265,11 @@ impl Metrics {
             .inc();
     }
 
-    /// NACKs counted so far for `node`.
-    pub fn nacks(&self, node: &str) -> u64 {
+    /// NACKs counted so far from proxies of `spiffe_id`.
+    pub fn nacks(&self, spiffe_id: &str) -> u64 {
         self.discovery_nacks
-            .get_or_create(&NodeLabel {
-                node: node.to_string(),
+            .get_or_create(&CallerLabel {
+                spiffe_id: spiffe_id.to_string(),
             })
             .get()
     }

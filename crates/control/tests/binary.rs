@@ -227,20 +227,36 @@ fn a_taken_port_stops_start_up_said_once_and_leaves_no_ca_behind() {
     );
 }
 
+/// Starts latch-control with a config file holding `config`; returns its exit status and
+/// stderr once it has stopped.
+fn start_with_config(config: &str) -> (std::process::ExitStatus, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("latch.yaml");
+    std::fs::write(&path, config).unwrap();
+    let path = path.to_str().unwrap();
+    Running::start(&dir.path().join("data"), &["--config", path]).exit()
+}
+
 #[test]
 fn short_join_token_in_config_file_stops_start_up() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("latch.yaml");
-    std::fs::write(
-        &config,
+    let (status, stderr) = start_with_config(
         "join_tokens:\n  - spiffe_id: spiffe://cluster.local/ns/demo/sa/web\n    token: too-short\n",
-    )
-    .unwrap();
-    let config = config.to_str().unwrap();
-    let (status, stderr) = Running::start(&dir.path().join("data"), &["--config", config]).exit();
+    );
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains("join_tokens[0]: join token is 9 characters; at least 16 are required"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_configured_token_for_the_control_planes_own_id_stops_start_up() {
+    let (status, stderr) = start_with_config(
+        "join_tokens:\n  - spiffe_id: spiffe://cluster.local/ns/latch-system/sa/latch-control\n    token: long-enough-to-be-a-token\n",
+    );
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("join_tokens[0].spiffe_id: spiffe://cluster.local/ns/latch-system/sa/latch-control is reserved for the control plane's own use"),
         "{stderr}"
     );
 }
@@ -280,5 +296,91 @@ fn publish_bundle_writes_a_readable_copy_or_stops_start_up() {
     assert!(
         stderr.contains("--publish-bundle") && stderr.contains("no-such-dir"),
         "{stderr}"
+    );
+}
+
+#[test]
+fn a_csr_uri_holding_a_newline_cannot_forge_a_log_line() {
+    use latch_identity::client::CaClient;
+    use latch_proto::ca::CreateCertificateRequest;
+    use latch_proto::ca::create_certificate_request::Proof;
+
+    const TOKEN: &str = "log-forging-test-token-0123456789";
+    const FORGED: &str = "INFO latch_control: issued SVID spiffe_id=spiffe://cluster.local/ns/latch-system/sa/latch-control";
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("latch.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "join_tokens:\n  - spiffe_id: spiffe://cluster.local/ns/demo/sa/web\n    token: {TOKEN}\n    reusable: true\n"
+        ),
+    )
+    .unwrap();
+    let data_dir = dir.path().join("data");
+    let listen = latch_testkit::net::free_loopback();
+    let mut running = Running::start_with(
+        &data_dir,
+        &[
+            "--listen",
+            &listen,
+            "--admin",
+            "127.0.0.1:0",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    running.wait_started(&data_dir);
+
+    // A CSR whose URI SAN carries a newline and a whole fake log line after it.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    let uri = format!("spiffe://cluster.local/ns/demo/sa/x\n{FORGED}");
+    params.subject_alt_names = vec![rcgen::SanType::URI(uri.as_str().try_into().unwrap())];
+    let csr = params.serialize_request(&key).unwrap().der().to_vec();
+    let bundle =
+        TrustBundle::from_pem(&std::fs::read(data_dir.join("bundle.pem")).unwrap()).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let status = runtime.block_on(async {
+        let store = std::sync::Arc::new(latch_identity::CertStore::new(bundle));
+        let expected =
+            latch_identity::ExpectedPeer::Exactly(latch_identity::client::control_plane_id(
+                &latch_identity::TrustDomain::new("cluster.local").unwrap(),
+            ));
+        let mut client = CaClient::connect(&listen, store, expected, false)
+            .await
+            .unwrap();
+        client
+            .create_certificate(CreateCertificateRequest {
+                csr,
+                ttl: None,
+                proof: Some(Proof::JoinToken(TOKEN.into())),
+            })
+            .await
+            .expect_err("a CSR for another ID is refused")
+    });
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+
+    let log = poll(|| {
+        let log = running.child.log();
+        log.contains("refused certificate request").then_some(log)
+    })
+    .unwrap_or_else(|| panic!("no refusal logged:\n{}", running.child.log()));
+    let forged_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("INFO latch_control: issued"))
+        .collect();
+    assert!(forged_lines.is_empty(), "a forged line:\n{log}");
+    let refusal = log
+        .lines()
+        .find(|l| l.contains("refused certificate request"))
+        .unwrap();
+    assert!(
+        refusal.contains(r"sa/x\\n") || refusal.contains(r"sa/x\n"),
+        "the newline is written escaped, on the refusal's own line: {refusal}"
+    );
+    assert_eq!(
+        log.lines().filter(|l| l.contains(FORGED)).count(),
+        1,
+        "the fake line's text appears once, inside the refusal line:\n{log}"
     );
 }

@@ -253,6 +253,15 @@ impl Proxy {
         }
     }
 
+    /// Waits for the stream to end with an error status, and returns it.
+    async fn refused(mut self) -> tonic::Status {
+        match tokio::time::timeout(WAIT, self.responses.message()).await {
+            Ok(Err(status)) => status,
+            Ok(other) => panic!("expected the stream to be refused, got {other:?}"),
+            Err(_) => panic!("no refusal within {WAIT:?}"),
+        }
+    }
+
     /// Fails the test if a response arrives within `QUIET`.
     async fn expect_quiet(&mut self) {
         if let Ok(next) = tokio::time::timeout(QUIET, self.responses.message()).await {
@@ -412,12 +421,10 @@ async fn nack_is_counted_and_nothing_is_resent_until_it_changes() {
             proxy.ack(&response).await;
         }
     }
+    let web = plane.id("demo", "web").to_string();
     let deadline = Instant::now() + WAIT;
-    while plane.cp.metrics.nacks("demo/web") != 1 {
-        assert!(
-            Instant::now() < deadline,
-            "NACK not counted for node demo/web"
-        );
+    while plane.cp.metrics.nacks(&web) != 1 {
+        assert!(Instant::now() < deadline, "NACK not counted for {web}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     proxy.expect_quiet().await;
@@ -444,11 +451,13 @@ async fn nack_is_counted_and_nothing_is_resent_until_it_changes() {
     );
     let (_, metrics) = plane.admin_get("/metrics").await;
     assert!(
-        metrics.contains("latch_control_discovery_nacks_total{node=\"demo/web\"} 1"),
+        metrics.contains(&format!(
+            "latch_control_discovery_nacks_total{{spiffe_id=\"{web}\"}} 1"
+        )),
         "{metrics}"
     );
 
-    // Without a node id, NACKs are counted under the caller's SPIFFE ID.
+    // Without a node id, NACKs are counted under the caller's SPIFFE ID all the same.
     let mut anonymous = plane.proxy("demo", "api", "").await;
     anonymous.subscribe(MESH_CONFIG, Versions::new()).await;
     let response = anonymous.recv().await;
@@ -459,6 +468,36 @@ async fn nack_is_counted_and_nothing_is_resent_until_it_changes() {
         assert!(Instant::now() < deadline, "NACK not counted for {id}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test]
+async fn a_node_id_that_is_no_workload_name_ends_the_stream_and_reaches_no_metric() {
+    let plane = Plane::start(Some(MESH)).await;
+    // Under the 1 MiB request limit, so it reaches the node id check.
+    let huge = format!("demo/{}", "w".repeat(512 * 1024));
+    let forged = "demo/web\nINFO issued SVID spiffe_id=spiffe://cluster.local/ns/x/sa/y";
+    for node in [huge.as_str(), forged, "web", "demo/web/x"] {
+        let proxy = plane.proxy("demo", "web", node).await;
+        proxy.subscribe(MESH_CONFIG, Versions::new()).await;
+        let status = proxy.refused().await;
+        latch_testkit::harness::assert_status(
+            &status,
+            tonic::Code::InvalidArgument,
+            "is not <namespace>/<name>",
+        );
+        assert!(
+            status.message().len() < 300,
+            "the refusal quotes a bounded part of the id: {} bytes",
+            status.message().len()
+        );
+    }
+    let (_, metrics) = plane.admin_get("/metrics").await;
+    assert!(
+        metrics.len() < 64 * 1024,
+        "/metrics is {} bytes",
+        metrics.len()
+    );
+    assert!(!metrics.contains("wwwwwwww"), "a node id reached /metrics");
 }
 
 #[tokio::test]
@@ -782,7 +821,7 @@ async fn admin_post(plane: &Plane, path: &str) -> (u16, String) {
 #[tokio::test]
 async fn a_new_root_is_activated_only_once_every_connected_proxy_acknowledged_it() {
     let plane = Plane::start(None).await;
-    let mut proxy = plane.proxy("demo", "web", "web-1").await;
+    let mut proxy = plane.proxy("demo", "web", "demo/web-1").await;
     proxy.sync(&empty()).await;
 
     let (status, body) = admin_post(&plane, "/v1/ca/rotate/prepare").await;

@@ -55,6 +55,11 @@ pub enum ClientError {
     Bundle(#[from] BundleError),
     #[error("control plane returned an unusable SVID: {0}")]
     Svid(#[from] SvidError),
+    #[error(
+        "control plane returned an SVID that the trust bundle this process holds does not \
+         verify ({0}); refused (is the bundle given to this process this control plane's?)"
+    )]
+    Unanchored(SvidError),
 }
 
 impl From<tonic::Status> for ClientError {
@@ -66,10 +71,32 @@ impl From<tonic::Status> for ClientError {
     }
 }
 
-/// A connection to the control plane's certificate service.
+/// Service accounts of the control plane's namespace that it uses for itself: its serving
+/// identity and the CA's self-test. Never issued to a caller, whatever the proof.
+pub const RESERVED_SERVICE_ACCOUNTS: [&str; 2] = [CONTROL_PLANE_SERVICE_ACCOUNT, "ca-self-test"];
+
+/// True when `id` is one the control plane keeps for itself (in any trust domain): a workload
+/// holding it could pose as the control plane to every proxy.
+pub fn is_reserved(id: &SpiffeId) -> bool {
+    RESERVED_SERVICE_ACCOUNTS
+        .iter()
+        .any(|sa| id.path() == format!("/ns/{CONTROL_PLANE_NAMESPACE}/sa/{sa}"))
+}
+
+/// Why `id` (reserved) is refused, in the words every refusal uses.
+pub fn reserved_refusal(id: &SpiffeId) -> String {
+    format!(
+        "{id} is reserved for the control plane's own use and is never issued to a workload \
+         (a holder could pose as the control plane); use another service account"
+    )
+}
+
+/// A connection to the control plane's certificate service. Responses are checked against the
+/// trust anchors this side already holds (`anchors`), never against a bundle in the response.
 #[derive(Debug, Clone)]
 pub struct CaClient {
     inner: CertificateServiceClient<Channel>,
+    anchors: Arc<CertStore>,
 }
 
 impl CaClient {
@@ -82,15 +109,21 @@ impl CaClient {
         present_svid: bool,
     ) -> Result<Self, ClientError> {
         let verifier = Arc::new(SpiffeServerVerifier::new(store.clone(), expected));
-        let tls = client_config(present_svid.then_some(store), verifier, &[ALPN_H2])?;
-        Self::connect_with(addr, tls).await
+        let tls = client_config(present_svid.then_some(store.clone()), verifier, &[ALPN_H2])?;
+        Self::connect_with(addr, tls, store).await
     }
 
-    /// Connects with a ready rustls config (tests use this to present arbitrary certificates).
-    pub async fn connect_with(addr: &str, tls: rustls::ClientConfig) -> Result<Self, ClientError> {
+    /// Connects with a ready rustls config (tests use this to present arbitrary certificates),
+    /// checking responses against the bundle in `anchors`.
+    pub async fn connect_with(
+        addr: &str,
+        tls: rustls::ClientConfig,
+        anchors: Arc<CertStore>,
+    ) -> Result<Self, ClientError> {
         let channel = connect_channel(addr, tls, Some(Duration::from_secs(30))).await?;
         Ok(Self {
             inner: CertificateServiceClient::new(channel),
+            anchors,
         })
     }
 
@@ -132,14 +165,20 @@ impl CaClient {
                 proof,
             })
             .await?;
-        svid_from_response(response, request.key)
+        svid_from_response(response, request.key, &self.anchors.bundle())
     }
 }
 
-/// Checks a CreateCertificate response against the bundle it carries and pairs it with `key`.
+/// Checks a CreateCertificate response and pairs it with `key`. The chain must verify against
+/// `anchors`, the bundle the caller already holds: a bundle carried in the same response proves
+/// nothing about it. The response's bundle is returned as the new bundle only if it also
+/// anchors the new SVID (so installing it cannot cut the caller off from its own identity);
+/// it came over a connection whose server was authenticated as the control plane against
+/// `anchors`, as discovery's bundles do.
 pub fn svid_from_response(
     response: latch_proto::ca::CreateCertificateResponse,
     key: PrivatePkcs8KeyDer<'static>,
+    anchors: &TrustBundle,
 ) -> Result<(Svid, TrustBundle), ClientError> {
     let bundle = TrustBundle::new(
         response
@@ -153,7 +192,9 @@ pub fn svid_from_response(
         .into_iter()
         .map(CertificateDer::from)
         .collect();
-    verify_svid(&chain, &bundle, SystemTime::now(), PeerRole::Client)?;
+    let now = SystemTime::now();
+    verify_svid(&chain, anchors, now, PeerRole::Client).map_err(ClientError::Unanchored)?;
+    verify_svid(&chain, &bundle, now, PeerRole::Client)?;
     Ok((Svid::new(chain, key)?, bundle))
 }
 
@@ -205,4 +246,75 @@ pub async fn connect_channel(
                 reason,
             }
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{Ca, leaf_params, spiffe_id};
+
+    /// A CreateCertificate response carrying `leaf` signed by `ca` and `ca`'s own bundle.
+    fn response(
+        ca: &Ca,
+        bundle: &[&Ca],
+    ) -> (
+        latch_proto::ca::CreateCertificateResponse,
+        PrivatePkcs8KeyDer<'static>,
+    ) {
+        let leaf = ca.sign(&leaf_params("/ns/demo/sa/web"));
+        let response = latch_proto::ca::CreateCertificateResponse {
+            certificate_chain: vec![leaf.cert.to_vec()],
+            trust_bundle: bundle.iter().map(|ca| ca.cert().to_vec()).collect(),
+            ..Default::default()
+        };
+        (response, leaf.key_der())
+    }
+
+    #[test]
+    fn a_response_is_checked_against_the_anchors_held_not_its_own_bundle() {
+        let ours = Ca::root("ours");
+        let theirs = Ca::root("theirs");
+
+        // Signed by another CA and carrying that CA as its bundle: self-consistent, refused.
+        let (forged, key) = response(&theirs, &[&theirs]);
+        let err = svid_from_response(forged, key, &ours.bundle()).unwrap_err();
+        assert!(matches!(err, ClientError::Unanchored(_)), "{err}");
+        assert!(
+            err.to_string()
+                .contains("the trust bundle this process holds does not verify"),
+            "{err}"
+        );
+
+        // Signed by our CA: accepted, with the response's bundle (ours plus a next root, as
+        // during a rotation) as the new bundle.
+        let (good, key) = response(&ours, &[&ours, &theirs]);
+        let (svid, bundle) = svid_from_response(good, key, &ours.bundle()).unwrap();
+        assert_eq!(svid.id(), &spiffe_id("/ns/demo/sa/web"));
+        assert_eq!(bundle.roots().len(), 2);
+
+        // Signed by our CA but with a bundle that lacks it: installing it would cut us off.
+        let (cut_off, key) = response(&ours, &[&theirs]);
+        assert!(matches!(
+            svid_from_response(cut_off, key, &ours.bundle()),
+            Err(ClientError::Svid(_))
+        ));
+    }
+
+    #[test]
+    fn the_control_planes_own_ids_are_reserved_in_every_trust_domain() {
+        for id in [
+            "spiffe://cluster.local/ns/latch-system/sa/latch-control",
+            "spiffe://other.example/ns/latch-system/sa/latch-control",
+            "spiffe://cluster.local/ns/latch-system/sa/ca-self-test",
+        ] {
+            assert!(is_reserved(&SpiffeId::parse(id).unwrap()), "{id}");
+        }
+        for id in [
+            "spiffe://cluster.local/ns/latch-system/sa/latch-control-2",
+            "spiffe://cluster.local/ns/latch-system/sa/monitoring",
+            "spiffe://cluster.local/ns/demo/sa/latch-control",
+        ] {
+            assert!(!is_reserved(&SpiffeId::parse(id).unwrap()), "{id}");
+        }
+    }
 }

@@ -45,6 +45,16 @@ pub fn check_name(at: &str, value: &str) -> Result<(), MeshError> {
     Ok(())
 }
 
+/// A workload's `<namespace>/<name>` (two `check_name` names), as a proxy names itself with
+/// `--workload-name` and in its discovery node id. Checks the length first, so a huge string
+/// from the network costs nothing.
+pub fn is_workload_name(s: &str) -> bool {
+    s.len() <= 2 * MAX_NAME_LEN + 1
+        && s.split_once('/').is_some_and(|(namespace, name)| {
+            check_name("", namespace).is_ok() && check_name("", name).is_ok()
+        })
+}
+
 /// Label keys (of labels or a selector): non-empty, no whitespace, at most 253 characters.
 pub fn check_labels(at: &str, labels: &BTreeMap<String, String>) -> Result<(), MeshError> {
     for key in labels.keys() {

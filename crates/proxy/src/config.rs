@@ -215,18 +215,12 @@ pub struct Args {
 /// Checks a `<namespace>/<name>` workload name: two non-empty segments of letters, digits,
 /// '.', '-' and '_'.
 pub fn parse_workload_name(s: &str) -> Result<String, String> {
-    let valid = |segment: &str| {
-        !segment.is_empty()
-            && segment.len() <= 253
-            && segment
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
-    };
-    match s.split_once('/') {
-        Some((namespace, name)) if valid(namespace) && valid(name) => Ok(s.to_string()),
-        _ => Err(format!(
+    if latch_mesh::validate::is_workload_name(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
             "{s:?} is not <namespace>/<name> (letters, digits, '.', '-', '_'), e.g. demo/web"
-        )),
+        ))
     }
 }
 

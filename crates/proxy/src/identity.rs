@@ -96,6 +96,7 @@ fn failure_reason(e: &ClientError) -> &'static str {
             _ => "refused",
         },
         ClientError::Svid(_) | ClientError::Bundle(_) => "invalid_response",
+        ClientError::Unanchored(_) => "unanchored_response",
         ClientError::Csr(_) | ClientError::Tls(_) => "local",
     }
 }

@@ -182,7 +182,7 @@ impl Harness {
     ) -> CaClient {
         let store = Arc::new(CertStore::new(self.bundle()));
         let verifier = Arc::new(latch_identity::SpiffeServerVerifier::new(
-            store,
+            store.clone(),
             ExpectedPeer::Exactly(control_plane_id(&self.trust_domain)),
         ));
         let tls = rustls::ClientConfig::builder_with_provider(latch_identity::tls::provider())
@@ -195,7 +195,7 @@ impl Harness {
         let mut tls = tls;
         tls.enable_sni = false;
         tls.alpn_protocols = vec![latch_identity::tls::ALPN_H2.to_vec()];
-        CaClient::connect_with(&self.grpc_addr(), tls)
+        CaClient::connect_with(&self.grpc_addr(), tls, store)
             .await
             .expect("client connects")
     }
