@@ -204,10 +204,10 @@ fn require_docker() -> bool {
     if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
         panic!("{REQUIRE_ENV}=1 but this machine lacks: {missing}");
     }
-    eprintln!(
-        "\n*** SKIPPED: the compose test needs a Docker engine, docker-compose, tcpdump, tshark \
-         and strip; missing: {missing} (set {REQUIRE_ENV}=1 to fail instead) ***\n"
-    );
+    latch_testkit::skip::skipped(&format!(
+        "the compose test needs a Docker engine, docker-compose, tcpdump, tshark and strip; \
+         missing: {missing} (set {REQUIRE_ENV}=1 to fail instead)"
+    ));
     false
 }
 

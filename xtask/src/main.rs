@@ -57,9 +57,15 @@ fn main() -> Result<()> {
 /// Builds the release binaries and runs one of them (`latch-demo` of latch-tests, `latch-bench`
 /// of latch-bench) with the given arguments.
 fn run_tests_bin(root: &std::path::Path, bin: &str, args: &[String]) -> Result<()> {
+    // Cargo's own progress (the crate being compiled, n/total) shows on the terminal: the first
+    // build takes minutes, later ones a second.
+    eprintln!(
+        "building the release binaries ({}): cargo build --release --bins",
+        xtask::compose::target_dir(root).join("release").display()
+    );
     let status = Command::new(env!("CARGO"))
         .current_dir(root)
-        .args(["build", "--release", "--quiet", "--bins"])
+        .args(xtask::RELEASE_BUILD)
         .status()
         .context("running cargo build")?;
     if !status.success() {
