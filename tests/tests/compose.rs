@@ -16,8 +16,6 @@ use xtask::compose::{Images, Project, build_images, engine_available, image_size
 
 /// What the demo server answers (deploy/compose/demo-app.Dockerfile).
 const BODY: &str = "hello from the demo server, through the Latch mesh";
-/// The server's fixed address in docker-compose.yml.
-const SERVER_URL: &str = "http://10.77.0.20:8080/";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
 const REQUIRE_ENV: &str = "LATCH_REQUIRE_DOCKER";
@@ -52,7 +50,11 @@ fn compose_mesh_serves_over_mtls_refuses_outsiders_rotates_and_cleans_up() {
         &format!("latch-e2e-{}", std::process::id()),
         images.clone(),
     )
-    .with_env("LATCH_SVID_TTL", SVID_TTL);
+    .with_env("LATCH_SVID_TTL", SVID_TTL)
+    .with_free_subnet()
+    .expect("a free subnet for the project");
+    // The server's fixed address in docker-compose.yml, in the project's /24.
+    let server_url = format!("http://{}:8080/", project.address(20));
     let mesh = Mesh::new(project.clone(), images);
     let up_at = Instant::now();
     project
@@ -66,7 +68,7 @@ fn compose_mesh_serves_over_mtls_refuses_outsiders_rotates_and_cleans_up() {
     // 1. The client's plain HTTP request is answered, and on the server's cable there is only
     //    TLS 1.3 on the mesh port: no byte of the page, nothing on port 8080.
     let capture = HostCapture::start(&host_interface(&server), work.path());
-    let reply = curl(&client, SERVER_URL);
+    let reply = curl(&client, &server_url);
     let pcap = capture.stop();
     assert_eq!(reply.as_deref(), Ok(BODY), "{}", mesh.logs());
     let mesh_port = pcap.text("tcp port 15008");
@@ -119,7 +121,7 @@ fn compose_mesh_serves_over_mtls_refuses_outsiders_rotates_and_cleans_up() {
         "latch_proxy_tcp_connections_refused",
         &strict,
     );
-    let outsider = mesh.outsider(&["curl", "-sS", "-f", "--max-time", "5", SERVER_URL]);
+    let outsider = mesh.outsider(&["curl", "-sS", "-f", "--max-time", "5", &server_url]);
     assert!(
         !outsider.status.success(),
         "a container without a sidecar got an answer: {}",
@@ -166,7 +168,7 @@ fn compose_mesh_serves_over_mtls_refuses_outsiders_rotates_and_cleans_up() {
         "the renewed SVID keeps the ID"
     );
     assert_eq!(
-        curl(&client, SERVER_URL).as_deref(),
+        curl(&client, &server_url).as_deref(),
         Ok(BODY),
         "{}",
         mesh.logs()

@@ -86,7 +86,9 @@ fn run_tests_bin(root: &std::path::Path, bin: &str, args: &[String]) -> Result<(
 /// `cargo xtask compose build|up|test|down`: the docker-compose mesh of deploy/compose.
 fn compose(root: &std::path::Path, action: Option<&str>) -> Result<()> {
     use std::time::{Duration, Instant};
-    use xtask::compose::{DEFAULT_PROJECT, Images, Project, build_release, engine_available};
+    use xtask::compose::{
+        DEFAULT_NET, DEFAULT_PROJECT, Images, Project, build_release, engine_available,
+    };
 
     let cargo = std::path::Path::new(env!("CARGO"));
     let project = || Project::new(root, DEFAULT_PROJECT, Images::tagged("local"));
@@ -101,8 +103,19 @@ fn compose(root: &std::path::Path, action: Option<&str>) -> Result<()> {
             let images = build_release(root, cargo)?;
             report_sizes(&images)?;
             let started = Instant::now();
-            eprintln!("starting compose project {DEFAULT_PROJECT}");
-            project().up(Duration::from_secs(120))?;
+            let project = project().with_free_subnet()?;
+            eprintln!(
+                "starting compose project {DEFAULT_PROJECT} on {}",
+                project.subnet()
+            );
+            if project.subnet() != format!("{DEFAULT_NET}.0/24") {
+                eprintln!(
+                    "{DEFAULT_NET}.0/24 is taken by another Docker network (a second copy of the \
+                     mesh?): the server is {} here, not {DEFAULT_NET}.20",
+                    project.address(20)
+                );
+            }
+            project.up(Duration::from_secs(120))?;
             println!(
                 "mesh up and healthy in {:.1} s. Watch the client's requests:\n  \
                  cd deploy/compose && docker-compose logs -f client\n\
