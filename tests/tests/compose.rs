@@ -60,7 +60,11 @@ fn compose_mesh_serves_over_mtls_refuses_outsiders_rotates_and_cleans_up() {
     project
         .up(Duration::from_secs(120))
         .expect("the compose project comes up healthy");
-    eprintln!("project up in {:.1} s", up_at.elapsed().as_secs_f64());
+    eprintln!(
+        "project up on {} in {:.1} s",
+        project.subnet(),
+        up_at.elapsed().as_secs_f64()
+    );
     let client = mesh.container("client");
     let server = mesh.container("server");
     let server_proxy = mesh.container("server-proxy");
