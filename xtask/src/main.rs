@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: codegen, demo, bench, compose, fuzz. Each task is a thin wrapper around
 //! cargo, docker and the project's own binaries so that what a developer runs is what CI runs.
 
+use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -54,8 +55,8 @@ fn main() -> Result<()> {
     }
 }
 
-/// Builds the release binaries and runs one of them (`latch-demo` of latch-tests, `latch-bench`
-/// of latch-bench) with the given arguments.
+/// Builds the release binaries and becomes one of them (`latch-demo` of latch-tests,
+/// `latch-bench` of latch-bench) with the given arguments.
 fn run_tests_bin(root: &std::path::Path, bin: &str, args: &[String]) -> Result<()> {
     // Cargo's own progress (the crate being compiled, n/total) shows on the terminal: the first
     // build takes minutes, later ones a second.
@@ -72,15 +73,11 @@ fn run_tests_bin(root: &std::path::Path, bin: &str, args: &[String]) -> Result<(
         bail!("cargo build --release failed");
     }
     let path = xtask::compose::target_dir(root).join("release").join(bin);
-    let status = Command::new(&path)
-        .current_dir(root)
-        .args(args)
-        .status()
-        .with_context(|| format!("running {}", path.display()))?;
-    if !status.success() {
-        bail!("{bin} failed");
-    }
-    Ok(())
+    // Replaces this process (as `cargo run` replaced itself with us): on Ctrl-C the terminal
+    // then waits until the demo has stopped everything and said so, instead of returning to
+    // the prompt as soon as we die of SIGINT.
+    let error = Command::new(&path).current_dir(root).args(args).exec();
+    Err(error).with_context(|| format!("running {}", path.display()))
 }
 
 /// `cargo xtask compose build|up|test|down`: the docker-compose mesh of deploy/compose.
