@@ -1,7 +1,7 @@
 # The demo apps of docker-compose.yml: an HTTP server (busybox httpd) with a known page, and a
 # client (curl). Nothing in them knows about Latch. Build context: any folder (nothing is
 # copied in); `cargo xtask compose build` builds it as latch-demo-app:local. Like the Latch
-# image, it installs with apt only what the base image lacks.
+# image, it installs with apt only what the base image lacks (BASE: see Dockerfile).
 ARG BASE=debian:bookworm-slim
 FROM ${BASE}
 

@@ -16,8 +16,6 @@ use xtask::compose::{Images, Project, build_images, engine_available, image_size
 
 /// What the demo server answers (deploy/compose/demo-app.Dockerfile).
 const BODY: &str = "hello from the demo server, through the Latch mesh";
-/// The server's fixed address in docker-compose.yml.
-const SERVER_URL: &str = "http://10.77.0.20:8080/";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/demo/sa/client";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/demo/sa/server";
 const REQUIRE_ENV: &str = "LATCH_REQUIRE_DOCKER";
@@ -52,13 +50,21 @@ fn compose_mesh_serves_over_mtls_refuses_outsiders_rotates_and_cleans_up() {
         &format!("latch-e2e-{}", std::process::id()),
         images.clone(),
     )
-    .with_env("LATCH_SVID_TTL", SVID_TTL);
+    .with_env("LATCH_SVID_TTL", SVID_TTL)
+    .with_free_subnet()
+    .expect("a free subnet for the project");
+    // The server's fixed address in docker-compose.yml, in the project's /24.
+    let server_url = format!("http://{}:8080/", project.address(20));
     let mesh = Mesh::new(project.clone(), images);
     let up_at = Instant::now();
     project
         .up(Duration::from_secs(120))
         .expect("the compose project comes up healthy");
-    eprintln!("project up in {:.1} s", up_at.elapsed().as_secs_f64());
+    eprintln!(
+        "project up on {} in {:.1} s",
+        project.subnet(),
+        up_at.elapsed().as_secs_f64()
+    );
     let client = mesh.container("client");
     let server = mesh.container("server");
     let server_proxy = mesh.container("server-proxy");
@@ -66,7 +72,7 @@ fn compose_mesh_serves_over_mtls_refuses_outsiders_rotates_and_cleans_up() {
     // 1. The client's plain HTTP request is answered, and on the server's cable there is only
     //    TLS 1.3 on the mesh port: no byte of the page, nothing on port 8080.
     let capture = HostCapture::start(&host_interface(&server), work.path());
-    let reply = curl(&client, SERVER_URL);
+    let reply = curl(&client, &server_url);
     let pcap = capture.stop();
     assert_eq!(reply.as_deref(), Ok(BODY), "{}", mesh.logs());
     let mesh_port = pcap.text("tcp port 15008");
@@ -119,7 +125,7 @@ fn compose_mesh_serves_over_mtls_refuses_outsiders_rotates_and_cleans_up() {
         "latch_proxy_tcp_connections_refused",
         &strict,
     );
-    let outsider = mesh.outsider(&["curl", "-sS", "-f", "--max-time", "5", SERVER_URL]);
+    let outsider = mesh.outsider(&["curl", "-sS", "-f", "--max-time", "5", &server_url]);
     assert!(
         !outsider.status.success(),
         "a container without a sidecar got an answer: {}",
@@ -166,7 +172,7 @@ fn compose_mesh_serves_over_mtls_refuses_outsiders_rotates_and_cleans_up() {
         "the renewed SVID keeps the ID"
     );
     assert_eq!(
-        curl(&client, SERVER_URL).as_deref(),
+        curl(&client, &server_url).as_deref(),
         Ok(BODY),
         "{}",
         mesh.logs()
@@ -204,10 +210,10 @@ fn require_docker() -> bool {
     if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
         panic!("{REQUIRE_ENV}=1 but this machine lacks: {missing}");
     }
-    eprintln!(
-        "\n*** SKIPPED: the compose test needs a Docker engine, docker-compose, tcpdump, tshark \
-         and strip; missing: {missing} (set {REQUIRE_ENV}=1 to fail instead) ***\n"
-    );
+    latch_testkit::skip::skipped(&format!(
+        "the compose test needs a Docker engine, docker-compose, tcpdump, tshark and strip; \
+         missing: {missing} (set {REQUIRE_ENV}=1 to fail instead)"
+    ));
     false
 }
 

@@ -31,9 +31,9 @@ fn libfaketime() -> Option<PathBuf> {
                 "{REQUIRE_FAKETIME_ENV}=1 but libfaketime.so.1 is missing (apt-get install faketime)"
             );
         }
-        eprintln!(
-            "\n*** SKIPPED: needs libfaketime (apt-get install faketime); set {REQUIRE_FAKETIME_ENV}=1 to fail instead ***\n"
-        );
+        latch_testkit::skip::skipped(&format!(
+            "needs libfaketime (apt-get install faketime); set {REQUIRE_FAKETIME_ENV}=1 to fail instead"
+        ));
     }
     found
 }

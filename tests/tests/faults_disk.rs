@@ -34,10 +34,10 @@ fn require_mounts() -> bool {
             missing.join(", ")
         );
     }
-    eprintln!(
-        "\n*** SKIPPED: needs root, mount, umount; missing: {} (set {REQUIRE_ROOT_ENV}=1 to fail instead) ***\n",
+    latch_testkit::skip::skipped(&format!(
+        "needs root, mount, umount; missing: {} (set {REQUIRE_ROOT_ENV}=1 to fail instead)",
         missing.join(", ")
-    );
+    ));
     false
 }
 

@@ -397,7 +397,9 @@ fn hard_nofile_limit_for_test() -> Option<u64> {
     if std::env::var("LATCH_REQUIRE_NETNS").is_ok_and(|v| v == "1") {
         panic!("LATCH_REQUIRE_NETNS=1 but this machine lacks: {missing}");
     }
-    eprintln!("\n*** SKIPPED: needs {missing} (set LATCH_REQUIRE_NETNS=1 to fail instead) ***\n");
+    latch_testkit::skip::skipped(&format!(
+        "needs {missing} (set LATCH_REQUIRE_NETNS=1 to fail instead)"
+    ));
     None
 }
 

@@ -1,7 +1,7 @@
 //! The docker-compose mesh of `deploy/compose`: builds its two images from binaries built on
-//! the host (making the `debian:bookworm-slim` base with mmdebstrap when it is not present, as
-//! nothing can be pulled on an offline machine), and brings a compose project up, waits until
-//! it is healthy, and takes it down. Only shells out to docker, docker-compose, mmdebstrap and
+//! the host (on `debian:bookworm-slim` when it was pulled, else on `latch-base:bookworm`, made
+//! with mmdebstrap, as nothing can be pulled on an offline machine), and brings a compose
+//! project up on a free /24, waits until it is healthy, and takes it down. Only shells out to docker, docker-compose, mmdebstrap and
 //! strip. Used by `cargo xtask compose` and by the end-to-end test tests/tests/compose.rs.
 
 use std::path::{Path, PathBuf};
@@ -10,8 +10,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-/// The base image both Dockerfiles default to (`ARG BASE`).
-pub const BASE_IMAGE: &str = "debian:bookworm-slim";
+/// The base image both Dockerfiles default to (`ARG BASE`), used when pulled from a registry.
+pub const OFFICIAL_BASE_IMAGE: &str = "debian:bookworm-slim";
+/// The base image made here with mmdebstrap when the official one was not pulled: Debian
+/// bookworm plus `BASE_PACKAGES`, so not the official image and never under its name.
+pub const LOCAL_BASE_IMAGE: &str = "latch-base:bookworm";
 /// Debian packages of the locally made base image: what the Latch image needs (iptables,
 /// iproute2, ca-certificates, curl for health checks) and the demo apps' busybox, so that
 /// neither Dockerfile has anything left to fetch.
@@ -20,8 +23,9 @@ pub const BASE_PACKAGES: &str = "iptables,iproute2,ca-certificates,curl,busybox"
 pub const BINARIES: [&str; 3] = ["latch-control", "latch-proxy", "latchctl"];
 /// `docker-compose -p` of `cargo xtask compose up` (also in deploy/compose/.env).
 pub const DEFAULT_PROJECT: &str = "latch";
-/// The compose network's subnet (docker-compose.yml); only one project can use it at a time.
-pub const SUBNET: &str = "10.77.0.0/24";
+/// The compose network's /24 by default (docker-compose.yml's `${LATCH_NET:-10.77.0}`), as its
+/// first three numbers; a project moves to 10.77.N when this one is taken.
+pub const DEFAULT_NET: &str = "10.77.0";
 /// The label docker-compose puts on everything it creates for a project.
 pub const PROJECT_LABEL: &str = "com.docker.compose.project";
 
@@ -91,8 +95,13 @@ fn docker(args: &[&str]) -> Result<String> {
 
 /// The image ID `reference` points at, if it exists.
 fn image_id(reference: &str) -> Option<String> {
+    image_field(reference, "{{.Id}}")
+}
+
+/// `docker image inspect --format <format>` of `reference`, if the image exists.
+fn image_field(reference: &str, format: &str) -> Option<String> {
     let output = Command::new("docker")
-        .args(["image", "inspect", "--format", "{{.Id}}", reference])
+        .args(["image", "inspect", "--format", format, reference])
         .output()
         .ok()?;
     output.status.success().then(|| stdout(&output))
@@ -113,15 +122,27 @@ pub fn engine_available() -> Result<()> {
     Ok(())
 }
 
-/// Makes `debian:bookworm-slim` from Debian packages with mmdebstrap, unless an image of that
-/// name exists already (pulled, or made by an earlier run). Never pulls.
-pub fn ensure_base_image() -> Result<()> {
-    if image_id(BASE_IMAGE).is_some() {
-        return Ok(());
+/// The base image to build on: `debian:bookworm-slim` if it was pulled from a registry (it has
+/// a repository digest), else `latch-base:bookworm`, made from Debian packages with
+/// mmdebstrap unless an earlier run made it. Never pulls.
+pub fn ensure_base_image() -> Result<String> {
+    if let Some(digests) = image_field(OFFICIAL_BASE_IMAGE, "{{len .RepoDigests}}") {
+        if digests != "0" {
+            return Ok(OFFICIAL_BASE_IMAGE.to_string());
+        }
+        eprintln!(
+            "{OFFICIAL_BASE_IMAGE} here was made locally (it has no registry digest; earlier \
+             versions of `cargo xtask compose build` named their mmdebstrap image so) and is not \
+             used; remove it with `docker image rm {OFFICIAL_BASE_IMAGE}`"
+        );
+    }
+    if image_id(LOCAL_BASE_IMAGE).is_some() {
+        return Ok(LOCAL_BASE_IMAGE.to_string());
     }
     let sources = debian_sources()?;
     eprintln!(
-        "{BASE_IMAGE} is not present: building it with mmdebstrap from {} ({BASE_PACKAGES})",
+        "{OFFICIAL_BASE_IMAGE} was not pulled: building {LOCAL_BASE_IMAGE} with mmdebstrap from \
+         {} ({BASE_PACKAGES})",
         sources
             .iter()
             .map(|p| p.display().to_string())
@@ -144,7 +165,13 @@ pub fn ensure_base_image() -> Result<()> {
         .context("cannot run mmdebstrap (apt-get install mmdebstrap)")?;
     let rootfs = tarball.stdout.take().context("mmdebstrap's stdout")?;
     let imported = Command::new("docker")
-        .args(["import", "--change", "CMD [\"bash\"]", "-", BASE_IMAGE])
+        .args([
+            "import",
+            "--change",
+            "CMD [\"bash\"]",
+            "-",
+            LOCAL_BASE_IMAGE,
+        ])
         .stdin(Stdio::from(rootfs))
         .output()
         .context("running docker import")?;
@@ -158,7 +185,7 @@ pub fn ensure_base_image() -> Result<()> {
             String::from_utf8_lossy(&imported.stderr).trim()
         );
     }
-    Ok(())
+    Ok(LOCAL_BASE_IMAGE.to_string())
 }
 
 /// The host's apt source files that point at Debian's archive (third-party repositories, which
@@ -184,8 +211,8 @@ fn debian_sources() -> Result<Vec<PathBuf>> {
         .collect();
     if sources.is_empty() {
         bail!(
-            "no Debian apt sources in /etc/apt to build {BASE_IMAGE} from; on a machine with a \
-             registry, `docker pull {BASE_IMAGE}` instead"
+            "no Debian apt sources in /etc/apt to build {LOCAL_BASE_IMAGE} from; on a machine \
+             with a registry, `docker pull {OFFICIAL_BASE_IMAGE}` instead"
         );
     }
     Ok(sources)
@@ -198,7 +225,7 @@ fn debian_sources() -> Result<Vec<PathBuf>> {
 /// A tag moved to a new build no longer holds the old image; that image is removed when
 /// nothing else uses it, so rebuilds leave no dangling images behind.
 pub fn build_images(root: &Path, bin_dir: &Path, work_dir: &Path, images: &Images) -> Result<()> {
-    ensure_base_image()?;
+    let base = ensure_base_image()?;
     let context = work_dir.join("latch-image");
     let empty = work_dir.join("demo-app-image");
     for dir in [&context, &empty] {
@@ -225,20 +252,26 @@ pub fn build_images(root: &Path, bin_dir: &Path, work_dir: &Path, images: &Image
         .context("strip comes with binutils (apt-get install binutils)")?;
     }
     let dockerfiles = root.join("deploy/compose");
-    build_image(&dockerfiles.join("Dockerfile"), &context, &images.latch)?;
+    build_image(
+        &dockerfiles.join("Dockerfile"),
+        &context,
+        &base,
+        &images.latch,
+    )?;
     build_image(
         &dockerfiles.join("demo-app.Dockerfile"),
         &empty,
+        &base,
         &images.demo,
     )?;
     Ok(())
 }
 
-fn build_image(dockerfile: &Path, context: &Path, tag: &str) -> Result<()> {
+fn build_image(dockerfile: &Path, context: &Path, base: &str, tag: &str) -> Result<()> {
     let before = image_id(tag);
     let output = run(Command::new("docker")
         .args(["build", "--quiet", "--build-arg"])
-        .arg(format!("BASE={BASE_IMAGE}"))
+        .arg(format!("BASE={base}"))
         .arg("-f")
         .arg(dockerfile)
         .args(["-t", tag])
@@ -297,6 +330,11 @@ pub struct Project {
     pub name: String,
     images: Images,
     env: Vec<(String, String)>,
+    /// The first three numbers of the project's /24 (LATCH_NET).
+    net: String,
+    /// The control plane's config folder with the workloads' addresses in `net`, when it is
+    /// not deploy/compose/config (LATCH_CONTROL_CONFIG).
+    config_dir: Option<PathBuf>,
 }
 
 impl Project {
@@ -306,7 +344,50 @@ impl Project {
             name: name.to_string(),
             images,
             env: Vec::new(),
+            net: DEFAULT_NET.to_string(),
+            config_dir: None,
         }
+    }
+
+    /// Moves the project to a /24 no other Docker network overlaps: the one its network has
+    /// already, else 10.77.0.0/24 if free, else the first free 10.77.N.0/24. Off the default,
+    /// writes the control plane's config with the workloads' addresses in it under
+    /// `<target>/compose/<project>/config`.
+    pub fn with_free_subnet(mut self) -> Result<Self> {
+        let networks = networks()?;
+        let own = networks.iter().find_map(|n| {
+            (n.project == self.name)
+                .then(|| n.subnets.iter().find_map(|s| s.strip_suffix(".0/24")))
+                .flatten()
+        });
+        let net = match own {
+            Some(net) => net.to_string(),
+            None => free_net(&networks, &self.name)?,
+        };
+        if net != DEFAULT_NET {
+            let from = self.root.join("deploy/compose/config/control.yaml");
+            let text = std::fs::read_to_string(&from)
+                .with_context(|| format!("reading {}", from.display()))?;
+            let dir = self.generated_dir().join("config");
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(
+                dir.join("control.yaml"),
+                text.replace(&format!("{DEFAULT_NET}."), &format!("{net}.")),
+            )?;
+            self.config_dir = Some(dir);
+        }
+        self.net = net;
+        Ok(self)
+    }
+
+    /// The project's /24, e.g. 10.77.0.0/24.
+    pub fn subnet(&self) -> String {
+        format!("{}.0/24", self.net)
+    }
+
+    /// The address of host `host` in the project's /24 (2: control, 10: client, 20: server).
+    pub fn address(&self, host: u8) -> String {
+        format!("{}.{host}", self.net)
     }
 
     /// An environment variable for docker-compose (the file reads e.g. LATCH_SVID_TTL).
@@ -322,8 +403,12 @@ impl Project {
             .arg("-f")
             .arg(compose_file(&self.root))
             .args(["-p", &self.name])
+            .env("LATCH_NET", &self.net)
             .envs(self.images.env())
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        if let Some(dir) = &self.config_dir {
+            command.env("LATCH_CONTROL_CONFIG", dir);
+        }
         command
     }
 
@@ -337,24 +422,16 @@ impl Project {
         self.wait_healthy(timeout)
     }
 
-    /// Fails with a useful message when another project (or anything) holds the subnet.
+    /// Fails with a useful message when another network (of another project, or anything)
+    /// overlaps the project's subnet.
     fn check_subnet_free(&self) -> Result<()> {
-        let networks = docker(&["network", "ls", "--quiet"])?;
-        for id in networks.lines() {
-            let described = docker(&[
-                "network",
-                "inspect",
-                "--format",
-                "{{.Name}}|{{index .Labels \"com.docker.compose.project\"}}|{{range .IPAM.Config}}{{.Subnet}} {{end}}",
-                id,
-            ])?;
-            let mut fields = described.splitn(3, '|');
-            let (name, project, subnets) = (
-                fields.next().unwrap_or_default(),
-                fields.next().unwrap_or_default(),
-                fields.next().unwrap_or_default(),
-            );
-            if project != self.name && subnets.split_whitespace().any(|s| s == SUBNET) {
+        let subnet = self.subnet();
+        for network in networks()? {
+            if network.project == self.name {
+                continue;
+            }
+            if network.subnets.iter().any(|s| overlaps(s, &subnet)) {
+                let (name, project) = (&network.name, &network.project);
                 let hint = if project.is_empty() {
                     format!("docker network rm {name}")
                 } else {
@@ -364,8 +441,9 @@ impl Project {
                     )
                 };
                 bail!(
-                    "network {name} (compose project {project:?}) already uses {SUBNET}, which \
-                     the Latch compose mesh needs; stop it first: {hint}"
+                    "network {name} (compose project {project:?}) overlaps {subnet}, which this \
+                     compose project was to use; stop it first ({hint}) or start again: a free \
+                     /24 is picked at start"
                 );
             }
         }
@@ -476,12 +554,18 @@ impl Project {
         }
     }
 
-    /// Removes the project's containers, networks and volumes.
+    /// Removes the project's containers, networks and volumes, and its generated config.
     pub fn down(&self) -> Result<()> {
         let mut down = self.compose();
         down.args(["down", "--volumes", "--remove-orphans", "--timeout", "10"]);
         run(&mut down).with_context(|| format!("removing compose project {}", self.name))?;
+        let _ = std::fs::remove_dir_all(self.generated_dir());
         Ok(())
+    }
+
+    /// Where files made for this project live (`<target>/compose/<project>`).
+    fn generated_dir(&self) -> PathBuf {
+        target_dir(&self.root).join("compose").join(&self.name)
     }
 
     /// What carries the project's label now.
@@ -513,6 +597,74 @@ impl Project {
             .next()
             .map(str::to_string)
             .with_context(|| format!("project {} has no network", self.name))
+    }
+}
+
+/// A Docker network: its name, compose project label (empty if none) and IPv4 subnets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Network {
+    name: String,
+    project: String,
+    subnets: Vec<String>,
+}
+
+/// Every Docker network with its subnets.
+fn networks() -> Result<Vec<Network>> {
+    let ids = docker(&["network", "ls", "--quiet"])?;
+    let mut networks = Vec::new();
+    for id in ids.lines() {
+        let described = docker(&[
+            "network",
+            "inspect",
+            "--format",
+            "{{.Name}}|{{index .Labels \"com.docker.compose.project\"}}|{{range .IPAM.Config}}{{.Subnet}} {{end}}",
+            id,
+        ])?;
+        let mut fields = described.splitn(3, '|');
+        networks.push(Network {
+            name: fields.next().unwrap_or_default().to_string(),
+            project: fields.next().unwrap_or_default().to_string(),
+            subnets: fields
+                .next()
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_string)
+                .collect(),
+        });
+    }
+    Ok(networks)
+}
+
+/// The first 10.77.N (N from 0) whose /24 no network of another project overlaps.
+fn free_net(networks: &[Network], project: &str) -> Result<String> {
+    (0..=255)
+        .map(|n| format!("10.77.{n}"))
+        .find(|net| {
+            let subnet = format!("{net}.0/24");
+            networks
+                .iter()
+                .filter(|n| n.project != project)
+                .all(|n| n.subnets.iter().all(|s| !overlaps(s, &subnet)))
+        })
+        .context("every 10.77.N.0/24 is taken by a Docker network; remove some (docker network ls)")
+}
+
+/// Whether two IPv4 CIDRs share an address (anything else, e.g. IPv6, never overlaps).
+fn overlaps(a: &str, b: &str) -> bool {
+    let parse = |cidr: &str| -> Option<(u32, u32)> {
+        let (ip, len) = cidr.split_once('/')?;
+        Some((
+            u32::from(ip.parse::<std::net::Ipv4Addr>().ok()?),
+            len.parse().ok()?,
+        ))
+    };
+    match (parse(a), parse(b)) {
+        (Some((a, la)), Some((b, lb))) => {
+            let len = la.min(lb).min(32);
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            a & mask == b & mask
+        }
+        _ => false,
     }
 }
 
@@ -550,10 +702,50 @@ mod tests {
     }
 
     #[test]
+    fn a_free_net_skips_overlapping_networks_of_other_projects() {
+        let network = |name: &str, project: &str, subnets: &[&str]| Network {
+            name: name.into(),
+            project: project.into(),
+            subnets: subnets.iter().map(|s| s.to_string()).collect(),
+        };
+        let bridge = network("bridge", "", &["172.17.0.0/16"]);
+        assert_eq!(
+            free_net(std::slice::from_ref(&bridge), "b").unwrap(),
+            DEFAULT_NET
+        );
+        let first = network("a_mesh", "a", &["10.77.0.0/24"]);
+        assert_eq!(
+            free_net(&[bridge.clone(), first.clone()], "b").unwrap(),
+            "10.77.1"
+        );
+        assert_eq!(
+            free_net(std::slice::from_ref(&first), "a").unwrap(),
+            DEFAULT_NET,
+            "its own"
+        );
+        let wide = network("wide", "", &["10.77.0.0/23", "fd00::/64"]);
+        assert_eq!(free_net(&[wide], "b").unwrap(), "10.77.2");
+        let everything = network("ten", "", &["10.0.0.0/8"]);
+        assert!(free_net(&[everything], "b").is_err());
+        assert!(overlaps("10.77.0.0/24", "10.77.0.128/25"));
+        assert!(!overlaps("10.77.0.0/24", "10.77.1.0/24"));
+        assert!(!overlaps("fd00::/64", "10.77.0.0/24"));
+    }
+
+    #[test]
     fn compose_file_declares_the_subnet_and_images() {
         let text = std::fs::read_to_string(compose_file(&crate::codegen::workspace_root()))
             .expect("compose file");
-        assert!(text.contains(&format!("subnet: {SUBNET}")), "{text}");
+        assert!(
+            text.contains(&format!("subnet: ${{LATCH_NET:-{DEFAULT_NET}}}.0/24")),
+            "{text}"
+        );
+        for line in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
+            assert!(
+                !line.contains(&format!("{DEFAULT_NET}.")) || line.contains("${LATCH_NET:-"),
+                "every address follows LATCH_NET: {line}"
+            );
+        }
         assert!(text.contains("${LATCH_IMAGE:-latch:local}"));
         assert!(text.contains("${LATCH_DEMO_IMAGE:-latch-demo-app:local}"));
     }

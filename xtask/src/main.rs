@@ -1,6 +1,7 @@
 //! `cargo xtask <task>`: codegen, demo, bench, compose, fuzz. Each task is a thin wrapper around
 //! cargo, docker and the project's own binaries so that what a developer runs is what CI runs.
 
+use std::os::unix::process::CommandExt;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -54,33 +55,37 @@ fn main() -> Result<()> {
     }
 }
 
-/// Builds the release binaries and runs one of them (`latch-demo` of latch-tests, `latch-bench`
-/// of latch-bench) with the given arguments.
+/// Builds the release binaries and becomes one of them (`latch-demo` of latch-tests,
+/// `latch-bench` of latch-bench) with the given arguments.
 fn run_tests_bin(root: &std::path::Path, bin: &str, args: &[String]) -> Result<()> {
+    // Cargo's own progress (the crate being compiled, n/total) shows on the terminal: the first
+    // build takes minutes, later ones a second.
+    eprintln!(
+        "building the release binaries ({}): cargo build --release --bins",
+        xtask::compose::target_dir(root).join("release").display()
+    );
     let status = Command::new(env!("CARGO"))
         .current_dir(root)
-        .args(["build", "--release", "--quiet", "--bins"])
+        .args(xtask::RELEASE_BUILD)
         .status()
         .context("running cargo build")?;
     if !status.success() {
         bail!("cargo build --release failed");
     }
     let path = xtask::compose::target_dir(root).join("release").join(bin);
-    let status = Command::new(&path)
-        .current_dir(root)
-        .args(args)
-        .status()
-        .with_context(|| format!("running {}", path.display()))?;
-    if !status.success() {
-        bail!("{bin} failed");
-    }
-    Ok(())
+    // Replaces this process (as `cargo run` replaced itself with us): on Ctrl-C the terminal
+    // then waits until the demo has stopped everything and said so, instead of returning to
+    // the prompt as soon as we die of SIGINT.
+    let error = Command::new(&path).current_dir(root).args(args).exec();
+    Err(error).with_context(|| format!("running {}", path.display()))
 }
 
 /// `cargo xtask compose build|up|test|down`: the docker-compose mesh of deploy/compose.
 fn compose(root: &std::path::Path, action: Option<&str>) -> Result<()> {
     use std::time::{Duration, Instant};
-    use xtask::compose::{DEFAULT_PROJECT, Images, Project, build_release, engine_available};
+    use xtask::compose::{
+        DEFAULT_NET, DEFAULT_PROJECT, Images, Project, build_release, engine_available,
+    };
 
     let cargo = std::path::Path::new(env!("CARGO"));
     let project = || Project::new(root, DEFAULT_PROJECT, Images::tagged("local"));
@@ -95,8 +100,19 @@ fn compose(root: &std::path::Path, action: Option<&str>) -> Result<()> {
             let images = build_release(root, cargo)?;
             report_sizes(&images)?;
             let started = Instant::now();
-            eprintln!("starting compose project {DEFAULT_PROJECT}");
-            project().up(Duration::from_secs(120))?;
+            let project = project().with_free_subnet()?;
+            eprintln!(
+                "starting compose project {DEFAULT_PROJECT} on {}",
+                project.subnet()
+            );
+            if project.subnet() != format!("{DEFAULT_NET}.0/24") {
+                eprintln!(
+                    "{DEFAULT_NET}.0/24 is taken by another Docker network (a second copy of the \
+                     mesh?): the server is {} here, not {DEFAULT_NET}.20",
+                    project.address(20)
+                );
+            }
+            project.up(Duration::from_secs(120))?;
             println!(
                 "mesh up and healthy in {:.1} s. Watch the client's requests:\n  \
                  cd deploy/compose && docker-compose logs -f client\n\

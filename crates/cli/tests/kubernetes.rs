@@ -37,7 +37,9 @@ fn validator_available(test: &str) -> bool {
     if std::env::var("LATCH_REQUIRE_K8S_VALIDATE").is_ok_and(|v| v == "1") {
         panic!("{test}: {why}, and LATCH_REQUIRE_K8S_VALIDATE=1");
     }
-    eprintln!("SKIPPED {test}: {why}");
+    latch_testkit::skip::skipped(&format!(
+        "{why} (set LATCH_REQUIRE_K8S_VALIDATE=1 to fail instead)"
+    ));
     false
 }
 

@@ -61,8 +61,10 @@ pub struct Args {
     /// Plug-in CA: intermediates between --ca-cert and the root, PEM.
     #[arg(long, env = "LATCH_CA_CHAIN", requires = "ca_cert")]
     pub ca_chain: Option<PathBuf>,
-    /// Plug-in CA: the root certificate(s) to distribute as the trust bundle, PEM.
-    #[arg(long, env = "LATCH_CA_BUNDLE", requires = "ca_cert")]
+    /// Plug-in CA: the root certificate(s) to distribute as the trust bundle, PEM. Required
+    /// when --ca-cert is an intermediate. (Its variable is not LATCH_CA_BUNDLE: for latch-proxy
+    /// and latchctl that is the bundle they verify the control plane with.)
+    #[arg(long, env = "LATCH_CONTROL_CA_BUNDLE", requires = "ca_cert")]
     pub ca_bundle: Option<PathBuf>,
     /// Most TLS connections (proxies, clients) served at once on --listen; more wait in the
     /// kernel's accept queue. Each needs a file descriptor.
@@ -85,8 +87,10 @@ pub struct Args {
     /// Run as part of a Kubernetes cluster: accept projected service-account tokens (audience
     /// `latch`) as proof of identity, checked with the API server through TokenReview, using
     /// the pod's own service account; and take workloads, services and policies from the API
-    /// (Pods, Services, EndpointSlices, AuthorizationPolicy), the --config file then supplying
-    /// only join tokens and `mesh:` settings. Latch never turns this on by itself.
+    /// (Pods, Services, EndpointSlices, AuthorizationPolicy). The --config file still supplies
+    /// join tokens and `mesh:` settings, and its workloads, services and policies (e.g. VMs
+    /// outside the cluster) join the cluster's, the cluster winning a name or IP clash. Latch
+    /// never turns this on by itself.
     #[arg(long, env = "LATCH_KUBERNETES")]
     pub kubernetes: bool,
     /// Keep the CA in this Kubernetes Secret, <namespace>/<name> (keys ca.crt, ca.key), shared
@@ -102,8 +106,9 @@ pub struct Args {
     /// Log format: text or json.
     #[arg(long, env = "LATCH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
-    /// Also write the trust bundle (PEM, mode 0644) to this file at start, for clients that
-    /// cannot read the data dir: e.g. a volume mounted read-only by sidecars.
+    /// Also write the trust bundle (PEM, mode 0644) to this file, at start and again on every
+    /// root rotation step, for clients that cannot read the data dir: e.g. a volume mounted
+    /// read-only by sidecars.
     #[arg(long, env = "LATCH_PUBLISH_BUNDLE")]
     pub publish_bundle: Option<PathBuf>,
 }
@@ -163,6 +168,25 @@ impl Config {
             kubernetes_mesh: false,
             publish_bundle: None,
         }
+    }
+}
+
+/// Refuses a start that relies on a variable latch-control no longer reads: LATCH_CA_BUNDLE
+/// (now LATCH_CONTROL_CA_BUNDLE, since for latch-proxy and latchctl LATCH_CA_BUNDLE is the
+/// bundle they verify the control plane with). Only in plug-in mode without --ca-bundle, where
+/// it would have been read; `env` reads a variable (`std::env::var_os` in the binary).
+pub fn check_renamed_variables(
+    args: &Args,
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<(), String> {
+    match env("LATCH_CA_BUNDLE") {
+        Some(value) if args.ca_cert.is_some() && args.ca_bundle.is_none() => Err(format!(
+            "LATCH_CA_BUNDLE is set ({}) but latch-control does not read it: for latch-proxy \
+             and latchctl it names the bundle they verify the control plane with. Give the \
+             plug-in CA's roots with --ca-bundle or LATCH_CONTROL_CA_BUNDLE",
+            value.to_string_lossy()
+        )),
+        _ => Ok(()),
     }
 }
 

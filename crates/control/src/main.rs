@@ -18,6 +18,8 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     latch_admin::init_logging(&args.log_format);
+    latch_control::config::check_renamed_variables(&args, |name| std::env::var_os(name))
+        .map_err(anyhow::Error::msg)?;
     let config = Config::try_from(args).map_err(anyhow::Error::msg)?;
     let control_plane = ControlPlane::start(config)
         .await

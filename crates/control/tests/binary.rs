@@ -173,7 +173,12 @@ fn every_flag_has_its_latch_environment_variable() {
         .iter()
         .filter(|(f, _)| f != "--help" && f != "--version")
     {
-        let env = format!("LATCH_{}", flag[2..].replace('-', "_").to_uppercase());
+        // LATCH_CA_BUNDLE means the bundle latch-proxy and latchctl verify the control plane
+        // with; the plug-in CA's roots have a variable of their own.
+        let env = match flag.as_str() {
+            "--ca-bundle" => "LATCH_CONTROL_CA_BUNDLE".to_string(),
+            _ => format!("LATCH_{}", flag[2..].replace('-', "_").to_uppercase()),
+        };
         assert!(
             text.contains(&format!("[env: {env}=")),
             "{flag} does not name {env}:\n{text}"
@@ -383,4 +388,78 @@ fn a_csr_uri_holding_a_newline_cannot_forge_a_log_line() {
         1,
         "the fake line's text appears once, inside the refusal line:\n{log}"
     );
+}
+
+/// The help text of `flag` in `latch-control --help`, with its lines joined.
+fn help_of(flag: &str) -> String {
+    let out = command().arg("--help").output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    let start = help
+        .lines()
+        .position(|l| l.split_whitespace().next() == Some(flag))
+        .unwrap_or_else(|| panic!("{flag} in\n{help}"));
+    let lines: Vec<&str> = help.lines().skip(start).collect();
+    let end = lines[1..]
+        .iter()
+        .position(|l| l.trim_start().starts_with("--"))
+        .map_or(lines.len(), |i| i + 1);
+    let rest = lines[..end].join("\n");
+    rest.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[test]
+fn help_says_what_the_readme_says_about_kubernetes_and_publish_bundle() {
+    let kubernetes = help_of("--kubernetes");
+    assert!(
+        kubernetes.contains("still supplies join tokens and `mesh:` settings")
+            && kubernetes.contains("join the cluster's"),
+        "{kubernetes}"
+    );
+    let publish = help_of("--publish-bundle");
+    assert!(
+        publish.contains("at start and again on every root rotation step"),
+        "{publish}"
+    );
+}
+
+#[test]
+fn latch_ca_bundle_of_the_proxy_is_not_taken_for_the_plugin_roots() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    // Plug-in mode with LATCH_CA_BUNDLE set, as a shell that runs latchctl and latch-proxy
+    // has it: refused, naming the variable to use instead.
+    let logs = tempfile::tempdir().unwrap();
+    let mut cmd = command();
+    cmd.env("LATCH_CA_BUNDLE", "latch-data/bundle.pem")
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(["--ca-cert", "ca.crt", "--ca-key", "ca.key"]);
+    let mut child = Child::spawn("latch-control", cmd, &logs.path().join("log")).unwrap();
+    let status = child.wait_exit(TIMEOUT).expect("latch-control exits");
+    let stderr = child.log();
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr
+            .matches(
+                "LATCH_CA_BUNDLE is set (latch-data/bundle.pem) but latch-control does not read it"
+            )
+            .count(),
+        1,
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("--ca-bundle or LATCH_CONTROL_CA_BUNDLE"),
+        "{stderr}"
+    );
+    assert!(!data_dir.exists(), "nothing created");
+
+    // Without plug-in mode the variable is simply not the control plane's business.
+    let mut cmd = command();
+    cmd.env("LATCH_CA_BUNDLE", "latch-data/bundle.pem")
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
+    let child = Child::spawn("latch-control", cmd, &logs.path().join("log2")).unwrap();
+    let mut running = Running { child, _logs: logs };
+    running.wait_started(&data_dir);
 }

@@ -1,6 +1,7 @@
 //! The proxy's admin HTTP endpoints: /healthz, /ready (a valid SVID is held and, with
 //! discovery on, the first sync is done), /metrics, /debug/certs (the SVID and bundle as JSON)
-//! and /debug/config (the mesh snapshot the data path uses, as JSON). The port is reachable from
+//! and /debug/config (the mesh snapshot the data path uses and what the flags set, as JSON). The
+//! port is reachable from
 //! the pod network (the kubelet and Prometheus use the pod IP); /debug/* answers loopback only.
 
 use std::net::SocketAddr;
@@ -23,6 +24,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub mesh: Arc<MeshState>,
     pub discovery: Option<Arc<DiscoveryClient>>,
+    /// What the flags set (`DataPathConfig::to_json`), shown as /debug/config's `flags`.
+    pub flags: serde_json::Value,
     /// When a refused /debug request was last logged, and how many since.
     pub debug_refusals: Mutex<(Option<Instant>, u64)>,
 }
@@ -77,6 +80,7 @@ impl AdminState {
                 "waiting_for": client.missing_types(),
             }),
         };
+        view["flags"] = self.flags.clone();
         view
     }
 
@@ -181,6 +185,7 @@ mod tests {
             metrics,
             mesh,
             discovery,
+            flags: serde_json::Value::Null,
             debug_refusals: Mutex::default(),
         }
     }
@@ -282,5 +287,71 @@ mod tests {
         assert_eq!(view["mtls"]["default"], "STRICT");
         assert_eq!(view["outbound_policy"], "PASSTHROUGH");
         assert_eq!(admin(false).config()["discovery"]["enabled"], false);
+    }
+
+    #[test]
+    fn debug_config_shows_what_the_flags_set() {
+        use crate::config::Cli;
+        use clap::Parser;
+        let (_, bundle_pem) =
+            crate::testing::store_with_svid("spiffe://cluster.local/ns/demo/sa/web");
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("bundle.pem");
+        std::fs::write(&bundle, bundle_pem).unwrap();
+        let cli = Cli::try_parse_from([
+            "latch-proxy",
+            "--ca-bundle",
+            bundle.to_str().unwrap(),
+            "--join-token",
+            "a-join-token",
+            "--outbound",
+            "127.0.0.1:18080=spiffe://cluster.local/ns/demo/sa/api@127.0.0.1:25008/8080",
+            "--outbound",
+            "127.0.0.1:18081=10.96.0.10:80",
+            "--peer",
+            "10.0.0.3:15009=spiffe://cluster.local/ns/demo/sa/db",
+            "--allow",
+            "spiffe://cluster.local/ns/demo/sa/web",
+            "--inbound-mode",
+            "permissive",
+            "--inbound-loopback-port",
+            "9090",
+            "--max-connections",
+            "1234",
+            "--idle-timeout",
+            "90s",
+        ])
+        .unwrap();
+        let mut state = admin(false);
+        state.flags = crate::Config::from_args(&cli.run).unwrap().data.to_json();
+        let flags = &state.config()["flags"];
+        assert_eq!(
+            flags["outbound"],
+            serde_json::json!([
+                {"listen": "127.0.0.1:18080", "spiffe_id": "spiffe://cluster.local/ns/demo/sa/api",
+                 "mesh_address": "127.0.0.1:25008", "target_port": 8080},
+                {"listen": "127.0.0.1:18081", "routed_to": "10.96.0.10:80"},
+            ]),
+            "{flags:#}"
+        );
+        assert_eq!(
+            flags["peers"],
+            serde_json::json!([{"ip": "10.0.0.3", "spiffe_id": "spiffe://cluster.local/ns/demo/sa/db", "mesh_port": 15009}])
+        );
+        assert_eq!(
+            flags["allow"],
+            serde_json::json!(["spiffe://cluster.local/ns/demo/sa/web"])
+        );
+        assert_eq!(flags["inbound_mode_override"], "PERMISSIVE");
+        assert_eq!(flags["outbound_policy_override"], serde_json::Value::Null);
+        assert_eq!(
+            flags["delivery"]["inbound_loopback_ports"],
+            serde_json::json!([9090])
+        );
+        assert_eq!(flags["max_connections"], 1234);
+        assert_eq!(flags["timeouts"]["idle"], "1m 30s");
+        assert_eq!(flags["timeouts"]["connect"], "5s");
+        assert_eq!(flags["timeouts"]["drain"], "10s");
+        assert_eq!(flags["inbound"], "0.0.0.0:15008");
     }
 }

@@ -98,7 +98,8 @@ pub struct Args {
     /// The control plane's gRPC address (host:port).
     #[arg(long, env = "LATCH_CONTROL_PLANE", default_value_t = format!("127.0.0.1:{CONTROL_GRPC}"))]
     pub control_plane: String,
-    /// Trust bundle (PEM) that the control plane's certificate chains to.
+    /// Required: the trust bundle (PEM) that the control plane's certificate chains to, the
+    /// control plane's <data-dir>/bundle.pem.
     #[arg(long, env = "LATCH_CA_BUNDLE")]
     pub ca_bundle: Option<PathBuf>,
     /// Trust domain; the control plane must present
@@ -138,8 +139,9 @@ pub struct Args {
     /// plane's SPIFFE ID all the same).
     #[arg(long, env = "LATCH_DISCOVERY_ADDRESS")]
     pub discovery_address: Option<String>,
-    /// Admin HTTP: /healthz, /ready, /metrics, /debug/certs, /debug/config.
-    #[arg(long, env = "LATCH_ADMIN", default_value_t = SocketAddr::from(([127, 0, 0, 1], PROXY_ADMIN)))]
+    /// This proxy's admin HTTP: /healthz, /ready, /metrics, /debug/certs, /debug/config. (Its
+    /// variable is not LATCH_ADMIN: for latch-control and latchctl that is the control plane's.)
+    #[arg(long, env = "LATCH_PROXY_ADMIN", default_value_t = SocketAddr::from(([127, 0, 0, 1], PROXY_ADMIN)))]
     pub admin: SocketAddr,
     /// Inbound mTLS listener for other proxies. `[::]` is both IPv4 and IPv6 (IPv4 only on a
     /// kernel without IPv6).
@@ -168,7 +170,9 @@ pub struct Args {
     /// without discovery).
     #[arg(long, env = "LATCH_OUTBOUND_POLICY", value_enum)]
     pub outbound_policy: Option<OutboundPolicyArg>,
-    /// Explicit outbound listener, LISTEN=SPIFFE_ID@MESH_HOST:MESH_PORT/TARGET_PORT; repeatable.
+    /// Explicit outbound listener; repeatable. LISTEN=IP:PORT: routed by discovery as if
+    /// captured (a service VIP or workload IP; never plain TCP). Or fixed:
+    /// LISTEN=SPIFFE_ID@MESH_HOST:MESH_PORT/TARGET_PORT.
     #[arg(long = "outbound", env = "LATCH_OUTBOUND", value_delimiter = ',')]
     pub outbound: Vec<ExplicitTarget>,
     /// Inbound allow-list of SPIFFE IDs, an extra restriction on top of the control plane's

@@ -82,6 +82,66 @@ pub struct DataPathConfig {
 }
 
 impl DataPathConfig {
+    /// What the flags set, as JSON, for /debug/config's `flags`: listeners (with every
+    /// `--outbound` route), `--peer`, `--allow`, the local overrides and the effective limits,
+    /// timeouts and delivery.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let duration = |d: Duration| humantime::format_duration(d).to_string();
+        let outbound: Vec<_> = self
+            .explicit
+            .iter()
+            .map(|target| match &target.to {
+                ExplicitDestination::Fixed {
+                    id,
+                    mesh_addr,
+                    target_port,
+                } => json!({
+                    "listen": target.listen.to_string(),
+                    "spiffe_id": id.as_str(),
+                    "mesh_address": mesh_addr.to_string(),
+                    "target_port": target_port,
+                }),
+                ExplicitDestination::Routed(destination) => json!({
+                    "listen": target.listen.to_string(),
+                    "routed_to": destination.to_string(),
+                }),
+            })
+            .collect();
+        let peers: Vec<_> = self
+            .peers
+            .iter()
+            .map(|(ip, peer)| {
+                json!({"ip": ip.to_string(), "spiffe_id": peer.id.as_str(), "mesh_port": peer.mesh_port})
+            })
+            .collect();
+        json!({
+            "trust_domain": self.trust_domain.to_string(),
+            "inbound": self.inbound.map(|a| a.to_string()),
+            "transparent": self.transparent.map(|(outbound, inbound)| json!({
+                "outbound_capture": outbound.to_string(),
+                "inbound_plaintext": inbound.to_string(),
+            })),
+            "outbound": outbound,
+            "peers": peers,
+            "allow": self.allow.iter().map(SpiffeId::as_str).collect::<Vec<_>>(),
+            "inbound_mode_override": self.inbound_mode.map(|m| m.as_str()),
+            "outbound_policy_override": self.outbound_policy.map(|p| p.as_str()),
+            "delivery": {
+                "app_host": self.delivery.app_host.map(|ip| ip.to_string()),
+                "inbound_loopback_ports": self.delivery.loopback_ports,
+            },
+            "max_connections": self.limits.max_connections,
+            "timeouts": {
+                "connect": duration(self.limits.connect_timeout),
+                "handshake": duration(self.limits.handshake_timeout),
+                "idle": duration(self.limits.idle_timeout),
+                "half_closed": duration(self.limits.half_closed_timeout),
+                "drain": duration(self.drain_timeout),
+            },
+        })
+    }
+
     /// No listeners: identity only.
     pub fn none(trust_domain: TrustDomain) -> Self {
         Self {
@@ -112,6 +172,25 @@ pub struct Config {
     /// Learn the mesh from the control plane; `None` keeps the flag-only mesh
     /// (`--discovery=false`) and /ready then waits only for the SVID.
     pub discovery: Option<DiscoveryConfig>,
+}
+
+/// Refuses a start that relies on LATCH_ADMIN, which latch-proxy no longer reads (for
+/// latch-control and latchctl it is the control plane's admin address; the proxy's own is
+/// LATCH_PROXY_ADMIN), when `--admin` is not given otherwise: the proxy would silently listen
+/// on its default instead. `env` reads a variable (`std::env::var_os` in the binary).
+pub fn check_renamed_variables(
+    admin_given: bool,
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> Result<(), StartError> {
+    match env("LATCH_ADMIN") {
+        Some(value) if !admin_given => Err(StartError::Config(format!(
+            "LATCH_ADMIN is set ({}) but latch-proxy does not read it: for latch-control and \
+             latchctl it names the control plane's admin address. Give this proxy's admin \
+             address with --admin or LATCH_PROXY_ADMIN",
+            value.to_string_lossy()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 impl Config {
@@ -244,6 +323,7 @@ impl Proxy {
         ));
 
         let data = config.data;
+        let flags = data.to_json();
         let local = LocalConfig {
             peers: data.peers.clone(),
             inbound_mode: data.inbound_mode,
@@ -285,6 +365,7 @@ impl Proxy {
             metrics: metrics.clone(),
             mesh: mesh.clone(),
             discovery: discovery.clone(),
+            flags,
             debug_refusals: Default::default(),
         });
         latch_admin::serve(

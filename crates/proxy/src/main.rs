@@ -2,12 +2,14 @@
 //! SIGTERM.
 
 use anyhow::Context;
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches};
 use latch_proxy::capture::{CaptureRules, Installed};
 use latch_proxy::config::{Command, IptablesAction};
 use latch_proxy::{Args, Cli, Config, Proxy};
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, admin_given: bool) -> anyhow::Result<()> {
+    latch_proxy::check_renamed_variables(admin_given, |name| std::env::var_os(name))?;
     let config = Config::from_args(&args)?;
     latch_proxy::data_path::raise_open_files_limit();
     let proxy = Proxy::start(config)
@@ -54,11 +56,16 @@ fn iptables(command: Command) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // From the flag or LATCH_PROXY_ADMIN, not the default.
+    let admin_given = matches
+        .value_source("admin")
+        .is_some_and(|source| source != ValueSource::DefaultValue);
     latch_admin::init_logging(&cli.run.log_format);
     let result = match cli.command {
         Some(command) => iptables(command),
-        None => run(cli.run).await,
+        None => run(cli.run, admin_given).await,
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

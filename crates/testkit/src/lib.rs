@@ -2,7 +2,8 @@
 //! of child processes (`child`), the workspace binaries (`binaries`), latch-control and
 //! latch-proxy as processes (`processes`) or in-process (`harness`, `loopback_mesh`), one admin
 //! HTTP client (`admin`), ports and temp files (`net`, `files`), test certificates (`certs`),
-//! and pods in network namespaces (`netns`). Used by tests/, crates/*/tests, latch-bench, the demo.
+//! pods in network namespaces (`netns`), and skips reported at the end of a run (`skip`).
+//! Used by tests/, crates/*/tests, latch-bench, the demo.
 
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,7 @@ pub mod loopback_mesh;
 pub mod net;
 pub mod netns;
 pub mod processes;
+pub mod skip;
 
 pub use child::Child;
 pub use harness::{Harness, Paused, loopback_config, start_proxy};

@@ -82,9 +82,9 @@ pub fn require_netns_with(extra_tools: &[&str]) -> bool {
     if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
         panic!("{REQUIRE_ENV}=1 but this machine lacks: {missing} (this test needs {needs})");
     }
-    eprintln!(
-        "\n*** SKIPPED: needs {needs}; missing: {missing} (set {REQUIRE_ENV}=1 to fail instead) ***\n"
-    );
+    crate::skip::skipped(&format!(
+        "needs {needs}; missing: {missing} (set {REQUIRE_ENV}=1 to fail instead)"
+    ));
     false
 }
 

@@ -4,8 +4,8 @@
 //! that speak plain TCP while the proxies carry it over mTLS. Each workload has its own loopback
 //! address (127.0.0.2, 127.0.0.3), so the proxies route by address as under transparent
 //! capture. Shows the request crossing, the SPIFFE ID each proxy saw, a policy edit cutting a
-//! live connection, and an SVID rotation; keeps running until Ctrl-C when started from a
-//! terminal, which stops everything cleanly.
+//! live connection, and an SVID rotation; keeps the mesh running until Ctrl-C when started from
+//! a terminal (or with `--keep-running`), which stops everything cleanly.
 
 use std::io::IsTerminal;
 use std::path::Path;
@@ -114,11 +114,13 @@ fn mesh_yaml(web_mesh: u16, api_mesh: u16, api_port: u16, api_callers: &str) -> 
     )
 }
 
-/// Starts our `binary` (next to this one) with `args`, output to `log`; stopped when dropped.
+/// Starts our `binary` (next to this one) with `args`, output to `log`; stopped when dropped
+/// (SIGTERM, then SIGKILL after 2 s).
 fn spawn(binary: &str, args: &[&str], log: &Path) -> Result<Child> {
     let mut command = std::process::Command::new(sibling_binary(binary));
     command.args(args);
-    Child::spawn(binary, command, log)
+    // Stopped with SIGTERM first, so that a proxy closes its connections itself.
+    Ok(Child::spawn(binary, command, log)?.with_grace(Duration::from_secs(2)))
 }
 
 /// The admin endpoint's JSON or text, or an error.
@@ -194,6 +196,19 @@ async fn start_proxy(
     Ok((guard, admin))
 }
 
+/// The running mesh: stopped when dropped (every child process), kept while the demo waits for
+/// Ctrl-C.
+struct Mesh {
+    control: Child,
+    api_proxy: Child,
+    web_proxy: Child,
+    control_admin: String,
+    api_admin: String,
+    web_admin: String,
+    /// web's outbound listener for api's service address.
+    entry: String,
+}
+
 struct Control {
     data: String,
     listen: String,
@@ -201,7 +216,7 @@ struct Control {
     bundle: String,
 }
 
-async fn demo(root: &Path) -> Result<()> {
+async fn demo(root: &Path) -> Result<Mesh> {
     let data_dir = root.join("control");
     let control = Control {
         data: data_dir.display().to_string(),
@@ -229,7 +244,7 @@ async fn demo(root: &Path) -> Result<()> {
         config.display()
     );
     let log = root.join("control.log");
-    let _control = spawn(
+    let control_process = spawn(
         "latch-control",
         &[
             "--data-dir",
@@ -256,7 +271,7 @@ async fn demo(root: &Path) -> Result<()> {
     step("Start the api app (plain TCP) and its sidecar, which accepts mTLS on api's address");
     tokio::spawn(serve_api(api_listener));
     println!("api app listening on {API_IP}:{api_port}");
-    let (_api_proxy, api_admin) = start_proxy(
+    let (api_proxy, api_admin) = start_proxy(
         root,
         "api",
         &control,
@@ -267,7 +282,7 @@ async fn demo(root: &Path) -> Result<()> {
     step("Start web's sidecar: its outbound listener stands for api's service address");
     let entry = format!("127.0.0.1:{}", free_port()?);
     let socket = root.join("web-proxy/workload.sock");
-    let (_web_proxy, web_admin) = start_proxy(
+    let (web_proxy, web_admin) = start_proxy(
         root,
         "web",
         &control,
@@ -381,17 +396,33 @@ async fn demo(root: &Path) -> Result<()> {
         "SPIFFE-aware apps can fetch web's SVID from the Workload API at unix://{}",
         socket.display()
     );
-    Ok(())
+    Ok(Mesh {
+        control: control_process,
+        api_proxy,
+        web_proxy,
+        control_admin: control.admin.clone(),
+        api_admin,
+        web_admin,
+        entry,
+    })
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    let keep_running = match std::env::args().nth(1).as_deref() {
+        None => std::io::stdin().is_terminal(),
+        Some("--keep-running") => true,
+        Some(other) => bail!(
+            "unknown argument {other:?}; usage: latch-demo [--keep-running] (keep the mesh \
+             running until Ctrl-C even when not started from a terminal)"
+        ),
+    };
     let root = std::env::current_dir()?.join("target/latch-demo");
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root)?;
-    // Ctrl-C at any point ends the demo; dropping the guards stops every child process.
+    // Ctrl-C at any point ends the demo; dropping the mesh stops every child process.
     tokio::select! {
-        result = demo_and_wait(&root) => result?,
+        result = demo_and_wait(&root, keep_running) => result?,
         _ = tokio::signal::ctrl_c() => println!("\nCtrl-C: stopping"),
     }
     println!(
@@ -401,12 +432,33 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-/// Runs the demo; from a terminal, keeps the mesh up until Ctrl-C.
-async fn demo_and_wait(root: &Path) -> Result<()> {
-    demo(root).await?;
-    if std::io::stdin().is_terminal() {
-        step("The mesh keeps running (logs under target/latch-demo); press Ctrl-C to stop");
-        std::future::pending::<()>().await;
+/// Runs the demo; with `keep_running`, keeps the mesh up until Ctrl-C (which drops it).
+async fn demo_and_wait(root: &Path, keep_running: bool) -> Result<()> {
+    let mut mesh = demo(root).await?;
+    if keep_running {
+        step(&format!(
+            "The mesh keeps running (logs under {}); press Ctrl-C to stop",
+            root.display()
+        ));
+        for (name, child, admin) in [
+            ("latch-control", &mesh.control, &mesh.control_admin),
+            ("api's proxy", &mesh.api_proxy, &mesh.api_admin),
+            ("web's proxy", &mesh.web_proxy, &mesh.web_admin),
+        ] {
+            println!("  {name}: pid {}, admin http://{admin}/ready", child.pid());
+        }
+        println!(
+            "  web's entry to api: {} (plain TCP: send a line, api answers through the mesh)\n  \
+             what web's proxy runs with: curl http://{}/debug/config",
+            mesh.entry, mesh.web_admin
+        );
+        // Watch the children: if one of them stops, say so instead of pretending.
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            for child in [&mut mesh.control, &mut mesh.api_proxy, &mut mesh.web_proxy] {
+                child.check_running()?;
+            }
+        }
     }
     step("Done");
     Ok(())

@@ -136,7 +136,8 @@ pub mod certificate_service_client {
         /// * `join_token`: a token created by `latchctl token create` or listed in the control
         ///  plane's config file, bound to one SPIFFE ID;
         /// * `service_account_token`: a Kubernetes projected service-account token with audience
-        ///  `latch` (not accepted yet: answered UNAUTHENTICATED until TokenReview is built);
+        ///  `latch`, checked with the API server (TokenReview, then the bound pod) when the
+        ///  control plane runs with `--kubernetes`; answered UNAUTHENTICATED without it;
         /// * no proof field: the caller's current, valid SVID presented as the TLS client
         ///  certificate (renewal); the new SVID carries the same SPIFFE ID.
         ///
@@ -194,7 +195,8 @@ pub mod certificate_service_server {
         /// * `join_token`: a token created by `latchctl token create` or listed in the control
         ///  plane's config file, bound to one SPIFFE ID;
         /// * `service_account_token`: a Kubernetes projected service-account token with audience
-        ///  `latch` (not accepted yet: answered UNAUTHENTICATED until TokenReview is built);
+        ///  `latch`, checked with the API server (TokenReview, then the bound pod) when the
+        ///  control plane runs with `--kubernetes`; answered UNAUTHENTICATED without it;
         /// * no proof field: the caller's current, valid SVID presented as the TLS client
         ///  certificate (renewal); the new SVID carries the same SPIFFE ID.
         ///
