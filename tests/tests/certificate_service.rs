@@ -218,6 +218,62 @@ async fn the_control_planes_own_id_is_never_issued() {
 }
 
 #[tokio::test]
+async fn a_token_deleted_from_the_config_file_stops_working_after_reload_and_restart() {
+    const KEPT: &str = "kept-configured-token-0123";
+    const DELETED: &str = "deleted-configured-token-0123";
+    let entry = |token: &str| {
+        format!(
+            "  - spiffe_id: spiffe://cluster.local/ns/demo/sa/web\n    token: {token}\n    reusable: true\n"
+        )
+    };
+    let both = format!("join_tokens:\n{}{}", entry(KEPT), entry(DELETED));
+    let h = Harness::start_with_mesh(&both).await;
+    for token in [KEPT, DELETED] {
+        let reply = h
+            .client()
+            .await
+            .fetch_svid(None, None, Some(token.into()))
+            .await;
+        assert!(reply.is_ok(), "{token}: {reply:?}");
+    }
+
+    h.write_mesh(&format!("join_tokens:\n{}", entry(KEPT)));
+    // The file source reloads within a second or two of the edit.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while h
+        .client()
+        .await
+        .fetch_svid(None, None, Some(DELETED.into()))
+        .await
+        .is_ok()
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the deleted token still works 10 s after the edit"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        h.client()
+            .await
+            .fetch_svid(None, None, Some(KEPT.into()))
+            .await
+            .is_ok()
+    );
+
+    // A restart reads join-tokens.json, where the token is gone too.
+    let h = h.pause().await.resume().await;
+    let status = h
+        .client()
+        .await
+        .create_certificate(request(valid_csr(), Some(DELETED)))
+        .await
+        .expect_err("refused after the restart");
+    latch_testkit::harness::assert_status(&status, Code::Unauthenticated, "not known");
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn unknown_token_is_unauthenticated() {
     let h = Harness::start().await;
     assert_refused(
@@ -250,6 +306,7 @@ async fn expired_token_is_unauthenticated() {
                 ),
                 reusable: true,
                 used_at: None,
+                configured: true,
             },
         )
         .unwrap();

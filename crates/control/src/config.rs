@@ -311,6 +311,7 @@ impl FileConfig {
         trust_domain: &TrustDomain,
         tokens: &JoinTokens,
     ) -> Result<(), String> {
+        let mut listed = std::collections::HashSet::new();
         for (i, entry) in self.join_tokens.iter().enumerate() {
             let at = format!("join_tokens[{i}]");
             let id = SpiffeId::parse(&entry.spiffe_id)
@@ -342,7 +343,7 @@ impl FileConfig {
                         })
                 })
                 .transpose()?;
-            tokens
+            let hash = tokens
                 .add_configured(
                     entry.token.as_deref(),
                     entry.token_sha256.as_deref(),
@@ -351,10 +352,27 @@ impl FileConfig {
                         expires_at,
                         reusable: entry.reusable,
                         used_at: None,
+                        configured: true,
                     },
                 )
                 .map_err(|e| format!("{at}: {e}"))?;
+            listed.insert(hash);
         }
-        Ok(())
+        forget_unlisted_tokens(tokens, &listed)
     }
+}
+
+/// Forgets the configured join tokens not in `listed` (see
+/// `JoinTokens::forget_unlisted_configured`), saying which in the log.
+pub fn forget_unlisted_tokens(
+    tokens: &JoinTokens,
+    listed: &std::collections::HashSet<String>,
+) -> Result<(), String> {
+    let forgotten = tokens
+        .forget_unlisted_configured(listed)
+        .map_err(|e| e.to_string())?;
+    for id in forgotten {
+        tracing::warn!(spiffe_id = %id, "a join token removed from the config file no longer works");
+    }
+    Ok(())
 }

@@ -231,12 +231,12 @@ impl ControlPlane {
         let credential = admin_credential(&admin_token_path)?;
 
         let tokens = Arc::new(JoinTokens::open(data_dir.join("join-tokens.json"))?);
-        if let Some(loaded) = &loaded {
-            loaded
-                .file
-                .apply_tokens(&config.trust_domain, &tokens)
-                .map_err(StartError::Config)?;
+        match &loaded {
+            Some(loaded) => loaded.file.apply_tokens(&config.trust_domain, &tokens),
+            // No config file (any more): none of its tokens work.
+            None => config::forget_unlisted_tokens(&tokens, &Default::default()),
         }
+        .map_err(StartError::Config)?;
         let metrics = Arc::new(Metrics::new());
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();

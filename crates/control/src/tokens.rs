@@ -58,6 +58,10 @@ pub struct TokenRecord {
     pub reusable: bool,
     /// Unix seconds of the first use.
     pub used_at: Option<u64>,
+    /// Listed in the config file (rather than made with `latchctl token create`): removed from
+    /// the state when it is no longer listed there, which is how an operator revokes it.
+    #[serde(default)]
+    pub configured: bool,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -142,15 +146,19 @@ impl JoinTokens {
         })
     }
 
-    /// Adds a token listed in the config file, given either as the token or as its SHA-256.
-    /// A use already recorded in the state file is kept: a restart does not revive a spent
-    /// single-use token.
+    /// Adds a token listed in the config file, given either as the token or as its SHA-256;
+    /// returns its hash. A use already recorded in the state file is kept: a restart does not
+    /// revive a spent single-use token.
     pub fn add_configured(
         &self,
         token: Option<&str>,
         token_sha256: Option<&str>,
         record: TokenRecord,
-    ) -> Result<(), TokenError> {
+    ) -> Result<String, TokenError> {
+        let record = TokenRecord {
+            configured: true,
+            ..record
+        };
         let hash = match (token, token_sha256) {
             (Some(t), _) if t.len() < MIN_TOKEN_LEN => return Err(TokenError::TooShort(t.len())),
             (Some(t), _) => token_hash(t),
@@ -164,7 +172,7 @@ impl JoinTokens {
             (None, Some(h)) => return Err(TokenError::BadHash(h.to_string())),
             (None, None) => return Err(TokenError::BadHash(String::new())),
         };
-        match self.entries.entry(hash) {
+        match self.entries.entry(hash.clone()) {
             Entry::Occupied(mut e) => {
                 let used_at = e.get().used_at;
                 *e.get_mut() = TokenRecord { used_at, ..record };
@@ -173,7 +181,38 @@ impl JoinTokens {
                 e.insert(record);
             }
         }
-        Ok(())
+        Ok(hash)
+    }
+
+    /// Forgets every configured token whose hash is not in `listed` (the config file's tokens
+    /// now), so a token deleted from the file stops working at the next reload or start;
+    /// returns the SPIFFE IDs of the tokens forgotten. Created tokens are left alone.
+    pub fn forget_unlisted_configured(
+        &self,
+        listed: &std::collections::HashSet<String>,
+    ) -> Result<Vec<String>, TokenError> {
+        let unlisted: Vec<(String, String)> = self
+            .entries
+            .iter()
+            .filter(|e| e.configured && !listed.contains(e.key()))
+            .map(|e| (e.key().clone(), e.spiffe_id.clone()))
+            .collect();
+        if unlisted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let removed: Vec<(String, TokenRecord)> = unlisted
+            .iter()
+            .filter_map(|(hash, _)| self.entries.remove(hash))
+            .collect();
+        if let Err(e) = self.persist() {
+            // Still on disk: keep them in memory too, so memory and disk agree; the next
+            // reload tries again.
+            for (hash, record) in removed {
+                self.entries.insert(hash, record);
+            }
+            return Err(e);
+        }
+        Ok(unlisted.into_iter().map(|(_, id)| id).collect())
     }
 
     /// Creates a random token for `id`, valid for `ttl`.
@@ -198,6 +237,7 @@ impl JoinTokens {
                 expires_at,
                 reusable,
                 used_at: None,
+                configured: false,
             },
         );
         if let Err(e) = self.persist() {
@@ -373,6 +413,7 @@ mod tests {
             expires_at: None,
             reusable: true,
             used_at: None,
+            configured: true,
         };
         tokens
             .add_configured(Some("a-long-enough-token"), None, record.clone())
@@ -402,5 +443,46 @@ mod tests {
             tokens.add_configured(None, Some("XYZ"), record),
             Err(TokenError::BadHash(_))
         ));
+    }
+
+    #[test]
+    fn a_token_removed_from_the_config_is_forgotten_and_created_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("join-tokens.json");
+        let tokens = JoinTokens::open(state.clone()).unwrap();
+        let record = TokenRecord {
+            spiffe_id: id().to_string(),
+            expires_at: None,
+            reusable: true,
+            used_at: None,
+            configured: true,
+        };
+        let kept = tokens
+            .add_configured(Some("kept-configured-token"), None, record.clone())
+            .unwrap();
+        tokens
+            .add_configured(Some("removed-configured-token"), None, record)
+            .unwrap();
+        let created = tokens.create(&id(), Duration::from_secs(60), true).unwrap();
+        let listed = std::collections::HashSet::from([kept]);
+        assert_eq!(
+            tokens.forget_unlisted_configured(&listed).unwrap(),
+            [id().to_string()]
+        );
+        let now = SystemTime::now();
+        assert!(matches!(
+            tokens.authenticate("removed-configured-token", now),
+            Err(TokenError::Unknown)
+        ));
+        assert!(tokens.authenticate("kept-configured-token", now).is_ok());
+        assert!(tokens.authenticate(&created.token, now).is_ok());
+        // And so after a restart: the state file no longer holds it.
+        let reopened = JoinTokens::open(state).unwrap();
+        assert!(
+            reopened
+                .authenticate("removed-configured-token", now)
+                .is_err()
+        );
+        assert!(reopened.authenticate(&created.token, now).is_ok());
     }
 }

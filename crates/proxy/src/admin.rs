@@ -352,6 +352,6 @@ mod tests {
         assert_eq!(flags["timeouts"]["idle"], "1m 30s");
         assert_eq!(flags["timeouts"]["connect"], "5s");
         assert_eq!(flags["timeouts"]["drain"], "10s");
-        assert_eq!(flags["inbound"], "0.0.0.0:15008");
+        assert_eq!(flags["inbound"], "[::]:15008");
     }
 }
