@@ -224,9 +224,10 @@ fn response(type_url: &str, nonce: &str, resources: Vec<Resource>) -> DeltaDisco
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_resource_is_nacked_and_routing_keeps_the_last_good_snapshot() {
     let harness = Harness::start().await;
-    // The scripted server serves TLS with the control plane's identity, issued by the real CA.
-    let cp_id = latch_identity::client::control_plane_id(&harness.trust_domain);
-    let (svid, bundle) = harness.svid(&cp_id, None).await;
+    // The scripted server serves TLS with the control plane's identity, signed by the real CA
+    // in-process (the certificate service refuses to issue that ID to anyone).
+    let svid = latch_control::identity::issue_own(&harness.control_plane.ca).expect("own SVID");
+    let bundle = harness.bundle();
     let store = Arc::new(latch_identity::CertStore::with_svid(svid, bundle.clone()));
     let tls = latch_identity::tls::server_config(
         store.clone(),

@@ -19,7 +19,9 @@ use crate::ca::{Ca, CaError};
 const RETRY_FIRST: Duration = Duration::from_secs(5);
 const RETRY_CAP: Duration = Duration::from_secs(30);
 
-fn issue_own(ca: &Ca) -> Result<Svid, CaError> {
+/// The control plane's own SVID, signed in-process: the certificate service never issues this
+/// ID (`latch_identity::client::is_reserved`).
+pub fn issue_own(ca: &Ca) -> Result<Svid, CaError> {
     let id = control_plane_id(ca.trust_domain());
     let request = generate_csr(None).map_err(|e| CaError::Sign(e.to_string()))?;
     let csr = latch_identity::csr::verify_csr(&request.csr_der)
