@@ -75,27 +75,7 @@ fn compose_mesh_serves_over_mtls_refuses_outsiders_rotates_and_cleans_up() {
     let reply = curl(&client, &server_url);
     let pcap = capture.stop();
     assert_eq!(reply.as_deref(), Ok(BODY), "{}", mesh.logs());
-    let mesh_port = pcap.text("tcp port 15008");
-    assert!(
-        !mesh_port.is_empty(),
-        "the request should cross the network to the server's port 15008:\n{}",
-        pcap.text("")
-    );
-    assert_eq!(
-        pcap.text("tcp port 8080"),
-        "",
-        "nothing should reach the server's port 8080 over the network"
-    );
-    let everything = pcap.text("");
-    assert!(
-        !everything.contains(BODY),
-        "the page crossed the network in clear:\n{everything}"
-    );
-    let versions = pcap.server_hello_versions(15008);
-    assert!(
-        !versions.is_empty() && versions.iter().all(|v| *v == "0x0304"),
-        "expected TLS 1.3 ServerHellos on port 15008, got {versions:?}"
-    );
+    pcap.assert_mesh_only(15008, 8080, BODY);
     // The server's proxy saw the client's SPIFFE ID on the connection.
     let peer = format!("peer=\"{CLIENT_ID}\"");
     assert!(

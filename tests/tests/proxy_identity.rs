@@ -390,6 +390,7 @@ async fn the_private_key_never_reaches_the_ca() {
         inner: latch_control::certificate_service::CertificateServer::new(
             cp.ca.clone(),
             cp.tokens.clone(),
+            cp.revocations.clone(),
             None,
             cp.metrics.clone(),
         ),

@@ -82,6 +82,47 @@ enum Command {
         )]
         data_dir: PathBuf,
     },
+    /// Identities the control plane issued SVIDs for, and taking one back (revocation).
+    Identity {
+        #[command(subcommand)]
+        command: IdentityCommand,
+        /// The control plane's admin address.
+        #[arg(
+            long,
+            env = "LATCH_ADMIN",
+            default_value_t = format!("127.0.0.1:{CONTROL_ADMIN}"),
+            global = true
+        )]
+        admin: String,
+        /// The control plane's data dir, where the admin credential (admin.token) lives.
+        #[arg(
+            long,
+            env = "LATCH_DATA_DIR",
+            default_value = "./latch-data",
+            global = true
+        )]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum IdentityCommand {
+    /// The identities issued for since the control plane started, each with the proof and
+    /// serial of its latest SVID (JSON).
+    List,
+    /// Revoke a SPIFFE ID: every SVID of it issued so far gets no renewal, proxies refuse it
+    /// and close its connections within a second; a workload registered again afterwards (a
+    /// new join token) works. Kept across restarts until no revoked SVID can still be valid.
+    Revoke {
+        /// The SPIFFE ID to revoke.
+        #[arg(long)]
+        spiffe_id: String,
+        /// Why: kept with the revocation and told to the workload when it is refused.
+        #[arg(long)]
+        reason: String,
+    },
+    /// The revocations in force (JSON).
+    Revocations,
 }
 
 #[derive(Debug, Subcommand)]
@@ -279,6 +320,39 @@ async fn run(cli: Cli) -> Result<()> {
                         .await?
                 }
             };
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+            Ok(())
+        }
+        Command::Identity {
+            command,
+            admin,
+            data_dir,
+        } => {
+            let admin = admin_client::Admin {
+                address: &admin,
+                data_dir: &data_dir,
+            };
+            let (method, path, body, what) = match command {
+                IdentityCommand::List => (
+                    hyper::Method::GET,
+                    "/v1/identities",
+                    None,
+                    "cannot list the identities",
+                ),
+                IdentityCommand::Revoke { spiffe_id, reason } => (
+                    hyper::Method::POST,
+                    "/v1/revocations",
+                    Some(serde_json::json!({ "spiffe_id": spiffe_id, "reason": reason })),
+                    "the control plane refused the revocation",
+                ),
+                IdentityCommand::Revocations => (
+                    hyper::Method::GET,
+                    "/v1/revocations",
+                    None,
+                    "cannot list the revocations",
+                ),
+            };
+            let answer = admin.call(method, path, body, what).await?;
             println!("{}", serde_json::to_string_pretty(&answer)?);
             Ok(())
         }

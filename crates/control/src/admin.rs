@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use crate::ca::{Ca, RotationError};
 use crate::discovery::BundleAcks;
 use crate::mesh::Mesh;
+use crate::revocations::{Issued, Revocations};
 use crate::metrics::Metrics;
 use crate::tokens::JoinTokens;
 
@@ -33,6 +34,8 @@ pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 pub struct AdminState {
     pub ca: Arc<Ca>,
     pub tokens: Arc<JoinTokens>,
+    pub revocations: Arc<Revocations>,
+    pub issued: Arc<Issued>,
     pub metrics: Arc<Metrics>,
     /// The mesh being served; /ready shows why the config file's latest edit is not.
     pub mesh: Arc<Mesh>,
@@ -42,6 +45,22 @@ pub struct AdminState {
     pub own_identity: Arc<CertStore>,
     /// SHA-256 of the admin credential.
     pub admin_credential_hash: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeRequest {
+    spiffe_id: String,
+    reason: String,
+}
+
+/// 401 for a request without the admin credential.
+fn unauthorized() -> HttpResponse {
+    error(
+        StatusCode::UNAUTHORIZED,
+        "missing or wrong admin credential: latchctl reads it from <data-dir>/admin.token \
+         (set --data-dir or LATCH_DATA_DIR to the control plane's data dir)",
+    )
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -187,11 +206,7 @@ impl AdminState {
         request: Request<Incoming>,
     ) -> Result<hyper::body::Bytes, HttpResponse> {
         if !self.authorized(&request) {
-            return Err(error(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong admin credential: latchctl reads it from <data-dir>/admin.token \
-                 (set --data-dir or LATCH_DATA_DIR to the control plane's data dir)",
-            ));
+            return Err(unauthorized());
         }
         match Limited::new(request.into_body(), MAX_BODY).collect().await {
             Ok(body) => Ok(body.to_bytes()),
@@ -210,6 +225,58 @@ impl AdminState {
             .and_then(|v| v.strip_prefix("Bearer "));
         // Comparing hashes keeps the comparison's timing independent of the secret.
         presented.is_some_and(|p| crate::tokens::token_hash(p.trim()) == self.admin_credential_hash)
+    }
+
+    /// `POST /v1/revocations` {spiffe_id, reason}: revokes every SVID of the ID issued so far
+    /// and republishes the MeshConfig, so proxies refuse them and close their connections.
+    async fn revoke(&self, request: Request<Incoming>) -> HttpResponse {
+        let body = match self.authorized_body(request).await {
+            Ok(body) => body,
+            Err(refused) => return refused,
+        };
+        let req: RevokeRequest = match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("request body: {e}")),
+        };
+        let id = match SpiffeId::parse(&req.spiffe_id) {
+            Ok(id) if id.is_member_of(self.ca.trust_domain()) => id,
+            Ok(id) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "{id} is not in this control plane's trust domain {}",
+                        self.ca.trust_domain()
+                    ),
+                );
+            }
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "{} is not a SPIFFE ID: {e}",
+                        latch_admin::untrusted(&req.spiffe_id, 256)
+                    ),
+                );
+            }
+        };
+        if req.reason.trim().is_empty() {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "a reason is required: it is kept with the revocation and told to the workload",
+            );
+        }
+        // Long enough that every SVID issued before now has expired when it is dropped.
+        let cover = self.ca.ttl_policy().max + 2 * crate::ca::BACKDATE;
+        match self
+            .revocations
+            .revoke(&id, req.reason.trim(), SystemTime::now(), cover)
+        {
+            Ok(revocation) => {
+                tracing::warn!(spiffe_id = %id, reason = %latch_admin::untrusted(&revocation.reason, 256), "revoked");
+                json(StatusCode::CREATED, &revocation)
+            }
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        }
     }
 
     async fn create_token(&self, request: Request<Incoming>) -> HttpResponse {
@@ -282,12 +349,26 @@ impl AdminState {
             }
             (&Method::GET, "/metrics") => latch_admin::metrics(self.metrics.registry()),
             (&Method::POST, "/v1/join-tokens") => self.create_token(request).await,
+            (&Method::POST, "/v1/revocations") => self.revoke(request).await,
+            (&Method::GET, "/v1/revocations") if self.authorized(&request) => json(
+                StatusCode::OK,
+                &serde_json::json!({"revocations": self.revocations.list(SystemTime::now())}),
+            ),
+            (&Method::GET, "/v1/identities") if self.authorized(&request) => json(
+                StatusCode::OK,
+                &serde_json::json!({"identities": self.issued.list()}),
+            ),
+            (&Method::GET, "/v1/revocations" | "/v1/identities") => unauthorized(),
             (&Method::GET, "/v1/ca") => json(StatusCode::OK, &self.ca_status()),
             (&Method::POST, path) if path.starts_with("/v1/ca/rotate/") => {
                 let step = path.trim_start_matches("/v1/ca/rotate/").to_string();
                 self.rotate(&step, request).await
             }
-            (_, "/healthz" | "/ready" | "/metrics" | "/v1/join-tokens" | "/v1/ca") => {
+            (
+                _,
+                "/healthz" | "/ready" | "/metrics" | "/v1/join-tokens" | "/v1/ca"
+                | "/v1/revocations" | "/v1/identities",
+            ) => {
                 error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
             }
             _ => error(StatusCode::NOT_FOUND, "not found"),

@@ -18,6 +18,7 @@ use crate::ca::{Ca, CaError, TtlError};
 use crate::kubernetes::{SaTokenError, ServiceAccountAuthenticator};
 use crate::metrics::{Metrics, ProofLabel};
 use crate::tls_incoming::PeerConn;
+use crate::revocations::{Issued, Revocations};
 use crate::tokens::{JoinTokens, TokenError, TokenGrant};
 
 /// Largest message tonic decodes at all (it answers OUT_OF_RANGE above this).
@@ -50,14 +51,28 @@ pub fn check_csr(csr_der: &[u8], id: &SpiffeId) -> Result<VerifiedCsr, CsrRefusa
 enum Proven {
     Token(TokenGrant),
     ServiceAccount(SpiffeId),
-    Renewal(SpiffeId),
+    /// The presented SVID's ID and when it was issued.
+    Renewal(SpiffeId, SystemTime),
 }
 
 impl Proven {
     fn id(&self) -> &SpiffeId {
         match self {
             Proven::Token(grant) => &grant.id,
-            Proven::ServiceAccount(id) | Proven::Renewal(id) => id,
+            Proven::ServiceAccount(id) | Proven::Renewal(id, _) => id,
+        }
+    }
+
+    /// When the proof came to be, for revocations: a revocation of the ID covers a token
+    /// created, or an SVID issued, before it. A service-account token counts as older than any
+    /// revocation (the kubelet keeps minting new ones for the same service account, so a new
+    /// token is no new registration): a revoked service account gets nothing until the
+    /// revocation expires.
+    fn since(&self) -> SystemTime {
+        match self {
+            Proven::Token(grant) => grant.created_at,
+            Proven::ServiceAccount(_) => SystemTime::UNIX_EPOCH,
+            Proven::Renewal(_, issued_at) => *issued_at,
         }
     }
 
@@ -65,7 +80,7 @@ impl Proven {
         match self {
             Proven::Token(_) => "join_token",
             Proven::ServiceAccount(_) => "service_account_token",
-            Proven::Renewal(_) => "renewal",
+            Proven::Renewal(..) => "renewal",
         }
     }
 }
@@ -143,6 +158,8 @@ impl From<CaError> for Refusal {
 pub struct CertificateServer {
     ca: Arc<Ca>,
     tokens: Arc<JoinTokens>,
+    revocations: Arc<Revocations>,
+    issued: Arc<Issued>,
     /// Present when the control plane runs with `--kubernetes`.
     service_accounts: Option<Arc<ServiceAccountAuthenticator>>,
     metrics: Arc<Metrics>,
@@ -152,12 +169,16 @@ impl CertificateServer {
     pub fn new(
         ca: Arc<Ca>,
         tokens: Arc<JoinTokens>,
+        revocations: Arc<Revocations>,
+        issued: Arc<Issued>,
         service_accounts: Option<Arc<ServiceAccountAuthenticator>>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             ca,
             tokens,
+            revocations,
+            issued,
             service_accounts,
             metrics,
         }
@@ -225,7 +246,8 @@ impl CertificateServer {
                 )),
             ));
         }
-        Ok(Proven::Renewal(info.id))
+        let issued_at = info.issued_at();
+        Ok(Proven::Renewal(info.id, issued_at))
     }
 
     async fn create(
@@ -266,6 +288,12 @@ impl CertificateServer {
                 Status::permission_denied(latch_identity::client::reserved_refusal(proven.id())),
             ));
         }
+        if let Some(revocation) = self.revocations.covering(proven.id(), proven.since()) {
+            return Err(Refusal::new(
+                "revoked",
+                Status::permission_denied(revocation.refusal()),
+            ));
+        }
         let csr = match check_csr(&request.csr, proven.id()) {
             Ok(csr) => csr,
             Err(CsrRefusal::Invalid(e)) => return Err(e.into()),
@@ -275,7 +303,7 @@ impl CertificateServer {
                     Proven::ServiceAccount(_) => {
                         format!("the service-account token grants {}", proven.id())
                     }
-                    Proven::Renewal(_) => format!(
+                    Proven::Renewal(..) => format!(
                         "renewal keeps the SPIFFE ID of the presented certificate, {}",
                         proven.id()
                     ),
@@ -300,6 +328,8 @@ impl CertificateServer {
             proof = proven.label(),
             "issued SVID"
         );
+        self.issued
+            .record(&issued.info.id, proven.label(), &issued.info.serial, now);
         let expires_at = issued
             .info
             .not_after

@@ -353,6 +353,7 @@ impl FileConfig {
                         reusable: entry.reusable,
                         used_at: None,
                         configured: true,
+                        created_at: None,
                     },
                 )
                 .map_err(|e| format!("{at}: {e}"))?;

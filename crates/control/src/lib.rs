@@ -15,6 +15,7 @@ pub mod identity;
 pub mod kubernetes;
 pub mod mesh;
 pub mod metrics;
+pub mod revocations;
 pub mod tls_incoming;
 pub mod tokens;
 pub mod webhook;
@@ -39,6 +40,7 @@ use crate::bundle_configmaps::BundleConfigMaps;
 use crate::ca::Ca;
 use crate::certificate_service::{CertificateServer, MAX_REQUEST_BYTES};
 use crate::discovery::{BundleAcks, DiscoveryServer, MAX_DISCOVERY_REQUEST_BYTES};
+use crate::revocations::{Issued, Revocations};
 use crate::kubernetes::{KubeTokenReviewer, ServiceAccountAuthenticator};
 use crate::mesh::Mesh;
 use crate::mesh::file_source::{self, FileSource};
@@ -56,6 +58,8 @@ pub enum StartError {
     CaSecret(#[from] ca_secret::CaSecretError),
     #[error(transparent)]
     Tokens(#[from] tokens::TokenError),
+    #[error(transparent)]
+    Revocations(#[from] revocations::RevocationError),
     #[error("{0}")]
     Config(String),
     #[error(transparent)]
@@ -85,11 +89,44 @@ pub struct ControlPlane {
     pub admin_token_path: PathBuf,
     pub ca: Arc<Ca>,
     pub tokens: Arc<JoinTokens>,
+    pub revocations: Arc<Revocations>,
     pub metrics: Arc<Metrics>,
     /// The mesh being served: `mesh.snapshot()` now, `mesh.subscribe()` for every change.
     pub mesh: Arc<Mesh>,
     cancel: CancellationToken,
     tracker: TaskTracker,
+}
+
+/// How often expired revocations are dropped.
+const REVOCATION_PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Serves the revocations in the MeshConfig: now, after every revocation, and as they expire.
+fn follow_revocations(
+    revocations: &Arc<Revocations>,
+    mesh: &Arc<Mesh>,
+    tracker: &TaskTracker,
+    cancel: CancellationToken,
+) {
+    let now = std::time::SystemTime::now();
+    if !revocations.list(now).is_empty() {
+        mesh.set_revocations(revocations.for_discovery(now));
+    }
+    let (revocations, mesh) = (revocations.clone(), mesh.clone());
+    let mut changes = revocations.subscribe();
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = changes.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(REVOCATION_PRUNE_INTERVAL) => {
+                    // Dropping one changes `changes`, which republishes on the next turn.
+                    let _ = revocations.prune(std::time::SystemTime::now());
+                    continue;
+                }
+            }
+            mesh.set_revocations(revocations.for_discovery(std::time::SystemTime::now()));
+        }
+    });
 }
 
 /// Reads the admin credential, creating a random one (0600) on first start.
@@ -247,6 +284,10 @@ impl ControlPlane {
             !config.kubernetes_mesh,
         ));
 
+        let revocations = Arc::new(Revocations::open(data_dir.join("revocations.json"))?);
+        let issued = Arc::new(Issued::default());
+        follow_revocations(&revocations, &mesh, &tracker, cancel.clone());
+
         let service_accounts = match kube_client {
             Some(client) => {
                 tracing::info!(
@@ -400,6 +441,8 @@ impl ControlPlane {
         let service = CertificateServiceServer::new(CertificateServer::new(
             ca.clone(),
             tokens.clone(),
+            revocations.clone(),
+            issued.clone(),
             service_accounts,
             metrics.clone(),
         ))
@@ -441,6 +484,8 @@ impl ControlPlane {
             Arc::new(admin::AdminState {
                 ca: ca.clone(),
                 tokens: tokens.clone(),
+                revocations: revocations.clone(),
+                issued,
                 metrics: metrics.clone(),
                 mesh: mesh.clone(),
                 bundle_acks,
@@ -465,6 +510,7 @@ impl ControlPlane {
             admin_token_path,
             ca,
             tokens,
+            revocations,
             metrics,
             mesh,
             cancel,

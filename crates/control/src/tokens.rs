@@ -62,6 +62,10 @@ pub struct TokenRecord {
     /// the state when it is no longer listed there, which is how an operator revokes it.
     #[serde(default)]
     pub configured: bool,
+    /// Unix seconds of its creation (or first listing in the config file); a revocation of its
+    /// ID covers it when it is older. Absent in state files from before revocations: covered.
+    #[serde(default)]
+    pub created_at: Option<u64>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -76,6 +80,8 @@ pub struct TokenGrant {
     hash: String,
     pub id: SpiffeId,
     pub reusable: bool,
+    /// When the token was created (the epoch when unknown).
+    pub created_at: SystemTime,
 }
 
 /// A token just created: the only time its value exists outside the caller.
@@ -174,11 +180,18 @@ impl JoinTokens {
         };
         match self.entries.entry(hash.clone()) {
             Entry::Occupied(mut e) => {
-                let used_at = e.get().used_at;
-                *e.get_mut() = TokenRecord { used_at, ..record };
+                let (used_at, created_at) = (e.get().used_at, e.get().created_at);
+                *e.get_mut() = TokenRecord {
+                    used_at,
+                    created_at: created_at.or_else(|| Some(unix(SystemTime::now()))),
+                    ..record
+                };
             }
             Entry::Vacant(e) => {
-                e.insert(record);
+                e.insert(TokenRecord {
+                    created_at: Some(unix(SystemTime::now())),
+                    ..record
+                });
             }
         }
         Ok(hash)
@@ -238,6 +251,7 @@ impl JoinTokens {
                 reusable,
                 used_at: None,
                 configured: false,
+                created_at: Some(unix(SystemTime::now())),
             },
         );
         if let Err(e) = self.persist() {
@@ -282,6 +296,7 @@ impl JoinTokens {
             hash,
             id,
             reusable: record.reusable,
+            created_at: from_unix(record.created_at.unwrap_or(0)),
         })
     }
 
@@ -405,16 +420,22 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn configured_tokens_by_value_or_hash() {
-        let tokens = JoinTokens::in_memory();
-        let record = TokenRecord {
+    /// A reusable, never-expiring configured token's record for `id()`.
+    fn configured_record() -> TokenRecord {
+        TokenRecord {
             spiffe_id: id().to_string(),
             expires_at: None,
             reusable: true,
             used_at: None,
             configured: true,
-        };
+            created_at: None,
+        }
+    }
+
+    #[test]
+    fn configured_tokens_by_value_or_hash() {
+        let tokens = JoinTokens::in_memory();
+        let record = configured_record();
         tokens
             .add_configured(Some("a-long-enough-token"), None, record.clone())
             .unwrap();
@@ -450,13 +471,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("join-tokens.json");
         let tokens = JoinTokens::open(state.clone()).unwrap();
-        let record = TokenRecord {
-            spiffe_id: id().to_string(),
-            expires_at: None,
-            reusable: true,
-            used_at: None,
-            configured: true,
-        };
+        let record = configured_record();
         let kept = tokens
             .add_configured(Some("kept-configured-token"), None, record.clone())
             .unwrap();

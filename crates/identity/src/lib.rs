@@ -21,6 +21,6 @@ pub mod verifier;
 pub use bundle::TrustBundle;
 pub use report::error_chain;
 pub use spiffe_id::{SpiffeId, SpiffeIdError, TrustDomain};
-pub use store::CertStore;
+pub use store::{CertStore, Revocations};
 pub use svid::{PeerRole, Svid, SvidError, SvidInfo, verify_svid};
 pub use verifier::{ClientAuth, ExpectedPeer, SpiffeClientVerifier, SpiffeServerVerifier};

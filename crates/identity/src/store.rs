@@ -2,6 +2,7 @@
 //! behind an `ArcSwap`. Rotation writes here; rustls reads here at every handshake through
 //! `SvidResolver` and the SPIFFE verifiers, so open connections are never touched.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -13,13 +14,42 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
 use crate::bundle::TrustBundle;
-use crate::svid::Svid;
+use crate::spiffe_id::SpiffeId;
+use crate::svid::{Svid, SvidError, SvidInfo};
+
+/// SPIFFE IDs the operator revoked, each with the time of its revocation: an SVID of that ID
+/// issued at or before it is refused (a later one, after the workload was registered again, is
+/// not).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Revocations(pub BTreeMap<SpiffeId, SystemTime>);
+
+impl Revocations {
+    /// The revocation time, when `info`'s SVID was issued at or before it.
+    pub fn covers(&self, info: &SvidInfo) -> Option<SystemTime> {
+        self.0
+            .get(&info.id)
+            .copied()
+            .filter(|revoked_at| info.issued_at() <= *revoked_at)
+    }
+
+    /// `Err(SvidError::Revoked)` when `covers`.
+    pub fn check(&self, info: &SvidInfo) -> Result<(), SvidError> {
+        match self.covers(info) {
+            None => Ok(()),
+            Some(at) => Err(SvidError::Revoked {
+                id: info.id.clone(),
+                revoked_at: crate::svid::format_time(at),
+            }),
+        }
+    }
+}
 
 /// Current SVID (if any yet) and trust bundle. Every change bumps a generation number that
 /// `subscribe` watchers see (the Workload API streams a new message on each).
 pub struct CertStore {
     svid: ArcSwapOption<Svid>,
     bundle: ArcSwap<TrustBundle>,
+    revocations: ArcSwap<Revocations>,
     changes: tokio::sync::watch::Sender<u64>,
 }
 
@@ -39,6 +69,7 @@ impl CertStore {
         Self {
             svid: ArcSwapOption::empty(),
             bundle: ArcSwap::from_pointee(bundle),
+            revocations: ArcSwap::from_pointee(Revocations::default()),
             changes: tokio::sync::watch::Sender::new(0),
         }
     }
@@ -82,6 +113,16 @@ impl CertStore {
         }
         self.svid.store(Some(Arc::new(svid)));
         self.changes.send_modify(|generation| *generation += 1);
+    }
+
+    /// The identities the control plane has taken back, as discovery last said.
+    pub fn revocations(&self) -> Arc<Revocations> {
+        self.revocations.load_full()
+    }
+
+    /// Swaps in the revocations; every handshake from now on checks them.
+    pub fn set_revocations(&self, revocations: Revocations) {
+        self.revocations.store(Arc::new(revocations));
     }
 
     /// A receiver that wakes on every `set_svid` / `set_bundle` / `rotate`.

@@ -47,7 +47,13 @@ pub enum SvidError {
     Chain { id: SpiffeId, reason: String },
     #[error("peer presented {got}, expected {expected}")]
     UnexpectedId { expected: String, got: SpiffeId },
+    #[error("certificate for {id} was issued before {id} was revoked at {revoked_at}")]
+    Revoked { id: SpiffeId, revoked_at: String },
 }
+
+/// How far the control plane backdates a leaf's NotBefore against clock skew (docs/architecture.md,
+/// "The CA"): a leaf was issued at its NotBefore plus this.
+pub const LEAF_BACKDATE: Duration = Duration::from_secs(5 * 60);
 
 impl SvidError {
     /// The closest rustls error, so TLS alerts stay meaningful on the wire.
@@ -81,6 +87,12 @@ pub struct SvidInfo {
 }
 
 impl SvidInfo {
+    /// When the control plane issued it: NotBefore plus `LEAF_BACKDATE`. What a revocation
+    /// is compared with.
+    pub fn issued_at(&self) -> SystemTime {
+        self.not_before + LEAF_BACKDATE
+    }
+
     /// Parses a leaf certificate and checks the X509-SVID leaf rules (one SPIFFE URI SAN,
     /// CA:false, critical keyUsage with digitalSignature and without keyCertSign/cRLSign).
     /// Does not check the chain or the time.

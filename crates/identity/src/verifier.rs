@@ -70,6 +70,7 @@ fn verify_peer(
     chain.extend(intermediates.iter().cloned());
     let info = verify_svid(&chain, &store.bundle(), to_unix(now), role)?;
     expected.check(&info.id)?;
+    store.revocations().check(&info)?;
     Ok(info)
 }
 

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::time::SystemTime;
 
 use latch_identity::{SpiffeId, TrustDomain};
 
@@ -125,11 +126,13 @@ impl MeshSettings {
     }
 }
 
-/// The single MeshConfig resource: the settings and the CA's trust bundle (PEM, may be empty).
+/// The single MeshConfig resource: the settings, the CA's trust bundle (PEM, may be empty) and
+/// the revoked identities (each with the time of its revocation).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MeshConfig {
     pub settings: MeshSettings,
     pub trust_bundle_pem: String,
+    pub revocations: BTreeMap<SpiffeId, SystemTime>,
 }
 
 /// A meshed workload.

@@ -4,6 +4,9 @@
 //! the field inside the message; `from_resource` adds the envelope checks (body, type URL,
 //! decoding, resource name) the proxy's xDS client applies to every resource it receives.
 
+use std::collections::BTreeMap;
+use std::time::{Duration, UNIX_EPOCH};
+
 use latch_identity::SpiffeId;
 use latch_proto::mesh as proto;
 use latch_proto::mesh::{authorization_policy, mesh_config, principal_match};
@@ -283,6 +286,16 @@ impl From<&MeshConfig> for proto::MeshConfig {
                 OutboundPolicy::Passthrough => mesh_config::OutboundPolicy::Passthrough as i32,
                 OutboundPolicy::RegistryOnly => mesh_config::OutboundPolicy::RegistryOnly as i32,
             },
+            revocations: c
+                .revocations
+                .iter()
+                .map(|(id, at)| mesh_config::Revocation {
+                    spiffe_id: id.to_string(),
+                    revoked_at_unix: at
+                        .duration_since(UNIX_EPOCH)
+                        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+                })
+                .collect(),
         }
     }
 }
@@ -311,9 +324,19 @@ impl TryFrom<&proto::MeshConfig> for MeshConfig {
             port_mtls,
             outbound_policy,
         )?;
+        let mut revocations = BTreeMap::new();
+        for (i, r) in m.revocations.iter().enumerate() {
+            let at = format!("revocations[{i}]");
+            let id = parse_spiffe_id(&format!("{at}.spiffe_id"), &r.spiffe_id)?;
+            let secs = u64::try_from(r.revoked_at_unix).map_err(|_| {
+                MeshError::invalid(format!("{at}.revoked_at_unix"), "is negative")
+            })?;
+            revocations.insert(id, UNIX_EPOCH + Duration::from_secs(secs));
+        }
         Ok(MeshConfig {
             settings,
             trust_bundle_pem: m.trust_bundle_pem.clone(),
+            revocations,
         })
     }
 }

@@ -14,7 +14,8 @@ use crate::state::MeshSnapshot;
 pub enum Decision {
     Allow,
     Deny {
-        /// The policy that decided ("<ns>/<name>"), "--allow", or "mesh-peers" (no policies).
+        /// The policy that decided ("<ns>/<name>"), "--allow", "mesh-peers" (no policies), or
+        /// "revocation" (the peer's SVID was revoked).
         by: String,
         why: String,
     },

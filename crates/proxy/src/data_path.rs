@@ -11,7 +11,7 @@ use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
 use latch_admin::serve::{
@@ -132,6 +132,8 @@ impl ProxyPorts {
 #[derive(Debug)]
 pub struct LiveConnection {
     pub peer: SpiffeId,
+    /// When the peer's SVID was issued, for revocations.
+    pub peer_issued_at: SystemTime,
     pub target_port: u16,
     /// Cancelling it closes the connection.
     pub close: CancellationToken,
@@ -222,6 +224,7 @@ impl DataPath {
     pub fn admit(
         &self,
         peer: &SpiffeId,
+        peer_issued_at: SystemTime,
         target_port: u16,
     ) -> Result<(LiveGuard<'_>, CancellationToken), Decision> {
         let key = self.next_connection.fetch_add(1, Ordering::Relaxed);
@@ -230,6 +233,7 @@ impl DataPath {
             key,
             LiveConnection {
                 peer: peer.clone(),
+                peer_issued_at,
                 target_port,
                 close: close.clone(),
             },
@@ -238,19 +242,34 @@ impl DataPath {
             table: &self.inbound_connections,
             key,
         };
-        match self
-            .authorizer
-            .authorize(&self.mesh.load(), peer, target_port)
-        {
+        match self.authorize(peer, peer_issued_at, target_port) {
             Decision::Allow => Ok((guard, close)),
             deny => Err(deny),
         }
     }
 
+    /// The policy decision for `peer` (its SVID issued at `issued_at`) on `target_port` under
+    /// the current snapshot, after the revocations: a revoked SVID is denied whatever the
+    /// policies say.
+    fn authorize(&self, peer: &SpiffeId, issued_at: SystemTime, target_port: u16) -> Decision {
+        if let Some(revoked_at) = self.tls.store().revocations().0.get(peer)
+            && issued_at <= *revoked_at
+        {
+            return Decision::Deny {
+                by: "revocation".into(),
+                why: format!(
+                    "{peer} was revoked at {}",
+                    latch_identity::svid::format_time(*revoked_at)
+                ),
+            };
+        }
+        self.authorizer
+            .authorize(&self.mesh.load(), peer, target_port)
+    }
+
     /// Re-authorizes every open inbound connection under the current snapshot and closes the
     /// ones no longer allowed; returns how many were closed.
     pub fn reauthorize(&self) -> usize {
-        let snapshot = self.mesh.load();
         let mut closed = 0;
         for entry in self.inbound_connections.iter() {
             let conn = entry.value();
@@ -258,8 +277,7 @@ impl DataPath {
                 continue;
             }
             if let Decision::Deny { by, why } =
-                self.authorizer
-                    .authorize(&snapshot, &conn.peer, conn.target_port)
+                self.authorize(&conn.peer, conn.peer_issued_at, conn.target_port)
             {
                 conn.close.cancel();
                 closed += 1;
@@ -566,8 +584,8 @@ mod tests {
     fn a_policy_change_closes_the_open_connections_it_no_longer_allows() {
         let dp = data_path();
         let (web, db) = (SpiffeId::parse(WEB).unwrap(), SpiffeId::parse(DB).unwrap());
-        let (web_guard, web_close) = dp.admit(&web, 8080).expect("allowed: mesh peer");
-        let (_db_guard, db_close) = dp.admit(&db, 8080).expect("allowed: mesh peer");
+        let (web_guard, web_close) = dp.admit(&web, SystemTime::now(), 8080).expect("allowed: mesh peer");
+        let (_db_guard, db_close) = dp.admit(&db, SystemTime::now(), 8080).expect("allowed: mesh peer");
         assert_eq!(dp.inbound_connections.len(), 2);
 
         dp.mesh.publish(&deny(WEB));
@@ -579,7 +597,7 @@ mod tests {
         assert_eq!(dp.reauthorize(), 0);
         // New connections from web are refused, naming the policy.
         assert!(matches!(
-            dp.admit(&web, 8080),
+            dp.admit(&web, SystemTime::now(), 8080),
             Err(Decision::Deny { by, .. }) if by == "demo/deny"
         ));
         drop(web_guard);
@@ -596,7 +614,7 @@ mod tests {
         let cancel = CancellationToken::new();
         let task = tokio::spawn(dp.clone().watch_mesh(cancel.clone()));
         let web = SpiffeId::parse(WEB).unwrap();
-        let (_guard, close) = dp.admit(&web, 8080).unwrap();
+        let (_guard, close) = dp.admit(&web, SystemTime::now(), 8080).unwrap();
         dp.mesh.publish(&deny(WEB));
         tokio::time::timeout(Duration::from_secs(5), close.cancelled())
             .await

@@ -99,6 +99,7 @@ pub async fn mtls(
         && !resumed_peer_still_valid(
             conn.peer_certificates(),
             &dp.tls.inbound_peer(),
+            &dp.tls.store().revocations(),
             SystemTime::now(),
         )
     {
@@ -112,10 +113,16 @@ pub async fn mtls(
         return;
     }
     // The verifier required a valid SVID, so the leaf carries the peer's ID.
-    let Some(peer) = latch_identity::verifier::peer_spiffe_id(conn.peer_certificates()) else {
+    let Some(peer) = conn
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .and_then(|leaf| latch_identity::SvidInfo::from_leaf(leaf).ok())
+    else {
         dp.metrics.handshake_failed(DIRECTION, "bad_cert");
         return;
     };
+    let peer_issued_at = peer.issued_at();
+    let peer = peer.id;
     let header = match TransportHeader::read_from(&mut tls, dp.limits.header_timeout).await {
         Ok(h) => h,
         Err(e) => {
@@ -143,7 +150,7 @@ pub async fn mtls(
         dp.refuse_proxy_port(DIRECTION, remote, peer.as_str(), target);
         return;
     }
-    let (_live, close) = match dp.admit(&peer, header.target_port) {
+    let (_live, close) = match dp.admit(&peer, peer_issued_at, header.target_port) {
         Ok(admitted) => admitted,
         Err(decision) => {
             dp.metrics

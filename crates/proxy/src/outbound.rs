@@ -143,6 +143,7 @@ async fn connect_mesh(
         && !resumed_peer_still_valid(
             conn.peer_certificates(),
             &expected,
+            &dp.tls.store().revocations(),
             std::time::SystemTime::now(),
         )
     {

@@ -41,6 +41,8 @@ pub enum Route {
 pub struct CheckedMeshConfig {
     pub settings: MeshSettings,
     pub bundle: Option<TrustBundle>,
+    /// Revoked identities; the proxy installs them in its `CertStore`.
+    pub revocations: latch_identity::Revocations,
 }
 
 /// A resource held by discovery with the version it came with.
@@ -380,6 +382,7 @@ mod tests {
                 outbound_policy: policy,
             },
             bundle: None,
+            revocations: Default::default(),
         })
     }
 

@@ -210,10 +210,12 @@ impl ProducesTickets for SvidTicketer {
 }
 
 /// True when a resumed session's stored peer certificate is still a valid SVID matching
-/// `expected` at `now`. (The chain was verified at the full handshake that made the ticket.)
+/// `expected` at `now`, and not revoked. (The chain was verified at the full handshake that
+/// made the ticket.)
 pub fn resumed_peer_still_valid(
     peer_certificates: Option<&[rustls_pki_types::CertificateDer<'_>]>,
     expected: &ExpectedPeer,
+    revocations: &latch_identity::Revocations,
     now: SystemTime,
 ) -> bool {
     let Some(leaf) = peer_certificates.and_then(|c| c.first()) else {
@@ -227,7 +229,10 @@ pub fn resumed_peer_still_valid(
         ExpectedPeer::TrustDomain(td) => info.id.is_member_of(td),
         ExpectedPeer::Exactly(id) => &info.id == id,
     };
-    matches && !info.is_expired_at(now) && now >= info.not_before
+    matches
+        && !info.is_expired_at(now)
+        && now >= info.not_before
+        && revocations.covers(&info).is_none()
 }
 
 /// The mesh TLS configs, built once per identity store.
@@ -263,6 +268,11 @@ impl MeshTls {
     }
 
     /// What a resumed inbound session's client must still be.
+    /// The identity store: this proxy's SVID, the bundle and the revocations handshakes check.
+    pub fn store(&self) -> &Arc<CertStore> {
+        &self.store
+    }
+
     pub fn inbound_peer(&self) -> ExpectedPeer {
         ExpectedPeer::TrustDomain(self.trust_domain.clone())
     }

@@ -305,10 +305,17 @@ impl DiscoveryClient {
         match next {
             Ok(next) => {
                 *discovered = next;
-                let bundle = (kind == "MeshConfig")
+                let mesh_config = (kind == "MeshConfig")
                     .then(|| discovered.mesh.values().next())
-                    .flatten()
-                    .and_then(|m| m.value.bundle.clone());
+                    .flatten();
+                let bundle = mesh_config.and_then(|m| m.value.bundle.clone());
+                // Before the snapshot: re-authorizing open connections reads them.
+                if let Some(config) = mesh_config
+                    && config.value.revocations != *self.store.revocations()
+                {
+                    tracing::warn!(revoked = ?config.value.revocations.0.keys().map(ToString::to_string).collect::<Vec<_>>(), "revocations from the control plane installed");
+                    self.store.set_revocations(config.value.revocations.clone());
+                }
                 self.mesh.publish(&discovered);
                 drop(discovered);
                 if let Some(bundle) = bundle.filter(|b| b.roots() != self.store.bundle().roots()) {
@@ -505,6 +512,7 @@ fn check_mesh_config(
     Ok(CheckedMeshConfig {
         settings: config.settings,
         bundle,
+        revocations: latch_identity::Revocations(config.revocations),
     })
 }
 
@@ -643,6 +651,7 @@ mod tests {
             port_mtls: [(8080, mesh_config::MtlsMode::Strict as i32)].into(),
             trust_bundle_pem: pem,
             outbound_policy: mesh_config::OutboundPolicy::RegistryOnly as i32,
+            revocations: vec![],
         };
         let d = accepts(
             &store,

@@ -191,6 +191,7 @@ async fn subscribes_acks_nacks_removes_and_resubscribes_with_what_it_holds() {
         port_mtls: [(9090, mesh_config::MtlsMode::Permissive as i32)].into(),
         trust_bundle_pem: format!("{ca_pem}{next_root_pem}"),
         outbound_policy: mesh_config::OutboundPolicy::Passthrough as i32,
+        revocations: vec![],
     };
     let mesh_resource = resource(type_url::MESH_CONFIG, "mesh", &mesh_config);
     let answer = stream

@@ -33,7 +33,7 @@ pub const ROOT_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
 /// How far a leaf's NotBefore is backdated, so that a peer whose clock is behind the CA's
 /// (minutes of skew between machines happen) does not see a freshly issued SVID as "not yet
 /// valid". Never before the issuer's own NotBefore. See docs/architecture.md.
-pub const BACKDATE: Duration = Duration::from_secs(5 * 60);
+pub const BACKDATE: Duration = latch_identity::svid::LEAF_BACKDATE;
 /// How far a root the control plane makes is backdated: well beyond `BACKDATE`, so the leaves
 /// of a young root are not clamped to its NotBefore (which would undo their backdating).
 pub const ROOT_BACKDATE: Duration = Duration::from_secs(3600);

@@ -13,6 +13,9 @@ pub mod spec;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
+
+use latch_identity::SpiffeId;
 
 use tokio::sync::watch;
 
@@ -34,6 +37,8 @@ struct Problem {
 pub struct Mesh {
     /// The MeshConfig's trust bundle; replaced by `set_trust_bundle` during a root rotation.
     trust_bundle_pem: Mutex<String>,
+    /// The MeshConfig's revocations; replaced by `set_revocations`.
+    revocations: Mutex<BTreeMap<SpiffeId, SystemTime>>,
     snapshots: watch::Sender<Arc<MeshSnapshot>>,
     /// Serializes `publish`, so each snapshot is built on top of the one before it.
     publishing: Mutex<()>,
@@ -50,10 +55,17 @@ impl Mesh {
     /// An empty mesh: only the MeshConfig, carrying `trust_bundle_pem`. `synced` says whether
     /// it may be served as it is (false: wait for the source's first `publish`).
     pub fn new(trust_bundle_pem: String, metrics: Arc<Metrics>, synced: bool) -> Self {
-        let empty = MeshSnapshot::build(MeshModel::default(), &trust_bundle_pem, None, 0);
+        let empty = MeshSnapshot::build(
+            MeshModel::default(),
+            &trust_bundle_pem,
+            &BTreeMap::new(),
+            None,
+            0,
+        );
         metrics.mesh_generation.set(0);
         Self {
             trust_bundle_pem: Mutex::new(trust_bundle_pem),
+            revocations: Mutex::new(BTreeMap::new()),
             snapshots: watch::Sender::new(Arc::new(empty)),
             publishing: Mutex::new(()),
             problems: Mutex::new(BTreeMap::new()),
@@ -99,7 +111,18 @@ impl Mesh {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let next = MeshSnapshot::build(model, &bundle, Some(&current), current.generation + 1);
+        let revocations = self
+            .revocations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let next = MeshSnapshot::build(
+            model,
+            &bundle,
+            &revocations,
+            Some(&current),
+            current.generation + 1,
+        );
         if next.same_content(&current) {
             return false;
         }
@@ -116,6 +139,17 @@ impl Mesh {
             .set(i64::try_from(next.generation).unwrap_or(i64::MAX));
         self.snapshots.send_replace(Arc::new(next));
         true
+    }
+
+    /// Serves `revocations` in the MeshConfig from now on, republishing the current model.
+    pub fn set_revocations(&self, revocations: BTreeMap<SpiffeId, SystemTime>) {
+        *self
+            .revocations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = revocations;
+        if self.publish_model(None) {
+            tracing::info!("revocations republished to the proxies");
+        }
     }
 
     /// Serves `pem` as the MeshConfig's trust bundle from now on (a root rotation step),

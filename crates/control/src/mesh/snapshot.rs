@@ -164,11 +164,12 @@ pub struct MeshSnapshot {
 }
 
 impl MeshSnapshot {
-    /// Encodes `model` (with `trust_bundle_pem` in the MeshConfig), reusing `previous`'s
-    /// shared resources wherever the content is the same.
+    /// Encodes `model` (with `trust_bundle_pem` and `revocations` in the MeshConfig), reusing
+    /// `previous`'s shared resources wherever the content is the same.
     pub fn build(
         model: MeshModel,
         trust_bundle_pem: &str,
+        revocations: &BTreeMap<SpiffeId, SystemTime>,
         previous: Option<&MeshSnapshot>,
         generation: u64,
     ) -> Self {
@@ -179,6 +180,7 @@ impl MeshSnapshot {
                 proto::MeshConfig::from(&MeshConfig {
                     settings: model.settings.clone(),
                     trust_bundle_pem: trust_bundle_pem.to_string(),
+                    revocations: revocations.clone(),
                 })
                 .encode_to_vec(),
             )],
@@ -362,7 +364,7 @@ mod tests {
     }
 
     fn build(yaml: &str, previous: Option<&MeshSnapshot>) -> MeshSnapshot {
-        MeshSnapshot::build(model(yaml), PEM, previous, 1)
+        MeshSnapshot::build(model(yaml), PEM, &BTreeMap::new(), previous, 1)
     }
 
     fn version(s: &MeshSnapshot, ty: ResourceType, name: &str) -> String {
@@ -377,7 +379,7 @@ mod tests {
 
     #[test]
     fn empty_mesh_has_only_the_mesh_config_with_the_bundle() {
-        let s = MeshSnapshot::build(MeshModel::default(), PEM, None, 0);
+        let s = MeshSnapshot::build(MeshModel::default(), PEM, &BTreeMap::new(), None, 0);
         let mesh = &s.resources(ResourceType::MeshConfig)[latch_proto::MESH_CONFIG_NAME];
         let decoded = proto::MeshConfig::decode(mesh.body.value.as_slice()).unwrap();
         assert_eq!(decoded.trust_bundle_pem, PEM);

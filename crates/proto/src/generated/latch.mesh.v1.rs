@@ -149,9 +149,22 @@ pub struct MeshConfig {
     pub trust_bundle_pem: ::prost::alloc::string::String,
     #[prost(enumeration = "mesh_config::OutboundPolicy", tag = "4")]
     pub outbound_policy: i32,
+    /// Identities the operator took back (`latchctl revoke`): an SVID of one of them issued at
+    /// or before its revoked_at_unix is refused at the handshake, and open connections presenting
+    /// one are closed. A later SVID (the workload registered again) is not affected.
+    #[prost(message, repeated, tag = "5")]
+    pub revocations: ::prost::alloc::vec::Vec<mesh_config::Revocation>,
 }
 /// Nested message and enum types in `MeshConfig`.
 pub mod mesh_config {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+    pub struct Revocation {
+        #[prost(string, tag = "1")]
+        pub spiffe_id: ::prost::alloc::string::String,
+        /// Unix seconds.
+        #[prost(int64, tag = "2")]
+        pub revoked_at_unix: i64,
+    }
     #[derive(
         Clone,
         Copy,
