@@ -412,10 +412,13 @@ async fn the_private_key_never_reaches_the_ca() {
         listener,
         Arc::new(tls),
         Default::default(),
+        cp.ca.clone(),
+        cp.metrics.clone(),
         &tracker,
         cancel.clone(),
     );
     let server = tonic::transport::Server::builder()
+        .layer(latch_control::tls_incoming::SeeRequestsLayer)
         .add_service(
             latch_proto::ca::certificate_service_server::CertificateServiceServer::new(service),
         )

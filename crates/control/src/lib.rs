@@ -394,6 +394,8 @@ impl ControlPlane {
             grpc_listener,
             Arc::new(tls),
             config.limits,
+            ca.clone(),
+            metrics.clone(),
             &tracker,
             cancel.clone(),
         );
@@ -417,7 +419,10 @@ impl ControlPlane {
         // limits stay small; the connection cap (AcceptLimits) bounds proxies in total.
         // The timeout covers a handler until it returns its response; discovery returns its
         // stream at once, so the timeout never ends a stream. Keepalive finds dead proxies.
+        // SeeRequestsLayer tells the front door which connections sent requests (its
+        // first-request deadline and unauthenticated budget).
         let server = tonic::transport::Server::builder()
+            .layer(tls_incoming::SeeRequestsLayer)
             .concurrency_limit_per_connection(64)
             .max_concurrent_streams(Some(128))
             .timeout(config.request_timeout)
