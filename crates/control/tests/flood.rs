@@ -416,3 +416,122 @@ async fn issuance_renewal_discovery_and_injection_are_served_under_connection_fl
     attacks.abort_all();
     cp.shutdown().await;
 }
+
+/// Opens a silent TLS connection from `source` (presenting `svid`, if any) and returns a task
+/// that ends with how long after the handshake the server closed it.
+async fn silent(
+    cp: &ControlPlane,
+    source: [u8; 4],
+    svid: Option<&Svid>,
+) -> tokio::task::JoinHandle<Duration> {
+    let tls = Arc::new(grpc_tls(cp, svid));
+    let tcp = connect_from(source, cp.grpc_addr).await.unwrap();
+    let mut conn = TlsConnector::from(tls)
+        .connect(placeholder_server_name(), tcp)
+        .await
+        .expect("TLS handshake");
+    let started = Instant::now();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = conn.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+        started.elapsed()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_and_unauthenticated_connections_are_closed_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let first_request = Duration::from_secs(2);
+    let lifetime = Duration::from_secs(4);
+    let cp = start(
+        AcceptLimits {
+            max_unauthenticated: Some(2),
+            first_request_timeout: first_request,
+            unauthenticated_lifetime: lifetime,
+            ..AcceptLimits::default()
+        },
+        dir.path(),
+    )
+    .await;
+    let grpc = cp.grpc_addr.to_string();
+    let id = workload(&cp, "web");
+    let token = cp
+        .tokens
+        .create(&id, Duration::from_secs(600), true)
+        .unwrap()
+        .token;
+    let (svid, _) = CaClient::connect_with(&grpc, grpc_tls(&cp, None))
+        .await
+        .unwrap()
+        .fetch_svid(None, None, Some(token.clone()))
+        .await
+        .unwrap();
+    let mut stream = discovery_stream(&cp, &svid).await;
+    // The first client's connection is gone once its place is free.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Two silent connections without a certificate fill the unauthenticated budget; a
+    // join-token caller from another address closes one of them and is served.
+    let silent_a = silent(&cp, [127, 0, 0, 2], None).await;
+    let silent_b = silent(&cp, [127, 0, 0, 2], None).await;
+    let mut caller = CaClient::connect_with(&grpc, grpc_tls(&cp, None))
+        .await
+        .unwrap();
+    caller
+        .fetch_svid(None, None, Some(token))
+        .await
+        .expect("a join-token caller is served with the budget full of silent connections");
+    let silent_svid = silent(&cp, [127, 0, 0, 4], Some(&svid)).await;
+    let (a, b) = (silent_a.await.unwrap(), silent_b.await.unwrap());
+    let (evicted, timed_out) = (a.min(b), a.max(b));
+    let authenticated = silent_svid.await.unwrap();
+    println!(
+        "silent connections closed after: evicted {evicted:?}, without a request {timed_out:?} \
+         (no certificate) and {authenticated:?} (with an SVID)"
+    );
+    assert!(
+        evicted < first_request / 2,
+        "made room for the caller at once: {evicted:?}"
+    );
+    assert!(
+        timed_out >= first_request - Duration::from_millis(100) && timed_out < first_request * 3
+    );
+    assert!(
+        authenticated >= first_request - Duration::from_millis(100)
+            && authenticated < first_request * 3,
+        "an SVID does not exempt a connection from sending a request: {authenticated:?}"
+    );
+    assert_eq!(refused(&cp, "grpc", "unauthenticated_evicted"), 1);
+    assert_eq!(refused(&cp, "grpc", "first_request_timeout"), 2);
+
+    // The join-token caller's connection ends at the unauthenticated lifetime, while the
+    // discovery stream, authenticated, stays.
+    latch_testkit::until(
+        "the join-token caller's connection reaches its lifetime",
+        lifetime * 2,
+        || refused(&cp, "grpc", "unauthenticated_lifetime") == 1,
+    )
+    .await;
+    let next = tokio::time::timeout(Duration::from_millis(500), stream.message()).await;
+    assert!(
+        next.is_err(),
+        "the discovery stream is still open: {next:?}"
+    );
+    assert_eq!(cp.metrics.discovery_streams.get(), 1);
+    let metrics = latch_testkit::admin::request(cp.admin_addr, "GET", "/metrics", None, "")
+        .await
+        .expect("metrics")
+        .1;
+    assert!(
+        metrics.contains(
+            "latch_control_connections_refused_total{listener=\"grpc\",reason=\"unauthenticated_lifetime\"} 1"
+        ),
+        "{metrics}"
+    );
+    drop(caller);
+    cp.shutdown().await;
+}
