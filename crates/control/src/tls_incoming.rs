@@ -528,3 +528,56 @@ pub fn incoming(
     );
     ReceiverStream::new(rx)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(max: usize) -> Arc<Unauthenticated> {
+        Arc::new(Unauthenticated {
+            max,
+            open: Mutex::default(),
+            next: AtomicU64::new(0),
+        })
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([127, 0, 0, last])
+    }
+
+    fn evicted(place: &mut UnauthenticatedPlace) -> bool {
+        let waker = std::task::Waker::noop();
+        place
+            .evicted
+            .as_mut()
+            .poll(&mut Context::from_waker(waker))
+            .is_ready()
+    }
+
+    #[test]
+    fn a_full_budget_closes_the_oldest_idle_place_of_the_address_holding_most() {
+        let budget = budget(3);
+        let activity: Vec<Arc<Activity>> = (0..5).map(|_| Arc::default()).collect();
+        let mut held_a = budget.admit(ip(1), &activity[0]).unwrap();
+        let mut attacker_1 = budget.admit(ip(2), &activity[1]).unwrap();
+        let mut attacker_2 = budget.admit(ip(2), &activity[2]).unwrap();
+        // 127.0.0.2 holds two places: its oldest goes, though 127.0.0.1's is older.
+        let mut newcomer = budget.admit(ip(3), &activity[3]).unwrap();
+        assert!(evicted(&mut attacker_1));
+        assert!(!evicted(&mut held_a) && !evicted(&mut attacker_2) && !evicted(&mut newcomer));
+
+        // One place each: the oldest idle goes; a request in flight protects a place.
+        let _in_flight = activity[0].start();
+        let mut next = budget.admit(ip(4), &activity[4]).unwrap();
+        assert!(evicted(&mut attacker_2), "127.0.0.1's place is busy");
+        assert!(!evicted(&mut held_a) && !evicted(&mut next));
+
+        // Every place busy: the newcomer is refused.
+        let _busy = (activity[3].start(), activity[4].start());
+        assert!(budget.admit(ip(5), &Arc::default()).is_none());
+
+        // A closed connection frees its place.
+        drop(newcomer);
+        assert!(budget.admit(ip(5), &Arc::default()).is_some());
+    }
+}
