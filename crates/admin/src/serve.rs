@@ -342,6 +342,8 @@ pub struct Accepted<S, A> {
     /// Fires when the connection must end (shutdown, or the end of a drain).
     pub close: CancellationToken,
     pub policy: Arc<ListenerPolicy>,
+    /// Where the listener counts what it refuses (`serve_http1`: `request_header_timeout`).
+    pub metrics: Arc<dyn ServeMetrics>,
 }
 
 /// Accepts on `listener` until `drain.stop_accepting` fires, under `policy`: takes a slot of the
@@ -451,7 +453,7 @@ pub fn serve<L, H, F, Fut>(
             };
             listener.tune(&conn, &policy);
             let (policy, handshake, handle) = (policy.clone(), handshake.clone(), handle.clone());
-            let close = drain.close.clone();
+            let (close, metrics) = (drain.close.clone(), metrics.clone());
             drain.connections.spawn(async move {
                 // Held for as long as the connection: its place under the per-source cap.
                 let _source_slot = source_slot;
@@ -482,6 +484,7 @@ pub fn serve<L, H, F, Fut>(
                     slot,
                     close,
                     policy,
+                    metrics,
                 })
                 .await;
             });
@@ -548,7 +551,8 @@ pub fn open_files_limit() -> Option<u64> {
 }
 
 /// Serves HTTP/1 on an accepted connection with `handler`, under the policy's request-head
-/// deadline, until the client goes or `close` fires.
+/// deadline (a connection closed by it is counted as `request_header_timeout`), until the
+/// client goes or `close` fires.
 pub async fn serve_http1<S, A, H, F>(conn: Accepted<S, A>, handler: H)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -562,6 +566,7 @@ where
         slot: _slot,
         close,
         policy,
+        metrics,
     } = conn;
     let service = service_fn(move |request| {
         let response = handler(request);
@@ -575,6 +580,9 @@ where
     tokio::select! {
         _ = close.cancelled() => {}
         result = served => if let Err(e) = result {
+            if e.is_timeout() {
+                metrics.refused(policy.name, "request_header_timeout");
+            }
             tracing::debug!(listener = policy.name, ?remote, "connection: {e}");
         },
     }
@@ -855,6 +863,7 @@ mod tests {
     #[tokio::test]
     async fn an_idle_http1_connection_is_closed_at_the_request_head_deadline() {
         let drain = Drain::default();
+        let metrics = Arc::new(Counted::default());
         let policy = ListenerPolicy {
             request_header_timeout: Some(Duration::from_millis(300)),
             // Refuse, not Wait: a waiting loop holds the next slot while it accepts.
@@ -867,7 +876,7 @@ mod tests {
             listener,
             policy,
             &drain,
-            Arc::new(NoMetrics),
+            metrics.clone(),
             Plain,
             |conn: Accepted<TcpStream, _>| {
                 serve_http1(conn, |_| async { crate::text(hyper::StatusCode::OK, "ok") })
@@ -884,6 +893,11 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(250));
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(cap.in_use(), 0, "its slot is free");
+        assert_eq!(
+            *metrics.0.lock().unwrap(),
+            [("test", "request_header_timeout")],
+            "counted"
+        );
     }
 
     #[tokio::test]
