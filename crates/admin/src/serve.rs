@@ -99,8 +99,14 @@ impl Cap {
     }
 }
 
-/// A connection's place under its listener's cap; dropping it frees the place.
-pub type Slot = OwnedSemaphorePermit;
+/// A connection's place under its listener's cap, and under its source address's cap when the
+/// policy has one; dropping it frees both. A handler that hands the connection on (to tonic,
+/// say) hands this on with it.
+#[derive(Debug)]
+pub struct Slot {
+    _cap: OwnedSemaphorePermit,
+    _source: Option<SourceSlot>,
+}
 
 /// How one listener serves: stated once, next to the listener's code.
 #[derive(Debug, Clone)]
@@ -240,6 +246,7 @@ impl Listen for TcpListener {
 struct SourceCounts(Arc<Mutex<HashMap<IpAddr, usize>>>);
 
 /// A connection's place under its source's cap; dropping it frees the place.
+#[derive(Debug)]
 struct SourceSlot {
     counts: SourceCounts,
     source: IpAddr,
@@ -454,9 +461,11 @@ pub fn serve<L, H, F, Fut>(
             listener.tune(&conn, &policy);
             let (policy, handshake, handle) = (policy.clone(), handshake.clone(), handle.clone());
             let (close, metrics) = (drain.close.clone(), metrics.clone());
+            let slot = Slot {
+                _cap: slot,
+                _source: source_slot,
+            };
             drain.connections.spawn(async move {
-                // Held for as long as the connection: its place under the per-source cap.
-                let _source_slot = source_slot;
                 let step = handshake.handshake(conn);
                 let finished = tokio::select! {
                     _ = close.cancelled() => return,
@@ -858,6 +867,51 @@ mod tests {
         })
         .await
         .expect("the source is served again once one of its connections ends");
+    }
+
+    #[tokio::test]
+    async fn a_connection_handed_on_keeps_its_place_under_the_source_cap() {
+        let drain = Drain::default();
+        let metrics = Arc::new(Counted::default());
+        let policy = ListenerPolicy {
+            per_source: Some(1),
+            ..ListenerPolicy::new("test", 8, AtCap::Wait)
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (handed_on, mut handed) = tokio::sync::mpsc::unbounded_channel();
+        serve(
+            listener,
+            policy,
+            &drain,
+            metrics.clone(),
+            Plain,
+            move |conn: Accepted<TcpStream, _>| {
+                // As the control plane's gRPC front door does: another task serves it.
+                let _ = handed_on.send((conn.stream, conn.slot));
+                async {}
+            },
+        );
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let first = handed.recv().await.unwrap();
+        let mut over = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(2), over.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "closed at once: {read:?}"
+        );
+        assert_eq!(
+            *metrics.0.lock().unwrap(),
+            [("test", "source_connection_limit")]
+        );
+        drop(first);
+        let _again = TcpStream::connect(addr).await.unwrap();
+        let served = tokio::time::timeout(Duration::from_secs(2), handed.recv()).await;
+        assert!(
+            matches!(served, Ok(Some(_))),
+            "served once the first is gone"
+        );
     }
 
     #[tokio::test]

@@ -177,7 +177,8 @@ impl Metrics {
             "Connections closed before or instead of being served, by listener and reason: \
              connection_limit, source_connection_limit (--max-connections-per-source), \
              handshake_timeout, first_request_timeout, unauthenticated_limit, \
-             unauthenticated_evicted, unauthenticated_lifetime (--max-unauthenticated-connections)",
+             unauthenticated_evicted, unauthenticated_lifetime (--max-unauthenticated-connections), \
+             request_header_timeout (webhook)",
             connections_refused.clone(),
         );
         Self {
