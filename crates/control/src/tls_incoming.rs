@@ -381,8 +381,9 @@ impl Deadlines {
     }
 }
 
-/// A TLS connection ready for tonic. Holds a connection-cap permit until dropped. Reads end
-/// (EOF, so hyper closes the connection) at the first deadline it misses.
+/// A TLS connection ready for tonic. Holds its places under the connection and per-source caps
+/// (and the unauthenticated budget) until dropped. Reads end (EOF, so hyper closes the
+/// connection) at the first deadline it misses.
 pub struct TlsConn {
     stream: TlsStream<TcpStream>,
     peer: PeerConn,
