@@ -189,11 +189,14 @@ async fn admission_review(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> (
     (status, response)
 }
 
+/// A discovery stream: the request side (dropping it ends the stream) and the responses.
+type Stream = (
+    tokio::sync::mpsc::Sender<DeltaDiscoveryRequest>,
+    tonic::Streaming<latch_proto::discovery::DeltaDiscoveryResponse>,
+);
+
 /// Opens a discovery stream presenting `svid` and waits for its first MeshConfig.
-async fn discovery_stream(
-    cp: &ControlPlane,
-    svid: &Svid,
-) -> tonic::Streaming<latch_proto::discovery::DeltaDiscoveryResponse> {
+async fn discovery_stream(cp: &ControlPlane, svid: &Svid) -> Stream {
     let channel = connect_channel(&cp.grpc_addr.to_string(), grpc_tls(cp, Some(svid)), None)
         .await
         .expect("discovery connection");
@@ -220,9 +223,7 @@ async fn discovery_stream(
         .expect("a response")
         .expect("stream open");
     assert_eq!(first.type_url, MESH_CONFIG);
-    // Keep the request side open: dropping it would end the stream.
-    std::mem::forget(requests);
-    responses
+    (requests, responses)
 }
 
 /// Runs `attack` from every source, each connection again 200 ms after it is closed, until
@@ -470,7 +471,7 @@ async fn silent_and_unauthenticated_connections_are_closed_and_counted() {
         .fetch_svid(None, None, Some(token.clone()))
         .await
         .unwrap();
-    let mut stream = discovery_stream(&cp, &svid).await;
+    let (_requests, mut stream) = discovery_stream(&cp, &svid).await;
     // The first client's connection is gone once its place is free.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
