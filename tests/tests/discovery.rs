@@ -248,6 +248,8 @@ async fn a_malformed_resource_is_nacked_and_routing_keeps_the_last_good_snapshot
         listener,
         Arc::new(tls),
         latch_control::tls_incoming::AcceptLimits::default(),
+        harness.control_plane.ca.clone(),
+        harness.control_plane.metrics.clone(),
         &tracker,
         cancel.clone(),
     );
@@ -259,6 +261,7 @@ async fn a_malformed_resource_is_nacked_and_routing_keeps_the_last_good_snapshot
     };
     tokio::spawn(
         tonic::transport::Server::builder()
+            .layer(latch_control::tls_incoming::SeeRequestsLayer)
             .add_service(AggregatedDiscoveryServiceServer::new(server))
             .serve_with_incoming_shutdown(incoming, cancel.clone().cancelled_owned()),
     );

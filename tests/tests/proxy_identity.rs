@@ -391,6 +391,7 @@ async fn the_private_key_never_reaches_the_ca() {
             cp.ca.clone(),
             cp.tokens.clone(),
             cp.revocations.clone(),
+            Default::default(),
             None,
             cp.metrics.clone(),
         ),
@@ -413,10 +414,13 @@ async fn the_private_key_never_reaches_the_ca() {
         listener,
         Arc::new(tls),
         Default::default(),
+        cp.ca.clone(),
+        cp.metrics.clone(),
         &tracker,
         cancel.clone(),
     );
     let server = tonic::transport::Server::builder()
+        .layer(latch_control::tls_incoming::SeeRequestsLayer)
         .add_service(
             latch_proto::ca::certificate_service_server::CertificateServiceServer::new(service),
         )

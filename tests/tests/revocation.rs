@@ -57,13 +57,21 @@ fn assert_refused_as_revoked(control: &ControlProcess, svid: &Svid, token: &str)
             .fetch_svid(None, None, None)
             .await;
         let err = renewal.expect_err("a revoked SVID renewed").to_string();
-        assert!(err.contains("PermissionDenied") && err.contains("was revoked at"), "{err}");
+        assert!(
+            err.contains("PermissionDenied") && err.contains("was revoked at"),
+            "{err}"
+        );
         let by_token = ca_client(control, None)
             .await
             .fetch_svid(None, None, Some(token.to_string()))
             .await;
-        let err = by_token.expect_err("a token older than the revocation worked").to_string();
-        assert!(err.contains("was revoked at") && err.contains("register the workload again"), "{err}");
+        let err = by_token
+            .expect_err("a token older than the revocation worked")
+            .to_string();
+        assert!(
+            err.contains("was revoked at") && err.contains("register the workload again"),
+            "{err}"
+        );
     });
 }
 
@@ -79,7 +87,10 @@ fn a_revoked_identity_is_cut_off_within_a_second_and_comes_back_registered_again
     let entry = client.to(&server, app_port);
     let _server_proxy = server.start(&control, dir);
     let mut client_proxy = client.start(&control, dir);
-    assert_eq!(call_blocking(&entry, "hello").as_deref(), Ok("server: hello"));
+    assert_eq!(
+        call_blocking(&entry, "hello").as_deref(),
+        Ok("server: hello")
+    );
 
     // Credentials of the client's identity from before the revocation: an SVID and a token.
     let old_token = control.create_token("client", true).unwrap();
@@ -105,7 +116,13 @@ fn a_revoked_identity_is_cut_off_within_a_second_and_comes_back_registered_again
     );
     let revoked = identity(
         &control,
-        &["revoke", "--spiffe-id", &spiffe_id("client"), "--reason", "key leaked"],
+        &[
+            "revoke",
+            "--spiffe-id",
+            &spiffe_id("client"),
+            "--reason",
+            "key leaked",
+        ],
     )
     .unwrap_or_else(|e| panic!("latchctl identity revoke: {e}"));
     let revoked_at = Instant::now();
@@ -124,7 +141,10 @@ fn a_revoked_identity_is_cut_off_within_a_second_and_comes_back_registered_again
         client_proxy.logs()
     );
     let refused = call_blocking(&entry, "again");
-    assert!(refused.is_err(), "a new connection got through: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "a new connection got through: {refused:?}"
+    );
     assert_refused_as_revoked(&control, &old_svid, &old_token);
 
     // A restart of the control plane keeps the revocation.
@@ -134,14 +154,22 @@ fn a_revoked_identity_is_cut_off_within_a_second_and_comes_back_registered_again
     assert!(listed.contains(&spiffe_id("client")), "{listed}");
     assert_refused_as_revoked(&control, &old_svid, &old_token);
     let refused = call_blocking(&entry, "after the restart");
-    assert!(refused.is_err(), "got through after the restart: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "got through after the restart: {refused:?}"
+    );
 
     // Registered again: a new token, a new SVID, and traffic flows.
     drop(client_proxy);
     std::fs::remove_file(dir.join("client.token")).unwrap();
     client_proxy = client.start(&control, dir);
     let answer = call_blocking(&entry, "back");
-    assert_eq!(answer.as_deref(), Ok("server: back"), "{}", client_proxy.logs());
+    assert_eq!(
+        answer.as_deref(),
+        Ok("server: back"),
+        "{}",
+        client_proxy.logs()
+    );
     assert_logs_name(dir, "revocations from the control plane installed");
 }
 

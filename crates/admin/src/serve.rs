@@ -135,8 +135,14 @@ impl Cap {
     }
 }
 
-/// A connection's place under its listener's cap; dropping it frees the place.
-pub type Slot = OwnedSemaphorePermit;
+/// A connection's place under its listener's cap, and under its source address's cap when the
+/// policy has one; dropping it frees both. A handler that hands the connection on (to tonic,
+/// say) hands this on with it.
+#[derive(Debug)]
+pub struct Slot {
+    _cap: OwnedSemaphorePermit,
+    _source: Option<SourceSlot>,
+}
 
 /// How one listener serves: stated once, next to the listener's code.
 #[derive(Debug, Clone)]
@@ -284,6 +290,7 @@ pub fn canonical(addr: std::net::SocketAddr) -> std::net::SocketAddr {
 struct SourceCounts(Arc<Mutex<HashMap<IpAddr, usize>>>);
 
 /// A connection's place under its source's cap; dropping it frees the place.
+#[derive(Debug)]
 struct SourceSlot {
     counts: SourceCounts,
     source: IpAddr,
@@ -386,6 +393,8 @@ pub struct Accepted<S, A> {
     /// Fires when the connection must end (shutdown, or the end of a drain).
     pub close: CancellationToken,
     pub policy: Arc<ListenerPolicy>,
+    /// Where the listener counts what it refuses (`serve_http1`: `request_header_timeout`).
+    pub metrics: Arc<dyn ServeMetrics>,
 }
 
 /// Accepts on `listener` until `drain.stop_accepting` fires, under `policy`: takes a slot of the
@@ -495,10 +504,12 @@ pub fn serve<L, H, F, Fut>(
             };
             listener.tune(&conn, &policy);
             let (policy, handshake, handle) = (policy.clone(), handshake.clone(), handle.clone());
-            let close = drain.close.clone();
+            let (close, metrics) = (drain.close.clone(), metrics.clone());
+            let slot = Slot {
+                _cap: slot,
+                _source: source_slot,
+            };
             drain.connections.spawn(async move {
-                // Held for as long as the connection: its place under the per-source cap.
-                let _source_slot = source_slot;
                 let step = handshake.handshake(conn);
                 let finished = tokio::select! {
                     _ = close.cancelled() => return,
@@ -526,6 +537,7 @@ pub fn serve<L, H, F, Fut>(
                     slot,
                     close,
                     policy,
+                    metrics,
                 })
                 .await;
             });
@@ -592,7 +604,8 @@ pub fn open_files_limit() -> Option<u64> {
 }
 
 /// Serves HTTP/1 on an accepted connection with `handler`, under the policy's request-head
-/// deadline, until the client goes or `close` fires.
+/// deadline (a connection closed by it is counted as `request_header_timeout`), until the
+/// client goes or `close` fires.
 pub async fn serve_http1<S, A, H, F>(conn: Accepted<S, A>, handler: H)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -606,6 +619,7 @@ where
         slot: _slot,
         close,
         policy,
+        metrics,
     } = conn;
     let service = service_fn(move |request| {
         let response = handler(request);
@@ -619,6 +633,9 @@ where
     tokio::select! {
         _ = close.cancelled() => {}
         result = served => if let Err(e) = result {
+            if e.is_timeout() {
+                metrics.refused(policy.name, "request_header_timeout");
+            }
             tracing::debug!(listener = policy.name, ?remote, "connection: {e}");
         },
     }
@@ -897,8 +914,54 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_handed_on_keeps_its_place_under_the_source_cap() {
+        let drain = Drain::default();
+        let metrics = Arc::new(Counted::default());
+        let policy = ListenerPolicy {
+            per_source: Some(1),
+            ..ListenerPolicy::new("test", 8, AtCap::Wait)
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (handed_on, mut handed) = tokio::sync::mpsc::unbounded_channel();
+        serve(
+            listener,
+            policy,
+            &drain,
+            metrics.clone(),
+            Plain,
+            move |conn: Accepted<TcpStream, _>| {
+                // As the control plane's gRPC front door does: another task serves it.
+                let _ = handed_on.send((conn.stream, conn.slot));
+                async {}
+            },
+        );
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let first = handed.recv().await.unwrap();
+        let mut over = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(2), over.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "closed at once: {read:?}"
+        );
+        assert_eq!(
+            *metrics.0.lock().unwrap(),
+            [("test", "source_connection_limit")]
+        );
+        drop(first);
+        let _again = TcpStream::connect(addr).await.unwrap();
+        let served = tokio::time::timeout(Duration::from_secs(2), handed.recv()).await;
+        assert!(
+            matches!(served, Ok(Some(_))),
+            "served once the first is gone"
+        );
+    }
+
+    #[tokio::test]
     async fn an_idle_http1_connection_is_closed_at_the_request_head_deadline() {
         let drain = Drain::default();
+        let metrics = Arc::new(Counted::default());
         let policy = ListenerPolicy {
             request_header_timeout: Some(Duration::from_millis(300)),
             // Refuse, not Wait: a waiting loop holds the next slot while it accepts.
@@ -911,7 +974,7 @@ mod tests {
             listener,
             policy,
             &drain,
-            Arc::new(NoMetrics),
+            metrics.clone(),
             Plain,
             |conn: Accepted<TcpStream, _>| {
                 serve_http1(conn, |_| async { crate::text(hyper::StatusCode::OK, "ok") })
@@ -928,6 +991,11 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(250));
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(cap.in_use(), 0, "its slot is free");
+        assert_eq!(
+            *metrics.0.lock().unwrap(),
+            [("test", "request_header_timeout")],
+            "counted"
+        );
     }
 
     #[tokio::test]

@@ -19,8 +19,8 @@ use tokio_util::task::TaskTracker;
 use crate::ca::{Ca, RotationError};
 use crate::discovery::BundleAcks;
 use crate::mesh::Mesh;
-use crate::revocations::{Issued, Revocations};
 use crate::metrics::Metrics;
+use crate::revocations::{Issued, Revocations};
 use crate::tokens::JoinTokens;
 
 /// Largest admin request body accepted.
@@ -368,9 +368,7 @@ impl AdminState {
                 _,
                 "/healthz" | "/ready" | "/metrics" | "/v1/join-tokens" | "/v1/ca"
                 | "/v1/revocations" | "/v1/identities",
-            ) => {
-                error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-            }
+            ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
             _ => error(StatusCode::NOT_FOUND, "not found"),
         }
     }

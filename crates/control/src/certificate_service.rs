@@ -17,8 +17,8 @@ use tonic::{Request, Response, Status};
 use crate::ca::{Ca, CaError, TtlError};
 use crate::kubernetes::{SaTokenError, ServiceAccountAuthenticator};
 use crate::metrics::{Metrics, ProofLabel};
-use crate::tls_incoming::PeerConn;
 use crate::revocations::{Issued, Revocations};
+use crate::tls_incoming::PeerConn;
 use crate::tokens::{JoinTokens, TokenError, TokenGrant};
 
 /// Largest message tonic decodes at all (it answers OUT_OF_RANGE above this).

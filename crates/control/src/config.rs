@@ -70,6 +70,16 @@ pub struct Args {
     /// kernel's accept queue. Each needs a file descriptor.
     #[arg(long, env = "LATCH_MAX_CONNECTIONS", default_value_t = AcceptLimits::default().max_connections)]
     pub max_connections: usize,
+    /// Most TLS connections from one source address at once on --listen; more are closed at
+    /// once. Keeps one host from taking --max-connections.
+    #[arg(long, env = "LATCH_MAX_CONNECTIONS_PER_SOURCE", default_value_t = AcceptLimits::default().max_per_source)]
+    pub max_connections_per_source: usize,
+    /// Most connections on --listen without a valid SVID (join-token and service-account-token
+    /// callers) at once; default a quarter of --max-connections. When full, a new one closes
+    /// the oldest with no request in flight, or is refused. Each is closed 30 s after its
+    /// handshake.
+    #[arg(long, env = "LATCH_MAX_UNAUTHENTICATED_CONNECTIONS")]
+    pub max_unauthenticated_connections: Option<usize>,
     /// Serve the sidecar injector webhook (HTTPS, POST /inject) on this address, e.g.
     /// 0.0.0.0:15017. Off when absent.
     #[arg(long, env = "LATCH_WEBHOOK")]
@@ -201,6 +211,13 @@ impl TryFrom<Args> for Config {
                 args.default_ttl, args.max_ttl
             ));
         }
+        if args.max_connections_per_source == 0 || args.max_unauthenticated_connections == Some(0) {
+            return Err(
+                "--max-connections-per-source and --max-unauthenticated-connections must be at \
+                 least 1"
+                    .into(),
+            );
+        }
         let plugin = match (args.ca_cert, args.ca_key) {
             (Some(cert), Some(key)) => Some(PluginFiles {
                 cert,
@@ -232,6 +249,8 @@ impl TryFrom<Args> for Config {
             plugin,
             limits: AcceptLimits {
                 max_connections: args.max_connections,
+                max_per_source: args.max_connections_per_source,
+                max_unauthenticated: args.max_unauthenticated_connections,
                 ..AcceptLimits::default()
             },
             request_timeout: DEFAULT_REQUEST_TIMEOUT,

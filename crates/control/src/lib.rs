@@ -40,12 +40,12 @@ use crate::bundle_configmaps::BundleConfigMaps;
 use crate::ca::Ca;
 use crate::certificate_service::{CertificateServer, MAX_REQUEST_BYTES};
 use crate::discovery::{BundleAcks, DiscoveryServer, MAX_DISCOVERY_REQUEST_BYTES};
-use crate::revocations::{Issued, Revocations};
 use crate::kubernetes::{KubeTokenReviewer, ServiceAccountAuthenticator};
 use crate::mesh::Mesh;
 use crate::mesh::file_source::{self, FileSource};
 use crate::mesh::kube_source::KubeSource;
 use crate::metrics::Metrics;
+use crate::revocations::{Issued, Revocations};
 use crate::tokens::JoinTokens;
 use crate::webhook_ca_bundle::WebhookCaBundle;
 
@@ -435,6 +435,8 @@ impl ControlPlane {
             grpc_listener,
             Arc::new(tls),
             config.limits,
+            ca.clone(),
+            metrics.clone(),
             &tracker,
             cancel.clone(),
         );
@@ -461,7 +463,10 @@ impl ControlPlane {
         // limits stay small; the connection cap (AcceptLimits) bounds proxies in total.
         // The timeout covers a handler until it returns its response; discovery returns its
         // stream at once, so the timeout never ends a stream. Keepalive finds dead proxies.
+        // SeeRequestsLayer tells the front door which connections sent requests (its
+        // first-request deadline and unauthenticated budget).
         let server = tonic::transport::Server::builder()
+            .layer(tls_incoming::SeeRequestsLayer)
             .concurrency_limit_per_connection(64)
             .max_concurrent_streams(Some(128))
             .timeout(config.request_timeout)

@@ -1,6 +1,7 @@
 //! The control plane's Prometheus metrics: SVIDs issued by proof, refusals by reason, CA expiry,
 //! discovery streams, responses and NACKs, config reloads, the mesh model generation, the
-//! injector webhook's reviews and its caBundle sync failures. The
+//! injector webhook's reviews and its caBundle sync failures, connections refused by listener
+//! and reason. The
 //! certificate service, the discovery server and the mesh record; the admin server renders
 //! `/metrics`.
 
@@ -18,6 +19,13 @@ pub struct ProofLabel {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// grpc, webhook or admin.
+    pub listener: &'static str,
     pub reason: &'static str,
 }
 
@@ -72,6 +80,7 @@ pub struct Metrics {
     pub kubernetes_skipped: Family<KindLabel, Gauge>,
     pub kubernetes_watch_failures: Family<KindLabel, Counter>,
     pub webhook_ca_bundle_sync_failures: Counter,
+    pub connections_refused: Family<RefusedLabels, Counter>,
 }
 
 impl Metrics {
@@ -163,6 +172,16 @@ impl Metrics {
             "Failed attempts to set the MutatingWebhookConfiguration's caBundle to the CA's roots (missing object, API error; retried every 5 s)",
             webhook_ca_bundle_sync_failures.clone(),
         );
+        let connections_refused = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "latch_control_connections_refused",
+            "Connections closed before or instead of being served, by listener and reason: \
+             connection_limit, source_connection_limit (--max-connections-per-source), \
+             handshake_timeout, first_request_timeout, unauthenticated_limit, \
+             unauthenticated_evicted, unauthenticated_lifetime (--max-unauthenticated-connections), \
+             request_header_timeout (webhook)",
+            connections_refused.clone(),
+        );
         Self {
             registry,
             svids_issued,
@@ -179,7 +198,21 @@ impl Metrics {
             kubernetes_skipped,
             kubernetes_watch_failures,
             webhook_ca_bundle_sync_failures,
+            connections_refused,
         }
+    }
+
+    pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&RefusedLabels { listener, reason })
+            .inc();
+    }
+
+    /// Connections `listener` closed so far for `reason`.
+    pub fn connections_refused(&self, listener: &'static str, reason: &'static str) -> u64 {
+        self.connections_refused
+            .get_or_create(&RefusedLabels { listener, reason })
+            .get()
     }
 
     /// Records the CA certificates in use and the latest NotAfter a leaf can get.
@@ -277,6 +310,14 @@ impl Metrics {
     /// The registry every metric is in, for `/metrics`.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+}
+
+/// The serve loop's refusals (connection caps) as `latch_control_connections_refused_total`; the
+/// gRPC front door adds its own reasons there.
+impl latch_admin::serve::ServeMetrics for Metrics {
+    fn refused(&self, listener: &'static str, reason: &'static str) {
+        self.connection_refused(listener, reason);
     }
 }
 

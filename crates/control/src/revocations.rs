@@ -210,8 +210,8 @@ impl Revocations {
             path: path.clone(),
             source,
         };
-        let json = serde_json::to_vec_pretty(&state)
-            .map_err(|e| persist_err(std::io::Error::other(e)))?;
+        let json =
+            serde_json::to_vec_pretty(&state).map_err(|e| persist_err(std::io::Error::other(e)))?;
         latch_identity::files::write_private(path, &json).map_err(persist_err)
     }
 }
@@ -298,7 +298,7 @@ mod tests {
         );
 
         let reopened = Revocations::open(path.clone()).unwrap();
-        assert_eq!(reopened.list(now), [r.clone()]);
+        assert_eq!(reopened.list(now), [r]);
         assert_eq!(reopened.for_discovery(now).len(), 1);
 
         // Once every SVID it covers has expired, it is dropped, on disk too.

@@ -1,45 +1,81 @@
-//! The gRPC listener's front door: states its policy (connection cap, handshake deadline) for
-//! the shared serve loop (`latch_admin::serve`), which accepts and completes TLS handshakes off
-//! the loop, and hands finished connections to tonic. Each connection carries its peer's
-//! certificate chain, which handlers read from the request extensions as `PeerConn`.
+//! The gRPC listener's front door: states its policy (connection cap, per-source cap, handshake
+//! deadline) for the shared serve loop (`latch_admin::serve`), sorts finished handshakes into
+//! authenticated (a valid SVID of the trust domain) and unauthenticated (join-token and
+//! service-account-token callers, with a budget of their own), enforces the deadline to the
+//! first request and the unauthenticated lifetime, and hands connections to tonic. Handlers
+//! read the peer's certificate chain from the request extensions as `PeerConn`.
 
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use latch_admin::serve::{AtCap, Drain, ListenerPolicy, NoMetrics, Slot, Tls};
+use latch_admin::serve::{
+    AtCap, Drain, Handshake, HandshakeFailure, ListenerPolicy, ServeMetrics, Slot, Throttled, Tls,
+};
+use latch_identity::{PeerRole, verify_svid};
 use rustls::ServerConfig;
 use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
+use tonic::codegen::http;
 use tonic::transport::server::Connected;
+
+use crate::ca::Ca;
+use crate::metrics::Metrics;
+
+/// The listener's name in logs and in `latch_control_connections_refused_total`.
+const LISTENER: &str = "grpc";
 
 /// Limits for the TLS front door.
 #[derive(Debug, Clone, Copy)]
 pub struct AcceptLimits {
     pub handshake_timeout: Duration,
     pub max_connections: usize,
+    /// Most connections from one source address (`--max-connections-per-source`).
+    pub max_per_source: usize,
+    /// Most connections without a valid SVID at once (`--max-unauthenticated-connections`);
+    /// `None` is a quarter of `max_connections`.
+    pub max_unauthenticated: Option<usize>,
+    /// Every connection is closed when it has sent no request this long after its handshake.
+    pub first_request_timeout: Duration,
+    /// A connection without a valid SVID is closed this long after its handshake (one
+    /// CreateCertificate call fits many times over).
+    pub unauthenticated_lifetime: Duration,
 }
 
 impl AcceptLimits {
     /// The gRPC listener's policy: `--max-connections` TLS connections (more wait in the
-    /// kernel's listen queue), each handshake within `handshake_timeout`. Per-connection request
+    /// kernel's listen queue), `--max-connections-per-source` from one address (more are
+    /// closed at once), each handshake within `handshake_timeout`. Per-connection request
     /// limits and the request deadline are tonic's (`ControlPlane::start`).
     pub fn policy(&self) -> ListenerPolicy {
         ListenerPolicy {
             cap_flag: Some("--max-connections"),
             handshake_timeout: Some(self.handshake_timeout),
-            ..ListenerPolicy::new("grpc", self.max_connections, AtCap::Wait)
+            per_source: Some(self.max_per_source),
+            ..ListenerPolicy::new(LISTENER, self.max_connections, AtCap::Wait)
         }
+    }
+
+    /// The unauthenticated budget: as configured, or a quarter of the connection cap.
+    pub fn unauthenticated(&self) -> usize {
+        self.max_unauthenticated
+            .unwrap_or(self.max_connections / 4)
+            .max(1)
     }
 }
 
@@ -48,6 +84,10 @@ impl Default for AcceptLimits {
         Self {
             handshake_timeout: Duration::from_secs(10),
             max_connections: 4096,
+            max_per_source: 64,
+            max_unauthenticated: None,
+            first_request_timeout: Duration::from_secs(10),
+            unauthenticated_lifetime: Duration::from_secs(30),
         }
     }
 }
@@ -59,12 +99,295 @@ pub struct PeerConn {
     /// The client's certificate chain, leaf first, if it presented one. Only proof of key
     /// possession was checked at the handshake; handlers validate the chain themselves.
     pub certs: Option<Arc<[CertificateDer<'static>]>>,
+    activity: Arc<Activity>,
 }
 
-/// A TLS connection ready for tonic. Holds a connection-cap permit until dropped.
+/// The requests of one connection, counted by `SeeRequests`: whether one came at all (the
+/// first-request deadline) and whether one is being handled now (an unauthenticated
+/// connection that is idle can be closed to make room).
+#[derive(Debug, Default)]
+struct Activity {
+    started: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+/// A request being handled; dropping it ends it.
+struct InFlight(Arc<Activity>);
+
+impl Activity {
+    fn start(self: &Arc<Self>) -> InFlight {
+        self.started.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The tower layer that tells each connection about its requests (install it with
+/// `Server::builder().layer`): without it every connection is closed at the first-request
+/// deadline.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SeeRequestsLayer;
+
+impl<S> tower::Layer<S> for SeeRequestsLayer {
+    type Service = SeeRequests<S>;
+    fn layer(&self, inner: S) -> SeeRequests<S> {
+        SeeRequests { inner }
+    }
+}
+
+/// See `SeeRequestsLayer`. A request counts as in flight until its handler has answered (a
+/// stream's body may go on after that).
+#[derive(Debug, Clone)]
+pub struct SeeRequests<S> {
+    inner: S,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for SeeRequests<S>
+where
+    S: tower::Service<http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let in_flight = request
+            .extensions()
+            .get::<PeerConn>()
+            .map(|peer| peer.activity.start());
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let _in_flight = in_flight;
+            response.await
+        })
+    }
+}
+
+/// The connections open now without a valid SVID, oldest first. When it is full, a newcomer
+/// closes one with no request in flight (a silent connection holds nothing a caller needs):
+/// the oldest of the source address holding the most places, so that a flood from fewer
+/// addresses than places never closes another address's caller. When every one has a
+/// request in flight, the newcomer is refused.
+#[derive(Debug)]
+struct Unauthenticated {
+    max: usize,
+    open: Mutex<BTreeMap<u64, Place>>,
+    next: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Place {
+    source: IpAddr,
+    activity: Arc<Activity>,
+    evict: CancellationToken,
+}
+
+/// A connection's place in the unauthenticated budget; dropping it frees the place.
+struct UnauthenticatedPlace {
+    budget: Arc<Unauthenticated>,
+    id: u64,
+    /// Fires when a newer connection took this place.
+    evicted: Pin<Box<WaitForCancellationFutureOwned>>,
+}
+
+impl Unauthenticated {
+    fn admit(
+        self: &Arc<Self>,
+        source: IpAddr,
+        activity: &Arc<Activity>,
+    ) -> Option<UnauthenticatedPlace> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.len() >= self.max {
+            let mut held: HashMap<IpAddr, usize> = HashMap::new();
+            for place in open.values() {
+                *held.entry(place.source).or_default() += 1;
+            }
+            let victim = open
+                .iter()
+                .filter(|(_, place)| place.activity.idle())
+                .max_by_key(|(id, place)| (held[&place.source], Reverse(**id)))
+                .map(|(id, _)| *id)?;
+            if let Some(place) = open.remove(&victim) {
+                place.evict.cancel();
+            }
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let evict = CancellationToken::new();
+        open.insert(
+            id,
+            Place {
+                source,
+                activity: activity.clone(),
+                evict: evict.clone(),
+            },
+        );
+        Some(UnauthenticatedPlace {
+            budget: self.clone(),
+            id,
+            evicted: Box::pin(evict.cancelled_owned()),
+        })
+    }
+}
+
+impl Drop for UnauthenticatedPlace {
+    fn drop(&mut self) {
+        let mut open = self.budget.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.remove(&self.id);
+    }
+}
+
+/// Counts every connection the front door closes by reason and logs each reason at most once
+/// a second, with what the operator can change.
+struct Refusals {
+    metrics: Arc<Metrics>,
+    limits: AcceptLimits,
+    logs: Mutex<HashMap<&'static str, Throttled>>,
+}
+
+impl Refusals {
+    fn note(&self, reason: &'static str, remote: &dyn std::fmt::Debug) {
+        self.metrics.connection_refused(LISTENER, reason);
+        let count = {
+            let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+            logs.entry(reason).or_default().note()
+        };
+        let Some(count) = count else { return };
+        let limits = &self.limits;
+        let what = match reason {
+            "handshake_timeout" => format!(
+                "did not finish the TLS handshake within {:?}",
+                limits.handshake_timeout
+            ),
+            "first_request_timeout" => format!(
+                "sent no request within {:?} of the TLS handshake",
+                limits.first_request_timeout
+            ),
+            "unauthenticated_lifetime" => format!(
+                "had no valid SVID and were open for {:?} (one certificate request needs \
+                 far less)",
+                limits.unauthenticated_lifetime
+            ),
+            "unauthenticated_evicted" => format!(
+                "had no valid SVID and no request in flight, and made room for newer ones \
+                 (--max-unauthenticated-connections {})",
+                limits.unauthenticated()
+            ),
+            "unauthenticated_limit" => format!(
+                "had no valid SVID and found every unauthenticated place busy with a request \
+                 (--max-unauthenticated-connections {})",
+                limits.unauthenticated()
+            ),
+            other => other.to_string(),
+        };
+        tracing::warn!(
+            listener = LISTENER,
+            ?remote,
+            reason,
+            "closed {count} connection(s) since the last report that {what}"
+        );
+    }
+}
+
+/// The TLS handshake, counting the ones that run out of time.
+struct CountedTls {
+    tls: Tls,
+    refusals: Arc<Refusals>,
+}
+
+impl Handshake<TcpStream> for CountedTls {
+    type Stream = TlsStream<TcpStream>;
+    fn handshake(&self, io: TcpStream) -> impl Future<Output = io::Result<Self::Stream>> + Send {
+        self.tls.handshake(io)
+    }
+    fn failed(
+        &self,
+        listener: &'static str,
+        remote: &dyn std::fmt::Debug,
+        failure: HandshakeFailure,
+    ) {
+        match failure {
+            HandshakeFailure::TimedOut => self.refusals.note("handshake_timeout", remote),
+            failure => Handshake::<TcpStream>::failed(&self.tls, listener, remote, failure),
+        }
+    }
+}
+
+/// What is left before the connection is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    FirstRequest,
+    /// Unauthenticated connections, once they sent a request.
+    LifetimeEnd,
+    Nothing,
+}
+
+/// A connection's deadlines and its place in the unauthenticated budget. One timer serves
+/// both deadlines, so its waker wakes the connection's task.
+struct Deadlines {
+    timer: Pin<Box<Sleep>>,
+    next: Next,
+    lifetime_end: Option<Instant>,
+    unauthenticated: Option<UnauthenticatedPlace>,
+    /// Why the connection was closed, once it was.
+    closed: Option<&'static str>,
+    refusals: Arc<Refusals>,
+}
+
+impl Deadlines {
+    /// Ready once the connection must close (counted and logged once).
+    fn poll_closed(&mut self, peer: &PeerConn, cx: &mut Context<'_>) -> Poll<()> {
+        if self.closed.is_some() {
+            return Poll::Ready(());
+        }
+        let reason = loop {
+            if let Some(place) = &mut self.unauthenticated
+                && place.evicted.as_mut().poll(cx).is_ready()
+            {
+                break "unauthenticated_evicted";
+            }
+            if self.next == Next::Nothing || self.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            match (self.next, self.lifetime_end) {
+                (Next::FirstRequest, _) if peer.activity.started.load(Ordering::Relaxed) == 0 => {
+                    break "first_request_timeout";
+                }
+                (Next::FirstRequest, Some(end)) => {
+                    self.timer.as_mut().reset(end);
+                    self.next = Next::LifetimeEnd;
+                }
+                (Next::FirstRequest, None) => self.next = Next::Nothing,
+                (_, _) => break "unauthenticated_lifetime",
+            }
+        };
+        self.closed = Some(reason);
+        self.refusals.note(reason, &peer.remote);
+        Poll::Ready(())
+    }
+}
+
+/// A TLS connection ready for tonic. Holds its places under the connection and per-source caps
+/// (and the unauthenticated budget) until dropped. Reads end (EOF, so hyper closes the
+/// connection) at the first deadline it misses.
 pub struct TlsConn {
     stream: TlsStream<TcpStream>,
     peer: PeerConn,
+    deadlines: Deadlines,
     _slot: Slot,
 }
 
@@ -81,7 +404,11 @@ impl AsyncRead for TlsConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let this = &mut *self;
+        if this.deadlines.poll_closed(&this.peer, cx).is_ready() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
     }
 }
 
@@ -111,36 +438,88 @@ impl AsyncWrite for TlsConn {
     }
 }
 
+/// Whether `chain` is a currently valid SVID of `ca`'s trust domain: the connection is then
+/// authenticated and outside the unauthenticated budget.
+fn authenticated(ca: &Ca, chain: &[CertificateDer<'static>]) -> bool {
+    verify_svid(chain, &ca.bundle(), SystemTime::now(), PeerRole::Client)
+        .is_ok_and(|info| info.id.is_member_of(ca.trust_domain()))
+}
+
 /// Runs the accept loop on `listener` until `cancel` fires; returns the stream of finished
-/// TLS connections for `serve_with_incoming`.
+/// TLS connections for `serve_with_incoming`, whose server must install `SeeRequestsLayer`.
+/// `ca` decides which client certificates are valid SVIDs; refusals are counted in `metrics`.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     limits: AcceptLimits,
+    ca: Arc<Ca>,
+    metrics: Arc<Metrics>,
     tracker: &TaskTracker,
     cancel: CancellationToken,
 ) -> ReceiverStream<Result<TlsConn, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
+    let refusals = Arc::new(Refusals {
+        metrics: metrics.clone(),
+        limits,
+        logs: Mutex::default(),
+    });
+    let budget = Arc::new(Unauthenticated {
+        max: limits.unauthenticated(),
+        open: Mutex::default(),
+        next: AtomicU64::new(0),
+    });
+    let handshake = CountedTls {
+        tls: Tls(TlsAcceptor::from(config)),
+        refusals: refusals.clone(),
+    };
     latch_admin::serve::serve(
         listener,
         limits.policy(),
         &Drain::immediate(tracker, &cancel),
-        Arc::new(NoMetrics),
-        Tls(TlsAcceptor::from(config)),
+        metrics as Arc<dyn ServeMetrics>,
+        handshake,
         move |conn| {
-            let tx = tx.clone();
+            let (tx, ca, budget, refusals) =
+                (tx.clone(), ca.clone(), budget.clone(), refusals.clone());
             async move {
-                let certs = conn
+                let certs: Option<Arc<[CertificateDer<'static>]>> = conn
                     .stream
                     .get_ref()
                     .1
                     .peer_certificates()
                     .map(|c| c.iter().map(|c| c.clone().into_owned()).collect());
+                let activity = Arc::new(Activity::default());
+                let now = Instant::now();
+                let unauthenticated = match certs.as_deref() {
+                    Some(chain) if authenticated(&ca, chain) => None,
+                    _ => match budget.admit(conn.remote.ip().to_canonical(), &activity) {
+                        Some(place) => Some(place),
+                        None => {
+                            // Dropping the connection closes it.
+                            refusals.note("unauthenticated_limit", &conn.remote);
+                            return;
+                        }
+                    },
+                };
+                let lifetime_end = unauthenticated
+                    .is_some()
+                    .then(|| now + limits.unauthenticated_lifetime);
                 let conn = TlsConn {
                     stream: conn.stream,
                     peer: PeerConn {
                         remote: conn.remote,
                         certs,
+                        activity,
+                    },
+                    deadlines: Deadlines {
+                        timer: Box::pin(tokio::time::sleep_until(
+                            now + limits.first_request_timeout,
+                        )),
+                        next: Next::FirstRequest,
+                        lifetime_end,
+                        unauthenticated,
+                        closed: None,
+                        refusals,
                     },
                     _slot: conn.slot,
                 };
@@ -149,4 +528,57 @@ pub fn incoming(
         },
     );
     ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(max: usize) -> Arc<Unauthenticated> {
+        Arc::new(Unauthenticated {
+            max,
+            open: Mutex::default(),
+            next: AtomicU64::new(0),
+        })
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([127, 0, 0, last])
+    }
+
+    fn evicted(place: &mut UnauthenticatedPlace) -> bool {
+        let waker = std::task::Waker::noop();
+        place
+            .evicted
+            .as_mut()
+            .poll(&mut Context::from_waker(waker))
+            .is_ready()
+    }
+
+    #[test]
+    fn a_full_budget_closes_the_oldest_idle_place_of_the_address_holding_most() {
+        let budget = budget(3);
+        let activity: Vec<Arc<Activity>> = (0..5).map(|_| Arc::default()).collect();
+        let mut held_a = budget.admit(ip(1), &activity[0]).unwrap();
+        let mut attacker_1 = budget.admit(ip(2), &activity[1]).unwrap();
+        let mut attacker_2 = budget.admit(ip(2), &activity[2]).unwrap();
+        // 127.0.0.2 holds two places: its oldest goes, though 127.0.0.1's is older.
+        let mut newcomer = budget.admit(ip(3), &activity[3]).unwrap();
+        assert!(evicted(&mut attacker_1));
+        assert!(!evicted(&mut held_a) && !evicted(&mut attacker_2) && !evicted(&mut newcomer));
+
+        // One place each: the oldest idle goes; a request in flight protects a place.
+        let _in_flight = activity[0].start();
+        let mut next = budget.admit(ip(4), &activity[4]).unwrap();
+        assert!(evicted(&mut attacker_2), "127.0.0.1's place is busy");
+        assert!(!evicted(&mut held_a) && !evicted(&mut next));
+
+        // Every place busy: the newcomer is refused.
+        let _busy = (activity[3].start(), activity[4].start());
+        assert!(budget.admit(ip(5), &Arc::default()).is_none());
+
+        // A closed connection frees its place.
+        drop(newcomer);
+        assert!(budget.admit(ip(5), &Arc::default()).is_some());
+    }
 }

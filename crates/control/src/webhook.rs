@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use latch_admin::backoff::Backoff;
-use latch_admin::serve::{AtCap, Drain, ListenerPolicy, NoMetrics, Tls, serve_http1};
+use latch_admin::serve::{AtCap, Drain, ListenerPolicy, Tls, serve_http1};
 use latch_admin::{HttpResponse, error, json};
 use latch_inject::InjectConfig;
 use latch_inject::admission::{Verdict, review};
@@ -39,13 +39,19 @@ pub const MAX_BODY: usize = 2 * 1024 * 1024;
 const TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 256;
+/// Connections from one address at once; more are closed at once. A quarter of the cap: a pod
+/// sending its headers a byte at a time holds at most this many places (each up to `TIMEOUT`),
+/// and the API server keeps the rest.
+pub const MAX_PER_SOURCE: usize = MAX_CONNECTIONS / 4;
 
-/// The webhook listener: 256 connections (more wait in the kernel's listen queue), 10 s for the
-/// TLS handshake and for each request's head (the body's deadline is `Handler::handle`'s).
+/// The webhook listener: 256 connections (more wait in the kernel's listen queue), 64 from one
+/// address (more closed at once, counted as `source_connection_limit`), 10 s for the TLS
+/// handshake and for each request's head (the body's deadline is `Handler::handle`'s).
 fn policy() -> ListenerPolicy {
     ListenerPolicy {
         handshake_timeout: Some(TIMEOUT),
         request_header_timeout: Some(TIMEOUT),
+        per_source: Some(MAX_PER_SOURCE),
         ..ListenerPolicy::new("webhook", MAX_CONNECTIONS, AtCap::Wait)
     }
 }
@@ -253,13 +259,13 @@ pub fn serve(
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let handler = Arc::new(Handler {
         inject: config.inject.clone(),
-        metrics,
+        metrics: metrics.clone(),
     });
     latch_admin::serve::serve(
         listener,
         policy(),
         &Drain::immediate(tracker, &cancel),
-        Arc::new(NoMetrics),
+        metrics,
         Tls(TlsAcceptor::from(Arc::new(tls))),
         move |conn| {
             let handler = handler.clone();

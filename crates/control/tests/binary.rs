@@ -156,6 +156,8 @@ fn every_flag_has_its_latch_environment_variable() {
             "--ca-chain",
             "--ca-bundle",
             "--max-connections",
+            "--max-connections-per-source",
+            "--max-unauthenticated-connections",
             "--webhook",
             "--webhook-configuration",
             "--inject-image",

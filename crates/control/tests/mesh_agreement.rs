@@ -213,11 +213,23 @@ fn proxy_reads<R: Resource>(snapshot: &MeshSnapshot, ty: ResourceType) -> BTreeM
 
 /// Encodes an accepted model and checks that a proxy reads back exactly what was encoded.
 fn check_agreement(model: MeshModel) {
-    let snapshot = MeshSnapshot::build(model.clone(), PEM, None, 1);
+    // Revocations of the model's workload IDs, at whole seconds (what the MeshConfig carries).
+    let revocations: BTreeMap<_, _> = model
+        .workloads
+        .values()
+        .enumerate()
+        .map(|(i, w)| {
+            let at =
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000 + i as u64);
+            (w.spiffe_id.clone(), at)
+        })
+        .collect();
+    let snapshot = MeshSnapshot::build(model.clone(), PEM, &revocations, None, 1);
     let config: BTreeMap<String, MeshConfig> = proxy_reads(&snapshot, ResourceType::MeshConfig);
     let config = &config[latch_proto::MESH_CONFIG_NAME];
     assert_eq!(config.settings, model.settings);
     assert_eq!(config.trust_bundle_pem, PEM);
+    assert_eq!(config.revocations, revocations);
     let workloads: BTreeMap<String, Workload> = proxy_reads(&snapshot, ResourceType::Workload);
     assert_eq!(workloads, model.workloads);
     let services: BTreeMap<String, Service> = proxy_reads(&snapshot, ResourceType::Service);

@@ -328,9 +328,8 @@ impl TryFrom<&proto::MeshConfig> for MeshConfig {
         for (i, r) in m.revocations.iter().enumerate() {
             let at = format!("revocations[{i}]");
             let id = parse_spiffe_id(&format!("{at}.spiffe_id"), &r.spiffe_id)?;
-            let secs = u64::try_from(r.revoked_at_unix).map_err(|_| {
-                MeshError::invalid(format!("{at}.revoked_at_unix"), "is negative")
-            })?;
+            let secs = u64::try_from(r.revoked_at_unix)
+                .map_err(|_| MeshError::invalid(format!("{at}.revoked_at_unix"), "is negative"))?;
             revocations.insert(id, UNIX_EPOCH + Duration::from_secs(secs));
         }
         Ok(MeshConfig {

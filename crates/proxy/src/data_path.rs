@@ -584,8 +584,12 @@ mod tests {
     fn a_policy_change_closes_the_open_connections_it_no_longer_allows() {
         let dp = data_path();
         let (web, db) = (SpiffeId::parse(WEB).unwrap(), SpiffeId::parse(DB).unwrap());
-        let (web_guard, web_close) = dp.admit(&web, SystemTime::now(), 8080).expect("allowed: mesh peer");
-        let (_db_guard, db_close) = dp.admit(&db, SystemTime::now(), 8080).expect("allowed: mesh peer");
+        let (web_guard, web_close) = dp
+            .admit(&web, SystemTime::now(), 8080)
+            .expect("allowed: mesh peer");
+        let (_db_guard, db_close) = dp
+            .admit(&db, SystemTime::now(), 8080)
+            .expect("allowed: mesh peer");
         assert_eq!(dp.inbound_connections.len(), 2);
 
         dp.mesh.publish(&deny(WEB));
