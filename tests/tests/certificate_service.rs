@@ -307,7 +307,7 @@ async fn expired_token_is_unauthenticated() {
                 reusable: true,
                 used_at: None,
                 configured: true,
-                created_at: None,
+                created_at_ms: None,
             },
         )
         .unwrap();

@@ -294,6 +294,15 @@ impl CertificateServer {
                 Status::permission_denied(revocation.refusal()),
             ));
         }
+        if self.revocations.holds_off(proven.id(), now) {
+            return Err(Refusal::new(
+                "revoked_just_now",
+                Status::unavailable(format!(
+                    "{} was revoked less than a second ago; retry in a second",
+                    proven.id()
+                )),
+            ));
+        }
         let csr = match check_csr(&request.csr, proven.id()) {
             Ok(csr) => csr,
             Err(CsrRefusal::Invalid(e)) => return Err(e.into()),

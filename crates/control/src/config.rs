@@ -372,7 +372,7 @@ impl FileConfig {
                         reusable: entry.reusable,
                         used_at: None,
                         configured: true,
-                        created_at: None,
+                        created_at_ms: None,
                     },
                 )
                 .map_err(|e| format!("{at}: {e}"))?;

@@ -38,8 +38,9 @@ pub enum RevocationError {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Revocation {
     pub spiffe_id: String,
-    /// Unix seconds: SVIDs of this ID issued at or before this are revoked.
-    pub revoked_at: u64,
+    /// Unix milliseconds: SVIDs of this ID issued, and tokens for it created, at or before this
+    /// are revoked.
+    pub revoked_at_ms: u64,
     pub reason: String,
     /// Unix seconds after which no covered SVID can be valid; the revocation is dropped then.
     pub expires_at: u64,
@@ -47,7 +48,14 @@ pub struct Revocation {
 
 impl Revocation {
     fn revoked_at(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(self.revoked_at)
+        UNIX_EPOCH + Duration::from_millis(self.revoked_at_ms)
+    }
+
+    /// The revocation time as proxies get it: whole seconds, as SVID times are. Nothing is
+    /// issued for the ID before the next second starts (`holds_off`), so an SVID issued in this
+    /// second was issued before the revocation.
+    fn revoked_at_second(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(self.revoked_at_ms / 1000)
     }
 
     /// What a refusal says: the ID, when, why, and how to come back.
@@ -127,7 +135,9 @@ impl Revocations {
     ) -> Result<Revocation, RevocationError> {
         let revocation = Revocation {
             spiffe_id: id.to_string(),
-            revoked_at: unix(now),
+            revoked_at_ms: now
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             reason: reason.chars().take(MAX_REASON_CHARS).collect(),
             expires_at: unix(now + cover),
         };
@@ -159,7 +169,7 @@ impl Revocations {
     pub fn for_discovery(&self, now: SystemTime) -> BTreeMap<SpiffeId, SystemTime> {
         self.list(now)
             .into_iter()
-            .filter_map(|r| Some((SpiffeId::parse(&r.spiffe_id).ok()?, r.revoked_at())))
+            .filter_map(|r| Some((SpiffeId::parse(&r.spiffe_id).ok()?, r.revoked_at_second())))
             .collect()
     }
 
@@ -169,6 +179,15 @@ impl Revocations {
             .get(id.as_str())
             .filter(|r| issued_at <= r.revoked_at() && r.expires_at > unix(SystemTime::now()))
             .cloned()
+    }
+
+    /// True while no SVID may be issued for `id` because it was revoked within the second
+    /// `now` is in: the SVID would carry that second as its issue time, which proxies read as
+    /// "issued before the revocation".
+    pub fn holds_off(&self, id: &SpiffeId, now: SystemTime) -> bool {
+        self.lock()
+            .get(id.as_str())
+            .is_some_and(|r| unix(now) <= r.revoked_at_ms / 1000)
     }
 
     /// Drops the revocations that have expired at `now`; returns how many.

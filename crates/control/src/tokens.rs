@@ -62,10 +62,11 @@ pub struct TokenRecord {
     /// the state when it is no longer listed there, which is how an operator revokes it.
     #[serde(default)]
     pub configured: bool,
-    /// Unix seconds of its creation (or first listing in the config file); a revocation of its
-    /// ID covers it when it is older. Absent in state files from before revocations: covered.
+    /// Unix milliseconds of its creation (or first listing in the config file); a revocation of
+    /// its ID covers it when it is older. Absent in state files from before revocations:
+    /// covered.
     #[serde(default)]
-    pub created_at: Option<u64>,
+    pub created_at_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -91,6 +92,11 @@ pub struct NewToken {
     pub spiffe_id: String,
     pub expires_at: Option<u64>,
     pub reusable: bool,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn unix(t: SystemTime) -> u64 {
@@ -180,16 +186,16 @@ impl JoinTokens {
         };
         match self.entries.entry(hash.clone()) {
             Entry::Occupied(mut e) => {
-                let (used_at, created_at) = (e.get().used_at, e.get().created_at);
+                let (used_at, created_at_ms) = (e.get().used_at, e.get().created_at_ms);
                 *e.get_mut() = TokenRecord {
                     used_at,
-                    created_at: created_at.or_else(|| Some(unix(SystemTime::now()))),
+                    created_at_ms: created_at_ms.or_else(|| Some(unix_ms(SystemTime::now()))),
                     ..record
                 };
             }
             Entry::Vacant(e) => {
                 e.insert(TokenRecord {
-                    created_at: Some(unix(SystemTime::now())),
+                    created_at_ms: Some(unix_ms(SystemTime::now())),
                     ..record
                 });
             }
@@ -251,7 +257,7 @@ impl JoinTokens {
                 reusable,
                 used_at: None,
                 configured: false,
-                created_at: Some(unix(SystemTime::now())),
+                created_at_ms: Some(unix_ms(SystemTime::now())),
             },
         );
         if let Err(e) = self.persist() {
@@ -296,7 +302,7 @@ impl JoinTokens {
             hash,
             id,
             reusable: record.reusable,
-            created_at: from_unix(record.created_at.unwrap_or(0)),
+            created_at: UNIX_EPOCH + Duration::from_millis(record.created_at_ms.unwrap_or(0)),
         })
     }
 
@@ -428,7 +434,7 @@ mod tests {
             reusable: true,
             used_at: None,
             configured: true,
-            created_at: None,
+            created_at_ms: None,
         }
     }
 
