@@ -135,9 +135,10 @@ impl Revocations {
     ) -> Result<Revocation, RevocationError> {
         let revocation = Revocation {
             spiffe_id: id.to_string(),
-            revoked_at_ms: now
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            // Rounded up: whatever happened at `now` itself is covered.
+            revoked_at_ms: now.duration_since(UNIX_EPOCH).map_or(0, |d| {
+                u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
+            }),
             reason: reason.chars().take(MAX_REASON_CHARS).collect(),
             expires_at: unix(now + cover),
         };
