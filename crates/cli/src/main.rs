@@ -65,44 +65,46 @@ enum Command {
     Ca {
         #[command(subcommand)]
         command: CaCommand,
-        /// The control plane's admin address.
-        #[arg(
-            long,
-            env = "LATCH_ADMIN",
-            default_value_t = format!("127.0.0.1:{CONTROL_ADMIN}"),
-            global = true
-        )]
-        admin: String,
-        /// The control plane's data dir, where the admin credential (admin.token) lives.
-        #[arg(
-            long,
-            env = "LATCH_DATA_DIR",
-            default_value = "./latch-data",
-            global = true
-        )]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Identities the control plane issued SVIDs for, and taking one back (revocation).
     Identity {
         #[command(subcommand)]
         command: IdentityCommand,
-        /// The control plane's admin address.
-        #[arg(
-            long,
-            env = "LATCH_ADMIN",
-            default_value_t = format!("127.0.0.1:{CONTROL_ADMIN}"),
-            global = true
-        )]
-        admin: String,
-        /// The control plane's data dir, where the admin credential (admin.token) lives.
-        #[arg(
-            long,
-            env = "LATCH_DATA_DIR",
-            default_value = "./latch-data",
-            global = true
-        )]
-        data_dir: PathBuf,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
+}
+
+/// Where the control plane's admin API is, and the data dir holding its credential.
+#[derive(Debug, clap::Args)]
+struct AdminArgs {
+    /// The control plane's admin address.
+    #[arg(
+        long,
+        env = "LATCH_ADMIN",
+        default_value_t = format!("127.0.0.1:{CONTROL_ADMIN}"),
+        global = true
+    )]
+    admin: String,
+    /// The control plane's data dir, where the admin credential (admin.token) lives.
+    #[arg(
+        long,
+        env = "LATCH_DATA_DIR",
+        default_value = "./latch-data",
+        global = true
+    )]
+    data_dir: PathBuf,
+}
+
+impl AdminArgs {
+    fn client(&self) -> admin_client::Admin<'_> {
+        admin_client::Admin {
+            address: &self.admin,
+            data_dir: &self.data_dir,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -282,15 +284,8 @@ async fn run(cli: Cli) -> Result<()> {
             };
             inject(&file, output.as_deref(), &config)
         }
-        Command::Ca {
-            command,
-            admin,
-            data_dir,
-        } => {
-            let admin = admin_client::Admin {
-                address: &admin,
-                data_dir: &data_dir,
-            };
+        Command::Ca { command, admin } => {
+            let admin = admin.client();
             let answer = match command {
                 CaCommand::Status => {
                     admin
@@ -323,15 +318,8 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&answer)?);
             Ok(())
         }
-        Command::Identity {
-            command,
-            admin,
-            data_dir,
-        } => {
-            let admin = admin_client::Admin {
-                address: &admin,
-                data_dir: &data_dir,
-            };
+        Command::Identity { command, admin } => {
+            let admin = admin.client();
             let (method, path, body, what) = match command {
                 IdentityCommand::List => (
                     hyper::Method::GET,

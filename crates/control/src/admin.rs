@@ -227,37 +227,43 @@ impl AdminState {
         presented.is_some_and(|p| crate::tokens::token_hash(p.trim()) == self.admin_credential_hash)
     }
 
+    /// The request's JSON body as `T`, once the admin credential is checked.
+    async fn authorized_json<T: serde::de::DeserializeOwned>(
+        &self,
+        request: Request<Incoming>,
+    ) -> Result<T, HttpResponse> {
+        let body = self.authorized_body(request).await?;
+        serde_json::from_slice(&body)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, format!("request body: {e}")))
+    }
+
+    /// `raw` as a SPIFFE ID of this control plane's trust domain, or why not (for a 400).
+    fn member_id(&self, raw: &str) -> Result<SpiffeId, String> {
+        let id = SpiffeId::parse(raw).map_err(|e| {
+            format!(
+                "{} is not a SPIFFE ID: {e}",
+                latch_admin::untrusted(raw, 256)
+            )
+        })?;
+        if !id.is_member_of(self.ca.trust_domain()) {
+            return Err(format!(
+                "{id} is not in this control plane's trust domain {}",
+                self.ca.trust_domain()
+            ));
+        }
+        Ok(id)
+    }
+
     /// `POST /v1/revocations` {spiffe_id, reason}: revokes every SVID of the ID issued so far
     /// and republishes the MeshConfig, so proxies refuse them and close their connections.
     async fn revoke(&self, request: Request<Incoming>) -> HttpResponse {
-        let body = match self.authorized_body(request).await {
-            Ok(body) => body,
+        let req: RevokeRequest = match self.authorized_json(request).await {
+            Ok(req) => req,
             Err(refused) => return refused,
         };
-        let req: RevokeRequest = match serde_json::from_slice(&body) {
-            Ok(r) => r,
-            Err(e) => return error(StatusCode::BAD_REQUEST, format!("request body: {e}")),
-        };
-        let id = match SpiffeId::parse(&req.spiffe_id) {
-            Ok(id) if id.is_member_of(self.ca.trust_domain()) => id,
-            Ok(id) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "{id} is not in this control plane's trust domain {}",
-                        self.ca.trust_domain()
-                    ),
-                );
-            }
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "{} is not a SPIFFE ID: {e}",
-                        latch_admin::untrusted(&req.spiffe_id, 256)
-                    ),
-                );
-            }
+        let id = match self.member_id(&req.spiffe_id) {
+            Ok(id) => id,
+            Err(why) => return error(StatusCode::BAD_REQUEST, why),
         };
         if req.reason.trim().is_empty() {
             return error(
@@ -280,32 +286,14 @@ impl AdminState {
     }
 
     async fn create_token(&self, request: Request<Incoming>) -> HttpResponse {
-        let body = match self.authorized_body(request).await {
-            Ok(body) => body,
+        let req: CreateTokenRequest = match self.authorized_json(request).await {
+            Ok(req) => req,
             Err(refused) => return refused,
         };
-        let req: CreateTokenRequest = match serde_json::from_slice(&body) {
-            Ok(r) => r,
-            Err(e) => return error(StatusCode::BAD_REQUEST, format!("request body: {e}")),
-        };
-        let id = match SpiffeId::parse(&req.spiffe_id) {
+        let id = match self.member_id(&req.spiffe_id) {
             Ok(id) => id,
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("{:?} is not a SPIFFE ID: {e}", req.spiffe_id),
-                );
-            }
+            Err(why) => return error(StatusCode::BAD_REQUEST, why),
         };
-        if !id.is_member_of(self.ca.trust_domain()) {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "{id} is not in this control plane's trust domain {}",
-                    self.ca.trust_domain()
-                ),
-            );
-        }
         if latch_identity::client::is_reserved(&id) {
             return error(
                 StatusCode::BAD_REQUEST,

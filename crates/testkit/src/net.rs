@@ -12,9 +12,33 @@ pub fn free_port() -> std::io::Result<u16> {
     free_port_on(IpAddr::from([127, 0, 0, 1]))
 }
 
-/// A free port on `ip` (bound then released).
+/// Where `free_port_on` picks from: below Linux's ephemeral range (32768-60999), which the
+/// kernel hands out as the source port of every outgoing connection. A port taken from that
+/// range (binding port 0) and released can be taken again by any connection before the tool it
+/// was meant for binds it; that made a proxy fail with "Address already in use" in CI. Above
+/// the fixed ports tests and the README use (15001-15020).
+const TEST_PORTS: std::ops::Range<u16> = 16_000..30_000;
+
+/// Ports handed out by this process so far, so two tests never get the same one.
+static PORTS_GIVEN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A free port on `ip` (bound then released), from `TEST_PORTS`: each call of a process gets
+/// another one, starting at a place that depends on the process, and one that binds now.
 pub fn free_port_on(ip: IpAddr) -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    let start = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let n = PORTS_GIVEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let offset = u16::try_from((start + n) % span).expect("below the span");
+        let port = TEST_PORTS.start + offset;
+        if std::net::TcpListener::bind((ip, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("no free port in {TEST_PORTS:?} on {ip}"),
+    ))
 }
 
 /// `127.0.0.1:<a free port>`, for flags such as `--admin`.
