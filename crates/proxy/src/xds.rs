@@ -313,7 +313,12 @@ impl DiscoveryClient {
                 if let Some(config) = mesh_config
                     && config.value.revocations != *self.store.revocations()
                 {
-                    tracing::warn!(revoked = ?config.value.revocations.0.keys().map(ToString::to_string).collect::<Vec<_>>(), "revocations from the control plane installed");
+                    let revoked = &config.value.revocations.0;
+                    tracing::warn!(
+                        count = revoked.len(),
+                        first = ?revoked.keys().take(8).map(ToString::to_string).collect::<Vec<_>>(),
+                        "revocations from the control plane installed"
+                    );
                     self.store.set_revocations(config.value.revocations.clone());
                 }
                 self.mesh.publish(&discovered);
