@@ -26,10 +26,16 @@ pub struct Revocations(pub BTreeMap<SpiffeId, SystemTime>);
 impl Revocations {
     /// The revocation time, when `info`'s SVID was issued at or before it.
     pub fn covers(&self, info: &SvidInfo) -> Option<SystemTime> {
+        self.covers_issued(&info.id, info.issued_at())
+    }
+
+    /// The revocation time, when an SVID of `id` issued at `issued_at` was issued at or before
+    /// it.
+    pub fn covers_issued(&self, id: &SpiffeId, issued_at: SystemTime) -> Option<SystemTime> {
         self.0
-            .get(&info.id)
+            .get(id)
             .copied()
-            .filter(|revoked_at| info.issued_at() <= *revoked_at)
+            .filter(|revoked_at| issued_at <= *revoked_at)
     }
 
     /// `Err(SvidError::Revoked)` when `covers`.

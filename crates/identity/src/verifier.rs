@@ -241,13 +241,12 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 }
 
-/// The SPIFFE ID in the peer's leaf certificate (`peer_certificates()` of a finished
-/// handshake); `None` when the peer sent no certificate or it carries no valid ID. Only an
-/// identity once the chain was validated: by a `Required` verifier at the handshake, or by
-/// `verify_svid` when the server uses `ClientAuth::Deferred`.
-pub fn peer_spiffe_id(peer_certificates: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
-    let leaf = peer_certificates?.first()?;
-    SvidInfo::from_leaf(leaf).ok().map(|info| info.id)
+/// The peer's leaf certificate as an SVID (`peer_certificates()` of a finished handshake): its
+/// SPIFFE ID and times; `None` when the peer sent no certificate or it carries no valid ID.
+/// Only an identity once the chain was validated: by a `Required` verifier at the handshake,
+/// or by `verify_svid` when the server uses `ClientAuth::Deferred`.
+pub fn peer_svid(peer_certificates: Option<&[CertificateDer<'_>]>) -> Option<SvidInfo> {
+    SvidInfo::from_leaf(peer_certificates?.first()?).ok()
 }
 
 #[cfg(test)]
@@ -305,11 +304,11 @@ mod tests {
         pair.handshake().expect("handshake");
 
         assert_eq!(
-            peer_spiffe_id(pair.client.peer_certificates()),
+            peer_svid(pair.client.peer_certificates()).map(|info| info.id),
             Some(spiffe_id(SERVER))
         );
         assert_eq!(
-            peer_spiffe_id(pair.server.peer_certificates()),
+            peer_svid(pair.server.peer_certificates()).map(|info| info.id),
             Some(spiffe_id(CLIENT))
         );
         assert_eq!(
@@ -436,9 +435,12 @@ mod tests {
         );
         pair.handshake()
             .expect("deferred auth allows no client cert");
-        assert_eq!(peer_spiffe_id(pair.server.peer_certificates()), None);
         assert_eq!(
-            peer_spiffe_id(pair.client.peer_certificates()),
+            peer_svid(pair.server.peer_certificates()).map(|info| info.id),
+            None
+        );
+        assert_eq!(
+            peer_svid(pair.client.peer_certificates()).map(|info| info.id),
             Some(spiffe_id(SERVER))
         );
     }

@@ -252,14 +252,17 @@ impl DataPath {
     /// the current snapshot, after the revocations: a revoked SVID is denied whatever the
     /// policies say.
     fn authorize(&self, peer: &SpiffeId, issued_at: SystemTime, target_port: u16) -> Decision {
-        if let Some(revoked_at) = self.tls.store().revocations().0.get(peer)
-            && issued_at <= *revoked_at
+        if let Some(revoked_at) = self
+            .tls
+            .store()
+            .revocations()
+            .covers_issued(peer, issued_at)
         {
             return Decision::Deny {
                 by: "revocation".into(),
                 why: format!(
                     "{peer} was revoked at {}",
-                    latch_identity::svid::format_time(*revoked_at)
+                    latch_identity::svid::format_time(revoked_at)
                 ),
             };
         }

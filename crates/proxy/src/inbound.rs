@@ -113,11 +113,7 @@ pub async fn mtls(
         return;
     }
     // The verifier required a valid SVID, so the leaf carries the peer's ID.
-    let Some(peer) = conn
-        .peer_certificates()
-        .and_then(|certs| certs.first())
-        .and_then(|leaf| latch_identity::SvidInfo::from_leaf(leaf).ok())
-    else {
+    let Some(peer) = latch_identity::verifier::peer_svid(conn.peer_certificates()) else {
         dp.metrics.handshake_failed(DIRECTION, "bad_cert");
         return;
     };
