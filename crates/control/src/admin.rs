@@ -21,7 +21,7 @@ use crate::discovery::BundleAcks;
 use crate::mesh::Mesh;
 use crate::metrics::Metrics;
 use crate::revocations::{Issued, Revocations};
-use crate::tokens::JoinTokens;
+use crate::tokens::{JoinTokens, TokenError};
 
 /// Largest admin request body accepted.
 const MAX_BODY: usize = 16 * 1024;
@@ -307,11 +307,14 @@ impl AdminState {
         if ttl.is_zero() {
             return error(StatusCode::BAD_REQUEST, "ttl_seconds must be positive");
         }
-        match self.tokens.create(&id, ttl, req.reusable) {
+        match self.tokens.create(&id, ttl, req.reusable).await {
             Ok(new) => {
                 self.metrics.join_tokens_created.inc();
                 tracing::info!(spiffe_id = %id, reusable = req.reusable, ttl = ?ttl, "created join token");
                 json(StatusCode::CREATED, &new)
+            }
+            Err(e @ TokenError::SingleUseUnguaranteed) => {
+                error(StatusCode::BAD_REQUEST, e.to_string())
             }
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         }

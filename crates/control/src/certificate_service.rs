@@ -103,12 +103,15 @@ impl From<TokenError> for Refusal {
             TokenError::Unknown => "token_unknown",
             TokenError::Expired { .. } => "token_expired",
             TokenError::AlreadyUsed { .. } => "token_used",
+            TokenError::SingleUseUnguaranteed => "token_single_use_unguaranteed",
             _ => "token_state",
         };
         let status = match &e {
-            TokenError::Persist { .. } | TokenError::Corrupt { .. } => {
-                Status::unavailable(e.to_string())
-            }
+            TokenError::Persist { .. }
+            | TokenError::Corrupt { .. }
+            | TokenError::Shared { .. }
+            | TokenError::SharedCorrupt { .. } => Status::unavailable(e.to_string()),
+            TokenError::SingleUseUnguaranteed => Status::failed_precondition(e.to_string()),
             _ => Status::unauthenticated(e.to_string()),
         };
         Self::new(reason, status)
@@ -192,7 +195,7 @@ impl CertificateServer {
     ) -> Result<Proven, Refusal> {
         match proof {
             Some(Proof::JoinToken(token)) => {
-                return Ok(Proven::Token(self.tokens.authenticate(token, now)?));
+                return Ok(Proven::Token(self.tokens.authenticate(token, now).await?));
             }
             Some(Proof::ServiceAccountToken(token)) => {
                 let Some(service_accounts) = &self.service_accounts else {
@@ -327,7 +330,7 @@ impl CertificateServer {
             }
         };
         if let Proven::Token(grant) = &proven {
-            self.tokens.consume(grant, now)?;
+            self.tokens.consume(grant, now).await?;
         }
         let issued = self.ca.issue(proven.id(), &csr.public_key_spki, ttl, now)?;
         tracing::info!(

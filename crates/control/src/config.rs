@@ -97,7 +97,9 @@ pub struct Args {
     /// Run as part of a Kubernetes cluster: accept projected service-account tokens (audience
     /// `latch`) as proof of identity, checked with the API server through TokenReview, using
     /// the pod's own service account; and take workloads, services and policies from the API
-    /// (Pods, Services, EndpointSlices, AuthorizationPolicy). The --config file still supplies
+    /// (Pods, Services, EndpointSlices, AuthorizationPolicy); and keep join-token state
+    /// (created tokens, every use) in Secrets of its namespace, shared by the replicas, so a
+    /// single-use token is used once across them all. The --config file still supplies
     /// join tokens and `mesh:` settings, and its workloads, services and policies (e.g. VMs
     /// outside the cluster) join the cluster's, the cluster winning a name or IP clash. Latch
     /// never turns this on by itself.
@@ -149,6 +151,9 @@ pub struct Config {
     /// Where to keep a world-readable copy of the trust bundle (`--publish-bundle`), rewritten
     /// whenever the bundle changes.
     pub publish_bundle: Option<PathBuf>,
+    /// Runs in a Kubernetes pod (KUBERNETES_SERVICE_HOST is set). Without `kubernetes`, its
+    /// data dir is then its own and not its replicas': single-use join tokens are refused.
+    pub in_pod: bool,
 }
 
 /// Default for `Config::request_timeout`.
@@ -177,6 +182,7 @@ impl Config {
             ca_secret: None,
             kubernetes_mesh: false,
             publish_bundle: None,
+            in_pod: false,
         }
     }
 }
@@ -259,6 +265,7 @@ impl TryFrom<Args> for Config {
             ca_secret: args.ca_secret,
             kubernetes_mesh: args.kubernetes,
             publish_bundle: args.publish_bundle,
+            in_pod: std::env::var_os("KUBERNETES_SERVICE_HOST").is_some(),
         })
     }
 }

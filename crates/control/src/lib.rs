@@ -17,6 +17,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod revocations;
 pub mod tls_incoming;
+pub mod token_secrets;
 pub mod tokens;
 pub mod webhook;
 pub mod webhook_ca_bundle;
@@ -267,7 +268,26 @@ impl ControlPlane {
         let admin_token_path = data_dir.join("admin.token");
         let credential = admin_credential(&admin_token_path)?;
 
-        let tokens = Arc::new(JoinTokens::open(data_dir.join("join-tokens.json"))?);
+        let tokens = JoinTokens::open(data_dir.join("join-tokens.json"))?;
+        let tokens = Arc::new(match (&kube_client, config.in_pod) {
+            (Some(client), _) => {
+                let secrets = token_secrets::TokenSecrets::new(client.clone());
+                tracing::info!(
+                    namespace = secrets.namespace(),
+                    "join-token state in the Kubernetes API (Secrets labelled {})",
+                    token_secrets::LABEL
+                );
+                tokens.shared_in(secrets)
+            }
+            (None, true) => {
+                tracing::warn!(
+                    "running in a Kubernetes pod without --kubernetes: single-use join tokens \
+                     are refused (this replica's data dir is not shared); reusable ones work"
+                );
+                tokens.unguaranteed()
+            }
+            (None, false) => tokens,
+        });
         match &loaded {
             Some(loaded) => loaded.file.apply_tokens(&config.trust_domain, &tokens),
             // No config file (any more): none of its tokens work.

@@ -1,6 +1,12 @@
 //! Join tokens: one-time (or reusable) credentials bound to one SPIFFE ID, for workloads outside
 //! Kubernetes. Only SHA-256 hashes are kept, in memory and in `<data-dir>/join-tokens.json`
 //! (0600); the token itself is shown once, to whoever created it, and never logged.
+//!
+//! With `--kubernetes` the state every replica must share lives in the Kubernetes API instead
+//! (`token_secrets`): created tokens, and the use of every token. The config file's tokens are
+//! still read from the file, which every replica has. A control plane that runs in a pod
+//! without `--kubernetes` has only its own data dir, so it refuses single-use tokens rather than
+//! accept each once per replica and once more after every restart.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -14,6 +20,8 @@ use latch_identity::bundle::sha256_hex;
 use latch_identity::svid::format_time;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+use crate::token_secrets::TokenSecrets;
 
 const TOKEN_PREFIX: &str = "latch-jt-";
 /// Configured tokens shorter than this are refused: they could be guessed.
@@ -47,6 +55,34 @@ pub enum TokenError {
     TooShort(usize),
     #[error("token_sha256 {0:?} is not 64 lowercase hex characters")]
     BadHash(String),
+    #[error(
+        "cannot {action} join-token state in the Kubernetes API (Secrets of namespace \
+         {namespace}): {reason}; nothing was changed, retry (and check latch-control's RBAC: \
+         get, list, create, update and delete of Secrets in its namespace)"
+    )]
+    Shared {
+        namespace: String,
+        action: &'static str,
+        reason: String,
+    },
+    #[error("join-token Secret {secret} is corrupt: {reason}")]
+    SharedCorrupt { secret: String, reason: String },
+    #[error(
+        "single-use join tokens are refused: this control plane runs in a Kubernetes pod without \
+         --kubernetes, so it records token uses only in its own data dir, which other replicas \
+         and the pod that replaces it do not see, and cannot guarantee a single use; run it with \
+         --kubernetes (token state in the Kubernetes API), or use a reusable token"
+    )]
+    SingleUseUnguaranteed,
+}
+
+impl TokenError {
+    pub fn already_used(id: &str, at: u64) -> Self {
+        TokenError::AlreadyUsed {
+            id: id.to_string(),
+            at: format_time(from_unix(at)),
+        }
+    }
 }
 
 /// One token's record, keyed by the token's SHA-256.
@@ -79,6 +115,9 @@ struct StateFile {
 #[derive(Debug, Clone)]
 pub struct TokenGrant {
     hash: String,
+    /// Its record when it comes from the config file (or, without shared state, the data dir);
+    /// `None` for a token whose record is in the Kubernetes API.
+    local: Option<TokenRecord>,
     pub id: SpiffeId,
     pub reusable: bool,
     /// When the token was created (the epoch when unknown).
@@ -99,7 +138,7 @@ fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-fn unix(t: SystemTime) -> u64 {
+pub(crate) fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
@@ -112,13 +151,34 @@ pub fn token_hash(token: &str) -> String {
     sha256_hex(token.as_bytes())
 }
 
+/// Where uses are recorded so that a single-use token is used once.
+enum Sharing {
+    /// The data dir: this process is the only control plane using it.
+    Local,
+    /// The Kubernetes API, shared by every replica (`--kubernetes`).
+    Kubernetes(Box<TokenSecrets>),
+    /// A pod without `--kubernetes`: the data dir is this replica's alone, so single use cannot
+    /// be guaranteed and single-use tokens are refused.
+    Unguaranteed,
+}
+
 /// All known join tokens.
-#[derive(Debug)]
 pub struct JoinTokens {
+    /// Configured tokens, and (without the Kubernetes API) created ones.
     entries: DashMap<String, TokenRecord>,
     state_path: Option<PathBuf>,
     /// Serializes writes of the state file.
     persist_lock: Mutex<()>,
+    sharing: Sharing,
+}
+
+impl std::fmt::Debug for JoinTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinTokens")
+            .field("entries", &self.entries.len())
+            .field("state_path", &self.state_path)
+            .finish_non_exhaustive()
+    }
 }
 
 impl JoinTokens {
@@ -128,7 +188,21 @@ impl JoinTokens {
             entries: DashMap::new(),
             state_path: None,
             persist_lock: Mutex::new(()),
+            sharing: Sharing::Local,
         }
+    }
+
+    /// Keeps created tokens and every use in the Kubernetes API (`--kubernetes`).
+    pub fn shared_in(mut self, secrets: TokenSecrets) -> Self {
+        self.sharing = Sharing::Kubernetes(Box::new(secrets));
+        self
+    }
+
+    /// Refuses single-use tokens: this control plane runs in a pod whose data dir other
+    /// replicas do not share, without the Kubernetes API to share state in.
+    pub fn unguaranteed(mut self) -> Self {
+        self.sharing = Sharing::Unguaranteed;
+        self
     }
 
     /// Loads the state file if present; later changes are written back to it.
@@ -155,6 +229,7 @@ impl JoinTokens {
             entries,
             state_path: Some(state_path),
             persist_lock: Mutex::new(()),
+            sharing: Sharing::Local,
         })
     }
 
@@ -234,37 +309,50 @@ impl JoinTokens {
         Ok(unlisted.into_iter().map(|(_, id)| id).collect())
     }
 
-    /// Creates a random token for `id`, valid for `ttl`.
-    pub fn create(
+    /// Creates a random token for `id`, valid for `ttl`: in the Kubernetes API when shared,
+    /// otherwise in the data dir. When it cannot be recorded there is no token.
+    pub async fn create(
         &self,
         id: &SpiffeId,
         ttl: Duration,
         reusable: bool,
     ) -> Result<NewToken, TokenError> {
+        if !reusable && matches!(self.sharing, Sharing::Unguaranteed) {
+            return Err(TokenError::SingleUseUnguaranteed);
+        }
         let mut bytes = [0u8; 32];
         aws_lc_rs::rand::fill(&mut bytes).map_err(|_| TokenError::Persist {
             path: PathBuf::from("<random>"),
             source: std::io::Error::other("the system random number generator failed"),
         })?;
         let token = format!("{TOKEN_PREFIX}{}", latch_identity::hex::encode(&bytes));
-        let expires_at = Some(unix(SystemTime::now() + ttl));
+        let now = SystemTime::now();
+        let expires_at = Some(unix(now + ttl));
         let hash = token_hash(&token);
-        self.entries.insert(
-            hash.clone(),
-            TokenRecord {
-                spiffe_id: id.to_string(),
-                expires_at,
-                reusable,
-                used_at: None,
-                configured: false,
-                created_at_ms: Some(unix_ms(SystemTime::now())),
-            },
-        );
-        if let Err(e) = self.persist() {
-            // Not recorded on disk, so it would not survive a restart: the caller gets the
-            // error instead of a token, and the token does not exist.
-            self.entries.remove(&hash);
-            return Err(e);
+        let record = TokenRecord {
+            spiffe_id: id.to_string(),
+            expires_at,
+            reusable,
+            used_at: None,
+            configured: false,
+            created_at_ms: Some(unix_ms(now)),
+        };
+        if let Sharing::Kubernetes(secrets) = &self.sharing {
+            secrets.create(&hash, &record).await?;
+            // Tokens nobody used pile up otherwise; a failure here costs nothing but space.
+            match secrets.sweep_expired(now).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!("deleted {n} expired join-token Secrets"),
+                Err(e) => tracing::warn!("expired join-token Secrets not deleted: {e}"),
+            }
+        } else {
+            self.entries.insert(hash.clone(), record);
+            if let Err(e) = self.persist() {
+                // Not recorded on disk, so it would not survive a restart: the caller gets the
+                // error instead of a token, and the token does not exist.
+                self.entries.remove(&hash);
+                return Err(e);
+            }
         }
         Ok(NewToken {
             token,
@@ -274,10 +362,22 @@ impl JoinTokens {
         })
     }
 
-    /// Checks a presented token without spending it.
-    pub fn authenticate(&self, token: &str, now: SystemTime) -> Result<TokenGrant, TokenError> {
+    /// Checks a presented token without spending it. The config file's tokens are looked up
+    /// here; created ones, when shared, in the Kubernetes API.
+    pub async fn authenticate(
+        &self,
+        token: &str,
+        now: SystemTime,
+    ) -> Result<TokenGrant, TokenError> {
         let hash = token_hash(token);
-        let record = self.entries.get(&hash).ok_or(TokenError::Unknown)?;
+        let local = self.entries.get(&hash).map(|e| e.value().clone());
+        let record = match (&local, &self.sharing) {
+            (Some(record), _) => record.clone(),
+            (None, Sharing::Kubernetes(secrets)) => {
+                secrets.get(&hash).await?.ok_or(TokenError::Unknown)?.record
+            }
+            (None, _) => return Err(TokenError::Unknown),
+        };
         if let Some(expires_at) = record.expires_at
             && unix(now) >= expires_at
         {
@@ -289,29 +389,46 @@ impl JoinTokens {
                 ago: humantime::format_duration(Duration::from_secs(ago.as_secs())).to_string(),
             });
         }
-        if !record.reusable
-            && let Some(at) = record.used_at
-        {
-            return Err(TokenError::AlreadyUsed {
-                id: record.spiffe_id.clone(),
-                at: format_time(from_unix(at)),
-            });
+        if !record.reusable {
+            if matches!(self.sharing, Sharing::Unguaranteed) {
+                return Err(TokenError::SingleUseUnguaranteed);
+            }
+            // A configured token's use, when shared, is in the API: `consume` finds it there.
+            if let Some(at) = record.used_at {
+                return Err(TokenError::already_used(&record.spiffe_id, at));
+            }
         }
         let id = SpiffeId::parse(&record.spiffe_id).map_err(|_| TokenError::Unknown)?;
         Ok(TokenGrant {
             hash,
+            local,
             id,
             reusable: record.reusable,
             created_at: UNIX_EPOCH + Duration::from_millis(record.created_at_ms.unwrap_or(0)),
         })
     }
 
-    /// Spends a single-use token (atomically: of two concurrent uses, one fails) and records the
-    /// use on disk before returning, so a restart cannot revive it: when the data dir cannot be
-    /// written (full, read-only) the use is refused and the token stays unspent. Reusable tokens
-    /// only record their first use, as a note for the operator: failing to write it is logged,
-    /// not refused.
-    pub fn consume(&self, grant: &TokenGrant, now: SystemTime) -> Result<(), TokenError> {
+    /// Spends a single-use token (atomically: of two concurrent uses, one fails, also across
+    /// replicas when shared) and records the use before returning, so a restart cannot revive
+    /// it: when the use cannot be recorded (data dir full or read-only, API unreachable) it is
+    /// refused and the token stays unspent. Reusable tokens only record their first use, as a
+    /// note for the operator: failing to write it is logged, not refused.
+    pub async fn consume(&self, grant: &TokenGrant, now: SystemTime) -> Result<(), TokenError> {
+        let Sharing::Kubernetes(secrets) = &self.sharing else {
+            return self.consume_local(grant, now);
+        };
+        match secrets.spend(&grant.hash, grant.local.as_ref(), now).await {
+            Err(e @ (TokenError::Shared { .. } | TokenError::SharedCorrupt { .. }))
+                if grant.reusable =>
+            {
+                tracing::warn!(spiffe_id = %grant.id, "first use of a reusable join token not recorded: {e}");
+                Ok(())
+            }
+            result => result,
+        }
+    }
+
+    fn consume_local(&self, grant: &TokenGrant, now: SystemTime) -> Result<(), TokenError> {
         {
             let mut record = self
                 .entries
@@ -319,10 +436,7 @@ impl JoinTokens {
                 .ok_or(TokenError::Unknown)?;
             match record.used_at {
                 Some(at) if !record.reusable => {
-                    return Err(TokenError::AlreadyUsed {
-                        id: record.spiffe_id.clone(),
-                        at: format_time(from_unix(at)),
-                    });
+                    return Err(TokenError::already_used(&record.spiffe_id, at));
                 }
                 Some(_) => return Ok(()),
                 None => record.used_at = Some(unix(now)),
@@ -379,20 +493,24 @@ mod tests {
         SpiffeId::parse("spiffe://cluster.local/ns/demo/sa/web").unwrap()
     }
 
-    #[test]
-    fn single_use_token_is_spent_once_and_stays_spent_after_reload() {
+    #[tokio::test]
+    async fn single_use_token_is_spent_once_and_stays_spent_after_reload() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("join-tokens.json");
         let tokens = JoinTokens::open(path.clone()).unwrap();
         let new = tokens
             .create(&id(), Duration::from_secs(60), false)
+            .await
             .unwrap();
         assert!(new.token.starts_with(TOKEN_PREFIX));
-        let grant = tokens.authenticate(&new.token, SystemTime::now()).unwrap();
+        let grant = tokens
+            .authenticate(&new.token, SystemTime::now())
+            .await
+            .unwrap();
         assert_eq!(grant.id, id());
-        tokens.consume(&grant, SystemTime::now()).unwrap();
+        tokens.consume(&grant, SystemTime::now()).await.unwrap();
         assert!(matches!(
-            tokens.consume(&grant, SystemTime::now()),
+            tokens.consume(&grant, SystemTime::now()).await,
             Err(TokenError::AlreadyUsed { .. })
         ));
         let file = std::fs::read_to_string(&path).unwrap();
@@ -404,24 +522,32 @@ mod tests {
 
         let reloaded = JoinTokens::open(path).unwrap();
         assert!(matches!(
-            reloaded.authenticate(&new.token, SystemTime::now()),
+            reloaded.authenticate(&new.token, SystemTime::now()).await,
             Err(TokenError::AlreadyUsed { .. })
         ));
     }
 
-    #[test]
-    fn reusable_token_survives_use_and_expiry_is_enforced() {
+    #[tokio::test]
+    async fn reusable_token_survives_use_and_expiry_is_enforced() {
         let tokens = JoinTokens::in_memory();
-        let new = tokens.create(&id(), Duration::from_secs(60), true).unwrap();
+        let new = tokens
+            .create(&id(), Duration::from_secs(60), true)
+            .await
+            .unwrap();
         for _ in 0..3 {
-            let grant = tokens.authenticate(&new.token, SystemTime::now()).unwrap();
-            tokens.consume(&grant, SystemTime::now()).unwrap();
+            let grant = tokens
+                .authenticate(&new.token, SystemTime::now())
+                .await
+                .unwrap();
+            tokens.consume(&grant, SystemTime::now()).await.unwrap();
         }
         let later = SystemTime::now() + Duration::from_secs(120);
-        let err = tokens.authenticate(&new.token, later).unwrap_err();
+        let err = tokens.authenticate(&new.token, later).await.unwrap_err();
         assert!(matches!(err, TokenError::Expired { .. }), "{err}");
         assert!(matches!(
-            tokens.authenticate("latch-jt-nope", SystemTime::now()),
+            tokens
+                .authenticate("latch-jt-nope", SystemTime::now())
+                .await,
             Err(TokenError::Unknown)
         ));
     }
@@ -438,8 +564,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn configured_tokens_by_value_or_hash() {
+    #[tokio::test]
+    async fn configured_tokens_by_value_or_hash() {
         let tokens = JoinTokens::in_memory();
         let record = configured_record();
         tokens
@@ -455,11 +581,13 @@ mod tests {
         assert!(
             tokens
                 .authenticate("a-long-enough-token", SystemTime::now())
+                .await
                 .is_ok()
         );
         assert!(
             tokens
                 .authenticate("another-long-token", SystemTime::now())
+                .await
                 .is_ok()
         );
         assert!(matches!(
@@ -472,8 +600,8 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn a_token_removed_from_the_config_is_forgotten_and_created_ones_stay() {
+    #[tokio::test]
+    async fn a_token_removed_from_the_config_is_forgotten_and_created_ones_stay() {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("join-tokens.json");
         let tokens = JoinTokens::open(state.clone()).unwrap();
@@ -484,7 +612,10 @@ mod tests {
         tokens
             .add_configured(Some("removed-configured-token"), None, record)
             .unwrap();
-        let created = tokens.create(&id(), Duration::from_secs(60), true).unwrap();
+        let created = tokens
+            .create(&id(), Duration::from_secs(60), true)
+            .await
+            .unwrap();
         let listed = std::collections::HashSet::from([kept]);
         assert_eq!(
             tokens.forget_unlisted_configured(&listed).unwrap(),
@@ -492,18 +623,54 @@ mod tests {
         );
         let now = SystemTime::now();
         assert!(matches!(
-            tokens.authenticate("removed-configured-token", now),
+            tokens.authenticate("removed-configured-token", now).await,
             Err(TokenError::Unknown)
         ));
-        assert!(tokens.authenticate("kept-configured-token", now).is_ok());
-        assert!(tokens.authenticate(&created.token, now).is_ok());
+        assert!(
+            tokens
+                .authenticate("kept-configured-token", now)
+                .await
+                .is_ok()
+        );
+        assert!(tokens.authenticate(&created.token, now).await.is_ok());
         // And so after a restart: the state file no longer holds it.
         let reopened = JoinTokens::open(state).unwrap();
         assert!(
             reopened
                 .authenticate("removed-configured-token", now)
+                .await
                 .is_err()
         );
-        assert!(reopened.authenticate(&created.token, now).is_ok());
+        assert!(reopened.authenticate(&created.token, now).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_pod_without_shared_state_refuses_single_use_tokens_and_says_why() {
+        let tokens = JoinTokens::in_memory().unguaranteed();
+        let err = tokens
+            .create(&id(), Duration::from_secs(60), false)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TokenError::SingleUseUnguaranteed), "{err}");
+        assert!(err.to_string().contains("--kubernetes"), "{err}");
+        // A configured single-use token is refused at use, a reusable one works.
+        let single = TokenRecord {
+            reusable: false,
+            ..configured_record()
+        };
+        tokens
+            .add_configured(Some("configured-single-use"), None, single)
+            .unwrap();
+        let now = SystemTime::now();
+        assert!(matches!(
+            tokens.authenticate("configured-single-use", now).await,
+            Err(TokenError::SingleUseUnguaranteed)
+        ));
+        let reusable = tokens
+            .create(&id(), Duration::from_secs(60), true)
+            .await
+            .unwrap();
+        let grant = tokens.authenticate(&reusable.token, now).await.unwrap();
+        tokens.consume(&grant, now).await.unwrap();
     }
 }

@@ -120,6 +120,7 @@ impl Plane {
             .cp
             .tokens
             .create(id, Duration::from_secs(600), false)
+            .await
             .unwrap()
             .token;
         let mut client = CaClient::connect(

@@ -275,6 +275,7 @@ async fn issuance_renewal_discovery_and_injection_are_served_under_connection_fl
     let token = cp
         .tokens
         .create(&id, Duration::from_secs(600), false)
+        .await
         .unwrap()
         .token;
     let (svid, _) = CaClient::connect_with(&grpc.to_string(), grpc_tls(&cp, None), anchors(&cp))
@@ -325,6 +326,7 @@ async fn issuance_renewal_discovery_and_injection_are_served_under_connection_fl
     let token = cp
         .tokens
         .create(&workload(&cp, "api"), Duration::from_secs(600), false)
+        .await
         .unwrap()
         .token;
     let out = dir.path().join("api-svid");
@@ -468,6 +470,7 @@ async fn silent_and_unauthenticated_connections_are_closed_and_counted() {
     let token = cp
         .tokens
         .create(&id, Duration::from_secs(600), true)
+        .await
         .unwrap()
         .token;
     let (svid, _) = CaClient::connect_with(&grpc, grpc_tls(&cp, None), anchors(&cp))

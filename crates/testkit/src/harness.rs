@@ -132,13 +132,15 @@ impl Harness {
         SpiffeId::workload(&self.trust_domain, namespace, service_account).expect("valid id")
     }
 
-    /// Creates a join token for `id`.
+    /// Creates a join token for `id`. Synchronous: the harness's control plane keeps tokens in
+    /// its data dir (no Kubernetes API), so creating one never waits.
     pub fn token(&self, id: &SpiffeId, ttl: Duration, reusable: bool) -> String {
-        self.control_plane
-            .tokens
-            .create(id, ttl, reusable)
-            .expect("token created")
-            .token
+        let mut create = std::pin::pin!(self.control_plane.tokens.create(id, ttl, reusable));
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        match create.as_mut().poll(&mut context) {
+            std::task::Poll::Ready(created) => created.expect("token created").token,
+            std::task::Poll::Pending => panic!("a data-dir token store does not wait"),
+        }
     }
 
     /// An SVID for `id` (fetched with a fresh single-use join token) and the trust bundle.

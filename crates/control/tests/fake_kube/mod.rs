@@ -150,3 +150,195 @@ where
     });
     addr
 }
+
+/// Secrets kept the way the API server keeps them, for the endpoints under
+/// `/api/v1/namespaces/{namespace}/secrets`: create (201; 409 AlreadyExists for a taken name),
+/// get (404 when absent), list with an equality `labelSelector`, update by PUT (404 when
+/// absent; 409 Conflict when the body names a `resourceVersion` that is no longer current; no
+/// version means an unconditional update) and delete. Every write takes a new
+/// `resourceVersion` from one counter, as etcd's revision does.
+#[allow(dead_code)]
+#[derive(Default)]
+pub struct SecretStore {
+    objects: std::collections::BTreeMap<(String, String), Value>,
+    revision: u64,
+    /// Writes answered 409 Conflict (a lost compare-and-swap).
+    pub conflicts: usize,
+}
+
+#[allow(dead_code)]
+impl SecretStore {
+    /// Every stored Secret, as the API server would return it.
+    pub fn all(&self) -> Vec<Value> {
+        self.objects.values().cloned().collect()
+    }
+
+    /// Answers `call` when it is for Secrets; `None` otherwise.
+    pub fn handle(&mut self, call: &Call) -> Option<Response<Full<Bytes>>> {
+        let parts: Vec<&str> = call.path.trim_start_matches('/').split('/').collect();
+        let (namespace, name) = match parts.as_slice() {
+            ["api", "v1", "namespaces", namespace, "secrets"] => (namespace.to_string(), None),
+            ["api", "v1", "namespaces", namespace, "secrets", name] => {
+                (namespace.to_string(), Some(name.to_string()))
+            }
+            _ => return None,
+        };
+        Some(match (&call.method, name) {
+            (&Method::POST, None) => self.create(namespace, call.body.clone()),
+            (&Method::GET, None) => self.list(&namespace, call.param("labelSelector")),
+            (&Method::GET, Some(name)) => match self.objects.get(&(namespace, name.clone())) {
+                Some(object) => respond(StatusCode::OK, object.clone()),
+                None => not_found("secrets", &name),
+            },
+            (&Method::PUT, Some(name)) => self.update(namespace, name, call.body.clone()),
+            (&Method::DELETE, Some(name)) => {
+                match self.objects.remove(&(namespace, name.clone())) {
+                    Some(_) => respond(
+                        StatusCode::OK,
+                        json!({
+                            "kind": "Status", "apiVersion": "v1", "metadata": {},
+                            "status": "Success",
+                            "details": {"name": name, "kind": "secrets", "uid": "deleted"}
+                        }),
+                    ),
+                    None => not_found("secrets", &name),
+                }
+            }
+            (method, name) => respond(
+                StatusCode::METHOD_NOT_ALLOWED,
+                status(
+                    405,
+                    "MethodNotAllowed",
+                    "secrets",
+                    name.as_deref().unwrap_or_default(),
+                    format!(
+                        "the server does not allow this method on the requested resource ({method})"
+                    ),
+                ),
+            ),
+        })
+    }
+
+    fn next_version(&mut self) -> String {
+        self.revision += 1;
+        (1000 + self.revision).to_string()
+    }
+
+    fn create(&mut self, namespace: String, mut body: Value) -> Response<Full<Bytes>> {
+        let name = body["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if !body["metadata"]["resourceVersion"].is_null() {
+            return respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                status(
+                    500,
+                    "InternalError",
+                    "secrets",
+                    &name,
+                    "resourceVersion should not be set on objects to be created".into(),
+                ),
+            );
+        }
+        let key = (namespace.clone(), name.clone());
+        if self.objects.contains_key(&key) {
+            return respond(
+                StatusCode::CONFLICT,
+                status(
+                    409,
+                    "AlreadyExists",
+                    "secrets",
+                    &name,
+                    format!("secrets \"{name}\" already exists"),
+                ),
+            );
+        }
+        let version = self.next_version();
+        let metadata = &mut body["metadata"];
+        metadata["namespace"] = json!(namespace);
+        metadata["resourceVersion"] = json!(version);
+        metadata["uid"] = json!(format!("00000000-0000-4000-8000-{:012}", self.revision));
+        metadata["creationTimestamp"] = json!("2026-12-07T18:00:00Z");
+        body["kind"] = json!("Secret");
+        body["apiVersion"] = json!("v1");
+        self.objects.insert(key, body.clone());
+        respond(StatusCode::CREATED, body)
+    }
+
+    fn update(
+        &mut self,
+        namespace: String,
+        name: String,
+        mut body: Value,
+    ) -> Response<Full<Bytes>> {
+        let key = (namespace, name.clone());
+        let Some(current) = self.objects.get(&key).cloned() else {
+            return not_found("secrets", &name);
+        };
+        let current_version = current["metadata"]["resourceVersion"].clone();
+        let asked = &body["metadata"]["resourceVersion"];
+        if !asked.is_null() && *asked != current_version {
+            self.conflicts += 1;
+            return respond(
+                StatusCode::CONFLICT,
+                status(
+                    409,
+                    "Conflict",
+                    "secrets",
+                    &name,
+                    format!(
+                        "Operation cannot be fulfilled on secrets \"{name}\": the object has \
+                         been modified; please apply your changes to the latest version and try \
+                         again"
+                    ),
+                ),
+            );
+        }
+        let version = self.next_version();
+        let metadata = &mut body["metadata"];
+        metadata["resourceVersion"] = json!(version);
+        metadata["uid"] = current["metadata"]["uid"].clone();
+        metadata["creationTimestamp"] = current["metadata"]["creationTimestamp"].clone();
+        metadata["namespace"] = json!(key.0);
+        body["kind"] = json!("Secret");
+        body["apiVersion"] = json!("v1");
+        self.objects.insert(key, body.clone());
+        respond(StatusCode::OK, body)
+    }
+
+    fn list(&self, namespace: &str, selector: Option<&str>) -> Response<Full<Bytes>> {
+        // `key=value` (percent-encoded by the client); one equality requirement is enough here.
+        let wanted = selector.map(|s| {
+            let decoded = s
+                .replace("%2F", "/")
+                .replace("%2f", "/")
+                .replace("%3D", "=")
+                .replace("%3d", "=");
+            let (k, v) = decoded
+                .split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .unwrap_or((decoded.clone(), String::new()));
+            (k, v)
+        });
+        let items: Vec<Value> = self
+            .objects
+            .iter()
+            .filter(|((ns, _), _)| ns == namespace)
+            .filter(|(_, object)| match &wanted {
+                None => true,
+                Some((k, v)) => object["metadata"]["labels"][k.as_str()] == json!(v),
+            })
+            .map(|(_, object)| object.clone())
+            .collect();
+        respond(
+            StatusCode::OK,
+            json!({
+                "kind": "SecretList",
+                "apiVersion": "v1",
+                "metadata": {"resourceVersion": (1000 + self.revision).to_string()},
+                "items": items
+            }),
+        )
+    }
+}

@@ -1,0 +1,284 @@
+//! Join tokens across control-plane replicas (`--kubernetes`): two control planes share one
+//! fake Kubernetes API server, which keeps Secrets as the real one does (`fake_kube::
+//! SecretStore`: resourceVersion on every write, 409 Conflict for a stale update, 409
+//! AlreadyExists for a taken name). They share the CA through `--ca-secret`, as the shipped
+//! Deployment's replicas do, and each has its own empty data dir (the Deployment's emptyDir).
+//! No Kubernetes API server can run on this machine; the fake answers as the API reference says.
+
+mod fake_kube;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use fake_kube::{Call, SecretStore, not_found};
+use http_body_util::Full;
+use hyper::Response;
+use hyper::body::Bytes;
+use latch_control::ControlPlane;
+use latch_control::kubernetes::KubernetesAccess;
+use latch_identity::client::{CaClient, control_plane_id};
+use latch_identity::csr::generate_csr;
+use latch_identity::{CertStore, ExpectedPeer, TrustDomain};
+use latch_proto::ca::CreateCertificateRequest;
+use latch_proto::ca::create_certificate_request::Proof;
+use serde_json::Value;
+use tonic::Code;
+
+const NAMESPACE: &str = "latch-system";
+const WEB: &str = "spiffe://cluster.local/ns/demo/sa/web";
+
+type Store = Arc<Mutex<SecretStore>>;
+
+async fn fake_api(store: Store) -> SocketAddr {
+    fake_kube::serve(move |call: Call| {
+        let response: Response<Full<Bytes>> = store
+            .lock()
+            .unwrap()
+            .handle(&call)
+            .unwrap_or_else(|| not_found("unknown", &call.path));
+        async move { response }
+    })
+    .await
+}
+
+/// A replica: `--kubernetes` against `api`, the CA in Secret latch-system/latch-ca, its own
+/// data dir, and `config_yaml` as its config file when given.
+struct Replica {
+    cp: ControlPlane,
+    _dir: tempfile::TempDir,
+}
+
+impl Replica {
+    async fn start(api: SocketAddr, config_yaml: Option<&str>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = latch_testkit::loopback_config(dir.path().join("data"));
+        let mut kube_config = kube::Config::new(format!("http://{api}").parse().unwrap());
+        // In a pod, the client's default namespace is the pod's own.
+        kube_config.default_namespace = NAMESPACE.to_string();
+        config.kubernetes = Some(KubernetesAccess::Config(Box::new(kube_config)));
+        config.ca_secret = Some(format!("{NAMESPACE}/latch-ca").parse().unwrap());
+        if let Some(yaml) = config_yaml {
+            let path = dir.path().join("latch.yaml");
+            std::fs::write(&path, yaml).unwrap();
+            config.config_file = Some(path);
+        }
+        let cp = ControlPlane::start(config)
+            .await
+            .expect("control plane starts");
+        Self { cp, _dir: dir }
+    }
+
+    async fn client(&self) -> CaClient {
+        let trust_domain = TrustDomain::new("cluster.local").unwrap();
+        CaClient::connect(
+            &self.cp.grpc_addr.to_string(),
+            Arc::new(CertStore::new(self.cp.ca.bundle().as_ref().clone())),
+            ExpectedPeer::Exactly(control_plane_id(&trust_domain)),
+            false,
+        )
+        .await
+        .expect("client connects")
+    }
+
+    /// `latchctl token create` through this replica's admin API; returns the token.
+    async fn create_token(&self, reusable: bool) -> String {
+        let credential = std::fs::read_to_string(&self.cp.admin_token_path).unwrap();
+        let body = format!(r#"{{"spiffe_id":"{WEB}","ttl_seconds":600,"reusable":{reusable}}}"#);
+        let (status, answer) = latch_testkit::admin::request(
+            self.cp.admin_addr,
+            "POST",
+            "/v1/join-tokens",
+            Some(credential.trim()),
+            &body,
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 201, "{answer}");
+        let answer: Value = serde_json::from_str(&answer).unwrap();
+        answer["token"].as_str().unwrap().to_string()
+    }
+
+    /// One certificate request with `token`: the SPIFFE ID issued, or the refusal.
+    async fn request(&self, token: &str) -> Result<String, tonic::Status> {
+        request(self.client().await, token.to_string()).await
+    }
+}
+
+/// A certificate request with `token` on `client`: the SPIFFE ID issued, or the refusal.
+async fn request(mut client: CaClient, token: String) -> Result<String, tonic::Status> {
+    let answer = client
+        .create_certificate(CreateCertificateRequest {
+            csr: generate_csr(None).unwrap().csr_der,
+            ttl: None,
+            proof: Some(Proof::JoinToken(token)),
+        })
+        .await?;
+    Ok(answer.spiffe_id)
+}
+
+/// Sends `rounds` requests with `token` to each replica, all at once; returns the answers.
+async fn race(
+    replicas: &[&Replica],
+    token: &str,
+    rounds: usize,
+) -> Vec<Result<String, tonic::Status>> {
+    let mut clients = Vec::new();
+    for _ in 0..rounds {
+        for replica in replicas {
+            clients.push(replica.client().await);
+        }
+    }
+    // Connected first, so that the requests themselves start together.
+    let requests = clients
+        .into_iter()
+        .map(|client| tokio::spawn(request(client, token.to_string())));
+    let mut answers = Vec::new();
+    for request in requests.collect::<Vec<_>>() {
+        answers.push(request.await.unwrap());
+    }
+    answers
+}
+
+/// Exactly one issuance for `WEB`, every other answer "already used".
+fn assert_exactly_one(answers: &[Result<String, tonic::Status>]) {
+    let issued: Vec<_> = answers.iter().filter_map(|a| a.as_ref().ok()).collect();
+    assert_eq!(issued.len(), 1, "exactly one issuance: {answers:?}");
+    assert_eq!(issued[0], WEB);
+    for refusal in answers.iter().filter_map(|a| a.as_ref().err()) {
+        latch_testkit::harness::assert_status(refusal, Code::Unauthenticated, "already used");
+    }
+}
+
+fn token_secrets(store: &Store) -> Vec<Value> {
+    store
+        .lock()
+        .unwrap()
+        .all()
+        .into_iter()
+        .filter(|s| s["metadata"]["labels"]["latch.dev/join-token"] == "true")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_use_token_is_used_once_across_replicas_and_restarts() {
+    let store = Store::default();
+    let api = fake_api(store.clone()).await;
+    let (a, b) = (
+        Replica::start(api, None).await,
+        Replica::start(api, None).await,
+    );
+    assert_eq!(
+        a.cp.ca.bundle().roots(),
+        b.cp.ca.bundle().roots(),
+        "the replicas share the CA Secret"
+    );
+
+    let token = a.create_token(false).await;
+    let answers = race(&[&a, &b], &token, 8).await;
+    assert_exactly_one(&answers);
+    assert_eq!(
+        a.cp.metrics.issued_total() + b.cp.metrics.issued_total(),
+        1,
+        "one SVID issued by the two replicas together"
+    );
+    eprintln!(
+        "16 requests on two replicas: {} lost a compare-and-swap (409 Conflict) and read again",
+        store.lock().unwrap().conflicts
+    );
+
+    // The state is in the API: one Secret, holding the token's hash and its use, never the token.
+    let secrets = token_secrets(&store);
+    assert_eq!(secrets.len(), 1, "{secrets:?}");
+    assert_eq!(secrets[0]["type"], "latch.dev/join-token");
+    assert!(
+        !serde_json::to_string(&store.lock().unwrap().all())
+            .unwrap()
+            .contains(&token),
+        "the token itself is never stored"
+    );
+
+    // A replica replaced by a new pod (empty data dir) still knows the token was used.
+    b.cp.shutdown().await;
+    let c = Replica::start(api, None).await;
+    let refusal = c
+        .request(&token)
+        .await
+        .expect_err("a used token is refused");
+    latch_testkit::harness::assert_status(&refusal, Code::Unauthenticated, "already used");
+
+    // A token created on one replica works on the others.
+    let reusable = c.create_token(true).await;
+    for replica in [&a, &c] {
+        assert_eq!(replica.request(&reusable).await.unwrap(), WEB);
+    }
+    a.cp.shutdown().await;
+    c.cp.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_single_use_token_is_used_once_across_replicas() {
+    const TOKEN: &str = "configured-single-use-token-0123456789";
+    let yaml = format!("join_tokens:\n  - spiffe_id: {WEB}\n    token: {TOKEN}\n");
+    let store = Store::default();
+    let api = fake_api(store.clone()).await;
+    let (a, b) = (
+        Replica::start(api, Some(&yaml)).await,
+        Replica::start(api, Some(&yaml)).await,
+    );
+    assert!(
+        token_secrets(&store).is_empty(),
+        "a configured token has no Secret until its first use"
+    );
+    let answers = race(&[&a, &b], TOKEN, 8).await;
+    assert_exactly_one(&answers);
+    assert_eq!(token_secrets(&store).len(), 1);
+    a.cp.shutdown().await;
+    b.cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn expired_token_secrets_are_deleted_when_tokens_are_created() {
+    let store = Store::default();
+    let api = fake_api(store.clone()).await;
+    let a = Replica::start(api, None).await;
+    a.create_token(false).await;
+    // Make the first one expired, as if created long ago.
+    {
+        let mut guard = store.lock().unwrap();
+        let mut secret = guard
+            .all()
+            .into_iter()
+            .find(|s| s["type"] == "latch.dev/join-token")
+            .unwrap();
+        let record: Value = {
+            use base64::Engine;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(secret["data"]["record.json"].as_str().unwrap())
+                .unwrap();
+            let mut record: Value = serde_json::from_slice(&bytes).unwrap();
+            record["expires_at"] = Value::from(1_000_000_000u64);
+            record
+        };
+        use base64::Engine;
+        secret["data"]["record.json"] =
+            Value::from(base64::engine::general_purpose::STANDARD.encode(record.to_string()));
+        secret["metadata"]["resourceVersion"] = Value::Null;
+        let name = secret["metadata"]["name"].as_str().unwrap().to_string();
+        let call = Call {
+            method: hyper::Method::PUT,
+            path: format!("/api/v1/namespaces/{NAMESPACE}/secrets/{name}"),
+            query: String::new(),
+            content_type: "application/json".into(),
+            body: secret,
+        };
+        assert_eq!(guard.handle(&call).unwrap().status(), 200);
+    }
+    a.create_token(false).await;
+    let left = token_secrets(&store);
+    assert_eq!(
+        left.len(),
+        1,
+        "the expired token's Secret was deleted: {left:?}"
+    );
+    a.cp.shutdown().await;
+}
