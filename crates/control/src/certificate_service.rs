@@ -15,7 +15,7 @@ use thiserror::Error;
 use tonic::{Request, Response, Status};
 
 use crate::ca::{Ca, CaError, TtlError};
-use crate::kubernetes::{SaTokenError, ServiceAccountAuthenticator};
+use crate::kubernetes::{PodBinding, SaTokenError, ServiceAccountAuthenticator};
 use crate::metrics::{Metrics, ProofLabel};
 use crate::revocations::{Issued, Revocations};
 use crate::tls_incoming::PeerConn;
@@ -50,16 +50,26 @@ pub fn check_csr(csr_der: &[u8], id: &SpiffeId) -> Result<VerifiedCsr, CsrRefusa
 /// How the caller proved who it is.
 enum Proven {
     Token(TokenGrant),
-    ServiceAccount(SpiffeId),
-    /// The presented SVID's ID and when it was issued.
-    Renewal(SpiffeId, SystemTime),
+    /// The service account's ID and the pod the token is bound to.
+    ServiceAccount(SpiffeId, PodBinding),
+    /// The presented SVID's ID, when it was issued, and the pod it was issued to (checked to
+    /// still exist) when it was issued on a service-account token.
+    Renewal(SpiffeId, SystemTime, Option<PodBinding>),
 }
 
 impl Proven {
     fn id(&self) -> &SpiffeId {
         match self {
             Proven::Token(grant) => &grant.id,
-            Proven::ServiceAccount(id) | Proven::Renewal(id, _) => id,
+            Proven::ServiceAccount(id, _) | Proven::Renewal(id, ..) => id,
+        }
+    }
+
+    /// The pod the new SVID is for, to be written into it.
+    fn pod(&self) -> Option<&PodBinding> {
+        match self {
+            Proven::Token(_) | Proven::Renewal(_, _, None) => None,
+            Proven::ServiceAccount(_, pod) | Proven::Renewal(_, _, Some(pod)) => Some(pod),
         }
     }
 
@@ -71,15 +81,15 @@ impl Proven {
     fn since(&self) -> SystemTime {
         match self {
             Proven::Token(grant) => grant.created_at,
-            Proven::ServiceAccount(_) => SystemTime::UNIX_EPOCH,
-            Proven::Renewal(_, issued_at) => *issued_at,
+            Proven::ServiceAccount(..) => SystemTime::UNIX_EPOCH,
+            Proven::Renewal(_, issued_at, _) => *issued_at,
         }
     }
 
     fn label(&self) -> &'static str {
         match self {
             Proven::Token(_) => "join_token",
-            Proven::ServiceAccount(_) => "service_account_token",
+            Proven::ServiceAccount(..) => "service_account_token",
             Proven::Renewal(..) => "renewal",
         }
     }
@@ -208,8 +218,8 @@ impl CertificateServer {
                         ),
                     ));
                 };
-                let id = service_accounts.authenticate(token).await?;
-                return Ok(Proven::ServiceAccount(id));
+                let (id, pod) = service_accounts.authenticate(token).await?;
+                return Ok(Proven::ServiceAccount(id, pod));
             }
             None => {}
         }
@@ -250,7 +260,29 @@ impl CertificateServer {
             ));
         }
         let issued_at = info.issued_at();
-        Ok(Proven::Renewal(info.id, issued_at))
+        let pod = PodBinding::from_leaf(chain[0].as_ref());
+        if let (Some(pod), Some(service_accounts)) = (&pod, &self.service_accounts) {
+            service_accounts.check_pod(pod).await.map_err(|e| match e {
+                SaTokenError::Unavailable(_) => Refusal::from(e),
+                _ => Refusal::new(
+                    "renewal_pod_gone",
+                    Status::unauthenticated(format!(
+                        "renewal refused: this SVID was issued to pod {}/{} (uid {}), and {}; \
+                         authenticate with a service-account token of a running pod",
+                        pod.namespace,
+                        pod.name,
+                        pod.uid,
+                        match e {
+                            SaTokenError::PodReplaced { current_uid, .. } => format!(
+                                "that pod name now belongs to another pod (uid {current_uid})"
+                            ),
+                            _ => "that pod no longer exists".to_string(),
+                        }
+                    )),
+                ),
+            })?;
+        }
+        Ok(Proven::Renewal(info.id, issued_at, pod))
     }
 
     async fn create(
@@ -312,7 +344,7 @@ impl CertificateServer {
             Err(CsrRefusal::OtherId(other)) => {
                 let why = match &proven {
                     Proven::Token(_) => format!("the join token grants {}", proven.id()),
-                    Proven::ServiceAccount(_) => {
+                    Proven::ServiceAccount(..) => {
                         format!("the service-account token grants {}", proven.id())
                     }
                     Proven::Renewal(..) => format!(
@@ -332,7 +364,14 @@ impl CertificateServer {
         if let Proven::Token(grant) = &proven {
             self.tokens.consume(grant, now).await?;
         }
-        let issued = self.ca.issue(proven.id(), &csr.public_key_spki, ttl, now)?;
+        let unit = proven.pod().map(PodBinding::to_subject_value);
+        let issued = self.ca.issue_with_unit(
+            proven.id(),
+            unit.as_deref(),
+            &csr.public_key_spki,
+            ttl,
+            now,
+        )?;
         tracing::info!(
             spiffe_id = %issued.info.id,
             serial = %issued.info.serial,

@@ -189,6 +189,47 @@ impl SaTokenError {
     }
 }
 
+/// The pod an SVID was issued to, on a service-account token bound to it. Written into the
+/// SVID's subject as one organizationalUnitName, `kubernetes-pod:<namespace>/<name>/<uid>`
+/// (none of the three can hold a '/'), so that any replica can check at renewal that the pod
+/// still exists: an SVID must not outlive its pod by renewing itself. Subject attributes are
+/// free in an X.509-SVID (only the URI SAN names the workload) and peers ignore them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodBinding {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+}
+
+const POD_BINDING_PREFIX: &str = "kubernetes-pod:";
+
+impl PodBinding {
+    /// The subject organizationalUnitName value.
+    pub fn to_subject_value(&self) -> String {
+        format!(
+            "{POD_BINDING_PREFIX}{}/{}/{}",
+            self.namespace, self.name, self.uid
+        )
+    }
+
+    /// The binding in a leaf certificate's subject, if it has one.
+    pub fn from_leaf(der: &[u8]) -> Option<Self> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let value = cert
+            .subject()
+            .iter_organizational_unit()
+            .find_map(|ou| ou.as_str().ok()?.strip_prefix(POD_BINDING_PREFIX))?
+            .to_string();
+        let mut parts = value.splitn(3, '/');
+        let (namespace, name, uid) = (parts.next()?, parts.next()?, parts.next()?);
+        (!namespace.is_empty() && !name.is_empty() && !uid.is_empty()).then(|| Self {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            uid: uid.to_string(),
+        })
+    }
+}
+
 /// Turns service-account tokens into SPIFFE IDs, asking a `TokenReviewer`.
 pub struct ServiceAccountAuthenticator {
     reviewer: Arc<dyn TokenReviewer>,
@@ -203,9 +244,9 @@ impl ServiceAccountAuthenticator {
         }
     }
 
-    /// The SPIFFE ID `token` proves, once the API server authenticated it for audience
-    /// `latch` as a service account and the pod it is bound to still exists.
-    pub async fn authenticate(&self, token: &str) -> Result<SpiffeId, SaTokenError> {
+    /// The SPIFFE ID `token` proves and the pod it is bound to, once the API server
+    /// authenticated it for audience `latch` as a service account and that pod still exists.
+    pub async fn authenticate(&self, token: &str) -> Result<(SpiffeId, PodBinding), SaTokenError> {
         let token = token.trim();
         if token.is_empty() {
             return Err(SaTokenError::Empty);
@@ -221,20 +262,35 @@ impl ServiceAccountAuthenticator {
             uid,
             id,
         } = check_review(&status, &self.trust_domain)?;
+        let pod = PodBinding {
+            namespace,
+            name,
+            uid,
+        };
+        self.check_pod(&pod).await?;
+        Ok((id, pod))
+    }
+
+    /// Ok when pod `pod.namespace/pod.name` exists and is still the one with `pod.uid` (not
+    /// deleted, not replaced by a pod of the same name).
+    pub async fn check_pod(&self, pod: &PodBinding) -> Result<(), SaTokenError> {
         match self
             .reviewer
-            .pod_uid(&namespace, &name)
+            .pod_uid(&pod.namespace, &pod.name)
             .await
             .map_err(|e| SaTokenError::Unavailable(e.0))?
         {
-            None => Err(SaTokenError::PodMissing { namespace, name }),
-            Some(current) if current != uid => Err(SaTokenError::PodReplaced {
-                namespace,
-                name,
-                bound_uid: uid,
+            None => Err(SaTokenError::PodMissing {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+            }),
+            Some(current) if current != pod.uid => Err(SaTokenError::PodReplaced {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                bound_uid: pod.uid.clone(),
                 current_uid: current,
             }),
-            Some(_) => Ok(id),
+            Some(_) => Ok(()),
         }
     }
 }

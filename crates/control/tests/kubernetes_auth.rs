@@ -453,3 +453,91 @@ async fn without_kubernetes_tokens_are_still_refused() {
         .await;
     plane.cp.shutdown().await;
 }
+
+/// The subject organizationalUnitName values of a DER certificate.
+fn subject_units(der: &[u8]) -> Vec<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    cert.subject()
+        .iter_organizational_unit()
+        .map(|ou| ou.as_str().unwrap().to_string())
+        .collect()
+}
+
+impl Plane {
+    /// A renewal: a new CSR, no proof, `svid` presented as the TLS client certificate.
+    async fn renew(&self, svid: &latch_identity::Svid) -> Result<Vec<u8>, tonic::Status> {
+        let store = Arc::new(CertStore::new(self.cp.ca.bundle().as_ref().clone()));
+        store.set_svid(
+            latch_identity::Svid::new(svid.chain().to_vec(), svid.private_key().clone_key())
+                .unwrap(),
+        );
+        let trust_domain = TrustDomain::new("cluster.local").unwrap();
+        let mut client = CaClient::connect(
+            &self.cp.grpc_addr.to_string(),
+            store,
+            ExpectedPeer::Exactly(control_plane_id(&trust_domain)),
+            true,
+        )
+        .await
+        .expect("client connects");
+        let answer = client
+            .create_certificate(CreateCertificateRequest {
+                csr: generate_csr(None).unwrap().csr_der,
+                ttl: None,
+                proof: None,
+            })
+            .await?;
+        Ok(answer.certificate_chain[0].clone())
+    }
+}
+
+#[tokio::test]
+async fn renewal_needs_the_pod_the_svid_was_issued_to() {
+    let plane = Plane::start(authenticated("shop", "web", &["latch"])).await;
+    let (svid, _) = plane
+        .client()
+        .await
+        .fetch_svid_with(None, None, Some(Proof::ServiceAccountToken(TOKEN.into())))
+        .await
+        .expect("SVID issued");
+    let bound = format!("kubernetes-pod:shop/{POD}/{POD_UID}");
+    assert_eq!(subject_units(svid.chain()[0].as_ref()), [bound.clone()]);
+
+    // While the pod runs, renewal works (one more pod lookup) and the new SVID is bound too.
+    let renewed = plane
+        .renew(&svid)
+        .await
+        .expect("renewal while the pod runs");
+    assert_eq!(subject_units(&renewed), [bound]);
+    assert_eq!(plane.pod_gets().len(), 2, "{:?}", plane.pod_gets());
+
+    // Pod deleted: the SVID cannot renew itself; the proxy has to come back with its
+    // service-account token, which the API server no longer accepts once the pod is gone.
+    plane.api.lock().unwrap().pods.clear();
+    let refused = plane.renew(&svid).await.expect_err("pod deleted");
+    latch_testkit::harness::assert_status(
+        &refused,
+        Code::Unauthenticated,
+        &format!("issued to pod shop/{POD} (uid {POD_UID}), and that pod no longer exists"),
+    );
+    assert_eq!(plane.cp.metrics.refusals("renewal_pod_gone"), 1);
+
+    // Same name, new pod (a StatefulSet pod recreated): still refused.
+    plane.api.lock().unwrap().pods.insert(
+        ("shop".into(), POD.into()),
+        "11111111-2222-4333-8444-555555555555".into(),
+    );
+    let refused = plane.renew(&svid).await.expect_err("pod replaced");
+    latch_testkit::harness::assert_status(
+        &refused,
+        Code::Unauthenticated,
+        "that pod name now belongs to another pod (uid 11111111-2222-4333-8444-555555555555)",
+    );
+    assert_eq!(plane.cp.metrics.refusals("renewal_pod_gone"), 2);
+    assert_eq!(
+        plane.cp.metrics.issued_total(),
+        2,
+        "the first SVID and one renewal"
+    );
+    plane.cp.shutdown().await;
+}

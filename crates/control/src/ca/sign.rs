@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use latch_identity::svid::format_time;
 use latch_identity::{SpiffeId, SvidInfo};
 use rcgen::{
-    CertificateParams, DistinguishedName, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType, SerialNumber, SubjectPublicKeyInfo,
 };
 use rustls_pki_types::CertificateDer;
@@ -55,12 +55,30 @@ impl Ca {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<IssuedSvid, CaError> {
+        self.issue_with_unit(id, None, spki_der, ttl, now)
+    }
+
+    /// `issue`, with `unit` as the subject's one organizationalUnitName: where the SVID was
+    /// issued to (`kubernetes::PodBinding`), for the certificate service to check at renewal.
+    pub fn issue_with_unit(
+        &self,
+        id: &SpiffeId,
+        unit: Option<&str>,
+        spki_der: &[u8],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<IssuedSvid, CaError> {
         let san = SanType::URI(
             id.as_str()
                 .try_into()
                 .map_err(|e: rcgen::Error| CaError::Sign(e.to_string()))?,
         );
+        let mut subject = DistinguishedName::new();
+        if let Some(unit) = unit {
+            subject.push(DnType::OrganizationalUnitName, unit);
+        }
         let (chain, _) = self.sign_leaf(
+            subject,
             vec![san],
             vec![
                 ExtendedKeyUsagePurpose::ServerAuth,
@@ -95,6 +113,7 @@ impl Ca {
             })
             .collect::<Result<Vec<_>, _>>()?;
         self.sign_leaf(
+            DistinguishedName::new(),
             sans,
             vec![ExtendedKeyUsagePurpose::ServerAuth],
             spki_der,
@@ -103,12 +122,13 @@ impl Ca {
         )
     }
 
-    /// Signs a leaf with the given SANs and extended key usages: CA:false, keyUsage
-    /// digitalSignature, AKI, a random serial, an empty subject, NotBefore backdated and
+    /// Signs a leaf with the given subject (usually empty), SANs and extended key usages:
+    /// CA:false, keyUsage digitalSignature, AKI, a random serial, NotBefore backdated and
     /// NotAfter within the validity of every certificate up to the root. Returns the chain and
     /// the leaf's NotAfter.
     fn sign_leaf(
         &self,
+        subject: DistinguishedName,
         sans: Vec<SanType>,
         extended_key_usages: Vec<ExtendedKeyUsagePurpose>,
         spki_der: &[u8],
@@ -125,7 +145,7 @@ impl Ca {
         let public_key = SubjectPublicKeyInfo::from_der(spki_der)
             .map_err(|e| CaError::PublicKey(e.to_string()))?;
         let mut params = CertificateParams::default();
-        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name = subject;
         params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
