@@ -24,6 +24,7 @@ use crate::ca::Ca;
 use crate::mesh::snapshot::{diff, set_version};
 use crate::mesh::{Mesh, MeshSnapshot, ResourceMap, ResourceType, VersionedResource};
 use crate::metrics::{CallerLabel, Metrics, TypeLabel};
+use crate::revocations::Revocations;
 use crate::tls_incoming::PeerConn;
 
 /// Responses queued per stream before its task waits for the proxy to read; a slow proxy
@@ -101,6 +102,7 @@ impl BundleAcks {
 pub struct DiscoveryServer {
     ca: Arc<Ca>,
     mesh: Arc<Mesh>,
+    revocations: Arc<Revocations>,
     metrics: Arc<Metrics>,
     acks: Arc<BundleAcks>,
     tracker: TaskTracker,
@@ -108,11 +110,13 @@ pub struct DiscoveryServer {
 }
 
 impl DiscoveryServer {
-    /// Stream tasks are spawned on `tracker` and end when `cancel` fires; each records in
-    /// `acks` which trust bundle its proxy acknowledged.
+    /// Stream tasks are spawned on `tracker` and end when `cancel` fires, or when a revocation
+    /// in `revocations` covers the caller's SVID; each records in `acks` which trust bundle its
+    /// proxy acknowledged.
     pub fn new(
         ca: Arc<Ca>,
         mesh: Arc<Mesh>,
+        revocations: Arc<Revocations>,
         metrics: Arc<Metrics>,
         acks: Arc<BundleAcks>,
         tracker: TaskTracker,
@@ -121,6 +125,7 @@ impl DiscoveryServer {
         Self {
             ca,
             mesh,
+            revocations,
             metrics,
             acks,
             tracker,
@@ -150,8 +155,16 @@ impl DiscoveryServer {
                 self.ca.trust_domain()
             )));
         }
+        let issued_at = info.issued_at();
+        if let Some(revocation) = self.revocations.covering(&info.id, issued_at) {
+            return Err(Status::permission_denied(format!(
+                "discovery refused: {}",
+                revocation.refusal()
+            )));
+        }
         Ok(Caller {
             id: info.id,
+            issued_at,
             not_after: info.not_after,
             remote: peer.map(|p| p.remote),
         })
@@ -186,6 +199,7 @@ impl AggregatedDiscoveryService for DiscoveryServer {
         let stream = DeltaStream::new(
             caller,
             snapshots,
+            self.revocations.clone(),
             self.metrics.clone(),
             self.acks.clone(),
             tx,
@@ -202,6 +216,7 @@ impl AggregatedDiscoveryService for DiscoveryServer {
 #[derive(Debug)]
 struct Caller {
     id: SpiffeId,
+    issued_at: SystemTime,
     not_after: SystemTime,
     remote: Option<SocketAddr>,
 }
@@ -261,12 +276,16 @@ struct DeltaStream {
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     cancel: CancellationToken,
     expires: Instant,
+    /// Checked at every change: a revoked proxy loses its stream at once.
+    revocations: Arc<Revocations>,
+    revocation_changes: watch::Receiver<u64>,
 }
 
 impl DeltaStream {
     fn new(
         caller: Caller,
         mut snapshots: watch::Receiver<Arc<MeshSnapshot>>,
+        revocations: Arc<Revocations>,
         metrics: Arc<Metrics>,
         acks: Arc<BundleAcks>,
         tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
@@ -297,6 +316,8 @@ impl DeltaStream {
             tx,
             cancel,
             expires,
+            revocation_changes: revocations.subscribe(),
+            revocations,
         }
     }
 
@@ -331,6 +352,17 @@ impl DeltaStream {
                         break Ended::ProxyGone;
                     }
                 },
+                changed = self.revocation_changes.changed() => {
+                    if changed.is_err() {
+                        break Ended::Shutdown;
+                    }
+                    self.revocation_changes.mark_unchanged();
+                    if let Some(revocation) =
+                        self.revocations.covering(&self.caller.id, self.caller.issued_at)
+                    {
+                        break Ended::Refused(Status::permission_denied(revocation.refusal()));
+                    }
+                }
                 changed = self.snapshots.changed() => {
                     if changed.is_err() {
                         break Ended::Shutdown;

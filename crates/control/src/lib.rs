@@ -473,6 +473,7 @@ impl ControlPlane {
         let discovery = AggregatedDiscoveryServiceServer::new(DiscoveryServer::new(
             ca.clone(),
             mesh.clone(),
+            revocations.clone(),
             metrics.clone(),
             bundle_acks.clone(),
             tracker.clone(),

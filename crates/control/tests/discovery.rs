@@ -932,3 +932,61 @@ async fn ready_and_metrics_warn_about_a_root_expiring_within_30_days() {
         (200, "ready\n".to_string())
     );
 }
+
+#[tokio::test]
+async fn a_revoked_proxy_loses_its_stream_and_cannot_open_another() {
+    let plane = Plane::start(None).await;
+    let id = plane.id("demo", "web");
+    let svid = plane.svid(&id, None).await;
+    let again = Svid::new(svid.chain().to_vec(), svid.private_key().clone_key()).unwrap();
+    let mut proxy = Proxy::open(plane.client(Some(svid)).await, "demo/web")
+        .await
+        .unwrap();
+    proxy.sync(&empty()).await;
+    // Another proxy, not revoked, keeps its stream.
+    let mut other = plane.proxy("demo", "api", "demo/api").await;
+    other.sync(&empty()).await;
+
+    let revoked_at = Instant::now();
+    plane
+        .cp
+        .revocations
+        .revoke(
+            &id,
+            "key leaked",
+            std::time::SystemTime::now(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    // The revocation itself may be pushed first; then the stream ends.
+    let status = loop {
+        match tokio::time::timeout(WAIT, proxy.responses.message()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(Err(status)) => break status,
+            other => panic!("expected the stream to be ended with a status, got {other:?}"),
+        }
+    };
+    eprintln!(
+        "stream ended {:?} after the revocation",
+        revoked_at.elapsed()
+    );
+    latch_testkit::harness::assert_status(
+        &status,
+        tonic::Code::PermissionDenied,
+        "spiffe://cluster.local/ns/demo/sa/web was revoked",
+    );
+    // The unrevoked proxy only hears of the revocation.
+    let pushed = other.recv().await;
+    assert_eq!(pushed.type_url, MESH_CONFIG);
+
+    // Reconnecting with the same SVID is refused.
+    let refused = match Proxy::open(plane.client(Some(again)).await, "demo/web").await {
+        Err(status) => status,
+        Ok(proxy) => proxy.refused().await,
+    };
+    latch_testkit::harness::assert_status(
+        &refused,
+        tonic::Code::PermissionDenied,
+        "discovery refused: spiffe://cluster.local/ns/demo/sa/web was revoked",
+    );
+}
