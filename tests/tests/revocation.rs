@@ -183,3 +183,63 @@ fn assert_logs_name(dir: &Path, line: &str) {
         .collect();
     assert!(logs.contains(line), "no proxy logged {line:?}:\n{logs}");
 }
+
+#[test]
+fn revoking_a_server_closes_the_connections_clients_hold_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let mut control = ControlProcess::new(dir, &dir.join("data"));
+    let _control_process = control.start();
+    let app_port = echo_app("127.0.0.1", "server");
+    let server = ProxySpec::new("server", "1h");
+    let mut client = ProxySpec::new("client", "1h");
+    let entry = client.to(&server, app_port);
+    let _server_proxy = server.start(&control, dir);
+    let client_proxy = client.start(&control, dir);
+
+    let mut live = std::net::TcpStream::connect(&entry).unwrap();
+    live.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 64];
+    let n = live.read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"server: ping");
+
+    identity(
+        &control,
+        &[
+            "revoke",
+            "--spiffe-id",
+            &spiffe_id("server"),
+            "--reason",
+            "host compromised",
+        ],
+    )
+    .unwrap_or_else(|e| panic!("latchctl identity revoke: {e}"));
+    let revoked_at = Instant::now();
+
+    // The server's own proxy has nothing against its client; the client's proxy closes the
+    // connection to the revoked server.
+    live.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let closed = match live.read(&mut buf) {
+        Ok(0) | Err(_) => revoked_at.elapsed(),
+        Ok(n) => panic!("the connection is still open: {:?}", &buf[..n]),
+    };
+    eprintln!("connection to the revoked server closed {closed:?} after the revocation");
+    assert!(
+        closed < Duration::from_secs(1),
+        "closed only after {closed:?}\n{}",
+        client_proxy.logs()
+    );
+    assert!(
+        client_proxy.logs().contains(&format!(
+            "the server {} was revoked at",
+            spiffe_id("server")
+        )),
+        "{}",
+        client_proxy.logs()
+    );
+    let refused = call_blocking(&entry, "again");
+    assert!(
+        refused.is_err(),
+        "a new connection reached the revoked server: {refused:?}"
+    );
+}

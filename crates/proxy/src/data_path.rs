@@ -128,9 +128,12 @@ impl ProxyPorts {
     }
 }
 
-/// An open inbound mTLS connection, re-authorized when the mesh changes.
+/// An open mTLS connection, re-checked when the mesh changes: an inbound one against the
+/// policies and revocations, an outbound one against revocations (its authorization is the
+/// server's to decide).
 #[derive(Debug)]
 pub struct LiveConnection {
+    pub outbound: bool,
     pub peer: SpiffeId,
     /// When the peer's SVID was issued, for revocations.
     pub peer_issued_at: SystemTime,
@@ -167,8 +170,8 @@ pub struct DataPath {
     proxy_port_log: Mutex<Throttled>,
     /// Active connections per service endpoint, for load balancing.
     pub endpoints: Arc<ActiveConnections>,
-    /// Open inbound mTLS connections by a local sequence number.
-    pub inbound_connections: DashMap<u64, LiveConnection>,
+    /// Open mTLS connections, both directions, by a local sequence number.
+    pub live_connections: DashMap<u64, LiveConnection>,
     next_connection: AtomicU64,
     /// `--max-connections`, shared by every data-path listener.
     cap: Cap,
@@ -196,7 +199,7 @@ impl DataPath {
             proxy_ports,
             proxy_port_log: Mutex::new(Throttled::default()),
             endpoints: Arc::new(ActiveConnections::default()),
-            inbound_connections: DashMap::new(),
+            live_connections: DashMap::new(),
             next_connection: AtomicU64::new(0),
             cap: Cap::new(limits.max_connections),
             close_connections: CancellationToken::new(),
@@ -227,11 +230,43 @@ impl DataPath {
         peer_issued_at: SystemTime,
         target_port: u16,
     ) -> Result<(LiveGuard<'_>, CancellationToken), Decision> {
+        let (guard, close) = self.register(false, peer, peer_issued_at, target_port);
+        match self.authorize(peer, peer_issued_at, target_port) {
+            Decision::Allow => Ok((guard, close)),
+            deny => Err(deny),
+        }
+    }
+
+    /// Registers an outbound connection to the server `peer` (its SVID issued at
+    /// `peer_issued_at`), so that a revocation of that SVID closes it, as `reauthorize` closes
+    /// inbound ones. Returns the guard that unregisters it and the token that closes it; `None`
+    /// when the SVID was revoked since the handshake (registering first means a revocation
+    /// landing meanwhile is either seen here or by `reauthorize`).
+    pub fn track_outbound(
+        &self,
+        peer: &SpiffeId,
+        peer_issued_at: SystemTime,
+        target_port: u16,
+    ) -> Option<(LiveGuard<'_>, CancellationToken)> {
+        let registered = self.register(true, peer, peer_issued_at, target_port);
+        self.revoked(peer, peer_issued_at)
+            .is_none()
+            .then_some(registered)
+    }
+
+    fn register(
+        &self,
+        outbound: bool,
+        peer: &SpiffeId,
+        peer_issued_at: SystemTime,
+        target_port: u16,
+    ) -> (LiveGuard<'_>, CancellationToken) {
         let key = self.next_connection.fetch_add(1, Ordering::Relaxed);
         let close = self.close_connections.child_token();
-        self.inbound_connections.insert(
+        self.live_connections.insert(
             key,
             LiveConnection {
+                outbound,
                 peer: peer.clone(),
                 peer_issued_at,
                 target_port,
@@ -239,25 +274,25 @@ impl DataPath {
             },
         );
         let guard = LiveGuard {
-            table: &self.inbound_connections,
+            table: &self.live_connections,
             key,
         };
-        match self.authorize(peer, peer_issued_at, target_port) {
-            Decision::Allow => Ok((guard, close)),
-            deny => Err(deny),
-        }
+        (guard, close)
+    }
+
+    /// Whether `peer`'s SVID issued at `issued_at` is revoked: when, if so.
+    fn revoked(&self, peer: &SpiffeId, issued_at: SystemTime) -> Option<SystemTime> {
+        self.tls
+            .store()
+            .revocations()
+            .covers_issued(peer, issued_at)
     }
 
     /// The policy decision for `peer` (its SVID issued at `issued_at`) on `target_port` under
     /// the current snapshot, after the revocations: a revoked SVID is denied whatever the
     /// policies say.
     fn authorize(&self, peer: &SpiffeId, issued_at: SystemTime, target_port: u16) -> Decision {
-        if let Some(revoked_at) = self
-            .tls
-            .store()
-            .revocations()
-            .covers_issued(peer, issued_at)
-        {
+        if let Some(revoked_at) = self.revoked(peer, issued_at) {
             return Decision::Deny {
                 by: "revocation".into(),
                 why: format!(
@@ -270,18 +305,32 @@ impl DataPath {
             .authorize(&self.mesh.load(), peer, target_port)
     }
 
-    /// Re-authorizes every open inbound connection under the current snapshot and closes the
-    /// ones no longer allowed; returns how many were closed.
+    /// Re-authorizes every open inbound connection under the current snapshot, and checks
+    /// every outbound one against the revocations; closes the ones no longer allowed and
+    /// returns how many.
     pub fn reauthorize(&self) -> usize {
         let mut closed = 0;
-        for entry in self.inbound_connections.iter() {
+        for entry in self.live_connections.iter() {
             let conn = entry.value();
             if conn.close.is_cancelled() {
                 continue;
             }
-            if let Decision::Deny { by, why } =
+            let decision = if conn.outbound {
+                match self.revoked(&conn.peer, conn.peer_issued_at) {
+                    Some(revoked_at) => Decision::Deny {
+                        by: "revocation".into(),
+                        why: format!(
+                            "the server {} was revoked at {}",
+                            conn.peer,
+                            latch_identity::svid::format_time(revoked_at)
+                        ),
+                    },
+                    None => Decision::Allow,
+                }
+            } else {
                 self.authorize(&conn.peer, conn.peer_issued_at, conn.target_port)
-            {
+            };
+            if let Decision::Deny { by, why } = decision {
                 conn.close.cancel();
                 closed += 1;
                 self.metrics.connections_closed_by_policy.inc();

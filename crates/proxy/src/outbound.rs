@@ -180,13 +180,21 @@ async fn forward(dp: &DataPath, app: TcpStream, route: Route) {
                 }
                 Err(MeshConnectError::Failed) => return,
             };
+            // The server's SVID, for revocations: one revoked later closes this connection.
+            let server = latch_identity::verifier::peer_svid(tls.get_ref().1.peer_certificates());
+            let Some((_live, close)) =
+                server.and_then(|server| dp.track_outbound(&id, server.issued_at(), target_port))
+            else {
+                dp.metrics.handshake_failed(DIRECTION, "bad_cert");
+                tracing::warn!(peer = %id, "the server's certificate is unreadable or was revoked since the handshake");
+                return;
+            };
             if let Err(e) = (TransportHeader { target_port }).write_to(&mut tls).await {
                 dp.metrics.refused(DIRECTION, "header_write");
                 tracing::warn!(peer = %id, "sending the transport header failed: {e}");
                 return;
             }
-            dp.proxy(DIRECTION, id.to_string(), app, tls, &dp.close_connections)
-                .await;
+            dp.proxy(DIRECTION, id.to_string(), app, tls, &close).await;
         }
         Route::Passthrough(destination) => match dp.connect(destination).await {
             Ok(upstream) => {
