@@ -642,7 +642,7 @@ mod tests {
         let (_db_guard, db_close) = dp
             .admit(&db, SystemTime::now(), 8080)
             .expect("allowed: mesh peer");
-        assert_eq!(dp.inbound_connections.len(), 2);
+        assert_eq!(dp.live_connections.len(), 2);
 
         dp.mesh.publish(&deny(WEB));
         assert_eq!(dp.reauthorize(), 1);
@@ -658,7 +658,7 @@ mod tests {
         ));
         drop(web_guard);
         assert_eq!(
-            dp.inbound_connections.len(),
+            dp.live_connections.len(),
             1,
             "closed ones leave the table"
         );
