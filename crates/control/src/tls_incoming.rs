@@ -55,6 +55,10 @@ pub struct AcceptLimits {
     /// A connection without a valid SVID is closed this long after its handshake (one
     /// CreateCertificate call fits many times over).
     pub unauthenticated_lifetime: Duration,
+    /// A connection with a valid SVID is closed once it has started no request and held none
+    /// open (a discovery stream counts while it lasts) for a whole window this long. Clients
+    /// reconnect when they next need to.
+    pub idle_timeout: Duration,
 }
 
 impl AcceptLimits {
@@ -88,6 +92,7 @@ impl Default for AcceptLimits {
             max_unauthenticated: None,
             first_request_timeout: Duration::from_secs(10),
             unauthenticated_lifetime: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -112,7 +117,7 @@ struct Activity {
 }
 
 /// A request being handled; dropping it ends it.
-struct InFlight(Arc<Activity>);
+pub struct InFlight(Arc<Activity>);
 
 impl Activity {
     fn start(self: &Arc<Self>) -> InFlight {
@@ -145,21 +150,21 @@ impl<S> tower::Layer<S> for SeeRequestsLayer {
     }
 }
 
-/// See `SeeRequestsLayer`. A request counts as in flight until its handler has answered (a
-/// stream's body may go on after that).
+/// See `SeeRequestsLayer`. A request counts as in flight until its response is over: a
+/// discovery stream for as long as it stays open.
 #[derive(Debug, Clone)]
 pub struct SeeRequests<S> {
     inner: S,
 }
 
-impl<S, B> tower::Service<http::Request<B>> for SeeRequests<S>
+impl<S, B, R> tower::Service<http::Request<B>> for SeeRequests<S>
 where
-    S: tower::Service<http::Request<B>>,
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
     S::Future: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<InFlightBody<R>>;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -172,9 +177,39 @@ where
             .map(|peer| peer.activity.start());
         let response = self.inner.call(request);
         Box::pin(async move {
-            let _in_flight = in_flight;
-            response.await
+            let response = response.await?;
+            Ok(response.map(|body| InFlightBody {
+                body,
+                _in_flight: in_flight,
+            }))
         })
+    }
+}
+
+/// A response body that keeps its request in flight until it is done (or dropped: the stream
+/// was reset or the connection closed).
+pub struct InFlightBody<B> {
+    body: B,
+    _in_flight: Option<InFlight>,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for InFlightBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -282,6 +317,10 @@ impl Refusals {
                  far less)",
                 limits.unauthenticated_lifetime
             ),
+            "idle_timeout" => format!(
+                "had a valid SVID but neither started nor held a request for {:?}",
+                limits.idle_timeout
+            ),
             "unauthenticated_evicted" => format!(
                 "had no valid SVID and no request in flight, and made room for newer ones \
                  (--max-unauthenticated-connections {})",
@@ -333,7 +372,9 @@ enum Next {
     FirstRequest,
     /// Unauthenticated connections, once they sent a request.
     LifetimeEnd,
-    Nothing,
+    /// Authenticated connections, once they sent a request: `Deadlines::idle_seen` requests
+    /// had started when the window began.
+    Idle,
 }
 
 /// A connection's deadlines and its place in the unauthenticated budget. One timer serves
@@ -342,6 +383,8 @@ struct Deadlines {
     timer: Pin<Box<Sleep>>,
     next: Next,
     lifetime_end: Option<Instant>,
+    idle_timeout: Duration,
+    idle_seen: u64,
     unauthenticated: Option<UnauthenticatedPlace>,
     /// Why the connection was closed, once it was.
     closed: Option<&'static str>,
@@ -360,19 +403,27 @@ impl Deadlines {
             {
                 break "unauthenticated_evicted";
             }
-            if self.next == Next::Nothing || self.timer.as_mut().poll(cx).is_pending() {
+            if self.timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
+            let started = peer.activity.started.load(Ordering::Relaxed);
             match (self.next, self.lifetime_end) {
-                (Next::FirstRequest, _) if peer.activity.started.load(Ordering::Relaxed) == 0 => {
-                    break "first_request_timeout";
-                }
+                (Next::FirstRequest, _) if started == 0 => break "first_request_timeout",
                 (Next::FirstRequest, Some(end)) => {
                     self.timer.as_mut().reset(end);
                     self.next = Next::LifetimeEnd;
                 }
-                (Next::FirstRequest, None) => self.next = Next::Nothing,
-                (_, _) => break "unauthenticated_lifetime",
+                (Next::LifetimeEnd, _) => break "unauthenticated_lifetime",
+                (Next::Idle, _) if started == self.idle_seen && peer.activity.idle() => {
+                    break "idle_timeout";
+                }
+                (Next::FirstRequest | Next::Idle, _) => {
+                    self.timer
+                        .as_mut()
+                        .reset(Instant::now() + self.idle_timeout);
+                    self.next = Next::Idle;
+                    self.idle_seen = started;
+                }
             }
         };
         self.closed = Some(reason);
@@ -517,6 +568,8 @@ pub fn incoming(
                         )),
                         next: Next::FirstRequest,
                         lifetime_end,
+                        idle_timeout: limits.idle_timeout,
+                        idle_seen: 0,
                         unauthenticated,
                         closed: None,
                         refusals,

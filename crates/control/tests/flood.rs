@@ -455,11 +455,13 @@ async fn silent_and_unauthenticated_connections_are_closed_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let first_request = Duration::from_secs(2);
     let lifetime = Duration::from_secs(4);
+    let idle = Duration::from_secs(3);
     let cp = start(
         AcceptLimits {
             max_unauthenticated: Some(2),
             first_request_timeout: first_request,
             unauthenticated_lifetime: lifetime,
+            idle_timeout: idle,
             ..AcceptLimits::default()
         },
         dir.path(),
@@ -542,5 +544,33 @@ async fn silent_and_unauthenticated_connections_are_closed_and_counted() {
         "{metrics}"
     );
     drop(caller);
+
+    // An authenticated client that renewed and then holds its connection without a request is
+    // closed after a whole idle window; the discovery stream, open all along (longer than
+    // that window), is not idle and stays.
+    let mut renewer = CaClient::connect_with(&grpc, grpc_tls(&cp, Some(&svid)), anchors(&cp))
+        .await
+        .unwrap();
+    renewer.fetch_svid(None, None, None).await.expect("renewal");
+    let renewed_at = Instant::now();
+    latch_testkit::until(
+        "the idle authenticated connection is closed",
+        idle * 3,
+        || refused(&cp, "grpc", "idle_timeout") == 1,
+    )
+    .await;
+    let closed_after = renewed_at.elapsed();
+    println!("idle authenticated connection closed {closed_after:?} after its last request");
+    assert!(
+        closed_after >= idle - Duration::from_millis(100),
+        "{closed_after:?}"
+    );
+    let next = tokio::time::timeout(Duration::from_millis(500), stream.message()).await;
+    assert!(
+        next.is_err(),
+        "the discovery stream is still open: {next:?}"
+    );
+    assert_eq!(cp.metrics.discovery_streams.get(), 1);
+    assert_eq!(refused(&cp, "grpc", "idle_timeout"), 1, "only the idle one");
     cp.shutdown().await;
 }

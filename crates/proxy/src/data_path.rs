@@ -657,11 +657,7 @@ mod tests {
             Err(Decision::Deny { by, .. }) if by == "demo/deny"
         ));
         drop(web_guard);
-        assert_eq!(
-            dp.live_connections.len(),
-            1,
-            "closed ones leave the table"
-        );
+        assert_eq!(dp.live_connections.len(), 1, "closed ones leave the table");
     }
 
     #[tokio::test]
