@@ -500,15 +500,15 @@ async fn renewal_needs_the_pod_the_svid_was_issued_to() {
         .fetch_svid_with(None, None, Some(Proof::ServiceAccountToken(TOKEN.into())))
         .await
         .expect("SVID issued");
-    let bound = format!("kubernetes-pod:shop/{POD}/{POD_UID}");
-    assert_eq!(subject_units(svid.chain()[0].as_ref()), [bound.clone()]);
+    let bound = vec![format!("kubernetes-pod:shop/{POD}/{POD_UID}")];
+    assert_eq!(subject_units(svid.chain()[0].as_ref()), bound);
 
     // While the pod runs, renewal works (one more pod lookup) and the new SVID is bound too.
     let renewed = plane
         .renew(&svid)
         .await
         .expect("renewal while the pod runs");
-    assert_eq!(subject_units(&renewed), [bound]);
+    assert_eq!(subject_units(&renewed), bound);
     assert_eq!(plane.pod_gets().len(), 2, "{:?}", plane.pod_gets());
 
     // Pod deleted: the SVID cannot renew itself; the proxy has to come back with its
