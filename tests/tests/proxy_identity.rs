@@ -441,6 +441,7 @@ async fn the_private_key_never_reaches_the_ca() {
         bundle: h.bundle(),
         workload_api: None,
         admin: "127.0.0.1:0".parse().unwrap(),
+        app_probes: Default::default(),
         data: latch_proxy::DataPathConfig::none(h.trust_domain.clone()),
         discovery: None,
     };

@@ -14,6 +14,7 @@ use latch_admin::{HttpResponse, error, json, text};
 use latch_identity::svid::format_time;
 use serde::Serialize;
 
+use crate::app_probes::{AppProbes, PATH_PREFIX};
 use crate::identity::IdentityAgent;
 use crate::metrics::Metrics;
 use crate::state::MeshState;
@@ -26,6 +27,8 @@ pub struct AdminState {
     pub discovery: Option<Arc<DiscoveryClient>>,
     /// What the flags set (`DataPathConfig::to_json`), shown as /debug/config's `flags`.
     pub flags: serde_json::Value,
+    /// The app's probes, answered on /app-health/<container>/<kind>.
+    pub app_probes: Arc<AppProbes>,
     /// When a refused /debug request was last logged, and how many since.
     pub debug_refusals: Mutex<(Option<Instant>, u64)>,
 }
@@ -144,6 +147,15 @@ impl AdminState {
             (&Method::GET, "/metrics") => latch_admin::metrics(self.metrics.registry()),
             (&Method::GET, "/debug/certs") => json(StatusCode::OK, &self.certs()),
             (&Method::GET, "/debug/config") => json(StatusCode::OK, &self.config()),
+            (&Method::GET, path) if path.starts_with(PATH_PREFIX) => {
+                // The status is all the kubelet reads; the reason is short and names no more
+                // than a kubelet event would.
+                match self.app_probes.run(path).await {
+                    Some(Ok(())) => text(StatusCode::OK, "ok\n"),
+                    Some(Err(why)) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+                    None => error(StatusCode::NOT_FOUND, "no such app probe"),
+                }
+            }
             _ => error(StatusCode::NOT_FOUND, "not found"),
         }
     }
@@ -186,6 +198,7 @@ mod tests {
             mesh,
             discovery,
             flags: serde_json::Value::Null,
+            app_probes: Default::default(),
             debug_refusals: Mutex::default(),
         }
     }

@@ -127,6 +127,13 @@ pub struct Args {
     /// Serve the SPIFFE Workload API on this Unix socket (unix:///path).
     #[arg(long, env = "LATCH_WORKLOAD_API")]
     pub workload_api: Option<String>,
+    /// The app's kubelet probes, as the injector rewrote them to the admin port's
+    /// /app-health/<container>/<kind> (JSON: {"<container>/<kind>": <Kubernetes probe with
+    /// httpGet, tcpSocket or grpc, ports as numbers>}); the proxy runs each against the app on
+    /// loopback when the kubelet asks. Injected pods get it from their latch.dev/app-probes
+    /// annotation.
+    #[arg(long, env = "LATCH_APP_PROBES")]
+    pub app_probes: Option<String>,
     /// Learn workloads, services, policies and mesh settings from the control plane
     /// (`--discovery=false`: only the flags describe the mesh).
     #[arg(long, env = "LATCH_DISCOVERY", default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]

@@ -4,6 +4,7 @@
 //! all of it (admin). `Proxy::start` wires the parts for the binary and the tests.
 
 pub mod admin;
+pub mod app_probes;
 pub mod authorizer;
 pub mod balance;
 pub mod capture;
@@ -168,6 +169,8 @@ pub struct Config {
     pub bundle: TrustBundle,
     pub workload_api: Option<PathBuf>,
     pub admin: SocketAddr,
+    /// The app's probes, answered on the admin port (`--app-probes`).
+    pub app_probes: Arc<app_probes::AppProbes>,
     pub data: DataPathConfig,
     /// Learn the mesh from the control plane; `None` keeps the flag-only mesh
     /// (`--discovery=false`) and /ready then waits only for the SVID.
@@ -269,6 +272,10 @@ impl Config {
             bundle,
             workload_api,
             admin: args.admin,
+            app_probes: Arc::new(match args.app_probes.as_deref() {
+                Some(json) => app_probes::AppProbes::parse(json).map_err(StartError::Config)?,
+                None => app_probes::AppProbes::default(),
+            }),
             data,
             discovery: args.discovery.then(|| DiscoveryConfig {
                 workload_name: args.workload_name.clone(),
@@ -366,6 +373,7 @@ impl Proxy {
             mesh: mesh.clone(),
             discovery: discovery.clone(),
             flags,
+            app_probes: config.app_probes.clone(),
             debug_refusals: Default::default(),
         });
         latch_admin::serve(

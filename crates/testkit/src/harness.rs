@@ -243,6 +243,7 @@ impl Harness {
             bundle: self.bundle(),
             workload_api,
             admin: any_loopback(),
+            app_probes: Default::default(),
             data: latch_proxy::DataPathConfig::none(self.trust_domain.clone()),
             discovery: Some(latch_proxy::DiscoveryConfig::default()),
         }
