@@ -55,6 +55,8 @@ enum Command {
         /// Trust domain the proxies join.
         #[arg(long, env = "LATCH_TRUST_DOMAIN", default_value = latch_inject::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
+        #[command(flatten)]
+        proxy: latch_inject::settings::ProxyFlags,
     },
     /// The injector webhook's MutatingWebhookConfiguration.
     Webhook {
@@ -274,6 +276,7 @@ async fn run(cli: Cli) -> Result<()> {
             image,
             inject_control_plane,
             trust_domain,
+            proxy,
         } => {
             TrustDomain::new(&trust_domain)
                 .with_context(|| format!("--trust-domain {trust_domain:?}"))?;
@@ -281,6 +284,7 @@ async fn run(cli: Cli) -> Result<()> {
                 image,
                 control_plane: inject_control_plane,
                 trust_domain,
+                proxy: proxy.settings().map_err(anyhow::Error::msg)?,
             };
             inject(&file, output.as_deref(), &config)
         }

@@ -94,6 +94,8 @@ pub struct Args {
     /// The control plane's gRPC address as injected proxies reach it.
     #[arg(long, env = "LATCH_INJECT_CONTROL_PLANE", default_value = latch_inject::DEFAULT_CONTROL_PLANE)]
     pub inject_control_plane: String,
+    #[command(flatten)]
+    pub inject_proxy: latch_inject::settings::ProxyFlags,
     /// Run as part of a Kubernetes cluster: accept projected service-account tokens (audience
     /// `latch`) as proof of identity, checked with the API server through TokenReview, using
     /// the pod's own service account; and take workloads, services and policies from the API
@@ -233,12 +235,14 @@ impl TryFrom<Args> for Config {
             }),
             _ => None,
         };
+        let proxy = args.inject_proxy.settings()?;
         let webhook = args.webhook.map(|listen| WebhookConfig {
             listen,
             inject: latch_inject::InjectConfig {
                 image: args.inject_image,
                 control_plane: args.inject_control_plane,
                 trust_domain: trust_domain.to_string(),
+                proxy,
             },
             configuration: args.webhook_configuration,
         });

@@ -39,6 +39,7 @@ async fn start(limits: AcceptLimits, dir: &Path) -> ControlPlane {
             image: "registry.test/latch:9.9.9".into(),
             control_plane: "latch-control.latch-system.svc:15010".into(),
             trust_domain: latch_testkit::TRUST_DOMAIN.into(),
+            ..latch_inject::InjectConfig::default()
         },
         configuration: "latch-sidecar-injector".into(),
     });

@@ -25,6 +25,7 @@ fn inject_config() -> InjectConfig {
         image: "registry.test/latch:9.9.9".into(),
         control_plane: "latch-control.latch-system.svc:15010".into(),
         trust_domain: "cluster.local".into(),
+        ..InjectConfig::default()
     }
 }
 

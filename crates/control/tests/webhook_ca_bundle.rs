@@ -271,6 +271,7 @@ async fn control_plane_writes_its_roots() {
             image: "latch:test".into(),
             control_plane: "latch-control.latch-system.svc:15010".into(),
             trust_domain: "cluster.local".into(),
+            ..latch_inject::InjectConfig::default()
         },
         configuration: "latch-sidecar-injector".into(),
     });

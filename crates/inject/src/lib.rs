@@ -6,11 +6,14 @@
 pub mod admission;
 pub mod manifest;
 pub mod patch;
+pub mod probes;
+pub mod settings;
 
 use serde_json::{Map, Value, json};
 use thiserror::Error;
 
 pub use patch::PatchOp;
+pub use settings::ProxySettings;
 
 /// `"false"` (or `"disabled"`) on a pod's annotation or label: leave it alone.
 pub const ANNOTATION_INJECT: &str = "latch.dev/inject";
@@ -57,6 +60,8 @@ pub struct InjectConfig {
     /// The control plane's gRPC address as pods reach it.
     pub control_plane: String,
     pub trust_domain: String,
+    /// The proxy's resources and log level unless the pod's annotations say otherwise.
+    pub proxy: ProxySettings,
 }
 
 impl Default for InjectConfig {
@@ -65,6 +70,7 @@ impl Default for InjectConfig {
             image: DEFAULT_IMAGE.into(),
             control_plane: DEFAULT_CONTROL_PLANE.into(),
             trust_domain: DEFAULT_TRUST_DOMAIN.into(),
+            proxy: ProxySettings::default(),
         }
     }
 }
@@ -131,6 +137,17 @@ pub enum InjectError {
         /// ephemeral debug containers) or `container "app"`.
         whom: String,
     },
+    #[error("annotation {annotation}: {value:?} is not valid: {reason}")]
+    BadAnnotation {
+        annotation: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error(
+        "{probe}: {reason}; fix the probe, or keep the pod's probes as written with \
+         latch.dev/rewrite-probes: \"false\""
+    )]
+    ProbePort { probe: String, reason: String },
     #[error(transparent)]
     Patch(#[from] patch::PatchError),
 }
@@ -177,11 +194,11 @@ pub fn parse_ports(annotation: &'static str, value: &str) -> Result<Vec<u16>, In
     Ok(ports)
 }
 
-fn string_map<'a>(pod: &'a Value, field: &str) -> Option<&'a Map<String, Value>> {
+pub(crate) fn string_map<'a>(pod: &'a Value, field: &str) -> Option<&'a Map<String, Value>> {
     pod.get("metadata")?.get(field)?.as_object()
 }
 
-fn lookup<'a>(pod: &'a Value, field: &str, key: &str) -> Option<&'a str> {
+pub(crate) fn lookup<'a>(pod: &'a Value, field: &str, key: &str) -> Option<&'a str> {
     string_map(pod, field)?.get(key)?.as_str()
 }
 
@@ -221,7 +238,7 @@ pub fn exclusions(pod: &Value) -> Result<Exclusions, InjectError> {
     })
 }
 
-fn named<'a>(spec: &'a Value, list: &str) -> impl Iterator<Item = &'a Value> {
+pub(crate) fn named<'a>(spec: &'a Value, list: &str) -> impl Iterator<Item = &'a Value> {
     spec.get(list)
         .and_then(Value::as_array)
         .into_iter()
@@ -319,9 +336,10 @@ fn iptables_container(config: &InjectConfig, exclusions: &Exclusions) -> Value {
 
 /// The proxy as a native sidecar: an init container with restartPolicy Always, whose startup
 /// probe on /ready holds back the app containers until the proxy has an SVID and the mesh.
-fn proxy_container(config: &InjectConfig) -> Value {
+/// With `app_probes`, it answers the app's rewritten probes (`probes`).
+fn proxy_container(config: &InjectConfig, settings: &ProxySettings, app_probes: bool) -> Value {
     let ready = json!({"path": "/ready", "port": ADMIN_PORT});
-    json!({
+    let mut container = json!({
         "name": PROXY_CONTAINER,
         "image": config.image,
         "restartPolicy": "Always",
@@ -342,6 +360,7 @@ fn proxy_container(config: &InjectConfig) -> Value {
         "env": [
             {"name": "LATCH_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "LATCH_POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "RUST_LOG", "value": settings.log_level},
         ],
         "ports": [
             {"name": "latch-mtls", "containerPort": MTLS_PORT, "protocol": "TCP"},
@@ -353,10 +372,7 @@ fn proxy_container(config: &InjectConfig) -> Value {
             "httpGet": {"path": "/healthz", "port": ADMIN_PORT},
             "periodSeconds": 10, "timeoutSeconds": 1, "failureThreshold": 3,
         },
-        "resources": {
-            "requests": {"cpu": "50m", "memory": "32Mi"},
-            "limits": {"memory": "256Mi"},
-        },
+        "resources": settings.resources(),
         "securityContext": {
             "runAsUser": PROXY_UID,
             "runAsGroup": PROXY_UID,
@@ -371,7 +387,15 @@ fn proxy_container(config: &InjectConfig) -> Value {
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true},
             {"name": BUNDLE_VOLUME, "mountPath": BUNDLE_DIR, "readOnly": true},
         ],
-    })
+    });
+    if app_probes {
+        let annotation = format!("metadata.annotations['{}']", probes::ANNOTATION_APP_PROBES);
+        container["env"]
+            .as_array_mut()
+            .expect("env is a list")
+            .push(json!({"name": "LATCH_APP_PROBES", "valueFrom": {"fieldRef": {"fieldPath": annotation}}}));
+    }
+    container
 }
 
 fn volumes() -> [Value; 2] {
@@ -472,24 +496,35 @@ pub fn inject(pod: &Value, config: &InjectConfig) -> Result<Injection, InjectErr
         }
     }
 
+    let settings = config.proxy.for_pod(pod)?;
+    let rewritten = probes::rewrite(pod, spec)?;
+    let mut annotations = vec![(ANNOTATION_STATUS, Value::String(status()))];
+    if !rewritten.originals.is_empty() {
+        annotations.push((
+            probes::ANNOTATION_APP_PROBES,
+            Value::String(Value::Object(rewritten.originals.clone()).to_string()),
+        ));
+    }
     let mut ops = Vec::new();
-    let status = Value::String(status());
     match pod.get("metadata") {
-        Some(metadata) if metadata.get("annotations").is_some_and(Value::is_object) => ops.push(
-            PatchOp::add(&["metadata", "annotations", ANNOTATION_STATUS], status),
-        ),
+        Some(metadata) if metadata.get("annotations").is_some_and(Value::is_object) => {
+            for (key, value) in annotations {
+                ops.push(PatchOp::add(&["metadata", "annotations", key], value));
+            }
+        }
         Some(metadata) if metadata.is_object() => ops.push(PatchOp::add(
             &["metadata", "annotations"],
-            json!({ ANNOTATION_STATUS: status }),
+            Value::Object(annotations.into_iter().map(|(k, v)| (k.to_string(), v)).collect()),
         )),
         _ => ops.push(PatchOp::add(
             &["metadata"],
-            json!({"annotations": { ANNOTATION_STATUS: status }}),
+            json!({"annotations": Value::Object(annotations.into_iter().map(|(k, v)| (k.to_string(), v)).collect())}),
         )),
     }
+    ops.extend(rewritten.ops);
     let (iptables, proxy) = (
         iptables_container(config, &exclusions),
-        proxy_container(config),
+        proxy_container(config, &settings, !rewritten.originals.is_empty()),
     );
     // First in line, before the pod's own init containers: those may need the network, which
     // is captured from the moment the rules exist, so the proxy must already be serving.

@@ -229,6 +229,9 @@ fn the_sidecar_runs_first_as_a_native_sidecar_that_latch_proxy_accepts() {
         .unwrap()
         .iter()
         .map(|e| {
+            if let Some(value) = e["value"].as_str() {
+                return (e["name"].as_str().unwrap().to_string(), value.to_string());
+            }
             let field = e["valueFrom"]["fieldRef"]["fieldPath"].as_str().unwrap();
             let value = match field {
                 "metadata.name" => "api-7c9d-x2k4f",
@@ -507,6 +510,7 @@ fn settings_reach_the_containers() {
         image: "registry.example/latch:1.2.3".into(),
         control_plane: "cp.example:15010".into(),
         trust_domain: "prod.example".into(),
+        ..InjectConfig::default()
     };
     let injection = inject(&pod_with_annotations(json!({})), &config).unwrap();
     let iptables = init_container(&injection.pod, "latch-iptables");
@@ -530,5 +534,124 @@ fn settings_reach_the_containers() {
     assert_eq!(
         status["initContainers"],
         json!(["latch-iptables", "latch-proxy"])
+    );
+}
+
+/// The pod's `latch.dev/app-probes` as latch-proxy reads it (`--app-probes`).
+fn app_probes_of(pod: &Value) -> latch_proxy::app_probes::AppProbes {
+    let json = pod["metadata"]["annotations"]["latch.dev/app-probes"]
+        .as_str()
+        .expect("the annotation is set");
+    latch_proxy::app_probes::AppProbes::parse(json).expect("latch-proxy accepts the probes")
+}
+
+#[test]
+fn rewritten_probes_are_what_the_proxy_runs_and_opting_out_keeps_them() {
+    let template = |annotations: Value| {
+        let mut pod = pods_of_golden_inputs()
+            .into_iter()
+            .find(|p| p["spec"]["containers"][0].get("readinessProbe").is_some())
+            .expect("the probes golden input");
+        pod["metadata"]["annotations"] = annotations;
+        pod
+    };
+    let injected = inject(&template(json!({})), &InjectConfig::default())
+        .unwrap()
+        .pod;
+    let names: Vec<String> = app_probes_of(&injected).names().map(String::from).collect();
+    assert_eq!(
+        names,
+        [
+            "api/readiness",
+            "web/liveness",
+            "web/readiness",
+            "web/startup"
+        ],
+        "exec probes and probes of another host are left alone"
+    );
+    for (container, kind, field) in [
+        (0, "startup", "startupProbe"),
+        (0, "readiness", "readinessProbe"),
+        (0, "liveness", "livenessProbe"),
+        (1, "readiness", "readinessProbe"),
+    ] {
+        let probe = &injected["spec"]["containers"][container][field];
+        let name = injected["spec"]["containers"][container]["name"]
+            .as_str()
+            .unwrap();
+        assert_eq!(
+            probe["httpGet"],
+            json!({"path": format!("/app-health/{name}/{kind}"), "port": 15020, "scheme": "HTTP"})
+        );
+        assert!(probe.get("tcpSocket").is_none() && probe.get("grpc").is_none());
+    }
+
+    let kept = inject(
+        &template(json!({"latch.dev/rewrite-probes": "false"})),
+        &InjectConfig::default(),
+    )
+    .unwrap()
+    .pod;
+    assert_eq!(
+        kept["spec"]["containers"],
+        template(json!({}))["spec"]["containers"]
+    );
+    assert!(
+        kept["metadata"]["annotations"]
+            .get("latch.dev/app-probes")
+            .is_none()
+    );
+}
+
+#[test]
+fn probes_the_kubelet_could_not_run_are_refused_with_what_to_fix() {
+    let pod = |probe: Value, annotations: Value| {
+        json!({
+            "metadata": {"name": "p", "annotations": annotations},
+            "spec": {"containers": [{
+                "name": "app", "image": "app:1",
+                "ports": [{"name": "http", "containerPort": 8080}],
+                "readinessProbe": probe,
+            }]},
+        })
+    };
+    let config = InjectConfig::default();
+    let err = inject(
+        &pod(json!({"httpGet": {"port": "htp"}}), json!({})),
+        &config,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains(
+            "container \"app\" readinessProbe: the container declares no port named \"htp\""
+        ) && err.contains("latch.dev/rewrite-probes: \"false\""),
+        "{err}"
+    );
+    let err = inject(
+        &pod(
+            json!({"tcpSocket": {"port": 8080}}),
+            json!({"latch.dev/rewrite-probes": "no"}),
+        ),
+        &config,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("latch.dev/rewrite-probes: \"no\" is not valid"),
+        "{err}"
+    );
+    let err = inject(
+        &pod(
+            json!({"tcpSocket": {"port": 8080}}),
+            json!({"latch.dev/proxy-cpu-limit": "10 cores"}),
+        ),
+        &config,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("latch.dev/proxy-cpu-limit: \"10 cores\" is not valid"),
+        "{err}"
     );
 }

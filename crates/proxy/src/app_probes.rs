@@ -169,6 +169,11 @@ impl AppProbes {
         self.probes.is_empty()
     }
 
+    /// The configured `<container>/<kind>` names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.probes.keys().map(String::as_str)
+    }
+
     /// Runs the probe for admin path `path` (`/app-health/<container>/<kind>`); `None` when no
     /// such probe was configured.
     pub async fn run(&self, path: &str) -> Option<Verdict> {
