@@ -1,11 +1,18 @@
 //! The SPIFFE Workload API on a Unix socket (mode 0600), so SPIFFE-aware applications get the
 //! proxy's SVID and bundle: FetchX509SVID and FetchX509Bundles answer at once and again on every
 //! rotation or bundle change. JWT methods answer UNIMPLEMENTED. Reads the `CertStore` only.
+//! Every connection's requests pass through `authority::AuthorityRewriter`, so clients that send
+//! the socket path as `:authority` (gRPC C-core, Java, Swift) are served too.
+
+mod authority;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
+
+use authority::AuthorityRewriter;
 
 use latch_admin::serve::{AtCap, Drain, ListenerPolicy, NoMetrics, Plain, Slot};
 use latch_identity::{CertStore, Svid, TrustBundle};
@@ -194,10 +201,27 @@ fn policy() -> ListenerPolicy {
     ListenerPolicy::new("workload_api", 1024, AtCap::Wait)
 }
 
-/// A Workload API connection for tonic; holds its place under the cap until dropped.
+/// A Workload API connection for tonic; holds its place under the cap until dropped. What the
+/// client sends reaches tonic through the `:authority` rewrite; replies go out unchanged.
 struct ApiConn {
     stream: UnixStream,
+    front: AuthorityRewriter,
+    /// Rewritten bytes tonic has not read yet, from `ready_from` on.
+    ready: Vec<u8>,
+    ready_from: usize,
     _slot: Slot,
+}
+
+impl ApiConn {
+    fn new(stream: UnixStream, slot: Slot) -> Self {
+        Self {
+            stream,
+            front: AuthorityRewriter::default(),
+            ready: Vec::new(),
+            ready_from: 0,
+            _slot: slot,
+        }
+    }
 }
 
 impl Connected for ApiConn {
@@ -212,8 +236,30 @@ impl AsyncRead for ApiConn {
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if this.ready_from < this.ready.len() {
+                let n = buf.remaining().min(this.ready.len() - this.ready_from);
+                buf.put_slice(&this.ready[this.ready_from..this.ready_from + n]);
+                this.ready_from += n;
+                if this.ready_from == this.ready.len() {
+                    this.ready.clear();
+                    this.ready_from = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let mut bytes = [0u8; 8192];
+            let mut read = ReadBuf::new(&mut bytes);
+            std::task::ready!(Pin::new(&mut this.stream).poll_read(cx, &mut read))?;
+            if read.filled().is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            if let Err(e) = this.front.feed(read.filled(), &mut this.ready) {
+                tracing::debug!("Workload API connection closed: {e}");
+                return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)));
+            }
+        }
     }
 }
 
@@ -275,10 +321,7 @@ pub fn serve(
         move |conn| {
             let tx = tx.clone();
             async move {
-                let conn = ApiConn {
-                    stream: conn.stream,
-                    _slot: conn.slot,
-                };
+                let conn = ApiConn::new(conn.stream, conn.slot);
                 let _ = tx.send(Ok::<_, std::io::Error>(conn)).await;
             }
         },
