@@ -1,11 +1,14 @@
-//! The SPIFFE Workload API as SPIFFE libraries built on other gRPC implementations see it, run
-//! as an ordinary uid the proxy allows (`--workload-api-allow-uid 4242`): py-spiffe (PyPI
-//! `spiffe`, on gRPC C-core, which sends the socket path as `:authority`) fetches the X.509-SVID,
-//! follows a rotation and fetches the bundles; uid 4243 is refused and the refusal is counted on
-//! /metrics. Needs root (to run clients as other uids) and py-spiffe in
-//! `/opt/latch-ci/py-spiffe` (or LATCH_PY_SPIFFE_PYTHON); skips without, fails instead with
-//! LATCH_REQUIRE_SPIFFE_CLIENTS=1, as CI sets (.ci/run installs it).
+//! The SPIFFE Workload API as SPIFFE clients built on other gRPC implementations see it, each
+//! run as an ordinary uid the proxy allows (`--workload-api-allow-uid 4242`): py-spiffe (PyPI
+//! `spiffe`, on gRPC C-core, which sends the socket path as `:authority`) and a small
+//! @grpc/grpc-js script (npm, Node's own HTTP/2) with the Workload API proto fetch the X.509-SVID,
+//! follow a rotation and fetch the bundles; uid 4243 reaches the socket (mode 0666), is refused,
+//! and the refusal is counted on /metrics. Needs root (to run clients as other uids), py-spiffe
+//! in `/opt/latch-ci/py-spiffe` (or LATCH_PY_SPIFFE_PYTHON) and grpc-js in
+//! `/opt/latch-ci/grpc-js/node_modules` (or LATCH_GRPC_JS_MODULES); skips without, fails instead
+//! with LATCH_REQUIRE_SPIFFE_CLIENTS=1, as CI sets (.ci/run installs both).
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -25,6 +28,11 @@ const REQUIRE_ENV: &str = "LATCH_REQUIRE_SPIFFE_CLIENTS";
 const PYTHON_ENV: &str = "LATCH_PY_SPIFFE_PYTHON";
 const DEFAULT_PYTHON: &str = "/opt/latch-ci/py-spiffe/bin/python";
 const PY_CLIENT: &str = include_str!("../clients/py_spiffe_client.py");
+/// Where @grpc/grpc-js and @grpc/proto-loader are installed; .ci/run installs them there.
+const GRPC_JS_ENV: &str = "LATCH_GRPC_JS_MODULES";
+const DEFAULT_GRPC_JS: &str = "/opt/latch-ci/grpc-js/node_modules";
+const JS_CLIENT: &str = include_str!("../clients/grpc_js_client.js");
+const WORKLOAD_PROTO: &str = include_str!("../../proto/spiffe/workload.proto");
 
 /// A SKIPPED line, or a panic under LATCH_REQUIRE_SPIFFE_CLIENTS=1.
 fn missing(what: &str) {
@@ -34,11 +42,46 @@ fn missing(what: &str) {
     latch_testkit::skip::skipped(&format!("{what}; set {REQUIRE_ENV}=1 to fail instead"));
 }
 
+/// Whether clients can run as other uids (root); a SKIPPED line or a panic if not.
+fn can_switch_uid() -> bool {
+    let root = is_root();
+    if !root {
+        missing("running clients as other uids needs root");
+    }
+    root
+}
+
+/// The node_modules folder with @grpc/grpc-js and @grpc/proto-loader, if node can load them.
+fn grpc_js() -> Option<PathBuf> {
+    if !can_switch_uid() {
+        return None;
+    }
+    let modules =
+        PathBuf::from(std::env::var(GRPC_JS_ENV).unwrap_or_else(|_| DEFAULT_GRPC_JS.to_string()));
+    let works = std::process::Command::new("node")
+        .args([
+            "-e",
+            "require('@grpc/grpc-js'); require('@grpc/proto-loader')",
+        ])
+        .env("NODE_PATH", &modules)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !works {
+        missing(&format!(
+            "node cannot load @grpc/grpc-js and @grpc/proto-loader from {} (.ci/run installs \
+             them with npm)",
+            modules.display()
+        ));
+        return None;
+    }
+    Some(modules)
+}
+
 /// The interpreter with py-spiffe importable, if there is one and this test may run clients as
 /// other uids (root).
 fn py_spiffe() -> Option<PathBuf> {
-    if !is_root() {
-        missing("running clients as other uids needs root");
+    if !can_switch_uid() {
         return None;
     }
     let python =
@@ -65,7 +108,8 @@ fn is_root() -> bool {
         .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
 }
 
-/// A directory any uid may enter (the clients run as other uids), holding the client script.
+/// A directory any uid may enter (the clients run as other uids), holding the client scripts
+/// and the Workload API proto.
 fn shared_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(
@@ -74,56 +118,78 @@ fn shared_dir() -> tempfile::TempDir {
     )
     .unwrap();
     std::fs::write(dir.path().join("py_spiffe_client.py"), PY_CLIENT).unwrap();
+    std::fs::write(dir.path().join("grpc_js_client.js"), JS_CLIENT).unwrap();
+    std::fs::write(dir.path().join("workload.proto"), WORKLOAD_PROTO).unwrap();
     dir
 }
 
-/// Runs the py-spiffe client in `dir` against `socket`, as `uid` when given (via setpriv), and
-/// returns the JSON it printed.
-async fn run_py_client(
-    python: &Path,
+/// Runs a client (`program` and its first arguments) in `dir` against `socket`, as `uid` (via
+/// setpriv), with `env` added, and returns the JSON it printed.
+async fn run_client(
+    program: &[&OsStr],
+    env: &[(&str, &OsStr)],
     dir: &Path,
     socket: &Path,
-    uid: Option<u32>,
-    args: &[&str],
+    uid: u32,
 ) -> Value {
-    let script = dir.join("py_spiffe_client.py");
-    let mut command = match uid {
-        Some(uid) => {
-            let mut c = tokio::process::Command::new("setpriv");
-            c.arg(format!("--reuid={uid}"))
-                .arg(format!("--regid={uid}"))
-                .arg("--clear-groups")
-                .arg("--")
-                .arg(python);
-            c
-        }
-        None => tokio::process::Command::new(python),
-    };
+    let mut command = tokio::process::Command::new("setpriv");
     command
-        .arg(&script)
-        .args(args)
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .arg("--clear-groups")
+        .arg("--")
+        .args(program)
         .current_dir(dir)
         .env("HOME", dir)
         .env(
             "SPIFFE_ENDPOINT_SOCKET",
             format!("unix://{}", socket.display()),
         )
-        .env("PYTHONWARNINGS", "ignore")
         .kill_on_drop(true)
         .stdin(Stdio::null());
+    for (name, value) in env {
+        command.env(name, value);
+    }
     let output = tokio::time::timeout(Duration::from_secs(60), command.output())
         .await
-        .expect("the py-spiffe client finishes within 60 s")
-        .expect("the py-spiffe client starts");
+        .expect("the client finishes within 60 s")
+        .expect("the client starts");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
-        "py-spiffe client failed ({}):\n{stdout}\n{stderr}",
+        "{program:?} failed ({}):\n{stdout}\n{stderr}",
         output.status
     );
     serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("py-spiffe client printed no JSON ({e}):\n{stdout}\n{stderr}"))
+        .unwrap_or_else(|e| panic!("{program:?} printed no JSON ({e}):\n{stdout}\n{stderr}"))
+}
+
+/// A proxy for `id` whose Workload API at `socket` allows root and APP_UID.
+async fn proxy_for_app_uid(
+    h: &Harness,
+    id: &latch_identity::SpiffeId,
+    socket: &Path,
+) -> latch_proxy::Proxy {
+    let mut config = h.proxy_config(
+        id,
+        Some(Duration::from_secs(8)),
+        Some(socket.to_path_buf()),
+        false,
+    );
+    if let Some(api) = &mut config.workload_api {
+        api.allowed = AllowedPeers::new(0, &[AllowedUid::Uid(APP_UID)]);
+    }
+    latch_testkit::start_proxy(config).await
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {value}"))
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -133,16 +199,7 @@ async fn py_spiffe_as_an_allowed_uid_fetches_follows_a_rotation_and_other_uids_a
     let id = h.id("demo", "py-app");
     let dir = shared_dir();
     let socket = dir.path().join("workload-api/socket");
-    let mut config = h.proxy_config(
-        &id,
-        Some(Duration::from_secs(8)),
-        Some(socket.clone()),
-        false,
-    );
-    if let Some(api) = &mut config.workload_api {
-        api.allowed = AllowedPeers::new(0, &[AllowedUid::Uid(APP_UID)]);
-    }
-    let proxy = latch_testkit::start_proxy(config).await;
+    let proxy = proxy_for_app_uid(&h, &id, &socket).await;
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
     assert_eq!(
@@ -151,23 +208,21 @@ async fn py_spiffe_as_an_allowed_uid_fetches_follows_a_rotation_and_other_uids_a
         "other uids may connect; SO_PEERCRED decides"
     );
 
-    let result = run_py_client(
-        &python,
-        dir.path(),
-        &socket,
-        Some(APP_UID),
-        &["fetch", "30"],
-    )
-    .await;
+    let script = dir.path().join("py_spiffe_client.py");
+    let py = |mode: &'static str| {
+        [
+            python.as_os_str(),
+            script.as_os_str(),
+            OsStr::new(mode),
+            OsStr::new("30"),
+        ]
+    };
+    let quiet = [("PYTHONWARNINGS", OsStr::new("ignore"))];
+    let result = run_client(&py("fetch"), &quiet, dir.path(), &socket, APP_UID).await;
     assert_eq!(result["spiffe_id"], id.to_string(), "{result}");
     assert_eq!(result["key_matches_leaf"], true, "{result}");
     assert_eq!(result["bundles"]["cluster.local"], 1, "{result}");
-    let serials: Vec<String> = result["stream_serials"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s.as_str().unwrap().to_string())
-        .collect();
+    let serials = strings(&result["stream_serials"]);
     assert_eq!(
         serials.len(),
         2,
@@ -184,9 +239,56 @@ async fn py_spiffe_as_an_allowed_uid_fetches_follows_a_rotation_and_other_uids_a
 
     // Another uid reaches the socket (mode 0666) and is closed at accept: the library fails,
     // the proxy counts it.
-    let result = run_py_client(&python, dir.path(), &socket, Some(OTHER_UID), &["refused"]).await;
+    let result = run_client(&py("refused"), &quiet, dir.path(), &socket, OTHER_UID).await;
     let error = result["error"].as_str().expect("uid 4243 gets no SVID");
     assert!(error.contains("UNAVAILABLE"), "{error}");
+    let counted = latch_testkit::admin::metric(proxy.admin_addr, refused, &[]).await;
+    assert!(counted >= 1.0, "refusals counted: {counted}");
+    proxy.shutdown().await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_js_as_an_allowed_uid_fetches_follows_a_rotation_and_other_uids_are_refused() {
+    let Some(modules) = grpc_js() else { return };
+    let h = Harness::start().await;
+    let id = h.id("demo", "node-app");
+    let dir = shared_dir();
+    let socket = dir.path().join("workload-api/socket");
+    let proxy = proxy_for_app_uid(&h, &id, &socket).await;
+
+    let script = dir.path().join("grpc_js_client.js");
+    let proto = dir.path().join("workload.proto");
+    let node = |mode: &'static str| {
+        [
+            OsStr::new("node"),
+            script.as_os_str(),
+            proto.as_os_str(),
+            OsStr::new(mode),
+            OsStr::new("30"),
+        ]
+    };
+    let env = [("NODE_PATH", modules.as_os_str())];
+    let result = run_client(&node("fetch"), &env, dir.path(), &socket, APP_UID).await;
+    assert_eq!(result["spiffe_id"], id.to_string(), "{result}");
+    assert_eq!(result["uri_san"], format!("URI:{id}"), "{result}");
+    assert_eq!(result["key_matches_leaf"], true, "{result}");
+    assert_eq!(
+        result["bundles"]["spiffe://cluster.local"], true,
+        "the bundle holds a CA for the trust domain: {result}"
+    );
+    let serials = strings(&result["serials"]);
+    assert_eq!(
+        serials.len(),
+        2,
+        "the stream delivered a rotation: {result}"
+    );
+    assert_ne!(serials[0], serials[1]);
+
+    let result = run_client(&node("refused"), &env, dir.path(), &socket, OTHER_UID).await;
+    let error = result["error"].as_str().expect("uid 4243 gets no SVID");
+    assert!(error.starts_with("UNAVAILABLE"), "{error}");
+    let refused = "latch_proxy_workload_api_connections_refused_total";
     let counted = latch_testkit::admin::metric(proxy.admin_addr, refused, &[]).await;
     assert!(counted >= 1.0, "refusals counted: {counted}");
     proxy.shutdown().await;
