@@ -6,7 +6,8 @@
 //! and the refusal is counted on /metrics. Needs root (to run clients as other uids), py-spiffe
 //! in `/opt/latch-ci/py-spiffe` (or LATCH_PY_SPIFFE_PYTHON) and grpc-js in
 //! `/opt/latch-ci/grpc-js/node_modules` (or LATCH_GRPC_JS_MODULES); skips without, fails instead
-//! with LATCH_REQUIRE_SPIFFE_CLIENTS=1, as CI sets (.ci/run installs both).
+//! with LATCH_REQUIRE_SPIFFE_CLIENTS=1, as CI sets (.ci/run installs both). Also PyJWT (a
+//! py-spiffe dependency) judging the JWT-SVIDs `latch_identity::jwt` signs.
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -78,12 +79,8 @@ fn grpc_js() -> Option<PathBuf> {
     Some(modules)
 }
 
-/// The interpreter with py-spiffe importable, if there is one and this test may run clients as
-/// other uids (root).
+/// The interpreter with py-spiffe (and PyJWT, which it depends on) importable, if there is one.
 fn py_spiffe() -> Option<PathBuf> {
-    if !can_switch_uid() {
-        return None;
-    }
     let python =
         PathBuf::from(std::env::var(PYTHON_ENV).unwrap_or_else(|_| DEFAULT_PYTHON.to_string()));
     let works = std::process::Command::new(&python)
@@ -194,7 +191,9 @@ fn strings(value: &Value) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn py_spiffe_as_an_allowed_uid_fetches_follows_a_rotation_and_other_uids_are_refused() {
-    let Some(python) = py_spiffe() else { return };
+    let Some(python) = py_spiffe().filter(|_| can_switch_uid()) else {
+        return;
+    };
     let h = Harness::start().await;
     let id = h.id("demo", "py-app");
     let dir = shared_dir();
@@ -293,4 +292,80 @@ async fn grpc_js_as_an_allowed_uid_fetches_follows_a_rotation_and_other_uids_are
     assert!(counted >= 1.0, "refusals counted: {counted}");
     proxy.shutdown().await;
     h.stop().await;
+}
+
+/// Verifies a JWT-SVID with PyJWT against a JWKS file; prints the claims or the error's class.
+const PYJWT_CHECK: &str = r#"
+import json, sys, jwt
+jwks, token, audience = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
+kid = jwt.get_unverified_header(token)["kid"]
+key = next(k for k in jwks["keys"] if k["kid"] == kid)
+try:
+    claims = jwt.decode(token, jwt.PyJWK(key).key, algorithms=["ES256"], audience=audience,
+                        options={"require": ["exp", "sub", "aud"]})
+    print(json.dumps({"claims": claims}))
+except jwt.PyJWTError as error:
+    print(json.dumps({"error": type(error).__name__}))
+"#;
+
+/// JWT-SVIDs as `latch_identity::jwt` signs them, judged by PyJWT (independent of Latch's code)
+/// with the JWT bundle's JWKS: signature, `sub`, `aud` and `exp`.
+#[test]
+fn jwt_svids_verify_with_pyjwt() {
+    use latch_identity::jwt::{JwtBundle, JwtSigningKey};
+    use std::time::SystemTime;
+    let Some(python) = py_spiffe() else { return };
+    let key = JwtSigningKey::generate().unwrap();
+    let mut bundle = JwtBundle::default();
+    bundle.add(&key);
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, bundle.to_jwks().to_string()).unwrap();
+    let id = latch_identity::SpiffeId::parse("spiffe://cluster.local/ns/demo/sa/web").unwrap();
+    let now = SystemTime::now();
+    let check = |token: &str, audience: &str| -> Value {
+        let output = std::process::Command::new(&python)
+            .args(["-c", PYJWT_CHECK])
+            .arg(&jwks)
+            .args([token, audience])
+            .env("PYTHONWARNINGS", "ignore")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let audience = vec!["db".to_string()];
+    let valid = key
+        .sign(&id, &audience, now, now + Duration::from_secs(300))
+        .unwrap();
+    let verdict = check(&valid, "db");
+    assert_eq!(verdict["claims"]["sub"], id.to_string(), "{verdict}");
+    assert_eq!(verdict["claims"]["aud"], serde_json::json!(["db"]));
+    assert_eq!(check(&valid, "other")["error"], "InvalidAudienceError");
+    let expired = key
+        .sign(
+            &id,
+            &audience,
+            now - Duration::from_secs(600),
+            now - Duration::from_secs(300),
+        )
+        .unwrap();
+    assert_eq!(check(&expired, "db")["error"], "ExpiredSignatureError");
+    let other = JwtSigningKey::generate().unwrap();
+    let mut parts: Vec<String> = valid.split('.').map(str::to_string).collect();
+    parts[2] = other
+        .sign(&id, &audience, now, now + Duration::from_secs(300))
+        .unwrap()
+        .rsplit('.')
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        check(&parts.join("."), "db")["error"],
+        "InvalidSignatureError"
+    );
 }
