@@ -369,3 +369,91 @@ fn jwt_svids_verify_with_pyjwt() {
         "InvalidSignatureError"
     );
 }
+
+/// Connects to the Unix socket `socket` `count` times as `uid` (each connection closed by the
+/// proxy at once); returns the connecting process's pid.
+fn connect_as(uid: u32, socket: &Path, count: u32) -> u32 {
+    let script = "import os, socket, sys\n\
+                  for _ in range(int(sys.argv[2])):\n    \
+                      s = socket.socket(socket.AF_UNIX)\n    \
+                      s.connect(sys.argv[1])\n    \
+                      s.recv(1)\n    \
+                      s.close()\n\
+                  print(os.getpid())";
+    let output = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .args(["--clear-groups", "--", "/usr/bin/python3", "-c", script])
+        .arg(socket)
+        .arg(count.to_string())
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The latch-proxy binary as an operator runs it: a refused uid is logged with its uid and pid,
+/// at most once a second with the number refused since the last line, and counted.
+#[test]
+fn the_proxy_logs_refused_uids_with_their_pid_at_most_once_a_second() {
+    use latch_testkit::processes::{ControlProcess, ProxySpec};
+    if !can_switch_uid() {
+        return;
+    }
+    let dir = shared_dir();
+    let mut control = ControlProcess::new(dir.path(), &dir.path().join("data"));
+    let _control = control.start();
+    let socket = dir.path().join("api/socket");
+    let mut spec = ProxySpec::new("logged", "1h");
+    spec.flags = vec![
+        "--workload-api".into(),
+        format!("unix://{}", socket.display()),
+        "--workload-api-allow-uid".into(),
+        APP_UID.to_string(),
+    ];
+    let proxy = spec.start(&control, dir.path());
+
+    let pid = connect_as(OTHER_UID, &socket, 5);
+    let line = format!("refused a connection from uid {OTHER_UID} (pid {pid})");
+    let lines = || {
+        proxy
+            .log()
+            .lines()
+            .filter(|l| l.contains("refused a connection"))
+            .count()
+    };
+    latch_testkit::wait_for(Duration::from_secs(5), || lines() >= 1);
+    assert!(proxy.log().contains(&line), "{}", proxy.log());
+    assert!(
+        proxy
+            .log()
+            .contains(&format!("--workload-api-allow-uid {OTHER_UID}")),
+        "the line names the flag that would allow it"
+    );
+    assert_eq!(lines(), 1, "five refusals within a second, one line");
+    std::thread::sleep(Duration::from_millis(1100));
+    connect_as(OTHER_UID, &socket, 1);
+    latch_testkit::wait_for(Duration::from_secs(5), || lines() >= 2);
+    let last = proxy
+        .log()
+        .lines()
+        .rev()
+        .find(|l| l.contains("refused a connection"))
+        .unwrap()
+        .to_string();
+    assert!(last.contains("refused_since_last_line=5"), "{last}");
+    let refused = latch_testkit::admin::metric_blocking(
+        &spec.admin,
+        "latch_proxy_workload_api_connections_refused_total",
+        &[],
+    );
+    assert_eq!(refused, 6.0);
+}
