@@ -88,6 +88,23 @@ fn compose_mesh_serves_over_mtls_refuses_outsiders_rotates_and_cleans_up() {
         admin(&server_proxy, "/metrics")
     );
 
+    // The client pod's SPIFFE-aware app (uid 4242) printed its SPIFFE ID, fetched over the
+    // Workload API of its proxy.
+    let printed = |logs: &str| {
+        logs.lines()
+            .any(|l| l.starts_with(&format!("{CLIENT_ID} serial ")))
+    };
+    let waited = Instant::now();
+    let mut identity = mesh.project.logs("client-identity");
+    while !printed(&identity) && waited.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(500));
+        identity = mesh.project.logs("client-identity");
+    }
+    assert!(
+        printed(&identity),
+        "client-identity printed no SVID for {CLIENT_ID}:\n{identity}"
+    );
+
     // Docker's embedded DNS (127.0.0.11, left alone by the capture rules) still answers in a
     // meshed namespace: the service name reaches the same server, through the mesh.
     assert_eq!(
@@ -362,6 +379,7 @@ impl Mesh {
             "server-proxy",
             "client",
             "client-proxy",
+            "client-identity",
         ]
         .iter()
         .map(|s| format!("--- {s} ---\n{}", self.project.logs(s)))

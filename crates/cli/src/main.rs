@@ -1,6 +1,6 @@
 //! `latchctl`, the operator CLI: create join tokens through the control plane's admin API,
-//! fetch SVIDs as files, inject the sidecar into Kubernetes manifests offline, and print the
-//! injector webhook's caBundle. Each subcommand is a thin shell over latch-identity,
+//! fetch SVIDs as files or from a proxy's SPIFFE Workload API, inject the sidecar into
+//! Kubernetes manifests offline, and print the injector webhook's caBundle. Each subcommand is a thin shell over latch-identity,
 //! latch-inject and the admin API.
 
 use std::io::{Read, Write};
@@ -199,6 +199,17 @@ enum TokenCommand {
 
 #[derive(Debug, Subcommand)]
 enum CertCommand {
+    /// Fetch the X509-SVID from the SPIFFE Workload API, as an app would, and print its SPIFFE
+    /// ID, serial and expiry (one line per SVID received; with --watch, again on every rotation).
+    Fetch {
+        /// The Workload API socket, unix:///path (SPIFFE_ENDPOINT_SOCKET, as SPIFFE libraries
+        /// read it; an injected pod has it set).
+        #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
+        socket: String,
+        /// Keep the stream open and print each rotation.
+        #[arg(long)]
+        watch: bool,
+    },
     /// Generate a key, get an SVID for it, and write svid.pem, svid.key (0600) and bundle.pem.
     Request {
         /// Join token (or set LATCH_JOIN_TOKEN).
@@ -270,6 +281,9 @@ async fn run(cli: Cli) -> Result<()> {
                     trust_domain,
                 },
         } => request_cert(&token, &control_plane, &bundle, &out, ttl, &trust_domain).await,
+        Command::Cert {
+            command: CertCommand::Fetch { socket, watch },
+        } => fetch_svid(&socket, watch).await,
         Command::Inject {
             file,
             output,
@@ -437,4 +451,70 @@ async fn request_cert(
             .join(", ")
     );
     Ok(())
+}
+
+/// Prints the SVIDs the Workload API at `socket` streams: the first, or every one with `watch`.
+async fn fetch_svid(socket: &str, watch: bool) -> Result<()> {
+    use latch_proto::workload::X509svidRequest;
+    use latch_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+
+    if !socket.starts_with("unix:///") {
+        bail!("--socket (SPIFFE_ENDPOINT_SOCKET) must be unix:///absolute/path, got {socket:?}");
+    }
+    let channel = tonic::transport::Endpoint::from_shared(socket.to_string())
+        .with_context(|| format!("{socket:?} is not a valid endpoint"))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to the Workload API at {socket}"))?;
+    let mut request = tonic::Request::new(X509svidRequest {});
+    request.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    let mut stream = SpiffeWorkloadApiClient::new(channel)
+        .fetch_x509svid(request)
+        .await
+        .with_context(|| format!("the Workload API at {socket} refused FetchX509SVID"))?
+        .into_inner();
+    while let Some(response) = stream
+        .message()
+        .await
+        .with_context(|| format!("the Workload API stream at {socket} failed"))?
+    {
+        for svid in &response.svids {
+            let leaf = first_certificate(&svid.x509_svid)
+                .context("the Workload API sent an X509-SVID that is not DER")?;
+            let info = latch_identity::SvidInfo::from_leaf(leaf)
+                .context("the Workload API sent a certificate that is not an X509-SVID")?;
+            println!(
+                "{} serial {} valid until {}",
+                info.id,
+                info.serial,
+                humantime::format_rfc3339_seconds(info.not_after)
+            );
+        }
+        std::io::stdout().flush()?;
+        if !watch {
+            return Ok(());
+        }
+    }
+    bail!("the Workload API at {socket} ended the stream")
+}
+
+/// The first DER element of `der` (the leaf of a chain sent as concatenated DER): a tag byte,
+/// then the length in short form or long form (X.690 8.1.3).
+fn first_certificate(der: &[u8]) -> Option<&[u8]> {
+    let first = *der.get(1)?;
+    let (header, length) = if first < 0x80 {
+        (2, usize::from(first))
+    } else {
+        let octets = usize::from(first & 0x7f);
+        if octets == 0 || octets > 4 {
+            return None;
+        }
+        let bytes = der.get(2..2 + octets)?;
+        let length = bytes.iter().fold(0usize, |n, b| n << 8 | usize::from(*b));
+        (2 + octets, length)
+    };
+    der.get(..header.checked_add(length)?)
 }

@@ -334,3 +334,39 @@ fn inject_refuses_an_app_running_as_the_proxy_uid() {
     );
     assert!(!output.exists(), "nothing written");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cert_fetch_prints_the_svid_a_proxy_serves_on_its_workload_api() {
+    let h = latch_testkit::Harness::start().await;
+    let id = h.id("demo", "fetcher");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("workload.sock");
+    let proxy = h.start_proxy(&id, None, Some(socket.clone())).await;
+    let endpoint = format!("unix://{}", socket.display());
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_latchctl"))
+            .args(["cert", "fetch"])
+            .env("SPIFFE_ENDPOINT_SOCKET", endpoint)
+            .output()
+            .expect("latchctl runs")
+    })
+    .await
+    .unwrap();
+    let line = stdout_of(&output);
+    let serial = proxy.store().svid().unwrap().info().serial.clone();
+    assert!(
+        line.starts_with(&format!("{id} serial {serial} valid until ")),
+        "{line}"
+    );
+
+    // Not a Unix socket address: said so, nothing printed.
+    let output = latchctl(&["cert", "fetch", "--socket", "localhost:15000"]);
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("unix:///absolute/path"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    proxy.shutdown().await;
+    h.stop().await;
+}

@@ -8,6 +8,7 @@ pub mod crypto;
 pub mod csr;
 pub mod files;
 pub mod hex;
+pub mod jwt;
 pub mod pem;
 pub mod report;
 pub mod spiffe_id;

@@ -19,6 +19,9 @@ pub use settings::ProxySettings;
 pub const ANNOTATION_INJECT: &str = "latch.dev/inject";
 /// Set on injected pods: what was added (JSON). Informational; injection is detected by name.
 pub const ANNOTATION_STATUS: &str = "latch.dev/status";
+/// `"false"` (or `"disabled"`) on a pod's annotation: no Workload API socket and no
+/// `SPIFFE_ENDPOINT_SOCKET` in its containers (the proxy is injected all the same).
+pub const ANNOTATION_WORKLOAD_API: &str = "latch.dev/workload-api";
 /// Comma-separated destination ports the app reaches directly, not through the proxy.
 pub const ANNOTATION_EXCLUDE_OUTBOUND: &str = "latch.dev/exclude-outbound-ports";
 /// Comma-separated local ports reachable directly from outside the pod.
@@ -32,6 +35,13 @@ pub const PROXY_CONTAINER: &str = "latch-proxy";
 pub const TOKEN_VOLUME: &str = "latch-token";
 /// The trust bundle volume, from the ConfigMap of the same name.
 pub const BUNDLE_VOLUME: &str = "latch-ca-bundle";
+/// The pod-private emptyDir holding the Workload API socket.
+pub const WORKLOAD_API_VOLUME: &str = "latch-workload-api";
+/// Where the proxy creates the socket and every app container finds it.
+pub const WORKLOAD_API_DIR: &str = "/var/run/latch/workload-api";
+pub const WORKLOAD_API_SOCKET: &str = "/var/run/latch/workload-api/socket";
+/// The variable SPIFFE libraries (go-spiffe, py-spiffe, java-spiffe, spiffe-rs) read.
+pub const SPIFFE_ENDPOINT_SOCKET: &str = "SPIFFE_ENDPOINT_SOCKET";
 /// The ConfigMap holding the trust bundle in every meshed namespace, and its key.
 pub const BUNDLE_CONFIGMAP: &str = "latch-ca-bundle";
 pub const BUNDLE_KEY: &str = "bundle.pem";
@@ -210,18 +220,38 @@ fn opted_out(pod: &Value) -> Result<bool, InjectError> {
         ("annotations", "annotation latch.dev/inject"),
         ("labels", "label latch.dev/inject"),
     ] {
-        match lookup(pod, field, ANNOTATION_INJECT) {
-            None | Some("true" | "enabled") => {}
-            Some("false" | "disabled") => out = true,
-            Some(other) => {
-                return Err(InjectError::BadInjectValue {
-                    annotation: what,
-                    value: other.to_string(),
-                });
-            }
-        }
+        out |= switched_off(pod, field, ANNOTATION_INJECT, what)?;
     }
     Ok(out)
+}
+
+/// Whether `key` in the pod's `field` (annotations or labels) says "false" or "disabled"; absent,
+/// "true" and "enabled" mean on, anything else is refused.
+fn switched_off(
+    pod: &Value,
+    field: &str,
+    key: &str,
+    what: &'static str,
+) -> Result<bool, InjectError> {
+    match lookup(pod, field, key) {
+        None | Some("true" | "enabled") => Ok(false),
+        Some("false" | "disabled") => Ok(true),
+        Some(other) => Err(InjectError::BadInjectValue {
+            annotation: what,
+            value: other.to_string(),
+        }),
+    }
+}
+
+/// Whether the pod gets the Workload API (`latch.dev/workload-api`, on unless "false").
+fn wants_workload_api(pod: &Value) -> Result<bool, InjectError> {
+    let off = switched_off(
+        pod,
+        "annotations",
+        ANNOTATION_WORKLOAD_API,
+        "annotation latch.dev/workload-api",
+    )?;
+    Ok(!off)
 }
 
 /// Reads and validates the exclusion annotations.
@@ -336,10 +366,16 @@ fn iptables_container(config: &InjectConfig, exclusions: &Exclusions) -> Value {
 
 /// The proxy as a native sidecar: an init container with restartPolicy Always, whose startup
 /// probe on /ready holds back the app containers until the proxy has an SVID and the mesh.
-/// With `app_probes`, it answers the app's rewritten probes (`probes`).
-fn proxy_container(config: &InjectConfig, settings: &ProxySettings, app_probes: bool) -> Value {
+/// With `app_probes`, it answers the app's rewritten probes (`probes`); with `workload_api`,
+/// it serves the Workload API on the pod's socket volume.
+fn proxy_container(
+    config: &InjectConfig,
+    settings: &ProxySettings,
+    app_probes: bool,
+    workload_api: bool,
+) -> Value {
     let ready = json!({"path": "/ready", "port": ADMIN_PORT});
-    let mut container = json!({
+    let mut proxy = json!({
         "name": PROXY_CONTAINER,
         "image": config.image,
         "restartPolicy": "Always",
@@ -390,12 +426,61 @@ fn proxy_container(config: &InjectConfig, settings: &ProxySettings, app_probes: 
     });
     if app_probes {
         let annotation = format!("metadata.annotations['{}']", probes::ANNOTATION_APP_PROBES);
-        container["env"]
-            .as_array_mut()
-            .expect("env is a list")
-            .push(json!({"name": "LATCH_APP_PROBES", "valueFrom": {"fieldRef": {"fieldPath": annotation}}}));
+        if let Some(env) = proxy["env"].as_array_mut() {
+            env.push(json!({"name": "LATCH_APP_PROBES", "valueFrom": {"fieldRef": {"fieldPath": annotation}}}));
+        }
     }
-    container
+    if workload_api {
+        // Any uid may connect: only this pod's containers mount the volume, so the volume
+        // already decides who reaches the socket (the app's uid is not known here).
+        let args = [
+            "--workload-api".to_string(),
+            format!("unix://{WORKLOAD_API_SOCKET}"),
+            "--workload-api-allow-uid".to_string(),
+            "any".to_string(),
+        ];
+        if let Some(list) = proxy["args"].as_array_mut() {
+            list.extend(args.map(Value::String));
+        }
+        if let Some(mounts) = proxy["volumeMounts"].as_array_mut() {
+            mounts.push(json!({"name": WORKLOAD_API_VOLUME, "mountPath": WORKLOAD_API_DIR}));
+        }
+    }
+    proxy
+}
+
+/// The Workload API's emptyDir: in memory (a socket needs no disk), private to the pod.
+fn workload_api_volume() -> Value {
+    json!({"name": WORKLOAD_API_VOLUME, "emptyDir": {"medium": "Memory"}})
+}
+
+/// The patch that gives one app container the socket (read-only: connecting needs no write
+/// access to the directory) and `SPIFFE_ENDPOINT_SOCKET`, unless it sets that variable itself.
+fn workload_api_for(container: &Value, path: &[&str], ops: &mut Vec<PatchOp>) {
+    let mount =
+        json!({"name": WORKLOAD_API_VOLUME, "mountPath": WORKLOAD_API_DIR, "readOnly": true});
+    append(container, path, "volumeMounts", mount, ops);
+    let sets_it = named_env(container).any(|name| name == SPIFFE_ENDPOINT_SOCKET);
+    if !sets_it {
+        let env = json!({"name": SPIFFE_ENDPOINT_SOCKET, "value": format!("unix://{WORKLOAD_API_SOCKET}")});
+        append(container, path, "env", env, ops);
+    }
+}
+
+fn named_env(container: &Value) -> impl Iterator<Item = &str> {
+    named(container, "env").filter_map(|e| e.get("name").and_then(Value::as_str))
+}
+
+/// Adds `item` to the list `list` of the object at `path`, creating the list if absent.
+fn append(object: &Value, path: &[&str], list: &str, item: Value, ops: &mut Vec<PatchOp>) {
+    let mut at: Vec<&str> = path.to_vec();
+    at.push(list);
+    if object.get(list).is_some_and(Value::is_array) {
+        at.push("-");
+        ops.push(PatchOp::add(&at, item));
+    } else {
+        ops.push(PatchOp::add(&at, json!([item])));
+    }
 }
 
 fn volumes() -> [Value; 2] {
@@ -414,10 +499,14 @@ fn volumes() -> [Value; 2] {
 }
 
 /// What injection added, recorded in the `latch.dev/status` annotation.
-fn status() -> String {
+fn status(workload_api: bool) -> String {
+    let mut volumes = vec![TOKEN_VOLUME, BUNDLE_VOLUME];
+    if workload_api {
+        volumes.push(WORKLOAD_API_VOLUME);
+    }
     json!({
         "initContainers": [IPTABLES_CONTAINER, PROXY_CONTAINER],
-        "volumes": [TOKEN_VOLUME, BUNDLE_VOLUME],
+        "volumes": volumes,
     })
     .to_string()
 }
@@ -448,6 +537,7 @@ pub fn inject(pod: &Value, config: &InjectConfig) -> Result<Injection, InjectErr
     // Annotations are validated even on pods that end up skipped: a typo should surface at once.
     let opted_out = opted_out(pod)?;
     let exclusions = exclusions(pod)?;
+    let workload_api = wants_workload_api(pod)?;
     let skip = if opted_out {
         Some(SkipReason::OptedOut)
     } else if is_injected(pod) {
@@ -466,7 +556,7 @@ pub fn inject(pod: &Value, config: &InjectConfig) -> Result<Injection, InjectErr
     }
 
     check_proxy_uid(spec)?;
-    for name in [TOKEN_VOLUME, BUNDLE_VOLUME] {
+    for name in [TOKEN_VOLUME, BUNDLE_VOLUME, WORKLOAD_API_VOLUME] {
         if has_name(spec, "volumes", name) {
             return Err(InjectError::NameTaken {
                 kind: "volume",
@@ -498,7 +588,7 @@ pub fn inject(pod: &Value, config: &InjectConfig) -> Result<Injection, InjectErr
 
     let settings = config.proxy.for_pod(pod)?;
     let rewritten = probes::rewrite(pod, spec)?;
-    let mut annotations = vec![(ANNOTATION_STATUS, Value::String(status()))];
+    let mut annotations = vec![(ANNOTATION_STATUS, Value::String(status(workload_api)))];
     if !rewritten.originals.is_empty() {
         annotations.push((
             probes::ANNOTATION_APP_PROBES,
@@ -524,7 +614,12 @@ pub fn inject(pod: &Value, config: &InjectConfig) -> Result<Injection, InjectErr
     ops.extend(rewritten.ops);
     let (iptables, proxy) = (
         iptables_container(config, &exclusions),
-        proxy_container(config, &settings, !rewritten.originals.is_empty()),
+        proxy_container(
+            config,
+            &settings,
+            !rewritten.originals.is_empty(),
+            workload_api,
+        ),
     );
     // First in line, before the pod's own init containers: those may need the network, which
     // is captured from the moment the rules exist, so the proxy must already be serving.
@@ -537,12 +632,30 @@ pub fn inject(pod: &Value, config: &InjectConfig) -> Result<Injection, InjectErr
             json!([iptables, proxy]),
         ));
     }
+    let mut volumes = volumes().to_vec();
+    if workload_api {
+        volumes.push(workload_api_volume());
+    }
     if spec.get("volumes").is_some_and(Value::is_array) {
-        for volume in volumes() {
+        for volume in volumes {
             ops.push(PatchOp::add(&["spec", "volumes", "-"], volume));
         }
     } else {
-        ops.push(PatchOp::add(&["spec", "volumes"], json!(volumes())));
+        ops.push(PatchOp::add(&["spec", "volumes"], json!(volumes)));
+    }
+    if workload_api {
+        // Every app container, and the app's own init containers (they start after the proxy,
+        // which is first in line, so the socket is there for them too). The indexes are those of
+        // the pod as received: the operations on initContainers above insert ours at 0 and 1,
+        // so the app's own have moved up by two.
+        for (i, container) in named(spec, "containers").enumerate() {
+            let index = i.to_string();
+            workload_api_for(container, &["spec", "containers", &index], &mut ops);
+        }
+        for (i, container) in named(spec, "initContainers").enumerate() {
+            let index = (i + 2).to_string();
+            workload_api_for(container, &["spec", "initContainers", &index], &mut ops);
+        }
     }
 
     let mut injected = pod.clone();

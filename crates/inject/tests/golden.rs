@@ -286,6 +286,101 @@ fn the_sidecar_runs_first_as_a_native_sidecar_that_latch_proxy_accepts() {
     assert_eq!(volumes[0]["name"], "config");
 }
 
+fn env_value<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)?["value"]
+        .as_str()
+}
+
+fn mount_path<'a>(container: &'a Value, volume: &str) -> Option<&'a str> {
+    container["volumeMounts"]
+        .as_array()?
+        .iter()
+        .find(|m| m["name"] == volume)?["mountPath"]
+        .as_str()
+}
+
+#[test]
+fn every_app_container_finds_the_workload_api_socket_the_proxy_serves() {
+    let docs = documents(&golden_output("workload-api"));
+    let pod = &docs[0];
+    let proxy = init_container(pod, "latch-proxy");
+    let args = latch_proxy::Cli::try_parse_from(strings(&proxy["command"]).into_iter().chain(
+        strings(&proxy["args"]).into_iter().map(|arg| {
+            // What the kubelet expands from the Downward API env.
+            arg.replace("$(LATCH_POD_NAMESPACE)", "demo")
+                .replace("$(LATCH_POD_NAME)", "spiffe-app")
+        }),
+    ))
+    .expect("latch-proxy accepts the sidecar's arguments")
+    .run;
+    let socket = args
+        .workload_api
+        .expect("the proxy serves the Workload API");
+    assert_eq!(
+        args.workload_api_allow_uid,
+        [latch_proxy::config::AllowedUid::Any],
+        "the volume is private to the pod, so any of its uids may connect"
+    );
+    let dir = mount_path(proxy, "latch-workload-api").expect("the proxy mounts the volume");
+    let path = socket.strip_prefix("unix://").unwrap();
+    assert_eq!(Path::new(path).parent().unwrap(), Path::new(dir));
+    let volume = pod["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "latch-workload-api")
+        .unwrap();
+    assert_eq!(
+        volume["emptyDir"]["medium"], "Memory",
+        "pod-private, in memory"
+    );
+
+    // The app's containers and its own init container: the socket where the proxy makes it,
+    // read-only, and the variable SPIFFE libraries read; their own env and mounts stay.
+    let app = &pod["spec"]["containers"][0];
+    let fetch = init_container(pod, "fetch-config");
+    for container in [app, fetch] {
+        assert_eq!(
+            env_value(container, "SPIFFE_ENDPOINT_SOCKET"),
+            Some(&*socket)
+        );
+        assert_eq!(mount_path(container, "latch-workload-api"), Some(dir));
+        let mount = container["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "latch-workload-api")
+            .unwrap();
+        assert_eq!(mount["readOnly"], true);
+    }
+    assert_eq!(env_value(app, "LOG_LEVEL"), Some("debug"));
+    assert_eq!(mount_path(app, "data"), Some("/data"));
+    // A container that names its own socket keeps it.
+    let helper = &pod["spec"]["containers"][1];
+    assert_eq!(
+        env_value(helper, "SPIFFE_ENDPOINT_SOCKET"),
+        Some("unix:///custom/agent.sock")
+    );
+    assert_eq!(helper["env"].as_array().unwrap().len(), 1);
+
+    // Opted out: the proxy, without socket, volume or variable.
+    let opted_out = &docs[1];
+    let proxy = init_container(opted_out, "latch-proxy");
+    assert!(!strings(&proxy["args"]).contains(&"--workload-api".to_string()));
+    assert!(mount_path(proxy, "latch-workload-api").is_none());
+    assert!(opted_out["spec"]["containers"][0].get("env").is_none());
+    assert!(
+        !opted_out["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "latch-workload-api")
+    );
+}
+
 /// Every pod and pod template of the golden inputs.
 fn pods_of_golden_inputs() -> Vec<Value> {
     let mut pods = Vec::new();
@@ -365,6 +460,10 @@ fn bad_annotations_are_refused_with_the_annotation_and_value() {
         (
             json!({"latch.dev/inject": "no"}),
             "annotation latch.dev/inject \"no\" is not valid",
+        ),
+        (
+            json!({"latch.dev/workload-api": "off"}),
+            "annotation latch.dev/workload-api \"off\" is not valid",
         ),
         // Refused even when the pod opts out: a typo must not wait for the opt-in to surface.
         (
@@ -592,10 +691,16 @@ fn rewritten_probes_are_what_the_proxy_runs_and_opting_out_keeps_them() {
     )
     .unwrap()
     .pod;
-    assert_eq!(
-        kept["spec"]["containers"],
-        template(json!({}))["spec"]["containers"]
-    );
+    let original = template(json!({}));
+    for container in 0..2 {
+        for field in ["startupProbe", "readinessProbe", "livenessProbe"] {
+            assert_eq!(
+                kept["spec"]["containers"][container][field],
+                original["spec"]["containers"][container][field],
+                "{field} kept as written"
+            );
+        }
+    }
     assert!(
         kept["metadata"]["annotations"]
             .get("latch.dev/app-probes")

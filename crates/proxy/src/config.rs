@@ -134,6 +134,11 @@ pub struct Args {
     /// annotation.
     #[arg(long, env = "LATCH_APP_PROBES")]
     pub app_probes: Option<String>,
+    /// Also let this uid use the Workload API (checked with SO_PEERCRED; the proxy's own uid
+    /// and root always may); repeatable. `any` lets every uid in, for a socket in a directory
+    /// private to one pod. With other uids allowed the socket is mode 0666.
+    #[arg(long = "workload-api-allow-uid", env = "LATCH_WORKLOAD_API_ALLOW_UID", value_delimiter = ',', value_parser = parse_allowed_uid)]
+    pub workload_api_allow_uid: Vec<AllowedUid>,
     /// Learn workloads, services, policies and mesh settings from the control plane
     /// (`--discovery=false`: only the flags describe the mesh).
     #[arg(long, env = "LATCH_DISCOVERY", default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
@@ -223,6 +228,24 @@ pub struct Args {
     pub log_format: String,
 }
 
+/// One `--workload-api-allow-uid` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllowedUid {
+    Uid(u32),
+    Any,
+}
+
+/// Parses `any` or a numeric uid (names are not looked up: a container's /etc/passwd is not the
+/// app's).
+pub fn parse_allowed_uid(s: &str) -> Result<AllowedUid, String> {
+    if s == "any" {
+        return Ok(AllowedUid::Any);
+    }
+    s.parse()
+        .map(AllowedUid::Uid)
+        .map_err(|_| format!("{s:?}: a numeric uid or `any`"))
+}
+
 /// Checks a `<namespace>/<name>` workload name: two non-empty segments of letters, digits,
 /// '.', '-' and '_'.
 pub fn parse_workload_name(s: &str) -> Result<String, String> {
@@ -268,6 +291,35 @@ mod tests {
         for bad in ["web", "demo/", "/web", "demo/web/x", "demo/w b", ""] {
             assert!(
                 parse(&["--workload-name", bad]).is_err(),
+                "{bad:?} is refused"
+            );
+        }
+    }
+
+    #[test]
+    fn workload_api_allow_uid_flags() {
+        assert!(parse(&[]).unwrap().workload_api_allow_uid.is_empty());
+        let args = parse(&[
+            "--workload-api-allow-uid",
+            "4242",
+            "--workload-api-allow-uid",
+            "any",
+            "--workload-api-allow-uid",
+            "7,8",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.workload_api_allow_uid,
+            [
+                AllowedUid::Uid(4242),
+                AllowedUid::Any,
+                AllowedUid::Uid(7),
+                AllowedUid::Uid(8)
+            ]
+        );
+        for bad in ["root", "-1", "", "4294967296", "ANY"] {
+            assert!(
+                parse(&["--workload-api-allow-uid", bad]).is_err(),
                 "{bad:?} is refused"
             );
         }

@@ -167,7 +167,7 @@ pub struct Config {
     pub agent: AgentConfig,
     /// Trust anchor for the control plane until the first SVID brings the bundle.
     pub bundle: TrustBundle,
-    pub workload_api: Option<PathBuf>,
+    pub workload_api: Option<workload_api::WorkloadApiConfig>,
     pub admin: SocketAddr,
     /// The app's probes, answered on the admin port (`--app-probes`).
     pub app_probes: Arc<app_probes::AppProbes>,
@@ -229,7 +229,14 @@ impl Config {
             .workload_api
             .as_deref()
             .map(workload_api::socket_path)
-            .transpose()?;
+            .transpose()?
+            .map(|socket| workload_api::WorkloadApiConfig {
+                socket,
+                allowed: workload_api::AllowedPeers::new(
+                    rustix::process::getuid().as_raw(),
+                    &args.workload_api_allow_uid,
+                ),
+            });
         let data = DataPathConfig {
             trust_domain: trust_domain.clone(),
             inbound: Some(args.inbound),
@@ -363,9 +370,14 @@ impl Proxy {
 
         let (admin_listener, admin_addr) =
             latch_admin::serve::bind(config.admin, "--admin").await?;
-        if let Some(path) = &config.workload_api {
-            workload_api::serve(path, store.clone(), &tracker, cancel.clone())?;
-            tracing::info!(socket = %path.display(), "serving the SPIFFE Workload API");
+        if let Some(api) = &config.workload_api {
+            workload_api::serve(
+                api,
+                store.clone(),
+                metrics.clone(),
+                &tracker,
+                cancel.clone(),
+            )?;
         }
         let state = Arc::new(admin::AdminState {
             agent: agent.clone(),

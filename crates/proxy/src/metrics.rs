@@ -67,6 +67,7 @@ pub struct Metrics {
     pub authorization_denials: Family<ConnLabels, Counter>,
     pub connections_closed_by_policy: Counter,
     pub admin_debug_refused: Counter,
+    pub workload_api_refused: Counter,
     pub uid_shared_processes: Gauge,
     pub discovery_connected: Gauge,
     pub discovery_applied: Family<TypeLabel, Counter>,
@@ -174,6 +175,13 @@ impl Metrics {
              loopback",
             admin_debug_refused.clone(),
         );
+        let workload_api_refused = Counter::default();
+        registry.register(
+            "latch_proxy_workload_api_connections_refused",
+            "Workload API connections closed at accept because the peer's uid \
+             (SO_PEERCRED) is not allowed (--workload-api-allow-uid)",
+            workload_api_refused.clone(),
+        );
         let uid_shared_processes = Gauge::default();
         registry.register(
             "latch_proxy_uid_shared_processes",
@@ -228,6 +236,7 @@ impl Metrics {
             authorization_denials,
             connections_closed_by_policy,
             admin_debug_refused,
+            workload_api_refused,
             uid_shared_processes,
             discovery_connected,
             discovery_applied,

@@ -1,13 +1,26 @@
-//! The SPIFFE Workload API on a Unix socket (mode 0600), so SPIFFE-aware applications get the
-//! proxy's SVID and bundle: FetchX509SVID and FetchX509Bundles answer at once and again on every
-//! rotation or bundle change. JWT methods answer UNIMPLEMENTED. Reads the `CertStore` only.
+//! The SPIFFE Workload API on a Unix socket, so SPIFFE-aware applications get the proxy's SVID
+//! and bundle: FetchX509SVID and FetchX509Bundles answer at once and again on every rotation or
+//! bundle change. JWT methods answer UNIMPLEMENTED. Reads the `CertStore` only. Who may connect
+//! is decided per connection by the peer's uid (`peers`); the socket is created with its final
+//! mode (`socket`); every request passes through `authority::AuthorityRewriter`, so clients that
+//! send the socket path as `:authority` (gRPC C-core, Java, Swift) are served too.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+mod authority;
+mod peers;
+mod socket;
+
+pub use peers::AllowedPeers;
+
+use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
 
-use latch_admin::serve::{AtCap, Drain, ListenerPolicy, NoMetrics, Plain, Slot};
+use authority::AuthorityRewriter;
+
+use crate::metrics::Metrics;
+
+use latch_admin::serve::{AtCap, Drain, ListenerPolicy, NoMetrics, Plain, Slot, Throttled};
 use latch_identity::{CertStore, Svid, TrustBundle};
 use latch_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
@@ -19,7 +32,7 @@ use latch_proto::workload::{
 };
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -37,11 +50,21 @@ type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 pub enum WorkloadApiError {
     #[error("--workload-api must be unix:///absolute/path, got {0:?}")]
     Address(String),
-    #[error("cannot create the Workload API socket {path}: {source}")]
+    #[error(
+        "cannot create the Workload API socket {path}: {source} (check that the directory is \
+         writable by the proxy's uid)"
+    )]
     Socket {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// Where and for whom the Workload API is served.
+#[derive(Debug, Clone)]
+pub struct WorkloadApiConfig {
+    pub socket: PathBuf,
+    pub allowed: AllowedPeers,
 }
 
 /// Parses `unix:///path` (or a bare absolute path) into a socket path.
@@ -189,15 +212,33 @@ fn jwt_unimplemented() -> Status {
 }
 
 /// The Workload API listener: 1024 connections (each app holds one or two streams; more wait in
-/// the kernel's listen queue). Local and 0600, so no handshake deadline.
+/// the kernel's listen queue). Local, and a uid not allowed is closed at accept without taking a
+/// place for longer, so no handshake deadline.
 fn policy() -> ListenerPolicy {
     ListenerPolicy::new("workload_api", 1024, AtCap::Wait)
 }
 
-/// A Workload API connection for tonic; holds its place under the cap until dropped.
+/// A Workload API connection for tonic; holds its place under the cap until dropped. What the
+/// client sends reaches tonic through the `:authority` rewrite; replies go out unchanged.
 struct ApiConn {
     stream: UnixStream,
+    front: AuthorityRewriter,
+    /// Rewritten bytes tonic has not read yet, from `ready_from` on.
+    ready: Vec<u8>,
+    ready_from: usize,
     _slot: Slot,
+}
+
+impl ApiConn {
+    fn new(stream: UnixStream, slot: Slot) -> Self {
+        Self {
+            stream,
+            front: AuthorityRewriter::default(),
+            ready: Vec::new(),
+            ready_from: 0,
+            _slot: slot,
+        }
+    }
 }
 
 impl Connected for ApiConn {
@@ -212,8 +253,30 @@ impl AsyncRead for ApiConn {
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            if this.ready_from < this.ready.len() {
+                let n = buf.remaining().min(this.ready.len() - this.ready_from);
+                buf.put_slice(&this.ready[this.ready_from..this.ready_from + n]);
+                this.ready_from += n;
+                if this.ready_from == this.ready.len() {
+                    this.ready.clear();
+                    this.ready_from = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let mut bytes = [0u8; 8192];
+            let mut read = ReadBuf::new(&mut bytes);
+            std::task::ready!(Pin::new(&mut this.stream).poll_read(cx, &mut read))?;
+            if read.filled().is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            if let Err(e) = this.front.feed(read.filled(), &mut this.ready) {
+                tracing::debug!("Workload API connection closed: {e}");
+                return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)));
+            }
+        }
     }
 }
 
@@ -239,27 +302,75 @@ impl AsyncWrite for ApiConn {
     }
 }
 
-/// Binds the socket (replacing a stale one, mode 0600) and serves until `cancel`.
+/// Closes, counts and logs the connections of uids that are not allowed.
+struct PeerGate {
+    allowed: AllowedPeers,
+    metrics: Arc<Metrics>,
+    log: Mutex<Throttled>,
+}
+
+impl PeerGate {
+    /// Whether the peer of `stream` may use the Workload API (SO_PEERCRED).
+    fn admit(&self, stream: &UnixStream) -> bool {
+        let credentials = stream.peer_cred();
+        if let Ok(peer) = &credentials
+            && self.allowed.allows(peer.uid())
+        {
+            return true;
+        }
+        self.metrics.workload_api_refused.inc();
+        let count = self.log.lock().unwrap_or_else(|e| e.into_inner()).note();
+        if let Some(count) = count {
+            match credentials {
+                Ok(peer) => tracing::warn!(
+                    uid = peer.uid(),
+                    pid = peer.pid().unwrap_or(0),
+                    refused_since_last_line = count,
+                    "Workload API: refused a connection from uid {} (pid {}): this proxy \
+                     allows {}; to let it in, add --workload-api-allow-uid {}",
+                    peer.uid(),
+                    peer.pid().map_or("unknown".to_string(), |p| p.to_string()),
+                    self.allowed.describe(),
+                    peer.uid(),
+                ),
+                Err(e) => tracing::warn!(
+                    refused_since_last_line = count,
+                    "Workload API: refused a connection whose peer credentials cannot be read: {e}"
+                ),
+            }
+        }
+        false
+    }
+}
+
+/// Binds the socket (replacing a stale one) with the mode `config.allowed` calls for, and serves
+/// until `cancel`.
 pub fn serve(
-    path: &Path,
+    config: &WorkloadApiConfig,
     store: Arc<CertStore>,
+    metrics: Arc<Metrics>,
     tracker: &TaskTracker,
     cancel: CancellationToken,
 ) -> Result<(), WorkloadApiError> {
-    let socket_err = |source| WorkloadApiError::Socket {
+    let path = &config.socket;
+    let mode = config
+        .allowed
+        .socket_mode(rustix::process::getuid().as_raw());
+    let listener = socket::bind(path, mode).map_err(|source| WorkloadApiError::Socket {
         path: path.to_path_buf(),
         source,
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(socket_err)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(socket_err(e)),
-    }
-    let listener = UnixListener::bind(path).map_err(socket_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(socket_err)?;
+    })?;
+    tracing::info!(
+        socket = %path.display(),
+        mode = format!("{mode:o}"),
+        "Workload API: serving {}",
+        config.allowed.describe()
+    );
+    let gate = Arc::new(PeerGate {
+        allowed: config.allowed.clone(),
+        metrics,
+        log: Mutex::new(Throttled::default()),
+    });
     let service = SpiffeWorkloadApiServer::new(WorkloadApi {
         store,
         tracker: tracker.clone(),
@@ -274,11 +385,12 @@ pub fn serve(
         Plain,
         move |conn| {
             let tx = tx.clone();
+            let gate = gate.clone();
             async move {
-                let conn = ApiConn {
-                    stream: conn.stream,
-                    _slot: conn.slot,
-                };
+                if !gate.admit(&conn.stream) {
+                    return;
+                }
+                let conn = ApiConn::new(conn.stream, conn.slot);
                 let _ = tx.send(Ok::<_, std::io::Error>(conn)).await;
             }
         },

@@ -241,7 +241,10 @@ impl Harness {
                 ttl,
             },
             bundle: self.bundle(),
-            workload_api,
+            workload_api: workload_api.map(|socket| latch_proxy::workload_api::WorkloadApiConfig {
+                socket,
+                allowed: latch_proxy::workload_api::AllowedPeers::owner_only(),
+            }),
             admin: any_loopback(),
             app_probes: Default::default(),
             data: latch_proxy::DataPathConfig::none(self.trust_domain.clone()),

@@ -1,0 +1,459 @@
+//! The SPIFFE Workload API as SPIFFE clients built on other gRPC implementations see it, each
+//! run as an ordinary uid the proxy allows (`--workload-api-allow-uid 4242`): py-spiffe (PyPI
+//! `spiffe`, on gRPC C-core, which sends the socket path as `:authority`) and a small
+//! @grpc/grpc-js script (npm, Node's own HTTP/2) with the Workload API proto fetch the X.509-SVID,
+//! follow a rotation and fetch the bundles; uid 4243 reaches the socket (mode 0666), is refused,
+//! and the refusal is counted on /metrics. Needs root (to run clients as other uids), py-spiffe
+//! in `/opt/latch-ci/py-spiffe` (or LATCH_PY_SPIFFE_PYTHON) and grpc-js in
+//! `/opt/latch-ci/grpc-js/node_modules` (or LATCH_GRPC_JS_MODULES); skips without, fails instead
+//! with LATCH_REQUIRE_SPIFFE_CLIENTS=1, as CI sets (.ci/run installs both). Also PyJWT (a
+//! py-spiffe dependency) judging the JWT-SVIDs `latch_identity::jwt` signs.
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use latch_proxy::config::AllowedUid;
+use latch_proxy::workload_api::AllowedPeers;
+use latch_testkit::Harness;
+use serde_json::Value;
+
+/// The app's uid, which the proxy allows, and one it does not.
+const APP_UID: u32 = 4242;
+const OTHER_UID: u32 = 4243;
+
+/// Set to 1 (CI does) to fail, not skip, when a client library is missing.
+const REQUIRE_ENV: &str = "LATCH_REQUIRE_SPIFFE_CLIENTS";
+/// The Python interpreter that has py-spiffe; .ci/run makes this venv.
+const PYTHON_ENV: &str = "LATCH_PY_SPIFFE_PYTHON";
+const DEFAULT_PYTHON: &str = "/opt/latch-ci/py-spiffe/bin/python";
+const PY_CLIENT: &str = include_str!("../clients/py_spiffe_client.py");
+/// Where @grpc/grpc-js and @grpc/proto-loader are installed; .ci/run installs them there.
+const GRPC_JS_ENV: &str = "LATCH_GRPC_JS_MODULES";
+const DEFAULT_GRPC_JS: &str = "/opt/latch-ci/grpc-js/node_modules";
+const JS_CLIENT: &str = include_str!("../clients/grpc_js_client.js");
+const WORKLOAD_PROTO: &str = include_str!("../../proto/spiffe/workload.proto");
+
+/// A SKIPPED line, or a panic under LATCH_REQUIRE_SPIFFE_CLIENTS=1.
+fn missing(what: &str) {
+    if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
+        panic!("{REQUIRE_ENV}=1 but {what}");
+    }
+    latch_testkit::skip::skipped(&format!("{what}; set {REQUIRE_ENV}=1 to fail instead"));
+}
+
+/// Whether clients can run as other uids (root); a SKIPPED line or a panic if not.
+fn can_switch_uid() -> bool {
+    let root = is_root();
+    if !root {
+        missing("running clients as other uids needs root");
+    }
+    root
+}
+
+/// The node_modules folder with @grpc/grpc-js and @grpc/proto-loader, if node can load them.
+fn grpc_js() -> Option<PathBuf> {
+    if !can_switch_uid() {
+        return None;
+    }
+    let modules =
+        PathBuf::from(std::env::var(GRPC_JS_ENV).unwrap_or_else(|_| DEFAULT_GRPC_JS.to_string()));
+    let works = std::process::Command::new("node")
+        .args([
+            "-e",
+            "require('@grpc/grpc-js'); require('@grpc/proto-loader')",
+        ])
+        .env("NODE_PATH", &modules)
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !works {
+        missing(&format!(
+            "node cannot load @grpc/grpc-js and @grpc/proto-loader from {} (.ci/run installs \
+             them with npm)",
+            modules.display()
+        ));
+        return None;
+    }
+    Some(modules)
+}
+
+/// The interpreter with py-spiffe (and PyJWT, which it depends on) importable, if there is one.
+fn py_spiffe() -> Option<PathBuf> {
+    let python =
+        PathBuf::from(std::env::var(PYTHON_ENV).unwrap_or_else(|_| DEFAULT_PYTHON.to_string()));
+    let works = std::process::Command::new(&python)
+        .args(["-c", "import spiffe"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !works {
+        missing(&format!(
+            "{} cannot import py-spiffe (.ci/run installs it: a venv with `pip install spiffe`)",
+            python.display()
+        ));
+        return None;
+    }
+    Some(python)
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+/// A directory any uid may enter (the clients run as other uids), holding the client scripts
+/// and the Workload API proto.
+fn shared_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("py_spiffe_client.py"), PY_CLIENT).unwrap();
+    std::fs::write(dir.path().join("grpc_js_client.js"), JS_CLIENT).unwrap();
+    std::fs::write(dir.path().join("workload.proto"), WORKLOAD_PROTO).unwrap();
+    dir
+}
+
+/// Runs a client (`program` and its first arguments) in `dir` against `socket`, as `uid` (via
+/// setpriv), with `env` added, and returns the JSON it printed.
+async fn run_client(
+    program: &[&OsStr],
+    env: &[(&str, &OsStr)],
+    dir: &Path,
+    socket: &Path,
+    uid: u32,
+) -> Value {
+    let mut command = tokio::process::Command::new("setpriv");
+    command
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .arg("--clear-groups")
+        .arg("--")
+        .args(program)
+        .current_dir(dir)
+        .env("HOME", dir)
+        .env(
+            "SPIFFE_ENDPOINT_SOCKET",
+            format!("unix://{}", socket.display()),
+        )
+        .kill_on_drop(true)
+        .stdin(Stdio::null());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = tokio::time::timeout(Duration::from_secs(60), command.output())
+        .await
+        .expect("the client finishes within 60 s")
+        .expect("the client starts");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{program:?} failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("{program:?} printed no JSON ({e}):\n{stdout}\n{stderr}"))
+}
+
+/// A proxy for `id` whose Workload API at `socket` allows root and APP_UID.
+async fn proxy_for_app_uid(
+    h: &Harness,
+    id: &latch_identity::SpiffeId,
+    socket: &Path,
+) -> latch_proxy::Proxy {
+    let mut config = h.proxy_config(
+        id,
+        Some(Duration::from_secs(8)),
+        Some(socket.to_path_buf()),
+        false,
+    );
+    if let Some(api) = &mut config.workload_api {
+        api.allowed = AllowedPeers::new(0, &[AllowedUid::Uid(APP_UID)]);
+    }
+    latch_testkit::start_proxy(config).await
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {value}"))
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn py_spiffe_as_an_allowed_uid_fetches_follows_a_rotation_and_other_uids_are_refused() {
+    let Some(python) = py_spiffe().filter(|_| can_switch_uid()) else {
+        return;
+    };
+    let h = Harness::start().await;
+    let id = h.id("demo", "py-app");
+    let dir = shared_dir();
+    let socket = dir.path().join("workload-api/socket");
+    let proxy = proxy_for_app_uid(&h, &id, &socket).await;
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).unwrap().permissions());
+    assert_eq!(
+        mode & 0o777,
+        0o666,
+        "other uids may connect; SO_PEERCRED decides"
+    );
+
+    let script = dir.path().join("py_spiffe_client.py");
+    let py = |mode: &'static str| {
+        [
+            python.as_os_str(),
+            script.as_os_str(),
+            OsStr::new(mode),
+            OsStr::new("30"),
+        ]
+    };
+    let quiet = [("PYTHONWARNINGS", OsStr::new("ignore"))];
+    let result = run_client(&py("fetch"), &quiet, dir.path(), &socket, APP_UID).await;
+    assert_eq!(result["spiffe_id"], id.to_string(), "{result}");
+    assert_eq!(result["key_matches_leaf"], true, "{result}");
+    assert_eq!(result["bundles"]["cluster.local"], 1, "{result}");
+    let serials = strings(&result["stream_serials"]);
+    assert_eq!(
+        serials.len(),
+        2,
+        "the stream delivered a rotation: {result}"
+    );
+    assert_ne!(serials[0], serials[1]);
+    // Both are SVIDs this proxy held: its rotation counter moved past them.
+    assert!(proxy.metrics.rotations.get() >= 2);
+    let refused = "latch_proxy_workload_api_connections_refused_total";
+    assert_eq!(
+        latch_testkit::admin::metric(proxy.admin_addr, refused, &[]).await,
+        0.0
+    );
+
+    // Another uid reaches the socket (mode 0666) and is closed at accept: the library fails,
+    // the proxy counts it.
+    let result = run_client(&py("refused"), &quiet, dir.path(), &socket, OTHER_UID).await;
+    let error = result["error"].as_str().expect("uid 4243 gets no SVID");
+    assert!(error.contains("UNAVAILABLE"), "{error}");
+    let counted = latch_testkit::admin::metric(proxy.admin_addr, refused, &[]).await;
+    assert!(counted >= 1.0, "refusals counted: {counted}");
+    proxy.shutdown().await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_js_as_an_allowed_uid_fetches_follows_a_rotation_and_other_uids_are_refused() {
+    let Some(modules) = grpc_js() else { return };
+    let h = Harness::start().await;
+    let id = h.id("demo", "node-app");
+    let dir = shared_dir();
+    let socket = dir.path().join("workload-api/socket");
+    let proxy = proxy_for_app_uid(&h, &id, &socket).await;
+
+    let script = dir.path().join("grpc_js_client.js");
+    let proto = dir.path().join("workload.proto");
+    let node = |mode: &'static str| {
+        [
+            OsStr::new("node"),
+            script.as_os_str(),
+            proto.as_os_str(),
+            OsStr::new(mode),
+            OsStr::new("30"),
+        ]
+    };
+    let env = [("NODE_PATH", modules.as_os_str())];
+    let result = run_client(&node("fetch"), &env, dir.path(), &socket, APP_UID).await;
+    assert_eq!(result["spiffe_id"], id.to_string(), "{result}");
+    assert_eq!(result["uri_san"], format!("URI:{id}"), "{result}");
+    assert_eq!(result["key_matches_leaf"], true, "{result}");
+    assert_eq!(
+        result["bundles"]["spiffe://cluster.local"], true,
+        "the bundle holds a CA for the trust domain: {result}"
+    );
+    let serials = strings(&result["serials"]);
+    assert_eq!(
+        serials.len(),
+        2,
+        "the stream delivered a rotation: {result}"
+    );
+    assert_ne!(serials[0], serials[1]);
+
+    let result = run_client(&node("refused"), &env, dir.path(), &socket, OTHER_UID).await;
+    let error = result["error"].as_str().expect("uid 4243 gets no SVID");
+    assert!(error.starts_with("UNAVAILABLE"), "{error}");
+    let refused = "latch_proxy_workload_api_connections_refused_total";
+    let counted = latch_testkit::admin::metric(proxy.admin_addr, refused, &[]).await;
+    assert!(counted >= 1.0, "refusals counted: {counted}");
+    proxy.shutdown().await;
+    h.stop().await;
+}
+
+/// Verifies a JWT-SVID with PyJWT against a JWKS file; prints the claims or the error's class.
+const PYJWT_CHECK: &str = r#"
+import json, sys, jwt
+jwks, token, audience = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
+kid = jwt.get_unverified_header(token)["kid"]
+key = next(k for k in jwks["keys"] if k["kid"] == kid)
+try:
+    claims = jwt.decode(token, jwt.PyJWK(key).key, algorithms=["ES256"], audience=audience,
+                        options={"require": ["exp", "sub", "aud"]})
+    print(json.dumps({"claims": claims}))
+except jwt.PyJWTError as error:
+    print(json.dumps({"error": type(error).__name__}))
+"#;
+
+/// JWT-SVIDs as `latch_identity::jwt` signs them, judged by PyJWT (independent of Latch's code)
+/// with the JWT bundle's JWKS: signature, `sub`, `aud` and `exp`.
+#[test]
+fn jwt_svids_verify_with_pyjwt() {
+    use latch_identity::jwt::{JwtBundle, JwtSigningKey};
+    use std::time::SystemTime;
+    let Some(python) = py_spiffe() else { return };
+    let key = JwtSigningKey::generate().unwrap();
+    let mut bundle = JwtBundle::default();
+    bundle.add(&key);
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, bundle.to_jwks().to_string()).unwrap();
+    let id = latch_identity::SpiffeId::parse("spiffe://cluster.local/ns/demo/sa/web").unwrap();
+    let now = SystemTime::now();
+    let check = |token: &str, audience: &str| -> Value {
+        let output = std::process::Command::new(&python)
+            .args(["-c", PYJWT_CHECK])
+            .arg(&jwks)
+            .args([token, audience])
+            .env("PYTHONWARNINGS", "ignore")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let audience = vec!["db".to_string()];
+    let valid = key
+        .sign(&id, &audience, now, now + Duration::from_secs(300))
+        .unwrap();
+    let verdict = check(&valid, "db");
+    assert_eq!(verdict["claims"]["sub"], id.to_string(), "{verdict}");
+    assert_eq!(verdict["claims"]["aud"], serde_json::json!(["db"]));
+    assert_eq!(check(&valid, "other")["error"], "InvalidAudienceError");
+    let expired = key
+        .sign(
+            &id,
+            &audience,
+            now - Duration::from_secs(600),
+            now - Duration::from_secs(300),
+        )
+        .unwrap();
+    assert_eq!(check(&expired, "db")["error"], "ExpiredSignatureError");
+    let other = JwtSigningKey::generate().unwrap();
+    let mut parts: Vec<String> = valid.split('.').map(str::to_string).collect();
+    parts[2] = other
+        .sign(&id, &audience, now, now + Duration::from_secs(300))
+        .unwrap()
+        .rsplit('.')
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        check(&parts.join("."), "db")["error"],
+        "InvalidSignatureError"
+    );
+}
+
+/// Connects to the Unix socket `socket` `count` times as `uid` (each connection closed by the
+/// proxy at once); returns the connecting process's pid.
+fn connect_as(uid: u32, socket: &Path, count: u32) -> u32 {
+    let script = "import os, socket, sys\n\
+                  for _ in range(int(sys.argv[2])):\n    \
+                      s = socket.socket(socket.AF_UNIX)\n    \
+                      s.connect(sys.argv[1])\n    \
+                      s.recv(1)\n    \
+                      s.close()\n\
+                  print(os.getpid())";
+    let output = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .args(["--clear-groups", "--", "/usr/bin/python3", "-c", script])
+        .arg(socket)
+        .arg(count.to_string())
+        .current_dir("/")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The latch-proxy binary as an operator runs it: a refused uid is logged with its uid and pid,
+/// at most once a second with the number refused since the last line, and counted.
+#[test]
+fn the_proxy_logs_refused_uids_with_their_pid_at_most_once_a_second() {
+    use latch_testkit::processes::{ControlProcess, ProxySpec};
+    if !can_switch_uid() {
+        return;
+    }
+    let dir = shared_dir();
+    let mut control = ControlProcess::new(dir.path(), &dir.path().join("data"));
+    let _control = control.start();
+    let socket = dir.path().join("api/socket");
+    let mut spec = ProxySpec::new("logged", "1h");
+    spec.flags = vec![
+        "--workload-api".into(),
+        format!("unix://{}", socket.display()),
+        "--workload-api-allow-uid".into(),
+        APP_UID.to_string(),
+    ];
+    let proxy = spec.start(&control, dir.path());
+
+    let pid = connect_as(OTHER_UID, &socket, 5);
+    let line = format!("refused a connection from uid {OTHER_UID} (pid {pid})");
+    let lines = || {
+        proxy
+            .log()
+            .lines()
+            .filter(|l| l.contains("refused a connection"))
+            .count()
+    };
+    latch_testkit::wait_for(Duration::from_secs(5), || lines() >= 1);
+    assert!(proxy.log().contains(&line), "{}", proxy.log());
+    assert!(
+        proxy
+            .log()
+            .contains(&format!("--workload-api-allow-uid {OTHER_UID}")),
+        "the line names the flag that would allow it"
+    );
+    assert_eq!(lines(), 1, "five refusals within a second, one line");
+    std::thread::sleep(Duration::from_millis(1100));
+    connect_as(OTHER_UID, &socket, 1);
+    latch_testkit::wait_for(Duration::from_secs(5), || lines() >= 2);
+    let last = proxy
+        .log()
+        .lines()
+        .rev()
+        .find(|l| l.contains("refused a connection"))
+        .unwrap()
+        .to_string();
+    assert!(last.contains("refused_since_last_line=5"), "{last}");
+    let refused = latch_testkit::admin::metric_blocking(
+        &spec.admin,
+        "latch_proxy_workload_api_connections_refused_total",
+        &[],
+    );
+    assert_eq!(refused, 6.0);
+}
