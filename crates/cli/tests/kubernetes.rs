@@ -257,3 +257,116 @@ fn webhook_ca_bundle_prints_the_bundle_as_base64() {
     assert!(!output.status.success());
     assert!(text(&output).contains("trust bundle"), "{}", text(&output));
 }
+
+/// The checkov to run: on PATH, or where .ci/run installs it.
+fn checkov() -> Option<PathBuf> {
+    let installed = PathBuf::from("/opt/latch-ci/checkov/bin/checkov");
+    let candidates = [PathBuf::from("checkov"), installed];
+    let found = candidates.into_iter().find(|c| {
+        Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if found.is_none() {
+        let why = "checkov is not installed (pip install checkov)";
+        if std::env::var("LATCH_REQUIRE_CHECKOV").is_ok_and(|v| v == "1") {
+            panic!("{why}, and LATCH_REQUIRE_CHECKOV=1");
+        }
+        latch_testkit::skip::skipped(&format!(
+            "{why} (set LATCH_REQUIRE_CHECKOV=1 to fail instead)"
+        ));
+    }
+    found
+}
+
+/// checkov's failed checks over `dir`, as (check, resource, `place`).
+fn checkov_findings(checkov: &Path, dir: &Path, place: &str) -> Vec<(String, String, String)> {
+    // checkov finds no file under a path holding "..": give it the canonical one.
+    let dir = dir.canonicalize().unwrap();
+    let output = Command::new(checkov)
+        .args([
+            "--framework",
+            "kubernetes",
+            "-o",
+            "json",
+            "--quiet",
+            "--compact",
+            "-d",
+        ])
+        .arg(&dir)
+        .output()
+        .expect("checkov runs");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("checkov's JSON: {e}\n{}", text(&output)));
+    assert!(
+        report["summary"]["passed"].as_u64().unwrap_or(0) > 100,
+        "checkov checked next to nothing in {}: {report}",
+        dir.display()
+    );
+    let failed = report["results"]["failed_checks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    failed
+        .iter()
+        .map(|f| {
+            (
+                f["check_id"].as_str().unwrap().to_string(),
+                f["resource"].as_str().unwrap().to_string(),
+                place.to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The findings docs/kubernetes.md justifies: the rows of its checkov table.
+fn justified_findings() -> Vec<(String, String, String)> {
+    let doc = std::fs::read_to_string(repo().join("docs/kubernetes.md")).unwrap();
+    let table = doc
+        .split("| check | resource | where | why it stays |")
+        .nth(1)
+        .expect("docs/kubernetes.md has the checkov table");
+    table
+        .lines()
+        .skip(2)
+        .take_while(|line| line.starts_with('|'))
+        .map(|line| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            assert!(!cells[4].is_empty(), "a finding without a reason: {line}");
+            (
+                cells[1].to_string(),
+                cells[2].to_string(),
+                cells[3].to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn checkov_finds_nothing_but_the_justified_findings() {
+    let Some(checkov) = checkov() else {
+        return;
+    };
+    // Not tempdir()'s ".tmp..." name: checkov skips hidden folders.
+    let injected = tempfile::Builder::new()
+        .prefix("latch-checkov-")
+        .tempdir()
+        .unwrap();
+    latchctl_inject(
+        &kubernetes_dir().join("demo/demo.yaml"),
+        &injected.path().join("demo-injected.yaml"),
+    );
+    let mut found = checkov_findings(&checkov, &kubernetes_dir(), "install");
+    found.extend(checkov_findings(&checkov, injected.path(), "injected"));
+    found.sort();
+    let mut justified = justified_findings();
+    justified.sort();
+    let new: Vec<_> = found.iter().filter(|f| !justified.contains(f)).collect();
+    let gone: Vec<_> = justified.iter().filter(|j| !found.contains(j)).collect();
+    assert!(
+        new.is_empty() && gone.is_empty(),
+        "checkov findings not justified in docs/kubernetes.md: {new:?}\njustified there but no \
+         longer found (remove the row): {gone:?}"
+    );
+}
