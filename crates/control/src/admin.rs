@@ -276,6 +276,7 @@ impl AdminState {
         match self
             .revocations
             .revoke(&id, req.reason.trim(), SystemTime::now(), cover)
+            .await
         {
             Ok(revocation) => {
                 tracing::warn!(spiffe_id = %id, reason = %latch_admin::untrusted(&revocation.reason, 256), "revoked");

@@ -323,6 +323,15 @@ impl CertificateServer {
                 Status::permission_denied(latch_identity::client::reserved_refusal(proven.id())),
             ));
         }
+        if !self.revocations.is_loaded() {
+            return Err(Refusal::new(
+                "revocations_unavailable",
+                Status::unavailable(
+                    "the revocations kept in the Kubernetes API have not been read yet; retry \
+                     shortly",
+                ),
+            ));
+        }
         if let Some(revocation) = self.revocations.covering(proven.id(), proven.since()) {
             return Err(Refusal::new(
                 "revoked",

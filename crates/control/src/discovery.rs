@@ -156,6 +156,11 @@ impl DiscoveryServer {
             )));
         }
         let issued_at = info.issued_at();
+        if !self.revocations.is_loaded() {
+            return Err(Status::unavailable(
+                "the revocations kept in the Kubernetes API have not been read yet; retry shortly",
+            ));
+        }
         if let Some(revocation) = self.revocations.covering(&info.id, issued_at) {
             return Err(Status::permission_denied(format!(
                 "discovery refused: {}",

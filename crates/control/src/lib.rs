@@ -15,6 +15,7 @@ pub mod identity;
 pub mod kubernetes;
 pub mod mesh;
 pub mod metrics;
+pub mod revocation_secret;
 pub mod revocations;
 pub mod tls_incoming;
 pub mod token_secrets;
@@ -304,7 +305,25 @@ impl ControlPlane {
             !config.kubernetes_mesh,
         ));
 
-        let revocations = Arc::new(Revocations::open(data_dir.join("revocations.json"))?);
+        let revocations = match (&kube_client, &config.kubernetes) {
+            (Some(client), Some(access)) => {
+                // Shared by the replicas, and read before anything is issued: while the API
+                // cannot be read, issuance waits rather than forget a revocation.
+                let secret = revocation_secret::RevocationSecret::new(client.clone());
+                let entries = secret
+                    .load()
+                    .await
+                    .inspect_err(|e| {
+                        tracing::warn!("{e}; no SVID is issued until the watch has read them")
+                    })
+                    .ok();
+                let revocations = Arc::new(Revocations::shared(secret.clone(), entries));
+                let watch_client = access.watch_client().map_err(StartError::Config)?;
+                secret.follow(watch_client, revocations.clone(), &tracker, cancel.clone());
+                revocations
+            }
+            _ => Arc::new(Revocations::open(data_dir.join("revocations.json"))?),
+        };
         let issued = Arc::new(Issued::default());
         follow_revocations(&revocations, &mesh, &tracker, cancel.clone());
 

@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use tokio::sync::watch;
 
+use crate::revocation_secret::RevocationSecret;
+
 /// Longest reason kept (characters).
 pub const MAX_REASON_CHARS: usize = 256;
 
@@ -32,6 +34,15 @@ pub enum RevocationError {
     },
     #[error("revocation state file {path} is unreadable or corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "cannot {action} the revocations Secret {secret} in the Kubernetes API: {reason}; \
+         nothing was revoked, retry (and check latch-control's RBAC on Secrets of its namespace)"
+    )]
+    Shared {
+        secret: String,
+        action: &'static str,
+        reason: String,
+    },
 }
 
 /// One revoked identity.
@@ -70,17 +81,31 @@ impl Revocation {
     }
 }
 
+/// What `revocations.json` (and, with `--kubernetes`, the revocations Secret) holds.
 #[derive(Debug, Default, Serialize, Deserialize)]
-struct StateFile {
+pub(crate) struct StateFile {
     version: u32,
-    revocations: BTreeMap<String, Revocation>,
+    pub(crate) revocations: BTreeMap<String, Revocation>,
 }
 
-/// The revocations, in memory and on disk; `subscribe` wakes on every change.
+impl StateFile {
+    pub(crate) fn new(revocations: BTreeMap<String, Revocation>) -> Self {
+        Self {
+            version: 1,
+            revocations,
+        }
+    }
+}
+
+/// The revocations, in memory and on disk (or, with `--kubernetes`, in a Secret shared by the
+/// replicas: `revocation_secret`); `subscribe` wakes on every change.
 #[derive(Debug)]
 pub struct Revocations {
     entries: Mutex<BTreeMap<String, Revocation>>,
     state_path: Option<PathBuf>,
+    shared: Option<RevocationSecret>,
+    /// False while shared revocations could not be read yet: nothing is issued meanwhile.
+    loaded: std::sync::atomic::AtomicBool,
     changes: watch::Sender<u64>,
 }
 
@@ -94,8 +119,42 @@ impl Revocations {
         Self {
             entries: Mutex::new(BTreeMap::new()),
             state_path: None,
+            shared: None,
+            loaded: true.into(),
             changes: watch::Sender::new(0),
         }
+    }
+
+    /// Revocations kept in the Kubernetes API, starting from `entries`, what the Secret held at
+    /// start (`None` when it could not be read: `is_loaded` is false until the watch has read
+    /// it); `RevocationSecret::follow` keeps them current.
+    pub fn shared(secret: RevocationSecret, entries: Option<BTreeMap<String, Revocation>>) -> Self {
+        Self {
+            loaded: entries.is_some().into(),
+            entries: Mutex::new(entries.unwrap_or_default()),
+            state_path: None,
+            shared: Some(secret),
+            changes: watch::Sender::new(0),
+        }
+    }
+
+    /// Whether the revocations are known: false while shared ones have not been read yet.
+    pub fn is_loaded(&self) -> bool {
+        self.loaded.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Replaces every revocation with `entries` (what the shared Secret holds now); wakes the
+    /// subscribers when that is a change.
+    pub fn replace_all(&self, entries: BTreeMap<String, Revocation>) {
+        let mut current = self.lock();
+        self.loaded
+            .store(true, std::sync::atomic::Ordering::Release);
+        if *current == entries {
+            return;
+        }
+        *current = entries;
+        drop(current);
+        self.changes.send_modify(|generation| *generation += 1);
     }
 
     /// Loads the state file if present; later changes are written back to it.
@@ -120,13 +179,16 @@ impl Revocations {
         Ok(Self {
             entries: Mutex::new(entries),
             state_path: Some(state_path),
+            shared: None,
+            loaded: true.into(),
             changes: watch::Sender::new(0),
         })
     }
 
     /// Revokes every SVID of `id` issued up to `now`, for `reason`; kept until `now + cover`
     /// (the longest SVID lifetime plus the backdate). Revoking an ID again moves its time on.
-    pub fn revoke(
+    /// Recorded (on disk, or in the shared Secret) before it is returned.
+    pub async fn revoke(
         &self,
         id: &SpiffeId,
         reason: &str,
@@ -142,6 +204,11 @@ impl Revocations {
             reason: reason.chars().take(MAX_REASON_CHARS).collect(),
             expires_at: unix(now + cover),
         };
+        if let Some(secret) = &self.shared {
+            let entries = secret.add(&revocation, now).await?;
+            self.replace_all(entries);
+            return Ok(revocation);
+        }
         let mut entries = self.lock();
         let previous = entries.insert(id.to_string(), revocation.clone());
         if let Err(e) = self.persist(&entries) {
@@ -222,10 +289,7 @@ impl Revocations {
         let Some(path) = &self.state_path else {
             return Ok(());
         };
-        let state = StateFile {
-            version: 1,
-            revocations: entries.clone(),
-        };
+        let state = StateFile::new(entries.clone());
         let persist_err = |source| RevocationError::Persist {
             path: path.clone(),
             source,
@@ -289,8 +353,8 @@ mod tests {
 
     const HOUR: Duration = Duration::from_secs(3600);
 
-    #[test]
-    fn a_revocation_covers_what_was_issued_before_it_survives_a_restart_and_expires() {
+    #[tokio::test]
+    async fn a_revocation_covers_what_was_issued_before_it_survives_a_restart_and_expires() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("revocations.json");
         let revocations = Revocations::open(path.clone()).unwrap();
@@ -298,6 +362,7 @@ mod tests {
         let mut changes = revocations.subscribe();
         let r = revocations
             .revoke(&id(), "key leaked\nINFO forged", now, HOUR)
+            .await
             .unwrap();
         assert!(changes.has_changed().unwrap());
         changes.mark_unchanged();
@@ -327,8 +392,8 @@ mod tests {
         assert!(Revocations::open(path).unwrap().list(now).is_empty());
     }
 
-    #[test]
-    fn a_revocation_that_cannot_be_written_is_not_made() {
+    #[tokio::test]
+    async fn a_revocation_that_cannot_be_written_is_not_made() {
         let dir = tempfile::tempdir().unwrap();
         // A directory where the file should be: every write fails.
         let path = dir.path().join("revocations.json");
@@ -336,10 +401,13 @@ mod tests {
         let revocations = Revocations {
             entries: Mutex::new(BTreeMap::new()),
             state_path: Some(path),
+            shared: None,
+            loaded: true.into(),
             changes: watch::Sender::new(0),
         };
         let err = revocations
             .revoke(&id(), "test", SystemTime::now(), HOUR)
+            .await
             .unwrap_err();
         assert!(err.to_string().contains("nothing was revoked"), "{err}");
         assert!(revocations.list(SystemTime::now()).is_empty());

@@ -957,6 +957,7 @@ async fn a_revoked_proxy_loses_its_stream_and_cannot_open_another() {
             std::time::SystemTime::now(),
             Duration::from_secs(3600),
         )
+        .await
         .unwrap();
     // The revocation itself may be pushed first; then the stream ends.
     let status = loop {

@@ -1,5 +1,5 @@
-//! Join tokens across control-plane replicas (`--kubernetes`): two control planes share one
-//! fake Kubernetes API server, which keeps Secrets as the real one does (`fake_kube::
+//! Join tokens and revocations across control-plane replicas (`--kubernetes`): two control
+//! planes share one fake Kubernetes API server, which keeps Secrets as the real one does (`fake_kube::
 //! SecretStore`: resourceVersion on every write, 409 Conflict for a stale update, 409
 //! AlreadyExists for a taken name). They share the CA through `--ca-secret`, as the shipped
 //! Deployment's replicas do, and each has its own empty data dir (the Deployment's emptyDir).
@@ -10,10 +10,9 @@ mod fake_kube;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use fake_kube::{Call, SecretStore, not_found};
-use http_body_util::Full;
+use fake_kube::{AnyBody, Call, SecretStore, not_found};
+use http_body_util::BodyExt;
 use hyper::Response;
-use hyper::body::Bytes;
 use latch_control::ControlPlane;
 use latch_control::kubernetes::KubernetesAccess;
 use latch_identity::client::{CaClient, control_plane_id};
@@ -31,11 +30,11 @@ type Store = Arc<Mutex<SecretStore>>;
 
 async fn fake_api(store: Store) -> SocketAddr {
     fake_kube::serve(move |call: Call| {
-        let response: Response<Full<Bytes>> = store
+        let response: Response<AnyBody> = store
             .lock()
             .unwrap()
             .handle(&call)
-            .unwrap_or_else(|| not_found("unknown", &call.path));
+            .unwrap_or_else(|| not_found("unknown", &call.path).map(BodyExt::boxed));
         async move { response }
     })
     .await
@@ -96,6 +95,35 @@ impl Replica {
         assert_eq!(status, 201, "{answer}");
         let answer: Value = serde_json::from_str(&answer).unwrap();
         answer["token"].as_str().unwrap().to_string()
+    }
+
+    /// `latchctl identity revoke` through this replica's admin API.
+    async fn revoke(&self, id: &str) {
+        let credential = std::fs::read_to_string(&self.cp.admin_token_path).unwrap();
+        let body = format!(r#"{{"spiffe_id":"{id}","reason":"key leaked"}}"#);
+        let (status, answer) = latch_testkit::admin::request(
+            self.cp.admin_addr,
+            "POST",
+            "/v1/revocations",
+            Some(credential.trim()),
+            &body,
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 201, "{answer}");
+    }
+
+    /// The revoked IDs this replica enforces now.
+    fn revoked(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .cp
+            .revocations
+            .list(std::time::SystemTime::now())
+            .into_iter()
+            .map(|r| r.spiffe_id)
+            .collect();
+        ids.sort();
+        ids
     }
 
     /// One certificate request with `token`: the SPIFFE ID issued, or the refusal.
@@ -281,4 +309,105 @@ async fn expired_token_secrets_are_deleted_when_tokens_are_created() {
         "the expired token's Secret was deleted: {left:?}"
     );
     a.cp.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_made_on_one_replica_holds_on_every_replica_and_after_restarts() {
+    let store = Store::default();
+    let api = fake_api(store.clone()).await;
+    let (a, b) = (
+        Replica::start(api, None).await,
+        Replica::start(api, None).await,
+    );
+    let token = a.create_token(true).await;
+    assert_eq!(b.request(&token).await.unwrap(), WEB);
+
+    let revoked_at = std::time::Instant::now();
+    a.revoke(WEB).await;
+    assert_eq!(a.revoked(), [WEB], "in force at once where it was made");
+    latch_testkit::until(
+        "the other replica learns the revocation through its watch",
+        std::time::Duration::from_secs(5),
+        || b.revoked() == [WEB],
+    )
+    .await;
+    eprintln!(
+        "the other replica enforced the revocation {:?} after the admin API answered",
+        revoked_at.elapsed()
+    );
+    let refusal = b
+        .request(&token)
+        .await
+        .expect_err("the token predates the revocation");
+    latch_testkit::harness::assert_status(&refusal, Code::PermissionDenied, "was revoked at");
+
+    // Two revocations made at once on the two replicas both stay (compare-and-swap).
+    let (x, y) = (
+        "spiffe://cluster.local/ns/demo/sa/x",
+        "spiffe://cluster.local/ns/demo/sa/y",
+    );
+    tokio::join!(a.revoke(x), b.revoke(y));
+    let all = [WEB, x, y].map(String::from).to_vec();
+    latch_testkit::until(
+        "both replicas hold all three",
+        std::time::Duration::from_secs(5),
+        || a.revoked() == all && b.revoked() == all,
+    )
+    .await;
+
+    // A replica that starts with an empty data dir (a new pod) has them from the start.
+    b.cp.shutdown().await;
+    let c = Replica::start(api, None).await;
+    assert_eq!(c.revoked(), all);
+    a.cp.shutdown().await;
+    c.cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn nothing_is_issued_while_the_shared_revocations_cannot_be_read() {
+    // An API server that refuses every request with 403, as it does when the RBAC of
+    // deploy/kubernetes/20-rbac.yaml was not applied (kube-rs would retry a 503 for minutes).
+    let api = fake_kube::serve(|call: Call| async move {
+        fake_kube::respond(
+            hyper::StatusCode::FORBIDDEN,
+            fake_kube::status(
+                403,
+                "Forbidden",
+                "secrets",
+                &call.path,
+                "secrets is forbidden: User \"system:serviceaccount:latch-system:latch-control\" \
+                 cannot get resource \"secrets\" in API group \"\" in the namespace \"latch-system\""
+                    .into(),
+            ),
+        )
+    })
+    .await;
+    const TOKEN: &str = "configured-reusable-token-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = latch_testkit::loopback_config(dir.path().join("data"));
+    let mut kube_config = kube::Config::new(format!("http://{api}").parse().unwrap());
+    kube_config.default_namespace = NAMESPACE.to_string();
+    config.kubernetes = Some(KubernetesAccess::Config(Box::new(kube_config)));
+    let path = dir.path().join("latch.yaml");
+    std::fs::write(
+        &path,
+        format!("join_tokens:\n  - spiffe_id: {WEB}\n    token: {TOKEN}\n    reusable: true\n"),
+    )
+    .unwrap();
+    config.config_file = Some(path);
+    let cp = ControlPlane::start(config)
+        .await
+        .expect("starts without the API: the revocations are read once it answers");
+    let replica = Replica { cp, _dir: dir };
+    let refusal = replica
+        .request(TOKEN)
+        .await
+        .expect_err("a revoked ID could otherwise get an SVID");
+    latch_testkit::harness::assert_status(
+        &refusal,
+        Code::Unavailable,
+        "the revocations kept in the Kubernetes API have not been read yet",
+    );
+    assert_eq!(replica.cp.metrics.issued_total(), 0);
+    replica.cp.shutdown().await;
 }

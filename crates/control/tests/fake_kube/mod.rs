@@ -153,9 +153,11 @@ where
 
 /// Secrets kept the way the API server keeps them, for the endpoints under
 /// `/api/v1/namespaces/{namespace}/secrets`: create (201; 409 AlreadyExists for a taken name),
-/// get (404 when absent), list with an equality `labelSelector`, update by PUT (404 when
-/// absent; 409 Conflict when the body names a `resourceVersion` that is no longer current; no
-/// version means an unconditional update) and delete. Every write takes a new
+/// get (404 when absent), list with an equality `labelSelector` or `fieldSelector`
+/// (`metadata.name=`), update by PUT (404 when absent; 409 Conflict when the body names a
+/// `resourceVersion` that is no longer current; no version means an unconditional update),
+/// delete, and watch (`watch=true`: every change after the given `resourceVersion`, as
+/// ADDED/MODIFIED/DELETED events, then each new one as it happens). Every write takes a new
 /// `resourceVersion` from one counter, as etcd's revision does.
 #[allow(dead_code)]
 #[derive(Default)]
@@ -164,6 +166,23 @@ pub struct SecretStore {
     revision: u64,
     /// Writes answered 409 Conflict (a lost compare-and-swap).
     pub conflicts: usize,
+    /// Every change: (resourceVersion, namespace, watch event).
+    history: Vec<(u64, String, Value)>,
+    /// Open watches: namespace, name filter, where to send.
+    watches: Vec<(String, Option<String>, mpsc::UnboundedSender<Value>)>,
+}
+
+/// A selector's `key=value`, percent-decoded.
+fn selector(value: &str) -> (String, String) {
+    let decoded = value
+        .replace("%2F", "/")
+        .replace("%2f", "/")
+        .replace("%3D", "=")
+        .replace("%3d", "=");
+    match decoded.split_once('=') {
+        Some((k, v)) => (k.to_string(), v.to_string()),
+        None => (decoded, String::new()),
+    }
 }
 
 #[allow(dead_code)]
@@ -174,7 +193,58 @@ impl SecretStore {
     }
 
     /// Answers `call` when it is for Secrets; `None` otherwise.
-    pub fn handle(&mut self, call: &Call) -> Option<Response<Full<Bytes>>> {
+    pub fn handle(&mut self, call: &Call) -> Option<Response<AnyBody>> {
+        if call.method == Method::GET && call.param("watch") == Some("true") {
+            let parts: Vec<&str> = call.path.trim_start_matches('/').split('/').collect();
+            if let ["api", "v1", "namespaces", namespace, "secrets"] = parts.as_slice() {
+                return Some(self.watch(namespace, call));
+            }
+        }
+        self.handle_plain(call).map(|r| r.map(BodyExt::boxed))
+    }
+
+    fn watch(&mut self, namespace: &str, call: &Call) -> Response<AnyBody> {
+        let name = call
+            .param("fieldSelector")
+            .map(selector)
+            .filter(|(k, _)| k == "metadata.name")
+            .map(|(_, v)| v);
+        let since: u64 = call
+            .param("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let (events, response) = watch_stream();
+        for (version, ns, event) in &self.history {
+            let matches = ns == namespace
+                && name
+                    .as_deref()
+                    .is_none_or(|n| event["object"]["metadata"]["name"] == n);
+            if *version > since && matches {
+                let _ = events.send(event.clone());
+            }
+        }
+        self.watches.push((namespace.to_string(), name, events));
+        response
+    }
+
+    /// Records a change and sends it to the watches it concerns.
+    fn changed(&mut self, namespace: &str, kind: &str, object: &Value) {
+        let event = json!({"type": kind, "object": object});
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        self.history
+            .push((1000 + self.revision, namespace.to_string(), event.clone()));
+        self.watches.retain(|(ns, filter, events)| {
+            if ns != namespace || filter.as_ref().is_some_and(|f| *f != name) {
+                return !events.is_closed();
+            }
+            events.send(event.clone()).is_ok()
+        });
+    }
+
+    fn handle_plain(&mut self, call: &Call) -> Option<Response<Full<Bytes>>> {
         let parts: Vec<&str> = call.path.trim_start_matches('/').split('/').collect();
         let (namespace, name) = match parts.as_slice() {
             ["api", "v1", "namespaces", namespace, "secrets"] => (namespace.to_string(), None),
@@ -185,22 +255,30 @@ impl SecretStore {
         };
         Some(match (&call.method, name) {
             (&Method::POST, None) => self.create(namespace, call.body.clone()),
-            (&Method::GET, None) => self.list(&namespace, call.param("labelSelector")),
+            (&Method::GET, None) => self.list(
+                &namespace,
+                call.param("labelSelector"),
+                call.param("fieldSelector"),
+            ),
             (&Method::GET, Some(name)) => match self.objects.get(&(namespace, name.clone())) {
                 Some(object) => respond(StatusCode::OK, object.clone()),
                 None => not_found("secrets", &name),
             },
             (&Method::PUT, Some(name)) => self.update(namespace, name, call.body.clone()),
             (&Method::DELETE, Some(name)) => {
-                match self.objects.remove(&(namespace, name.clone())) {
-                    Some(_) => respond(
-                        StatusCode::OK,
-                        json!({
-                            "kind": "Status", "apiVersion": "v1", "metadata": {},
-                            "status": "Success",
-                            "details": {"name": name, "kind": "secrets", "uid": "deleted"}
-                        }),
-                    ),
+                match self.objects.remove(&(namespace.clone(), name.clone())) {
+                    Some(object) => {
+                        self.revision += 1;
+                        self.changed(&namespace, "DELETED", &object);
+                        respond(
+                            StatusCode::OK,
+                            json!({
+                                "kind": "Status", "apiVersion": "v1", "metadata": {},
+                                "status": "Success",
+                                "details": {"name": name, "kind": "secrets", "uid": "deleted"}
+                            }),
+                        )
+                    }
                     None => not_found("secrets", &name),
                 }
             }
@@ -263,6 +341,7 @@ impl SecretStore {
         body["kind"] = json!("Secret");
         body["apiVersion"] = json!("v1");
         self.objects.insert(key, body.clone());
+        self.changed(&namespace, "ADDED", &body);
         respond(StatusCode::CREATED, body)
     }
 
@@ -303,24 +382,24 @@ impl SecretStore {
         metadata["namespace"] = json!(key.0);
         body["kind"] = json!("Secret");
         body["apiVersion"] = json!("v1");
+        let namespace = key.0.clone();
         self.objects.insert(key, body.clone());
+        self.changed(&namespace, "MODIFIED", &body);
         respond(StatusCode::OK, body)
     }
 
-    fn list(&self, namespace: &str, selector: Option<&str>) -> Response<Full<Bytes>> {
+    fn list(
+        &self,
+        namespace: &str,
+        labels: Option<&str>,
+        fields: Option<&str>,
+    ) -> Response<Full<Bytes>> {
         // `key=value` (percent-encoded by the client); one equality requirement is enough here.
-        let wanted = selector.map(|s| {
-            let decoded = s
-                .replace("%2F", "/")
-                .replace("%2f", "/")
-                .replace("%3D", "=")
-                .replace("%3d", "=");
-            let (k, v) = decoded
-                .split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .unwrap_or((decoded.clone(), String::new()));
-            (k, v)
-        });
+        let wanted = labels.map(selector);
+        let name = fields
+            .map(selector)
+            .filter(|(k, _)| k == "metadata.name")
+            .map(|(_, v)| v);
         let items: Vec<Value> = self
             .objects
             .iter()
@@ -329,6 +408,7 @@ impl SecretStore {
                 None => true,
                 Some((k, v)) => object["metadata"]["labels"][k.as_str()] == json!(v),
             })
+            .filter(|((_, n), _)| name.as_ref().is_none_or(|name| name == n))
             .map(|(_, object)| object.clone())
             .collect();
         respond(
