@@ -3,8 +3,10 @@
 //! the `prevResult` a bridge plugin returns. Asserts the rules with iptables-save and
 //! ip6tables-save inside the namespace, the traffic through them (nginx on the capture ports
 //! stands in for the proxy), the result and error JSON the specification prescribes, DEL after a
-//! failed ADD, and CHECK after the rules were removed by hand. Needs root (see
-//! crates/testkit/src/netns.rs).
+//! failed ADD, and CHECK after the rules were removed by hand. The last test installs it with
+//! its own installer into a conflist after the reference `bridge` plugin and runs the chain as
+//! libcni does (the real bridge's result as `prevResult`). Needs root (see
+//! crates/testkit/src/netns.rs) and, for the last test, Debian's containernetworking-plugins.
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -463,4 +465,253 @@ fn latch_cni_leaves_unmeshed_pods_alone_and_follows_the_spec_at_the_edges() {
     missing.netns = "/var/run/netns/latch-cni-test-no-such-namespace".into();
     let out = missing.run();
     assert_eq!(stdout_json(&out)["code"], 3, "{}", describe(&out));
+}
+
+/// Where Debian's containernetworking-plugins puts the reference plugins.
+const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+
+/// A network namespace made by this test, deleted (with its interfaces) on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(role: &str) -> Self {
+        let name = format!("latch-cnirt-{role}-{}", std::process::id());
+        let ok = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("run ip");
+            assert!(out.status.success(), "ip {args:?}: {}", describe(&out));
+        };
+        ok(&["netns", "add", &name]);
+        let netns = Self(name);
+        ok(&["-n", &netns.0, "link", "set", "lo", "up"]);
+        netns
+    }
+
+    fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.0)
+    }
+
+    /// `ip netns exec <ns> cmd`, as root.
+    fn command(&self, cmd: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.0]).arg(cmd);
+        command
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// Runs one plugin of `list` as libcni does: the plugin's entry with the list's `name` and
+/// `cniVersion`, the previous plugin's result as `prevResult`, the binary found on CNI_PATH;
+/// in the `node` namespace, so the bridge it makes is not on the host.
+fn run_listed_plugin(
+    node: &Netns,
+    cni_path: &[&Path],
+    list: &Value,
+    plugin: &Value,
+    command: &str,
+    pod: &Netns,
+    prev: Option<&Value>,
+) -> Output {
+    let mut conf = plugin.clone();
+    conf["name"] = list["name"].clone();
+    conf["cniVersion"] = list["cniVersion"].clone();
+    if let Some(prev) = prev {
+        conf["prevResult"] = prev.clone();
+    }
+    let kind = plugin["type"].as_str().expect("plugin type");
+    let binary = cni_path
+        .iter()
+        .map(|dir| dir.join(kind))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("plugin {kind} not on CNI_PATH {cni_path:?}"));
+    let joined = cni_path
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    let mut child = node
+        .command(&binary)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", CONTAINER_ID)
+        .env("CNI_NETNS", pod.path())
+        .env("CNI_IFNAME", "eth0")
+        .env(
+            "CNI_ARGS",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0",
+        )
+        .env("CNI_PATH", &joined)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run plugin");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(conf.to_string().as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("wait for plugin")
+}
+
+#[test]
+fn latch_cni_installed_by_its_installer_chains_after_the_reference_bridge_plugin() {
+    if !require_netns_with(&["iptables-save", "python3"]) {
+        return;
+    }
+    if !Path::new(REFERENCE_PLUGINS).join("bridge").exists() {
+        let why = format!(
+            "needs the reference CNI plugins in {REFERENCE_PLUGINS} (Debian: \
+             containernetworking-plugins)"
+        );
+        if std::env::var("LATCH_REQUIRE_NETNS").is_ok_and(|v| v == "1") {
+            panic!("LATCH_REQUIRE_NETNS=1 but this machine lacks them: {why}");
+        }
+        latch_testkit::skip::skipped(&why);
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (bin_dir, conf_dir) = (dir.path().join("bin"), dir.path().join("net.d"));
+    std::fs::create_dir_all(&bin_dir).expect("mkdir");
+    std::fs::create_dir_all(&conf_dir).expect("mkdir");
+    // The node's network: a bridge plugin with host-local addresses, as many clusters have.
+    let bridge_list = json!({
+        "cniVersion": "1.0.0",
+        "name": "latch-test-net",
+        "plugins": [{
+            "type": "bridge", "bridge": "cni-ltest", "isGateway": true, "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": "10.251.0.0/24"}]],
+                "dataDir": dir.path().join("ipam"),
+            },
+        }],
+    });
+    let conflist = conf_dir.join("10-bridge.conflist");
+    std::fs::write(&conflist, bridge_list.to_string()).expect("write conflist");
+    let entry = dir.path().join("plugin.json");
+    std::fs::write(&entry, r#"{"captureNamespaces": ["shop"]}"#).expect("write entry");
+
+    // The DaemonSet's installer, once.
+    let dirs = |command: &str| {
+        let mut c = Command::new(workspace_binary("latch-cni"));
+        c.env_remove("CNI_COMMAND")
+            .arg(command)
+            .arg("--bin-dir")
+            .arg(&bin_dir)
+            .arg("--conf-dir")
+            .arg(&conf_dir);
+        c
+    };
+    let out = dirs("install")
+        .arg("--plugin-config")
+        .arg(&entry)
+        .output()
+        .expect("latch-cni install");
+    assert!(out.status.success(), "install: {}", describe(&out));
+    let list: Value =
+        serde_json::from_str(&std::fs::read_to_string(&conflist).expect("read")).expect("json");
+    let types: Vec<&str> = list["plugins"]
+        .as_array()
+        .expect("plugins")
+        .iter()
+        .filter_map(|p| p["type"].as_str())
+        .collect();
+    assert_eq!(types, ["bridge", "latch-cni"], "{list}");
+
+    // The runtime's ADD: each plugin in order, each given the previous one's result.
+    let node = Netns::new("node");
+    let pod = Netns::new("pod");
+    let cni_path = [bin_dir.as_path(), Path::new(REFERENCE_PLUGINS)];
+    let plugins = list["plugins"].as_array().expect("plugins").clone();
+    let mut results: Vec<Value> = Vec::new();
+    for plugin in &plugins {
+        let out = run_listed_plugin(&node, &cni_path, &list, plugin, "ADD", &pod, results.last());
+        assert!(
+            out.status.success(),
+            "ADD {}: {}",
+            plugin["type"],
+            describe(&out)
+        );
+        results.push(stdout_json(&out));
+    }
+    let (bridge, latch) = (&results[0], &results[1]);
+    assert_eq!(
+        latch, bridge,
+        "latch-cni must return the bridge's result unchanged"
+    );
+    let address = bridge["ips"][0]["address"].as_str().unwrap_or_default();
+    assert!(address.starts_with("10.251.0."), "{bridge}");
+    let rules = pod
+        .command("iptables-save")
+        .args(["-t", "nat"])
+        .output()
+        .expect("save");
+    let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
+    assert!(rules.contains("-j REDIRECT --to-ports 15001"), "{rules}");
+
+    // The pod's connection to the node's bridge address reaches a listener on 15001 in the
+    // pod (nothing listens on the node).
+    let mut listener = pod.command("python3");
+    listener.args([
+        "-c",
+        "import socket\n\
+         s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         s.bind(('0.0.0.0', 15001)); s.listen(8); print('listening', flush=True)\n\
+         while True:\n\
+         \x20   c, _ = s.accept(); c.recv(4096)\n\
+         \x20   c.sendall(b'HTTP/1.0 200 OK\\r\\nContent-Length: 8\\r\\n\\r\\ncaptured'); c.close()\n",
+    ]);
+    let listener = latch_testkit::Child::spawn(
+        "capture listener",
+        listener,
+        &dir.path().join("listener.log"),
+    )
+    .expect("start the listener");
+    listener.wait_until(std::time::Duration::from_secs(10), "listening", || {
+        listener.log().contains("listening")
+    });
+    let curl = pod
+        .command("curl")
+        .args(["-sS", "--max-time", "5", "http://10.251.0.1:80/"])
+        .output()
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&curl.stdout),
+        "captured",
+        "{}",
+        describe(&curl)
+    );
+    drop(listener);
+
+    // The runtime's DEL: in reverse order, with the cached result.
+    for plugin in plugins.iter().rev() {
+        let out = run_listed_plugin(&node, &cni_path, &list, plugin, "DEL", &pod, Some(latch));
+        assert!(
+            out.status.success(),
+            "DEL {}: {}",
+            plugin["type"],
+            describe(&out)
+        );
+    }
+    let rules = pod
+        .command("iptables-save")
+        .args(["-t", "nat"])
+        .output()
+        .expect("save");
+    assert!(!String::from_utf8_lossy(&rules.stdout).contains("LATCH"));
+
+    // The installer's uninstall leaves the node as it was.
+    let out = dirs("uninstall").output().expect("latch-cni uninstall");
+    assert!(out.status.success(), "uninstall: {}", describe(&out));
+    let list: Value =
+        serde_json::from_str(&std::fs::read_to_string(&conflist).expect("read")).expect("json");
+    assert_eq!(list["plugins"], bridge_list["plugins"]);
+    assert!(!bin_dir.join("latch-cni").exists());
 }
