@@ -295,6 +295,32 @@ fn latch_cni_captures_a_pod_as_a_runtime_runs_it() {
     assert!(out.status.success(), "CHECK: {}", describe(&out));
     assert!(out.stdout.is_empty(), "CHECK prints nothing on success");
 
+    // A RETURN slipped in ahead of the REDIRECT keeps every expected rule in place but lets
+    // the app's traffic around the "proxy": CHECK fails on it too.
+    app.run(
+        "iptables",
+        &["-t", "nat", "-I", "LATCH_OUTPUT", "1", "-j", "RETURN"],
+    );
+    assert_eq!(app.curl(&Pod::url(peer.ip(), 80)).as_deref(), Ok(PEER));
+    let out = check.run();
+    assert!(!out.status.success(), "CHECK passed with a bypass rule");
+    let error = stdout_json(&out);
+    assert_eq!(error["code"], 101, "{error}");
+    assert!(
+        error["details"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("LATCH_OUTPUT: it holds 1 rule(s) Latch did not write"),
+        "{error}"
+    );
+    app.run("iptables", &["-t", "nat", "-D", "LATCH_OUTPUT", "1"]);
+    let out = check.run();
+    assert!(
+        out.status.success(),
+        "CHECK after the repair: {}",
+        describe(&out)
+    );
+
     // Someone removes the outbound REDIRECT by hand: the app's traffic now bypasses the
     // "proxy", and CHECK says so with the spec's error object.
     app.run(

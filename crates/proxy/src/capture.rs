@@ -276,7 +276,7 @@ impl CaptureRules {
                 .saturating_sub(expected);
             if extra > 0 {
                 missing.push(format!(
-                    "(only Latch's rules in {chain}: {extra} more found)"
+                    "(nothing else in {chain}: it holds {extra} rule(s) Latch did not write)"
                 ));
             }
         }
