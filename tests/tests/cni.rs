@@ -33,6 +33,8 @@ struct Invocation<'a> {
     stdin: Value,
     /// Folders searched before the runtime's PATH (a broken tool, to make ADD fail).
     path_prefix: Option<&'a Path>,
+    /// Search only `path_prefix` (a node without iptables).
+    only_prefix: bool,
 }
 
 impl<'a> Invocation<'a> {
@@ -47,12 +49,14 @@ impl<'a> Invocation<'a> {
             ),
             stdin,
             path_prefix: None,
+            only_prefix: false,
         }
     }
 
     fn run(&self) -> Output {
         let path = std::env::var("PATH").unwrap_or_default();
         let path = match self.path_prefix {
+            Some(dir) if self.only_prefix => dir.display().to_string(),
             Some(dir) => format!("{}:{path}", dir.display()),
             None => path,
         };
@@ -483,6 +487,23 @@ fn latch_cni_leaves_unmeshed_pods_alone_and_follows_the_spec_at_the_edges() {
     assert!(
         out.status.success(),
         "DEL without CNI_NETNS: {}",
+        describe(&out)
+    );
+
+    // DEL on a node without iptables: no rule can have been installed, so it succeeds.
+    let empty = tempfile::tempdir().expect("temp dir");
+    let mut no_iptables = Invocation::new("DEL", &app, "shop", config(None));
+    no_iptables.path_prefix = Some(empty.path());
+    no_iptables.only_prefix = true;
+    let out = no_iptables.run();
+    assert!(
+        out.status.success(),
+        "DEL without iptables: {}",
+        describe(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("iptables is not installed"),
+        "{}",
         describe(&out)
     );
 

@@ -105,13 +105,26 @@ fn del(env: &Env) -> Result<(), CniError> {
             ));
         }
     }
-    capture::uninstall().map_err(|e| {
-        CniError::new(
-            code::CAPTURE_FAILED,
-            format!("cannot remove Latch's capture rules of {}", env.pod_label()),
-            e.to_string(),
-        )
-    })
+    match capture::uninstall() {
+        // Without iptables on the node no ADD could have installed a rule: nothing to remove,
+        // and failing would keep the pod from ever being deleted.
+        Err(capture::CaptureError::Spawn { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            log(&format!(
+                "DEL {}: iptables is not installed, so no rule can be there",
+                env.pod_label()
+            ));
+            Ok(())
+        }
+        other => other.map_err(|e| {
+            CniError::new(
+                code::CAPTURE_FAILED,
+                format!("cannot remove Latch's capture rules of {}", env.pod_label()),
+                e.to_string(),
+            )
+        }),
+    }
 }
 
 /// Verifies that a captured pod still has every rule of each family it needs: IPv4 always,
