@@ -507,6 +507,23 @@ fn latch_cni_leaves_unmeshed_pods_alone_and_follows_the_spec_at_the_edges() {
         describe(&out)
     );
 
+    // STATUS and GC (1.1.0 only): ready when the node has iptables-restore, not otherwise.
+    let mut v11 = config(None);
+    v11["cniVersion"] = json!("1.1.0");
+    for command in ["STATUS", "GC"] {
+        let out = Invocation::new(command, &app, "shop", v11.clone()).run();
+        assert!(out.status.success(), "{command}: {}", describe(&out));
+        let out = Invocation::new(command, &app, "shop", config(None)).run();
+        assert_eq!(stdout_json(&out)["code"], 1, "{command} with 1.0.0");
+    }
+    let mut status = Invocation::new("STATUS", &app, "shop", v11);
+    status.path_prefix = Some(empty.path());
+    status.only_prefix = true;
+    let out = status.run();
+    let error = stdout_json(&out);
+    assert_eq!(error["code"], 50, "STATUS without iptables: {error}");
+    assert_eq!(error["cniVersion"], "1.1.0", "{error}");
+
     // ADD into a namespace that does not exist fails with code 3 ("container unknown").
     let mut missing = Invocation::new("ADD", &app, "shop", config(Some(prev)));
     missing.netns = "/var/run/netns/latch-cni-test-no-such-namespace".into();

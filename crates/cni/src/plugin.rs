@@ -11,9 +11,6 @@ use crate::config::{Decision, PluginConfig};
 use crate::netns::{self, NetnsError};
 use crate::spec::{CniError, Command, Env, NetConf, code, version_info};
 
-/// The error code STATUS answers with (specification 1.1: "the plugin is not available").
-const NOT_AVAILABLE: u32 = 50;
-
 /// Runs `command`; `Ok(Some(json))` is printed on stdout, `Ok(None)` prints nothing.
 pub fn run(command: Command, env: &Env, stdin: &[u8]) -> Result<Option<Value>, CniError> {
     if command == Command::Version {
@@ -27,7 +24,7 @@ pub fn run(command: Command, env: &Env, stdin: &[u8]) -> Result<Option<Value>, C
         Command::Check => check(env, &conf).map(|()| None),
         Command::Status => status(&conf).map(|()| None),
         Command::Gc => gc(&conf).map(|()| None),
-        Command::Version => unreachable!("answered above"),
+        Command::Version => Ok(Some(version_info(stdin))),
     };
     result.map_err(|e| e.in_version(&version))
 }
@@ -190,7 +187,7 @@ fn status(conf: &NetConf) -> Result<(), CniError> {
     match probe {
         Ok(out) if out.status.success() => Ok(()),
         other => Err(CniError::new(
-            NOT_AVAILABLE,
+            code::NOT_AVAILABLE,
             "latch-cni cannot install capture rules on this node",
             format!(
                 "iptables-restore --version: {}; install iptables on the node (it must be on \

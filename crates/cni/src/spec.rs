@@ -23,6 +23,8 @@ pub mod code {
     pub const IO_FAILURE: u32 = 5;
     pub const DECODE_FAILURE: u32 = 6;
     pub const INVALID_CONFIG: u32 = 7;
+    /// STATUS (1.1.0): the plugin cannot serve ADD on this node.
+    pub const NOT_AVAILABLE: u32 = 50;
     /// Latch's own: the capture rules could not be installed or removed.
     pub const CAPTURE_FAILED: u32 = 100;
     /// Latch's own: CHECK found the capture rules missing or altered.
