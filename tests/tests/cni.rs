@@ -208,7 +208,9 @@ fn latch_cni_captures_a_pod_as_a_runtime_runs_it() {
     let prev = bridge_result(&app);
 
     // VERSION lists every supported version.
-    let out = Invocation::new("VERSION", &app, "shop", json!({"cniVersion": "1.0.0"})).run();
+    let mut version = Invocation::new("VERSION", &app, "shop", json!({"cniVersion": "1.0.0"}));
+    version.args = "malformed".into();
+    let out = version.run();
     assert!(out.status.success(), "{}", describe(&out));
     let version = stdout_json(&out);
     assert_eq!(version["cniVersion"], "1.0.0");
@@ -434,6 +436,39 @@ fn latch_cni_leaves_unmeshed_pods_alone_and_follows_the_spec_at_the_edges() {
         assert_eq!(stdout_json(&out), prev);
         assert_eq!(latch_rules(&app, "iptables-save"), Vec::<String>::new());
     }
+
+    // An IPv4-only pod on a node whose ip6tables-restore fails: no IPv6 traffic can get
+    // around the proxy, so ADD installs the IPv4 rules and says why on stderr.
+    let v4_net = TestNet::new("cni-v4");
+    let v4_pod = v4_net.add_pod("app");
+    let broken = broken_ip6tables(v4_net.dir());
+    let mut add = Invocation::new("ADD", &v4_pod, "shop", config(Some(bridge_result(&v4_pod))));
+    add.path_prefix = Some(&broken);
+    let out = add.run();
+    assert!(
+        out.status.success(),
+        "ADD on an IPv4-only pod: {}",
+        describe(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("IPv4 capture rules only"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!latch_rules(&v4_pod, "iptables-save").is_empty());
+    assert_eq!(latch_rules(&v4_pod, "ip6tables-save"), Vec::<String>::new());
+    let out = Invocation::new(
+        "CHECK",
+        &v4_pod,
+        "shop",
+        config(Some(bridge_result(&v4_pod))),
+    )
+    .run();
+    assert!(
+        out.status.success(),
+        "CHECK on an IPv4-only pod: {}",
+        describe(&out)
+    );
 
     // An older configuration version gets its result back in that version.
     let mut old = prev.clone();
