@@ -525,6 +525,13 @@ fn latch_cni_leaves_unmeshed_pods_alone_and_follows_the_spec_at_the_edges() {
         describe(&out)
     );
 
+    // A malformed CNI_ARGS is code 4, in the configuration's version.
+    let mut malformed = Invocation::new("DEL", &app, "shop", config(None));
+    malformed.args = "K8S_POD_NAMESPACE=shop;oops".into();
+    let error = stdout_json(&malformed.run());
+    assert_eq!(error["code"], 4, "{error}");
+    assert_eq!(error["cniVersion"], "1.0.0", "{error}");
+
     // DEL on a node without iptables: no rule can have been installed, so it succeeds.
     let empty = tempfile::tempdir().expect("temp dir");
     let mut no_iptables = Invocation::new("DEL", &app, "shop", config(None));

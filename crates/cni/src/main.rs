@@ -78,18 +78,20 @@ fn main() -> ExitCode {
 /// One CNI invocation: the result (or nothing) on stdout and exit 0, or the error object on
 /// stdout and exit 1.
 fn run_plugin(command: &str) -> ExitCode {
+    let mut stdin = Vec::new();
+    let read = std::io::stdin().read_to_end(&mut stdin);
+    // Errors are reported in the configuration's version, also those found before it is read.
+    let version = spec::asked_version(&stdin);
     let outcome = Command::parse(command).and_then(|command| {
+        read.map_err(|e| CniError::new(code::IO_FAILURE, "cannot read stdin", e.to_string()))?;
         let env = match Env::read(|name| std::env::var(name).ok()) {
             // VERSION needs no environment: a runtime probing versions must get an answer.
             Err(_) if command == Command::Version => Env::default(),
             other => other?,
         };
-        let mut stdin = Vec::new();
-        std::io::stdin()
-            .read_to_end(&mut stdin)
-            .map_err(|e| CniError::new(code::IO_FAILURE, "cannot read stdin", e.to_string()))?;
         plugin::run(command, &env, &stdin)
     });
+    let outcome = outcome.map_err(|e| e.in_version(&version));
     let (json, status) = match outcome {
         Ok(None) => return ExitCode::SUCCESS,
         Ok(Some(result)) => (result, ExitCode::SUCCESS),

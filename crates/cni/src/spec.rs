@@ -220,15 +220,19 @@ fn version_key(version: &str) -> Vec<u32> {
     version.split('.').map(|p| p.parse().unwrap_or(0)).collect()
 }
 
-/// VERSION's answer: the version asked for (or the newest) and every supported one.
-pub fn version_info(stdin: &[u8]) -> Value {
-    let asked = serde_json::from_slice::<Value>(stdin)
+/// The `cniVersion` stdin asks for when we support it, else the newest.
+pub fn asked_version(stdin: &[u8]) -> String {
+    serde_json::from_slice::<Value>(stdin)
         .ok()
         .and_then(|v| v.get("cniVersion")?.as_str().map(str::to_string))
         .filter(|v| SUPPORTED_VERSIONS.contains(&v.as_str()))
-        .unwrap_or_else(|| LATEST_VERSION.to_string());
+        .unwrap_or_else(|| LATEST_VERSION.to_string())
+}
+
+/// VERSION's answer: the version asked for (or the newest) and every supported one.
+pub fn version_info(stdin: &[u8]) -> Value {
     serde_json::json!({
-        "cniVersion": asked,
+        "cniVersion": asked_version(stdin),
         "supportedVersions": SUPPORTED_VERSIONS,
     })
 }
