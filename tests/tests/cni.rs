@@ -470,6 +470,38 @@ fn latch_cni_leaves_unmeshed_pods_alone_and_follows_the_spec_at_the_edges() {
         describe(&out)
     );
 
+    // `latch-cni wait`, as the unprivileged init container of the pod would run it: it fails
+    // while the pod is not captured and says what to check; the proxy's uid is refused.
+    let binary = workspace_binary("latch-cni");
+    let binary = binary.to_str().expect("utf-8 path");
+    let wait = |uid: &str| {
+        app.exec(
+            "setpriv",
+            &[
+                "--reuid",
+                uid,
+                "--regid",
+                uid,
+                "--clear-groups",
+                binary,
+                "wait",
+                "--timeout",
+                "2s",
+            ],
+        )
+    };
+    let out = wait("65532");
+    assert!(!out.status.success(), "wait passed without rules");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the capture rules are not in place"),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&wait("1337").stderr).contains("the proxy's"),
+        "wait as the proxy's uid must be refused"
+    );
+
     // An older configuration version gets its result back in that version.
     let mut old = prev.clone();
     old["cniVersion"] = json!("0.4.0");
@@ -479,6 +511,12 @@ fn latch_cni_leaves_unmeshed_pods_alone_and_follows_the_spec_at_the_edges() {
     assert!(out.status.success(), "{}", describe(&out));
     assert_eq!(stdout_json(&out), old);
     assert!(!latch_rules(&app, "iptables-save").is_empty());
+    let out = wait("65532");
+    assert!(
+        out.status.success(),
+        "wait with the rules: {}",
+        describe(&out)
+    );
     let out = Invocation::new("DEL", &app, "shop", conf).run();
     assert!(out.status.success(), "{}", describe(&out));
 

@@ -1,14 +1,15 @@
 //! `latch-cni`: with `CNI_COMMAND` set, a chained CNI plugin run by the container runtime
 //! (reads the configuration on stdin, writes the result or the error object on stdout, exits
 //! non-zero on error); otherwise the node installer the DaemonSet runs (`install`,
-//! `uninstall`). The commands are in `plugin.rs`, the protocol in `spec.rs`, who is captured
-//! in `config.rs`.
+//! `uninstall`), or the in-pod check that the capture works (`wait`). The commands are in
+//! `plugin.rs`, the protocol in `spec.rs`, who is captured in `config.rs`.
 
 mod config;
 mod install;
 mod netns;
 mod plugin;
 mod spec;
+mod wait;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -49,6 +50,15 @@ enum Setup {
     Uninstall {
         #[command(flatten)]
         dirs: Dirs,
+    },
+    /// In a pod, before its app starts (an init container, no privileges needed, any uid but
+    /// the proxy's): return once the pod's traffic is captured; fail after --timeout.
+    Wait {
+        #[arg(long, env = "LATCH_CNI_WAIT_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// The proxy's uid (exempt from capture, so the check cannot run as it).
+        #[arg(long, env = "LATCH_PROXY_UID", default_value_t = latch_mesh::ports::PROXY_UID)]
+        proxy_uid: u32,
     },
 }
 
@@ -141,6 +151,7 @@ fn setup(command: Setup) -> anyhow::Result<()> {
                     )),
             }
         }
+        Setup::Wait { timeout, proxy_uid } => wait::wait_for_capture(timeout, proxy_uid),
         Setup::Uninstall { dirs } => install::uninstall(&install::Target {
             bin_dir: dirs.bin_dir,
             conf_dir: dirs.conf_dir,
