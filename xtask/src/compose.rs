@@ -20,7 +20,7 @@ pub const LOCAL_BASE_IMAGE: &str = "latch-base:bookworm";
 /// neither Dockerfile has anything left to fetch.
 pub const BASE_PACKAGES: &str = "iptables,iproute2,ca-certificates,curl,busybox";
 /// The binaries the Latch image carries.
-pub const BINARIES: [&str; 3] = ["latch-control", "latch-proxy", "latchctl"];
+pub const BINARIES: [&str; 4] = ["latch-control", "latch-proxy", "latchctl", "latch-cni"];
 /// `docker-compose -p` of `cargo xtask compose up` (also in deploy/compose/.env).
 pub const DEFAULT_PROJECT: &str = "latch";
 /// The compose network's /24 by default (docker-compose.yml's `${LATCH_NET:-10.77.0}`), as its

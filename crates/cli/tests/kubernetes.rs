@@ -143,6 +143,9 @@ fn install_manifests_validate_against_the_kubernetes_schemas() {
                 "service/latch-control",
                 "poddisruptionbudget/latch-control",
                 "mutatingwebhookconfiguration/latch-sidecar-injector",
+                "serviceaccount/latch-cni",
+                "configmap/latch-cni-config",
+                "daemonset/latch-cni",
             ],
         );
     }

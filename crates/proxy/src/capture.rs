@@ -231,9 +231,13 @@ impl CaptureRules {
             .spawn()
             .map_err(spawn_err)?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(self.render(family).as_bytes())
-                .map_err(spawn_err)?;
+            match stdin.write_all(self.render(family).as_bytes()) {
+                // A tool that fails before reading its input closes the pipe; its exit status
+                // and stderr below say why, which "Broken pipe" would not. (Seen with the CNI
+                // test's failing ip6tables-restore.)
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                other => other.map_err(spawn_err)?,
+            }
         }
         let output = child.wait_with_output().map_err(spawn_err)?;
         if !output.status.success() {
@@ -243,6 +247,44 @@ impl CaptureRules {
             });
         }
         Ok(())
+    }
+    /// The rules of `family` that are not installed, in iptables-restore syntax: empty when
+    /// every jump, chain and rule `install` writes is present and the Latch chains hold
+    /// nothing else. Used by the CNI plugin's CHECK; `iptables -C` compares rules the way the
+    /// kernel stores them, so spelling differences (`--syn`, `-m tcp`) do not matter.
+    pub fn missing(&self, family: Family) -> Result<Vec<String>, CaptureError> {
+        let rendered = self.render(family);
+        let mut missing = Vec::new();
+        let mut expected_in_chain = [(OUTPUT_CHAIN, 0usize), (INBOUND_CHAIN, 0)];
+        for rule in rendered.lines().filter(|l| l.starts_with("-A ")) {
+            let args: Vec<&str> = rule.split_whitespace().collect();
+            for (chain, count) in &mut expected_in_chain {
+                if args.get(1) == Some(chain) {
+                    *count += 1;
+                }
+            }
+            let mut check = vec!["-t", "nat", "-C"];
+            check.extend(&args[1..]);
+            if !iptables(family, &check)? {
+                missing.push(rule.to_string());
+            }
+        }
+        // A rule added by hand to a Latch chain (say, a RETURN before the REDIRECT) would let
+        // traffic around the proxy while every expected rule is still there.
+        for (chain, expected) in expected_in_chain {
+            let listed = iptables_stdout(family, &["-t", "nat", "-S", chain])?;
+            let extra = listed
+                .lines()
+                .filter(|l| l.starts_with("-A "))
+                .count()
+                .saturating_sub(expected);
+            if extra > 0 {
+                missing.push(format!(
+                    "(nothing else in {chain}: it holds {extra} rule(s) Latch did not write)"
+                ));
+            }
+        }
+        Ok(missing)
     }
 }
 
@@ -279,6 +321,17 @@ fn iptables(family: Family, args: &[&str]) -> Result<bool, CaptureError> {
             source,
         })?;
     Ok(output.status.success())
+}
+
+/// What `iptables args` printed on stdout, whatever its exit status (empty for a chain that
+/// does not exist).
+fn iptables_stdout(family: Family, args: &[&str]) -> Result<String, CaptureError> {
+    let command = format!("{} {}", family.iptables(), args.join(" "));
+    let output = Command::new(family.iptables())
+        .args(args)
+        .output()
+        .map_err(|source| CaptureError::Spawn { command, source })?;
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Removes every Latch rule and chain of both families; does nothing when none are installed
