@@ -101,11 +101,16 @@ fn manifests() -> Vec<PathBuf> {
 }
 
 fn latchctl_inject(input: &Path, output: &Path) {
+    latchctl_inject_with(input, output, &[]);
+}
+
+fn latchctl_inject_with(input: &Path, output: &Path, flags: &[&str]) {
     let run = Command::new(env!("CARGO_BIN_EXE_latchctl"))
         .args(["inject", "-f"])
         .arg(input)
         .arg("-o")
         .arg(output)
+        .args(flags)
         .env_remove("LATCH_INJECT_IMAGE")
         .env_remove("LATCH_INJECT_CONTROL_PLANE")
         .env_remove("LATCH_TRUST_DOMAIN")
@@ -372,4 +377,142 @@ fn checkov_finds_nothing_but_the_justified_findings() {
         "checkov findings not justified in docs/kubernetes.md: {new:?}\njustified there but no \
          longer found (remove the row): {gone:?}"
     );
+}
+
+/// What the Pod Security Standards' "restricted" level (Kubernetes 1.29+, the rules of
+/// https://kubernetes.io/docs/concepts/security/pod-security-standards/) refuses in `pod` (a
+/// pod template's `{metadata, spec}`): one line per violation.
+fn restricted_violations(pod: &serde_json::Value) -> Vec<String> {
+    use serde_json::Value;
+    let spec = &pod["spec"];
+    let mut violations = Vec::new();
+    for field in ["hostNetwork", "hostPID", "hostIPC"] {
+        if spec[field] == true {
+            violations.push(format!("spec.{field}"));
+        }
+    }
+    const VOLUMES: [&str; 8] = [
+        "configMap",
+        "csi",
+        "downwardAPI",
+        "emptyDir",
+        "ephemeral",
+        "persistentVolumeClaim",
+        "projected",
+        "secret",
+    ];
+    for volume in spec["volumes"].as_array().into_iter().flatten() {
+        let kind = volume
+            .as_object()
+            .unwrap()
+            .keys()
+            .find(|k| *k != "name")
+            .cloned()
+            .unwrap_or_default();
+        if !VOLUMES.contains(&kind.as_str()) {
+            violations.push(format!("volume {} is {kind}", volume["name"]));
+        }
+    }
+    let pod_context = &spec["securityContext"];
+    let seccomp_ok = |p: &Value| matches!(p["type"].as_str(), Some("RuntimeDefault" | "Localhost"));
+    let containers = ["containers", "initContainers", "ephemeralContainers"]
+        .iter()
+        .flat_map(|list| spec[*list].as_array().cloned().unwrap_or_default());
+    for container in containers {
+        let name = container["name"].as_str().unwrap_or_default().to_string();
+        let context = &container["securityContext"];
+        let mut refuse = |what: &str| violations.push(format!("container {name}: {what}"));
+        if context["privileged"] == true {
+            refuse("privileged");
+        }
+        if context["allowPrivilegeEscalation"] != false {
+            refuse("allowPrivilegeEscalation is not false");
+        }
+        let non_root = match &context["runAsNonRoot"] {
+            Value::Bool(b) => *b,
+            _ => pod_context["runAsNonRoot"] == true,
+        };
+        if !non_root {
+            refuse("runAsNonRoot is not true");
+        }
+        if context["runAsUser"] == 0
+            || (context["runAsUser"].is_null() && pod_context["runAsUser"] == 0)
+        {
+            refuse("runAsUser 0");
+        }
+        let seccomp = if context["seccompProfile"].is_null() {
+            seccomp_ok(&pod_context["seccompProfile"])
+        } else {
+            seccomp_ok(&context["seccompProfile"])
+        };
+        if !seccomp {
+            refuse("no RuntimeDefault or Localhost seccompProfile");
+        }
+        let capabilities = &context["capabilities"];
+        if !capabilities["drop"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|c| c == "ALL"))
+        {
+            refuse("capabilities.drop lacks ALL");
+        }
+        for added in capabilities["add"].as_array().into_iter().flatten() {
+            if added != "NET_BIND_SERVICE" {
+                refuse(&format!("capabilities.add {added}"));
+            }
+        }
+        for port in container["ports"].as_array().into_iter().flatten() {
+            if port["hostPort"].as_u64().is_some_and(|p| p != 0) {
+                refuse("hostPort");
+            }
+        }
+    }
+    violations
+}
+
+/// The pod templates of the Deployments in `yaml`.
+fn pod_templates(yaml: &str) -> Vec<serde_json::Value> {
+    let mut reader = yaml.as_bytes();
+    serde_saphyr::read::<_, serde_json::Value>(&mut reader)
+        .map(|doc| doc.unwrap())
+        .filter(|doc| doc["kind"] == "Deployment")
+        .map(|doc| doc["spec"]["template"].clone())
+        .collect()
+}
+
+#[test]
+fn in_cni_mode_injected_pods_pass_pod_security_restricted() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = kubernetes_dir().join("demo/demo.yaml");
+    let (cni, classic) = (dir.path().join("cni.yaml"), dir.path().join("classic.yaml"));
+    latchctl_inject_with(&demo, &cni, &["--inject-cni"]);
+    latchctl_inject(&demo, &classic);
+
+    let cni_pods = pod_templates(&std::fs::read_to_string(&cni).unwrap());
+    assert_eq!(cni_pods.len(), 2);
+    for pod in &cni_pods {
+        assert_eq!(restricted_violations(pod), Vec::<String>::new(), "{pod:#}");
+        let first = &pod["spec"]["initContainers"][0];
+        assert_eq!(first["name"], "latch-cni-wait");
+        assert_eq!(
+            first["command"],
+            serde_json::json!(["latch-cni", "wait", "--timeout", "60s"])
+        );
+    }
+    // The checker is not blind: the init-container mode's privileged rule installer fails it.
+    for pod in pod_templates(&std::fs::read_to_string(&classic).unwrap()) {
+        let violations = restricted_violations(&pod);
+        assert!(
+            violations
+                .contains(&"container latch-iptables: capabilities.add \"NET_ADMIN\"".to_string())
+                && violations
+                    .contains(&"container latch-iptables: runAsNonRoot is not true".to_string()),
+            "{violations:?}"
+        );
+    }
+    if validator_available("in_cni_mode_injected_pods_pass_pod_security_restricted") {
+        for version in VERSIONS {
+            let (ok, report) = validate(version, std::slice::from_ref(&cni));
+            assert!(ok, "Kubernetes {version}:\n{report}");
+        }
+    }
 }

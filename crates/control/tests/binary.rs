@@ -167,6 +167,7 @@ fn every_flag_has_its_latch_environment_variable() {
             "--inject-proxy-memory-request",
             "--inject-proxy-memory-limit",
             "--inject-proxy-log-level",
+            "--inject-cni",
             "--kubernetes",
             "--ca-secret",
             "--log-format",

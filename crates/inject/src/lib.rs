@@ -29,6 +29,10 @@ pub const ANNOTATION_EXCLUDE_INBOUND: &str = "latch.dev/exclude-inbound-ports";
 
 /// The init container that installs the capture rules.
 pub const IPTABLES_CONTAINER: &str = "latch-iptables";
+/// In CNI mode, instead: the init container that waits until latch-cni's rules work.
+pub const CNI_WAIT_CONTAINER: &str = "latch-cni-wait";
+/// The uid `latch-cni wait` runs as: not root, not the proxy's (whose traffic is not captured).
+const CNI_WAIT_UID: u32 = 65532;
 /// The native sidecar (an init container with restartPolicy Always).
 pub const PROXY_CONTAINER: &str = "latch-proxy";
 /// The projected service-account token volume.
@@ -364,6 +368,31 @@ fn iptables_container(config: &InjectConfig, exclusions: &Exclusions) -> Value {
     })
 }
 
+/// CNI mode's first init container: `latch-cni wait`, without privileges, returns once the
+/// pod's outbound traffic is captured (latch-cni installed the rules when the pod's network was
+/// set up), so the app never starts uncaptured on a node where latch-cni is missing.
+fn cni_wait_container(config: &InjectConfig) -> Value {
+    json!({
+        "name": CNI_WAIT_CONTAINER,
+        "image": config.image,
+        "command": ["latch-cni", "wait", "--timeout", "60s"],
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "16Mi"},
+            "limits": {"cpu": "100m", "memory": "32Mi"},
+        },
+        "securityContext": {
+            "runAsUser": CNI_WAIT_UID,
+            "runAsGroup": CNI_WAIT_UID,
+            "runAsNonRoot": true,
+            "privileged": false,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    })
+}
+
 /// The proxy as a native sidecar: an init container with restartPolicy Always, whose startup
 /// probe on /ready holds back the app containers until the proxy has an SVID and the mesh.
 /// With `app_probes`, it answers the app's rewritten probes (`probes`); with `workload_api`,
@@ -499,13 +528,18 @@ fn volumes() -> [Value; 2] {
 }
 
 /// What injection added, recorded in the `latch.dev/status` annotation.
-fn status(workload_api: bool) -> String {
+fn status(workload_api: bool, cni: bool) -> String {
     let mut volumes = vec![TOKEN_VOLUME, BUNDLE_VOLUME];
     if workload_api {
         volumes.push(WORKLOAD_API_VOLUME);
     }
+    let first = if cni {
+        CNI_WAIT_CONTAINER
+    } else {
+        IPTABLES_CONTAINER
+    };
     json!({
-        "initContainers": [IPTABLES_CONTAINER, PROXY_CONTAINER],
+        "initContainers": [first, PROXY_CONTAINER],
         "volumes": volumes,
     })
     .to_string()
@@ -516,7 +550,7 @@ pub fn is_injected(pod: &Value) -> bool {
     let Some(spec) = pod.get("spec") else {
         return false;
     };
-    [PROXY_CONTAINER, IPTABLES_CONTAINER]
+    [PROXY_CONTAINER, IPTABLES_CONTAINER, CNI_WAIT_CONTAINER]
         .iter()
         .any(|name| has_name(spec, "initContainers", name) || has_name(spec, "containers", name))
 }
@@ -588,7 +622,29 @@ pub fn inject(pod: &Value, config: &InjectConfig) -> Result<Injection, InjectErr
 
     let settings = config.proxy.for_pod(pod)?;
     let rewritten = probes::rewrite(pod, spec)?;
-    let mut annotations = vec![(ANNOTATION_STATUS, Value::String(status(workload_api)))];
+    if settings.cni {
+        // The kubelet passes no annotation to a CNI plugin: a per-pod exclusion would be
+        // silently ignored, so it is refused.
+        for (annotation, ports) in [
+            (ANNOTATION_EXCLUDE_OUTBOUND, &exclusions.outbound_ports),
+            (ANNOTATION_EXCLUDE_INBOUND, &exclusions.inbound_ports),
+        ] {
+            if !ports.is_empty() {
+                return Err(InjectError::BadAnnotation {
+                    annotation,
+                    value: join_ports(ports),
+                    reason: "in CNI mode the capture rules come from latch-cni, which cannot see \
+                             pod annotations; set excludeOutboundPorts or excludeInboundPorts \
+                             in its configuration (latch-cni-config) for the whole mesh"
+                        .into(),
+                });
+            }
+        }
+    }
+    let mut annotations = vec![(
+        ANNOTATION_STATUS,
+        Value::String(status(workload_api, settings.cni)),
+    )];
     if !rewritten.originals.is_empty() {
         annotations.push((
             probes::ANNOTATION_APP_PROBES,
@@ -613,7 +669,11 @@ pub fn inject(pod: &Value, config: &InjectConfig) -> Result<Injection, InjectErr
     }
     ops.extend(rewritten.ops);
     let (iptables, proxy) = (
-        iptables_container(config, &exclusions),
+        if settings.cni {
+            cni_wait_container(config)
+        } else {
+            iptables_container(config, &exclusions)
+        },
         proxy_container(
             config,
             &settings,

@@ -24,6 +24,9 @@ pub struct ProxySettings {
     pub memory_request: String,
     pub memory_limit: String,
     pub log_level: String,
+    /// The capture rules come from `latch-cni` on the node (CNI mode): no privileged
+    /// `latch-iptables` init container, a `latch-cni-wait` one without privileges instead.
+    pub cni: bool,
 }
 
 impl Default for ProxySettings {
@@ -37,6 +40,7 @@ impl Default for ProxySettings {
             memory_request: "32Mi".into(),
             memory_limit: "256Mi".into(),
             log_level: "info".into(),
+            cni: false,
         }
     }
 }
@@ -66,6 +70,12 @@ pub struct ProxyFlags {
     /// (latch.dev/proxy-log-level overrides it).
     #[arg(long, env = "LATCH_INJECT_PROXY_LOG_LEVEL", default_value = "info")]
     pub inject_proxy_log_level: String,
+    /// CNI mode: latch-cni (deploy/kubernetes/50-cni.yaml) installs the capture rules on the
+    /// node, so injected pods get no privileged latch-iptables init container, only
+    /// latch-cni-wait (no privileges), which holds the pod until the capture works; meshed pods
+    /// then pass Pod Security "restricted".
+    #[arg(long, env = "LATCH_INJECT_CNI")]
+    pub inject_cni: bool,
 }
 
 impl ProxyFlags {
@@ -77,6 +87,7 @@ impl ProxyFlags {
             memory_request: self.inject_proxy_memory_request.clone(),
             memory_limit: self.inject_proxy_memory_limit.clone(),
             log_level: self.inject_proxy_log_level.clone(),
+            cni: self.inject_cni,
         };
         settings
             .validate()
