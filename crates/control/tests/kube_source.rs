@@ -31,7 +31,10 @@ const POLICIES: &str = "/apis/latch.dev/v1alpha1/authorizationpolicies";
 /// What the fake API server holds: the list each collection answers, and the open watches.
 #[derive(Default)]
 struct Cluster {
-    lists: HashMap<&'static str, Value>,
+    lists: Mutex<HashMap<&'static str, Value>>,
+    /// List requests answered, per collection (a watch that ends in 410 Gone must be followed
+    /// by one).
+    list_requests: Mutex<HashMap<String, usize>>,
     /// Per collection: the event sender of its latest watch and the resourceVersion it asked
     /// to start from.
     watches: Mutex<HashMap<String, (UnboundedSender<Value>, String)>>,
@@ -84,7 +87,7 @@ async fn fake_api(cluster: Arc<Cluster>) -> SocketAddr {
                 stored["metadata"]["resourceVersion"] = json!("500");
                 return respond(StatusCode::OK, stored).map(BodyExt::boxed);
             }
-            let Some(list) = cluster.lists.get(call.path.as_str()) else {
+            let Some(list) = cluster.lists.lock().unwrap().get(call.path.as_str()).cloned() else {
                 return not_found("resource", &call.path).map(BodyExt::boxed);
             };
             if cluster.missing.lock().unwrap().contains(&call.path) {
@@ -119,7 +122,13 @@ async fn fake_api(cluster: Arc<Cluster>) -> SocketAddr {
                     .insert(call.path.clone(), (sender, from));
                 response
             } else {
-                respond(StatusCode::OK, list.clone()).map(BodyExt::boxed)
+                *cluster
+                    .list_requests
+                    .lock()
+                    .unwrap()
+                    .entry(call.path.clone())
+                    .or_default() += 1;
+                respond(StatusCode::OK, list).map(BodyExt::boxed)
             }
         }
     })
@@ -232,7 +241,8 @@ fn initial_cluster() -> Cluster {
         "rules": [{"principals": [{"exact": "spiffe://cluster.local/ns/latch-demo/sa/http-client"}]}]
     });
     Cluster {
-        lists: HashMap::from([
+        list_requests: Mutex::default(),
+        lists: Mutex::new(HashMap::from([
             (
                 PODS,
                 list(
@@ -270,7 +280,7 @@ fn initial_cluster() -> Cluster {
                     ],
                 ),
             ),
-        ]),
+        ])),
         watches: Mutex::default(),
         applied: Mutex::default(),
         refuse_applies: Mutex::default(),
@@ -740,4 +750,64 @@ async fn a_deleted_bundle_configmap_is_applied_again() {
     cancel.cancel();
     tracker.close();
     tracker.wait().await;
+}
+
+#[tokio::test]
+async fn a_watch_that_ends_in_410_gone_is_followed_by_a_relist() {
+    let cluster = Arc::new(initial_cluster());
+    let addr = fake_api(cluster.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(kube_config(addr, dir.path().join("data")))
+        .await
+        .expect("control plane starts");
+    until(&cp, "the listed pod is in", |s| {
+        s.model.workloads.contains_key("latch-demo/http-server-a")
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while cluster.watches.lock().unwrap().len() < 4 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("all four collections are watched");
+    let lists_before = cluster.list_requests.lock().unwrap()[PODS];
+
+    // While the watch was behind, etcd compacted past its version, a pod was deleted and another
+    // added: the API server ends the watch with an ERROR event holding 410 Expired, as it does,
+    // and only a new list shows either change.
+    cluster.lists.lock().unwrap().insert(
+        PODS,
+        list(
+            "PodList",
+            "v1",
+            vec![pod(
+                "http-server-c",
+                "http-server",
+                "http-server",
+                Some("10.244.1.7"),
+                300,
+            )],
+        ),
+    );
+    cluster.send(
+        PODS,
+        json!({"type": "ERROR", "object": {
+            "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": "too old resource version: 100 (250)", "reason": "Expired", "code": 410
+        }}),
+    );
+    let relisted = until(&cp, "the pod only the new list holds is in", |s| {
+        s.model.workloads.contains_key("latch-demo/http-server-c")
+    })
+    .await;
+    assert!(
+        !relisted
+            .model
+            .workloads
+            .contains_key("latch-demo/http-client-b"),
+        "the relist replaced what the old list said"
+    );
+    assert!(cluster.list_requests.lock().unwrap()[PODS] > lists_before);
+    cp.shutdown().await;
 }
