@@ -3,13 +3,15 @@
 //! SecretStore`: resourceVersion on every write, 409 Conflict for a stale update, 409
 //! AlreadyExists for a taken name). They share the CA through `--ca-secret`, as the shipped
 //! Deployment's replicas do, and each has its own empty data dir (the Deployment's emptyDir).
-//! No Kubernetes API server can run on this machine; the fake answers as the API reference says.
+//! No Kubernetes API server can run on this machine; the fake answers as the API reference says,
+//! and refuses with 403 what deploy/kubernetes/20-rbac.yaml does not grant latch-control.
 
 mod fake_kube;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use fake_kube::rbac::{Rbac, shipped_manifest};
 use fake_kube::{AnyBody, Call, SecretStore, not_found};
 use http_body_util::BodyExt;
 use hyper::Response;
@@ -29,12 +31,23 @@ const WEB: &str = "spiffe://cluster.local/ns/demo/sa/web";
 type Store = Arc<Mutex<SecretStore>>;
 
 async fn fake_api(store: Store) -> SocketAddr {
+    fake_api_with(store, Rbac::shipped()).await
+}
+
+/// The fake API server holding `store`, refusing with 403 what `rbac` does not allow, as the
+/// API server does for latch-control's service account.
+async fn fake_api_with(store: Store, rbac: Rbac) -> SocketAddr {
     fake_kube::serve(move |call: Call| {
-        let response: Response<AnyBody> = store
-            .lock()
-            .unwrap()
-            .handle(&call)
-            .unwrap_or_else(|| not_found("unknown", &call.path).map(BodyExt::boxed));
+        let response: Response<AnyBody> = match rbac.refusal(&call) {
+            Some(forbidden) => {
+                fake_kube::respond(hyper::StatusCode::FORBIDDEN, forbidden).map(BodyExt::boxed)
+            }
+            None => store
+                .lock()
+                .unwrap()
+                .handle(&call)
+                .unwrap_or_else(|| not_found("unknown", &call.path).map(BodyExt::boxed)),
+        };
         async move { response }
     })
     .await
@@ -410,4 +423,36 @@ async fn nothing_is_issued_while_the_shared_revocations_cannot_be_read() {
     );
     assert_eq!(replica.cp.metrics.issued_total(), 0);
     replica.cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_the_update_verb_of_the_rbac_manifest_single_use_tokens_fail_with_the_apis_403() {
+    let shipped = shipped_manifest();
+    let granted = "verbs: [get, list, watch, create, update, delete]";
+    assert!(
+        shipped.contains(granted),
+        "the Secrets rule of 20-rbac.yaml changed"
+    );
+    let rbac =
+        Rbac::from_manifest(&shipped.replace(granted, "verbs: [get, list, watch, create, delete]"));
+    let store = Store::default();
+    let api = fake_api_with(store.clone(), rbac).await;
+    let a = Replica::start(api, None).await;
+    let token = a.create_token(false).await;
+    let refusal = a
+        .request(&token)
+        .await
+        .expect_err("the use cannot be recorded");
+    latch_testkit::harness::assert_status(
+        &refusal,
+        Code::Unavailable,
+        "cannot update resource \"secrets\" in API group \"\" in the namespace \"latch-system\"",
+    );
+    assert!(
+        refusal.message().contains("check latch-control's RBAC"),
+        "{}",
+        refusal.message()
+    );
+    assert_eq!(a.cp.metrics.issued_total(), 0);
+    a.cp.shutdown().await;
 }

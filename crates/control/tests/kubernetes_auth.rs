@@ -46,6 +46,11 @@ struct ApiState {
 type Shared = Arc<Mutex<ApiState>>;
 
 fn handle(state: &Shared, call: Call) -> Response<Full<Bytes>> {
+    // What deploy/kubernetes/20-rbac.yaml does not grant latch-control is refused, as the API
+    // server refuses it.
+    if let Some(forbidden) = fake_kube::rbac::Rbac::shipped().refusal(&call) {
+        return respond(StatusCode::FORBIDDEN, forbidden);
+    }
     let mut state = state.lock().unwrap();
     if call.method == Method::POST && call.path == "/apis/authentication.k8s.io/v1/tokenreviews" {
         state.reviews.push(call.body.clone());
@@ -156,7 +161,9 @@ impl Plane {
     async fn start_at(url: String, api: Shared) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut config = latch_testkit::loopback_config(dir.path().join("data"));
-        let kube_config = kube::Config::new(url.parse().unwrap());
+        let mut kube_config = kube::Config::new(url.parse().unwrap());
+        // In a pod, the client's default namespace is the pod's own: latch-system.
+        kube_config.default_namespace = "latch-system".into();
         config.kubernetes = Some(KubernetesAccess::Config(Box::new(kube_config)));
         let cp = ControlPlane::start(config)
             .await

@@ -2,6 +2,9 @@
 //! the test's handler. Helpers build the JSON the real API server sends for errors (v1 Status)
 //! and watch responses (a chunked body of newline-delimited watch events, kept open).
 
+#[allow(dead_code)] // each test crate uses what it needs
+pub mod rbac;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
