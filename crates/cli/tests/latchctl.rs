@@ -370,3 +370,43 @@ async fn cert_fetch_prints_the_svid_a_proxy_serves_on_its_workload_api() {
     proxy.shutdown().await;
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwt_fetch_prints_a_jwt_svid_the_proxy_validates() {
+    let h = latch_testkit::Harness::start().await;
+    let id = h.id("demo", "jwt-fetcher");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("workload.sock");
+    let proxy = h.start_proxy(&id, None, Some(socket.clone())).await;
+    let endpoint = format!("unix://{}", socket.display());
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_latchctl"))
+            .args(["jwt", "fetch", "--audience", "db", "--audience", "cache"])
+            .env("SPIFFE_ENDPOINT_SOCKET", endpoint)
+            .output()
+            .expect("latchctl runs")
+    })
+    .await
+    .unwrap();
+    let token = stdout_of(&output);
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr).trim(),
+        id.to_string()
+    );
+    // The token alone, for the app's Authorization header: the control plane's key signed it
+    // for both audiences, with the workload's ID as `sub`.
+    let cp = &h.control_plane;
+    for audience in ["db", "cache"] {
+        let claims = latch_identity::jwt::validate(
+            token.trim(),
+            &h.trust_domain,
+            cp.jwt.keys().bundle(),
+            audience,
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+        assert_eq!(claims.subject, id);
+    }
+    proxy.shutdown().await;
+    h.stop().await;
+}

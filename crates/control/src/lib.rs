@@ -12,6 +12,7 @@ pub mod certificate_service;
 pub mod config;
 pub mod discovery;
 pub mod identity;
+pub mod jwt_authority;
 pub mod kubernetes;
 pub mod mesh;
 pub mod metrics;
@@ -61,6 +62,8 @@ pub enum StartError {
     Tokens(#[from] tokens::TokenError),
     #[error(transparent)]
     Revocations(#[from] revocations::RevocationError),
+    #[error(transparent)]
+    JwtKeys(#[from] jwt_authority::JwtAuthorityError),
     #[error("{0}")]
     Config(String),
     #[error(transparent)]
@@ -89,6 +92,8 @@ pub struct ControlPlane {
     /// The admin credential file (0600) latchctl reads.
     pub admin_token_path: PathBuf,
     pub ca: Arc<Ca>,
+    /// The JWT-SVID signing keys and their bundle.
+    pub jwt: Arc<jwt_authority::JwtAuthority>,
     pub tokens: Arc<JoinTokens>,
     pub revocations: Arc<Revocations>,
     pub metrics: Arc<Metrics>,
@@ -264,6 +269,11 @@ impl ControlPlane {
             }
             (None, None, _) => Ca::load_or_create(data_dir, &config.trust_domain, config.ttl)?,
         });
+        let jwt = Arc::new(jwt_authority::JwtAuthority::load_or_create(
+            data_dir,
+            &config.trust_domain,
+            std::time::SystemTime::now(),
+        )?);
         let bundle_path = data_dir.join("bundle.pem");
         let admin_token_path = data_dir.join("admin.token");
         let credential = admin_credential(&admin_token_path)?;
@@ -460,8 +470,17 @@ impl ControlPlane {
             &tracker,
             cancel.clone(),
         );
+        mesh.set_jwt_bundle(jwt.bundle_jwks());
+        let jwt_mesh = mesh.clone();
+        tracker.spawn(jwt_authority::run_rotation(
+            jwt.clone(),
+            config.jwt_key_rotation,
+            move |jwks| jwt_mesh.set_jwt_bundle(jwks),
+            cancel.clone(),
+        ));
         let service = CertificateServiceServer::new(CertificateServer::new(
             ca.clone(),
+            jwt.clone(),
             tokens.clone(),
             revocations.clone(),
             issued.clone(),
@@ -535,6 +554,7 @@ impl ControlPlane {
             bundle_path,
             admin_token_path,
             ca,
+            jwt,
             tokens,
             revocations,
             metrics,
@@ -542,6 +562,15 @@ impl ControlPlane {
             cancel,
             tracker,
         })
+    }
+
+    /// Replaces the JWT signing key now, as `--jwt-key-rotation` does on its schedule, and
+    /// serves the new JWT bundle (the replaced key still in it) to the proxies. Returns the new
+    /// key id.
+    pub fn rotate_jwt_key(&self) -> Result<String, jwt_authority::JwtAuthorityError> {
+        let kid = self.jwt.rotate(std::time::SystemTime::now())?;
+        self.mesh.set_jwt_bundle(self.jwt.bundle_jwks());
+        Ok(kid)
     }
 
     /// Stops accepting, closes connections and waits for every task to finish.
