@@ -138,6 +138,14 @@ impl CaClient {
         Ok(self.inner.create_certificate(request).await?.into_inner())
     }
 
+    /// Sends one CreateJwtSvid request as given.
+    pub async fn create_jwt_svid(
+        &mut self,
+        request: CreateJwtSvidRequest,
+    ) -> Result<latch_proto::ca::CreateJwtSvidResponse, tonic::Status> {
+        Ok(self.inner.create_jwt_svid(request).await?.into_inner())
+    }
+
     /// Generates a fresh P-256 key, asks for an SVID with `proof` (a join token, or `None` to
     /// renew with the presented SVID), and validates the answer.
     pub async fn fetch_svid(
@@ -191,12 +199,10 @@ impl CaClient {
         audience: Vec<String>,
     ) -> Result<IssuedJwtSvid, ClientError> {
         let response = self
-            .inner
             .create_jwt_svid(CreateJwtSvidRequest {
                 audience: audience.clone(),
             })
-            .await?
-            .into_inner();
+            .await?;
         let unusable = |why: &str| ClientError::Jwt(JwtError::Malformed(why.to_string()));
         let json: serde_json::Value = serde_json::from_slice(&response.jwt_bundle)
             .map_err(|_| unusable("the JWT bundle is not JSON"))?;
