@@ -214,6 +214,13 @@ enum JwtCommand {
         #[arg(long, required = true)]
         audience: Vec<String>,
     },
+    /// Replace the control plane's JWT signing key now (as --jwt-key-rotation does on its
+    /// schedule); the replaced key stays in the JWT bundle until its tokens have expired.
+    /// Prints the new key id and the bundle's key ids (JSON).
+    Rotate {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -306,6 +313,21 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Jwt {
             command: JwtCommand::Fetch { socket, audience },
         } => fetch_jwt_svid(&socket, audience).await,
+        Command::Jwt {
+            command: JwtCommand::Rotate { admin },
+        } => {
+            let answer = admin
+                .client()
+                .call(
+                    hyper::Method::POST,
+                    "/v1/jwt/rotate",
+                    None,
+                    "the control plane refused to rotate the JWT signing key",
+                )
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+            Ok(())
+        }
         Command::Inject {
             file,
             output,

@@ -410,3 +410,57 @@ async fn jwt_fetch_prints_a_jwt_svid_the_proxy_validates() {
     proxy.shutdown().await;
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwt_rotate_replaces_the_signing_key_and_keeps_the_old_one_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cp = start(&data).await;
+    let old = cp.jwt.keys().current_kid().to_string();
+    let admin = cp.admin_addr.to_string();
+    let rotate = move |data_dir: std::path::PathBuf| {
+        let admin = admin.clone();
+        tokio::task::spawn_blocking(move || {
+            latchctl(&[
+                "jwt",
+                "rotate",
+                "--admin",
+                &admin,
+                "--data-dir",
+                data_dir.to_str().unwrap(),
+            ])
+        })
+    };
+    // Without the admin credential: refused, nothing rotated.
+    let wrong_dir = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&wrong_dir).unwrap();
+    std::fs::write(wrong_dir.join("admin.token"), "not-the-credential\n").unwrap();
+    let output = rotate(wrong_dir).await.unwrap();
+    assert!(!output.status.success());
+    assert_eq!(cp.jwt.keys().current_kid(), old);
+
+    let output = rotate(data).await.unwrap();
+    let answer: serde_json::Value = serde_json::from_str(&stdout_of(&output)).unwrap();
+    let new = cp.jwt.keys().current_kid().to_string();
+    assert_ne!(new, old);
+    assert_eq!(answer["current_kid"], new);
+    let mut kids = vec![old, new];
+    kids.sort();
+    assert_eq!(answer["bundle_kids"], serde_json::json!(kids));
+    // The proxies are served the bundle with both keys (the MeshConfig's JWKS).
+    let snapshot = cp.mesh.snapshot();
+    let config = snapshot
+        .resources(latch_control::mesh::snapshot::ResourceType::MeshConfig)
+        .values()
+        .next()
+        .unwrap()
+        .clone();
+    let bytes = &config.body.value;
+    for kid in &kids {
+        assert!(
+            bytes.windows(kid.len()).any(|w| w == kid.as_bytes()),
+            "the MeshConfig holds key {kid}"
+        );
+    }
+    cp.shutdown().await;
+}

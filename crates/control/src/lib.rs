@@ -528,6 +528,7 @@ impl ControlPlane {
             admin_listener,
             Arc::new(admin::AdminState {
                 ca: ca.clone(),
+                jwt: jwt.clone(),
                 tokens: tokens.clone(),
                 revocations: revocations.clone(),
                 issued,
