@@ -308,8 +308,9 @@ impl ControlPlane {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         // The Kubernetes source's mesh is served once every kind has been listed.
-        let mesh = Arc::new(Mesh::new(
+        let mesh = Arc::new(Mesh::with_jwt_bundle(
             ca.bundle().to_pem(),
+            jwt.bundle_jwks(),
             metrics.clone(),
             !config.kubernetes_mesh,
         ));
@@ -470,7 +471,6 @@ impl ControlPlane {
             &tracker,
             cancel.clone(),
         );
-        mesh.set_jwt_bundle(jwt.bundle_jwks());
         let jwt_mesh = mesh.clone();
         tracker.spawn(jwt_authority::run_rotation(
             jwt.clone(),

@@ -57,9 +57,20 @@ impl Mesh {
     /// An empty mesh: only the MeshConfig, carrying `trust_bundle_pem`. `synced` says whether
     /// it may be served as it is (false: wait for the source's first `publish`).
     pub fn new(trust_bundle_pem: String, metrics: Arc<Metrics>, synced: bool) -> Self {
-        let empty = MeshSnapshot::build(
+        Self::with_jwt_bundle(trust_bundle_pem, String::new(), metrics, synced)
+    }
+
+    /// `new`, with the JWT bundle (JWKS JSON) in the MeshConfig from the first snapshot on.
+    pub fn with_jwt_bundle(
+        trust_bundle_pem: String,
+        jwt_bundle_jwks: String,
+        metrics: Arc<Metrics>,
+        synced: bool,
+    ) -> Self {
+        let empty = MeshSnapshot::build_with_jwt(
             MeshModel::default(),
             &trust_bundle_pem,
+            &jwt_bundle_jwks,
             &BTreeMap::new(),
             None,
             0,
@@ -67,7 +78,7 @@ impl Mesh {
         metrics.mesh_generation.set(0);
         Self {
             trust_bundle_pem: Mutex::new(trust_bundle_pem),
-            jwt_bundle_jwks: Mutex::new(String::new()),
+            jwt_bundle_jwks: Mutex::new(jwt_bundle_jwks),
             revocations: Mutex::new(BTreeMap::new()),
             snapshots: watch::Sender::new(Arc::new(empty)),
             publishing: Mutex::new(()),
