@@ -538,3 +538,112 @@ async fn the_server_is_only_trusted_as_the_control_plane_id() {
     );
     h.stop().await;
 }
+
+fn jwt_request(audience: &[&str]) -> latch_proto::ca::CreateJwtSvidRequest {
+    latch_proto::ca::CreateJwtSvidRequest {
+        audience: audience.iter().map(|a| a.to_string()).collect(),
+    }
+}
+
+#[tokio::test]
+async fn a_current_svid_gets_a_jwt_svid_for_its_id_and_audiences() {
+    let h = Harness::start().await;
+    let id = h.id("demo", "web");
+    let (svid, _) = h.svid(&id, None).await;
+    let mut client = h.client_presenting(&svid).await;
+    let response = client
+        .create_jwt_svid(jwt_request(&["db", "cache"]))
+        .await
+        .unwrap();
+    assert_eq!(response.spiffe_id, id.to_string());
+    let bundle = latch_identity::jwt::JwtBundle::from_jwks(
+        &serde_json::from_slice(&response.jwt_bundle).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(&bundle, h.control_plane.jwt.keys().bundle());
+    let now = SystemTime::now();
+    for audience in ["db", "cache"] {
+        let claims =
+            latch_identity::jwt::validate(&response.token, &h.trust_domain, &bundle, audience, now)
+                .unwrap();
+        assert_eq!(claims.subject, id);
+        let expires = claims.expires.duration_since(now).unwrap();
+        assert!(expires <= Duration::from_secs(300) && expires > Duration::from_secs(290));
+        assert_eq!(
+            response.expires_at.as_ref().map(|t| t.seconds),
+            Some(
+                claims
+                    .expires
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs() as i64
+            )
+        );
+    }
+    h.stop().await;
+}
+
+/// Each refusal of CreateJwtSvid: its code and words, and no token.
+#[tokio::test]
+async fn jwt_svid_refusals() {
+    let h = Harness::start().await;
+    let id = h.id("demo", "web");
+    let (svid, _) = h.svid(&id, None).await;
+    let mut client = h.client_presenting(&svid).await;
+    let refused = |status: Result<latch_proto::ca::CreateJwtSvidResponse, tonic::Status>,
+                   code: Code,
+                   words: &str| {
+        let status = status.expect_err("refused");
+        latch_testkit::harness::assert_status(&status, code, words);
+    };
+    refused(
+        client.create_jwt_svid(jwt_request(&[])).await,
+        Code::InvalidArgument,
+        "no audience",
+    );
+    let many: Vec<String> = (0..17).map(|i| format!("a{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    refused(
+        client.create_jwt_svid(jwt_request(&many)).await,
+        Code::InvalidArgument,
+        "at most 16",
+    );
+    let long = "a".repeat(257);
+    refused(
+        client.create_jwt_svid(jwt_request(&[&long])).await,
+        Code::InvalidArgument,
+        "256-byte limit",
+    );
+    // No SVID presented: a join token is no proof for a JWT-SVID.
+    refused(
+        h.client().await.create_jwt_svid(jwt_request(&["db"])).await,
+        Code::Unauthenticated,
+        "TLS client certificate",
+    );
+    // An expired SVID.
+    let (short, _) = h
+        .svid(&h.id("demo", "short"), Some(Duration::from_secs(1)))
+        .await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    refused(
+        h.client_presenting(&short)
+            .await
+            .create_jwt_svid(jwt_request(&["db"]))
+            .await,
+        Code::Unauthenticated,
+        "expired",
+    );
+    // A revoked ID: its current SVID gets no JWT-SVID.
+    h.control_plane
+        .revocations
+        .revoke(&id, "test", SystemTime::now(), HOUR)
+        .await
+        .unwrap();
+    refused(
+        client.create_jwt_svid(jwt_request(&["db"])).await,
+        Code::PermissionDenied,
+        "revoked",
+    );
+    assert_eq!(h.control_plane.metrics.jwt_svids_issued.get(), 0);
+    h.stop().await;
+}

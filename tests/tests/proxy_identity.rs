@@ -327,16 +327,63 @@ async fn a_spiffe_library_client_fetches_and_follows_the_svid() {
         "{}",
         status.message()
     );
-    // JWT methods say clearly that they are not there.
-    let mut request = tonic::Request::new(latch_proto::workload::JwtsvidRequest {
-        audience: vec!["x".into()],
-        spiffe_id: String::new(),
-    });
-    request
-        .metadata_mut()
-        .insert("workload.spiffe.io", "true".parse().unwrap());
-    let status = raw.fetch_jwtsvid(request).await.unwrap_err();
-    assert_eq!(status.code(), tonic::Code::Unimplemented);
+    // JWT-SVIDs: the audience is required (INVALID_ARGUMENT, as the spec says), another
+    // SPIFFE ID than the workload's is PERMISSION_DENIED, and a token for the workload's ID
+    // comes back for an audience.
+    fn with_header<T>(message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request
+            .metadata_mut()
+            .insert("workload.spiffe.io", "true".parse().unwrap());
+        request
+    }
+    let jwt_request = |audience: &[&str], spiffe_id: &str| {
+        with_header(latch_proto::workload::JwtsvidRequest {
+            audience: audience.iter().map(|a| a.to_string()).collect(),
+            spiffe_id: spiffe_id.into(),
+        })
+    };
+    let status = raw.fetch_jwtsvid(jwt_request(&[], "")).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let status = raw
+        .fetch_jwtsvid(jwt_request(
+            &["x"],
+            "spiffe://cluster.local/ns/demo/sa/other",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    let svids = raw
+        .fetch_jwtsvid(jwt_request(&["x"], &id.to_string()))
+        .await
+        .unwrap()
+        .into_inner()
+        .svids;
+    assert_eq!(svids.len(), 1);
+    assert_eq!(svids[0].spiffe_id, id.to_string());
+    let validate = |svid: &str, audience: &str| {
+        with_header(latch_proto::workload::ValidateJwtsvidRequest {
+            audience: audience.into(),
+            svid: svid.into(),
+        })
+    };
+    let status = raw
+        .validate_jwtsvid(validate("not.a.jwt", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let status = raw
+        .validate_jwtsvid(validate(&svids[0].svid, ""))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let valid = raw
+        .validate_jwtsvid(validate(&svids[0].svid, "x"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(valid.spiffe_id, id.to_string());
+    assert!(valid.claims.unwrap().fields.contains_key("exp"));
 
     proxy.shutdown().await;
     assert!(!socket.exists(), "the socket is removed on shutdown");
@@ -379,6 +426,13 @@ impl CertificateService for Recording {
             .push(prost::Message::encode_to_vec(request.get_ref()));
         self.inner.create_certificate(request).await
     }
+
+    async fn create_jwt_svid(
+        &self,
+        request: tonic::Request<latch_proto::ca::CreateJwtSvidRequest>,
+    ) -> Result<tonic::Response<latch_proto::ca::CreateJwtSvidResponse>, tonic::Status> {
+        self.inner.create_jwt_svid(request).await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -389,6 +443,7 @@ async fn the_private_key_never_reaches_the_ca() {
     let service = Recording {
         inner: latch_control::certificate_service::CertificateServer::new(
             cp.ca.clone(),
+            cp.jwt.clone(),
             cp.tokens.clone(),
             cp.revocations.clone(),
             Default::default(),

@@ -247,6 +247,213 @@ async fn py_spiffe_as_an_allowed_uid_fetches_follows_a_rotation_and_other_uids_a
     h.stop().await;
 }
 
+/// Waits (up to 10 s) for the proxy's JWT bundle from discovery to hold `kid`.
+async fn wait_for_jwt_key(proxy: &latch_proxy::Proxy, kid: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if proxy
+            .store()
+            .jwt_bundle()
+            .is_some_and(|b| b.kids().any(|k| k == kid))
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the proxy's JWT bundle holds key {kid} within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The signature part of `signed` put on `token` (same header and claims, another key's
+/// signature).
+fn with_signature_of(token: &str, signed: &str) -> String {
+    let (signing_input, _) = token.rsplit_once('.').unwrap();
+    let (_, signature) = signed.rsplit_once('.').unwrap();
+    format!("{signing_input}.{signature}")
+}
+
+/// JWT-SVIDs end to end for py-spiffe as uid 4242: it fetches the JWT bundles (the control
+/// plane's key, delivered to the proxy by discovery), a JWT-SVID for two audiences (the same
+/// token again from the proxy's cache), has it validated by the proxy, and PyJWT verifies it
+/// with the bundle's key (signature, sub, aud, exp). ValidateJWTSVID refuses a token for another
+/// audience, an expired one, one signed by a key outside the bundle, one whose signature is
+/// another key's under the bundle's kid, and one whose subject is in another trust domain.
+#[tokio::test(flavor = "multi_thread")]
+async fn py_spiffe_fetches_and_validates_jwt_svids_and_pyjwt_verifies_them() {
+    use latch_identity::jwt::JwtSigningKey;
+    use std::time::SystemTime;
+    let Some(python) = py_spiffe().filter(|_| can_switch_uid()) else {
+        return;
+    };
+    let h = Harness::start().await;
+    let id = h.id("demo", "jwt-app");
+    let dir = shared_dir();
+    let socket = dir.path().join("workload-api/socket");
+    let proxy = proxy_for_app_uid(&h, &id, &socket).await;
+    let authority = &h.control_plane.jwt;
+    let kid = authority.keys().current_kid().to_string();
+    wait_for_jwt_key(&proxy, &kid).await;
+
+    let now = SystemTime::now();
+    let db = ["db".to_string()];
+    let genuine = authority.sign(&id, &db, now).unwrap().token;
+    let foreign = JwtSigningKey::generate().unwrap();
+    let foreign_token = foreign
+        .sign(&id, &db, now, now + Duration::from_secs(300))
+        .unwrap();
+    let refused = serde_json::json!({
+        "expired": authority.sign(&id, &db, now - Duration::from_secs(600)).unwrap().token,
+        "foreign_key": foreign_token,
+        "forged_signature": with_signature_of(&genuine, &foreign_token),
+        "other_trust_domain": authority
+            .sign(&latch_identity::SpiffeId::parse("spiffe://other.example/ns/demo/sa/jwt-app").unwrap(), &db, now)
+            .unwrap()
+            .token,
+    });
+    let refused_path = dir.path().join("refused.json");
+    std::fs::write(&refused_path, refused.to_string()).unwrap();
+
+    let script = dir.path().join("py_spiffe_client.py");
+    let program = [
+        python.as_os_str(),
+        script.as_os_str(),
+        OsStr::new("jwt"),
+        refused_path.as_os_str(),
+    ];
+    let quiet = [("PYTHONWARNINGS", OsStr::new("ignore"))];
+    let result = run_client(&program, &quiet, dir.path(), &socket, APP_UID).await;
+
+    assert_eq!(
+        result["bundles"]["cluster.local"],
+        serde_json::json!([kid]),
+        "{result}"
+    );
+    assert_eq!(result["svid"]["spiffe_id"], id.to_string(), "{result}");
+    assert_eq!(
+        result["svid"]["audience"],
+        serde_json::json!(["cache", "db"])
+    );
+    assert_eq!(result["svid"]["cached"], true, "{result}");
+    let expiry = result["svid"]["expiry"].as_u64().unwrap();
+    let unix_now = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        (unix_now + 240..=unix_now + 310).contains(&expiry),
+        "expires in about 5 minutes: {expiry} vs now {unix_now}"
+    );
+    assert_eq!(result["validated"], id.to_string(), "{result}");
+    let claims = &result["pyjwt"]["claims"];
+    assert_eq!(claims["sub"], id.to_string(), "PyJWT verified it: {result}");
+    assert_eq!(
+        claims["aud"],
+        serde_json::json!(["cache", "db"]),
+        "{result}"
+    );
+    assert_eq!(claims["exp"].as_u64(), Some(expiry), "{result}");
+    for (name, reason) in [
+        ("other_audience", "audience"),
+        ("expired", "expired"),
+        ("foreign_key", "does not hold"),
+        ("forged_signature", "signature"),
+        ("other_trust_domain", "trust domain"),
+    ] {
+        let error = result["refused"][name]
+            .as_str()
+            .unwrap_or_else(|| panic!("{name} was accepted: {result}"));
+        assert!(
+            error.contains("INVALID_ARGUMENT") && error.contains(reason),
+            "{name}: {error}"
+        );
+    }
+    proxy.shutdown().await;
+    h.stop().await;
+}
+
+/// JWT signing-key rotation under load: while requests for new tokens run, the control plane
+/// replaces its key; tokens issued before keep validating at the proxy (the replaced key stays
+/// in the bundle), tokens issued after carry the new key id and validate too.
+#[tokio::test(flavor = "multi_thread")]
+async fn jwt_svids_issued_before_a_key_rotation_keep_validating() {
+    use latch_proxy::workload_api::jwt::validate;
+    use std::time::SystemTime;
+    let h = Harness::start().await;
+    let id = h.id("demo", "rotating");
+    let proxy = h.start_proxy(&id, None, None).await;
+    let old_kid = h.control_plane.jwt.keys().current_kid().to_string();
+    wait_for_jwt_key(&proxy, &old_kid).await;
+    let mut client = latch_identity::client::CaClient::connect(
+        &h.grpc_addr(),
+        proxy.store().clone(),
+        latch_identity::ExpectedPeer::Exactly(latch_identity::client::control_plane_id(
+            &h.trust_domain,
+        )),
+        true,
+    )
+    .await
+    .unwrap();
+    let kid_of = |token: &str| -> String {
+        use base64::Engine;
+        let header = token.split('.').next().unwrap();
+        let header = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header)
+            .unwrap();
+        serde_json::from_slice::<Value>(&header).unwrap()["kid"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // Load: 8 tasks asking for tokens back to back across the rotation.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for i in 0..8 {
+        let mut client = client.clone();
+        let stop = stop.clone();
+        load.push(tokio::spawn(async move {
+            let mut tokens = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let issued = client
+                    .fetch_jwt_svid(vec![format!("svc-{i}")])
+                    .await
+                    .unwrap();
+                tokens.push((format!("svc-{i}"), issued.token));
+            }
+            tokens
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let new_kid = h.control_plane.rotate_jwt_key().unwrap();
+    assert_ne!(new_kid, old_kid);
+    wait_for_jwt_key(&proxy, &new_kid).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut by_kid = std::collections::BTreeMap::<String, usize>::new();
+    for task in load {
+        for (audience, token) in task.await.unwrap() {
+            let claims = validate(proxy.store(), &token, &audience, SystemTime::now())
+                .unwrap_or_else(|e| panic!("a token of {audience} refused: {e:?}"));
+            assert_eq!(claims.subject, id);
+            *by_kid.entry(kid_of(&token)).or_default() += 1;
+        }
+    }
+    assert!(
+        by_kid.get(&old_kid).is_some_and(|n| *n > 0)
+            && by_kid.get(&new_kid).is_some_and(|n| *n > 0),
+        "tokens of both keys were issued and all validated: {by_kid:?}"
+    );
+    let old = client.fetch_jwt_svid(vec!["after".into()]).await.unwrap();
+    assert_eq!(
+        kid_of(&old.token),
+        new_kid,
+        "new tokens are signed by the new key"
+    );
+    proxy.shutdown().await;
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn grpc_js_as_an_allowed_uid_fetches_follows_a_rotation_and_other_uids_are_refused() {
     let Some(modules) = grpc_js() else { return };

@@ -36,6 +36,11 @@ enum Command {
         #[command(subcommand)]
         command: CertCommand,
     },
+    /// JWT-SVIDs.
+    Jwt {
+        #[command(subcommand)]
+        command: JwtCommand,
+    },
     /// Add the latch-proxy sidecar to Kubernetes manifests, as the injector webhook would:
     /// Pods and the pod templates of Deployments, StatefulSets, DaemonSets, ReplicaSets,
     /// ReplicationControllers, Jobs and CronJobs; other documents pass through unchanged.
@@ -198,6 +203,27 @@ enum TokenCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum JwtCommand {
+    /// Fetch a JWT-SVID for the audiences from the SPIFFE Workload API, as an app would, and
+    /// print the token alone on standard output (its SPIFFE ID on standard error).
+    Fetch {
+        /// The Workload API socket, unix:///path (SPIFFE_ENDPOINT_SOCKET).
+        #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET")]
+        socket: String,
+        /// An audience (`aud`) of the token; repeat for several.
+        #[arg(long, required = true)]
+        audience: Vec<String>,
+    },
+    /// Replace the control plane's JWT signing key now (as --jwt-key-rotation does on its
+    /// schedule); the replaced key stays in the JWT bundle until its tokens have expired.
+    /// Prints the new key id and the bundle's key ids (JSON).
+    Rotate {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum CertCommand {
     /// Fetch the X509-SVID from the SPIFFE Workload API, as an app would, and print its SPIFFE
     /// ID, serial and expiry (one line per SVID received; with --watch, again on every rotation).
@@ -284,6 +310,24 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Cert {
             command: CertCommand::Fetch { socket, watch },
         } => fetch_svid(&socket, watch).await,
+        Command::Jwt {
+            command: JwtCommand::Fetch { socket, audience },
+        } => fetch_jwt_svid(&socket, audience).await,
+        Command::Jwt {
+            command: JwtCommand::Rotate { admin },
+        } => {
+            let answer = admin
+                .client()
+                .call(
+                    hyper::Method::POST,
+                    "/v1/jwt/rotate",
+                    None,
+                    "the control plane refused to rotate the JWT signing key",
+                )
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&answer)?);
+            Ok(())
+        }
         Command::Inject {
             file,
             output,
@@ -453,19 +497,58 @@ async fn request_cert(
     Ok(())
 }
 
+/// A channel to the Workload API at `socket` (unix:///path).
+async fn workload_api_channel(socket: &str) -> Result<tonic::transport::Channel> {
+    if !socket.starts_with("unix:///") {
+        bail!("--socket (SPIFFE_ENDPOINT_SOCKET) must be unix:///absolute/path, got {socket:?}");
+    }
+    tonic::transport::Endpoint::from_shared(socket.to_string())
+        .with_context(|| format!("{socket:?} is not a valid endpoint"))?
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to the Workload API at {socket}"))
+}
+
+/// Prints a JWT-SVID for `audience` from the Workload API at `socket`.
+async fn fetch_jwt_svid(socket: &str, audience: Vec<String>) -> Result<()> {
+    use latch_proto::workload::JwtsvidRequest;
+    use latch_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+
+    let channel = workload_api_channel(socket).await?;
+    let mut request = tonic::Request::new(JwtsvidRequest {
+        audience,
+        spiffe_id: String::new(),
+    });
+    request.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    let response = SpiffeWorkloadApiClient::new(channel)
+        .fetch_jwtsvid(request)
+        .await
+        .map_err(|status| {
+            anyhow::anyhow!(
+                "the Workload API at {socket} refused FetchJWTSVID ({:?}): {}",
+                status.code(),
+                status.message()
+            )
+        })?
+        .into_inner();
+    let svid = response
+        .svids
+        .first()
+        .context("the Workload API answered FetchJWTSVID with no JWT-SVID")?;
+    eprintln!("{}", svid.spiffe_id);
+    println!("{}", svid.svid);
+    Ok(())
+}
+
 /// Prints the SVIDs the Workload API at `socket` streams: the first, or every one with `watch`.
 async fn fetch_svid(socket: &str, watch: bool) -> Result<()> {
     use latch_proto::workload::X509svidRequest;
     use latch_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 
-    if !socket.starts_with("unix:///") {
-        bail!("--socket (SPIFFE_ENDPOINT_SOCKET) must be unix:///absolute/path, got {socket:?}");
-    }
-    let channel = tonic::transport::Endpoint::from_shared(socket.to_string())
-        .with_context(|| format!("{socket:?} is not a valid endpoint"))?
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to the Workload API at {socket}"))?;
+    let channel = workload_api_channel(socket).await?;
     let mut request = tonic::Request::new(X509svidRequest {});
     request.metadata_mut().insert(
         "workload.spiffe.io",

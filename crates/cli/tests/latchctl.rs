@@ -370,3 +370,97 @@ async fn cert_fetch_prints_the_svid_a_proxy_serves_on_its_workload_api() {
     proxy.shutdown().await;
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwt_fetch_prints_a_jwt_svid_the_proxy_validates() {
+    let h = latch_testkit::Harness::start().await;
+    let id = h.id("demo", "jwt-fetcher");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("workload.sock");
+    let proxy = h.start_proxy(&id, None, Some(socket.clone())).await;
+    let endpoint = format!("unix://{}", socket.display());
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_latchctl"))
+            .args(["jwt", "fetch", "--audience", "db", "--audience", "cache"])
+            .env("SPIFFE_ENDPOINT_SOCKET", endpoint)
+            .output()
+            .expect("latchctl runs")
+    })
+    .await
+    .unwrap();
+    let token = stdout_of(&output);
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr).trim(),
+        id.to_string()
+    );
+    // The token alone, for the app's Authorization header: the control plane's key signed it
+    // for both audiences, with the workload's ID as `sub`.
+    let cp = &h.control_plane;
+    for audience in ["db", "cache"] {
+        let claims = latch_identity::jwt::validate(
+            token.trim(),
+            &h.trust_domain,
+            cp.jwt.keys().bundle(),
+            audience,
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+        assert_eq!(claims.subject, id);
+    }
+    proxy.shutdown().await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwt_rotate_replaces_the_signing_key_and_keeps_the_old_one_published() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cp = start(&data).await;
+    let old = cp.jwt.keys().current_kid().to_string();
+    let admin = cp.admin_addr.to_string();
+    let rotate = move |data_dir: std::path::PathBuf| {
+        let admin = admin.clone();
+        tokio::task::spawn_blocking(move || {
+            latchctl(&[
+                "jwt",
+                "rotate",
+                "--admin",
+                &admin,
+                "--data-dir",
+                data_dir.to_str().unwrap(),
+            ])
+        })
+    };
+    // Without the admin credential: refused, nothing rotated.
+    let wrong_dir = dir.path().join("elsewhere");
+    std::fs::create_dir_all(&wrong_dir).unwrap();
+    std::fs::write(wrong_dir.join("admin.token"), "not-the-credential\n").unwrap();
+    let output = rotate(wrong_dir).await.unwrap();
+    assert!(!output.status.success());
+    assert_eq!(cp.jwt.keys().current_kid(), old);
+
+    let output = rotate(data).await.unwrap();
+    let answer: serde_json::Value = serde_json::from_str(&stdout_of(&output)).unwrap();
+    let new = cp.jwt.keys().current_kid().to_string();
+    assert_ne!(new, old);
+    assert_eq!(answer["current_kid"], new);
+    let mut kids = vec![old, new];
+    kids.sort();
+    assert_eq!(answer["bundle_kids"], serde_json::json!(kids));
+    // The proxies are served the bundle with both keys (the MeshConfig's JWKS).
+    let snapshot = cp.mesh.snapshot();
+    let config = snapshot
+        .resources(latch_control::mesh::snapshot::ResourceType::MeshConfig)
+        .values()
+        .next()
+        .unwrap()
+        .clone();
+    let bytes = &config.body.value;
+    for kid in &kids {
+        assert!(
+            bytes.windows(kid.len()).any(|w| w == kid.as_bytes()),
+            "the MeshConfig holds key {kid}"
+        );
+    }
+    cp.shutdown().await;
+}

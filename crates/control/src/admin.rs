@@ -33,6 +33,8 @@ pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 /// Everything the admin endpoints read.
 pub struct AdminState {
     pub ca: Arc<Ca>,
+    /// The JWT-SVID signing keys; `POST /v1/jwt/rotate` replaces the current one.
+    pub jwt: Arc<crate::jwt_authority::JwtAuthority>,
     pub tokens: Arc<JoinTokens>,
     pub revocations: Arc<Revocations>,
     pub issued: Arc<Issued>,
@@ -135,6 +137,27 @@ impl AdminState {
 
     fn bundle_sha256(&self) -> String {
         latch_identity::bundle::sha256_hex(self.ca.bundle().to_pem().as_bytes())
+    }
+
+    /// Replaces the JWT signing key now and serves the new JWT bundle to the proxies.
+    async fn rotate_jwt_key(&self, request: Request<Incoming>) -> HttpResponse {
+        if let Err(refused) = self.authorized_body(request).await {
+            return refused;
+        }
+        match self.jwt.rotate(SystemTime::now()) {
+            Ok(kid) => {
+                self.mesh.set_jwt_bundle(self.jwt.bundle_jwks());
+                let keys = self.jwt.keys();
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({
+                        "current_kid": kid,
+                        "bundle_kids": keys.bundle().kids().collect::<Vec<_>>(),
+                    }),
+                )
+            }
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        }
     }
 
     async fn rotate(&self, step: &str, request: Request<Incoming>) -> HttpResponse {
@@ -352,6 +375,7 @@ impl AdminState {
             ),
             (&Method::GET, "/v1/revocations" | "/v1/identities") => unauthorized(),
             (&Method::GET, "/v1/ca") => json(StatusCode::OK, &self.ca_status()),
+            (&Method::POST, "/v1/jwt/rotate") => self.rotate_jwt_key(request).await,
             (&Method::POST, path) if path.starts_with("/v1/ca/rotate/") => {
                 let step = path.trim_start_matches("/v1/ca/rotate/").to_string();
                 self.rotate(&step, request).await
@@ -359,7 +383,7 @@ impl AdminState {
             (
                 _,
                 "/healthz" | "/ready" | "/metrics" | "/v1/join-tokens" | "/v1/ca"
-                | "/v1/revocations" | "/v1/identities",
+                | "/v1/revocations" | "/v1/identities" | "/v1/jwt/rotate",
             ) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
             _ => error(StatusCode::NOT_FOUND, "not found"),
         }

@@ -10,11 +10,15 @@ use latch_identity::csr::{CsrError, VerifiedCsr, verify_csr};
 use latch_identity::{PeerRole, SpiffeId, SvidError, verify_svid};
 use latch_proto::ca::certificate_service_server::CertificateService;
 use latch_proto::ca::create_certificate_request::Proof;
-use latch_proto::ca::{CreateCertificateRequest, CreateCertificateResponse};
+use latch_proto::ca::{
+    CreateCertificateRequest, CreateCertificateResponse, CreateJwtSvidRequest,
+    CreateJwtSvidResponse,
+};
 use thiserror::Error;
 use tonic::{Request, Response, Status};
 
 use crate::ca::{Ca, CaError, TtlError};
+use crate::jwt_authority::{JwtAuthority, check_audiences};
 use crate::kubernetes::{PodBinding, SaTokenError, ServiceAccountAuthenticator};
 use crate::metrics::{Metrics, ProofLabel};
 use crate::revocations::{Issued, Revocations};
@@ -170,6 +174,7 @@ impl From<CaError> for Refusal {
 /// The gRPC service.
 pub struct CertificateServer {
     ca: Arc<Ca>,
+    jwt: Arc<JwtAuthority>,
     tokens: Arc<JoinTokens>,
     revocations: Arc<Revocations>,
     issued: Arc<Issued>,
@@ -181,6 +186,7 @@ pub struct CertificateServer {
 impl CertificateServer {
     pub fn new(
         ca: Arc<Ca>,
+        jwt: Arc<JwtAuthority>,
         tokens: Arc<JoinTokens>,
         revocations: Arc<Revocations>,
         issued: Arc<Issued>,
@@ -189,6 +195,7 @@ impl CertificateServer {
     ) -> Self {
         Self {
             ca,
+            jwt,
             tokens,
             revocations,
             issued,
@@ -317,36 +324,7 @@ impl CertificateServer {
         let proven = self.authenticate(request.proof.as_ref(), peer, now).await?;
         // Whatever the proof (a token created before this check existed, a Kubernetes service
         // account of that name, a certificate from an earlier CA): never issued.
-        if latch_identity::client::is_reserved(proven.id()) {
-            return Err(Refusal::new(
-                "reserved_id",
-                Status::permission_denied(latch_identity::client::reserved_refusal(proven.id())),
-            ));
-        }
-        if !self.revocations.is_loaded() {
-            return Err(Refusal::new(
-                "revocations_unavailable",
-                Status::unavailable(
-                    "the revocations kept in the Kubernetes API have not been read yet; retry \
-                     shortly",
-                ),
-            ));
-        }
-        if let Some(revocation) = self.revocations.covering(proven.id(), proven.since()) {
-            return Err(Refusal::new(
-                "revoked",
-                Status::permission_denied(revocation.refusal()),
-            ));
-        }
-        if self.revocations.holds_off(proven.id(), now) {
-            return Err(Refusal::new(
-                "revoked_just_now",
-                Status::unavailable(format!(
-                    "{} was revoked less than a second ago; retry in a second",
-                    proven.id()
-                )),
-            ));
-        }
+        Self::check_grantable(&proven, &self.revocations, now)?;
         let csr = match check_csr(&request.csr, proven.id()) {
             Ok(csr) => csr,
             Err(CsrRefusal::Invalid(e)) => return Err(e.into()),
@@ -406,6 +384,7 @@ impl CertificateServer {
                     .iter()
                     .map(|c| c.to_vec())
                     .collect(),
+                jwt_bundle: self.jwt.bundle_jwks().into_bytes(),
                 expires_at: Some(prost_types::Timestamp {
                     seconds: i64::try_from(expires_at.as_secs()).unwrap_or(i64::MAX),
                     nanos: 0,
@@ -416,8 +395,126 @@ impl CertificateServer {
     }
 }
 
+impl CertificateServer {
+    /// Refuses an ID that is reserved, revoked, or revoked a moment ago, whatever the proof (a
+    /// token created before this check existed, a Kubernetes service account of that name, a
+    /// certificate from an earlier CA).
+    fn check_grantable(
+        proven: &Proven,
+        revocations: &Revocations,
+        now: SystemTime,
+    ) -> Result<(), Refusal> {
+        if latch_identity::client::is_reserved(proven.id()) {
+            return Err(Refusal::new(
+                "reserved_id",
+                Status::permission_denied(latch_identity::client::reserved_refusal(proven.id())),
+            ));
+        }
+        if !revocations.is_loaded() {
+            return Err(Refusal::new(
+                "revocations_unavailable",
+                Status::unavailable(
+                    "the revocations kept in the Kubernetes API have not been read yet; retry \
+                     shortly",
+                ),
+            ));
+        }
+        if let Some(revocation) = revocations.covering(proven.id(), proven.since()) {
+            return Err(Refusal::new(
+                "revoked",
+                Status::permission_denied(revocation.refusal()),
+            ));
+        }
+        if revocations.holds_off(proven.id(), now) {
+            return Err(Refusal::new(
+                "revoked_just_now",
+                Status::unavailable(format!(
+                    "{} was revoked less than a second ago; retry in a second",
+                    proven.id()
+                )),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A JWT-SVID for the caller's SVID's ID: only the TLS client certificate proves who the
+    /// caller is (no token: a JWT-SVID is for a workload that already holds its X509-SVID).
+    async fn create_jwt(
+        &self,
+        request: &CreateJwtSvidRequest,
+        peer: Option<&PeerConn>,
+    ) -> Result<CreateJwtSvidResponse, Refusal> {
+        let now = SystemTime::now();
+        check_audiences(&request.audience)
+            .map_err(|why| Refusal::new("jwt_audience", Status::invalid_argument(why)))?;
+        if peer.and_then(|p| p.certs.as_deref()).is_none() {
+            return Err(Refusal::new(
+                "no_proof",
+                Status::unauthenticated(
+                    "a JWT-SVID is issued to a caller that presents its current SVID as the \
+                     TLS client certificate; none was presented",
+                ),
+            ));
+        }
+        let proven = self.authenticate(None, peer, now).await?;
+        Self::check_grantable(&proven, &self.revocations, now)?;
+        let issued = self
+            .jwt
+            .sign(proven.id(), &request.audience, now)
+            .map_err(|e| {
+                Refusal::new(
+                    "jwt_signing",
+                    Status::unavailable(format!("cannot sign a JWT-SVID: {e}")),
+                )
+            })?;
+        tracing::info!(
+            spiffe_id = %proven.id(),
+            audiences = request.audience.len(),
+            kid = self.jwt.keys().current_kid(),
+            "issued JWT-SVID"
+        );
+        let expires_at = issued
+            .expires_at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        Ok(CreateJwtSvidResponse {
+            spiffe_id: proven.id().to_string(),
+            token: issued.token,
+            expires_at: Some(prost_types::Timestamp {
+                seconds: i64::try_from(expires_at.as_secs()).unwrap_or(i64::MAX),
+                nanos: 0,
+            }),
+            jwt_bundle: self.jwt.bundle_jwks().into_bytes(),
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl CertificateService for CertificateServer {
+    async fn create_jwt_svid(
+        &self,
+        request: Request<CreateJwtSvidRequest>,
+    ) -> Result<Response<CreateJwtSvidResponse>, Status> {
+        let peer = request.extensions().get::<PeerConn>().cloned();
+        match self.create_jwt(request.get_ref(), peer.as_ref()).await {
+            Ok(response) => {
+                self.metrics.jwt_svids_issued.inc();
+                Ok(Response::new(response))
+            }
+            Err(refusal) => {
+                self.metrics.refused(refusal.reason);
+                tracing::info!(
+                    remote = ?peer.map(|p| p.remote),
+                    reason = refusal.reason,
+                    code = ?refusal.status.code(),
+                    "refused JWT-SVID request: {}",
+                    refusal.status.message()
+                );
+                Err(refusal.status)
+            }
+        }
+    }
+
     async fn create_certificate(
         &self,
         request: Request<CreateCertificateRequest>,

@@ -52,6 +52,10 @@ pub struct Args {
     /// Longest lifetime a caller may ask for.
     #[arg(long, env = "LATCH_MAX_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub max_ttl: Duration,
+    /// How often the JWT-SVID signing key is replaced (the replaced key stays in the JWT
+    /// bundle until its tokens have expired); at least 10s.
+    #[arg(long, env = "LATCH_JWT_KEY_ROTATION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub jwt_key_rotation: Duration,
     /// Plug-in CA: the signing certificate (root or intermediate), PEM.
     #[arg(long, env = "LATCH_CA_CERT", requires = "ca_key")]
     pub ca_cert: Option<PathBuf>,
@@ -156,7 +160,12 @@ pub struct Config {
     /// Runs in a Kubernetes pod (KUBERNETES_SERVICE_HOST is set). Without `kubernetes`, its
     /// data dir is then its own and not its replicas': single-use join tokens are refused.
     pub in_pod: bool,
+    /// How often the JWT-SVID signing key is replaced.
+    pub jwt_key_rotation: Duration,
 }
+
+/// Shortest `--jwt-key-rotation`: bounds the replaced keys the JWT bundle holds at once.
+pub const MIN_JWT_KEY_ROTATION: Duration = Duration::from_secs(10);
 
 /// Default for `Config::request_timeout`.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -185,6 +194,7 @@ impl Config {
             kubernetes_mesh: false,
             publish_bundle: None,
             in_pod: false,
+            jwt_key_rotation: crate::jwt_authority::DEFAULT_ROTATION,
         }
     }
 }
@@ -217,6 +227,13 @@ impl TryFrom<Args> for Config {
             return Err(format!(
                 "--default-ttl {:?} is over --max-ttl {:?}",
                 args.default_ttl, args.max_ttl
+            ));
+        }
+        if args.jwt_key_rotation < MIN_JWT_KEY_ROTATION {
+            return Err(format!(
+                "--jwt-key-rotation {:?} is under the minimum of {MIN_JWT_KEY_ROTATION:?}: every \
+                 replaced key stays in the JWT bundle for the lifetime of its tokens",
+                args.jwt_key_rotation
             ));
         }
         if args.max_connections_per_source == 0 || args.max_unauthenticated_connections == Some(0) {
@@ -270,6 +287,7 @@ impl TryFrom<Args> for Config {
             kubernetes_mesh: args.kubernetes,
             publish_bundle: args.publish_bundle,
             in_pod: std::env::var_os("KUBERNETES_SERVICE_HOST").is_some(),
+            jwt_key_rotation: args.jwt_key_rotation,
         })
     }
 }

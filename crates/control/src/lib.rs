@@ -12,6 +12,7 @@ pub mod certificate_service;
 pub mod config;
 pub mod discovery;
 pub mod identity;
+pub mod jwt_authority;
 pub mod kubernetes;
 pub mod mesh;
 pub mod metrics;
@@ -62,6 +63,8 @@ pub enum StartError {
     Tokens(#[from] tokens::TokenError),
     #[error(transparent)]
     Revocations(#[from] revocations::RevocationError),
+    #[error(transparent)]
+    JwtKeys(#[from] jwt_authority::JwtAuthorityError),
     #[error("{0}")]
     Config(String),
     #[error(transparent)]
@@ -90,6 +93,8 @@ pub struct ControlPlane {
     /// The admin credential file (0600) latchctl reads.
     pub admin_token_path: PathBuf,
     pub ca: Arc<Ca>,
+    /// The JWT-SVID signing keys and their bundle.
+    pub jwt: Arc<jwt_authority::JwtAuthority>,
     pub tokens: Arc<JoinTokens>,
     pub revocations: Arc<Revocations>,
     pub metrics: Arc<Metrics>,
@@ -265,6 +270,11 @@ impl ControlPlane {
             }
             (None, None, _) => Ca::load_or_create(data_dir, &config.trust_domain, config.ttl)?,
         });
+        let jwt = Arc::new(jwt_authority::JwtAuthority::load_or_create(
+            data_dir,
+            &config.trust_domain,
+            std::time::SystemTime::now(),
+        )?);
         let bundle_path = data_dir.join("bundle.pem");
         let admin_token_path = data_dir.join("admin.token");
         let credential = admin_credential(&admin_token_path)?;
@@ -299,8 +309,9 @@ impl ControlPlane {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         // The Kubernetes source's mesh is served once every kind has been listed.
-        let mesh = Arc::new(Mesh::new(
+        let mesh = Arc::new(Mesh::with_jwt_bundle(
             ca.bundle().to_pem(),
+            jwt.bundle_jwks(),
             metrics.clone(),
             !config.kubernetes_mesh,
         ));
@@ -479,8 +490,16 @@ impl ControlPlane {
             &tracker,
             cancel.clone(),
         );
+        let jwt_mesh = mesh.clone();
+        tracker.spawn(jwt_authority::run_rotation(
+            jwt.clone(),
+            config.jwt_key_rotation,
+            move |jwks| jwt_mesh.set_jwt_bundle(jwks),
+            cancel.clone(),
+        ));
         let service = CertificateServiceServer::new(CertificateServer::new(
             ca.clone(),
+            jwt.clone(),
             tokens.clone(),
             revocations.clone(),
             issued.clone(),
@@ -528,6 +547,7 @@ impl ControlPlane {
             admin_listener,
             Arc::new(admin::AdminState {
                 ca: ca.clone(),
+                jwt: jwt.clone(),
                 tokens: tokens.clone(),
                 revocations: revocations.clone(),
                 issued,
@@ -554,6 +574,7 @@ impl ControlPlane {
             bundle_path,
             admin_token_path,
             ca,
+            jwt,
             tokens,
             revocations,
             metrics,
@@ -561,6 +582,15 @@ impl ControlPlane {
             cancel,
             tracker,
         })
+    }
+
+    /// Replaces the JWT signing key now, as `--jwt-key-rotation` does on its schedule, and
+    /// serves the new JWT bundle (the replaced key still in it) to the proxies. Returns the new
+    /// key id.
+    pub fn rotate_jwt_key(&self) -> Result<String, jwt_authority::JwtAuthorityError> {
+        let kid = self.jwt.rotate(std::time::SystemTime::now())?;
+        self.mesh.set_jwt_bundle(self.jwt.bundle_jwks());
+        Ok(kid)
     }
 
     /// Stops accepting, closes connections and waits for every task to finish.

@@ -68,6 +68,7 @@ pub struct Metrics {
     registry: Registry,
     pub svids_issued: Family<ProofLabel, Counter>,
     pub svid_refusals: Family<ReasonLabel, Counter>,
+    pub jwt_svids_issued: Counter,
     pub join_tokens_created: Counter,
     pub ca_expiry: Gauge,
     pub ca_certificate_expiry: Family<CaCertLabel, Gauge>,
@@ -89,6 +90,12 @@ impl Metrics {
         let svids_issued = Family::<ProofLabel, Counter>::default();
         let svid_refusals = Family::<ReasonLabel, Counter>::default();
         let join_tokens_created = Counter::default();
+        let jwt_svids_issued = Counter::default();
+        registry.register(
+            "latch_control_jwt_svids_issued",
+            "JWT-SVIDs issued",
+            jwt_svids_issued.clone(),
+        );
         let ca_expiry = Gauge::default();
         registry.register(
             "latch_control_svids_issued",
@@ -186,6 +193,7 @@ impl Metrics {
             registry,
             svids_issued,
             svid_refusals,
+            jwt_svids_issued,
             join_tokens_created,
             ca_expiry,
             ca_certificate_expiry,

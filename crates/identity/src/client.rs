@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use hyper_util::rt::TokioIo;
-use latch_proto::ca::CreateCertificateRequest;
 use latch_proto::ca::certificate_service_client::CertificateServiceClient;
 use latch_proto::ca::create_certificate_request::Proof;
+use latch_proto::ca::{CreateCertificateRequest, CreateJwtSvidRequest};
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use thiserror::Error;
 use tokio::net::TcpStream;
@@ -18,6 +18,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::bundle::{BundleError, TrustBundle};
 use crate::csr::{CsrError, generate_csr};
+use crate::jwt::{JwtBundle, JwtError};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 use crate::store::CertStore;
 use crate::svid::{PeerRole, Svid, SvidError, verify_svid};
@@ -55,6 +56,8 @@ pub enum ClientError {
     Bundle(#[from] BundleError),
     #[error("control plane returned an unusable SVID: {0}")]
     Svid(#[from] SvidError),
+    #[error("control plane returned an unusable JWT-SVID: {0}")]
+    Jwt(#[from] JwtError),
     #[error(
         "control plane returned an SVID that the trust bundle this process holds does not \
          verify ({0}); refused (is the bundle given to this process this control plane's?)"
@@ -135,6 +138,14 @@ impl CaClient {
         Ok(self.inner.create_certificate(request).await?.into_inner())
     }
 
+    /// Sends one CreateJwtSvid request as given.
+    pub async fn create_jwt_svid(
+        &mut self,
+        request: CreateJwtSvidRequest,
+    ) -> Result<latch_proto::ca::CreateJwtSvidResponse, tonic::Status> {
+        Ok(self.inner.create_jwt_svid(request).await?.into_inner())
+    }
+
     /// Generates a fresh P-256 key, asks for an SVID with `proof` (a join token, or `None` to
     /// renew with the presented SVID), and validates the answer.
     pub async fn fetch_svid(
@@ -166,6 +177,56 @@ impl CaClient {
             })
             .await?;
         svid_from_response(response, request.key, &self.anchors.bundle())
+    }
+}
+
+/// A JWT-SVID from the control plane, checked against the JWT bundle that came with it.
+#[derive(Debug, Clone)]
+pub struct IssuedJwtSvid {
+    pub spiffe_id: SpiffeId,
+    pub token: String,
+    pub expires_at: SystemTime,
+    pub bundle: JwtBundle,
+}
+
+impl CaClient {
+    /// Asks for a JWT-SVID for `audience`, authenticated by the SVID this client presents.
+    /// The token must validate, for every audience asked for, with the JWT bundle of the
+    /// response and name the presented SVID's ID (the server was authenticated as the control
+    /// plane against the anchors held).
+    pub async fn fetch_jwt_svid(
+        &mut self,
+        audience: Vec<String>,
+    ) -> Result<IssuedJwtSvid, ClientError> {
+        let response = self
+            .create_jwt_svid(CreateJwtSvidRequest {
+                audience: audience.clone(),
+            })
+            .await?;
+        let unusable = |why: &str| ClientError::Jwt(JwtError::Malformed(why.to_string()));
+        let json: serde_json::Value = serde_json::from_slice(&response.jwt_bundle)
+            .map_err(|_| unusable("the JWT bundle is not JSON"))?;
+        let bundle = JwtBundle::from_jwks(&json)?;
+        let own = self
+            .anchors
+            .svid()
+            .ok_or_else(|| unusable("no SVID is held to ask with"))?;
+        let now = SystemTime::now();
+        let trust_domain = own.id().trust_domain();
+        let mut expires_at = now;
+        for aud in &audience {
+            let claims = crate::jwt::validate(&response.token, &trust_domain, &bundle, aud, now)?;
+            if claims.subject != *own.id() {
+                return Err(unusable("its subject is not this SVID's SPIFFE ID"));
+            }
+            expires_at = claims.expires;
+        }
+        Ok(IssuedJwtSvid {
+            spiffe_id: own.id().clone(),
+            token: response.token,
+            expires_at,
+            bundle,
+        })
     }
 }
 

@@ -14,6 +14,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
 use crate::bundle::TrustBundle;
+use crate::jwt::JwtBundle;
 use crate::spiffe_id::SpiffeId;
 use crate::svid::{Svid, SvidError, SvidInfo};
 
@@ -56,6 +57,8 @@ pub struct CertStore {
     svid: ArcSwapOption<Svid>,
     bundle: ArcSwap<TrustBundle>,
     revocations: ArcSwap<Revocations>,
+    /// The trust domain's JWT bundle, once discovery delivered one.
+    jwt_bundle: ArcSwapOption<JwtBundle>,
     changes: tokio::sync::watch::Sender<u64>,
 }
 
@@ -76,6 +79,7 @@ impl CertStore {
             svid: ArcSwapOption::empty(),
             bundle: ArcSwap::from_pointee(bundle),
             revocations: ArcSwap::from_pointee(Revocations::default()),
+            jwt_bundle: ArcSwapOption::empty(),
             changes: tokio::sync::watch::Sender::new(0),
         }
     }
@@ -131,7 +135,21 @@ impl CertStore {
         self.revocations.store(Arc::new(revocations));
     }
 
-    /// A receiver that wakes on every `set_svid` / `set_bundle` / `rotate`.
+    /// The JWT bundle (public keys JWT-SVIDs are validated with), if one was delivered.
+    pub fn jwt_bundle(&self) -> Option<Arc<JwtBundle>> {
+        self.jwt_bundle.load_full()
+    }
+
+    /// Swaps in the JWT bundle, waking subscribers when it changed.
+    pub fn set_jwt_bundle(&self, bundle: JwtBundle) {
+        if self.jwt_bundle().as_deref() == Some(&bundle) {
+            return;
+        }
+        self.jwt_bundle.store(Some(Arc::new(bundle)));
+        self.changes.send_modify(|generation| *generation += 1);
+    }
+
+    /// A receiver that wakes on every `set_svid` / `set_bundle` / `rotate` / `set_jwt_bundle`.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
     }

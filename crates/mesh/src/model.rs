@@ -126,13 +126,15 @@ impl MeshSettings {
     }
 }
 
-/// The single MeshConfig resource: the settings, the CA's trust bundle (PEM, may be empty) and
-/// the revoked identities (each with the time of its revocation).
+/// The single MeshConfig resource: the settings, the CA's trust bundle (PEM, may be empty), the
+/// revoked identities (each with the time of its revocation) and the JWT bundle (JWKS JSON, may
+/// be empty; the proxy parses it).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MeshConfig {
     pub settings: MeshSettings,
     pub trust_bundle_pem: String,
     pub revocations: BTreeMap<SpiffeId, SystemTime>,
+    pub jwt_bundle_jwks: String,
 }
 
 /// A meshed workload.

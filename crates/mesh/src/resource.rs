@@ -296,6 +296,7 @@ impl From<&MeshConfig> for proto::MeshConfig {
                         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
                 })
                 .collect(),
+            jwt_bundle_jwks: c.jwt_bundle_jwks.clone(),
         }
     }
 }
@@ -336,6 +337,7 @@ impl TryFrom<&proto::MeshConfig> for MeshConfig {
             settings,
             trust_bundle_pem: m.trust_bundle_pem.clone(),
             revocations,
+            jwt_bundle_jwks: m.jwt_bundle_jwks.clone(),
         })
     }
 }

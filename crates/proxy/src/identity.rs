@@ -95,7 +95,7 @@ fn failure_reason(e: &ClientError) -> &'static str {
             tonic::Code::PermissionDenied => "permission_denied",
             _ => "refused",
         },
-        ClientError::Svid(_) | ClientError::Bundle(_) => "invalid_response",
+        ClientError::Svid(_) | ClientError::Bundle(_) | ClientError::Jwt(_) => "invalid_response",
         ClientError::Unanchored(_) => "unanchored_response",
         ClientError::Csr(_) | ClientError::Tls(_) => "local",
     }

@@ -371,9 +371,15 @@ impl Proxy {
         let (admin_listener, admin_addr) =
             latch_admin::serve::bind(config.admin, "--admin").await?;
         if let Some(api) = &config.workload_api {
+            let jwt = Arc::new(workload_api::jwt::JwtSvids::new(
+                store.clone(),
+                control_plane.0.clone(),
+                control_plane.1.clone(),
+            ));
             workload_api::serve(
                 api,
                 store.clone(),
+                jwt,
                 metrics.clone(),
                 &tracker,
                 cancel.clone(),

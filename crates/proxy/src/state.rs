@@ -43,6 +43,9 @@ pub struct CheckedMeshConfig {
     pub bundle: Option<TrustBundle>,
     /// Revoked identities; the proxy installs them in its `CertStore`.
     pub revocations: latch_identity::Revocations,
+    /// The JWT bundle, when the control plane sent one; installed in the `CertStore` for the
+    /// Workload API's JWT methods.
+    pub jwt_bundle: Option<latch_identity::jwt::JwtBundle>,
 }
 
 /// A resource held by discovery with the version it came with.
@@ -383,6 +386,7 @@ mod tests {
             },
             bundle: None,
             revocations: Default::default(),
+            jwt_bundle: None,
         })
     }
 

@@ -1,11 +1,13 @@
 //! The SPIFFE Workload API on a Unix socket, so SPIFFE-aware applications get the proxy's SVID
-//! and bundle: FetchX509SVID and FetchX509Bundles answer at once and again on every rotation or
-//! bundle change. JWT methods answer UNIMPLEMENTED. Reads the `CertStore` only. Who may connect
+//! and bundles: FetchX509SVID, FetchX509Bundles and FetchJWTBundles answer at once and again on
+//! every change; FetchJWTSVID and ValidateJWTSVID go through `jwt` (tokens from the control
+//! plane, cached per audience set; the JWT bundle from discovery). Who may connect
 //! is decided per connection by the peer's uid (`peers`); the socket is created with its final
 //! mode (`socket`); every request passes through `authority::AuthorityRewriter`, so clients that
 //! send the socket path as `:authority` (gRPC C-core, Java, Swift) are served too.
 
 mod authority;
+pub mod jwt;
 mod peers;
 mod socket;
 
@@ -21,14 +23,14 @@ use authority::AuthorityRewriter;
 use crate::metrics::Metrics;
 
 use latch_admin::serve::{AtCap, Drain, ListenerPolicy, NoMetrics, Plain, Slot, Throttled};
-use latch_identity::{CertStore, Svid, TrustBundle};
+use latch_identity::{CertStore, SpiffeId, Svid, TrustBundle};
 use latch_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
 use latch_proto::workload::{
-    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
-    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
-    X509svidResponse,
+    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
+    ValidateJwtsvidRequest, ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse,
+    X509svid, X509svidRequest, X509svidResponse,
 };
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -109,6 +111,15 @@ fn x509_bundles_response(store: &CertStore) -> Option<X509BundlesResponse> {
     })
 }
 
+fn jwt_bundles_response(store: &CertStore) -> Option<JwtBundlesResponse> {
+    let svid = store.svid()?;
+    let bundle = store.jwt_bundle()?;
+    let trust_domain_id = svid.id().trust_domain().id().to_string();
+    Some(JwtBundlesResponse {
+        bundles: [(trust_domain_id, bundle.to_jwks().to_string().into_bytes())].into(),
+    })
+}
+
 fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
     match request
         .metadata()
@@ -125,25 +136,33 @@ fn check_header<T>(request: &Request<T>) -> Result<(), Status> {
 /// The gRPC service.
 pub struct WorkloadApi {
     store: Arc<CertStore>,
+    jwt: Arc<jwt::JwtSvids>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
 
 impl WorkloadApi {
-    /// Streams `make(store)` now (once an SVID exists) and after every store change, until the
-    /// client goes away or the proxy stops.
-    fn stream<T: Send + 'static>(&self, make: fn(&CertStore) -> Option<T>) -> ResponseStream<T> {
+    /// Streams `make(store)` now (once it has something) and after every store change that
+    /// changes it, until the client goes away or the proxy stops.
+    fn stream<T: Send + PartialEq + Clone + 'static>(
+        &self,
+        make: fn(&CertStore) -> Option<T>,
+    ) -> ResponseStream<T> {
         let (tx, rx) = mpsc::channel(4);
         let store = self.store.clone();
         let cancel = self.cancel.clone();
         let mut changes = store.subscribe();
         self.tracker.spawn(async move {
+            let mut last = None;
             loop {
                 changes.mark_unchanged();
                 if let Some(message) = make(&store)
-                    && tx.send(Ok(message)).await.is_err()
+                    && last.as_ref() != Some(&message)
                 {
-                    return;
+                    if tx.send(Ok(message.clone())).await.is_err() {
+                        return;
+                    }
+                    last = Some(message);
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -187,7 +206,29 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
         check_header(&request)?;
-        Err(jwt_unimplemented())
+        let request = request.into_inner();
+        if request.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if !request.spiffe_id.is_empty() {
+            let asked = SpiffeId::parse(&request.spiffe_id)
+                .map_err(|e| Status::invalid_argument(format!("invalid spiffe_id: {e}")))?;
+            let held = self.store.svid().map(|s| s.id().clone());
+            if held.as_ref() != Some(&asked) {
+                return Err(Status::permission_denied(format!(
+                    "no identity issued for {asked}: this workload's is {}",
+                    held.map_or_else(|| "not known yet".to_string(), |id| id.to_string())
+                )));
+            }
+        }
+        let (spiffe_id, token) = self.jwt.fetch(&request.audience).await?;
+        Ok(Response::new(JwtsvidResponse {
+            svids: vec![Jwtsvid {
+                spiffe_id: spiffe_id.to_string(),
+                svid: token,
+                hint: String::new(),
+            }],
+        }))
     }
 
     async fn fetch_jwt_bundles(
@@ -195,7 +236,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         check_header(&request)?;
-        Err(jwt_unimplemented())
+        Ok(Response::new(self.stream(jwt_bundles_response)))
     }
 
     async fn validate_jwtsvid(
@@ -203,12 +244,18 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
         check_header(&request)?;
-        Err(jwt_unimplemented())
+        let request = request.into_inner();
+        let claims = jwt::validate(
+            &self.store,
+            &request.svid,
+            &request.audience,
+            std::time::SystemTime::now(),
+        )?;
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id: claims.subject.to_string(),
+            claims: claims.claims.as_object().map(jwt::proto_struct),
+        }))
     }
-}
-
-fn jwt_unimplemented() -> Status {
-    Status::unimplemented("JWT-SVIDs are not implemented by latch-proxy yet; use X.509-SVIDs")
 }
 
 /// The Workload API listener: 1024 connections (each app holds one or two streams; more wait in
@@ -348,6 +395,7 @@ impl PeerGate {
 pub fn serve(
     config: &WorkloadApiConfig,
     store: Arc<CertStore>,
+    jwt: Arc<jwt::JwtSvids>,
     metrics: Arc<Metrics>,
     tracker: &TaskTracker,
     cancel: CancellationToken,
@@ -373,6 +421,7 @@ pub fn serve(
     });
     let service = SpiffeWorkloadApiServer::new(WorkloadApi {
         store,
+        jwt,
         tracker: tracker.clone(),
         cancel: cancel.clone(),
     });

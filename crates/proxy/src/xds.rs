@@ -309,6 +309,7 @@ impl DiscoveryClient {
                     .then(|| discovered.mesh.values().next())
                     .flatten();
                 let bundle = mesh_config.and_then(|m| m.value.bundle.clone());
+                let jwt_bundle = mesh_config.and_then(|m| m.value.jwt_bundle.clone());
                 // Before the snapshot: re-authorizing open connections reads them.
                 if let Some(config) = mesh_config
                     && config.value.revocations != *self.store.revocations()
@@ -326,6 +327,12 @@ impl DiscoveryClient {
                 if let Some(bundle) = bundle.filter(|b| b.roots() != self.store.bundle().roots()) {
                     tracing::info!(fingerprints = ?bundle.fingerprints(), "trust bundle from the control plane installed");
                     self.store.set_bundle(bundle);
+                }
+                if let Some(jwt_bundle) = jwt_bundle {
+                    if self.store.jwt_bundle().as_deref() != Some(&jwt_bundle) {
+                        tracing::info!(kids = ?jwt_bundle.kids().collect::<Vec<_>>(), "JWT bundle from the control plane installed");
+                    }
+                    self.store.set_jwt_bundle(jwt_bundle);
                 }
                 self.metrics
                     .discovery_applied
@@ -411,6 +418,8 @@ pub enum ResourceError {
     SentTwice,
     #[error("trust_bundle_pem: {0}")]
     Bundle(#[from] BundleError),
+    #[error("jwt_bundle_jwks: {0}")]
+    JwtBundle(String),
     /// Installing the bundle would cut this proxy off from every peer.
     #[error("trust_bundle_pem has no root for this proxy's own SVID ({id}): {reason}")]
     BundleLacksOwnRoot { id: SpiffeId, reason: SvidError },
@@ -514,10 +523,21 @@ fn check_mesh_config(
         }
         Some(bundle)
     };
+    let jwt_bundle = if config.jwt_bundle_jwks.trim().is_empty() {
+        None
+    } else {
+        let json: serde_json::Value = serde_json::from_str(&config.jwt_bundle_jwks)
+            .map_err(|e| ResourceError::JwtBundle(format!("not JSON: {e}")))?;
+        Some(
+            latch_identity::jwt::JwtBundle::from_jwks(&json)
+                .map_err(|e| ResourceError::JwtBundle(e.to_string()))?,
+        )
+    };
     Ok(CheckedMeshConfig {
         settings: config.settings,
         bundle,
         revocations: latch_identity::Revocations(config.revocations),
+        jwt_bundle,
     })
 }
 
@@ -657,6 +677,7 @@ mod tests {
             trust_bundle_pem: pem,
             outbound_policy: mesh_config::OutboundPolicy::RegistryOnly as i32,
             revocations: vec![],
+            jwt_bundle_jwks: String::new(),
         };
         let d = accepts(
             &store,

@@ -192,6 +192,7 @@ async fn subscribes_acks_nacks_removes_and_resubscribes_with_what_it_holds() {
         trust_bundle_pem: format!("{ca_pem}{next_root_pem}"),
         outbound_policy: mesh_config::OutboundPolicy::Passthrough as i32,
         revocations: vec![],
+        jwt_bundle_jwks: String::new(),
     };
     let mesh_resource = resource(type_url::MESH_CONFIG, "mesh", &mesh_config);
     let answer = stream

@@ -37,6 +37,8 @@ struct Problem {
 pub struct Mesh {
     /// The MeshConfig's trust bundle; replaced by `set_trust_bundle` during a root rotation.
     trust_bundle_pem: Mutex<String>,
+    /// The MeshConfig's JWT bundle (JWKS JSON); replaced by `set_jwt_bundle` on key rotation.
+    jwt_bundle_jwks: Mutex<String>,
     /// The MeshConfig's revocations; replaced by `set_revocations`.
     revocations: Mutex<BTreeMap<SpiffeId, SystemTime>>,
     snapshots: watch::Sender<Arc<MeshSnapshot>>,
@@ -55,9 +57,20 @@ impl Mesh {
     /// An empty mesh: only the MeshConfig, carrying `trust_bundle_pem`. `synced` says whether
     /// it may be served as it is (false: wait for the source's first `publish`).
     pub fn new(trust_bundle_pem: String, metrics: Arc<Metrics>, synced: bool) -> Self {
-        let empty = MeshSnapshot::build(
+        Self::with_jwt_bundle(trust_bundle_pem, String::new(), metrics, synced)
+    }
+
+    /// `new`, with the JWT bundle (JWKS JSON) in the MeshConfig from the first snapshot on.
+    pub fn with_jwt_bundle(
+        trust_bundle_pem: String,
+        jwt_bundle_jwks: String,
+        metrics: Arc<Metrics>,
+        synced: bool,
+    ) -> Self {
+        let empty = MeshSnapshot::build_with_jwt(
             MeshModel::default(),
             &trust_bundle_pem,
+            &jwt_bundle_jwks,
             &BTreeMap::new(),
             None,
             0,
@@ -65,6 +78,7 @@ impl Mesh {
         metrics.mesh_generation.set(0);
         Self {
             trust_bundle_pem: Mutex::new(trust_bundle_pem),
+            jwt_bundle_jwks: Mutex::new(jwt_bundle_jwks),
             revocations: Mutex::new(BTreeMap::new()),
             snapshots: watch::Sender::new(Arc::new(empty)),
             publishing: Mutex::new(()),
@@ -111,14 +125,20 @@ impl Mesh {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
+        let jwks = self
+            .jwt_bundle_jwks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         let revocations = self
             .revocations
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let next = MeshSnapshot::build(
+        let next = MeshSnapshot::build_with_jwt(
             model,
             &bundle,
+            &jwks,
             &revocations,
             Some(&current),
             current.generation + 1,
@@ -161,6 +181,19 @@ impl Mesh {
             .unwrap_or_else(PoisonError::into_inner) = pem;
         if self.publish_model(None) {
             tracing::info!("trust bundle republished to the proxies");
+        }
+    }
+
+    /// Serves `jwks` as the MeshConfig's JWT bundle from now on (at start and after every
+    /// signing-key rotation or prune), republishing the current model with it. Does not count
+    /// as the source's first model.
+    pub fn set_jwt_bundle(&self, jwks: String) {
+        *self
+            .jwt_bundle_jwks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = jwks;
+        if self.publish_model(None) {
+            tracing::info!("JWT bundle republished to the proxies");
         }
     }
 

@@ -164,11 +164,30 @@ pub struct MeshSnapshot {
 }
 
 impl MeshSnapshot {
-    /// Encodes `model` (with `trust_bundle_pem` and `revocations` in the MeshConfig), reusing
-    /// `previous`'s shared resources wherever the content is the same.
+    /// Encodes `model` (with `trust_bundle_pem` and `revocations` in the MeshConfig, and no JWT
+    /// bundle), reusing `previous`'s shared resources wherever the content is the same.
     pub fn build(
         model: MeshModel,
         trust_bundle_pem: &str,
+        revocations: &BTreeMap<SpiffeId, SystemTime>,
+        previous: Option<&MeshSnapshot>,
+        generation: u64,
+    ) -> Self {
+        Self::build_with_jwt(
+            model,
+            trust_bundle_pem,
+            "",
+            revocations,
+            previous,
+            generation,
+        )
+    }
+
+    /// `build`, with the JWT bundle (JWKS JSON) in the MeshConfig too.
+    pub fn build_with_jwt(
+        model: MeshModel,
+        trust_bundle_pem: &str,
+        jwt_bundle_jwks: &str,
         revocations: &BTreeMap<SpiffeId, SystemTime>,
         previous: Option<&MeshSnapshot>,
         generation: u64,
@@ -181,6 +200,7 @@ impl MeshSnapshot {
                     settings: model.settings.clone(),
                     trust_bundle_pem: trust_bundle_pem.to_string(),
                     revocations: revocations.clone(),
+                    jwt_bundle_jwks: jwt_bundle_jwks.to_string(),
                 })
                 .encode_to_vec(),
             )],

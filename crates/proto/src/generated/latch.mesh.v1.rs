@@ -154,6 +154,11 @@ pub struct MeshConfig {
     /// one are closed. A later SVID (the workload registered again) is not affected.
     #[prost(message, repeated, tag = "5")]
     pub revocations: ::prost::alloc::vec::Vec<mesh_config::Revocation>,
+    /// The trust domain's JWT bundle: a JWKS (`{"keys": \[...\]}`) of the keys JWT-SVIDs are signed
+    /// with, the JWT part of a SPIFFE bundle; may be empty. Holds a replaced key until the tokens
+    /// it signed have expired.
+    #[prost(string, tag = "6")]
+    pub jwt_bundle_jwks: ::prost::alloc::string::String,
 }
 /// Nested message and enum types in `MeshConfig`.
 pub mod mesh_config {
