@@ -151,6 +151,7 @@ fn every_flag_has_its_latch_environment_variable() {
             "--config",
             "--default-ttl",
             "--max-ttl",
+            "--jwt-key-rotation",
             "--ca-cert",
             "--ca-key",
             "--ca-chain",
