@@ -610,11 +610,16 @@ async fn certificates_rotate_in_the_mesh_config() {
     let app = byte_echo_app();
     let p = pair(&h, app.port(), Some(Duration::from_secs(4))).await;
     let first = p.client.store().svid().unwrap().info().serial.clone();
+    // The store also changes when a bundle (X.509 or JWT) arrives over discovery: wait for
+    // the change that is a new SVID.
     let mut changes = p.client.store().subscribe();
-    tokio::time::timeout(Duration::from_secs(10), changes.changed())
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while p.client.store().svid().unwrap().info().serial == first {
+            changes.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the SVID rotates within 10 s");
     assert_ne!(p.client.store().svid().unwrap().info().serial, first);
     assert_eq!(
         roundtrip(p.entry, b"after rotation").await.unwrap(),
@@ -651,12 +656,17 @@ async fn repeat_connections_resume_until_the_client_rotates() {
     assert_eq!(handshakes(&p.server, "inbound", "resumed"), 4);
     assert_eq!(handshakes(&p.client, "outbound", "resumed"), 4);
 
-    // Once the client's SVID rotates, its tickets from the old identity are not offered.
+    // Once the client's SVID rotates, its tickets from the old identity are not offered. (The
+    // store also changes when a bundle arrives: wait for a new serial.)
+    let before = p.client.store().svid().unwrap().info().serial.clone();
     let mut changes = p.client.store().subscribe();
-    tokio::time::timeout(Duration::from_secs(10), changes.changed())
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while p.client.store().svid().unwrap().info().serial == before {
+            changes.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the SVID rotates within 10 s");
     assert_eq!(roundtrip(p.entry, b"after").await.unwrap(), b"after");
     assert_eq!(handshakes(&p.server, "inbound", "full"), 2);
     p.client.shutdown().await;
