@@ -104,7 +104,7 @@ fn mesh_config(with_bundle: bool) -> mesh::MeshConfig {
             String::new()
         },
         outbound_policy: mesh::mesh_config::OutboundPolicy::RegistryOnly as i32,
-        revocations: vec![],
+        ..mesh::MeshConfig::default()
     }
 }
 
