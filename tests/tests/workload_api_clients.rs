@@ -293,7 +293,11 @@ async fn py_spiffe_fetches_and_validates_jwt_svids_and_pyjwt_verifies_them() {
     let socket = dir.path().join("workload-api/socket");
     let proxy = proxy_for_app_uid(&h, &id, &socket).await;
     let authority = &h.control_plane.jwt;
-    let kid = authority.keys().current_kid().to_string();
+    let kid = authority
+        .keys()
+        .signing_kid(SystemTime::now())
+        .unwrap()
+        .to_string();
     wait_for_jwt_key(&proxy, &kid).await;
 
     let now = SystemTime::now();
@@ -383,7 +387,13 @@ async fn jwt_svids_issued_before_a_key_rotation_keep_validating() {
     let h = Harness::start().await;
     let id = h.id("demo", "rotating");
     let proxy = h.start_proxy(&id, None, None).await;
-    let old_kid = h.control_plane.jwt.keys().current_kid().to_string();
+    let old_kid = h
+        .control_plane
+        .jwt
+        .keys()
+        .signing_kid(SystemTime::now())
+        .unwrap()
+        .to_string();
     wait_for_jwt_key(&proxy, &old_kid).await;
     let mut client = latch_identity::client::CaClient::connect(
         &h.grpc_addr(),
@@ -425,10 +435,13 @@ async fn jwt_svids_issued_before_a_key_rotation_keep_validating() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let new_kid = h.control_plane.rotate_jwt_key().unwrap();
+    let rotation = h.control_plane.rotate_jwt_key().await.unwrap();
+    let new_kid = rotation.kid;
     assert_ne!(new_kid, old_kid);
     wait_for_jwt_key(&proxy, &new_kid).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The new key signs once it has been published for the harness's publish-ahead time.
+    let until = rotation.signs_from + Duration::from_millis(300);
+    tokio::time::sleep(until.duration_since(SystemTime::now()).unwrap_or_default()).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut by_kid = std::collections::BTreeMap::<String, usize>::new();
     for task in load {

@@ -214,9 +214,10 @@ enum JwtCommand {
         #[arg(long, required = true)]
         audience: Vec<String>,
     },
-    /// Replace the control plane's JWT signing key now (as --jwt-key-rotation does on its
-    /// schedule); the replaced key stays in the JWT bundle until its tokens have expired.
-    /// Prints the new key id and the bundle's key ids (JSON).
+    /// Replace the control plane's JWT signing key (as --jwt-key-rotation does on its
+    /// schedule): the new key is published now and signs 2 minutes later, once every verifier
+    /// has it; the replaced key stays in the JWT bundle until its tokens have expired. Prints
+    /// the new key id, when it signs, the key signing now and the bundle's key ids (JSON).
     Rotate {
         #[command(flatten)]
         admin: AdminArgs,

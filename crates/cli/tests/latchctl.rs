@@ -416,7 +416,12 @@ async fn jwt_rotate_replaces_the_signing_key_and_keeps_the_old_one_published() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let cp = start(&data).await;
-    let old = cp.jwt.keys().current_kid().to_string();
+    let old = cp
+        .jwt
+        .keys()
+        .signing_kid(std::time::SystemTime::now())
+        .unwrap()
+        .to_string();
     let admin = cp.admin_addr.to_string();
     let rotate = move |data_dir: std::path::PathBuf| {
         let admin = admin.clone();
@@ -437,13 +442,22 @@ async fn jwt_rotate_replaces_the_signing_key_and_keeps_the_old_one_published() {
     std::fs::write(wrong_dir.join("admin.token"), "not-the-credential\n").unwrap();
     let output = rotate(wrong_dir).await.unwrap();
     assert!(!output.status.success());
-    assert_eq!(cp.jwt.keys().current_kid(), old);
+    assert_eq!(
+        cp.jwt
+            .keys()
+            .signing_kid(std::time::SystemTime::now())
+            .unwrap(),
+        old
+    );
 
     let output = rotate(data).await.unwrap();
     let answer: serde_json::Value = serde_json::from_str(&stdout_of(&output)).unwrap();
-    let new = cp.jwt.keys().current_kid().to_string();
+    // Published now, signing later: until then the old key signs.
+    let new = answer["new_kid"].as_str().unwrap().to_string();
     assert_ne!(new, old);
-    assert_eq!(answer["current_kid"], new);
+    assert_eq!(answer["signing_kid"], old);
+    let signs_from = humantime::parse_rfc3339(answer["signs_from"].as_str().unwrap()).unwrap();
+    assert_eq!(cp.jwt.keys().signing_kid(signs_from).unwrap(), new);
     let mut kids = vec![old, new];
     kids.sort();
     assert_eq!(answer["bundle_kids"], serde_json::json!(kids));

@@ -139,19 +139,22 @@ impl AdminState {
         latch_identity::bundle::sha256_hex(self.ca.bundle().to_pem().as_bytes())
     }
 
-    /// Replaces the JWT signing key now and serves the new JWT bundle to the proxies.
+    /// Publishes a new JWT signing key now and serves the new JWT bundle to the proxies.
     async fn rotate_jwt_key(&self, request: Request<Incoming>) -> HttpResponse {
         if let Err(refused) = self.authorized_body(request).await {
             return refused;
         }
-        match self.jwt.rotate(SystemTime::now()) {
-            Ok(kid) => {
+        let now = SystemTime::now();
+        match self.jwt.rotate(now).await {
+            Ok(rotation) => {
                 self.mesh.set_jwt_bundle(self.jwt.bundle_jwks());
                 let keys = self.jwt.keys();
                 json(
                     StatusCode::OK,
                     &serde_json::json!({
-                        "current_kid": kid,
+                        "new_kid": rotation.kid,
+                        "signs_from": humantime::format_rfc3339_seconds(rotation.signs_from).to_string(),
+                        "signing_kid": keys.signing_kid(now).unwrap_or_default(),
                         "bundle_kids": keys.bundle().kids().collect::<Vec<_>>(),
                     }),
                 )

@@ -483,7 +483,7 @@ impl CertificateServer {
         tracing::info!(
             spiffe_id = %proven.id(),
             audiences = request.audience.len(),
-            kid = self.jwt.keys().current_kid(),
+            kid = self.jwt.keys().signing_kid(now).unwrap_or_default(),
             "issued JWT-SVID"
         );
         let expires_at = issued

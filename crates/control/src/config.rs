@@ -52,8 +52,10 @@ pub struct Args {
     /// Longest lifetime a caller may ask for.
     #[arg(long, env = "LATCH_MAX_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub max_ttl: Duration,
-    /// How often the JWT-SVID signing key is replaced (the replaced key stays in the JWT
-    /// bundle until its tokens have expired); at least 10s.
+    /// How often the JWT-SVID signing key is replaced. The new key is published 2 minutes
+    /// before it signs, and the replaced key stays in the JWT bundle until its tokens have
+    /// expired; at least 10s. With --kubernetes the keys are shared by the replicas (Secret
+    /// latch-jwt-keys).
     #[arg(long, env = "LATCH_JWT_KEY_ROTATION", default_value = "24h", value_parser = humantime::parse_duration)]
     pub jwt_key_rotation: Duration,
     /// Plug-in CA: the signing certificate (root or intermediate), PEM.
@@ -162,6 +164,9 @@ pub struct Config {
     pub in_pod: bool,
     /// How often the JWT-SVID signing key is replaced.
     pub jwt_key_rotation: Duration,
+    /// How long a new JWT signing key is published before it signs (not a flag: tests shorten
+    /// it).
+    pub jwt_publish_ahead: Duration,
 }
 
 /// Shortest `--jwt-key-rotation`: bounds the replaced keys the JWT bundle holds at once.
@@ -195,6 +200,7 @@ impl Config {
             publish_bundle: None,
             in_pod: false,
             jwt_key_rotation: crate::jwt_authority::DEFAULT_ROTATION,
+            jwt_publish_ahead: crate::jwt_authority::DEFAULT_PUBLISH_AHEAD,
         }
     }
 }
@@ -288,6 +294,7 @@ impl TryFrom<Args> for Config {
             publish_bundle: args.publish_bundle,
             in_pod: std::env::var_os("KUBERNETES_SERVICE_HOST").is_some(),
             jwt_key_rotation: args.jwt_key_rotation,
+            jwt_publish_ahead: crate::jwt_authority::DEFAULT_PUBLISH_AHEAD,
         })
     }
 }

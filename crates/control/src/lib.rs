@@ -18,6 +18,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod revocation_secret;
 pub mod revocations;
+pub mod shared_secret;
 pub mod tls_incoming;
 pub mod token_secrets;
 pub mod tokens;
@@ -270,11 +271,27 @@ impl ControlPlane {
             }
             (None, None, _) => Ca::load_or_create(data_dir, &config.trust_domain, config.ttl)?,
         });
-        let jwt = Arc::new(jwt_authority::JwtAuthority::load_or_create(
-            data_dir,
-            &config.trust_domain,
-            std::time::SystemTime::now(),
-        )?);
+        let jwt = Arc::new(match &kube_client {
+            Some(client) => {
+                // Shared by the replicas. Unreadable now, it is retried: X509-SVIDs do not
+                // wait for JWT keys, and CreateJwtSvid answers UNAVAILABLE meanwhile.
+                let jwt = jwt_authority::JwtAuthority::shared(
+                    client.clone(),
+                    &config.trust_domain,
+                    config.jwt_publish_ahead,
+                );
+                if let Err(e) = jwt.load(std::time::SystemTime::now()).await {
+                    tracing::warn!("{e}; retrying, and issuing no JWT-SVID until then");
+                }
+                jwt
+            }
+            None => jwt_authority::JwtAuthority::load_or_create(
+                data_dir,
+                &config.trust_domain,
+                config.jwt_publish_ahead,
+                std::time::SystemTime::now(),
+            )?,
+        });
         let bundle_path = data_dir.join("bundle.pem");
         let admin_token_path = data_dir.join("admin.token");
         let credential = admin_credential(&admin_token_path)?;
@@ -490,6 +507,15 @@ impl ControlPlane {
             &tracker,
             cancel.clone(),
         );
+        if let Some(access) = &config.kubernetes {
+            let jwt_mesh = mesh.clone();
+            jwt.follow(
+                access.watch_client().map_err(StartError::Config)?,
+                move |jwks| jwt_mesh.set_jwt_bundle(jwks),
+                &tracker,
+                cancel.clone(),
+            );
+        }
         let jwt_mesh = mesh.clone();
         tracker.spawn(jwt_authority::run_rotation(
             jwt.clone(),
@@ -584,13 +610,15 @@ impl ControlPlane {
         })
     }
 
-    /// Replaces the JWT signing key now, as `--jwt-key-rotation` does on its schedule, and
-    /// serves the new JWT bundle (the replaced key still in it) to the proxies. Returns the new
-    /// key id.
-    pub fn rotate_jwt_key(&self) -> Result<String, jwt_authority::JwtAuthorityError> {
-        let kid = self.jwt.rotate(std::time::SystemTime::now())?;
+    /// Publishes a new JWT signing key now, as `--jwt-key-rotation` does on its schedule, and
+    /// serves the new JWT bundle (the replaced key still in it) to the proxies. The new key
+    /// signs from `Rotation::signs_from`.
+    pub async fn rotate_jwt_key(
+        &self,
+    ) -> Result<jwt_authority::Rotation, jwt_authority::JwtAuthorityError> {
+        let rotation = self.jwt.rotate(std::time::SystemTime::now()).await?;
         self.mesh.set_jwt_bundle(self.jwt.bundle_jwks());
-        Ok(kid)
+        Ok(rotation)
     }
 
     /// Stops accepting, closes connections and waits for every task to finish.

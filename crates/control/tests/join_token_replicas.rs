@@ -1,4 +1,5 @@
-//! Join tokens and revocations across control-plane replicas (`--kubernetes`): two control
+//! Join tokens, revocations and JWT signing keys across control-plane replicas
+//! (`--kubernetes`): two control
 //! planes share one fake Kubernetes API server, which keeps Secrets as the real one does (`fake_kube::
 //! SecretStore`: resourceVersion on every write, 409 Conflict for a stale update, 409
 //! AlreadyExists for a taken name). They share the CA through `--ca-secret`, as the shipped
@@ -62,8 +63,19 @@ struct Replica {
 
 impl Replica {
     async fn start(api: SocketAddr, config_yaml: Option<&str>) -> Self {
+        Self::start_with(api, config_yaml, |_| {}).await
+    }
+
+    async fn start_with(
+        api: SocketAddr,
+        config_yaml: Option<&str>,
+        adjust: impl FnOnce(&mut latch_control::config::Config),
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut config = latch_testkit::loopback_config(dir.path().join("data"));
+        // Long enough for the other replica's watch, short enough to wait for.
+        config.jwt_publish_ahead = std::time::Duration::from_secs(4);
+        adjust(&mut config);
         let mut kube_config = kube::Config::new(format!("http://{api}").parse().unwrap());
         // In a pod, the client's default namespace is the pod's own.
         kube_config.default_namespace = NAMESPACE.to_string();
@@ -374,6 +386,207 @@ async fn a_revocation_made_on_one_replica_holds_on_every_replica_and_after_resta
     assert_eq!(c.revoked(), all);
     a.cp.shutdown().await;
     c.cp.shutdown().await;
+}
+
+/// The JWT bundle this replica serves its proxies (the MeshConfig's JWKS), as key ids.
+fn served_kids(replica: &Replica) -> Vec<String> {
+    let snapshot = replica.cp.mesh.snapshot();
+    let config = snapshot
+        .resources(latch_control::mesh::snapshot::ResourceType::MeshConfig)
+        .values()
+        .next()
+        .unwrap()
+        .clone();
+    let bytes = &config.body.value;
+    let mut kids: Vec<String> = replica
+        .cp
+        .jwt
+        .keys()
+        .bundle()
+        .kids()
+        .filter(|kid| bytes.windows(kid.len()).any(|w| w == kid.as_bytes()))
+        .map(String::from)
+        .collect();
+    kids.sort();
+    kids
+}
+
+fn held_kids(replica: &Replica) -> Vec<String> {
+    let mut kids: Vec<String> = replica
+        .cp
+        .jwt
+        .keys()
+        .bundle()
+        .kids()
+        .map(String::from)
+        .collect();
+    kids.sort();
+    kids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_jwt_signing_keys_and_a_rotation_reaches_every_replica_before_it_signs() {
+    use latch_identity::SpiffeId;
+    use latch_identity::jwt::validate;
+    use std::time::SystemTime;
+    let store = Store::default();
+    let api = fake_api(store.clone()).await;
+    let (a, b) = tokio::join!(Replica::start(api, None), Replica::start(api, None));
+    let td = TrustDomain::new("cluster.local").unwrap();
+    let web = SpiffeId::parse(WEB).unwrap();
+    let now = SystemTime::now();
+    assert_eq!(
+        a.cp.jwt.keys().signing_kid(now).unwrap(),
+        b.cp.jwt.keys().signing_kid(now).unwrap(),
+        "replicas starting together sign with one key"
+    );
+    let token = a.cp.jwt.sign(&web, &["db".into()], now).unwrap().token;
+    let claims = validate(&token, &td, b.cp.jwt.keys().bundle(), "db", now)
+        .expect("a token from one replica validates with the other's bundle");
+    assert_eq!(claims.subject, web);
+
+    let rotation = a.cp.rotate_jwt_key().await.unwrap();
+    latch_testkit::until(
+        "the other replica serves the new key to its proxies",
+        std::time::Duration::from_secs(5),
+        || served_kids(&b).contains(&rotation.kid),
+    )
+    .await;
+    assert!(
+        SystemTime::now() < rotation.signs_from,
+        "published by every replica before it signs"
+    );
+    assert_eq!(held_kids(&a), held_kids(&b));
+    assert_eq!(
+        b.cp.jwt.keys().signing_kid(rotation.signs_from).unwrap(),
+        rotation.kid
+    );
+    let later =
+        b.cp.jwt
+            .sign(&web, &["db".into()], rotation.signs_from)
+            .unwrap()
+            .token;
+    validate(
+        &later,
+        &td,
+        a.cp.jwt.keys().bundle(),
+        "db",
+        rotation.signs_from,
+    )
+    .unwrap();
+
+    // A new replica (an empty data dir) starts with the same keys.
+    let c = Replica::start(api, None).await;
+    assert_eq!(held_kids(&c), held_kids(&a));
+    for replica in [a, b, c] {
+        replica.cp.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_due_for_a_scheduled_jwt_key_rotation_at_once_make_one_key() {
+    let store = Store::default();
+    let api = fake_api(store.clone()).await;
+    let every = std::time::Duration::from_secs(10);
+    let (a, b) = tokio::join!(
+        Replica::start_with(api, None, |c| c.jwt_key_rotation = every),
+        Replica::start_with(api, None, |c| c.jwt_key_rotation = every),
+    );
+    let first = held_kids(&a);
+    assert_eq!(first.len(), 1);
+    latch_testkit::until(
+        "both replicas hold the rotated keys",
+        std::time::Duration::from_secs(20),
+        || held_kids(&a).len() > 1 && held_kids(&a) == held_kids(&b),
+    )
+    .await;
+    // Both woke for the same rotation; the compare-and-swap let one of them make the key.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let kids = held_kids(&a);
+    assert_eq!(kids.len(), 2, "one new key, not one per replica: {kids:?}");
+    assert_eq!(kids, held_kids(&b));
+    a.cp.shutdown().await;
+    b.cp.shutdown().await;
+}
+
+/// The API server refuses the JWT keys Secret (403, as for a Role without it) until the test
+/// grants it: the replica starts and serves X509-SVIDs, signs no JWT-SVID, then creates the
+/// keys and serves their bundle once the API answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_keys_the_api_refuses_at_start_are_created_once_it_answers() {
+    use latch_identity::SpiffeId;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let store = Store::default();
+    let granted = Arc::new(AtomicBool::new(false));
+    let rbac = Rbac::shipped();
+    let api = {
+        let (store, granted) = (store.clone(), granted.clone());
+        fake_kube::serve(move |call: Call| {
+            let jwt_keys = call.path.ends_with("/latch-jwt-keys")
+                || call.query.contains("latch-jwt-keys")
+                || call.body["metadata"]["name"] == "latch-jwt-keys";
+            let refusal = rbac.refusal(&call).or_else(|| {
+                (jwt_keys && !granted.load(Ordering::SeqCst)).then(|| {
+                    fake_kube::status(
+                        403,
+                        "Forbidden",
+                        "secrets",
+                        "latch-jwt-keys",
+                        "secrets \"latch-jwt-keys\" is forbidden: User \
+                         \"system:serviceaccount:latch-system:latch-control\" cannot get \
+                         resource \"secrets\" in API group \"\" in the namespace \"latch-system\""
+                            .into(),
+                    )
+                })
+            });
+            let response: Response<AnyBody> = match refusal {
+                Some(forbidden) => {
+                    fake_kube::respond(hyper::StatusCode::FORBIDDEN, forbidden).map(BodyExt::boxed)
+                }
+                None => store
+                    .lock()
+                    .unwrap()
+                    .handle(&call)
+                    .unwrap_or_else(|| not_found("unknown", &call.path).map(BodyExt::boxed)),
+            };
+            async move { response }
+        })
+        .await
+    };
+    let replica = Replica::start(api, None).await;
+    let token = replica.create_token(true).await;
+    assert_eq!(
+        replica.request(&token).await.unwrap(),
+        WEB,
+        "X509-SVIDs do not wait for the JWT keys"
+    );
+    let web = SpiffeId::parse(WEB).unwrap();
+    let refused = replica
+        .cp
+        .jwt
+        .sign(&web, &["db".into()], std::time::SystemTime::now())
+        .err()
+        .expect("nothing is signed without the shared keys")
+        .to_string();
+    assert!(
+        refused.contains("not been read") && refused.contains("403"),
+        "{refused}"
+    );
+    assert!(held_kids(&replica).is_empty());
+
+    granted.store(true, Ordering::SeqCst);
+    latch_testkit::until(
+        "the replica creates the keys and serves their bundle",
+        std::time::Duration::from_secs(10),
+        || !served_kids(&replica).is_empty(),
+    )
+    .await;
+    replica
+        .cp
+        .jwt
+        .sign(&web, &["db".into()], std::time::SystemTime::now())
+        .expect("signs once the keys are read");
+    replica.cp.shutdown().await;
 }
 
 #[tokio::test]

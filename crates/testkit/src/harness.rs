@@ -28,12 +28,15 @@ pub fn assert_status(status: &tonic::Status, code: tonic::Code, message_part: &s
 /// gRPC and admin listeners on loopback port 0.
 pub fn loopback_config(data_dir: impl Into<std::path::PathBuf>) -> Config {
     let trust_domain = TrustDomain::new(crate::TRUST_DOMAIN).expect("trust domain");
-    Config::new(
+    let mut config = Config::new(
         trust_domain,
         data_dir.into(),
         any_loopback(),
         any_loopback(),
-    )
+    );
+    // A new JWT signing key signs one second after it is published, not two minutes.
+    config.jwt_publish_ahead = std::time::Duration::from_secs(1);
+    config
 }
 
 /// A control plane running in this process.
