@@ -127,7 +127,7 @@ pub struct JwtKeys {
 
 impl JwtKeys {
     fn new(mut keys: Vec<Key>) -> Self {
-        keys.sort_by(|a, b| b.activated_at.cmp(&a.activated_at));
+        keys.sort_by_key(|k| std::cmp::Reverse(k.activated_at));
         let mut bundle = JwtBundle::default();
         for key in &keys {
             bundle.add(&key.signing);
@@ -238,7 +238,7 @@ pub struct Rotation {
 
 enum Storage {
     File(PathBuf),
-    Secret(SharedSecret),
+    Secret(Box<SharedSecret>),
 }
 
 /// The trust domain's JWT signing keys.
@@ -309,7 +309,7 @@ impl JwtAuthority {
         publish_ahead: Duration,
     ) -> Self {
         Self::with(
-            Storage::Secret(SharedSecret::new(client, SECRET_NAME, SECRET_KEY)),
+            Storage::Secret(Box::new(SharedSecret::new(client, SECRET_NAME, SECRET_KEY))),
             trust_domain,
             publish_ahead,
             JwtKeys::new(Vec::new()),
@@ -533,7 +533,7 @@ impl JwtAuthority {
         };
         let this = self.clone();
         let place = secret.display();
-        let secret = secret.clone();
+        let secret = (**secret).clone();
         let follow_tracker = tracker.clone();
         tracker.spawn(async move {
             // Keys not read at start-up (the API unreachable, RBAC): retried here, since a
