@@ -110,10 +110,12 @@ struct Key {
 }
 
 impl Key {
+    /// A new key signing from `activated_at`, in whole seconds as stored (rounded down: the
+    /// first key signs at once; a rotation rounds its time up first).
     fn generate(activated_at: SystemTime) -> Result<Self, JwtError> {
         Ok(Self {
             signing: Arc::new(JwtSigningKey::generate()?),
-            activated_at,
+            activated_at: from_unix(unix(activated_at)),
         })
     }
 }
@@ -259,6 +261,16 @@ fn unix(t: SystemTime) -> u64 {
 
 fn from_unix(s: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(s)
+}
+
+/// `t` rounded up to a whole second.
+fn ceil_seconds(t: SystemTime) -> SystemTime {
+    let down = from_unix(unix(t));
+    if down < t {
+        down + Duration::from_secs(1)
+    } else {
+        down
+    }
 }
 
 impl JwtAuthority {
@@ -465,7 +477,7 @@ impl JwtAuthority {
     /// Publishes a new key now, signing from `now + publish_ahead`; the key it replaces stays
     /// published until its last token has expired.
     pub async fn rotate(&self, now: SystemTime) -> Result<Rotation, JwtAuthorityError> {
-        let signs_from = now + self.publish_ahead;
+        let signs_from = ceil_seconds(now + self.publish_ahead);
         let rotation = self
             .change(|keys| {
                 let keys = keys.with_new_key(signs_from)?;
@@ -490,7 +502,7 @@ impl JwtAuthority {
         every: Duration,
         now: SystemTime,
     ) -> Result<Option<Rotation>, JwtAuthorityError> {
-        let signs_from = now + self.publish_ahead;
+        let signs_from = ceil_seconds(now + self.publish_ahead);
         let rotated = self
             .change(|keys| {
                 if keys.newest_activation().is_some_and(|at| at + every > now) {
@@ -743,15 +755,18 @@ mod tests {
         let old_kid = authority.keys().signing_kid(t0).unwrap().to_string();
         let rotation = authority.rotate(t0).await.unwrap();
         assert_ne!(rotation.kid, old_kid);
-        assert_eq!(rotation.signs_from, t0 + AHEAD);
+        assert!(rotation.signs_from >= t0 + AHEAD);
+        assert!(rotation.signs_from < t0 + AHEAD + Duration::from_secs(1));
         let mut both = vec![old_kid.clone(), rotation.kid.clone()];
         both.sort();
         assert_eq!(kids(&authority), both, "the new key is published at once");
         // Until it activates, the old key signs.
         let before = authority.sign(&web(), &["db".into()], t0).unwrap();
         assert_eq!(authority.keys().signing_kid(t0).unwrap(), old_kid);
-        let t1 = t0 + AHEAD;
+        let t1 = rotation.signs_from;
         assert_eq!(authority.keys().signing_kid(t1).unwrap(), rotation.kid);
+        let just_before = t1 - Duration::from_millis(1);
+        assert_eq!(authority.keys().signing_kid(just_before).unwrap(), old_kid);
         let after = authority.sign(&web(), &["db".into()], t1).unwrap();
         for token in [&before.token, &after.token] {
             validate(token, &td(), authority.keys().bundle(), "db", t0).unwrap();
@@ -780,7 +795,7 @@ mod tests {
             .unwrap()
             .unwrap();
         // The new key activates AHEAD later; the next rotation is `every` after that.
-        let t1 = t0 + every + AHEAD;
+        let t1 = first.signs_from;
         assert!(
             authority
                 .rotate_if_due(every, t1 + every - Duration::from_secs(1))
