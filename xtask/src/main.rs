@@ -37,6 +37,8 @@ fn main() -> Result<()> {
                  demo               run a local mesh: control plane, certificates, mTLS\n  \
                  bench ca [--clients N] [--seconds S]\n                     \
                  SVIDs issued per second over gRPC\n  \
+                 bench jwt [--clients N] [--seconds S]\n                     \
+                 JWT-SVIDs issued per second: signing, control plane, Workload API\n  \
                  bench mesh [--quick] [--reps N] [--seconds S]\n                     \
                  Latch vs stunnel, HAProxy and no proxy (root: installs tools, private netns)\n  \
                  bench discovery [--proxies 1000,5000] [--changes N]\n                     \

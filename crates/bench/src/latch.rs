@@ -17,18 +17,18 @@ use latch_testkit::child::{log_tail, run_output};
 use latch_testkit::net::wait_port;
 
 pub const ENTRY_BASE: u16 = 11000;
-const CONTROL_GRPC: &str = "127.0.0.1:15010";
+pub const CONTROL_GRPC: &str = "127.0.0.1:15010";
 const CONTROL_ADMIN: &str = "127.0.0.1:15014";
 const SERVER_MESH: &str = "127.0.0.1:15008";
 pub const SERVER_ADMIN: &str = "127.0.0.1:15020";
-const CLIENT_MESH: &str = "127.0.0.1:15108";
+pub const CLIENT_MESH: &str = "127.0.0.1:15108";
 pub const CLIENT_ADMIN: &str = "127.0.0.1:15120";
 pub const CLIENT_ID: &str = "spiffe://cluster.local/ns/bench/sa/client";
 pub const SERVER_ID: &str = "spiffe://cluster.local/ns/bench/sa/server";
 
 /// A running control plane.
 pub struct ControlPlane {
-    _proc: Proc,
+    proc: Proc,
     data_dir: PathBuf,
 }
 
@@ -55,10 +55,12 @@ impl ControlPlane {
         wait_port(ports::CONTROL_GRPC, Duration::from_secs(15))?;
         wait_port(ports::CONTROL_ADMIN, Duration::from_secs(15))?;
         proc.check_running()?;
-        Ok(Self {
-            _proc: proc,
-            data_dir,
-        })
+        Ok(Self { proc, data_dir })
+    }
+
+    /// CPU time the control plane has used.
+    pub fn cpu_time(&self) -> Result<Duration> {
+        self.proc.cpu_time()
     }
 
     pub fn bundle(&self) -> PathBuf {
@@ -120,12 +122,15 @@ pub fn start_with(dir: &Path, control: &ControlPlane, max_connections: usize) ->
     )?;
     let outbound: Vec<String> = App::ALL
         .iter()
-        .map(|app| {
-            format!(
-                "127.0.0.1:{}={SERVER_ID}@{SERVER_MESH}/{}",
-                app.port_in(ENTRY_BASE),
-                app.port()
-            )
+        .flat_map(|app| {
+            [
+                "--outbound".to_string(),
+                format!(
+                    "127.0.0.1:{}={SERVER_ID}@{SERVER_MESH}/{}",
+                    app.port_in(ENTRY_BASE),
+                    app.port()
+                ),
+            ]
         })
         .collect();
     let client_side = proxy(
@@ -149,15 +154,17 @@ pub fn start_with(dir: &Path, control: &ControlPlane, max_connections: usize) ->
     ))
 }
 
+/// Starts a latch-proxy for `id` in explicit mode, with `extra` arguments, and waits until it
+/// is ready.
 #[allow(clippy::too_many_arguments)]
-fn proxy(
+pub fn proxy(
     dir: &Path,
     control: &ControlPlane,
     name: &str,
     id: &str,
     inbound: &str,
     admin: &str,
-    outbound: &[String],
+    extra: &[String],
     max_connections: usize,
 ) -> Result<Proc> {
     let token_file = dir.join(format!("{name}.token"));
@@ -180,9 +187,7 @@ fn proxy(
             "--discovery=false",
         ])
         .args(["--max-connections", &max_connections.to_string()]);
-    for rule in outbound {
-        command.args(["--outbound", rule]);
-    }
+    command.args(extra);
     let mut proc = crate::spawn(name, command, &log)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while !is_ready(admin) {

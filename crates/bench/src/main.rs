@@ -1,4 +1,5 @@
-//! `latch-bench`, behind `cargo xtask bench`: `ca` (SVIDs issued per second), `mesh` (Latch
+//! `latch-bench`, behind `cargo xtask bench`: `ca` (SVIDs issued per second), `jwt` (JWT-SVIDs
+//! issued per second), `mesh` (Latch
 //! against stunnel, HAProxy and no proxy in a private network namespace), `discovery` (a config
 //! change reaching 1,000+ proxies), `load` (idle connections and churn through a proxy pair).
 //! Parses the command line (clap) and runs one bench; one module per concern.
@@ -15,6 +16,7 @@ mod apps;
 mod ca;
 mod discovery;
 mod haproxy;
+mod jwt;
 mod latch;
 mod load;
 mod mesh;
@@ -32,6 +34,8 @@ enum Bench {
     Ca(ca::Options),
     /// Latch, stunnel, HAProxy and no proxy on the same path (root: a private namespace).
     Mesh(mesh::Options),
+    /// JWT-SVIDs issued per second: signing alone, the control plane, the Workload API.
+    Jwt(jwt::Options),
     /// A config change reaching every connected proxy.
     Discovery(discovery::Options),
     /// Idle connections and connection churn through a proxy pair, Latch and HAProxy (root).
@@ -65,6 +69,7 @@ async fn main() -> Result<()> {
     match Bench::parse() {
         Bench::Ca(options) => ca::run(options).await,
         Bench::Mesh(options) => mesh::run(options.with_args(&raw)).await,
+        Bench::Jwt(options) => jwt::run(options).await,
         Bench::Discovery(options) => discovery::run(options.with_args(&raw)).await,
         Bench::Load(options) => load::run(options.with_args(&raw)).await,
         Bench::LoadEcho { addr } => load::echo_server(&addr).await,
