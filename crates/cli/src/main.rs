@@ -444,6 +444,9 @@ fn inject(file: &Path, output: Option<&Path>, config: &latch_inject::InjectConfi
             None => eprintln!("injected {}", outcome.object),
             Some(reason) => eprintln!("left {} unchanged: {reason}", outcome.object),
         }
+        for warning in outcome.warnings {
+            eprintln!("warning: {}: {warning}", outcome.object);
+        }
     }
     Ok(())
 }

@@ -99,14 +99,14 @@ pub fn review(body: &[u8], config: &InjectConfig) -> Result<Reviewed, ReviewErro
             None => {
                 // Serializing a Vec of plain structs cannot fail.
                 let patch = serde_json::to_vec(&injection.patch).unwrap_or_default();
-                answer(
-                    true,
-                    json!({
-                        "patchType": "JSONPatch",
-                        "patch": base64::engine::general_purpose::STANDARD.encode(patch),
-                    }),
-                    Verdict::Injected,
-                )
+                let mut extra = json!({
+                    "patchType": "JSONPatch",
+                    "patch": base64::engine::general_purpose::STANDARD.encode(patch),
+                });
+                if !injection.warnings.is_empty() {
+                    extra["warnings"] = json!(injection.warnings);
+                }
+                answer(true, extra, Verdict::Injected)
             }
         },
         Err(e) => {

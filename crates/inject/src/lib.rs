@@ -162,6 +162,12 @@ pub enum InjectError {
          latch.dev/rewrite-probes: \"false\""
     )]
     ProbePort { probe: String, reason: String },
+    #[error(
+        "container {container:?} already mounts a volume at {WORKLOAD_API_DIR}, where injection \
+         mounts the Workload API socket; move that mount, or keep the pod without the Workload \
+         API with latch.dev/workload-api: \"false\""
+    )]
+    MountTaken { container: String },
     #[error(transparent)]
     Patch(#[from] patch::PatchError),
 }
@@ -171,6 +177,9 @@ pub enum InjectError {
 pub struct Injection {
     /// Empty when the pod was skipped.
     pub patch: Vec<PatchOp>,
+    /// What the operator should know about an injection that went ahead (the webhook returns
+    /// them as admission warnings, which kubectl prints; `latchctl inject` on standard error).
+    pub warnings: Vec<String>,
     /// The pod with the patch applied (the input when skipped).
     pub pod: Value,
     pub skipped: Option<SkipReason>,
@@ -484,8 +493,15 @@ fn workload_api_volume() -> Value {
 }
 
 /// The patch that gives one app container the socket (read-only: connecting needs no write
-/// access to the directory) and `SPIFFE_ENDPOINT_SOCKET`, unless it sets that variable itself.
-fn workload_api_for(container: &Value, path: &[&str], ops: &mut Vec<PatchOp>) {
+/// access to the directory) and `SPIFFE_ENDPOINT_SOCKET`, unless it sets that variable itself
+/// in `env`. A variable in `env` takes precedence over one from `envFrom` (a ConfigMap or
+/// Secret the injector cannot read), so a container with `envFrom` gets a warning.
+fn workload_api_for(
+    container: &Value,
+    path: &[&str],
+    ops: &mut Vec<PatchOp>,
+    warnings: &mut Vec<String>,
+) {
     let mount =
         json!({"name": WORKLOAD_API_VOLUME, "mountPath": WORKLOAD_API_DIR, "readOnly": true});
     append(container, path, "volumeMounts", mount, ops);
@@ -493,7 +509,43 @@ fn workload_api_for(container: &Value, path: &[&str], ops: &mut Vec<PatchOp>) {
     if !sets_it {
         let env = json!({"name": SPIFFE_ENDPOINT_SOCKET, "value": format!("unix://{WORKLOAD_API_SOCKET}")});
         append(container, path, "env", env, ops);
+        if container
+            .get("envFrom")
+            .and_then(Value::as_array)
+            .is_some_and(|sources| !sources.is_empty())
+        {
+            warnings.push(format!(
+                "container {:?}: injection sets {SPIFFE_ENDPOINT_SOCKET} to the pod's Latch \
+                 Workload API, which takes precedence over a {SPIFFE_ENDPOINT_SOCKET} from its \
+                 envFrom; set it under env to keep your own, or annotate the pod \
+                 latch.dev/workload-api: \"false\"",
+                container_name(container)
+            ));
+        }
     }
+}
+
+fn container_name(container: &Value) -> &str {
+    container
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+}
+
+/// Refuses a container that already mounts something where the Workload API socket goes (the
+/// API server would refuse the pod for the duplicate mount path, less clearly).
+fn check_workload_api_mounts(spec: &Value) -> Result<(), InjectError> {
+    for container in named(spec, "containers").chain(named(spec, "initContainers")) {
+        let taken = named(container, "volumeMounts")
+            .filter_map(|m| m.get("mountPath").and_then(Value::as_str))
+            .any(|path| path.trim_end_matches('/') == WORKLOAD_API_DIR);
+        if taken {
+            return Err(InjectError::MountTaken {
+                container: container_name(container).to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn named_env(container: &Value) -> impl Iterator<Item = &str> {
@@ -584,12 +636,16 @@ pub fn inject(pod: &Value, config: &InjectConfig) -> Result<Injection, InjectErr
     if let Some(reason) = skip {
         return Ok(Injection {
             patch: Vec::new(),
+            warnings: Vec::new(),
             pod: pod.clone(),
             skipped: Some(reason),
         });
     }
 
     check_proxy_uid(spec)?;
+    if workload_api {
+        check_workload_api_mounts(spec)?;
+    }
     for name in [TOKEN_VOLUME, BUNDLE_VOLUME, WORKLOAD_API_VOLUME] {
         if has_name(spec, "volumes", name) {
             return Err(InjectError::NameTaken {
@@ -703,6 +759,7 @@ pub fn inject(pod: &Value, config: &InjectConfig) -> Result<Injection, InjectErr
     } else {
         ops.push(PatchOp::add(&["spec", "volumes"], json!(volumes)));
     }
+    let mut warnings = Vec::new();
     if workload_api {
         // Every app container, and the app's own init containers (they start after the proxy,
         // which is first in line, so the socket is there for them too). The indexes are those of
@@ -710,11 +767,21 @@ pub fn inject(pod: &Value, config: &InjectConfig) -> Result<Injection, InjectErr
         // so the app's own have moved up by two.
         for (i, container) in named(spec, "containers").enumerate() {
             let index = i.to_string();
-            workload_api_for(container, &["spec", "containers", &index], &mut ops);
+            workload_api_for(
+                container,
+                &["spec", "containers", &index],
+                &mut ops,
+                &mut warnings,
+            );
         }
         for (i, container) in named(spec, "initContainers").enumerate() {
             let index = (i + 2).to_string();
-            workload_api_for(container, &["spec", "initContainers", &index], &mut ops);
+            workload_api_for(
+                container,
+                &["spec", "initContainers", &index],
+                &mut ops,
+                &mut warnings,
+            );
         }
     }
 
@@ -722,6 +789,7 @@ pub fn inject(pod: &Value, config: &InjectConfig) -> Result<Injection, InjectErr
     patch::apply(&mut injected, &ops)?;
     Ok(Injection {
         patch: ops,
+        warnings,
         pod: injected,
         skipped: None,
     })

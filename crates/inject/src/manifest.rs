@@ -32,6 +32,8 @@ pub struct Outcome {
     /// `Kind/name` of the document.
     pub object: String,
     pub skipped: Option<SkipReason>,
+    /// The injection's warnings (see `Injection::warnings`).
+    pub warnings: Vec<String>,
 }
 
 /// Injects every pod and pod template in `yaml`; returns the new YAML and what was done.
@@ -155,6 +157,7 @@ fn inject_object(
     outcomes.push(Outcome {
         object: what,
         skipped: injection.skipped,
+        warnings: injection.warnings,
     });
     Ok(())
 }

@@ -72,6 +72,32 @@ fn a_pod_create_gets_the_patch_of_offline_injection() {
     assert_eq!(patched, inject(&pod(), &config).unwrap().pod);
 }
 
+/// `env` takes precedence over `envFrom`, so the injected SPIFFE_ENDPOINT_SOCKET would hide one
+/// from a ConfigMap the injector cannot read: the operator is told through an admission
+/// warning (kubectl prints them); a container without envFrom gets none.
+#[test]
+fn a_container_with_env_from_gets_a_warning_that_the_socket_variable_is_set() {
+    let config = InjectConfig::default();
+    let answer =
+        |pod: Value| review(&body(&admission_review(pod_kind(), "CREATE", pod)), &config).unwrap();
+    let plain = answer(pod());
+    assert_eq!(plain.verdict, Verdict::Injected);
+    assert!(plain.response["response"].get("warnings").is_none());
+
+    let mut with_env_from = pod();
+    with_env_from["spec"]["containers"][0]["envFrom"] =
+        serde_json::json!([{"configMapRef": {"name": "app-settings"}}]);
+    let warned = answer(with_env_from);
+    assert_eq!(warned.verdict, Verdict::Injected);
+    let warnings = warned.response["response"]["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let warning = warnings[0].as_str().unwrap();
+    assert!(
+        warning.contains("SPIFFE_ENDPOINT_SOCKET") && warning.contains("envFrom"),
+        "{warning}"
+    );
+}
+
 #[test]
 fn requests_that_are_not_pod_creates_are_allowed_unchanged() {
     let config = InjectConfig::default();

@@ -96,7 +96,8 @@ fn injecting_twice_changes_nothing() {
         outcomes,
         [Outcome {
             object: "Deployment/api".into(),
-            skipped: Some(SkipReason::AlreadyInjected)
+            skipped: Some(SkipReason::AlreadyInjected),
+            warnings: Vec::new(),
         }]
     );
 }
@@ -587,6 +588,26 @@ fn pods_that_would_break_are_refused() {
             port: 15008
         })
     );
+    // A mount where the Workload API socket goes: the API server would refuse the pod for a
+    // duplicate mount path; the injector says why, and the opt-out still injects.
+    let mut pod = pod_with_annotations(json!({}));
+    pod["spec"]["containers"][0]["volumeMounts"] =
+        json!([{"name": "mine", "mountPath": "/var/run/latch/workload-api/"}]);
+    let refused = inject(&pod, &config).unwrap_err();
+    assert_eq!(
+        refused,
+        InjectError::MountTaken {
+            container: "app".into()
+        }
+    );
+    assert!(
+        refused
+            .to_string()
+            .contains("latch.dev/workload-api: \"false\""),
+        "{refused}"
+    );
+    pod["metadata"]["annotations"] = json!({"latch.dev/workload-api": "false"});
+    assert!(inject(&pod, &config).unwrap().skipped.is_none());
     assert!(matches!(
         inject(&json!({"kind": "Pod", "metadata": {}}), &config),
         Err(InjectError::NotAPod(_))
