@@ -136,6 +136,7 @@ pub fn not_found(kind: &str, name: &str) -> Response<Full<Bytes>> {
 
 /// Serves `handler` on a loopback port until the test ends, behind the checks of the shipped
 /// RBAC manifest and the request schemas (see the module comment); returns its address.
+#[allow(dead_code)]
 pub async fn serve<H, F, B>(handler: H) -> SocketAddr
 where
     H: Fn(Call) -> F + Send + Sync + 'static,
@@ -190,6 +191,10 @@ where
                             // Authorization comes before anything looks at the body, as in the
                             // API server's handler chain.
                             if let Some(forbidden) = rbac.refusal(&call) {
+                                eprintln!(
+                                    "fake API server: 403 {} {}?{}: {}",
+                                    call.method, call.path, call.query, forbidden["message"]
+                                );
                                 return Ok::<_, Infallible>(
                                     respond(StatusCode::FORBIDDEN, forbidden).map(BodyExt::boxed),
                                 );
@@ -197,6 +202,10 @@ where
                             let warnings = match schema::check(&mut call) {
                                 Ok(warnings) => warnings,
                                 Err((code, status)) => {
+                                    eprintln!(
+                                        "fake API server: {code} {} {}?{}: {}",
+                                        call.method, call.path, call.query, status["message"]
+                                    );
                                     let code = StatusCode::from_u16(code).unwrap();
                                     return Ok(respond(code, status).map(BodyExt::boxed));
                                 }

@@ -221,11 +221,17 @@ pub fn check(call: &mut Call) -> Result<Vec<String>, Refusal> {
         if body["kind"].as_str().is_none_or(str::is_empty) {
             return Err(bad_request(format!("Object 'Kind' is missing in '{body}'")));
         }
-        if body["kind"] != kind || body["apiVersion"] != api_version {
+        if body["apiVersion"] != api_version {
             return Err(bad_request(format!(
                 "the API version in the data ({}) does not match the expected API version \
                  ({api_version})",
                 body["apiVersion"].as_str().unwrap_or_default()
+            )));
+        }
+        if body["kind"] != kind {
+            return Err(bad_request(format!(
+                "the kind in the data ({}) does not match the expected kind ({kind})",
+                body["kind"].as_str().unwrap_or_default()
             )));
         }
     }
