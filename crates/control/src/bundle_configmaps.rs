@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::Api;
-use kube::api::{ObjectMeta, Patch, PatchParams};
+use kube::api::{ObjectMeta, Patch, PatchParams, ValidationDirective};
 use latch_admin::backoff::Backoff;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -134,7 +134,11 @@ impl BundleConfigMaps {
         Api::<ConfigMap>::namespaced(self.client.clone(), namespace)
             .patch(
                 CONFIGMAP_NAME,
-                &PatchParams::apply(FIELD_MANAGER).force(),
+                // Strict: a field the API server does not know fails the apply instead of being
+                // dropped with a warning nobody reads.
+                &PatchParams::apply(FIELD_MANAGER)
+                    .force()
+                    .validation(ValidationDirective::Strict),
                 &Patch::Apply(&config_map),
             )
             .await?;

@@ -17,7 +17,7 @@ use std::time::Duration;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use kube::Api;
-use kube::api::{Patch, PatchParams};
+use kube::api::{Patch, PatchParams, ValidationDirective};
 use latch_admin::backoff::Backoff;
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -161,6 +161,9 @@ impl WebhookCaBundle {
             &self.name,
             &PatchParams {
                 field_manager: Some(FIELD_MANAGER.to_string()),
+                // The patch is hand-written JSON: a misspelt field fails the request (400)
+                // instead of being dropped with a warning.
+                field_validation: Some(ValidationDirective::Strict),
                 ..PatchParams::default()
             },
             &Patch::Strategic(patch_body(&names, &bundle_pem)),

@@ -109,7 +109,9 @@ async fn fake_api(store: Arc<Mutex<Store>>, barrier: Option<Arc<Race>>) -> Socke
 
 fn config(api: SocketAddr, data_dir: &std::path::Path) -> Config {
     let mut config = latch_testkit::loopback_config(data_dir.to_path_buf());
-    let kube = kube::Config::new(format!("http://{api}").parse().unwrap());
+    let mut kube = kube::Config::new(format!("http://{api}").parse().unwrap());
+    // In its pod, the client's default namespace is latch-system.
+    kube.default_namespace = "latch-system".into();
     config.kubernetes = Some(KubernetesAccess::Config(Box::new(kube)));
     config.ca_secret = Some("latch-system/latch-ca".parse::<SecretRef>().unwrap());
     config

@@ -38,17 +38,12 @@ async fn fake_api(store: Store) -> SocketAddr {
 /// The fake API server holding `store`, refusing with 403 what `rbac` does not allow, as the
 /// API server does for latch-control's service account.
 async fn fake_api_with(store: Store, rbac: Rbac) -> SocketAddr {
-    fake_kube::serve(move |call: Call| {
-        let response: Response<AnyBody> = match rbac.refusal(&call) {
-            Some(forbidden) => {
-                fake_kube::respond(hyper::StatusCode::FORBIDDEN, forbidden).map(BodyExt::boxed)
-            }
-            None => store
-                .lock()
-                .unwrap()
-                .handle(&call)
-                .unwrap_or_else(|| not_found("unknown", &call.path).map(BodyExt::boxed)),
-        };
+    fake_kube::serve_with(rbac, move |call: Call| {
+        let response: Response<AnyBody> = store
+            .lock()
+            .unwrap()
+            .handle(&call)
+            .unwrap_or_else(|| not_found("unknown", &call.path).map(BodyExt::boxed));
         async move { response }
     })
     .await

@@ -46,6 +46,10 @@ struct Cluster {
     missing: Mutex<HashSet<String>>,
     /// Whether watch requests are refused (403).
     forbid_watches: Mutex<bool>,
+    /// Every list request: (path, query).
+    list_queries: Mutex<Vec<(String, String)>>,
+    /// The resourceVersion etcd compacted to: continue tokens older than it answer 410.
+    compacted: Mutex<u64>,
 }
 
 impl Cluster {
@@ -122,13 +126,21 @@ async fn fake_api(cluster: Arc<Cluster>) -> SocketAddr {
                     .insert(call.path.clone(), (sender, from));
                 response
             } else {
-                *cluster
-                    .list_requests
+                if call.param("continue").is_none() {
+                    *cluster
+                        .list_requests
+                        .lock()
+                        .unwrap()
+                        .entry(call.path.clone())
+                        .or_default() += 1;
+                }
+                cluster
+                    .list_queries
                     .lock()
                     .unwrap()
-                    .entry(call.path.clone())
-                    .or_default() += 1;
-                respond(StatusCode::OK, list).map(BodyExt::boxed)
+                    .push((call.path.clone(), call.query.clone()));
+                let compacted = *cluster.compacted.lock().unwrap();
+                fake_kube::list_response(&call, &list, compacted).map(BodyExt::boxed)
             }
         }
     })
@@ -286,6 +298,8 @@ fn initial_cluster() -> Cluster {
         refuse_applies: Mutex::default(),
         missing: Mutex::default(),
         forbid_watches: Mutex::default(),
+        list_queries: Mutex::default(),
+        compacted: Mutex::default(),
     }
 }
 
@@ -356,12 +370,8 @@ async fn the_published_mesh_follows_the_cluster() {
         "mesh:\n  mtls: PERMISSIVE\nworkloads:\n  - {name: vm, namespace: legacy, service_account: vm, ips: [192.0.2.10]}\n  - {name: squatter, namespace: legacy, service_account: vm, ips: [10.244.1.5]}\n",
     )
     .unwrap();
-    let mut config = latch_testkit::loopback_config(dir.path().join("data"));
+    let mut config = kube_config(addr, dir.path().join("data"));
     config.config_file = Some(file);
-    config.kubernetes = Some(KubernetesAccess::Config(Box::new(kube::Config::new(
-        format!("http://{addr}").parse().unwrap(),
-    ))));
-    config.kubernetes_mesh = true;
     let cp = ControlPlane::start(config)
         .await
         .expect("control plane starts");
@@ -595,9 +605,10 @@ async fn until_ready(cp: &ControlPlane, what: &str, check: impl Fn(u16, &str) ->
 
 fn kube_config(addr: SocketAddr, data: std::path::PathBuf) -> Config {
     let mut config = latch_testkit::loopback_config(data);
-    config.kubernetes = Some(KubernetesAccess::Config(Box::new(kube::Config::new(
-        format!("http://{addr}").parse().unwrap(),
-    ))));
+    let mut kube = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    // In its pod, the client's default namespace is latch-system (where its Secrets are).
+    kube.default_namespace = "latch-system".into();
+    config.kubernetes = Some(KubernetesAccess::Config(Box::new(kube)));
     config.kubernetes_mesh = true;
     config
 }
@@ -810,4 +821,134 @@ async fn a_watch_that_ends_in_410_gone_is_followed_by_a_relist() {
     );
     assert!(cluster.list_requests.lock().unwrap()[PODS] > lists_before);
     cp.shutdown().await;
+}
+
+/// Running pods `web-0000`, `web-0001`, ... in latch-demo, each with its own IP.
+fn many_pods(n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            let ip = format!("10.245.{}.{}", i / 250, i % 250 + 1);
+            pod(&format!("web-{i:04}"), "web", "web", Some(&ip), 60)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_collection_of_several_pages_is_listed_whole() {
+    use latch_control::mesh::kube_source::LIST_PAGE_SIZE;
+    let cluster = Arc::new(initial_cluster());
+    // More pods than two pages hold: the watcher must follow `continue` twice.
+    let n = 2 * LIST_PAGE_SIZE as usize + 201;
+    cluster
+        .lists
+        .lock()
+        .unwrap()
+        .insert(PODS, list("PodList", "v1", many_pods(n)));
+    let addr = fake_api(cluster.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(kube_config(addr, dir.path().join("data")))
+        .await
+        .expect("control plane starts");
+    let s = until(&cp, "every pod of every page is a workload", |s| {
+        s.model.workloads.len() == n
+    })
+    .await;
+    for i in [
+        0,
+        LIST_PAGE_SIZE as usize - 1,
+        LIST_PAGE_SIZE as usize,
+        n - 1,
+    ] {
+        assert!(
+            s.model
+                .workloads
+                .contains_key(&format!("latch-demo/web-{i:04}")),
+            "pod {i}"
+        );
+    }
+    let pages: Vec<String> = cluster
+        .list_queries
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(path, _)| path == PODS)
+        .map(|(_, query)| query.clone())
+        .collect();
+    assert_eq!(pages.len(), 3, "three pages: {pages:?}");
+    for (i, query) in pages.iter().enumerate() {
+        assert!(query.contains("limit=500"), "{query}");
+        assert_eq!(query.contains("continue="), i > 0, "{query}");
+    }
+    cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_continue_token_older_than_the_compaction_answers_410_expired() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::ListParams;
+    let cluster = Arc::new(initial_cluster());
+    cluster
+        .lists
+        .lock()
+        .unwrap()
+        .insert(PODS, list("PodList", "v1", many_pods(5)));
+    let addr = fake_api(cluster.clone()).await;
+    let client =
+        kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap()))
+            .unwrap();
+    let pods = kube::Api::<Pod>::all(client);
+
+    let first = pods.list(&ListParams::default().limit(2)).await.unwrap();
+    assert_eq!(first.items.len(), 2);
+    assert_eq!(first.metadata.remaining_item_count, Some(3));
+    assert_eq!(first.metadata.resource_version.as_deref(), Some("100"));
+    let token = first.metadata.continue_.clone().expect("a continue token");
+    let second = pods
+        .list(&ListParams::default().limit(2).continue_token(&token))
+        .await
+        .unwrap();
+    let names = |list: &kube::core::ObjectList<Pod>| -> Vec<String> {
+        list.items
+            .iter()
+            .map(|p| p.metadata.name.clone().unwrap())
+            .collect()
+    };
+    assert_eq!(names(&first), ["web-0000", "web-0001"]);
+    assert_eq!(names(&second), ["web-0002", "web-0003"]);
+
+    // etcd compacted past the list's version: the token is too old.
+    *cluster.compacted.lock().unwrap() = 150;
+    let Err(kube::Error::Api(expired)) = pods
+        .list(&ListParams::default().limit(2).continue_token(&token))
+        .await
+    else {
+        panic!("a continue token from before the compaction must fail");
+    };
+    assert_eq!((expired.code, expired.reason.as_str()), (410, "Expired"));
+    assert!(
+        expired.message.contains("continue parameter is too old"),
+        "{}",
+        expired.message
+    );
+    // A token the API server never made is a bad request.
+    let Err(kube::Error::Api(garbage)) = pods
+        .list(&ListParams::default().limit(2).continue_token("not-a-token"))
+        .await
+    else {
+        panic!("a garbage continue token must fail");
+    };
+    assert_eq!((garbage.code, garbage.reason.as_str()), (400, "BadRequest"));
+
+    // Selectors apply before the page is cut.
+    let selected = pods
+        .list(
+            &ListParams::default()
+                .fields("metadata.name!=web-0000")
+                .labels("app in (web,other)")
+                .limit(3),
+        )
+        .await
+        .unwrap();
+    assert_eq!(names(&selected), ["web-0001", "web-0002", "web-0003"]);
+    assert_eq!(selected.metadata.remaining_item_count, Some(1));
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
+use fake_kube::rbac::{Rbac, shipped_manifest};
 use fake_kube::{Call, not_found, respond};
 use hyper::{Method, StatusCode};
 use latch_control::ControlPlane;
@@ -82,7 +83,12 @@ fn strategic_merge(target: &mut Value, patch: &Value) {
 }
 
 async fn fake_api(store: Arc<Mutex<Store>>) -> SocketAddr {
-    fake_kube::serve(move |call: Call| {
+    fake_api_with(store, Rbac::shipped()).await
+}
+
+/// The fake API server granting latch-control `rbac`.
+async fn fake_api_with(store: Arc<Mutex<Store>>, rbac: Rbac) -> SocketAddr {
+    fake_kube::serve_with(rbac, move |call: Call| {
         let store = store.clone();
         async move {
             let mut store = store.lock().unwrap();
@@ -118,12 +124,15 @@ async fn fake_api(store: Arc<Mutex<Store>>) -> SocketAddr {
     .await
 }
 
+/// The client latch-control makes in its pod (default namespace latch-system).
+fn kube_access(api: SocketAddr) -> KubernetesAccess {
+    let mut config = kube::Config::new(format!("http://{api}").parse().unwrap());
+    config.default_namespace = "latch-system".into();
+    KubernetesAccess::Config(Box::new(config))
+}
+
 fn client(api: SocketAddr) -> kube::Client {
-    KubernetesAccess::Config(Box::new(kube::Config::new(
-        format!("http://{api}").parse().unwrap(),
-    )))
-    .client()
-    .unwrap()
+    kube_access(api).client().unwrap()
 }
 
 fn task(api: SocketAddr, metrics: Arc<Metrics>) -> WebhookCaBundle {
@@ -262,9 +271,7 @@ async fn control_plane_writes_its_roots() {
     let dir = tempfile::tempdir().unwrap();
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
     let mut config = latch_testkit::loopback_config(dir.path().to_path_buf());
-    config.kubernetes = Some(KubernetesAccess::Config(Box::new(kube::Config::new(
-        format!("http://{api}").parse().unwrap(),
-    ))));
+    config.kubernetes = Some(kube_access(api));
     config.webhook = Some(WebhookConfig {
         listen: any,
         inject: latch_inject::InjectConfig {
@@ -290,4 +297,137 @@ async fn control_plane_writes_its_roots() {
         );
     }
     cp.shutdown().await;
+}
+
+/// The patch verb removed from the manifest's rule for the webhook configuration: the sync fails
+/// with the API server's 403, and the object is left as it was.
+#[tokio::test]
+async fn without_the_patch_verb_the_sync_fails_with_the_api_servers_403() {
+    let before = manifest_object();
+    let store = Arc::new(Mutex::new(Store {
+        object: Some(before.clone()),
+        ..Store::default()
+    }));
+    let granted = "resourceNames: [latch-sidecar-injector]\n    verbs: [get, patch]";
+    let shipped = shipped_manifest();
+    assert!(
+        shipped.contains(granted),
+        "the rule this test edits is shipped"
+    );
+    let rbac = Rbac::from_manifest(&shipped.replace(
+        granted,
+        "resourceNames: [latch-sidecar-injector]\n    verbs: [get]",
+    ));
+    let api = fake_api_with(store.clone(), rbac).await;
+    let err = task(api, Arc::new(Metrics::new()))
+        .sync()
+        .await
+        .expect_err("the patch is forbidden");
+    let message = err.to_string();
+    assert!(
+        message.contains(
+            "mutatingwebhookconfigurations \"latch-sidecar-injector\" is forbidden: User \
+             \"system:serviceaccount:latch-system:latch-control\" cannot patch resource \
+             \"mutatingwebhookconfigurations\" in API group \"admissionregistration.k8s.io\""
+        ),
+        "{message}"
+    );
+    let store = store.lock().unwrap();
+    assert!(store.patches.is_empty(), "the handler never saw the patch");
+    assert_eq!(store.object.as_ref().unwrap(), &before);
+}
+
+/// A body the schema does not allow is refused before anything is stored, with the Status the
+/// API server sends: an unknown (misspelt) field under strict field validation, an apply without
+/// a field manager, a patch in a media type the API server does not take.
+#[tokio::test]
+async fn bodies_the_schema_does_not_allow_are_refused_as_the_api_server_refuses_them() {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::api::{Patch, PatchParams};
+    let before = manifest_object();
+    let store = Arc::new(Mutex::new(Store {
+        object: Some(before.clone()),
+        ..Store::default()
+    }));
+    let api = fake_api(store.clone()).await;
+    let webhooks = kube::Api::<MutatingWebhookConfiguration>::all(client(api));
+    let misspelt = json!({"webhooks": [
+        {"name": "namespace.inject.latch.dev", "clientConfig": {"cabundle": "Zm9v"}}
+    ]});
+
+    let strict = PatchParams {
+        field_manager: Some("latch-control".into()),
+        field_validation: Some(kube::api::ValidationDirective::Strict),
+        ..PatchParams::default()
+    };
+    let Err(kube::Error::Api(refused)) = webhooks
+        .patch(
+            "latch-sidecar-injector",
+            &strict,
+            &Patch::Strategic(&misspelt),
+        )
+        .await
+    else {
+        panic!("an unknown field must be refused under fieldValidation=Strict");
+    };
+    assert_eq!((refused.code, refused.reason.as_str()), (400, "BadRequest"));
+    assert_eq!(
+        refused.message,
+        "strict decoding error: unknown field \"webhooks[0].clientConfig.cabundle\""
+    );
+    assert!(store.lock().unwrap().patches.is_empty());
+
+    // Without a directive (Warn, the default for patches) the field is dropped, not stored.
+    webhooks
+        .patch(
+            "latch-sidecar-injector",
+            &PatchParams::default(),
+            &Patch::Strategic(&misspelt),
+        )
+        .await
+        .expect("accepted with a warning");
+    let (_, stored_patch) = store.lock().unwrap().patches[0].clone();
+    assert_eq!(
+        stored_patch,
+        json!({"webhooks": [{"name": "namespace.inject.latch.dev", "clientConfig": {}}]})
+    );
+    assert_eq!(store.lock().unwrap().object.as_ref().unwrap(), &before);
+
+    // Server-side apply needs a field manager (422 Invalid), and its body must be the kind.
+    let config_maps = kube::Api::<ConfigMap>::namespaced(client(api), "shop");
+    let bundle = json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "latch-ca-bundle", "namespace": "shop"},
+        "data": {"bundle.pem": PEM}
+    });
+    let Err(kube::Error::Api(invalid)) = config_maps
+        .patch(
+            "latch-ca-bundle",
+            &PatchParams::default(),
+            &Patch::Apply(&bundle),
+        )
+        .await
+    else {
+        panic!("an apply without fieldManager must be refused");
+    };
+    assert_eq!((invalid.code, invalid.reason.as_str()), (422, "Invalid"));
+    assert!(
+        invalid.message.contains("fieldManager: Required value"),
+        "{}",
+        invalid.message
+    );
+    let mut wrong_kind = bundle.clone();
+    wrong_kind["kind"] = json!("Secret");
+    let Err(kube::Error::Api(wrong)) = config_maps
+        .patch(
+            "latch-ca-bundle",
+            &PatchParams::apply("latch-control"),
+            &Patch::Apply(&wrong_kind),
+        )
+        .await
+    else {
+        panic!("an apply of another kind must be refused");
+    };
+    assert_eq!((wrong.code, wrong.reason.as_str()), (400, "BadRequest"));
 }

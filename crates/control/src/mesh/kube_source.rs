@@ -34,6 +34,13 @@ use crate::metrics::Metrics;
 pub const SETTLE: Duration = Duration::from_millis(100);
 /// How long /ready names a failed list or watch after its last failure. The watchers retry
 /// with backoff capped at 30 s, so a failure that persists is reported again before this ends.
+/// Objects per list page when a watcher lists (and relists) a kind: a cluster with 50,000 pods is
+/// read in pages of this many, never in one response held whole by the API server and here.
+/// (kube-runtime's default too, and client-go's; set here so it does not change under us. A 1.29
+/// API server answers the watcher's `resourceVersion=0` lists from its watch cache, which does
+/// not page; newer ones and lists from etcd do.)
+pub const LIST_PAGE_SIZE: u32 = 500;
+
 const FAILURE_SHOWN: Duration = Duration::from_secs(65);
 
 /// The `AuthorizationPolicy` custom resource (deploy/kubernetes/10-crd-authorizationpolicy.yaml).
@@ -141,7 +148,7 @@ impl KubeSource {
     }
 
     fn updates(&self) -> Updates {
-        let config = || watcher::Config::default();
+        let config = || watcher::Config::default().page_size(LIST_PAGE_SIZE);
         let pods = watcher::watcher(Api::<Pod>::all(self.client.clone()), config())
             .default_backoff()
             .map(|event| Update::Pod(Box::new(event)));

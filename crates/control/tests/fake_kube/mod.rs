@@ -1,9 +1,15 @@
-//! A fake Kubernetes API server for tests: plain HTTP/1.1 on loopback, each request answered by
-//! the test's handler. Helpers build the JSON the real API server sends for errors (v1 Status)
-//! and watch responses (a chunked body of newline-delimited watch events, kept open).
+//! A fake Kubernetes API server for tests: plain HTTP/1.1 on loopback. Every request first goes
+//! through what the real API server checks before any storage sees it: the RBAC of
+//! deploy/kubernetes/20-rbac.yaml for latch-control (`rbac`, 403 Forbidden) and the request body
+//! against the kind's schema (`schema`, 400 BadRequest / 422 Invalid / 415); then the test's
+//! handler answers. Helpers build the JSON the real API server sends for errors (v1 Status),
+//! paginated lists with selectors (`list_response`: `limit`, `continue`, 410 Expired) and watch
+//! responses (a chunked body of newline-delimited watch events, kept open).
 
 #[allow(dead_code)] // each test crate uses what it needs
 pub mod rbac;
+#[allow(dead_code)]
+pub mod schema;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -34,7 +40,7 @@ pub struct Call {
 }
 
 impl Call {
-    /// The value of query parameter `name`, when given.
+    /// The value of query parameter `name`, when given (as sent: percent-encoded).
     #[allow(dead_code)]
     pub fn param(&self, name: &str) -> Option<&str> {
         self.query
@@ -43,6 +49,34 @@ impl Call {
             .find(|(k, _)| *k == name)
             .map(|(_, v)| v)
     }
+
+    /// The value of query parameter `name`, percent-decoded (`+` is a space, as in a form).
+    #[allow(dead_code)]
+    pub fn decoded(&self, name: &str) -> Option<String> {
+        self.param(name).map(percent_decode)
+    }
+}
+
+/// `%2F` to `/`, `+` to a space: a query value as the client encoded it (form encoding).
+pub fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&value[i + 1..i + 3], 16) {
+                Ok(byte) => {
+                    out.push(byte);
+                    i += 2;
+                }
+                Err(_) => out.push(b'%'),
+            },
+            byte => out.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// A response body that is either complete or a stream (a watch).
@@ -100,26 +134,41 @@ pub fn not_found(kind: &str, name: &str) -> Response<Full<Bytes>> {
     )
 }
 
-/// Serves `handler` on a loopback port until the test ends; returns its address.
+/// Serves `handler` on a loopback port until the test ends, behind the checks of the shipped
+/// RBAC manifest and the request schemas (see the module comment); returns its address.
+#[allow(dead_code)]
 pub async fn serve<H, F, B>(handler: H) -> SocketAddr
 where
     H: Fn(Call) -> F + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
-    B: hyper::body::Body<Data = Bytes, Error = Infallible> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes, Error = Infallible> + Send + Sync + 'static,
+{
+    serve_with(rbac::Rbac::shipped(), handler).await
+}
+
+/// `serve` with latch-control granted `rbac` instead of the shipped manifest's rules.
+pub async fn serve_with<H, F, B>(rbac: rbac::Rbac, handler: H) -> SocketAddr
+where
+    H: Fn(Call) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes, Error = Infallible> + Send + Sync + 'static,
 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let handler = Arc::new(handler);
+    let rbac = Arc::new(rbac);
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
             let handler = handler.clone();
+            let rbac = rbac.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(
                     move |request: hyper::Request<hyper::body::Incoming>| {
                         let handler = handler.clone();
+                        let rbac = rbac.clone();
                         async move {
                             let method = request.method().clone();
                             let path = request.uri().path().to_string();
@@ -132,16 +181,43 @@ where
                                 .to_string();
                             let bytes = request.into_body().collect().await.unwrap().to_bytes();
                             let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                            Ok::<_, Infallible>(
-                                handler(Call {
-                                    method,
-                                    path,
-                                    query,
-                                    content_type,
-                                    body,
-                                })
-                                .await,
-                            )
+                            let mut call = Call {
+                                method,
+                                path,
+                                query,
+                                content_type,
+                                body,
+                            };
+                            // Authorization comes before anything looks at the body, as in the
+                            // API server's handler chain.
+                            if let Some(forbidden) = rbac.refusal(&call) {
+                                eprintln!(
+                                    "fake API server: 403 {} {}?{}: {}",
+                                    call.method, call.path, call.query, forbidden["message"]
+                                );
+                                return Ok::<_, Infallible>(
+                                    respond(StatusCode::FORBIDDEN, forbidden).map(BodyExt::boxed),
+                                );
+                            }
+                            let warnings = match schema::check(&mut call) {
+                                Ok(warnings) => warnings,
+                                Err((code, status)) => {
+                                    eprintln!(
+                                        "fake API server: {code} {} {}?{}: {}",
+                                        call.method, call.path, call.query, status["message"]
+                                    );
+                                    let code = StatusCode::from_u16(code).unwrap();
+                                    return Ok(respond(code, status).map(BodyExt::boxed));
+                                }
+                            };
+                            let mut response = handler(call).await.map(BodyExt::boxed);
+                            for warning in warnings {
+                                let value = format!("299 - {warning:?}");
+                                response
+                                    .headers_mut()
+                                    .append("warning", value.parse().unwrap());
+                            }
+                            Ok(response)
                         }
                     },
                 );
@@ -152,6 +228,196 @@ where
         }
     });
     addr
+}
+
+/// One requirement of a label selector as the API server parses it (`k=v`, `k==v`, `k!=v`,
+/// `k in (a,b)`, `k notin (a,b)`, `k`, `!k`); `Err` is its message for what it cannot parse.
+fn label_requirement_matches(requirement: &str, labels: &Value) -> Result<bool, String> {
+    let requirement = requirement.trim();
+    let label = |key: &str| labels[key.trim()].as_str().map(String::from);
+    let set = |values: &str| -> Result<Vec<String>, String> {
+        let inner = values
+            .trim()
+            .strip_prefix('(')
+            .and_then(|v| v.strip_suffix(')'))
+            .ok_or_else(|| format!("unable to parse requirement: {requirement:?}"))?;
+        Ok(inner.split(',').map(|v| v.trim().to_string()).collect())
+    };
+    if let Some((key, values)) = requirement.split_once(" notin ") {
+        let values = set(values)?;
+        return Ok(label(key).is_none_or(|v| !values.contains(&v)));
+    }
+    if let Some((key, values)) = requirement.split_once(" in ") {
+        let values = set(values)?;
+        return Ok(label(key).is_some_and(|v| values.contains(&v)));
+    }
+    if let Some((key, value)) = requirement.split_once("!=") {
+        return Ok(label(key).as_deref() != Some(value.trim()));
+    }
+    if let Some((key, value)) = requirement
+        .split_once("==")
+        .or_else(|| requirement.split_once('='))
+    {
+        return Ok(label(key).as_deref() == Some(value.trim()));
+    }
+    if let Some(key) = requirement.strip_prefix('!') {
+        return Ok(label(key).is_none());
+    }
+    if requirement.is_empty() || requirement.contains([' ', '(', ')']) {
+        return Err(format!("unable to parse requirement: {requirement:?}"));
+    }
+    Ok(label(requirement).is_some())
+}
+
+/// Whether `object` matches the call's `labelSelector` and `fieldSelector` (fields:
+/// `metadata.name` and `metadata.namespace`, with `=`, `==` or `!=`; the API server supports a
+/// few more per kind, the fake refuses them as it refuses unsupported ones).
+pub fn selected(call: &Call, object: &Value) -> Result<bool, String> {
+    let mut matches = true;
+    if let Some(selector) = call.decoded("labelSelector") {
+        for requirement in split_selector(&selector) {
+            matches &= label_requirement_matches(&requirement, &object["metadata"]["labels"])?;
+        }
+    }
+    if let Some(selector) = call.decoded("fieldSelector") {
+        for requirement in selector.split(',').filter(|r| !r.trim().is_empty()) {
+            let (field, value, equal) = if let Some((f, v)) = requirement.split_once("!=") {
+                (f, v, false)
+            } else if let Some((f, v)) = requirement
+                .split_once("==")
+                .or_else(|| requirement.split_once('='))
+            {
+                (f, v, true)
+            } else {
+                return Err(format!(
+                    "invalid selector: '{requirement}'; can't understand"
+                ));
+            };
+            let actual = match field.trim() {
+                "metadata.name" => object["metadata"]["name"].as_str(),
+                "metadata.namespace" => object["metadata"]["namespace"].as_str(),
+                other => return Err(format!("field label not supported: {other}")),
+            };
+            matches &= (actual.unwrap_or_default() == value.trim()) == equal;
+        }
+    }
+    Ok(matches)
+}
+
+/// A label selector's requirements: commas inside `( )` belong to a set.
+fn split_selector(selector: &str) -> Vec<String> {
+    let (mut parts, mut current, mut depth) = (Vec::new(), String::new(), 0);
+    for c in selector.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(std::mem::take(&mut current));
+                continue;
+            }
+            _ => {}
+        }
+        current.push(c);
+    }
+    if !current.trim().is_empty() {
+        parts.push(current);
+    }
+    parts
+}
+
+/// A continue token as the API server makes one: base64url of `{"v", "rv", "start"}`, the
+/// list's resourceVersion and the key to go on from.
+fn continue_token(rv: u64, start: &str) -> String {
+    use base64::Engine;
+    let token = json!({"v": "meta.k8s.io/v1", "rv": rv, "start": start});
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token.to_string())
+}
+
+fn decode_continue(token: &str) -> Result<(u64, String), String> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token.trim_end_matches('='))
+        .map_err(|e| e.to_string())?;
+    let token: Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+    if token["v"] != "meta.k8s.io/v1" {
+        return Err("continue key is not valid: incorrect encoded start resourceVersion (version meta.k8s.io/v1)".into());
+    }
+    match (token["rv"].as_u64(), token["start"].as_str()) {
+        (Some(rv), Some(start)) if rv > 0 => Ok((rv, start.to_string())),
+        _ => Err("continue key is not valid: incorrect encoded start resourceVersion".into()),
+    }
+}
+
+/// The answer to a list request for the collection `list` (a `...List` object: kind,
+/// apiVersion, `metadata.resourceVersion`, items), as the API server pages it: items in key
+/// order (namespace, then name), filtered by the selectors; at most `limit` of them, with
+/// `metadata.continue` and `remainingItemCount` when more remain; `continue` goes on after the
+/// token's key, at the token's resourceVersion. A token that cannot be decoded answers 400; one
+/// older than `compacted` (etcd compacted its revision away) answers 410 Expired, as the API
+/// server does. The fake always honours `limit` (a 1.29 API server serves a list with
+/// `resourceVersion=0` from its watch cache in one piece; a client must handle both answers).
+pub fn list_response(call: &Call, list: &Value, compacted: u64) -> Response<Full<Bytes>> {
+    let bad_request = |message: String| {
+        let mut body = status(400, "BadRequest", "", "", message);
+        body["details"] = json!({});
+        respond(StatusCode::BAD_REQUEST, body)
+    };
+    let list_rv: u64 = list["metadata"]["resourceVersion"]
+        .as_str()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let (rv, start) = match call.decoded("continue").filter(|c| !c.is_empty()) {
+        None => (list_rv, String::new()),
+        Some(token) => match decode_continue(&token) {
+            Err(e) => return bad_request(format!("invalid continue token: {e}")),
+            Ok((rv, _)) if rv < compacted => {
+                let mut body = status(
+                    410,
+                    "Expired",
+                    "",
+                    "",
+                    "The provided continue parameter is too old to display a consistent list                      result. You can start a new list without the continue parameter, or use the                      continue token in this response to retrieve the remainder of the results.                      Continuing with the provided token results in an inconsistent list - objects                      that were created, modified, or deleted between the time the first chunk was                      returned and now may show up in the list."
+                        .into(),
+                );
+                body["details"] = json!({});
+                return respond(StatusCode::GONE, body);
+            }
+            Ok(found) => found,
+        },
+    };
+    let limit = match call.param("limit").map(str::parse::<usize>) {
+        None => 0,
+        Some(Ok(limit)) => limit,
+        Some(Err(e)) => return bad_request(format!("invalid limit: {e}")),
+    };
+    let key = |object: &Value| {
+        format!(
+            "{}/{}",
+            object["metadata"]["namespace"].as_str().unwrap_or_default(),
+            object["metadata"]["name"].as_str().unwrap_or_default()
+        )
+    };
+    let mut items: Vec<(String, Value)> = Vec::new();
+    for item in list["items"].as_array().into_iter().flatten() {
+        match selected(call, item) {
+            Ok(true) if key(item) >= start => items.push((key(item), item.clone())),
+            Ok(_) => {}
+            Err(e) => return bad_request(e),
+        }
+    }
+    items.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if limit > 0 && items.len() > limit {
+        let remaining = items.len() - limit;
+        items.truncate(limit);
+        let last = &items[limit - 1].0;
+        metadata["continue"] = json!(continue_token(rv, &format!("{last}\u{0}")));
+        metadata["remainingItemCount"] = json!(remaining);
+    }
+    let mut page = list.clone();
+    page["metadata"] = metadata;
+    page["items"] = Value::Array(items.into_iter().map(|(_, item)| item).collect());
+    respond(StatusCode::OK, page)
 }
 
 /// Secrets kept the way the API server keeps them, for the endpoints under
@@ -177,11 +443,7 @@ pub struct SecretStore {
 
 /// A selector's `key=value`, percent-decoded.
 fn selector(value: &str) -> (String, String) {
-    let decoded = value
-        .replace("%2F", "/")
-        .replace("%2f", "/")
-        .replace("%3D", "=")
-        .replace("%3d", "=");
+    let decoded = percent_decode(value);
     match decoded.split_once('=') {
         Some((k, v)) => (k.to_string(), v.to_string()),
         None => (decoded, String::new()),
@@ -258,11 +520,7 @@ impl SecretStore {
         };
         Some(match (&call.method, name) {
             (&Method::POST, None) => self.create(namespace, call.body.clone()),
-            (&Method::GET, None) => self.list(
-                &namespace,
-                call.param("labelSelector"),
-                call.param("fieldSelector"),
-            ),
+            (&Method::GET, None) => self.list(&namespace, call),
             (&Method::GET, Some(name)) => match self.objects.get(&(namespace, name.clone())) {
                 Some(object) => respond(StatusCode::OK, object.clone()),
                 None => not_found("secrets", &name),
@@ -391,37 +649,20 @@ impl SecretStore {
         respond(StatusCode::OK, body)
     }
 
-    fn list(
-        &self,
-        namespace: &str,
-        labels: Option<&str>,
-        fields: Option<&str>,
-    ) -> Response<Full<Bytes>> {
-        // `key=value` (percent-encoded by the client); one equality requirement is enough here.
-        let wanted = labels.map(selector);
-        let name = fields
-            .map(selector)
-            .filter(|(k, _)| k == "metadata.name")
-            .map(|(_, v)| v);
+    /// The namespace's Secrets, selected and paged as the API server does (`list_response`).
+    fn list(&self, namespace: &str, call: &Call) -> Response<Full<Bytes>> {
         let items: Vec<Value> = self
             .objects
             .iter()
             .filter(|((ns, _), _)| ns == namespace)
-            .filter(|(_, object)| match &wanted {
-                None => true,
-                Some((k, v)) => object["metadata"]["labels"][k.as_str()] == json!(v),
-            })
-            .filter(|((_, n), _)| name.as_ref().is_none_or(|name| name == n))
             .map(|(_, object)| object.clone())
             .collect();
-        respond(
-            StatusCode::OK,
-            json!({
-                "kind": "SecretList",
-                "apiVersion": "v1",
-                "metadata": {"resourceVersion": (1000 + self.revision).to_string()},
-                "items": items
-            }),
-        )
+        let list = json!({
+            "kind": "SecretList",
+            "apiVersion": "v1",
+            "metadata": {"resourceVersion": (1000 + self.revision).to_string()},
+            "items": items
+        });
+        list_response(call, &list, 0)
     }
 }

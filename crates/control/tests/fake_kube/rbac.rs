@@ -150,13 +150,20 @@ pub fn shipped_manifest() -> String {
     std::fs::read_to_string(path).expect("20-rbac.yaml")
 }
 
-/// The request attributes of `call`, as the API server derives them from the path.
+/// The request attributes of `call`, as the API server derives them from the path: `None` for
+/// a non-resource URL (`/version`, `/api`, `/apis`: discovery, which every authenticated user may
+/// read). A subresource is `resource/subresource` (`pods/log`), as RBAC rules name it; the
+/// deprecated `/watch/` prefix is a watch; DELETE of a collection is `deletecollection`.
 pub fn attributes(call: &Call) -> Option<Attributes> {
     let parts: Vec<&str> = call.path.trim_start_matches('/').split('/').collect();
     let (group, rest) = match parts.as_slice() {
         ["api", "v1", rest @ ..] => (String::new(), rest),
         ["apis", group, _version, rest @ ..] => (group.to_string(), rest),
         _ => return None,
+    };
+    let (legacy_watch, rest) = match rest {
+        ["watch", rest @ ..] => (true, rest),
+        rest => (false, rest),
     };
     let (namespace, rest) = match rest {
         ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some(ns.to_string()), rest),
@@ -165,17 +172,21 @@ pub fn attributes(call: &Call) -> Option<Attributes> {
     let (resource, name) = match rest {
         [resource] => (resource.to_string(), None),
         [resource, name] => (resource.to_string(), Some(name.to_string())),
+        [resource, name, subresource] => {
+            (format!("{resource}/{subresource}"), Some(name.to_string()))
+        }
         _ => return None,
     };
-    let watch = matches!(call.param("watch"), Some("true" | "1"));
+    let watch = legacy_watch || matches!(call.param("watch"), Some("true" | "1"));
     let verb = match (call.method.as_str(), &name) {
+        ("GET", _) if watch => "watch",
         ("GET", Some(_)) => "get",
-        ("GET", None) if watch => "watch",
         ("GET", None) => "list",
         ("POST", _) => "create",
         ("PUT", _) => "update",
         ("PATCH", _) => "patch",
-        ("DELETE", _) => "delete",
+        ("DELETE", Some(_)) => "delete",
+        ("DELETE", None) => "deletecollection",
         _ => return None,
     };
     Some(Attributes {
@@ -185,4 +196,152 @@ pub fn attributes(call: &Call) -> Option<Attributes> {
         namespace,
         name,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(method: &str, path_and_query: &str) -> Call {
+        let (path, query) = path_and_query
+            .split_once('?')
+            .unwrap_or((path_and_query, ""));
+        Call {
+            method: method.parse().unwrap(),
+            path: path.into(),
+            query: query.into(),
+            content_type: String::new(),
+            body: Value::Null,
+        }
+    }
+
+    #[test]
+    fn requests_map_to_the_attributes_the_api_server_checks() {
+        let cases = [
+            (
+                "GET",
+                "/api/v1/pods?limit=500",
+                "list",
+                "",
+                "pods",
+                None,
+                None,
+            ),
+            (
+                "GET",
+                "/api/v1/pods?watch=true",
+                "watch",
+                "",
+                "pods",
+                None,
+                None,
+            ),
+            (
+                "GET",
+                "/api/v1/watch/namespaces/a/pods/p",
+                "watch",
+                "",
+                "pods",
+                Some("a"),
+                Some("p"),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a/pods/p",
+                "get",
+                "",
+                "pods",
+                Some("a"),
+                Some("p"),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a/pods/p/log",
+                "get",
+                "",
+                "pods/log",
+                Some("a"),
+                Some("p"),
+            ),
+            (
+                "PUT",
+                "/api/v1/namespaces/a/pods/p/status",
+                "update",
+                "",
+                "pods/status",
+                Some("a"),
+                Some("p"),
+            ),
+            (
+                "DELETE",
+                "/api/v1/namespaces/a/secrets",
+                "deletecollection",
+                "",
+                "secrets",
+                Some("a"),
+                None,
+            ),
+            (
+                "POST",
+                "/apis/authentication.k8s.io/v1/tokenreviews",
+                "create",
+                "authentication.k8s.io",
+                "tokenreviews",
+                None,
+                None,
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a",
+                "get",
+                "",
+                "namespaces",
+                None,
+                Some("a"),
+            ),
+        ];
+        for (method, path, verb, group, resource, namespace, name) in cases {
+            assert_eq!(
+                attributes(&call(method, path)),
+                Some(Attributes {
+                    verb,
+                    group: group.into(),
+                    resource: resource.into(),
+                    namespace: namespace.map(String::from),
+                    name: name.map(String::from),
+                }),
+                "{method} {path}"
+            );
+        }
+        assert_eq!(attributes(&call("GET", "/version")), None);
+    }
+
+    #[test]
+    fn the_shipped_manifest_grants_only_what_it_names() {
+        let rbac = Rbac::shipped();
+        let allowed = |m: &str, p: &str| rbac.refusal(&call(m, p)).is_none();
+        assert!(allowed(
+            "PATCH",
+            "/api/v1/namespaces/shop/configmaps/latch-ca-bundle"
+        ));
+        assert!(!allowed(
+            "PATCH",
+            "/api/v1/namespaces/shop/configmaps/other"
+        ));
+        assert!(!allowed("GET", "/api/v1/namespaces/shop/configmaps"));
+        assert!(allowed(
+            "GET",
+            "/api/v1/namespaces/latch-system/secrets/latch-ca"
+        ));
+        assert!(!allowed(
+            "GET",
+            "/api/v1/namespaces/default/secrets/latch-ca"
+        ));
+        assert!(!allowed(
+            "DELETE",
+            "/api/v1/namespaces/latch-system/secrets"
+        ));
+        assert!(!allowed("GET", "/api/v1/namespaces/a/pods/p/log"));
+        assert!(!allowed("PATCH", "/api/v1/namespaces/a/pods/p"));
+    }
 }
