@@ -467,6 +467,65 @@ async fn jwt_svids_issued_before_a_key_rotation_keep_validating() {
     h.stop().await;
 }
 
+/// A JWT-SVID cannot be recalled once issued, but revoking its subject makes ValidateJWTSVID
+/// refuse the tokens issued before the revocation, on every proxy that holds it (discovery
+/// pushes revocations to all); a token of another ID, or of the revoked ID issued after, passes.
+#[tokio::test(flavor = "multi_thread")]
+async fn validate_refuses_jwt_svids_of_an_id_revoked_after_they_were_issued() {
+    use latch_proxy::workload_api::jwt::validate;
+    use std::time::SystemTime;
+    let h = Harness::start().await;
+    let (revoked, other) = (h.id("demo", "leaky"), h.id("demo", "other"));
+    let verifier = h.start_proxy(&h.id("demo", "api"), None, None).await;
+    let kid = h
+        .control_plane
+        .jwt
+        .keys()
+        .signing_kid(SystemTime::now())
+        .unwrap()
+        .to_string();
+    wait_for_jwt_key(&verifier, &kid).await;
+    let sign = |id: &latch_identity::SpiffeId, at: SystemTime| {
+        h.control_plane
+            .jwt
+            .sign(id, &["db".into()], at)
+            .unwrap()
+            .token
+    };
+    let before = sign(&revoked, SystemTime::now() - Duration::from_secs(2));
+    let of_other = sign(&other, SystemTime::now() - Duration::from_secs(2));
+    validate(verifier.store(), &before, "db", SystemTime::now())
+        .expect("valid before the revocation");
+
+    h.control_plane
+        .revocations
+        .revoke(&revoked, "key leaked", SystemTime::now(), 3600)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while validate(verifier.store(), &before, "db", SystemTime::now()).is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the revocation reaches the verifying proxy within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = validate(verifier.store(), &before, "db", SystemTime::now()).unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("was revoked at"), "{refused:?}");
+    validate(verifier.store(), &of_other, "db", SystemTime::now()).expect("another ID's token");
+    let after = sign(&revoked, SystemTime::now() + Duration::from_secs(2));
+    validate(
+        verifier.store(),
+        &after,
+        "db",
+        SystemTime::now() + Duration::from_secs(2),
+    )
+    .expect("issued after the revocation (as a re-enrolled workload's would be)");
+    verifier.shutdown().await;
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn grpc_js_as_an_allowed_uid_fetches_follows_a_rotation_and_other_uids_are_refused() {
     let Some(modules) = grpc_js() else { return };

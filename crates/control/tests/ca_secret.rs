@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use fake_kube::{Call, not_found, respond, status};
+use http_body_util::BodyExt;
 use hyper::{Method, StatusCode};
 use latch_control::ca_secret::SecretRef;
 use latch_control::kubernetes::KubernetesAccess;
@@ -53,6 +54,8 @@ struct Store {
     creates: Vec<u16>,
     /// GETs of the Secret so far.
     gets: usize,
+    /// Every other Secret (the revocations', the JWT keys'), kept as the API server keeps them.
+    others: fake_kube::SecretStore,
 }
 
 /// A fake API server holding `store`. With `barrier` for n replicas, each of the first n GETs
@@ -63,48 +66,68 @@ async fn fake_api(store: Arc<Mutex<Store>>, barrier: Option<Arc<Race>>) -> Socke
         let store = store.clone();
         let barrier = barrier.clone();
         async move {
-            if call.method == Method::GET && call.path == PATH {
-                let (found, first_round) = {
-                    let mut store = store.lock().unwrap();
-                    store.gets += 1;
-                    let n = barrier.as_ref().map_or(0, |b| b.n());
-                    (store.secret.clone(), store.gets <= n)
-                };
-                if let (Some(barrier), true) = (&barrier, first_round) {
-                    barrier.wait().await;
-                }
-                return match found {
-                    Some(secret) => respond(StatusCode::OK, secret),
-                    None => not_found("secrets", "latch-ca"),
-                };
+            let is_ca = call.path == PATH
+                || (call.method == Method::POST
+                    && call.path == COLLECTION
+                    && call.body["metadata"]["name"] == "latch-ca");
+            if !is_ca {
+                let answer = store.lock().unwrap().others.handle(&call);
+                return answer
+                    .unwrap_or_else(|| not_found("unknown", &call.path).map(BodyExt::boxed));
             }
-            if call.method == Method::POST && call.path == COLLECTION {
-                let mut store = store.lock().unwrap();
-                if store.secret.is_some() {
-                    store.creates.push(409);
-                    return respond(
-                        StatusCode::CONFLICT,
-                        status(
-                            409,
-                            "AlreadyExists",
-                            "secrets",
-                            "latch-ca",
-                            "secrets \"latch-ca\" already exists".into(),
-                        ),
-                    );
-                }
-                let mut secret = call.body.clone();
-                secret["metadata"]["uid"] = json!("2f9c6a1e-7b3d-4e5f-8a9b-0c1d2e3f4a5b");
-                secret["metadata"]["resourceVersion"] = json!("1042");
-                secret["metadata"]["creationTimestamp"] = json!("2026-11-28T09:00:00Z");
-                store.secret = Some(secret.clone());
-                store.creates.push(201);
-                return respond(StatusCode::CREATED, secret);
-            }
-            not_found("unknown", &call.path)
+            ca_secret_call(store, barrier, call)
+                .await
+                .map(BodyExt::boxed)
         }
     })
     .await
+}
+
+/// The API server's answer to a request about Secret latch-system/latch-ca.
+async fn ca_secret_call(
+    store: Arc<Mutex<Store>>,
+    barrier: Option<Arc<Race>>,
+    call: Call,
+) -> hyper::Response<http_body_util::Full<hyper::body::Bytes>> {
+    if call.method == Method::GET && call.path == PATH {
+        let (found, first_round) = {
+            let mut store = store.lock().unwrap();
+            store.gets += 1;
+            let n = barrier.as_ref().map_or(0, |b| b.n());
+            (store.secret.clone(), store.gets <= n)
+        };
+        if let (Some(barrier), true) = (&barrier, first_round) {
+            barrier.wait().await;
+        }
+        return match found {
+            Some(secret) => respond(StatusCode::OK, secret),
+            None => not_found("secrets", "latch-ca"),
+        };
+    }
+    if call.method == Method::POST && call.path == COLLECTION {
+        let mut store = store.lock().unwrap();
+        if store.secret.is_some() {
+            store.creates.push(409);
+            return respond(
+                StatusCode::CONFLICT,
+                status(
+                    409,
+                    "AlreadyExists",
+                    "secrets",
+                    "latch-ca",
+                    "secrets \"latch-ca\" already exists".into(),
+                ),
+            );
+        }
+        let mut secret = call.body.clone();
+        secret["metadata"]["uid"] = json!("2f9c6a1e-7b3d-4e5f-8a9b-0c1d2e3f4a5b");
+        secret["metadata"]["resourceVersion"] = json!("1042");
+        secret["metadata"]["creationTimestamp"] = json!("2026-11-28T09:00:00Z");
+        store.secret = Some(secret.clone());
+        store.creates.push(201);
+        return respond(StatusCode::CREATED, secret);
+    }
+    not_found("unknown", &call.path)
 }
 
 fn config(api: SocketAddr, data_dir: &std::path::Path) -> Config {

@@ -185,6 +185,8 @@ impl CaClient {
 pub struct IssuedJwtSvid {
     pub spiffe_id: SpiffeId,
     pub token: String,
+    /// Its `iat` (the control plane's clock); the Unix epoch when it has none.
+    pub issued_at: SystemTime,
     pub expires_at: SystemTime,
     pub bundle: JwtBundle,
 }
@@ -213,17 +215,19 @@ impl CaClient {
             .ok_or_else(|| unusable("no SVID is held to ask with"))?;
         let now = SystemTime::now();
         let trust_domain = own.id().trust_domain();
-        let mut expires_at = now;
+        let (mut issued_at, mut expires_at) = (SystemTime::UNIX_EPOCH, now);
         for aud in &audience {
             let claims = crate::jwt::validate(&response.token, &trust_domain, &bundle, aud, now)?;
             if claims.subject != *own.id() {
                 return Err(unusable("its subject is not this SVID's SPIFFE ID"));
             }
             expires_at = claims.expires;
+            issued_at = claims.issued_at();
         }
         Ok(IssuedJwtSvid {
             spiffe_id: own.id().clone(),
             token: response.token,
+            issued_at,
             expires_at,
             bundle,
         })

@@ -234,6 +234,17 @@ pub struct JwtSvidClaims {
     pub claims: Value,
 }
 
+impl JwtSvidClaims {
+    /// `iat`, or the Unix epoch when the token has none (`iat` is optional in a JWT-SVID): a
+    /// revocation of the subject then covers the token whenever it was made.
+    pub fn issued_at(&self) -> SystemTime {
+        self.claims
+            .get("iat")
+            .and_then(Value::as_u64)
+            .map_or(UNIX_EPOCH, |s| UNIX_EPOCH + Duration::from_secs(s))
+    }
+}
+
 /// Validates `token` for `audience` at `now` against the JWT bundle of `trust_domain`: ES256
 /// only, a `kid` the bundle holds, the signature, `exp` in the future, `audience` among `aud`,
 /// and `sub` a SPIFFE ID of `trust_domain`.

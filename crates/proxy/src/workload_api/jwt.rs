@@ -24,6 +24,7 @@ const MAX_CACHED: usize = 1024;
 struct Cached {
     spiffe_id: SpiffeId,
     token: String,
+    issued_at: SystemTime,
     refresh_at: SystemTime,
     expires_at: SystemTime,
 }
@@ -92,9 +93,16 @@ impl JwtSvids {
                 "this proxy holds no valid X509-SVID yet, so it cannot ask for a JWT-SVID; retry",
             ));
         };
+        // Not a token of an ID revoked since it was issued: the control plane refuses a new
+        // one, and the app learns it now rather than when the cached token runs out.
         if let Some(cached) = self.cache.get(&key)
             && cached.spiffe_id == *svid.id()
             && now < cached.refresh_at
+            && self
+                .store
+                .revocations()
+                .covers_issued(&cached.spiffe_id, cached.issued_at)
+                .is_none()
         {
             return Ok((cached.spiffe_id.clone(), cached.token.clone()));
         }
@@ -103,6 +111,7 @@ impl JwtSvids {
         let cached = Cached {
             spiffe_id: issued.spiffe_id.clone(),
             token: issued.token.clone(),
+            issued_at: issued.issued_at,
             refresh_at: now + lifetime / 2,
             expires_at: issued.expires_at,
         };
@@ -205,8 +214,22 @@ pub fn validate(
             "this proxy has no JWT bundle from the control plane yet; retry",
         ));
     };
-    latch_identity::jwt::validate(token, &svid.id().trust_domain(), &bundle, audience, now)
-        .map_err(|e| Status::invalid_argument(e.to_string()))
+    let claims =
+        latch_identity::jwt::validate(token, &svid.id().trust_domain(), &bundle, audience, now)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    // A JWT-SVID cannot be recalled, but its subject can be revoked: the revocations this
+    // proxy holds (from discovery) refuse the tokens issued before.
+    if let Some(revoked_at) = store
+        .revocations()
+        .covers_issued(&claims.subject, claims.issued_at())
+    {
+        return Err(Status::invalid_argument(format!(
+            "{} was revoked at {}; its JWT-SVIDs issued before then are refused",
+            claims.subject,
+            latch_identity::svid::format_time(revoked_at)
+        )));
+    }
+    Ok(claims)
 }
 
 /// A JSON value as a protobuf `Value` (the claims of ValidateJWTSVID's response).
