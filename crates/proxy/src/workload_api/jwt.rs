@@ -26,7 +26,6 @@ struct Cached {
     token: String,
     issued_at: SystemTime,
     refresh_at: SystemTime,
-    expires_at: SystemTime,
 }
 
 /// The proxy's JWT-SVIDs, by audience set.
@@ -113,14 +112,23 @@ impl JwtSvids {
             token: issued.token.clone(),
             issued_at: issued.issued_at,
             refresh_at: now + lifetime / 2,
-            expires_at: issued.expires_at,
         };
-        if self.cache.len() >= MAX_CACHED {
-            self.cache.retain(|_, c| c.expires_at > now);
+        if self.cache.len() >= MAX_CACHED && !self.cache.contains_key(&key) {
+            // Full: drop what would be fetched again anyway, then the entry due first, so that
+            // a burst of one-off audiences cannot keep the audiences in steady use out.
+            self.cache.retain(|_, c| c.refresh_at > now);
+            if self.cache.len() >= MAX_CACHED {
+                let due_first = self
+                    .cache
+                    .iter()
+                    .min_by_key(|entry| entry.refresh_at)
+                    .map(|entry| entry.key().clone());
+                if let Some(due_first) = due_first {
+                    self.cache.remove(&due_first);
+                }
+            }
         }
-        if self.cache.len() < MAX_CACHED || self.cache.contains_key(&key) {
-            self.cache.insert(key, cached);
-        }
+        self.cache.insert(key, cached);
         Ok((issued.spiffe_id, issued.token))
     }
 
