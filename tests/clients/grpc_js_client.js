@@ -1,6 +1,8 @@
 // A SPIFFE workload using @grpc/grpc-js (npm; Node's own HTTP/2) against latch-proxy's Workload
 // API, with the SPIFFE Workload API proto. Run by tests/tests/workload_api_clients.rs with
-// SPIFFE_ENDPOINT_SOCKET set, as the uid under test. Prints one JSON object on stdout.
+// SPIFFE_ENDPOINT_SOCKET set, as the uid under test. Prints one JSON object on stdout: the
+// X509-SVID and its rotation, the X.509 bundles, the JWT bundles, a JWT-SVID (verified here with
+// Node's crypto) and ValidateJWTSVID's answers.
 //
 //   node grpc_js_client.js PROTO fetch ROTATION_WAIT_SECONDS
 //   node grpc_js_client.js PROTO refused
@@ -77,11 +79,56 @@ function bundles(result) {
       result.bundles[trustDomain] = new crypto.X509Certificate(firstDer(der)).ca;
     }
     call.cancel();
-    done(result);
+    jwt(result);
   });
   call.on('error', (e) => {
     if (e.code !== grpc.status.CANCELLED) done({ ...result, bundles_error: e.details });
   });
+}
+
+// The JWT bundles, a JWT-SVID for audience "db" checked here with Node's own crypto against the
+// bundle's JWKS, then ValidateJWTSVID for "db" and for another audience.
+function jwt(result) {
+  const call = client.FetchJWTBundles({}, metadata);
+  call.on('data', (response) => {
+    call.cancel();
+    const jwks = {};
+    for (const [trustDomain, json] of Object.entries(response.bundles)) {
+      jwks[trustDomain] = JSON.parse(Buffer.from(json).toString());
+    }
+    result.jwt_bundle_keys = Object.fromEntries(
+      Object.entries(jwks).map(([td, set]) => [td, set.keys.length]));
+    client.FetchJWTSVID({ audience: ['db'] }, metadata, (e, svids) => {
+      if (e) return done({ ...result, jwt_error: `${grpc.status[e.code]}: ${e.details}` });
+      const svid = svids.svids[0];
+      result.jwt_spiffe_id = svid.spiffe_id;
+      result.jwt_verified_by_node = verify(svid.svid, jwks);
+      client.ValidateJWTSVID({ audience: 'db', svid: svid.svid }, metadata, (e, valid) => {
+        result.validate = e ? `${grpc.status[e.code]}: ${e.details}` : valid.spiffe_id;
+        client.ValidateJWTSVID({ audience: 'not-db', svid: svid.svid }, metadata, (e) => {
+          result.validate_other_audience = e ? grpc.status[e.code] : 'accepted';
+          done(result);
+        });
+      });
+    });
+  });
+  call.on('error', (e) => {
+    if (e.code !== grpc.status.CANCELLED) done({ ...result, jwt_bundles_error: e.details });
+  });
+}
+
+// ES256 signature, sub and aud of `token` against the key its kid names in any bundle.
+function verify(token, jwks) {
+  const [header, payload, signature] = token.split('.');
+  const { kid, alg } = JSON.parse(Buffer.from(header, 'base64url').toString());
+  const claims = JSON.parse(Buffer.from(payload, 'base64url').toString());
+  const jwk = Object.values(jwks).flatMap((set) => set.keys).find((k) => k.kid === kid);
+  if (!jwk || alg !== 'ES256') return false;
+  const ok = crypto.verify('sha256', Buffer.from(`${header}.${payload}`),
+    { key: crypto.createPublicKey({ key: jwk, format: 'jwk' }), dsaEncoding: 'ieee-p1363' },
+    Buffer.from(signature, 'base64url'));
+  const aud = Array.isArray(claims.aud) ? claims.aud : [claims.aud];
+  return ok && aud.includes('db') && claims.sub.startsWith('spiffe://') && claims.exp * 1000 > Date.now();
 }
 
 if (mode === 'fetch') fetch(); else refused();

@@ -564,7 +564,7 @@ async fn a_jwt_svid_cache_full_of_one_off_audiences_still_caches_new_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn grpc_js_as_an_allowed_uid_fetches_follows_a_rotation_and_other_uids_are_refused() {
+async fn grpc_js_as_an_allowed_uid_fetches_x509_and_jwt_svids_follows_a_rotation_and_other_uids_are_refused() {
     let Some(modules) = grpc_js() else { return };
     let h = Harness::start().await;
     let id = h.id("demo", "node-app");
@@ -599,6 +599,20 @@ async fn grpc_js_as_an_allowed_uid_fetches_follows_a_rotation_and_other_uids_are
         "the stream delivered a rotation: {result}"
     );
     assert_ne!(serials[0], serials[1]);
+    assert_eq!(
+        result["jwt_bundle_keys"]["spiffe://cluster.local"], 1,
+        "{result}"
+    );
+    assert_eq!(result["jwt_spiffe_id"], id.to_string(), "{result}");
+    assert_eq!(
+        result["jwt_verified_by_node"], true,
+        "Node's crypto verifies the JWT-SVID with the bundle's JWKS: {result}"
+    );
+    assert_eq!(result["validate"], id.to_string(), "{result}");
+    assert_eq!(
+        result["validate_other_audience"], "INVALID_ARGUMENT",
+        "{result}"
+    );
 
     let result = run_client(&node("refused"), &env, dir.path(), &socket, OTHER_UID).await;
     let error = result["error"].as_str().expect("uid 4243 gets no SVID");
