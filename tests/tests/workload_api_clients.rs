@@ -564,7 +564,8 @@ async fn a_jwt_svid_cache_full_of_one_off_audiences_still_caches_new_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn grpc_js_as_an_allowed_uid_fetches_x509_and_jwt_svids_follows_a_rotation_and_other_uids_are_refused() {
+async fn grpc_js_as_an_allowed_uid_fetches_x509_and_jwt_svids_follows_a_rotation_and_other_uids_are_refused()
+ {
     let Some(modules) = grpc_js() else { return };
     let h = Harness::start().await;
     let id = h.id("demo", "node-app");

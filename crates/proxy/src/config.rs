@@ -223,6 +223,11 @@ pub struct Args {
     /// On SIGTERM, how long open connections may take to finish.
     #[arg(long, env = "LATCH_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// Carry outbound connections to peer proxies as HTTP/2 CONNECT streams over pooled mTLS
+    /// tunnels (HBONE, ALPN h2) instead of one mTLS connection each (latch/1). The inbound
+    /// listener accepts both either way.
+    #[arg(long, env = "LATCH_HBONE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub hbone: bool,
     /// Log format: text or json.
     #[arg(long, env = "LATCH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,

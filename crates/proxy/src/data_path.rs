@@ -177,6 +177,11 @@ pub struct DataPath {
     cap: Cap,
     /// Fires when draining is over: open connections are closed.
     pub close_connections: CancellationToken,
+    /// With `--hbone`, the pooled tunnels outbound connections to peer proxies ride on.
+    pub tunnels: Option<Arc<crate::hbone::Tunnels>>,
+    /// Fires when draining starts (the listeners stop accepting): HBONE tunnels then refuse
+    /// new streams (GOAWAY) and close once their streams have.
+    pub draining: CancellationToken,
 }
 
 impl DataPath {
@@ -203,9 +208,23 @@ impl DataPath {
             next_connection: AtomicU64::new(0),
             cap: Cap::new(limits.max_connections),
             close_connections: CancellationToken::new(),
+            tunnels: None,
+            draining: CancellationToken::new(),
         };
         data_path.check_open_files_limit();
         data_path
+    }
+
+    /// Carries outbound connections to peer proxies as HBONE streams over pooled tunnels.
+    pub fn with_hbone(mut self, enabled: bool) -> Self {
+        self.tunnels = enabled.then(Default::default);
+        self
+    }
+
+    /// Draining starts when `stop_accepting` fires.
+    pub fn with_drain(mut self, stop_accepting: &CancellationToken) -> Self {
+        self.draining = stop_accepting.child_token();
+        self
     }
 
     /// Where a connection to `destination` goes under the current snapshot; for a service

@@ -107,9 +107,10 @@ pub async fn mtls(
         tracing::info!(%remote, "resumed session's client certificate is no longer valid; closing");
         return;
     }
-    if conn.alpn_protocol() != Some(ALPN_LATCH) {
+    let hbone = conn.alpn_protocol() == Some(crate::hbone::ALPN_H2);
+    if !hbone && conn.alpn_protocol() != Some(ALPN_LATCH) {
         dp.metrics.handshake_failed(DIRECTION, "alpn");
-        tracing::info!(%remote, "peer did not negotiate ALPN latch/1; closing");
+        tracing::info!(%remote, "peer negotiated neither ALPN latch/1 nor h2; closing");
         return;
     }
     // The verifier required a valid SVID, so the leaf carries the peer's ID.
@@ -119,6 +120,18 @@ pub async fn mtls(
     };
     let peer_issued_at = peer.issued_at();
     let peer = peer.id;
+    if hbone {
+        let workload = match tls.get_ref().0.local_addr() {
+            Ok(local) => local.ip().to_canonical(),
+            Err(e) => {
+                dp.metrics.refused(DIRECTION, "io");
+                tracing::info!(%remote, peer = %peer, "no local address on the connection: {e}");
+                return;
+            }
+        };
+        crate::hbone::serve(dp, tls, peer, peer_issued_at, workload, remote).await;
+        return;
+    }
     let header = match TransportHeader::read_from(&mut tls, dp.limits.header_timeout).await {
         Ok(h) => h,
         Err(e) => {

@@ -11,6 +11,7 @@ pub mod capture;
 pub mod config;
 pub mod copy;
 pub mod data_path;
+pub mod hbone;
 pub mod identity;
 pub mod inbound;
 pub mod metrics;
@@ -80,6 +81,8 @@ pub struct DataPathConfig {
     pub delivery: Delivery,
     pub limits: Limits,
     pub drain_timeout: Duration,
+    /// `--hbone`: outbound connections to peers as streams of pooled HBONE tunnels.
+    pub hbone: bool,
 }
 
 impl DataPathConfig {
@@ -157,6 +160,7 @@ impl DataPathConfig {
             delivery: Delivery::default(),
             limits: Limits::default(),
             drain_timeout: Duration::from_secs(10),
+            hbone: false,
         }
     }
 }
@@ -268,6 +272,7 @@ impl Config {
                 ..Limits::default()
             },
             drain_timeout: args.drain_timeout,
+            hbone: args.hbone,
         };
         Ok(Self {
             agent: AgentConfig {
@@ -471,15 +476,19 @@ impl Proxy {
         bound.extend(explicit.iter().map(|(_, (_, local))| *local));
 
         let authorizer = authorizer::Authorizer::new(data.trust_domain.clone(), data.allow);
-        let dp = Arc::new(data_path::DataPath::new(
-            transport::MeshTls::new(store, data.trust_domain)?,
-            self.mesh.clone(),
-            authorizer,
-            metrics,
-            data.limits,
-            data.delivery,
-            data_path::ProxyPorts::new(&bound),
-        ));
+        let dp = Arc::new(
+            data_path::DataPath::new(
+                transport::MeshTls::new(store, data.trust_domain)?,
+                self.mesh.clone(),
+                authorizer,
+                metrics,
+                data.limits,
+                data.delivery,
+                data_path::ProxyPorts::new(&bound),
+            )
+            .with_hbone(data.hbone)
+            .with_drain(&self.drain.stop_accepting),
+        );
         self.tracker
             .spawn(dp.clone().watch_mesh(self.cancel.clone()));
         self.drain.close = dp.close_connections.clone();

@@ -90,18 +90,39 @@ enum MeshConnectError {
     Failed,
 }
 
-/// Connects to the peer proxy at `mesh_addr` over mTLS, requiring exactly `id`; `resume`
-/// allows offering a cached session.
+/// How `connect_mesh` connects.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Handshake {
+    /// `latch/1`, offering a cached session.
+    Resume,
+    /// `latch/1`, a full handshake.
+    Full,
+    /// An HBONE tunnel: ALPN h2, a full handshake.
+    Tunnel,
+}
+
+/// Connects an HBONE tunnel to the peer proxy at `mesh_addr`, requiring exactly `id`.
+pub(crate) async fn connect_tunnel(
+    dp: &DataPath,
+    mesh_addr: SocketAddr,
+    id: &SpiffeId,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ()> {
+    connect_mesh(dp, mesh_addr, id, Handshake::Tunnel)
+        .await
+        .map_err(|_| ())
+}
+
+/// Connects to the peer proxy at `mesh_addr` over mTLS, requiring exactly `id`.
 async fn connect_mesh(
     dp: &DataPath,
     mesh_addr: SocketAddr,
     id: &SpiffeId,
-    resume: bool,
+    handshake: Handshake,
 ) -> Result<tokio_rustls::client::TlsStream<TcpStream>, MeshConnectError> {
-    let config = if resume {
-        dp.tls.client(id)
-    } else {
-        dp.tls.client_without_resumption(id)
+    let (config, alpn) = match handshake {
+        Handshake::Resume => (dp.tls.client(id), ALPN_LATCH),
+        Handshake::Full => (dp.tls.client_without_resumption(id), ALPN_LATCH),
+        Handshake::Tunnel => (dp.tls.tunnel_client(id), crate::hbone::ALPN_H2),
     };
     let Ok(config) = config else {
         dp.metrics.refused(DIRECTION, "tls_config");
@@ -151,9 +172,9 @@ async fn connect_mesh(
         tracing::debug!(expected = %id, "resumed session's server certificate is no longer valid; retrying with a full handshake");
         return Err(MeshConnectError::ResumedExpired);
     }
-    if conn.alpn_protocol() != Some(ALPN_LATCH) {
+    if conn.alpn_protocol() != Some(alpn) {
         dp.metrics.handshake_failed(DIRECTION, "alpn");
-        tracing::warn!(expected = %id, %mesh_addr, "peer did not negotiate ALPN latch/1");
+        tracing::warn!(expected = %id, %mesh_addr, "peer did not negotiate ALPN {}", String::from_utf8_lossy(alpn));
         return Err(MeshConnectError::Failed);
     }
     Ok(tls)
@@ -166,14 +187,35 @@ async fn forward(dp: &DataPath, app: TcpStream, route: Route) {
             mesh_addr,
             id,
             target_port,
+        } if dp.tunnels.is_some() => {
+            let Some(tunnels) = &dp.tunnels else { return };
+            // The peer proxy listens on its workload's address: the destination is that
+            // address on the target port.
+            let target = SocketAddr::new(mesh_addr.ip(), target_port);
+            let Ok(stream) = tunnels.stream(dp, mesh_addr, &id, target).await else {
+                return;
+            };
+            let Some((_live, close)) = dp.track_outbound(&id, stream.peer_issued_at, target_port)
+            else {
+                tracing::warn!(peer = %id, "the server's certificate was revoked since the tunnel opened");
+                return;
+            };
+            let _guard = stream.guard;
+            dp.proxy(DIRECTION, id.to_string(), app, stream.io, &close)
+                .await;
+        }
+        Route::Mesh {
+            mesh_addr,
+            id,
+            target_port,
         } => {
             // A resumed session whose server certificate expired meanwhile (the ticket was
             // issued just before the peer rotated) is dropped before any app byte is sent, so
             // one full handshake can take its place without the app noticing.
-            let mut tls = match connect_mesh(dp, mesh_addr, &id, true).await {
+            let mut tls = match connect_mesh(dp, mesh_addr, &id, Handshake::Resume).await {
                 Ok(tls) => tls,
                 Err(MeshConnectError::ResumedExpired) => {
-                    match connect_mesh(dp, mesh_addr, &id, false).await {
+                    match connect_mesh(dp, mesh_addr, &id, Handshake::Full).await {
                         Ok(tls) => tls,
                         Err(_) => return,
                     }

@@ -243,6 +243,8 @@ pub struct MeshTls {
     clients: DashMap<SpiffeId, Arc<ClientConfig>>,
     /// The same without session resumption, for the retry after a stale resumed session.
     fresh_clients: DashMap<SpiffeId, Arc<ClientConfig>>,
+    /// HBONE tunnels: ALPN h2, a full handshake each (a tunnel lives long).
+    tunnel_clients: DashMap<SpiffeId, Arc<ClientConfig>>,
 }
 
 impl MeshTls {
@@ -252,8 +254,12 @@ impl MeshTls {
             store.clone(),
             ClientAuth::Required(ExpectedPeer::TrustDomain(trust_domain.clone())),
         );
-        let mut server =
-            latch_identity::tls::server_config(store.clone(), Arc::new(verifier), &[ALPN_LATCH])?;
+        // `latch/1` first: a client offering both keeps the protocol it has always had.
+        let mut server = latch_identity::tls::server_config(
+            store.clone(),
+            Arc::new(verifier),
+            &[ALPN_LATCH, crate::hbone::ALPN_H2],
+        )?;
         // Stateless resumption with tickets bound to our SVID; no server-side session cache.
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         server.ticketer = Arc::new(SvidTicketer::new(store.clone()));
@@ -264,6 +270,7 @@ impl MeshTls {
             server: Arc::new(server),
             clients: DashMap::new(),
             fresh_clients: DashMap::new(),
+            tunnel_clients: DashMap::new(),
         })
     }
 
@@ -311,6 +318,24 @@ impl MeshTls {
         expected: &SpiffeId,
     ) -> Result<Arc<ClientConfig>, rustls::Error> {
         self.client_config(expected, false)
+    }
+
+    /// The client config of an HBONE tunnel to `expected`: ALPN h2, no resumption.
+    pub fn tunnel_client(&self, expected: &SpiffeId) -> Result<Arc<ClientConfig>, rustls::Error> {
+        if let Some(config) = self.tunnel_clients.get(expected) {
+            return Ok(config.clone());
+        }
+        let verifier =
+            SpiffeServerVerifier::new(self.store.clone(), ExpectedPeer::Exactly(expected.clone()));
+        let mut config = latch_identity::tls::client_config(
+            Some(self.store.clone()),
+            Arc::new(verifier),
+            &[crate::hbone::ALPN_H2],
+        )?;
+        config.resumption = rustls::client::Resumption::disabled();
+        let config = Arc::new(config);
+        self.tunnel_clients.insert(expected.clone(), config.clone());
+        Ok(config)
     }
 
     fn client_config(

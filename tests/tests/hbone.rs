@@ -1,0 +1,195 @@
+//! HBONE on loopback (explicit mode, `--hbone` on the client side): application connections
+//! to one peer proxy ride as HTTP/2 CONNECT streams on a few pooled mTLS tunnels. What a user
+//! sees: bytes, half-close and resets carried per connection; one TLS handshake per tunnel, not
+//! per connection (the server's handshake counter); a peer refused per stream; a plain `latch/1`
+//! client still served by the same listener.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use latch_identity::SpiffeId;
+use latch_proxy::metrics::{ConnLabels, HandshakeLabels};
+use latch_proxy::{ExplicitDestination, ExplicitTarget, Proxy};
+use latch_testkit::Harness;
+use latch_testkit::apps::byte_echo_app;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn outbound(id: &SpiffeId, mesh: SocketAddr, port: u16) -> ExplicitTarget {
+    ExplicitTarget {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        to: ExplicitDestination::Fixed {
+            id: id.clone(),
+            mesh_addr: mesh,
+            target_port: port,
+        },
+    }
+}
+
+/// A server-side proxy and a client-side proxy with `--hbone` and one explicit listener to it.
+async fn pair(h: &Harness, app_port: u16, allow: Vec<SpiffeId>, hbone: bool) -> (Proxy, Proxy) {
+    let server_id = h.id("demo", "api");
+    let mut config = h.mesh_proxy_config(&server_id, None);
+    config.data.allow = allow;
+    let server = latch_testkit::start_proxy(config).await;
+    let mut config = h.proxy_config(&h.id("demo", "web"), None, None, false);
+    config.data.explicit = vec![outbound(&server_id, server.inbound_addr.unwrap(), app_port)];
+    config.data.hbone = hbone;
+    let client = latch_testkit::start_proxy(config).await;
+    (server, client)
+}
+
+/// Full TLS handshakes the server accepted: one per tunnel (or per latch/1 connection).
+fn inbound_handshakes(server: &Proxy) -> u64 {
+    ["full", "resumed"]
+        .into_iter()
+        .map(|kind| {
+            server
+                .metrics
+                .handshakes
+                .get_or_create(&HandshakeLabels {
+                    direction: "inbound",
+                    kind,
+                })
+                .get()
+        })
+        .sum()
+}
+
+fn opened(proxy: &Proxy, direction: &'static str, peer: &SpiffeId) -> u64 {
+    proxy
+        .metrics
+        .connections_opened
+        .get_or_create(&ConnLabels {
+            direction,
+            peer: peer.to_string(),
+        })
+        .get()
+}
+
+async fn roundtrip(tcp: &mut TcpStream, message: &[u8]) -> std::io::Result<()> {
+    tcp.write_all(message).await?;
+    let mut buf = vec![0u8; message.len()];
+    tcp.read_exact(&mut buf).await?;
+    assert_eq!(buf, message);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_connections_ride_on_at_most_ten_tunnels_and_each_is_its_own_stream() {
+    latch_proxy::data_path::raise_open_files_limit();
+    let h = Harness::start().await;
+    let app = byte_echo_app();
+    let (server, client) = pair(&h, app.port(), Vec::new(), true).await;
+    let entry = client.explicit_addrs[0];
+    let mut open = Vec::new();
+    for i in 0..1000u32 {
+        let mut tcp = TcpStream::connect(entry).await.unwrap();
+        roundtrip(&mut tcp, &i.to_be_bytes()).await.unwrap();
+        open.push(tcp);
+    }
+    let tunnels = inbound_handshakes(&server);
+    assert!(
+        (1..=10).contains(&tunnels),
+        "1,000 open connections on {tunnels} tunnels"
+    );
+    assert_eq!(opened(&server, "inbound", &h.id("demo", "web")), 1000);
+    // Every connection is still its own: each answers with its own bytes.
+    for (i, tcp) in open.iter_mut().enumerate().step_by(97) {
+        roundtrip(tcp, format!("again {i}").as_bytes())
+            .await
+            .unwrap();
+    }
+    // A reset on one stream leaves the others untouched.
+    let victim = open.remove(0);
+    // SO_LINGER 0: the close is a TCP reset (a zero linger never blocks the drop).
+    #[allow(deprecated)]
+    victim.set_linger(Some(Duration::ZERO)).unwrap();
+    drop(victim);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for tcp in open.iter_mut().take(20) {
+        roundtrip(tcp, b"still here").await.unwrap();
+    }
+    assert_eq!(inbound_handshakes(&server), tunnels, "no new tunnel");
+    drop(open);
+    client.shutdown().await;
+    server.shutdown().await;
+    h.stop().await;
+}
+
+/// A request/response app: reads until the client half-closes, then answers and closes.
+async fn reply_after_eof_app() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let _ = tcp.read_to_end(&mut request).await;
+                let _ = tcp
+                    .write_all(format!("got {} bytes", request.len()).as_bytes())
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn half_close_crosses_an_hbone_stream() {
+    let h = Harness::start().await;
+    let app = reply_after_eof_app().await;
+    let (server, client) = pair(&h, app.port(), Vec::new(), true).await;
+    for _ in 0..3 {
+        let mut tcp = TcpStream::connect(client.explicit_addrs[0]).await.unwrap();
+        tcp.write_all(&[7u8; 300_000]).await.unwrap();
+        tcp.shutdown().await.unwrap(); // the app answers only after EOF
+        let mut reply = String::new();
+        tcp.read_to_string(&mut reply).await.unwrap();
+        assert_eq!(reply, "got 300000 bytes");
+    }
+    assert_eq!(
+        inbound_handshakes(&server),
+        1,
+        "three connections, one tunnel"
+    );
+    client.shutdown().await;
+    server.shutdown().await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_caller_the_server_does_not_allow_is_refused_per_stream_and_latch1_still_works() {
+    let h = Harness::start().await;
+    let app = byte_echo_app();
+    // Refused: the allow list names someone else. The stream is refused (403), the app's
+    // connection closed, the denial counted; the tunnel stays for the next stream.
+    let (server, client) = pair(&h, app.port(), vec![h.id("demo", "frontend")], true).await;
+    for _ in 0..2 {
+        let mut tcp = TcpStream::connect(client.explicit_addrs[0]).await.unwrap();
+        assert!(roundtrip(&mut tcp, b"let me in").await.is_err());
+    }
+    let denials = server
+        .metrics
+        .authorization_denials
+        .get_or_create(&ConnLabels {
+            direction: "inbound",
+            peer: h.id("demo", "web").to_string(),
+        })
+        .get();
+    assert_eq!(denials, 2);
+    assert_eq!(inbound_handshakes(&server), 1);
+    client.shutdown().await;
+    server.shutdown().await;
+
+    // The same listener serves a client without --hbone (latch/1, one connection each).
+    let (server, client) = pair(&h, app.port(), Vec::new(), false).await;
+    for _ in 0..2 {
+        let mut tcp = TcpStream::connect(client.explicit_addrs[0]).await.unwrap();
+        roundtrip(&mut tcp, b"old protocol").await.unwrap();
+    }
+    assert_eq!(opened(&server, "inbound", &h.id("demo", "web")), 2);
+    client.shutdown().await;
+    server.shutdown().await;
+    h.stop().await;
+}
