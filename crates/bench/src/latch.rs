@@ -102,14 +102,20 @@ impl ControlPlane {
     }
 }
 
-/// Starts both latch-proxy sidecars and waits until each holds an SVID and listens.
-pub fn start(dir: &Path, control: &ControlPlane) -> Result<Tunnel> {
+/// Starts both latch-proxy sidecars and waits until each holds an SVID and listens; with
+/// `hbone`, the client side carries connections as streams of pooled tunnels (`--hbone`).
+pub fn start(dir: &Path, control: &ControlPlane, hbone: bool) -> Result<Tunnel> {
     // Room for the memory rows whatever their size (the default limit is 10,000).
-    start_with(dir, control, 30_000)
+    start_with(dir, control, 30_000, hbone)
 }
 
 /// `start` with `--max-connections max_connections` on both sidecars.
-pub fn start_with(dir: &Path, control: &ControlPlane, max_connections: usize) -> Result<Tunnel> {
+pub fn start_with(
+    dir: &Path,
+    control: &ControlPlane,
+    max_connections: usize,
+    hbone: bool,
+) -> Result<Tunnel> {
     let server_side = proxy(
         dir,
         control,
@@ -132,6 +138,7 @@ pub fn start_with(dir: &Path, control: &ControlPlane, max_connections: usize) ->
                 ),
             ]
         })
+        .chain(hbone.then(|| "--hbone".to_string()))
         .collect();
     let client_side = proxy(
         dir,
@@ -147,7 +154,7 @@ pub fn start_with(dir: &Path, control: &ControlPlane, max_connections: usize) ->
         wait_port(app.port_in(ENTRY_BASE), Duration::from_secs(10))?;
     }
     Ok(Tunnel::proxied(
-        Alt::Latch,
+        if hbone { Alt::LatchHbone } else { Alt::Latch },
         ENTRY_BASE,
         client_side,
         server_side,

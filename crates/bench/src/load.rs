@@ -228,7 +228,7 @@ async fn run_inside(options: Options) -> Result<()> {
     for alt in [Alt::Latch, Alt::Haproxy] {
         eprintln!("{}: starting the pair", alt.label());
         let tunnel = match alt {
-            Alt::Latch => latch::start_with(&dir, &control, budget.per_sidecar),
+            Alt::Latch => latch::start_with(&dir, &control, budget.per_sidecar, false),
             _ => haproxy::start_with(
                 &dir,
                 &client_svid,

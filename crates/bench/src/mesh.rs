@@ -197,7 +197,8 @@ impl TestBed<'_> {
         let (dir, suite) = (self.dir, self.suite);
         let tunnel = match alt {
             Alt::Direct => Tunnel::direct(),
-            Alt::Latch => super::latch::start(dir, self.control)?,
+            Alt::Latch => super::latch::start(dir, self.control, false)?,
+            Alt::LatchHbone => super::latch::start(dir, self.control, true)?,
             Alt::Stunnel => stunnel::start(dir, self.client, self.server, suite)?,
             Alt::Haproxy => haproxy::start(dir, self.client, self.server, suite)?,
         };

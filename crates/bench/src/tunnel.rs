@@ -50,17 +50,26 @@ impl App {
 pub enum Alt {
     Direct,
     Latch,
+    /// Latch with `--hbone` on the client side: streams over pooled tunnels.
+    LatchHbone,
     Stunnel,
     Haproxy,
 }
 
 impl Alt {
-    pub const ALL: [Alt; 4] = [Alt::Direct, Alt::Latch, Alt::Stunnel, Alt::Haproxy];
+    pub const ALL: [Alt; 5] = [
+        Alt::Direct,
+        Alt::Latch,
+        Alt::LatchHbone,
+        Alt::Stunnel,
+        Alt::Haproxy,
+    ];
 
     pub fn key(self) -> &'static str {
         match self {
             Alt::Direct => "direct",
             Alt::Latch => "latch",
+            Alt::LatchHbone => "latch-hbone",
             Alt::Stunnel => "stunnel",
             Alt::Haproxy => "haproxy",
         }
@@ -70,6 +79,7 @@ impl Alt {
         match self {
             Alt::Direct => "direct",
             Alt::Latch => "Latch",
+            Alt::LatchHbone => "Latch HBONE",
             Alt::Stunnel => "stunnel",
             Alt::Haproxy => "HAProxy",
         }
