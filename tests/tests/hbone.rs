@@ -193,3 +193,77 @@ async fn a_caller_the_server_does_not_allow_is_refused_per_stream_and_latch1_sti
     server.shutdown().await;
     h.stop().await;
 }
+
+/// SVIDs of 10 s rotate under a load of new connections: each side's rotation, and the client's
+/// starts new tunnels (its SVID serial is part of the pool's key) while a stream opened before
+/// keeps working on the old one; no request fails.
+#[tokio::test(flavor = "multi_thread")]
+async fn rotations_move_new_streams_to_new_tunnels_and_fail_no_request() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let h = Harness::start().await;
+    let app = byte_echo_app();
+    let server_id = h.id("demo", "api");
+    let ttl = Some(Duration::from_secs(10));
+    let server = latch_testkit::start_proxy(h.mesh_proxy_config(&server_id, ttl)).await;
+    let mut config = h.proxy_config(&h.id("demo", "web"), ttl, None, false);
+    config.data.explicit = vec![outbound(
+        &server_id,
+        server.inbound_addr.unwrap(),
+        app.port(),
+    )];
+    config.data.hbone = true;
+    let client = latch_testkit::start_proxy(config).await;
+    let entry = client.explicit_addrs[0];
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        workers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let result = async {
+                    let mut tcp = TcpStream::connect(entry).await?;
+                    roundtrip(&mut tcp, b"request").await
+                }
+                .await;
+                match result {
+                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    let mut long_lived = TcpStream::connect(entry).await.unwrap();
+    let rotations = || client.metrics.rotations.get();
+    let start = rotations();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    while rotations() < start + 2 {
+        roundtrip(&mut long_lived, b"ping")
+            .await
+            .expect("the old stream keeps working");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "two rotations of 10 s SVIDs within 40 s"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // A moment for new connections after the last rotation.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    roundtrip(&mut long_lived, b"ping").await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::Relaxed), 0, "no request failed");
+    assert!(ok.load(Ordering::Relaxed) > 50);
+    assert!(
+        inbound_handshakes(&server) >= 3,
+        "a tunnel per client SVID: {}",
+        inbound_handshakes(&server)
+    );
+    client.shutdown().await;
+    server.shutdown().await;
+    h.stop().await;
+}

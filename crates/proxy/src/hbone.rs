@@ -210,13 +210,17 @@ struct Tunnel {
     sender: hyper::client::conn::http2::SendRequest<Body>,
     /// When the peer's SVID was issued (for revocations).
     peer_issued_at: SystemTime,
+    /// When it expires: no new stream rides a tunnel whose peer's certificate has expired.
+    peer_not_after: SystemTime,
     streams: AtomicUsize,
     idle_since: Mutex<Instant>,
 }
 
 impl Tunnel {
-    fn usable(&self) -> bool {
-        !self.sender.is_closed() && self.streams.load(Ordering::Acquire) < MAX_STREAMS
+    fn usable(&self, now: SystemTime) -> bool {
+        !self.sender.is_closed()
+            && self.streams.load(Ordering::Acquire) < MAX_STREAMS
+            && now < self.peer_not_after
     }
 }
 
@@ -260,9 +264,10 @@ impl Tunnels {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         let tunnels = pools.get_mut(key)?;
         tunnels.retain(|t| !t.sender.is_closed());
+        let now = SystemTime::now();
         let tunnel = tunnels
             .iter()
-            .filter(|t| t.usable())
+            .filter(|t| t.usable(now))
             .min_by_key(|t| t.streams.load(Ordering::Acquire))?
             .clone();
         tunnel.streams.fetch_add(1, Ordering::AcqRel);
@@ -386,6 +391,7 @@ impl Tunnels {
         let tunnel = Arc::new(Tunnel {
             sender,
             peer_issued_at: server.issued_at(),
+            peer_not_after: server.not_after,
             streams: AtomicUsize::new(1),
             idle_since: Mutex::new(Instant::now()),
         });
