@@ -267,3 +267,98 @@ async fn rotations_move_new_streams_to_new_tunnels_and_fail_no_request() {
     server.shutdown().await;
     h.stop().await;
 }
+
+/// Writes "hi" to an echo app named `name` through `tcp` and checks the answer.
+async fn exchange(tcp: &mut TcpStream, name: &str) -> std::io::Result<()> {
+    tcp.write_all(b"hi").await?;
+    let mut buf = vec![0u8; name.len() + 4];
+    tcp.read_exact(&mut buf).await?;
+    assert_eq!(buf, format!("{name}: hi").as_bytes());
+    Ok(())
+}
+
+/// A policy edit, over discovery, that stops allowing one of two ports closes exactly the
+/// streams to that port: the streams to the other port, on the same tunnel, keep working, and
+/// no new tunnel is opened.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_edit_closes_exactly_the_streams_it_denies() {
+    use latch_testkit::apps::echo_app;
+    use latch_testkit::loopback_mesh::{
+        Member, free_port, start_member, start_member_with, workloads_yaml,
+    };
+    let server = Member {
+        name: "server",
+        ip: "127.0.0.51",
+        mesh_port: free_port("127.0.0.51"),
+    };
+    let client = Member {
+        name: "client",
+        ip: "127.0.0.52",
+        mesh_port: free_port("127.0.0.52"),
+    };
+    let (kept, cut) = (echo_app(server.ip, "kept"), echo_app(server.ip, "cut"));
+    let policy = |ports: &str| {
+        format!(
+            "policies:\n  - name: server-callers\n    namespace: demo\n    selector: {{app: server}}\n    action: ALLOW\n    rules:\n      - principals: [{{exact: \"spiffe://cluster.local/ns/demo/sa/client\"}}]\n        ports: [{ports}]\n"
+        )
+    };
+    let members = workloads_yaml(&[&server, &client]);
+    let h = Harness::start_with_mesh(&(members.clone() + &policy(&format!("{kept}, {cut}")))).await;
+    let server_proxy = start_member(&h, &server, &[]).await;
+    let client_proxy = start_member_with(
+        &h,
+        &client,
+        &[
+            format!("127.0.0.52:0={}:{kept}", server.ip),
+            format!("127.0.0.52:0={}:{cut}", server.ip),
+        ],
+        None,
+        |config| config.data.hbone = true,
+    )
+    .await;
+    let mut to_kept = Vec::new();
+    let mut to_cut = Vec::new();
+    for _ in 0..5 {
+        let mut tcp = TcpStream::connect(client_proxy.explicit_addrs[0])
+            .await
+            .unwrap();
+        exchange(&mut tcp, "kept").await.unwrap();
+        to_kept.push(tcp);
+        let mut tcp = TcpStream::connect(client_proxy.explicit_addrs[1])
+            .await
+            .unwrap();
+        exchange(&mut tcp, "cut").await.unwrap();
+        to_cut.push(tcp);
+    }
+    assert_eq!(
+        inbound_handshakes(&server_proxy),
+        1,
+        "ten streams, one tunnel"
+    );
+
+    h.write_mesh(&(members + &policy(&kept.to_string())));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for tcp in &mut to_cut {
+        let mut buf = [0u8; 16];
+        let closed = tokio::time::timeout_at(deadline, tcp.read(&mut buf))
+            .await
+            .expect("a denied stream is closed within 10 s of the edit");
+        assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    }
+    for tcp in &mut to_kept {
+        exchange(tcp, "kept")
+            .await
+            .expect("an allowed stream is untouched");
+    }
+    let mut tcp = TcpStream::connect(client_proxy.explicit_addrs[1])
+        .await
+        .unwrap();
+    assert!(
+        exchange(&mut tcp, "cut").await.is_err(),
+        "new streams to the port are denied"
+    );
+    assert_eq!(inbound_handshakes(&server_proxy), 1, "the tunnel stayed");
+    client_proxy.shutdown().await;
+    server_proxy.shutdown().await;
+    h.stop().await;
+}

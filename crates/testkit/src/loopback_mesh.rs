@@ -49,6 +49,17 @@ pub async fn start_member_with_ttl(
     outbound: &[String],
     ttl: Option<Duration>,
 ) -> latch_proxy::Proxy {
+    start_member_with(harness, member, outbound, ttl, |_| {}).await
+}
+
+/// `start_member_with_ttl`, letting the test adjust the proxy's config last.
+pub async fn start_member_with(
+    harness: &Harness,
+    member: &Member,
+    outbound: &[String],
+    ttl: Option<Duration>,
+    adjust: impl FnOnce(&mut latch_proxy::Config),
+) -> latch_proxy::Proxy {
     let id = harness.id("demo", member.name);
     let mut config = harness.mesh_proxy_config(&id, ttl);
     let ip: IpAddr = member.ip.parse().expect("ip");
@@ -60,6 +71,7 @@ pub async fn start_member_with_ttl(
     if let Some(discovery) = config.discovery.as_mut() {
         discovery.workload_name = Some(format!("demo/{}", member.name));
     }
+    adjust(&mut config);
     let proxy = crate::start_proxy(config).await;
     wait_ready(proxy.admin_addr, Duration::from_secs(15)).await;
     proxy
