@@ -186,8 +186,6 @@ fn cpu(process: &dyn Fn() -> Result<Duration>) -> Duration {
 pub async fn run(options: Options) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let control = ControlPlane::start(dir.path())?;
-    // Written just after the ports open.
-    latch_testkit::wait_for(Duration::from_secs(10), || control.bundle().exists());
     let bundle = TrustBundle::from_pem(
         &std::fs::read(control.bundle())
             .with_context(|| format!("reading {}", control.bundle().display()))?,

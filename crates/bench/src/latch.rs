@@ -54,7 +54,19 @@ impl ControlPlane {
             .context("starting latch-control (cargo build --release --bins)")?;
         wait_port(ports::CONTROL_GRPC, Duration::from_secs(15))?;
         wait_port(ports::CONTROL_ADMIN, Duration::from_secs(15))?;
+        // The ports are bound before the CA and the admin credential are made.
+        let made = latch_testkit::wait_for(Duration::from_secs(15), || {
+            ["admin.token", "bundle.pem"]
+                .iter()
+                .all(|f| data_dir.join(f).exists())
+        });
         proc.check_running()?;
+        if !made {
+            bail!(
+                "latch-control made no admin credential and bundle within 15 s; see {}",
+                log.display()
+            );
+        }
         Ok(Self { proc, data_dir })
     }
 
