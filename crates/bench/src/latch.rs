@@ -121,6 +121,35 @@ pub fn start(dir: &Path, control: &ControlPlane, hbone: bool) -> Result<Tunnel> 
     start_with(dir, control, 30_000, hbone)
 }
 
+/// Where one Latch alternative listens: its own ports, so that the `latch/1` and HBONE
+/// alternatives run side by side.
+struct Ports {
+    name: &'static str,
+    entry_base: u16,
+    server_mesh: &'static str,
+    server_admin: &'static str,
+    client_mesh: &'static str,
+    client_admin: &'static str,
+}
+
+const LATCH1_PORTS: Ports = Ports {
+    name: "latch",
+    entry_base: ENTRY_BASE,
+    server_mesh: SERVER_MESH,
+    server_admin: SERVER_ADMIN,
+    client_mesh: CLIENT_MESH,
+    client_admin: CLIENT_ADMIN,
+};
+
+const HBONE_PORTS: Ports = Ports {
+    name: "latch-hbone",
+    entry_base: 14000,
+    server_mesh: "127.0.0.1:15208",
+    server_admin: "127.0.0.1:15220",
+    client_mesh: "127.0.0.1:15308",
+    client_admin: "127.0.0.1:15320",
+};
+
 /// `start` with `--max-connections max_connections` on both sidecars.
 pub fn start_with(
     dir: &Path,
@@ -128,13 +157,14 @@ pub fn start_with(
     max_connections: usize,
     hbone: bool,
 ) -> Result<Tunnel> {
+    let ports = if hbone { &HBONE_PORTS } else { &LATCH1_PORTS };
     let server_side = proxy(
         dir,
         control,
-        "latch-server",
+        &format!("{}-server", ports.name),
         SERVER_ID,
-        SERVER_MESH,
-        SERVER_ADMIN,
+        ports.server_mesh,
+        ports.server_admin,
         &[],
         max_connections,
     )?;
@@ -144,8 +174,9 @@ pub fn start_with(
             [
                 "--outbound".to_string(),
                 format!(
-                    "127.0.0.1:{}={SERVER_ID}@{SERVER_MESH}/{}",
-                    app.port_in(ENTRY_BASE),
+                    "127.0.0.1:{}={SERVER_ID}@{}/{}",
+                    app.port_in(ports.entry_base),
+                    ports.server_mesh,
                     app.port()
                 ),
             ]
@@ -155,19 +186,19 @@ pub fn start_with(
     let client_side = proxy(
         dir,
         control,
-        "latch-client",
+        &format!("{}-client", ports.name),
         CLIENT_ID,
-        CLIENT_MESH,
-        CLIENT_ADMIN,
+        ports.client_mesh,
+        ports.client_admin,
         &outbound,
         max_connections,
     )?;
     for app in App::ALL {
-        wait_port(app.port_in(ENTRY_BASE), Duration::from_secs(10))?;
+        wait_port(app.port_in(ports.entry_base), Duration::from_secs(10))?;
     }
     Ok(Tunnel::proxied(
         if hbone { Alt::LatchHbone } else { Alt::Latch },
-        ENTRY_BASE,
+        ports.entry_base,
         client_side,
         server_side,
     ))
@@ -219,6 +250,9 @@ pub fn proxy(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Ready on its admin port, and alive: not another process answering on that port.
+    std::thread::sleep(Duration::from_millis(200));
+    proc.check_running()?;
     Ok(proc)
 }
 
