@@ -145,9 +145,11 @@ impl Results {
     }
 
     pub fn table(&self) -> String {
-        let mut out = String::from(
-            "| metric | direct | Latch | stunnel | HAProxy | Latch ÷ best alternative |\n\
-             |---|---:|---:|---:|---:|---:|\n",
+        let labels: Vec<&str> = Alt::ALL.iter().map(|alt| alt.label()).collect();
+        let mut out = format!(
+            "| metric | {} | Latch ÷ best alternative |\n|---|{}---:|\n",
+            labels.join(" | "),
+            "---:|".repeat(labels.len())
         );
         for metric in METRICS {
             let cells: Vec<String> = Alt::ALL
