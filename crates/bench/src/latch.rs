@@ -54,6 +54,18 @@ impl ControlPlane {
             .context("starting latch-control (cargo build --release --bins)")?;
         wait_port(ports::CONTROL_GRPC, Duration::from_secs(15))?;
         wait_port(ports::CONTROL_ADMIN, Duration::from_secs(15))?;
+        // The ports are bound before the CA and the admin credential are written (a taken port
+        // then stops start-up with nothing on disk): a port that answers is not yet a control
+        // plane latchctl can use.
+        let ready = [data_dir.join("admin.token"), data_dir.join("bundle.pem")];
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while !ready.iter().all(|file| file.exists()) {
+            proc.check_running()?;
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("latch-control wrote no {} within 15 s", ready[0].display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         proc.check_running()?;
         Ok(Self { proc, data_dir })
     }
