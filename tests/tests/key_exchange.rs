@@ -143,7 +143,9 @@ fn handshakes(pcap: &Path, server_port: u16) -> HashMap<u16, Handshake> {
         .args(["-d", &format!("tcp.port=={server_port},tls")])
         .args([
             "-Y",
-            &format!("tcp.port=={server_port} && (tls.handshake.type == 1 || tls.handshake.type == 2)"),
+            &format!(
+                "tcp.port=={server_port} && (tls.handshake.type == 1 || tls.handshake.type == 2)"
+            ),
         ])
         .args(["-T", "fields", "-E", "separator=;"])
         .args(["-e", "tcp.srcport", "-e", "tcp.dstport"])

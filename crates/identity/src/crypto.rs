@@ -11,7 +11,7 @@ use rustls::crypto::CryptoProvider;
 /// client's list that it supports, so two Latch endpoints agree on the first one:
 /// - X25519MLKEM768 (0x11ec), the hybrid of X25519 and ML-KEM-768: a recording of today's
 ///   traffic stays closed to a future quantum computer as long as either half holds. About
-///   2.3 KiB more on the wire per full handshake (docs/benchmarks.md).
+///   2.3 KB more on the wire per full handshake (docs/benchmarks.md).
 /// - X25519, for peers without ML-KEM (a proxy of an older release during an upgrade,
 ///   `openssl s_client -groups X25519`). The rustls client sends its key share next to the
 ///   hybrid one (the X25519 half is shared), so such a server needs no HelloRetryRequest.

@@ -118,7 +118,9 @@ fn help_flags(help: &str) -> Vec<String> {
 fn readme_flags() -> Vec<String> {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
         .expect("README.md");
-    let section = &readme[readme.find("\n## latch-proxy\n").expect("a latch-proxy section")..];
+    let section = &readme[readme
+        .find("\n## latch-proxy\n")
+        .expect("a latch-proxy section")..];
     let table = section
         .lines()
         .skip_while(|line| !line.starts_with("| flag |"))
@@ -147,7 +149,10 @@ fn the_readme_flag_table_lists_every_flag_of_the_help() {
     let mut in_readme = readme_flags();
     in_help.sort();
     in_readme.sort();
-    assert_eq!(in_help, in_readme, "latch-proxy --help vs README's flag table");
+    assert_eq!(
+        in_help, in_readme,
+        "latch-proxy --help vs README's flag table"
+    );
 }
 
 #[test]
