@@ -177,6 +177,8 @@ pub struct DataPath {
     cap: Cap,
     /// Fires when draining is over: open connections are closed.
     pub close_connections: CancellationToken,
+    /// Copy buffers, lent to connections only while their bytes move.
+    pub buffers: copy::BufferPool,
 }
 
 impl DataPath {
@@ -203,6 +205,7 @@ impl DataPath {
             next_connection: AtomicU64::new(0),
             cap: Cap::new(limits.max_connections),
             close_connections: CancellationToken::new(),
+            buffers: copy::BufferPool::default(),
         };
         data_path.check_open_files_limit();
         data_path
@@ -443,6 +446,7 @@ impl DataPath {
             self.limits.idle_timeout,
             self.limits.half_closed_timeout,
             close,
+            &self.buffers,
         )
         .await;
         let moved = match &end {
