@@ -43,6 +43,8 @@ fn main() -> Result<()> {
                  Latch vs stunnel, HAProxy and no proxy (root: installs tools, private netns)\n  \
                  bench discovery [--proxies 1000,5000] [--changes N]\n                     \
                  a config change reaching every connected proxy; memory per proxy\n  \
+                 bench handshake [--handshakes N] [--rounds R]\n                     \
+                 full mTLS handshakes with and without ML-KEM: bytes and CPU\n  \
                  bench load [--idle N] [--rate R] [--seconds S]\n                     \
                  idle connections + churn through Latch and HAProxy pairs (root, netns)\n  \
                  compose build      the Docker images latch:local and latch-demo-app:local\n  \

@@ -1,7 +1,8 @@
 //! `latch-bench`, behind `cargo xtask bench`: `ca` (SVIDs issued per second), `jwt` (JWT-SVIDs
 //! issued per second), `mesh` (Latch
 //! against stunnel, HAProxy and no proxy in a private network namespace), `discovery` (a config
-//! change reaching 1,000+ proxies), `load` (idle connections and churn through a proxy pair).
+//! change reaching 1,000+ proxies), `handshake` (bytes and CPU of a full mTLS handshake, with
+//! and without ML-KEM), `load` (idle connections and churn through a proxy pair).
 //! Parses the command line (clap) and runs one bench; one module per concern.
 
 use std::path::Path;
@@ -15,6 +16,7 @@ use latch_testkit::Child;
 mod apps;
 mod ca;
 mod discovery;
+mod handshake;
 mod haproxy;
 mod jwt;
 mod latch;
@@ -38,6 +40,8 @@ enum Bench {
     Jwt(jwt::Options),
     /// A config change reaching every connected proxy.
     Discovery(discovery::Options),
+    /// Full mTLS handshakes with and without ML-KEM: bytes on the wire and CPU.
+    Handshake(handshake::Options),
     /// Idle connections and connection churn through a proxy pair, Latch and HAProxy (root).
     Load(load::Options),
     /// The load bench's echo server, a process of its own.
@@ -70,6 +74,7 @@ async fn main() -> Result<()> {
         Bench::Ca(options) => ca::run(options).await,
         Bench::Mesh(options) => mesh::run(options.with_args(&raw)).await,
         Bench::Jwt(options) => jwt::run(options).await,
+        Bench::Handshake(options) => handshake::run(options),
         Bench::Discovery(options) => discovery::run(options.with_args(&raw)).await,
         Bench::Load(options) => load::run(options.with_args(&raw)).await,
         Bench::LoadEcho { addr } => load::echo_server(&addr).await,

@@ -228,9 +228,41 @@ pub struct Args {
     /// listener accepts both either way.
     #[arg(long, env = "LATCH_HBONE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub hbone: bool,
+    /// Threads of the async runtime that run the data path, discovery and the admin server.
+    /// Default: 2, or 1 where only one CPU is available (a sidecar shares its pod's CPU limit,
+    /// 2 for injected pods, and more threads than CPUs only add context switches).
+    #[arg(long, env = "LATCH_WORKER_THREADS", default_value_t = default_worker_threads(), value_parser = parse_worker_threads)]
+    pub worker_threads: usize,
     /// Log format: text or json.
     #[arg(long, env = "LATCH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+}
+
+/// Most `--worker-threads`: far beyond any sidecar's CPU limit, so a value above it is a typo.
+pub const MAX_WORKER_THREADS: usize = 256;
+
+/// The `--worker-threads` default: 2 (Istio's sidecar runs Envoy with concurrency 2, and
+/// injected pods get a CPU limit of 2), fewer when the process may use fewer CPUs (its
+/// affinity mask or cgroup quota, as `available_parallelism` reads them).
+pub fn default_worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().min(2))
+}
+
+/// Parses `--worker-threads`: a whole number from 1 to `MAX_WORKER_THREADS`.
+pub fn parse_worker_threads(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err(
+            "0 worker threads cannot run the proxy: give at least 1 (the default is \
+                      2, or 1 on a single CPU)"
+                .into(),
+        ),
+        Ok(n) if n > MAX_WORKER_THREADS => Err(format!(
+            "{n} is more than {MAX_WORKER_THREADS} worker threads; a sidecar needs about as many \
+             as the CPUs it may use (the default is 2)"
+        )),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("{s:?} is not a number of threads (e.g. 2)")),
+    }
 }
 
 /// One `--workload-api-allow-uid` value.
@@ -269,6 +301,22 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Args, clap::Error> {
         Cli::try_parse_from(["latch-proxy"].iter().chain(args)).map(|cli| cli.run)
+    }
+
+    #[test]
+    fn worker_threads_default_to_at_most_two_and_refuse_zero() {
+        let default = parse(&[]).unwrap().worker_threads;
+        assert!((1..=2).contains(&default), "{default}");
+        assert_eq!(parse(&["--worker-threads", "4"]).unwrap().worker_threads, 4);
+        for (bad, says) in [
+            ("0", "0 worker threads cannot run the proxy"),
+            ("257", "more than 256"),
+            ("two", "not a number"),
+            ("1.5", "not a number"),
+        ] {
+            let e = parse(&["--worker-threads", bad]).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]

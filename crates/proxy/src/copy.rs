@@ -2,18 +2,152 @@
 //! half-close on (EOF on one side shuts down writing on the other). An error in either direction
 //! (a reset) ends both; so do an idle period with no bytes either way, a half-closed pair whose
 //! remaining direction cannot deliver (its destination stopped reading), and the proxy stopping.
+//! Copy buffers come from a small shared `BufferPool` (owned by the data path) only while bytes
+//! are moving: an idle connection holds none.
 
+use std::future::poll_fn;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
-/// Buffer size of a quiet connection: small, so idle connections cost little memory.
-const MIN_BUFFER: usize = 2 * 1024;
-/// Buffer size during bulk transfer: large reads and TLS writes, fewer system calls.
-const MAX_BUFFER: usize = 64 * 1024;
+/// Buffer for small messages (requests, answers, interactive traffic).
+const SMALL_BUFFER: usize = 4 * 1024;
+/// Buffer during bulk transfer: large reads and TLS writes, fewer system calls.
+const LARGE_BUFFER: usize = 64 * 1024;
+/// Free buffers a pool keeps of each size; more are freed. Buffers in use are not counted: a
+/// pool only keeps what bursts of activity handed back (at most 256 KiB + 512 KiB).
+const POOLED_SMALL: usize = 64;
+const POOLED_LARGE: usize = 8;
+
+/// Copy buffers shared by every connection of a data path. A direction takes one when its
+/// source is read and gives it back as soon as a read would wait, so a buffer stays with a
+/// connection only while its bytes keep coming (bulk copying keeps its buffer) or while a write
+/// of them waits on the destination.
+#[derive(Debug, Default)]
+pub struct BufferPool {
+    small: Mutex<Vec<Vec<u8>>>,
+    large: Mutex<Vec<Vec<u8>>>,
+    /// Buffers held by connections now.
+    lent: AtomicUsize,
+}
+
+impl BufferPool {
+    fn shelf(&self, size: usize) -> (&Mutex<Vec<Vec<u8>>>, usize) {
+        if size == LARGE_BUFFER {
+            (&self.large, POOLED_LARGE)
+        } else {
+            (&self.small, POOLED_SMALL)
+        }
+    }
+
+    /// A buffer of `size` bytes (`SMALL_BUFFER` or `LARGE_BUFFER`).
+    fn take(&self, size: usize) -> Vec<u8> {
+        let (shelf, _) = self.shelf(size);
+        self.lent.fetch_add(1, Ordering::Relaxed);
+        let reused = shelf.lock().map(|mut free| free.pop()).unwrap_or_default();
+        reused.unwrap_or_else(|| vec![0u8; size])
+    }
+
+    /// Gives `buf` back; freed when the pool already keeps enough of its size.
+    fn give(&self, buf: Vec<u8>) {
+        let (shelf, keep) = self.shelf(buf.len());
+        self.lent.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(mut free) = shelf.lock()
+            && free.len() < keep
+        {
+            free.push(buf);
+        }
+    }
+
+    /// Buffers held by connections now: those whose bytes are being moved.
+    pub fn lent(&self) -> usize {
+        self.lent.load(Ordering::Relaxed)
+    }
+
+    /// Free buffers kept, small and large.
+    pub fn pooled(&self) -> (usize, usize) {
+        let count = |shelf: &Mutex<Vec<Vec<u8>>>| shelf.lock().map_or(0, |free| free.len());
+        (count(&self.small), count(&self.large))
+    }
+}
+
+/// The buffer one direction holds, if any, and the size it wants next.
+struct Held<'p> {
+    pool: &'p BufferPool,
+    buf: Option<Vec<u8>>,
+    size: usize,
+}
+
+impl<'p> Held<'p> {
+    fn new(pool: &'p BufferPool) -> Self {
+        Self {
+            pool,
+            buf: None,
+            size: SMALL_BUFFER,
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            self.pool.give(buf);
+        }
+    }
+
+    /// Reads from `from` into a buffer taken from the pool when the read is first tried; when
+    /// the read has to wait, the buffer goes back to the pool until `from` wakes the task.
+    /// AsyncRead's contract makes this safe: a read that returns Pending placed no bytes.
+    async fn read<R: AsyncRead + Unpin>(&mut self, from: &mut R) -> io::Result<usize> {
+        poll_fn(|cx| {
+            let size = self.size;
+            let buf = match &mut self.buf {
+                Some(buf) if buf.len() == size => buf,
+                held => {
+                    if let Some(other) = held.take() {
+                        self.pool.give(other);
+                    }
+                    held.insert(self.pool.take(size))
+                }
+            };
+            let mut read_buf = ReadBuf::new(buf);
+            match Pin::new(&mut *from).poll_read(cx, &mut read_buf) {
+                Poll::Ready(Ok(())) => Poll::Ready(Ok(read_buf.filled().len())),
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    self.release();
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+
+    /// The bytes the last read placed.
+    fn filled(&self, n: usize) -> &[u8] {
+        self.buf.as_deref().map_or(&[], |buf| &buf[..n])
+    }
+
+    /// Large buffers while reads fill the buffer (bulk), small ones when traffic turns small
+    /// again.
+    fn adapt(&mut self, n: usize) {
+        if n == self.size && self.size < LARGE_BUFFER {
+            self.size = LARGE_BUFFER;
+        } else if self.size > SMALL_BUFFER && n <= SMALL_BUFFER / 2 {
+            self.size = SMALL_BUFFER;
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
 
 /// Bytes moved in each direction.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +197,7 @@ impl Writing {
 async fn one_way<R, W>(
     mut from: R,
     mut to: W,
+    pool: &BufferPool,
     moved: &AtomicU64,
     last: &AtomicU64,
     writing: &Writing,
@@ -72,32 +207,28 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; MIN_BUFFER];
+    let mut held = Held::new(pool);
     loop {
-        let n = from.read(&mut buf).await?;
+        let n = held.read(&mut from).await?;
         if n == 0 {
+            held.release();
             // Pass the half-close on; the other direction keeps going.
             return to.shutdown().await;
         }
         writing
             .since
             .store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-        let written = to.write_all(&buf[..n]).await;
+        let written = to.write_all(held.filled(n)).await;
         writing.since.store(NOT_WRITING, Ordering::Relaxed);
         written?;
-        // Grow while reads fill the buffer (bulk), shrink back when traffic turns small again.
-        if n == buf.len() && buf.len() < MAX_BUFFER {
-            buf = vec![0u8; (buf.len() * 4).min(MAX_BUFFER)];
-        } else if buf.len() > MIN_BUFFER && n <= MIN_BUFFER / 2 {
-            buf = vec![0u8; MIN_BUFFER];
-        }
+        held.adapt(n);
         moved.fetch_add(n as u64, Ordering::Relaxed);
         last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
 
-/// Copies between `a` and `b` until both directions have seen EOF, `idle` passes without a
-/// byte, or `cancel` fires. Once one direction has ended with EOF, a write of the other that
+/// Copies between `a` and `b`, with buffers from `pool`, until both directions have seen EOF,
+/// `idle` passes without a byte, or `cancel` fires. Once one direction has ended with EOF, a write of the other that
 /// waits `half_closed` (the side that half-closed stopped reading too: it is gone) closes the
 /// pair, so a connection whose one side has left is not held for the whole idle timeout. A
 /// remaining side that is only silent (an app taking its time to answer) keeps the idle
@@ -108,6 +239,7 @@ pub async fn bidirectional<A, B>(
     idle: Duration,
     half_closed: Duration,
     cancel: &CancellationToken,
+    pool: &BufferPool,
 ) -> CopyEnd
 where
     A: AsyncRead + AsyncWrite + Send,
@@ -123,8 +255,8 @@ where
         backward: backward.load(Ordering::Relaxed),
     };
     // An EOF ends one direction only (half-close); an error ends both.
-    let to_b = one_way(a_read, b_write, &forward, &last, &writing_b, start);
-    let to_a = one_way(b_read, a_write, &backward, &last, &writing_a, start);
+    let to_b = one_way(a_read, b_write, pool, &forward, &last, &writing_b, start);
+    let to_a = one_way(b_read, a_write, pool, &backward, &last, &writing_a, start);
     tokio::pin!(to_b, to_a);
     let (mut to_b_done, mut to_a_done) = (false, false);
     let mark_progress = || last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -178,6 +310,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
 
     #[tokio::test]
     async fn half_close_is_passed_on_and_the_other_direction_continues() {
@@ -191,6 +324,7 @@ mod tests {
                 Duration::from_secs(5),
                 Duration::from_secs(5),
                 &cancel,
+                &BufferPool::default(),
             )
             .await
         });
@@ -256,6 +390,7 @@ mod tests {
             Duration::from_secs(5),
             Duration::from_secs(5),
             &CancellationToken::new(),
+            &BufferPool::default(),
         )
         .await;
         assert!(matches!(end, CopyEnd::Failed(..)), "{end:?}");
@@ -271,6 +406,7 @@ mod tests {
             Duration::from_millis(100),
             Duration::from_millis(50),
             &CancellationToken::new(),
+            &BufferPool::default(),
         )
         .await;
         assert!(matches!(end, CopyEnd::Idle(_)), "{end:?}");
@@ -296,6 +432,7 @@ mod tests {
             Duration::from_secs(3600),
             Duration::from_millis(200),
             &CancellationToken::new(),
+            &BufferPool::default(),
         )
         .await;
         assert!(
@@ -321,6 +458,7 @@ mod tests {
                 Duration::from_secs(3600),
                 Duration::from_millis(100),
                 &CancellationToken::new(),
+                &BufferPool::default(),
             )
             .await
         });
@@ -354,6 +492,7 @@ mod tests {
                 Duration::from_secs(3600),
                 Duration::from_millis(300),
                 &CancellationToken::new(),
+                &BufferPool::default(),
             )
             .await
         });
@@ -372,5 +511,102 @@ mod tests {
             CopyEnd::Done(t) => assert_eq!((t.forward, t.backward), (0, 45)),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Waits (up to 5 s) until no buffer is lent.
+    async fn all_returned(pool: &BufferPool) -> bool {
+        for _ in 0..500 {
+            if pool.lent() == 0 {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_holds_no_copy_buffer() {
+        let pool = std::sync::Arc::new(BufferPool::default());
+        let (mut client, proxy_a) = tokio::io::duplex(256 * 1024);
+        let (proxy_b, mut server) = tokio::io::duplex(256 * 1024);
+        let copier = tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                bidirectional(
+                    proxy_a,
+                    proxy_b,
+                    Duration::from_secs(3600),
+                    Duration::from_secs(5),
+                    &CancellationToken::new(),
+                    &pool,
+                )
+                .await
+            }
+        });
+        // A request and its answer, then silence: both directions wait to read.
+        client.write_all(b"request").await.unwrap();
+        let mut got = [0u8; 7];
+        server.read_exact(&mut got).await.unwrap();
+        server.write_all(b"answer").await.unwrap();
+        let mut got = [0u8; 6];
+        client.read_exact(&mut got).await.unwrap();
+        assert!(all_returned(&pool).await, "{} buffers held", pool.lent());
+        assert_eq!(pool.pooled().1, 0, "small messages, small buffers");
+
+        // Bulk: reads that fill the buffer move to a large one, returned once it is quiet.
+        let bulk = vec![7u8; 1024 * 1024];
+        let (mut server_read, server_write) = tokio::io::split(server);
+        let sender = tokio::spawn(async move {
+            client.write_all(&bulk).await.unwrap();
+            client
+        });
+        let mut received = vec![0u8; 1024 * 1024];
+        server_read.read_exact(&mut received).await.unwrap();
+        assert!(received.iter().all(|b| *b == 7));
+        let client = sender.await.unwrap();
+        assert!(all_returned(&pool).await, "{} buffers held", pool.lent());
+        assert_eq!(pool.pooled().1, 1, "the bulk direction used a large buffer");
+        drop((client, server_read, server_write));
+        let end = copier.await.unwrap();
+        assert!(
+            matches!(end, CopyEnd::Failed(..) | CopyEnd::Done(_)),
+            "{end:?}"
+        );
+        assert_eq!(pool.lent(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_write_that_waits_keeps_its_bytes() {
+        // The server does not read: the proxy's write waits with the client's bytes, which
+        // must stay in the buffer (lent) and all arrive once the server reads.
+        let pool = std::sync::Arc::new(BufferPool::default());
+        let (mut client, proxy_a) = tokio::io::duplex(64 * 1024);
+        let (proxy_b, mut server) = tokio::io::duplex(1024);
+        let copier = tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                bidirectional(
+                    proxy_a,
+                    proxy_b,
+                    Duration::from_secs(3600),
+                    Duration::from_secs(5),
+                    &CancellationToken::new(),
+                    &pool,
+                )
+                .await
+            }
+        });
+        let sent: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        client.write_all(&sent).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(pool.lent() >= 1, "the waiting write holds its buffer");
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, sent);
+        drop(server);
+        drop(client);
+        let _ = copier.await.unwrap();
+        assert_eq!(pool.lent(), 0);
     }
 }

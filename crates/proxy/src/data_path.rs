@@ -182,6 +182,8 @@ pub struct DataPath {
     /// Fires when draining starts (the listeners stop accepting): HBONE tunnels then refuse
     /// new streams (GOAWAY) and close once their streams have.
     pub draining: CancellationToken,
+    /// Copy buffers, lent to connections only while their bytes move.
+    pub buffers: copy::BufferPool,
 }
 
 impl DataPath {
@@ -210,6 +212,7 @@ impl DataPath {
             close_connections: CancellationToken::new(),
             tunnels: None,
             draining: CancellationToken::new(),
+            buffers: copy::BufferPool::default(),
         };
         data_path.check_open_files_limit();
         data_path
@@ -462,6 +465,7 @@ impl DataPath {
             self.limits.idle_timeout,
             self.limits.half_closed_timeout,
             close,
+            &self.buffers,
         )
         .await;
         let moved = match &end {

@@ -1,5 +1,5 @@
-//! The `latch-proxy` binary: parses flags, sets up logging, runs the proxy until SIGINT or
-//! SIGTERM.
+//! The `latch-proxy` binary: parses flags, sets up logging, builds the async runtime with
+//! `--worker-threads` workers, runs the proxy until SIGINT or SIGTERM.
 
 use anyhow::Context;
 use clap::parser::ValueSource;
@@ -54,8 +54,23 @@ fn iptables(command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+/// Runs the proxy on a runtime of `--worker-threads` workers.
+fn serve(args: Args, admin_given: bool) -> anyhow::Result<()> {
+    let workers = args.worker_threads;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("latch-worker")
+        .enable_all()
+        .build()
+        .with_context(|| format!("starting the async runtime with {workers} worker threads"))?;
+    tracing::info!(
+        "{} runtime worker threads (--worker-threads)",
+        runtime.metrics().num_workers()
+    );
+    runtime.block_on(run(args, admin_given))
+}
+
+fn main() -> std::process::ExitCode {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // From the flag or LATCH_PROXY_ADMIN, not the default.
@@ -65,7 +80,7 @@ async fn main() -> std::process::ExitCode {
     latch_admin::init_logging(&cli.run.log_format);
     let result = match cli.command {
         Some(command) => iptables(command),
-        None => run(cli.run, admin_given).await,
+        None => serve(cli.run, admin_given),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
