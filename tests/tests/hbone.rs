@@ -362,3 +362,85 @@ async fn a_policy_edit_closes_exactly_the_streams_it_denies() {
     server_proxy.shutdown().await;
     h.stop().await;
 }
+
+/// A meshed peer with a valid SVID speaking HBONE by hand: it cannot use the tunnel as a relay
+/// (a CONNECT to another address, or to one of the proxy's own ports, is 403), a request that is
+/// not CONNECT is 405; a CONNECT to the app's port on the
+/// workload's address is 200. Each refusal leaves the tunnel usable.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_cannot_use_a_tunnel_as_a_relay_or_reach_the_proxy() {
+    use http_body_util::Empty;
+    use hyper::body::Bytes;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let h = Harness::start().await;
+    let app = byte_echo_app();
+    let (server, client) = pair(&h, app.port(), Vec::new(), false).await;
+    let server_id = h.id("demo", "api");
+    let tls = latch_proxy::transport::MeshTls::new(client.store().clone(), h.trust_domain.clone())
+        .unwrap();
+    let mesh = server.inbound_addr.unwrap();
+    let tcp = TcpStream::connect(mesh).await.unwrap();
+    let stream = tokio_rustls::TlsConnector::from(tls.tunnel_client(&server_id).unwrap())
+        .connect(tls.session_name(&server_id), tcp)
+        .await
+        .unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let mut ask = async |method: hyper::Method, authority: &str| {
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(authority)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        sender
+            .send_request(request)
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let admin_port = server.admin_addr.port();
+    assert_eq!(
+        ask(hyper::Method::CONNECT, "10.9.9.9:80").await,
+        403,
+        "another host"
+    );
+    assert_eq!(
+        ask(hyper::Method::CONNECT, "127.0.0.2:80").await,
+        403,
+        "another local address"
+    );
+    assert_eq!(
+        ask(hyper::Method::CONNECT, &format!("127.0.0.1:{admin_port}")).await,
+        403,
+        "the proxy's admin port"
+    );
+    assert_eq!(
+        ask(
+            hyper::Method::CONNECT,
+            &format!("127.0.0.1:{}", mesh.port())
+        )
+        .await,
+        403,
+        "the proxy's own mesh port"
+    );
+    assert_eq!(
+        ask(
+            hyper::Method::GET,
+            &format!("http://127.0.0.1:{}/", app.port())
+        )
+        .await,
+        405
+    );
+    assert_eq!(
+        ask(hyper::Method::CONNECT, &format!("127.0.0.1:{}", app.port())).await,
+        200,
+        "the app, after every refusal, on the same tunnel"
+    );
+    client.shutdown().await;
+    server.shutdown().await;
+    h.stop().await;
+}
