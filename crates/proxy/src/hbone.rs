@@ -254,16 +254,6 @@ pub struct Tunnels {
 }
 
 impl Tunnels {
-    /// Number of open tunnels (for tests and metrics).
-    pub fn open(&self) -> usize {
-        let pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
-        pools
-            .values()
-            .flatten()
-            .filter(|t| !t.sender.is_closed())
-            .count()
-    }
-
     /// A tunnel of `key` with room for one more stream, counted as taken.
     fn take(&self, key: &Key) -> Option<StreamGuard> {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
