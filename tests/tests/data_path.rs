@@ -14,25 +14,7 @@ use latch_proxy::{ExplicitDestination, ExplicitTarget, Proxy};
 use latch_testkit::Harness;
 use latch_testkit::apps::byte_echo_app;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-
-/// A request/response app: reads until the client half-closes, then answers and closes.
-async fn reply_after_eof_app() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let _ = tcp.read_to_end(&mut request).await;
-                let _ = tcp
-                    .write_all(format!("got {} bytes", request.len()).as_bytes())
-                    .await;
-            });
-        }
-    });
-    addr
-}
+use tokio::net::TcpStream;
 
 fn outbound(id: &SpiffeId, mesh: SocketAddr, port: u16) -> ExplicitTarget {
     ExplicitTarget {
@@ -145,7 +127,7 @@ async fn tcp_crosses_mtls_and_each_side_knows_the_other() {
 #[tokio::test(flavor = "multi_thread")]
 async fn half_close_crosses_the_mesh() {
     let h = Harness::start().await;
-    let app = reply_after_eof_app().await;
+    let app = latch_testkit::apps::reply_after_eof_app();
     let p = pair(&h, app.port(), None).await;
     let mut tcp = TcpStream::connect(p.entry).await.unwrap();
     tcp.write_all(&[7u8; 100_000]).await.unwrap();

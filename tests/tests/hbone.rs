@@ -13,7 +13,7 @@ use latch_proxy::{ExplicitDestination, ExplicitTarget, Proxy};
 use latch_testkit::Harness;
 use latch_testkit::apps::byte_echo_app;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 fn outbound(id: &SpiffeId, mesh: SocketAddr, port: u16) -> ExplicitTarget {
     ExplicitTarget {
@@ -117,28 +117,10 @@ async fn a_thousand_connections_ride_on_at_most_ten_tunnels_and_each_is_its_own_
     h.stop().await;
 }
 
-/// A request/response app: reads until the client half-closes, then answers and closes.
-async fn reply_after_eof_app() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let _ = tcp.read_to_end(&mut request).await;
-                let _ = tcp
-                    .write_all(format!("got {} bytes", request.len()).as_bytes())
-                    .await;
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn half_close_crosses_an_hbone_stream() {
     let h = Harness::start().await;
-    let app = reply_after_eof_app().await;
+    let app = latch_testkit::apps::reply_after_eof_app();
     let (server, client) = pair(&h, app.port(), Vec::new(), true).await;
     for _ in 0..3 {
         let mut tcp = TcpStream::connect(client.explicit_addrs[0]).await.unwrap();

@@ -120,15 +120,16 @@ pub async fn mtls(
     };
     let peer_issued_at = peer.issued_at();
     let peer = peer.id;
+    // The peer meant this workload: the address it connected to.
+    let workload = match tls.get_ref().0.local_addr() {
+        Ok(local) => local.ip().to_canonical(),
+        Err(e) => {
+            dp.metrics.refused(DIRECTION, "io");
+            tracing::info!(%remote, peer = %peer, "no local address on the connection: {e}");
+            return;
+        }
+    };
     if hbone {
-        let workload = match tls.get_ref().0.local_addr() {
-            Ok(local) => local.ip().to_canonical(),
-            Err(e) => {
-                dp.metrics.refused(DIRECTION, "io");
-                tracing::info!(%remote, peer = %peer, "no local address on the connection: {e}");
-                return;
-            }
-        };
         crate::hbone::serve(dp, tls, peer, peer_issued_at, workload, remote).await;
         return;
     }
@@ -142,15 +143,6 @@ pub async fn mtls(
             };
             dp.metrics.refused(DIRECTION, reason);
             tracing::info!(%remote, peer = %peer, "refusing connection: {e}");
-            return;
-        }
-    };
-    // The peer meant this workload: the address it connected to, on the port it named.
-    let workload = match tls.get_ref().0.local_addr() {
-        Ok(local) => local.ip().to_canonical(),
-        Err(e) => {
-            dp.metrics.refused(DIRECTION, "io");
-            tracing::info!(%remote, peer = %peer, "no local address on the connection: {e}");
             return;
         }
     };

@@ -63,6 +63,21 @@ pub fn byte_echo_app() -> SocketAddr {
     addr
 }
 
+/// A request/response app on loopback: reads until the client half-closes, then answers
+/// "got N bytes" and closes; its address.
+pub fn reply_after_eof_app() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind app");
+    let addr = listener.local_addr().expect("app addr");
+    serve_on_thread(listener, |mut tcp| async move {
+        let mut request = Vec::new();
+        let _ = tcp.read_to_end(&mut request).await;
+        let _ = tcp
+            .write_all(format!("got {} bytes", request.len()).as_bytes())
+            .await;
+    });
+    addr
+}
+
 /// One exchange with an app through `entry` on a new connection: sends `request`, half-closes,
 /// and reads the answer until EOF; the answer or what went wrong.
 pub async fn call(entry: impl std::fmt::Display, request: &str) -> Result<String, String> {
