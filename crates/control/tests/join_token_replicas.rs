@@ -99,38 +99,34 @@ impl Replica {
         .expect("client connects")
     }
 
-    /// `latchctl token create` through this replica's admin API; returns the token.
-    async fn create_token(&self, reusable: bool) -> String {
+    /// POSTs `body` to `path` on this replica's admin API with its credential, expecting 201;
+    /// the answer.
+    async fn admin_post(&self, path: &str, body: &str) -> Value {
         let credential = std::fs::read_to_string(&self.cp.admin_token_path).unwrap();
-        let body = format!(r#"{{"spiffe_id":"{WEB}","ttl_seconds":600,"reusable":{reusable}}}"#);
         let (status, answer) = latch_testkit::admin::request(
             self.cp.admin_addr,
             "POST",
-            "/v1/join-tokens",
+            path,
             Some(credential.trim()),
-            &body,
+            body,
         )
         .await
         .unwrap();
         assert_eq!(status, 201, "{answer}");
-        let answer: Value = serde_json::from_str(&answer).unwrap();
+        serde_json::from_str(&answer).unwrap_or(Value::Null)
+    }
+
+    /// `latchctl token create` through this replica's admin API; returns the token.
+    async fn create_token(&self, reusable: bool) -> String {
+        let body = format!(r#"{{"spiffe_id":"{WEB}","ttl_seconds":600,"reusable":{reusable}}}"#);
+        let answer = self.admin_post("/v1/join-tokens", &body).await;
         answer["token"].as_str().unwrap().to_string()
     }
 
     /// `latchctl identity revoke` through this replica's admin API.
     async fn revoke(&self, id: &str) {
-        let credential = std::fs::read_to_string(&self.cp.admin_token_path).unwrap();
         let body = format!(r#"{{"spiffe_id":"{id}","reason":"key leaked"}}"#);
-        let (status, answer) = latch_testkit::admin::request(
-            self.cp.admin_addr,
-            "POST",
-            "/v1/revocations",
-            Some(credential.trim()),
-            &body,
-        )
-        .await
-        .unwrap();
-        assert_eq!(status, 201, "{answer}");
+        self.admin_post("/v1/revocations", &body).await;
     }
 
     /// The revoked IDs this replica enforces now.

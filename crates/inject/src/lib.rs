@@ -389,16 +389,7 @@ fn cni_wait_container(config: &InjectConfig) -> Value {
             "requests": {"cpu": "10m", "memory": "16Mi"},
             "limits": {"cpu": "100m", "memory": "32Mi"},
         },
-        "securityContext": {
-            "runAsUser": CNI_WAIT_UID,
-            "runAsGroup": CNI_WAIT_UID,
-            "runAsNonRoot": true,
-            "privileged": false,
-            "allowPrivilegeEscalation": false,
-            "readOnlyRootFilesystem": true,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": restricted_security_context(CNI_WAIT_UID),
     })
 }
 
@@ -447,16 +438,7 @@ fn proxy_container(
             "periodSeconds": 10, "timeoutSeconds": 1, "failureThreshold": 3,
         },
         "resources": settings.resources(),
-        "securityContext": {
-            "runAsUser": PROXY_UID,
-            "runAsGroup": PROXY_UID,
-            "runAsNonRoot": true,
-            "privileged": false,
-            "allowPrivilegeEscalation": false,
-            "readOnlyRootFilesystem": true,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": restricted_security_context(PROXY_UID),
         "volumeMounts": [
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true},
             {"name": BUNDLE_VOLUME, "mountPath": BUNDLE_DIR, "readOnly": true},
@@ -490,6 +472,22 @@ fn proxy_container(
 /// The Workload API's emptyDir: in memory (a socket needs no disk), private to the pod.
 fn workload_api_volume() -> Value {
     json!({"name": WORKLOAD_API_VOLUME, "emptyDir": {"medium": "Memory"}})
+}
+
+/// What Pod Security "restricted" asks of a container, running as `uid`: non-root, no
+/// privilege, no escalation, a read-only root, every capability dropped, the runtime's seccomp
+/// profile.
+fn restricted_security_context(uid: u32) -> Value {
+    json!({
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "runAsNonRoot": true,
+        "privileged": false,
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    })
 }
 
 /// The patch that gives one app container the socket (read-only: connecting needs no write
