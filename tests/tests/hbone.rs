@@ -67,6 +67,18 @@ fn opened(proxy: &Proxy, direction: &'static str, peer: &SpiffeId) -> u64 {
         .get()
 }
 
+/// `latch_proxy_hbone_tunnels_opened_total` and `latch_proxy_hbone_tunnels_active` for `peer`.
+fn tunnel_count(proxy: &Proxy, direction: &'static str, peer: &SpiffeId) -> (u64, i64) {
+    let labels = ConnLabels {
+        direction,
+        peer: peer.to_string(),
+    };
+    (
+        proxy.metrics.tunnels_opened.get_or_create(&labels).get(),
+        proxy.metrics.tunnels_active.get_or_create(&labels).get(),
+    )
+}
+
 async fn roundtrip(tcp: &mut TcpStream, message: &[u8]) -> std::io::Result<()> {
     tcp.write_all(message).await?;
     let mut buf = vec![0u8; message.len()];
@@ -94,6 +106,17 @@ async fn a_thousand_connections_ride_on_at_most_ten_tunnels_and_each_is_its_own_
         "1,000 open connections on {tunnels} tunnels"
     );
     assert_eq!(opened(&server, "inbound", &h.id("demo", "web")), 1000);
+    // The tunnel metrics say the same on both sides, under the peer's ID.
+    let server_id = h.id("demo", "api");
+    let web = h.id("demo", "web");
+    assert_eq!(
+        tunnel_count(&client, "outbound", &server_id),
+        (tunnels, tunnels as i64)
+    );
+    assert_eq!(
+        tunnel_count(&server, "inbound", &web),
+        (tunnels, tunnels as i64)
+    );
     // Every connection is still its own: each answers with its own bytes.
     for (i, tcp) in open.iter_mut().enumerate().step_by(97) {
         roundtrip(tcp, format!("again {i}").as_bytes())

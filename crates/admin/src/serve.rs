@@ -248,6 +248,8 @@ pub trait Listen: Send + 'static {
     type Conn: Send + 'static;
     type Addr: fmt::Debug + Clone + Send + Sync + 'static;
     fn accept(&self) -> impl Future<Output = io::Result<(Self::Conn, Self::Addr)>> + Send;
+    /// Socket options on the listening socket, set once before the first accept.
+    fn prepare(&self, _policy: &ListenerPolicy) {}
     /// Socket options for an accepted connection.
     fn tune(&self, _conn: &Self::Conn, _policy: &ListenerPolicy) {}
     /// The address a per-source cap counts a connection under, when there is one.
@@ -265,18 +267,34 @@ impl Listen for TcpListener {
         let (conn, remote) = TcpListener::accept(self).await?;
         Ok((conn, canonical(remote)))
     }
-    /// TCP_NODELAY always, keepalive when the policy asks for it.
+    /// On Linux, accepted connections inherit TCP_NODELAY and the keepalive settings from the
+    /// listening socket: set once here, they cost no system call per connection.
+    fn prepare(&self, policy: &ListenerPolicy) {
+        if INHERITED_OPTIONS {
+            tcp_options(socket2::SockRef::from(self), policy);
+        }
+    }
     fn tune(&self, conn: &TcpStream, policy: &ListenerPolicy) {
-        let _ = conn.set_nodelay(true);
-        if let Some(keepalive) = policy.keepalive {
-            let probes = socket2::TcpKeepalive::new()
-                .with_time(keepalive)
-                .with_interval(keepalive / 4);
-            let _ = socket2::SockRef::from(conn).set_tcp_keepalive(&probes);
+        if !INHERITED_OPTIONS {
+            tcp_options(socket2::SockRef::from(conn), policy);
         }
     }
     fn source(remote: &std::net::SocketAddr) -> Option<IpAddr> {
         Some(remote.ip())
+    }
+}
+
+/// Whether accepted TCP connections inherit the listening socket's options (Linux does).
+const INHERITED_OPTIONS: bool = cfg!(target_os = "linux");
+
+/// TCP_NODELAY always, keepalive when the policy asks for it.
+fn tcp_options(socket: socket2::SockRef<'_>, policy: &ListenerPolicy) {
+    let _ = socket.set_tcp_nodelay(true);
+    if let Some(keepalive) = policy.keepalive {
+        let probes = socket2::TcpKeepalive::new()
+            .with_time(keepalive)
+            .with_interval(keepalive / 4);
+        let _ = socket.set_tcp_keepalive(&probes);
     }
 }
 
@@ -420,6 +438,7 @@ pub fn serve<L, H, F, Fut>(
     let handle = Arc::new(handle);
     let drain = drain.clone();
     let tracker = drain.tracker.clone();
+    listener.prepare(&policy);
     tracker.spawn(async move {
         let open_files = open_files_limit();
         let mut accept_failures = Throttled::default();
@@ -770,6 +789,41 @@ mod tests {
             .await
             .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         Ok(tcp)
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay_and_the_policys_keepalive() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut policy = ListenerPolicy::new("test", 4, AtCap::Refuse);
+        policy.keepalive = Some(Duration::from_secs(40));
+        let (seen, mut options) = tokio::sync::mpsc::unbounded_channel();
+        serve(
+            listener,
+            policy,
+            &Drain::default(),
+            Arc::new(NoMetrics),
+            Plain,
+            move |conn: Accepted<TcpStream, _>| {
+                let socket = socket2::SockRef::from(&conn.stream);
+                let _ = seen.send((
+                    socket.tcp_nodelay().unwrap(),
+                    socket.keepalive().unwrap(),
+                    socket.tcp_keepalive_time().unwrap(),
+                    socket.tcp_keepalive_interval().unwrap(),
+                ));
+                async {}
+            },
+        );
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(2), options.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            got,
+            (true, true, Duration::from_secs(40), Duration::from_secs(10))
+        );
     }
 
     #[tokio::test]

@@ -42,6 +42,14 @@ pub struct Options {
     /// The TLS 1.3 suite of the alternative rows.
     #[arg(long, default_value = "TLS_AES_128_GCM_SHA256")]
     alt_suite: String,
+    /// Only these alternatives besides the direct path (comma-separated: latch, latch-hbone,
+    /// stunnel, haproxy); a partial run never updates the docs.
+    #[arg(long, value_delimiter = ',')]
+    alts: Vec<String>,
+    /// Only these workloads (comma-separated: iperf1, iperf4, redis50, redis1, http, newconn,
+    /// memory); a partial run never updates the docs.
+    #[arg(long, value_delimiter = ',')]
+    workloads: Vec<String>,
     /// One short run: --reps 1 --seconds 2 --idle-connections 1000 --no-docs.
     #[arg(long)]
     quick: bool,
@@ -65,12 +73,41 @@ impl Options {
             self.idle_connections = vec![1000];
             self.write_docs = false;
         }
+        if !self.alts.is_empty() || !self.workloads.is_empty() {
+            self.write_docs = false;
+        }
         self.args = crate::outer_args(raw, self.inside.as_deref());
         self
+    }
+
+    fn wants_alt(&self, alt: Alt) -> bool {
+        alt == Alt::Direct || self.alts.is_empty() || self.alts.iter().any(|a| a == alt.key())
+    }
+
+    fn wants_workload(&self, workload: Workload) -> bool {
+        self.workloads.is_empty() || self.workloads.iter().any(|w| w == workload.key())
     }
 }
 
 pub async fn run(options: Options) -> Result<()> {
+    let alts: Vec<_> = Alt::ALL.iter().map(|a| a.key()).collect();
+    if let Some(unknown) = options.alts.iter().find(|a| !alts.contains(&a.as_str())) {
+        bail!(
+            "--alts: unknown alternative {unknown:?}; known: {}",
+            alts.join(", ")
+        );
+    }
+    let workloads: Vec<_> = Workload::ALL.iter().map(|w| w.key()).collect();
+    if let Some(unknown) = options
+        .workloads
+        .iter()
+        .find(|w| !workloads.contains(&w.as_str()))
+    {
+        bail!(
+            "--workloads: unknown workload {unknown:?}; known: {}",
+            workloads.join(", ")
+        );
+    }
     match options.inside.clone() {
         Some(_) => run_inside(options).await,
         None => run_outside(options).await,
@@ -123,7 +160,7 @@ async fn run_inside(options: Options) -> Result<()> {
         suite: &options.alt_suite,
     };
     let mut tunnels: Vec<(Alt, Option<Tunnel>)> = Vec::new();
-    for alt in Alt::ALL {
+    for alt in Alt::ALL.into_iter().filter(|a| options.wants_alt(*a)) {
         match bed.start(alt).await {
             Ok(tunnel) => tunnels.push((alt, Some(tunnel))),
             Err(e) => fail(
@@ -138,7 +175,10 @@ async fn run_inside(options: Options) -> Result<()> {
         idle_connections: options.idle_connections.clone(),
     };
     for rep in 1..=options.reps {
-        for workload in Workload::ALL {
+        for workload in Workload::ALL
+            .into_iter()
+            .filter(|w| options.wants_workload(*w))
+        {
             for (alt, slot) in &mut tunnels {
                 let what = format!(
                     "rep {rep}/{}: {} via {}",

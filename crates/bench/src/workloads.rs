@@ -44,6 +44,19 @@ impl Workload {
         }
     }
 
+    /// The short name `--workloads` selects it by.
+    pub fn key(self) -> &'static str {
+        match self {
+            Workload::Iperf { streams: 1 } => "iperf1",
+            Workload::Iperf { .. } => "iperf4",
+            Workload::Redis { clients: 1 } => "redis1",
+            Workload::Redis { .. } => "redis50",
+            Workload::Http { close: false } => "http",
+            Workload::Http { close: true } => "newconn",
+            Workload::Memory => "memory",
+        }
+    }
+
     pub async fn run(self, tunnel: &Tunnel, settings: &Settings) -> Result<Samples> {
         match self {
             Workload::Iperf { streams } => iperf(tunnel, settings, streams).await,

@@ -424,8 +424,29 @@ impl DataPath {
         let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
     }
 
-    /// Connects to `addr` within the connect timeout.
+    /// Connects to `addr` within the connect timeout, with keepalive: a peer proxy or a
+    /// destination on another host.
     pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        let stream = self.connect_within_timeout(addr).await?;
+        self.tune(&stream);
+        Ok(stream)
+    }
+
+    /// Connects to this workload's app at `addr`: TCP_NODELAY only when the app is on this host
+    /// (keepalive probes to a local socket are answered by this host's kernel and would detect
+    /// nothing), with keepalive too when `--app-host` puts it elsewhere.
+    pub async fn connect_app(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
+        let stream = self.connect_within_timeout(addr).await?;
+        match self.delivery.app_host {
+            Some(host) if !host.is_loopback() => self.tune(&stream),
+            _ => {
+                let _ = stream.set_nodelay(true);
+            }
+        }
+        Ok(stream)
+    }
+
+    async fn connect_within_timeout(&self, addr: SocketAddr) -> std::io::Result<TcpStream> {
         let stream = tokio::time::timeout(self.limits.connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| {
@@ -437,7 +458,6 @@ impl DataPath {
                     ),
                 )
             })??;
-        self.tune(&stream);
         Ok(stream)
     }
 

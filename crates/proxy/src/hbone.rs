@@ -14,21 +14,27 @@
 //! SPIFFE ID, the peer's address), so identities are never mixed and a rotated SVID opens new
 //! tunnels while the old ones drain. A tunnel carries at most `MAX_STREAMS` streams; one with no
 //! stream for `IDLE` is closed.
+//!
+//! Built on the `h2` crate directly rather than on hyper: a stream is opened from the
+//! application connection's own task and carried by it (`H2Io`), one task per tunnel drives the
+//! frames, and nothing else is spawned or allocated per stream beyond h2's stream state.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant, SystemTime};
 
-use http_body_util::Empty;
-use hyper::body::{Bytes, Incoming};
+use h2::server::SendResponse;
+use h2::{RecvStream, SendStream};
+use hyper::body::Bytes;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use latch_identity::SpiffeId;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
 
 use crate::authorizer::Decision;
 use crate::data_path::{DataPath, connect_failure_reason};
@@ -45,22 +51,27 @@ pub const IDLE: Duration = Duration::from_secs(60);
 /// 1 MiB / 4 MiB windows and 16 KiB frames one iperf3 stream ran at 40% of `latch/1`.
 const STREAM_WINDOW: u32 = 4 << 20;
 const CONNECTION_WINDOW: u32 = 16 << 20;
-/// DATA frames of up to 256 KiB: fewer frames, and fewer wake-ups, per byte of bulk data.
-const MAX_FRAME: u32 = 256 << 10;
+/// DATA frames of up to 64 KiB, the copy buffer's size: a receiver reassembles each frame in a
+/// buffer of its own, and 256 KiB ones went to the allocator as fresh mappings (page faults on
+/// every frame: `cargo xtask bench mesh`, one iperf3 stream at 3.3 s of CPU per GB).
+const MAX_FRAME: u32 = 64 << 10;
+/// Bytes a stream may queue for sending before its writer waits.
+const SEND_BUFFER: usize = 1 << 20;
+/// Request headers a peer may send: a CONNECT needs a few dozen bytes.
+const MAX_HEADER_LIST: u32 = 16 << 10;
 
 const DIRECTION_IN: &str = "inbound";
 const DIRECTION_OUT: &str = "outbound";
 
-type Body = Empty<Bytes>;
-
-fn answer(status: StatusCode) -> Response<Body> {
-    let mut response = Response::new(Body::new());
+fn answer(status: StatusCode) -> Response<()> {
+    let mut response = Response::new(());
     *response.status_mut() = status;
     response
 }
 
 /// Serves HBONE on an accepted mTLS connection from `peer` (ALPN `h2`): one CONNECT stream per
-/// application connection, until the peer closes the tunnel or the proxy drains.
+/// application connection, each handled by a task of its own, until the peer closes the tunnel
+/// or the proxy drains. This task drives the connection: it reads and writes every frame.
 pub async fn serve(
     dp: Arc<DataPath>,
     tls: tokio_rustls::server::TlsStream<TcpStream>,
@@ -69,53 +80,81 @@ pub async fn serve(
     workload: IpAddr,
     remote: SocketAddr,
 ) {
-    let (draining, closing) = (dp.draining.clone(), dp.close_connections.clone());
-    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let (dp, peer) = (dp.clone(), peer.clone());
-        async move {
-            Ok::<_, Infallible>(stream(dp, request, peer, peer_issued_at, workload, remote).await)
-        }
-    });
-    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_STREAMS as u32)
-        .initial_stream_window_size(STREAM_WINDOW)
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .max_send_buf_size(MAX_FRAME as usize * 4)
-        .max_header_list_size(16 << 10)
-        .serve_connection(TokioIo::new(tls), service);
-    let mut connection = std::pin::pin!(connection);
-    let ended = tokio::select! {
-        ended = connection.as_mut() => ended,
-        () = draining.cancelled() => {
-            // GOAWAY: the peer opens no new stream here; the open ones finish, or are closed
-            // when the drain times out.
-            connection.as_mut().graceful_shutdown();
-            tokio::select! {
-                ended = connection.as_mut() => ended,
-                () = closing.cancelled() => Ok(()),
-            }
+        .max_concurrent_streams(MAX_STREAMS as u32)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_send_buffer_size(SEND_BUFFER)
+        .handshake::<_, Bytes>(tls);
+    let mut connection = match tokio::time::timeout(dp.limits.header_timeout, handshake).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(e)) => {
+            dp.metrics.refused(DIRECTION_IN, "h2");
+            tracing::info!(%remote, peer = %peer, "HTTP/2 handshake on an HBONE tunnel failed: {e}");
+            return;
+        }
+        Err(_) => {
+            dp.metrics.refused(DIRECTION_IN, "header_timeout");
+            tracing::info!(%remote, peer = %peer, "no HTTP/2 preface on an HBONE tunnel in time");
+            return;
         }
     };
-    if let Err(e) = ended {
-        tracing::debug!(%remote, "HBONE tunnel ended: {e}");
+    let _open = dp.metrics.tunnel_open(DIRECTION_IN, peer.as_str());
+    let (draining, closing) = (dp.draining.clone(), dp.close_connections.clone());
+    let mut shutting_down = false;
+    loop {
+        let next = tokio::select! {
+            next = connection.accept() => next,
+            () = draining.cancelled(), if !shutting_down => {
+                // GOAWAY: the peer opens no new stream here; the open ones finish, or are
+                // closed when the drain times out.
+                connection.graceful_shutdown();
+                shutting_down = true;
+                continue;
+            }
+            () = closing.cancelled(), if shutting_down => return,
+        };
+        match next {
+            Some(Ok((request, respond))) => {
+                tokio::spawn(stream(
+                    dp.clone(),
+                    request,
+                    respond,
+                    peer.clone(),
+                    peer_issued_at,
+                    workload,
+                    remote,
+                ));
+            }
+            Some(Err(e)) => {
+                tracing::debug!(%remote, "HBONE tunnel ended: {e}");
+                return;
+            }
+            None => return,
+        }
     }
 }
 
-/// One CONNECT stream: checked, authorized and connected to the app by a task of its own that
-/// then carries the bytes; the response waits for its verdict.
+/// One CONNECT stream: checked, authorized and connected to the app, answered 200 only once the
+/// app has accepted the connection, then carried until either side ends.
 async fn stream(
     dp: Arc<DataPath>,
-    request: Request<Incoming>,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
     peer: SpiffeId,
     peer_issued_at: SystemTime,
     workload: IpAddr,
     remote: SocketAddr,
-) -> Response<Body> {
+) {
+    let mut refuse = |status: StatusCode| {
+        let _ = respond.send_response(answer(status), true);
+    };
     if request.method() != Method::CONNECT {
         dp.metrics.refused(DIRECTION_IN, "hbone_not_connect");
-        return answer(StatusCode::METHOD_NOT_ALLOWED);
+        refuse(StatusCode::METHOD_NOT_ALLOWED);
+        return;
     }
     let Some(target) = request
         .uri()
@@ -123,41 +162,21 @@ async fn stream(
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
     else {
         dp.metrics.refused(DIRECTION_IN, "hbone_bad_authority");
-        return answer(StatusCode::BAD_REQUEST);
+        refuse(StatusCode::BAD_REQUEST);
+        return;
     };
     // The peer meant this workload, at the address it connected to: the proxy is no relay.
     if target.ip().to_canonical() != workload {
         dp.metrics.refused(DIRECTION_IN, "not_local_destination");
         tracing::info!(%remote, peer = %peer, %target, "refused an HBONE stream to an address that is not this workload's");
-        return answer(StatusCode::FORBIDDEN);
+        refuse(StatusCode::FORBIDDEN);
+        return;
     }
     if dp.proxy_ports.is_proxy_port(target.port()) {
         dp.refuse_proxy_port(DIRECTION_IN, remote, peer.as_str(), target);
-        return answer(StatusCode::FORBIDDEN);
+        refuse(StatusCode::FORBIDDEN);
+        return;
     }
-    let (verdict, decided) = oneshot::channel();
-    tokio::spawn(carry(
-        dp,
-        request,
-        peer,
-        peer_issued_at,
-        SocketAddr::new(workload, target.port()),
-        verdict,
-    ));
-    decided
-        .await
-        .unwrap_or_else(|_| answer(StatusCode::INTERNAL_SERVER_ERROR))
-}
-
-/// Authorizes and connects one stream, sends the verdict, then copies until either side ends.
-async fn carry(
-    dp: Arc<DataPath>,
-    request: Request<Incoming>,
-    peer: SpiffeId,
-    peer_issued_at: SystemTime,
-    target: SocketAddr,
-    verdict: oneshot::Sender<Response<Body>>,
-) {
     let (_live, close) = match dp.admit(&peer, peer_issued_at, target.port()) {
         Ok(admitted) => admitted,
         Err(decision) => {
@@ -171,34 +190,135 @@ async fn carry(
             if let Decision::Deny { by, why } = decision {
                 tracing::warn!(peer = %peer, port = target.port(), policy = %by, "denied: {why}");
             }
-            let _ = verdict.send(answer(StatusCode::FORBIDDEN));
+            refuse(StatusCode::FORBIDDEN);
             return;
         }
     };
-    let app = dp.delivery.app_address(target.ip(), target.port());
-    let upstream = match dp.connect(app).await {
+    let app = dp.delivery.app_address(workload, target.port());
+    let upstream = match dp.connect_app(app).await {
         Ok(upstream) => upstream,
         Err(e) => {
             dp.metrics
                 .refused(DIRECTION_IN, connect_failure_reason(&e, "app_unreachable"));
             tracing::warn!(peer = %peer, %app, "cannot reach the local app: {e}");
-            let _ = verdict.send(answer(StatusCode::SERVICE_UNAVAILABLE));
+            refuse(StatusCode::SERVICE_UNAVAILABLE);
             return;
         }
     };
-    if verdict.send(answer(StatusCode::OK)).is_err() {
-        return;
-    }
-    let tunnel = match hyper::upgrade::on(request).await {
-        Ok(upgraded) => TokioIo::new(upgraded),
+    let send = match respond.send_response(answer(StatusCode::OK), false) {
+        Ok(send) => send,
         Err(e) => {
             tracing::debug!(peer = %peer, "HBONE stream ended before it was established: {e}");
             return;
         }
     };
     tracing::debug!(peer = %peer, %app, "inbound HBONE stream");
+    let tunnel = H2Io::new(send, request.into_body());
     dp.proxy(DIRECTION_IN, peer.to_string(), upstream, tunnel, &close)
         .await;
+}
+
+/// One HBONE stream as a byte stream: reads take the peer's DATA frames (their flow-control
+/// window is given back as the bytes are read, so a peer can have at most a window in flight
+/// that nobody reads), writes wait for window and send DATA, shutdown sends END_STREAM. Dropped
+/// before both ends finished, h2 resets the stream (RST_STREAM CANCEL): a reset crosses.
+pub struct H2Io {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Received bytes not read yet.
+    unread: Bytes,
+    ended: bool,
+}
+
+impl H2Io {
+    fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        Self {
+            send,
+            recv,
+            unread: Bytes::new(),
+            ended: false,
+        }
+    }
+}
+
+fn io_error(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        return e
+            .into_io()
+            .unwrap_or_else(|| io::Error::other("h2 I/O error"));
+    }
+    let kind = match e.reason() {
+        Some(h2::Reason::CANCEL) | Some(h2::Reason::NO_ERROR) => io::ErrorKind::ConnectionReset,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, e)
+}
+
+impl AsyncRead for H2Io {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        while this.unread.is_empty() {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(chunk)) => this.unread = chunk,
+                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+        let n = this.unread.len().min(buf.remaining());
+        buf.put_slice(&this.unread.split_to(n));
+        let _ = this.recv.flow_control().release_capacity(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for H2Io {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let this = &mut *self;
+        let send = &mut this.send;
+        send.reserve_capacity(buf.len());
+        loop {
+            let window = send.capacity();
+            if window > 0 {
+                let n = window.min(buf.len());
+                let chunk = Bytes::copy_from_slice(&buf[..n]);
+                return Poll::Ready(send.send_data(chunk, false).map(|()| n).map_err(io_error));
+            }
+            match ready!(send.poll_capacity(cx)) {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
+                None => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "the HBONE stream was closed",
+                    )));
+                }
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // The tunnel's connection task writes queued frames as soon as it can.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.ended {
+            self.ended = true;
+            self.send.send_data(Bytes::new(), true).map_err(io_error)?;
+        }
+        Poll::Ready(Ok(()))
+    }
 }
 
 /// What a pooled tunnel is keyed by: identity is never mixed.
@@ -210,9 +330,12 @@ struct Key {
     mesh_addr: SocketAddr,
 }
 
-/// One mTLS connection to a peer proxy, speaking HTTP/2.
+/// One mTLS connection to a peer proxy, speaking HTTP/2. A task of its own drives it.
 struct Tunnel {
-    sender: hyper::client::conn::http2::SendRequest<Body>,
+    sender: h2::client::SendRequest<Bytes>,
+    /// Set when the connection ended, or a stream could not be opened on it (GOAWAY): no new
+    /// stream rides it.
+    closed: Arc<AtomicBool>,
     /// When the peer's SVID was issued (for revocations).
     peer_issued_at: SystemTime,
     /// When it expires: no new stream rides a tunnel whose peer's certificate has expired.
@@ -222,10 +345,30 @@ struct Tunnel {
 }
 
 impl Tunnel {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     fn usable(&self, now: SystemTime) -> bool {
-        !self.sender.is_closed()
+        !self.is_closed()
             && self.streams.load(Ordering::Acquire) < MAX_STREAMS
             && now < self.peer_not_after
+    }
+
+    /// Sends a CONNECT for `target` and waits for the peer's answer.
+    async fn connect(
+        &self,
+        target: SocketAddr,
+    ) -> Result<(Response<RecvStream>, SendStream<Bytes>), h2::Error> {
+        let mut request = Request::new(());
+        *request.method_mut() = Method::CONNECT;
+        *request.uri_mut() = hyper::Uri::builder()
+            .authority(target.to_string())
+            .build()
+            .expect("an ip:port is a valid authority");
+        let mut sender = self.sender.clone().ready().await?;
+        let (response, send) = sender.send_request(request, false)?;
+        Ok((response.await?, send))
     }
 }
 
@@ -242,7 +385,7 @@ impl Drop for StreamGuard {
 
 /// An established stream to a peer: the bytes, when the peer's SVID was issued, and the guard.
 pub struct Stream {
-    pub io: TokioIo<hyper::upgrade::Upgraded>,
+    pub io: H2Io,
     pub peer_issued_at: SystemTime,
     pub guard: StreamGuard,
 }
@@ -258,7 +401,7 @@ impl Tunnels {
     fn take(&self, key: &Key) -> Option<StreamGuard> {
         let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
         let tunnels = pools.get_mut(key)?;
-        tunnels.retain(|t| !t.sender.is_closed());
+        tunnels.retain(|t| !t.is_closed());
         let now = SystemTime::now();
         let tunnel = tunnels
             .iter()
@@ -270,7 +413,8 @@ impl Tunnels {
     }
 
     /// Opens a stream to `target` (the destination `ip:port` the peer proxy delivers to)
-    /// through a tunnel to the peer at `mesh_addr` presenting exactly `peer`.
+    /// through a tunnel to the peer at `mesh_addr` presenting exactly `peer`. The CONNECT is
+    /// sent from the caller's task: no hop through another task on the way.
     pub async fn stream(
         self: &Arc<Self>,
         dp: &DataPath,
@@ -288,25 +432,44 @@ impl Tunnels {
             peer: peer.clone(),
             mesh_addr,
         };
-        let connect = || {
-            Request::builder()
-                .method(Method::CONNECT)
-                .uri(target.to_string())
-                .body(Body::new())
-                .map_err(|_| ())
-        };
+        // The peer's answer comes once it has connected to its app: within its connect timeout.
+        let deadline = dp.limits.handshake_timeout + dp.limits.connect_timeout;
         // A pooled tunnel may have been closed by the peer meanwhile (idle, GOAWAY on its
         // drain): then once more on a new one.
-        let (guard, response) = match self.take(&key) {
-            Some(guard) => match guard.0.sender.clone().send_request(connect()?).await {
-                Ok(response) => (guard, response),
-                Err(e) => {
+        let pooled = match self.take(&key) {
+            Some(guard) => match tokio::time::timeout(deadline, guard.0.connect(target)).await {
+                Ok(Ok(answered)) => Some((guard, answered)),
+                Ok(Err(e)) => {
                     tracing::debug!(peer = %peer, %mesh_addr, "pooled HBONE tunnel failed ({e}); opening another");
-                    drop(guard);
-                    self.connect_on_new(dp, key, connect()?).await?
+                    guard.0.closed.store(true, Ordering::Release);
+                    None
+                }
+                Err(_) => {
+                    dp.metrics.refused(DIRECTION_OUT, "hbone_timeout");
+                    tracing::warn!(peer = %peer, %target, "the peer proxy did not answer an HBONE CONNECT in {deadline:?}");
+                    return Err(());
                 }
             },
-            None => self.connect_on_new(dp, key, connect()?).await?,
+            None => None,
+        };
+        let (guard, (response, send)) = match pooled {
+            Some(answered) => answered,
+            None => {
+                let guard = self.open_tunnel(dp, key).await?;
+                match tokio::time::timeout(deadline, guard.0.connect(target)).await {
+                    Ok(Ok(answered)) => (guard, answered),
+                    Ok(Err(e)) => {
+                        dp.metrics.refused(DIRECTION_OUT, "hbone_stream");
+                        tracing::warn!(peer = %peer, %mesh_addr, "HBONE CONNECT failed: {e}");
+                        return Err(());
+                    }
+                    Err(_) => {
+                        dp.metrics.refused(DIRECTION_OUT, "hbone_timeout");
+                        tracing::warn!(peer = %peer, %target, "the peer proxy did not answer an HBONE CONNECT in {deadline:?}");
+                        return Err(());
+                    }
+                }
+            }
         };
         if response.status() != StatusCode::OK {
             let reason = match response.status() {
@@ -318,42 +481,16 @@ impl Tunnels {
             tracing::info!(peer = %peer, %target, status = %response.status(), "the peer proxy refused the HBONE stream");
             return Err(());
         }
-        let io = match hyper::upgrade::on(response).await {
-            Ok(upgraded) => TokioIo::new(upgraded),
-            Err(e) => {
-                dp.metrics.refused(DIRECTION_OUT, "hbone_stream");
-                tracing::warn!(peer = %peer, "HBONE stream not established: {e}");
-                return Err(());
-            }
-        };
         Ok(Stream {
-            io,
+            io: H2Io::new(send, response.into_body()),
             peer_issued_at: guard.0.peer_issued_at,
             guard,
         })
     }
 
-    /// Sends `request` on a new tunnel.
-    async fn connect_on_new(
-        self: &Arc<Self>,
-        dp: &DataPath,
-        key: Key,
-        request: Request<Body>,
-    ) -> Result<(StreamGuard, Response<Incoming>), ()> {
-        let (peer, mesh_addr) = (key.peer.clone(), key.mesh_addr);
-        let guard = self.open_tunnel(dp, key).await?;
-        match guard.0.sender.clone().send_request(request).await {
-            Ok(response) => Ok((guard, response)),
-            Err(e) => {
-                dp.metrics.refused(DIRECTION_OUT, "hbone_stream");
-                tracing::warn!(peer = %peer, %mesh_addr, "HBONE CONNECT failed: {e}");
-                Err(())
-            }
-        }
-    }
-
     /// Opens a tunnel (a full handshake requiring exactly `key.peer`), adds it to the pool and
-    /// takes one stream on it. A task closes it once it has been idle for `IDLE`.
+    /// takes one stream on it. A task drives the connection; another closes it once it has
+    /// been idle for `IDLE`.
     async fn open_tunnel(self: &Arc<Self>, dp: &DataPath, key: Key) -> Result<StreamGuard, ()> {
         let tls = crate::outbound::connect_tunnel(dp, key.mesh_addr, &key.peer).await?;
         let Some(server) = latch_identity::verifier::peer_svid(tls.get_ref().1.peer_certificates())
@@ -361,32 +498,47 @@ impl Tunnels {
             dp.metrics.handshake_failed(DIRECTION_OUT, "bad_cert");
             return Err(());
         };
-        let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+        let handshake = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .max_frame_size(MAX_FRAME)
-            .max_send_buf_size(MAX_FRAME as usize * 4)
+            .max_send_buffer_size(SEND_BUFFER)
             .max_concurrent_reset_streams(MAX_STREAMS)
-            .keep_alive_interval(dp.limits.keepalive)
-            .keep_alive_while_idle(false);
-        let (sender, connection) = match builder.handshake(TokioIo::new(tls)).await {
-            Ok(pair) => pair,
-            Err(e) => {
+            .max_header_list_size(MAX_HEADER_LIST)
+            .enable_push(false)
+            .handshake::<_, Bytes>(tls);
+        let (sender, connection) = match tokio::time::timeout(
+            dp.limits.handshake_timeout,
+            handshake,
+        )
+        .await
+        {
+            Ok(Ok(pair)) => pair,
+            Ok(Err(e)) => {
                 dp.metrics.handshake_failed(DIRECTION_OUT, "h2");
                 tracing::warn!(peer = %key.peer, mesh_addr = %key.mesh_addr, "HTTP/2 handshake with the peer proxy failed: {e}");
                 return Err(());
             }
+            Err(_) => {
+                dp.metrics.handshake_failed(DIRECTION_OUT, "timeout");
+                tracing::warn!(peer = %key.peer, mesh_addr = %key.mesh_addr, "HTTP/2 handshake with the peer proxy timed out");
+                return Err(());
+            }
         };
-        let (peer, mesh_addr) = (key.peer.clone(), key.mesh_addr);
+        let closed = Arc::new(AtomicBool::new(false));
+        let (peer, mesh_addr, ended) = (key.peer.clone(), key.mesh_addr, closed.clone());
+        let open = dp.metrics.tunnel_open(DIRECTION_OUT, peer.as_str());
+        // Ends when the peer closes, or once the pool and every stream have let go of it.
         tokio::spawn(async move {
+            let _open = open;
             if let Err(e) = connection.await {
                 tracing::debug!(peer = %peer, %mesh_addr, "HBONE tunnel ended: {e}");
             }
+            ended.store(true, Ordering::Release);
         });
         let tunnel = Arc::new(Tunnel {
             sender,
+            closed,
             peer_issued_at: server.issued_at(),
             peer_not_after: server.not_after,
             streams: AtomicUsize::new(1),
@@ -416,7 +568,7 @@ impl Tunnels {
                     .unwrap_or_else(|p| p.into_inner())
                     .elapsed()
                     >= IDLE;
-            if idle || held.sender.is_closed() {
+            if idle || held.is_closed() {
                 let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(tunnels) = pools.get_mut(&key) {
                     tunnels.retain(|t| !Arc::ptr_eq(t, &held));
@@ -428,4 +580,22 @@ impl Tunnels {
             }
         }
     }
+}
+
+#[cfg(test)]
+pub(crate) fn stream_future_size() -> usize {
+    fn size<A, F: std::future::Future>(_: impl Fn(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+    size(
+        |(dp, rq, rs, p, t, w, r): (
+            Arc<DataPath>,
+            Request<RecvStream>,
+            SendResponse<Bytes>,
+            SpiffeId,
+            SystemTime,
+            IpAddr,
+            SocketAddr,
+        )| stream(dp, rq, rs, p, t, w, r),
+    )
 }

@@ -130,7 +130,15 @@ pub async fn mtls(
         }
     };
     if hbone {
-        crate::hbone::serve(dp, tls, peer, peer_issued_at, workload, remote).await;
+        Box::pin(crate::hbone::serve(
+            dp,
+            tls,
+            peer,
+            peer_issued_at,
+            workload,
+            remote,
+        ))
+        .await;
         return;
     }
     let header = match TransportHeader::read_from(&mut tls, dp.limits.header_timeout).await {
@@ -168,7 +176,7 @@ pub async fn mtls(
         }
     };
     let app = dp.delivery.app_address(workload, header.target_port);
-    let upstream = match dp.connect(app).await {
+    let upstream = match dp.connect_app(app).await {
         Ok(s) => s,
         Err(e) => {
             let reason = connect_failure_reason(&e, "app_unreachable");
@@ -225,7 +233,7 @@ pub async fn plaintext(dp: Arc<DataPath>, tcp: TcpStream, remote: SocketAddr, _s
         return;
     }
     let app = dp.delivery.app_address(original.ip(), port);
-    match dp.connect(app).await {
+    match dp.connect_app(app).await {
         Ok(upstream) => {
             dp.proxy(
                 PLAINTEXT,

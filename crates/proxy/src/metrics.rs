@@ -74,6 +74,9 @@ pub struct Metrics {
     pub discovery_rejected: Family<TypeLabel, Counter>,
     pub discovery_resources: Family<TypeLabel, Counter>,
     pub discovery_reconnects: Counter,
+    /// HBONE tunnels (mTLS connections carrying streams), by direction and peer.
+    pub tunnels_opened: Family<ConnLabels, Counter>,
+    pub tunnels_active: Family<ConnLabels, Gauge>,
 }
 
 impl Metrics {
@@ -219,6 +222,20 @@ impl Metrics {
             "Discovery streams re-opened after a failure or an end",
             discovery_reconnects.clone(),
         );
+        let tunnels_opened = Family::<ConnLabels, Counter>::default();
+        registry.register(
+            "latch_proxy_hbone_tunnels_opened",
+            "HBONE tunnels opened (one mTLS connection each, carrying many connections as \
+             streams), by direction and peer",
+            tunnels_opened.clone(),
+        );
+        let tunnels_active = Family::<ConnLabels, Gauge>::default();
+        registry.register(
+            "latch_proxy_hbone_tunnels_active",
+            "HBONE tunnels open now, by direction and peer; their streams are counted in \
+             latch_proxy_tcp_connections_active",
+            tunnels_active.clone(),
+        );
         Self {
             registry,
             svid_expiry,
@@ -243,6 +260,8 @@ impl Metrics {
             discovery_rejected,
             discovery_resources,
             discovery_reconnects,
+            tunnels_opened,
+            tunnels_active,
         }
     }
 
@@ -284,6 +303,18 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts an HBONE tunnel as open until the returned guard drops.
+    pub fn tunnel_open(&self, direction: &'static str, peer: &str) -> TunnelGauge {
+        let labels = ConnLabels {
+            direction,
+            peer: peer.to_string(),
+        };
+        self.tunnels_opened.get_or_create(&labels).inc();
+        let active = self.tunnels_active.get_or_create(&labels).clone();
+        active.inc();
+        TunnelGauge(active)
+    }
+
     /// Failures counted so far under `reason`.
     pub fn failures(&self, reason: &'static str) -> u64 {
         self.rotation_failures
@@ -294,6 +325,15 @@ impl Metrics {
     /// The registry every metric is in, for `/metrics`.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+}
+
+/// An open tunnel's place in `latch_proxy_hbone_tunnels_active`.
+pub struct TunnelGauge(Gauge);
+
+impl Drop for TunnelGauge {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -180,84 +180,106 @@ async fn connect_mesh(
     Ok(tls)
 }
 
-/// Carries `app` to `route`.
+/// Carries `app` to `route`. Each way is a future of its own on the heap, so that a connection
+/// holds the state of the way it took, not that of the largest (a TLS handshake's is kilobytes,
+/// an idle stream's a fraction of that).
 async fn forward(dp: &DataPath, app: TcpStream, route: Route) {
     match route {
         Route::Mesh {
             mesh_addr,
             id,
             target_port,
-        } if dp.tunnels.is_some() => {
-            let Some(tunnels) = &dp.tunnels else { return };
-            // The peer proxy listens on its workload's address: the destination is that
-            // address on the target port.
-            let target = SocketAddr::new(mesh_addr.ip(), target_port);
-            let Ok(stream) = tunnels.stream(dp, mesh_addr, &id, target).await else {
-                return;
-            };
-            let Some((_live, close)) = dp.track_outbound(&id, stream.peer_issued_at, target_port)
-            else {
-                tracing::warn!(peer = %id, "the server's certificate was revoked since the tunnel opened");
-                return;
-            };
-            let _guard = stream.guard;
-            dp.proxy(DIRECTION, id.to_string(), app, stream.io, &close)
-                .await;
-        }
-        Route::Mesh {
-            mesh_addr,
-            id,
-            target_port,
-        } => {
-            // A resumed session whose server certificate expired meanwhile (the ticket was
-            // issued just before the peer rotated) is dropped before any app byte is sent, so
-            // one full handshake can take its place without the app noticing.
-            let mut tls = match connect_mesh(dp, mesh_addr, &id, Handshake::Resume).await {
-                Ok(tls) => tls,
-                Err(MeshConnectError::ResumedExpired) => {
-                    match connect_mesh(dp, mesh_addr, &id, Handshake::Full).await {
-                        Ok(tls) => tls,
-                        Err(_) => return,
-                    }
-                }
-                Err(MeshConnectError::Failed) => return,
-            };
-            // The server's SVID, for revocations: one revoked later closes this connection.
-            let server = latch_identity::verifier::peer_svid(tls.get_ref().1.peer_certificates());
-            let Some((_live, close)) =
-                server.and_then(|server| dp.track_outbound(&id, server.issued_at(), target_port))
-            else {
-                dp.metrics.handshake_failed(DIRECTION, "bad_cert");
-                tracing::warn!(peer = %id, "the server's certificate is unreadable or was revoked since the handshake");
-                return;
-            };
-            if let Err(e) = (TransportHeader { target_port }).write_to(&mut tls).await {
-                dp.metrics.refused(DIRECTION, "header_write");
-                tracing::warn!(peer = %id, "sending the transport header failed: {e}");
-                return;
+        } => match &dp.tunnels {
+            Some(tunnels) => {
+                Box::pin(over_tunnel(dp, tunnels, app, mesh_addr, id, target_port)).await
             }
-            dp.proxy(DIRECTION, id.to_string(), app, tls, &close).await;
-        }
-        Route::Passthrough(destination) => match dp.connect(destination).await {
-            Ok(upstream) => {
-                dp.proxy(
-                    "passthrough",
-                    "unknown".into(),
-                    app,
-                    upstream,
-                    &dp.close_connections,
-                )
-                .await
-            }
-            Err(e) => {
-                let reason = connect_failure_reason(&e, "destination_unreachable");
-                dp.metrics.refused("passthrough", reason);
-                tracing::debug!(%destination, "passthrough connect failed: {e}");
-            }
+            None => Box::pin(over_connection(dp, app, mesh_addr, id, target_port)).await,
         },
+        Route::Passthrough(destination) => Box::pin(passthrough(dp, app, destination)).await,
         Route::Refused { reason, why } => {
             dp.metrics.refused(DIRECTION, reason);
             tracing::info!(reason, "refused outbound connection: {why}");
+        }
+    }
+}
+
+/// As a stream of a pooled HBONE tunnel to the peer proxy.
+async fn over_tunnel(
+    dp: &DataPath,
+    tunnels: &Arc<crate::hbone::Tunnels>,
+    app: TcpStream,
+    mesh_addr: SocketAddr,
+    id: SpiffeId,
+    target_port: u16,
+) {
+    // The peer proxy listens on its workload's address: the destination is that address on
+    // the target port.
+    let target = SocketAddr::new(mesh_addr.ip(), target_port);
+    // Opening a tunnel (a handshake) is the large part: on the heap only while it runs.
+    let Ok(stream) = Box::pin(tunnels.stream(dp, mesh_addr, &id, target)).await else {
+        return;
+    };
+    let Some((_live, close)) = dp.track_outbound(&id, stream.peer_issued_at, target_port) else {
+        tracing::warn!(peer = %id, "the server's certificate was revoked since the tunnel opened");
+        return;
+    };
+    let _guard = stream.guard;
+    dp.proxy(DIRECTION, id.to_string(), app, stream.io, &close)
+        .await;
+}
+
+/// Over an mTLS connection of its own (`latch/1`).
+async fn over_connection(
+    dp: &DataPath,
+    app: TcpStream,
+    mesh_addr: SocketAddr,
+    id: SpiffeId,
+    target_port: u16,
+) {
+    // A resumed session whose server certificate expired meanwhile (the ticket was issued just
+    // before the peer rotated) is dropped before any app byte is sent, so one full handshake
+    // can take its place without the app noticing.
+    let connected = match Box::pin(connect_mesh(dp, mesh_addr, &id, Handshake::Resume)).await {
+        Err(MeshConnectError::ResumedExpired) => {
+            Box::pin(connect_mesh(dp, mesh_addr, &id, Handshake::Full)).await
+        }
+        other => other,
+    };
+    let Ok(mut tls) = connected else { return };
+    // The server's SVID, for revocations: one revoked later closes this connection.
+    let server = latch_identity::verifier::peer_svid(tls.get_ref().1.peer_certificates());
+    let Some((_live, close)) =
+        server.and_then(|server| dp.track_outbound(&id, server.issued_at(), target_port))
+    else {
+        dp.metrics.handshake_failed(DIRECTION, "bad_cert");
+        tracing::warn!(peer = %id, "the server's certificate is unreadable or was revoked since the handshake");
+        return;
+    };
+    if let Err(e) = (TransportHeader { target_port }).write_to(&mut tls).await {
+        dp.metrics.refused(DIRECTION, "header_write");
+        tracing::warn!(peer = %id, "sending the transport header failed: {e}");
+        return;
+    }
+    dp.proxy(DIRECTION, id.to_string(), app, tls, &close).await;
+}
+
+/// In plain TCP to a destination outside the mesh.
+async fn passthrough(dp: &DataPath, app: TcpStream, destination: SocketAddr) {
+    match dp.connect(destination).await {
+        Ok(upstream) => {
+            dp.proxy(
+                "passthrough",
+                "unknown".into(),
+                app,
+                upstream,
+                &dp.close_connections,
+            )
+            .await
+        }
+        Err(e) => {
+            let reason = connect_failure_reason(&e, "destination_unreachable");
+            dp.metrics.refused("passthrough", reason);
+            tracing::debug!(%destination, "passthrough connect failed: {e}");
         }
     }
 }
@@ -354,5 +376,46 @@ mod tests {
         ] {
             assert!(bad.parse::<ExplicitTarget>().is_err(), "{bad}");
         }
+    }
+}
+
+#[cfg(test)]
+mod idle_state {
+    use super::*;
+    use std::future::Future;
+
+    /// The size of the future `f` returns: what its task holds for it.
+    fn size<A, F: Future>(_: impl Fn(A) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// An idle HBONE connection is its task and its copy state; what connecting needed (a TLS
+    /// handshake: kilobytes) lives on the heap only while it runs. These bounds keep it so: the
+    /// outbound task held 7.7 KiB before setup was boxed.
+    #[test]
+    fn an_idle_hbone_connection_holds_no_setup_state() {
+        let task = size(
+            |(dp, app, remote, slot): (Arc<DataPath>, TcpStream, SocketAddr, Slot)| {
+                transparent(dp, app, remote, slot)
+            },
+        )
+        .max(size(
+            |(dp, target, app, slot): (Arc<DataPath>, ExplicitTarget, TcpStream, Slot)| {
+                explicit(dp, target, app, slot)
+            },
+        ));
+        type Args<'a> = (
+            &'a DataPath,
+            &'a Arc<crate::hbone::Tunnels>,
+            TcpStream,
+            SocketAddr,
+            SpiffeId,
+        );
+        let stream =
+            size(|(dp, tunnels, app, mesh, id): Args| over_tunnel(dp, tunnels, app, mesh, id, 80));
+        assert!(task <= 1024, "outbound task: {task} bytes");
+        assert!(stream <= 2048, "outbound HBONE stream: {stream} bytes");
+        let inbound = crate::hbone::stream_future_size();
+        assert!(inbound <= 2560, "inbound HBONE stream: {inbound} bytes");
     }
 }
