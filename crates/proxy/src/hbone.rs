@@ -114,7 +114,8 @@ pub async fn serve(
                 shutting_down = true;
                 continue;
             }
-            () = closing.cancelled(), if shutting_down => return,
+            // The end of a drain, or the proxy stopping: the tunnel closes with its streams.
+            () = closing.cancelled() => return,
         };
         match next {
             Some(Ok((request, respond))) => {
