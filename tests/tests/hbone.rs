@@ -141,6 +141,45 @@ async fn a_thousand_connections_ride_on_at_most_ten_tunnels_and_each_is_its_own_
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_draining_server_finishes_open_streams_takes_no_new_ones_and_closes_the_tunnel() {
+    let h = Harness::start().await;
+    let app = byte_echo_app();
+    let (server, client) = pair(&h, app.port(), Vec::new(), true).await;
+    let entry = client.explicit_addrs[0];
+    let server_id = h.id("demo", "api");
+    let mut open = TcpStream::connect(entry).await.unwrap();
+    roundtrip(&mut open, b"before").await.unwrap();
+    assert_eq!(tunnel_count(&client, "outbound", &server_id), (1, 1));
+
+    // The server drains (SIGTERM does the same): GOAWAY on the tunnel, the listener closed.
+    let draining = tokio::spawn(server.shutdown());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    roundtrip(&mut open, b"during the drain").await.unwrap();
+    let mut late = TcpStream::connect(entry).await.unwrap();
+    assert!(
+        roundtrip(&mut late, b"too late").await.is_err(),
+        "a new connection was carried by a draining server"
+    );
+
+    // The drain ends as soon as the open stream has, well before its 10 s timeout, and the
+    // client's tunnel closes with it.
+    drop(open);
+    tokio::time::timeout(Duration::from_secs(5), draining)
+        .await
+        .expect("the drain waited for a stream that had ended")
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(2), async {
+        while tunnel_count(&client, "outbound", &server_id).1 != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the client still counts a tunnel to the drained server as open");
+    client.shutdown().await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn half_close_crosses_an_hbone_stream() {
     let h = Harness::start().await;
     let app = latch_testkit::apps::reply_after_eof_app();

@@ -77,6 +77,17 @@ fn assert_refused_as_revoked(control: &ControlProcess, svid: &Svid, token: &str)
 
 #[test]
 fn a_revoked_identity_is_cut_off_within_a_second_and_comes_back_registered_again() {
+    revoked_client_cut_off_and_back(false);
+}
+
+/// The same with the client's connections carried as HBONE streams: the revocation closes the
+/// stream, and a new stream on the tunnel is refused.
+#[test]
+fn a_revoked_client_is_cut_off_per_hbone_stream_and_comes_back_registered_again() {
+    revoked_client_cut_off_and_back(true);
+}
+
+fn revoked_client_cut_off_and_back(hbone: bool) {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let mut control = ControlProcess::new(dir, &dir.join("data"));
@@ -84,6 +95,9 @@ fn a_revoked_identity_is_cut_off_within_a_second_and_comes_back_registered_again
     let app_port = echo_app("127.0.0.1", "server");
     let server = ProxySpec::new("server", "1h");
     let mut client = ProxySpec::new("client", "1h");
+    if hbone {
+        client.flags.push("--hbone".into());
+    }
     let entry = client.to(&server, app_port);
     let _server_proxy = server.start(&control, dir);
     let mut client_proxy = client.start(&control, dir);
@@ -186,6 +200,17 @@ fn assert_logs_name(dir: &Path, line: &str) {
 
 #[test]
 fn revoking_a_server_closes_the_connections_clients_hold_to_it() {
+    revoked_server_cut_off(false);
+}
+
+/// The same over HBONE: the client closes its streams to the revoked server, and a new
+/// connection is refused although the tunnel to it is still open.
+#[test]
+fn revoking_a_server_closes_the_hbone_streams_clients_hold_to_it() {
+    revoked_server_cut_off(true);
+}
+
+fn revoked_server_cut_off(hbone: bool) {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let mut control = ControlProcess::new(dir, &dir.join("data"));
@@ -193,6 +218,9 @@ fn revoking_a_server_closes_the_connections_clients_hold_to_it() {
     let app_port = echo_app("127.0.0.1", "server");
     let server = ProxySpec::new("server", "1h");
     let mut client = ProxySpec::new("client", "1h");
+    if hbone {
+        client.flags.push("--hbone".into());
+    }
     let entry = client.to(&server, app_port);
     let _server_proxy = server.start(&control, dir);
     let client_proxy = client.start(&control, dir);
