@@ -67,7 +67,13 @@ impl Handshake<TcpStream> for MtlsHandshake {
         &self,
         tcp: TcpStream,
     ) -> impl Future<Output = std::io::Result<TlsStream<TcpStream>>> + Send {
-        tokio_rustls::TlsAcceptor::from(self.0.tls.server()).accept(tcp)
+        let (dp, started) = (self.0.clone(), std::time::Instant::now());
+        let accept = tokio_rustls::TlsAcceptor::from(self.0.tls.server()).accept(tcp);
+        async move {
+            let tls = accept.await?;
+            dp.metrics.handshake_took(DIRECTION, started.elapsed());
+            Ok(tls)
+        }
     }
 
     fn failed(&self, _listener: &'static str, remote: &dyn fmt::Debug, failure: HandshakeFailure) {

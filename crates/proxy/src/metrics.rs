@@ -5,6 +5,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -42,6 +43,16 @@ pub struct HandshakeLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: &'static str,
+}
+
+/// Handshake durations: 0.5 ms to about 1 s, doubling.
+fn handshake_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 12))
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabel {
     /// The resource type's short name: "MeshConfig", "Workload", "Service",
     /// "AuthorizationPolicy" (or "unknown").
@@ -62,6 +73,7 @@ pub struct Metrics {
     pub bytes_received: Family<ConnLabels, Counter>,
     pub handshake_failures: Family<FailureLabels, Counter>,
     pub handshakes: Family<HandshakeLabels, Counter>,
+    pub handshake_duration: Family<DirectionLabel, Histogram, fn() -> Histogram>,
     pub connections_refused: Family<FailureLabels, Counter>,
     pub accept_errors: Family<AcceptLabels, Counter>,
     pub authorization_denials: Family<ConnLabels, Counter>,
@@ -108,6 +120,16 @@ impl Metrics {
         let handshake_failures = Family::<FailureLabels, Counter>::default();
         let handshakes = Family::<HandshakeLabels, Counter>::default();
         let connections_refused = Family::<FailureLabels, Counter>::default();
+        let handshake_duration =
+            Family::<DirectionLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                handshake_histogram,
+            );
+        registry.register(
+            "latch_proxy_tls_handshake_duration_seconds",
+            "Completed mTLS handshakes between proxies: inbound from the accepted TCP connection \
+             to the finished handshake, outbound from the connected TCP connection",
+            handshake_duration.clone(),
+        );
         let authorization_denials = Family::<ConnLabels, Counter>::default();
         for (name, help, metric) in [
             (
@@ -248,6 +270,7 @@ impl Metrics {
             bytes_received,
             handshake_failures,
             handshakes,
+            handshake_duration,
             connections_refused,
             accept_errors,
             authorization_denials,
@@ -275,6 +298,13 @@ impl Metrics {
         self.handshake_failures
             .get_or_create(&FailureLabels { direction, reason })
             .inc();
+    }
+
+    /// Records how long a completed handshake took.
+    pub fn handshake_took(&self, direction: &'static str, took: std::time::Duration) {
+        self.handshake_duration
+            .get_or_create(&DirectionLabel { direction })
+            .observe(took.as_secs_f64());
     }
 
     /// Counts a completed handshake; returns whether it was resumed.

@@ -138,6 +138,7 @@ async fn connect_mesh(
         }
     };
     let connector = tokio_rustls::TlsConnector::from(config);
+    let started = std::time::Instant::now();
     let handshake = tokio::time::timeout(
         dp.limits.handshake_timeout,
         connector.connect(dp.tls.session_name(id), tcp),
@@ -157,6 +158,7 @@ async fn connect_mesh(
             return Err(MeshConnectError::Failed);
         }
     };
+    dp.metrics.handshake_took(DIRECTION, started.elapsed());
     let conn = tls.get_ref().1;
     let resumed = dp.metrics.handshake_done(DIRECTION, conn.handshake_kind());
     let expected = latch_identity::ExpectedPeer::Exactly(id.clone());
