@@ -230,6 +230,19 @@ impl DataPath {
         self
     }
 
+    /// `resolve`, after an on-demand lookup of a destination the snapshot does not know
+    /// (bounded by the lookup timeout; counted by result). The first connection to a
+    /// destination is then routed exactly as the later ones.
+    pub async fn resolve_on_demand(&self, destination: SocketAddr) -> (Route, Option<ActiveGuard>) {
+        if let Some(result) = self.mesh.wait_for(destination.ip()).await {
+            self.metrics.lookup(result);
+            if result == "timeout" {
+                tracing::warn!(%destination, "no answer from discovery about this destination in time; following the outbound policy");
+            }
+        }
+        self.resolve(destination)
+    }
+
     /// Where a connection to `destination` goes under the current snapshot; for a service
     /// endpoint, also the guard that counts the connection against it.
     pub fn resolve(&self, destination: SocketAddr) -> (Route, Option<ActiveGuard>) {

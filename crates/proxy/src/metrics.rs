@@ -13,6 +13,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnLabels {
     /// "inbound", "inbound_plaintext", "outbound" or "passthrough".
     pub direction: &'static str,
@@ -74,6 +79,8 @@ pub struct Metrics {
     pub discovery_rejected: Family<TypeLabel, Counter>,
     pub discovery_resources: Family<TypeLabel, Counter>,
     pub discovery_reconnects: Counter,
+    /// On-demand lookups of destinations, by result.
+    pub discovery_lookups: Family<ResultLabel, Counter>,
 }
 
 impl Metrics {
@@ -210,7 +217,7 @@ impl Metrics {
         let discovery_resources = Family::<TypeLabel, Counter>::default();
         registry.register(
             "latch_proxy_discovery_resources_received",
-            "Resources and removals received in applied discovery responses, by resource type",
+            "Resources received, and held resources removed, in applied discovery responses, by resource type",
             discovery_resources.clone(),
         );
         let discovery_reconnects = Counter::default();
@@ -218,6 +225,14 @@ impl Metrics {
             "latch_proxy_discovery_reconnects",
             "Discovery streams re-opened after a failure or an end",
             discovery_reconnects.clone(),
+        );
+        let discovery_lookups = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "latch_proxy_discovery_lookups",
+            "On-demand lookups of a destination the proxy did not know, by result: found, \
+             not_found (the mesh has no such address), timeout (no answer in time; the \
+             connection followed the outbound policy), discovery_down (no stream open to ask)",
+            discovery_lookups.clone(),
         );
         Self {
             registry,
@@ -243,7 +258,15 @@ impl Metrics {
             discovery_rejected,
             discovery_resources,
             discovery_reconnects,
+            discovery_lookups,
         }
+    }
+
+    /// Counts an on-demand lookup that ended with `result`.
+    pub fn lookup(&self, result: &'static str) {
+        self.discovery_lookups
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     pub fn failed(&self, reason: &'static str) {

@@ -278,7 +278,7 @@ pub async fn explicit(dp: Arc<DataPath>, target: ExplicitTarget, app: TcpStream,
             forward(&dp, app, route).await;
         }
         ExplicitDestination::Routed(destination) => {
-            let (route, _endpoint) = dp.resolve(destination);
+            let (route, _endpoint) = dp.resolve_on_demand(destination).await;
             let route = match route {
                 Route::Passthrough(addr) if addr == destination => Route::Refused {
                     reason: "not_in_mesh",
@@ -315,7 +315,7 @@ pub async fn transparent(dp: Arc<DataPath>, app: TcpStream, remote: SocketAddr, 
         return;
     }
     // The guard counts the connection against the chosen service endpoint while it lasts.
-    let (route, _endpoint) = dp.resolve(destination);
+    let (route, _endpoint) = dp.resolve_on_demand(destination).await;
     forward(&dp, app, route).await;
 }
 
