@@ -120,7 +120,7 @@ struct Row {
     connect: Duration,
     /// Encoded response bytes per proxy up to the first sync.
     sync_bytes_per_proxy: f64,
-    /// Proxies that received the workload change (those using the workload).
+    /// Proxies that received anything after the workload change (most of any change).
     workload_receivers: usize,
     rss_per_proxy_kib: f64,
     workload_change: Vec<Duration>,
@@ -264,13 +264,22 @@ fn start_control(dir: &Path, config: &Path) -> Result<Control> {
         .arg(config)
         .args(["--listen", &grpc])
         .args(["--admin", &format!("127.0.0.1:{admin_port}")])
-        .args(["--max-connections", "20000"]);
+        .args(["--max-connections", "20000"])
+        // Every simulated proxy connects from 127.0.0.1.
+        .args(["--max-connections-per-source", "20000"]);
     let log = dir.join("latch-control.log");
     let mut proc = crate::spawn("latch-control", command, &log)
         .context("starting latch-control (cargo build --release --bins)")?;
     wait_port(grpc_port, Duration::from_secs(60))
         .with_context(|| format!("latch-control did not start:\n{}", log_tail(&log)))?;
+    // The port is bound before the CA writes bundle.pem: wait for the whole start-up.
+    let started = latch_testkit::wait_for(Duration::from_secs(60), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("control plane started"))
+    });
     proc.check_running()?;
+    if !started {
+        bail!("latch-control did not finish starting:\n{}", log_tail(&log));
+    }
     let bundle = TrustBundle::from_pem(&std::fs::read(data_dir.join("bundle.pem"))?)?;
     Ok(Control { proc, grpc, bundle })
 }
@@ -397,15 +406,15 @@ async fn connect_proxy(
 }
 
 /// Edits the file, then waits until every proxy in `expected` has ACKed a response after the
-/// edit and the streams have been quiet for a moment. Returns write-to-last-ACK (of any proxy)
-/// and the items received.
+/// edit and the streams have been quiet for a moment. Returns write-to-last-ACK (of any proxy),
+/// the items received and how many proxies received anything.
 async fn measure_change(
     config: &Path,
     text: &str,
     stats: &[Arc<ProxyStats>],
     expected: &[usize],
     epoch: Instant,
-) -> Result<(Duration, u64)> {
+) -> Result<(Duration, u64, usize)> {
     let before: Vec<u64> = stats
         .iter()
         .map(|s| s.responses.load(Ordering::Relaxed))
@@ -435,9 +444,15 @@ async fn measure_change(
         .max()
         .unwrap_or(0);
     let items_after: u64 = stats.iter().map(|s| s.items.load(Ordering::Relaxed)).sum();
+    let receivers = stats
+        .iter()
+        .zip(&before)
+        .filter(|(s, b)| s.responses.load(Ordering::Relaxed) > **b)
+        .count();
     Ok((
         Duration::from_nanos(last).saturating_sub(written),
         items_after - items_before,
+        receivers,
     ))
 }
 
@@ -504,8 +519,9 @@ async fn run_one(proxies: usize, mode: Mode, changes: usize) -> Result<Row> {
     let mut policy_change = Vec::new();
     let mut items = 0;
     let cpu_before = control.proc.cpu_time()?;
+    let mut workload_receivers = 0;
     for c in 1..=changes {
-        let (elapsed, received) = measure_change(
+        let (elapsed, received, receivers) = measure_change(
             &config,
             &config_yaml(proxies, c, c - 1),
             &stats,
@@ -514,8 +530,9 @@ async fn run_one(proxies: usize, mode: Mode, changes: usize) -> Result<Row> {
         )
         .await?;
         workload_change.push(elapsed);
+        workload_receivers = workload_receivers.max(receivers);
         items += received;
-        let (elapsed, received) =
+        let (elapsed, received, _) =
             measure_change(&config, &config_yaml(proxies, c, c), &stats, &all, epoch).await?;
         policy_change.push(elapsed);
         items += received;
@@ -529,7 +546,7 @@ async fn run_one(proxies: usize, mode: Mode, changes: usize) -> Result<Row> {
         mode,
         connect,
         sync_bytes_per_proxy: sync_bytes as f64 / proxies as f64,
-        workload_receivers: users.len(),
+        workload_receivers,
         rss_per_proxy_kib: (rss_after - rss_before) * 1024.0 / proxies as f64,
         workload_change,
         policy_change,
@@ -627,6 +644,15 @@ mod tests {
     }
 
     #[test]
+    fn each_proxy_talks_to_ten_services_starting_with_its_own() {
+        assert_eq!(destinations(0, 1000), (0..10).collect::<Vec<_>>());
+        let last = destinations(999, 1000);
+        assert_eq!(last.len(), 10);
+        assert!(last.contains(&99) && last.contains(&0) && last.contains(&8));
+        assert_eq!(destinations(5, 30), [0, 1, 2], "no more than there are");
+    }
+
+    #[test]
     fn options() {
         use clap::Parser;
         let parse = |args: &[&str]| {
@@ -636,7 +662,16 @@ mod tests {
             panic!("discovery options parse");
         };
         assert_eq!(o.proxies, [10, 20]);
+        assert_eq!(
+            o.modes,
+            [Mode::Wildcard, Mode::OnDemand],
+            "both, side by side"
+        );
         assert!(!o.write_docs);
+        let Ok(crate::Bench::Discovery(o)) = parse(&["--modes", "on-demand"]) else {
+            panic!("one mode parses");
+        };
+        assert_eq!(o.modes, [Mode::OnDemand]);
         assert!(parse(&["--changes", "0"]).is_err());
         assert!(parse(&["--bogus"]).is_err());
     }

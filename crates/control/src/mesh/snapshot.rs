@@ -621,6 +621,44 @@ mod tests {
     }
 
     #[test]
+    fn subscription_names_resolve_through_the_indexes() {
+        let s = build(BASE, None);
+        let resolve = |ty: ResourceType, name: &str| {
+            let mut map = ResourceMap::new();
+            let known = s.resolve_into(ty, name, &mut map);
+            (known, map.keys().map(|k| k.to_string()).collect::<Vec<_>>())
+        };
+        let (w, v) = (ResourceType::Workload, ResourceType::Service);
+        let table: [(ResourceType, &str, bool, &[&str]); 9] = [
+            (w, "10.0.0.2", true, &["demo/web"]),
+            // A VIP is no workload, but brings the service's endpoint workloads.
+            (w, "10.96.0.10", false, &["demo/api"]),
+            (v, "10.96.0.10", true, &["demo/api"]),
+            (v, "10.0.0.3", false, &[]),
+            (w, "10.0.0.99", false, &[]),
+            (w, "demo/api", true, &["demo/api"]),
+            (v, "demo/api", true, &["demo/api"]),
+            (v, "demo/nope", false, &[]),
+            (ResourceType::MeshConfig, "10.0.0.2", false, &[]),
+        ];
+        for (ty, name, known, names) in table {
+            assert_eq!(
+                resolve(ty, name),
+                (known, names.iter().map(|n| n.to_string()).collect()),
+                "{ty:?} {name}"
+            );
+        }
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let mut own = ResourceMap::new();
+        s.own_workloads_into(
+            &SpiffeId::workload(&td, "demo", "web").unwrap(),
+            "",
+            &mut own,
+        );
+        assert_eq!(own.keys().map(|k| &**k).collect::<Vec<_>>(), ["demo/web"]);
+    }
+
+    #[test]
     fn callers_see_the_policies_selecting_their_workloads() {
         let yaml = "workloads:\n\
             \x20 - {name: web, namespace: demo, service_account: web, ips: [10.0.0.2], labels: {app: web}}\n\
