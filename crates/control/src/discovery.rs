@@ -280,6 +280,9 @@ struct DeltaStream {
     /// Per type: the names subscribed on demand, `None` for a wildcard subscription (and
     /// before the first request of that type).
     demand: [Option<BTreeSet<Box<str>>>; 4],
+    /// The services an on-demand Workload set was resolved through (by VIP): a change to one
+    /// of them may change which endpoint workloads the stream sees.
+    via_services: Vec<Arc<str>>,
     /// Per type, for the sets this stream selects itself (policies, on-demand types): the
     /// maps the held set was selected from; while both are current, it cannot have changed.
     basis: [[Weak<ResourceMap>; 2]; 4],
@@ -325,6 +328,7 @@ impl DeltaStream {
             current,
             held: [None, None, None, None],
             demand: [None, None, None, None],
+            via_services: Vec::new(),
             basis: Default::default(),
             nonce: 0,
             metrics,
@@ -430,11 +434,97 @@ impl DeltaStream {
         if ty == ResourceType::Workload {
             self.current
                 .own_workloads_into(&self.caller.id, &self.node_id, &mut map);
+            let mut via = ResourceMap::new();
+            for name in names {
+                self.current
+                    .resolve_into(ResourceType::Service, name, &mut via);
+            }
+            self.via_services = via.into_keys().collect();
         }
         for name in names {
             self.current.resolve_into(ty, name, &mut map);
         }
         ResourceSet::Own(map)
+    }
+
+    /// For an on-demand type whose input maps changed since its set was selected: true when
+    /// the snapshot's deltas show that nothing this stream sees or could see changed (the
+    /// common case: most changes concern workloads other proxies talk to), so the set stays
+    /// and only its basis moves on. O(changed resources), not O(subscriptions) or O(mesh).
+    fn unaffected(&self, ty: ResourceType) -> bool {
+        let kinds = match ty {
+            ResourceType::Workload => [ResourceType::Workload, ResourceType::Service],
+            ResourceType::Service => [ResourceType::Service, ResourceType::Service],
+            _ => return false,
+        };
+        let (Some(names), Some(held)) = (&self.demand[ty.index()], &self.held[ty.index()]) else {
+            return false;
+        };
+        let inputs = self.inputs(ty);
+        for ((map, basis), kind) in inputs.iter().zip(&self.basis[ty.index()]).zip(kinds) {
+            if std::ptr::eq(Arc::as_ptr(map), basis.as_ptr()) {
+                continue;
+            }
+            // A stream that skipped a snapshot cannot tell from the last delta alone.
+            let Some(delta) = self.current.delta(kind) else {
+                return false;
+            };
+            if !std::ptr::eq(delta.from.as_ptr(), basis.as_ptr()) {
+                return false;
+            }
+            let touched = delta.changed.iter().map(|r| &r.name).chain(&delta.removed);
+            for name in touched {
+                if held.map().contains_key(name) || names.contains(&**name) {
+                    return false;
+                }
+                if kind == ResourceType::Workload && self.might_see_workload(name, names) {
+                    return false;
+                }
+                if kind == ResourceType::Service && self.might_see_service(name, names) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Whether workload `name` (as it is now) is one of the caller's own or sits at an
+    /// address this stream subscribed to or behind a service it resolved.
+    fn might_see_workload(&self, name: &str, names: &BTreeSet<Box<str>>) -> bool {
+        if name == self.node_id {
+            return true;
+        }
+        let Some(w) = self.current.model.workloads.get(name) else {
+            return false;
+        };
+        w.spiffe_id == self.caller.id
+            || w.ips.iter().any(|ip| {
+                names
+                    .iter()
+                    .any(|n| n.parse::<std::net::IpAddr>() == Ok(*ip))
+                    || self.via_services.iter().any(|s| {
+                        self.current
+                            .model
+                            .services
+                            .get(&**s)
+                            .is_some_and(|s| s.endpoints.contains(ip))
+                    })
+            })
+    }
+
+    /// Whether service `name` (as it is now, or as it was when resolved) is one this stream
+    /// resolved or has a VIP it subscribed to.
+    fn might_see_service(&self, name: &Arc<str>, names: &BTreeSet<Box<str>>) -> bool {
+        if self.via_services.contains(name) {
+            return true;
+        }
+        self.current.model.services.get(&**name).is_some_and(|s| {
+            s.vips.iter().any(|vip| {
+                names
+                    .iter()
+                    .any(|n| n.parse::<std::net::IpAddr>() == Ok(*vip))
+            })
+        })
     }
 
     /// The maps that decide what a self-selected set of `ty` holds.
@@ -654,6 +744,10 @@ impl DeltaStream {
             if self.held[ty.index()].is_none()
                 || (self.selects_own(ty) && self.selection_current(ty))
             {
+                continue;
+            }
+            if self.unaffected(ty) {
+                self.basis[ty.index()] = self.inputs(ty).map(Arc::downgrade);
                 continue;
             }
             let visible = self.visible(ty);

@@ -1216,3 +1216,40 @@ async fn on_demand_subscriptions_are_bounded_and_wildcard_only_types_refuse_name
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("wildcard"), "{status:?}");
 }
+
+#[tokio::test]
+async fn a_workload_appearing_behind_a_subscribed_vip_is_pushed_and_others_are_not() {
+    // The service lists its endpoint by address; no workload is there yet.
+    let base = "\
+workloads:
+  - {name: web, namespace: demo, service_account: web, ips: [10.0.0.2], labels: {app: web}}
+services:
+  - {name: db, namespace: demo, vips: [10.96.0.20], ports: [{port: 5432}], endpoints: [10.0.0.7]}
+";
+    let plane = Plane::start(Some(base)).await;
+    let mut web = plane.proxy("demo", "web", "demo/web").await;
+    let first = web.sync_on_demand(&["10.96.0.20"], &empty()).await;
+    assert_eq!(names(&first[1]), ["demo/web"]);
+    assert_eq!(names(&first[2]), ["demo/db"]);
+
+    // A workload nobody asked about: nothing is sent.
+    let elsewhere = base.replace(
+        "services:\n",
+        "  - {name: other, namespace: demo, service_account: other, ips: [10.0.0.8]}\nservices:\n",
+    );
+    plane.edit(&elsewhere);
+    web.expect_quiet().await;
+    // The endpoint's workload is created: the service did not change, but web can now mesh
+    // to it, so it is pushed.
+    plane.edit(&elsewhere.replace(
+        "services:\n",
+        "  - {name: db, namespace: demo, service_account: db, ips: [10.0.0.7]}\nservices:\n",
+    ));
+    let push = web.recv().await;
+    assert_eq!(
+        (push.type_url.as_str(), names(&push)),
+        (WORKLOAD, vec!["demo/db"])
+    );
+    web.ack(&push).await;
+    web.expect_quiet().await;
+}
