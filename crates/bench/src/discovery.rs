@@ -126,7 +126,11 @@ struct Row {
     workload_change: Vec<Duration>,
     policy_change: Vec<Duration>,
     items_per_proxy: f64,
-    cpu_per_change: Duration,
+    /// Control-plane CPU per workload change and per policy change.
+    cpu_workload: Duration,
+    cpu_policy: Duration,
+    /// Control-plane CPU per proxy for its handshake, stream and first sync.
+    cpu_connect: Duration,
 }
 
 pub async fn run(options: Options) -> Result<()> {
@@ -468,6 +472,7 @@ async fn run_one(proxies: usize, mode: Mode, changes: usize) -> Result<Row> {
 
     let epoch = Instant::now();
     let stats: Vec<Arc<ProxyStats>> = (0..proxies).map(|_| Arc::default()).collect();
+    let cpu_connect_before = control.proc.cpu_time()?;
     let started = Instant::now();
     let mut streams = Vec::new();
     let mut pending = Vec::new();
@@ -502,6 +507,7 @@ async fn run_one(proxies: usize, mode: Mode, changes: usize) -> Result<Row> {
         streams.push(task.await??);
     }
     let connect = started.elapsed();
+    let cpu_connect = control.proc.cpu_time()?.saturating_sub(cpu_connect_before);
     let sync_bytes: u64 = stats.iter().map(|s| s.bytes.load(Ordering::Relaxed)).sum();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after = control.proc.rss_mib()?;
@@ -518,9 +524,10 @@ async fn run_one(proxies: usize, mode: Mode, changes: usize) -> Result<Row> {
     let mut workload_change = Vec::new();
     let mut policy_change = Vec::new();
     let mut items = 0;
-    let cpu_before = control.proc.cpu_time()?;
+    let (mut cpu_workload, mut cpu_policy) = (Duration::ZERO, Duration::ZERO);
     let mut workload_receivers = 0;
     for c in 1..=changes {
+        let cpu_before = control.proc.cpu_time()?;
         let (elapsed, received, receivers) = measure_change(
             &config,
             &config_yaml(proxies, c, c - 1),
@@ -529,15 +536,17 @@ async fn run_one(proxies: usize, mode: Mode, changes: usize) -> Result<Row> {
             epoch,
         )
         .await?;
+        let cpu_between = control.proc.cpu_time()?;
+        cpu_workload += cpu_between.saturating_sub(cpu_before);
         workload_change.push(elapsed);
         workload_receivers = workload_receivers.max(receivers);
         items += received;
         let (elapsed, received, _) =
             measure_change(&config, &config_yaml(proxies, c, c), &stats, &all, epoch).await?;
+        cpu_policy += control.proc.cpu_time()?.saturating_sub(cpu_between);
         policy_change.push(elapsed);
         items += received;
     }
-    let cpu = control.proc.cpu_time()?.saturating_sub(cpu_before);
     for stream in &streams {
         stream.abort();
     }
@@ -551,7 +560,9 @@ async fn run_one(proxies: usize, mode: Mode, changes: usize) -> Result<Row> {
         workload_change,
         policy_change,
         items_per_proxy: items as f64 / (proxies * changes * 2) as f64,
-        cpu_per_change: cpu / u32::try_from(changes * 2).unwrap_or(1),
+        cpu_workload: cpu_workload / u32::try_from(changes).unwrap_or(1),
+        cpu_policy: cpu_policy / u32::try_from(changes).unwrap_or(1),
+        cpu_connect: cpu_connect / u32::try_from(proxies).unwrap_or(1),
     })
 }
 
@@ -589,13 +600,13 @@ fn markdown(rows: &[Row], options: &Options) -> String {
         options.changes,
     );
     out.push_str(
-        "| proxies | mode | connect + first sync, s | first sync, KiB per proxy | workload change → last ACK (median / p99), ms | proxies receiving it | policy change → last ACK (median / p99), ms | resources per proxy per change | control-plane CPU per change, ms | control-plane memory per connected proxy, KiB |\n",
+        "| proxies | mode | connect + first sync, s | first sync, KiB per proxy | workload change → last ACK (median / p99), ms | proxies receiving it | policy change → last ACK (median / p99), ms | resources per proxy per change | control-plane CPU per workload / policy change, ms | control-plane CPU per connect + first sync, µs | control-plane memory per connected proxy, KiB |\n",
     );
-    out.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    out.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for row in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {:.1} | {:.1} | {} / {} | {} | {} / {} | {:.2} | {} | {:.1} |",
+            "| {} | {} | {:.1} | {:.1} | {} / {} | {} | {} / {} | {:.2} | {} / {} | {} | {:.1} |",
             row.proxies,
             row.mode.label(),
             row.connect.as_secs_f64(),
@@ -606,7 +617,9 @@ fn markdown(rows: &[Row], options: &Options) -> String {
             ms(quantile(&row.policy_change, 0.5)),
             ms(quantile(&row.policy_change, 0.99)),
             row.items_per_proxy,
-            ms(row.cpu_per_change),
+            ms(row.cpu_workload),
+            ms(row.cpu_policy),
+            row.cpu_connect.as_micros(),
             row.rss_per_proxy_kib,
         );
     }
