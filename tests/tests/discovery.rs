@@ -453,7 +453,7 @@ fn a_first_connection_to_a_destination_never_heard_of_is_meshed() {
     let b = net.add_pod("b");
     let c = net.add_pod("c");
     let nginx = b.start_nginx(BODY);
-    let control = PodControlPlane::start_with(&net, &pods_yaml(&[("a", &a), ("b", &b)], ""));
+    let mut control = PodControlPlane::start_with(&net, &pods_yaml(&[("a", &a), ("b", &b)], ""));
     let proxy_b = control.mesh_discovered(&b);
     let proxy_a = control.mesh_discovered(&a);
     let logs = || logs(&[&proxy_a, &proxy_b, &nginx, &control.process]);
@@ -521,6 +521,54 @@ fn a_first_connection_to_a_destination_never_heard_of_is_meshed() {
     assert_eq!(
         a.proxy_metric("latch_proxy_discovery_lookups", &["result=\"timeout\""]),
         0.0
+    );
+
+    // The control plane goes away. What a's proxy knows keeps routing (b meshed, c in clear),
+    // but an address it never asked about is refused rather than sent in clear: it might be a
+    // meshed peer (d here is merely unknown to the mesh, and never reached).
+    let d = net.add_pod("d");
+    let d_nginx = d.start_nginx_on(&["80"], "served by d in clear");
+    assert!(
+        control.process.interrupt(Duration::from_secs(10)),
+        "latch-control stops"
+    );
+    let logs = || latch_testkit::netns::logs(&[&proxy_a, &proxy_b, &nginx, &d_nginx]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while a.proxy_metric("latch_proxy_discovery_connected", &[]) != 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a's proxy never saw the stream end\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        a.curl(&format!("http://{b_ip}/")).as_deref(),
+        Ok(BODY),
+        "{}",
+        logs()
+    );
+    assert_eq!(
+        a.curl(&format!("http://{}/", c.ip())).as_deref(),
+        Ok("served by c in clear")
+    );
+    let refused = a.curl(&format!("http://{}/", d.ip()));
+    assert!(refused.is_err(), "d was reached in clear: {refused:?}");
+    assert_eq!(
+        a.proxy_metric(
+            "latch_proxy_discovery_lookups",
+            &["result=\"discovery_down\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        a.proxy_metric(
+            "latch_proxy_tcp_connections_refused",
+            &["reason=\"discovery_unanswered\""]
+        ),
+        1.0,
+        "{}",
+        logs()
     );
     drop(plain);
 }

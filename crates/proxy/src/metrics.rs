@@ -231,7 +231,8 @@ impl Metrics {
             "latch_proxy_discovery_lookups",
             "On-demand lookups of a destination the proxy did not know, by result: found, \
              not_found (the mesh has no such address), timeout (no answer in time; the \
-             connection followed the outbound policy), discovery_down (no stream open to ask)",
+             connection followed the outbound policy), discovery_down (no stream open to ask), \
+             table_full (2,048 addresses subscribed already: not looked up)",
             discovery_lookups.clone(),
         );
         Self {

@@ -340,9 +340,11 @@ impl MeshState {
         // Receivers first, so an answer recorded after `want` is not missed.
         let mut answers = demand.answered.subscribe();
         let mut changes = self.changes.subscribe();
-        if demand.want(ip) {
+        match demand.want(ip) {
             // Answered before: the mesh has no such destination (negative, still fresh).
-            return None;
+            Want::Answered => return None,
+            Want::Full => return Some("table_full"),
+            Want::Waiting => {}
         }
         if !demand.is_connected() {
             // No stream to answer: asked again once one is open; this connection goes on.
@@ -404,6 +406,23 @@ impl Default for DemandConfig {
             negative_ttl: Duration::from_secs(30),
         }
     }
+}
+
+/// Addresses a proxy holds subscribed at most (the control plane takes 4,096 per stream).
+/// An app that connects to more distinct unknown addresses within their expiry (a scan)
+/// makes the extra connections follow the outbound policy at once, without a lookup, rather
+/// than growing this table or having the control plane end the stream.
+pub const MAX_LOOKUPS: usize = 2048;
+
+/// What `Demand::want` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// Answered before; the snapshot says the rest.
+    Answered,
+    /// Asked for (now or by an earlier connection); the answer is pending.
+    Waiting,
+    /// The table is full: not looked up.
+    Full,
 }
 
 /// Where a looked-up address stands.
@@ -487,10 +506,13 @@ impl Demand {
         }
     }
 
-    /// Asks for `ip` (marking it used). True when it was answered already.
-    fn want(&self, ip: IpAddr) -> bool {
+    /// Asks for `ip` (marking it used).
+    fn want(&self, ip: IpAddr) -> Want {
         let now = Instant::now();
         let mut entries = self.entries();
+        if entries.len() >= MAX_LOOKUPS && !entries.contains_key(&ip) {
+            return Want::Full;
+        }
         let entry = entries.entry(ip).or_insert(DemandEntry {
             lookup: Lookup::Wanted,
             last_used: now,
@@ -503,7 +525,11 @@ impl Demand {
         if new {
             self.wanted.notify_one();
         }
-        answered
+        if answered {
+            Want::Answered
+        } else {
+            Want::Waiting
+        }
     }
 
     fn is_answered(&self, ip: IpAddr) -> bool {
@@ -901,11 +927,12 @@ mod tests {
             [pinned],
             "configured destinations at start"
         );
-        assert!(
-            !demand.want(ip("10.0.0.2")),
-            "a new address waits for its answer"
+        assert_eq!(
+            demand.want(ip("10.0.0.2")),
+            Want::Waiting,
+            "a new one waits"
         );
-        assert!(!demand.want(ip("10.0.0.9")));
+        assert_eq!(demand.want(ip("10.0.0.9")), Want::Waiting);
         assert_eq!(demand.take_wanted(), [ip("10.0.0.2"), ip("10.0.0.9")]);
         assert!(demand.take_wanted().is_empty(), "sent once");
         // The Workload answer: 10.0.0.2 is a workload, 10.0.0.9 is no workload's address.
@@ -930,7 +957,11 @@ mod tests {
             "its Workload answer is missing"
         );
         assert_eq!(demand.record_answer(true, &none, |_| false), 0);
-        assert!(demand.want(ip("10.0.0.9")), "answered: no second lookup");
+        assert_eq!(
+            demand.want(ip("10.0.0.9")),
+            Want::Answered,
+            "no second lookup"
+        );
 
         // The unknown one goes after negative_ttl, the known one after idle_timeout, the
         // configured one never.
