@@ -397,6 +397,10 @@ impl DeltaStream {
             }
         };
         self.metrics.discovery_streams.dec();
+        let names: usize = self.demand.iter().flatten().map(BTreeSet::len).sum();
+        self.metrics
+            .discovery_subscriptions
+            .dec_by(i64::try_from(names).unwrap_or(i64::MAX));
         self.acks.close(self.stream_id);
         let node = self.node_label().to_string();
         match ended {
@@ -633,6 +637,9 @@ impl DeltaStream {
             }
             let mut names = BTreeSet::new();
             add_names(&mut names, subscribe)?;
+            self.metrics
+                .discovery_subscriptions
+                .inc_by(i64::try_from(names.len()).unwrap_or(i64::MAX));
             self.demand[ty.index()] = Some(names);
         }
         let visible = self.visible(ty);
@@ -704,12 +711,18 @@ impl DeltaStream {
             tracing::debug!(r#type = ty.label(), "repeated subscribe ignored");
             return Ok(());
         };
+        let held_before = names.len();
         for name in &request.resource_names_unsubscribe {
             names.remove(name.as_str());
         }
         let before = names.len();
-        add_names(names, &request.resource_names_subscribe)?;
-        let added = names.len() - before;
+        let added = add_names(names, &request.resource_names_subscribe);
+        let after = names.len();
+        self.metrics.discovery_subscriptions.inc_by(
+            i64::try_from(after).unwrap_or(i64::MAX) - i64::try_from(held_before).unwrap_or(0),
+        );
+        added?;
+        let added = after - before;
         let visible = self.visible(ty);
         let Some(held) = &self.held[ty.index()] else {
             return Ok(());

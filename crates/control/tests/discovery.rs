@@ -1095,6 +1095,11 @@ async fn an_on_demand_proxy_learns_its_own_workload_then_each_address_it_looks_u
     assert_eq!(names(&workloads), ["demo/api"]);
     assert_eq!(services.removed_resources, ["10.0.0.3"]);
     web.expect_quiet().await;
+    assert_eq!(
+        plane.cp.metrics.discovery_subscriptions.get(),
+        6,
+        "three names on each of two types"
+    );
 
     // db changes: web never looked it up and hears nothing.
     let db_relabelled = mesh_with_db().replace("labels: {app: db}", "labels: {app: db, v: \"2\"}");
@@ -1131,6 +1136,7 @@ async fn an_on_demand_proxy_learns_its_own_workload_then_each_address_it_looks_u
     assert_eq!(services.removed_resources, ["demo/api"]);
     let [workloads, _] = web.look_up(&[], &["10.0.0.3", "10.0.0.99"]).await;
     assert_eq!(workloads.removed_resources, ["demo/api", "demo/newcomer"]);
+    assert_eq!(plane.cp.metrics.discovery_subscriptions.get(), 0);
 }
 
 #[tokio::test]
