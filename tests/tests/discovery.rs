@@ -2,7 +2,8 @@
 //! learning the mesh from it over the delta xDS stream, and traffic between them. Workloads get
 //! their own loopback addresses (127.0.0.X), so the proxies route by destination IP exactly as
 //! with transparent capture. The network-namespace versions (capture, policies, VIPs) are in
-//! netns.rs.
+//! netns.rs; the on-demand tests here use them too, since a destination never heard of is one
+//! the app connects to through the capture, not one named by a flag.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -16,7 +17,11 @@ use latch_proto::{mesh, type_url};
 use latch_testkit::Harness;
 use latch_testkit::admin::{metric, wait_ready};
 use latch_testkit::apps::{Load, call, echo_app};
-use latch_testkit::loopback_mesh::{Member, free_port, start_member, workloads_yaml};
+use latch_testkit::loopback_mesh::{
+    Member, free_port, start_member, start_member_with, workloads_yaml,
+};
+use latch_testkit::netns::{Pod, PodControlPlane, TestNet, logs, require_netns_with};
+use latch_testkit::spiffe_id;
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, mpsc};
@@ -35,19 +40,37 @@ async fn a_yaml_change_reaches_every_connected_proxy() {
         .collect();
     let all: Vec<&Member> = members.iter().collect();
     let harness = Harness::start_with_mesh(&workloads_yaml(&all)).await;
+    // p1 subscribes to the whole mesh (--discovery-wildcard); p2 and p3 learn on demand and
+    // are configured to reach 10.9.9.9:80, an address the mesh does not know yet.
     let mut proxies = Vec::new();
-    for m in &members {
-        proxies.push(start_member(&harness, m, &[]).await);
+    for (i, m) in members.iter().enumerate() {
+        let proxy = if i == 0 {
+            start_member_with(&harness, m, &[], None, |config| {
+                if let Some(discovery) = config.discovery.as_mut() {
+                    discovery.wildcard = true;
+                }
+            })
+            .await
+        } else {
+            start_member(&harness, m, &[format!("{}:0=10.9.9.9:80", m.ip)]).await
+        };
+        proxies.push(proxy);
     }
     let newcomer: IpAddr = "10.9.9.9".parse().unwrap();
+    let p2: IpAddr = [127, 0, 0, 22].into();
+    assert!(
+        proxies[0].mesh.load().peers.contains_key(&p2),
+        "the wildcard proxy knows every workload"
+    );
+    assert!(
+        proxies[1].mesh.load().peers.contains_key(&p2),
+        "a proxy knows its own workload"
+    );
+    assert!(
+        !proxies[2].mesh.load().peers.contains_key(&p2),
+        "an on-demand proxy does not learn workloads it never asked for"
+    );
     for proxy in &proxies {
-        assert!(
-            proxy
-                .mesh
-                .load()
-                .peers
-                .contains_key(&IpAddr::from([127, 0, 0, 22]))
-        );
         assert!(!proxy.mesh.load().peers.contains_key(&newcomer));
     }
 
@@ -396,4 +419,237 @@ async fn a_malformed_resource_is_nacked_and_routing_keeps_the_last_good_snapshot
     );
     drop(server_proxy);
     cancel.cancel();
+}
+
+/// A mesh config listing `pods` (demo/<pod>, service account and label app = the pod's name)
+/// at their addresses, then `rest`.
+fn pods_yaml(pods: &[(&str, &Pod)], rest: &str) -> String {
+    let mut out = String::from("workloads:\n");
+    for (name, pod) in pods {
+        out.push_str(&format!(
+            "  - name: {name}\n    namespace: demo\n    service_account: {name}\n    ips: [\"{}\"]\n    labels: {{app: {name}}}\n",
+            pod.ip()
+        ));
+    }
+    out + rest
+}
+
+/// What the proxy in `pod` knows of the mesh (its /debug/config, read on the pod's loopback).
+fn known(pod: &Pod) -> serde_json::Value {
+    let text = pod
+        .curl("http://127.0.0.1:15020/debug/config")
+        .unwrap_or_else(|e| panic!("/debug/config of {}: {e}", pod.name));
+    serde_json::from_str(&text).expect("/debug/config is JSON")
+}
+
+#[test]
+fn a_first_connection_to_a_destination_never_heard_of_is_meshed() {
+    if !require_netns_with(&["tshark"]) {
+        return;
+    }
+    const BODY: &str = "served by b, on-demand-marker";
+    let net = TestNet::new("ondemand");
+    let a = net.add_pod("a");
+    let b = net.add_pod("b");
+    let c = net.add_pod("c");
+    let nginx = b.start_nginx(BODY);
+    let mut control = PodControlPlane::start_with(&net, &pods_yaml(&[("a", &a), ("b", &b)], ""));
+    let proxy_b = control.mesh_discovered(&b);
+    let proxy_a = control.mesh_discovered(&a);
+    let logs = || logs(&[&proxy_a, &proxy_b, &nginx, &control.process]);
+    let b_ip = b.ip().to_string();
+    assert!(
+        known(&a)["workloads"].get(&b_ip).is_none(),
+        "a's proxy knew b before any connection: {}",
+        known(&a)
+    );
+
+    let capture = b.capture();
+    let reply = a.curl(&format!("http://{b_ip}/"));
+    let pcap = capture.stop();
+    assert_eq!(reply.as_deref(), Ok(BODY), "{}", logs());
+    pcap.assert_mesh_only(15008, 80, BODY);
+    let b_label = format!("peer=\"{}\"", spiffe_id("b"));
+    let a_label = format!("peer=\"{}\"", spiffe_id("a"));
+    assert_eq!(
+        a.proxy_metric(
+            "latch_proxy_tcp_connections_opened",
+            &["direction=\"outbound\"", &b_label]
+        ),
+        1.0,
+        "the first connection went over mTLS to b's identity\n{}",
+        logs()
+    );
+    assert_eq!(
+        b.proxy_metric(
+            "latch_proxy_tcp_connections_opened",
+            &["direction=\"inbound\"", &a_label]
+        ),
+        1.0,
+        "{}",
+        logs()
+    );
+    assert_eq!(
+        a.proxy_metric("latch_proxy_discovery_lookups", &["result=\"found\""]),
+        1.0
+    );
+    assert_eq!(
+        known(&a)["workloads"][&b_ip]["spiffe_id"],
+        spiffe_id("b"),
+        "{}",
+        known(&a)
+    );
+
+    // An address the mesh does not know: answered as such, and the connection passes
+    // through (the outbound policy) in plain TCP to c, unmeshed.
+    let plain = c.start_nginx_on(&["80"], "served by c in clear");
+    let reply = a.curl(&format!("http://{}/", c.ip()));
+    assert_eq!(reply.as_deref(), Ok("served by c in clear"), "{}", logs());
+    assert_eq!(
+        a.proxy_metric("latch_proxy_discovery_lookups", &["result=\"not_found\""]),
+        1.0
+    );
+    // Answered once: the next connection does not ask again.
+    assert_eq!(
+        a.curl(&format!("http://{}/", c.ip())).as_deref(),
+        Ok("served by c in clear")
+    );
+    assert_eq!(
+        a.proxy_metric("latch_proxy_discovery_lookups", &["result=\"not_found\""]),
+        1.0
+    );
+    assert_eq!(
+        a.proxy_metric("latch_proxy_discovery_lookups", &["result=\"timeout\""]),
+        0.0
+    );
+
+    // The control plane goes away. What a's proxy knows keeps routing (b meshed, c in clear),
+    // but an address it never asked about is refused rather than sent in clear: it might be a
+    // meshed peer (d here is merely unknown to the mesh, and never reached).
+    let d = net.add_pod("d");
+    let d_nginx = d.start_nginx_on(&["80"], "served by d in clear");
+    assert!(
+        control.process.interrupt(Duration::from_secs(10)),
+        "latch-control stops"
+    );
+    let logs = || latch_testkit::netns::logs(&[&proxy_a, &proxy_b, &nginx, &d_nginx]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while a.proxy_metric("latch_proxy_discovery_connected", &[]) != 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a's proxy never saw the stream end\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        a.curl(&format!("http://{b_ip}/")).as_deref(),
+        Ok(BODY),
+        "{}",
+        logs()
+    );
+    assert_eq!(
+        a.curl(&format!("http://{}/", c.ip())).as_deref(),
+        Ok("served by c in clear")
+    );
+    let refused = a.curl(&format!("http://{}/", d.ip()));
+    assert!(refused.is_err(), "d was reached in clear: {refused:?}");
+    assert_eq!(
+        a.proxy_metric(
+            "latch_proxy_discovery_lookups",
+            &["result=\"discovery_down\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        a.proxy_metric(
+            "latch_proxy_tcp_connections_refused",
+            &["reason=\"discovery_unanswered\""]
+        ),
+        1.0,
+        "{}",
+        logs()
+    );
+    drop(plain);
+}
+
+#[test]
+fn a_destination_that_moves_is_followed_by_the_next_connection() {
+    if !require_netns_with(&[]) {
+        return;
+    }
+    const VIP: &str = "10.96.0.10";
+    let net = TestNet::new("moves");
+    let a = net.add_pod("a");
+    let home = net.add_pod("web");
+    let away = net.add_pod("web2");
+    let servers = [
+        home.start_nginx("served in the first pod"),
+        away.start_nginx("served in the second pod"),
+    ];
+    let service = format!(
+        "services:\n  - name: web\n    namespace: demo\n    vips: [\"{VIP}\"]\n    ports: [{{port: 80, target_port: 80}}]\n    selector: {{app: web}}\n"
+    );
+    let control =
+        PodControlPlane::start_with(&net, &pods_yaml(&[("a", &a), ("web", &home)], &service));
+    let proxy_home = control.mesh_discovered(&home);
+    // The workload's next home runs a proxy with the same identity, demo/web.
+    let proxy_away = control.start_proxy_as(&away, "web", &[]);
+    control.capture(&away);
+    let proxy_a = control.mesh_discovered(&a);
+    let logs = || {
+        logs(&[
+            &proxy_a,
+            &proxy_home,
+            &proxy_away,
+            &servers[0],
+            &servers[1],
+            &control.process,
+        ])
+    };
+    let url = format!("http://{VIP}/");
+    assert_eq!(
+        a.curl(&url).as_deref(),
+        Ok("served in the first pod"),
+        "{}",
+        logs()
+    );
+
+    // demo/web moves: its IP is now the second pod's.
+    let applied =
+        |pod: &Pod| pod.proxy_metric("latch_proxy_discovery_responses_applied", &["Workload"]);
+    let before = applied(&a);
+    control.write_config(&pods_yaml(&[("a", &a), ("web", &away)], &service));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while applied(&a) <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a's proxy never heard that web moved\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        a.curl(&url).as_deref(),
+        Ok("served in the second pod"),
+        "{}",
+        logs()
+    );
+    let web_label = format!("peer=\"{}\"", spiffe_id("web"));
+    assert_eq!(
+        a.proxy_metric(
+            "latch_proxy_tcp_connections_opened",
+            &["direction=\"outbound\"", &web_label]
+        ),
+        2.0,
+        "both connections were meshed to web's identity\n{}",
+        logs()
+    );
+    assert_eq!(
+        away.proxy_metric(
+            "latch_proxy_tcp_connections_opened",
+            &["direction=\"inbound\""]
+        ),
+        1.0
+    );
 }

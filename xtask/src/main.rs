@@ -41,8 +41,8 @@ fn main() -> Result<()> {
                  JWT-SVIDs issued per second: signing, control plane, Workload API\n  \
                  bench mesh [--quick] [--reps N] [--seconds S]\n                     \
                  Latch vs stunnel, HAProxy and no proxy (root: installs tools, private netns)\n  \
-                 bench discovery [--proxies 1000,5000] [--changes N]\n                     \
-                 a config change reaching every connected proxy; memory per proxy\n  \
+                 bench discovery [--proxies 1000,5000,10000] [--modes wildcard,on-demand] [--changes N]\n                     \
+                 wildcard vs on-demand proxies: sync, a change to the last ACK, memory per proxy\n  \
                  bench handshake [--handshakes N] [--rounds R]\n                     \
                  full mTLS handshakes with and without ML-KEM: bytes and CPU\n  \
                  bench load [--idle N] [--rate R] [--seconds S]\n                     \

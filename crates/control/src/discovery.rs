@@ -1,8 +1,11 @@
 //! The delta xDS server (`AggregatedDiscoveryService.DeltaAggregatedResources`): authenticates
 //! each proxy by its SVID, then keeps one task per stream that answers subscriptions and pushes
-//! only what changed in the mesh. Per-stream state is a few pointers into the shared snapshot
-//! plus the caller's visible policies. `ControlPlane::start` mounts it on the gRPC server.
+//! only what changed in what that stream sees. A wildcard subscriber sees the whole mesh (a few
+//! pointers into the shared snapshot); an on-demand one sees its own workload plus what it
+//! subscribed to by name (addresses), so its state grows with its subscriptions, not with the
+//! mesh. `ControlPlane::start` mounts it on the gRPC server.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -46,6 +49,12 @@ const FINAL_SEND_TIMEOUT: Duration = Duration::from_secs(1);
 /// type 275 KiB of control-plane memory per proxy, 16 KiB parts 91 KiB, 4 KiB parts 67 KiB
 /// (tonic's encoder starts at 8 KiB, so smaller parts no longer shrink it).
 pub const MAX_RESPONSE_BYTES: usize = 4 * 1024;
+/// Names one stream may hold subscribed per type (on demand). A proxy subscribes to the
+/// destinations its app talks to and drops idle ones; this bounds what one caller can make
+/// the control plane hold.
+pub const MAX_SUBSCRIPTIONS_PER_TYPE: usize = 4096;
+/// Longest subscription name accepted (an IP address or `<namespace>/<name>`).
+const MAX_SUBSCRIPTION_NAME: usize = 256;
 
 /// The gRPC service.
 /// Which trust bundle the proxy on each open stream has acknowledged (the ACK of a MeshConfig
@@ -268,9 +277,15 @@ struct DeltaStream {
     current: Arc<MeshSnapshot>,
     /// Per type (by `ResourceType::index`): what the proxy holds, `None` before it subscribes.
     held: [Option<ResourceSet>; 4],
-    /// The workload and policy maps the held policies were selected from; while both are
-    /// current, the selection cannot have changed.
-    policy_basis: [Weak<ResourceMap>; 2],
+    /// Per type: the names subscribed on demand, `None` for a wildcard subscription (and
+    /// before the first request of that type).
+    demand: [Option<BTreeSet<Box<str>>>; 4],
+    /// The services an on-demand Workload set was resolved through (by VIP): a change to one
+    /// of them may change which endpoint workloads the stream sees.
+    via_services: Vec<Arc<str>>,
+    /// Per type, for the sets this stream selects itself (policies, on-demand types): the
+    /// maps the held set was selected from; while both are current, it cannot have changed.
+    basis: [[Weak<ResourceMap>; 2]; 4],
     nonce: u64,
     metrics: Arc<Metrics>,
     acks: Arc<BundleAcks>,
@@ -312,7 +327,9 @@ impl DeltaStream {
             snapshots,
             current,
             held: [None, None, None, None],
-            policy_basis: [Weak::new(), Weak::new()],
+            demand: [None, None, None, None],
+            via_services: Vec::new(),
+            basis: Default::default(),
             nonce: 0,
             metrics,
             acks,
@@ -380,6 +397,10 @@ impl DeltaStream {
             }
         };
         self.metrics.discovery_streams.dec();
+        let names: usize = self.demand.iter().flatten().map(BTreeSet::len).sum();
+        self.metrics
+            .discovery_subscriptions
+            .dec_by(i64::try_from(names).unwrap_or(i64::MAX));
         self.acks.close(self.stream_id);
         let node = self.node_label().to_string();
         match ended {
@@ -399,34 +420,142 @@ impl DeltaStream {
         }
     }
 
-    /// What the caller may see of `ty` in the current snapshot.
+    /// What the caller may see of `ty` in the current snapshot: the whole shared map for a
+    /// wildcard subscription, otherwise its own selection (policies that select it; for an
+    /// on-demand type its own workloads and what its subscribed names resolve to).
     fn visible(&mut self, ty: ResourceType) -> ResourceSet {
-        match ty {
-            ResourceType::AuthorizationPolicy => {
-                self.policy_basis = self.policy_inputs().map(Arc::downgrade);
-                ResourceSet::Own(
-                    self.current
-                        .visible_policies(&self.caller.id, &self.node_id),
-                )
+        self.basis[ty.index()] = self.inputs(ty).map(Arc::downgrade);
+        if ty == ResourceType::AuthorizationPolicy {
+            return ResourceSet::Own(
+                self.current
+                    .visible_policies(&self.caller.id, &self.node_id),
+            );
+        }
+        let Some(names) = &self.demand[ty.index()] else {
+            return ResourceSet::Shared(self.current.resources(ty).clone());
+        };
+        let mut map = ResourceMap::new();
+        if ty == ResourceType::Workload {
+            self.current
+                .own_workloads_into(&self.caller.id, &self.node_id, &mut map);
+            let mut via = ResourceMap::new();
+            for name in names {
+                self.current
+                    .resolve_into(ResourceType::Service, name, &mut via);
             }
-            _ => ResourceSet::Shared(self.current.resources(ty).clone()),
+            self.via_services = via.into_keys().collect();
+        }
+        for name in names {
+            self.current.resolve_into(ty, name, &mut map);
+        }
+        ResourceSet::Own(map)
+    }
+
+    /// For an on-demand type whose input maps changed since its set was selected: true when
+    /// the snapshot's deltas show that nothing this stream sees or could see changed (the
+    /// common case: most changes concern workloads other proxies talk to), so the set stays
+    /// and only its basis moves on. O(changed resources), not O(subscriptions) or O(mesh).
+    fn unaffected(&self, ty: ResourceType) -> bool {
+        let kinds = match ty {
+            ResourceType::Workload => [ResourceType::Workload, ResourceType::Service],
+            ResourceType::Service => [ResourceType::Service, ResourceType::Service],
+            _ => return false,
+        };
+        let (Some(names), Some(held)) = (&self.demand[ty.index()], &self.held[ty.index()]) else {
+            return false;
+        };
+        let inputs = self.inputs(ty);
+        for ((map, basis), kind) in inputs.iter().zip(&self.basis[ty.index()]).zip(kinds) {
+            if std::ptr::eq(Arc::as_ptr(map), basis.as_ptr()) {
+                continue;
+            }
+            // A stream that skipped a snapshot cannot tell from the last delta alone.
+            let Some(delta) = self.current.delta(kind) else {
+                return false;
+            };
+            if !std::ptr::eq(delta.from.as_ptr(), basis.as_ptr()) {
+                return false;
+            }
+            let touched = delta.changed.iter().map(|r| &r.name).chain(&delta.removed);
+            for name in touched {
+                if held.map().contains_key(name) || names.contains(&**name) {
+                    return false;
+                }
+                if kind == ResourceType::Workload && self.might_see_workload(name, names) {
+                    return false;
+                }
+                if kind == ResourceType::Service && self.might_see_service(name, names) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Whether workload `name` (as it is now) is one of the caller's own or sits at an
+    /// address this stream subscribed to or behind a service it resolved.
+    fn might_see_workload(&self, name: &str, names: &BTreeSet<Box<str>>) -> bool {
+        if name == self.node_id {
+            return true;
+        }
+        let Some(w) = self.current.model.workloads.get(name) else {
+            return false;
+        };
+        w.spiffe_id == self.caller.id
+            || w.ips.iter().any(|ip| {
+                names
+                    .iter()
+                    .any(|n| n.parse::<std::net::IpAddr>() == Ok(*ip))
+                    || self.via_services.iter().any(|s| {
+                        self.current
+                            .model
+                            .services
+                            .get(&**s)
+                            .is_some_and(|s| s.endpoints.contains(ip))
+                    })
+            })
+    }
+
+    /// Whether service `name` (as it is now, or as it was when resolved) is one this stream
+    /// resolved or has a VIP it subscribed to.
+    fn might_see_service(&self, name: &Arc<str>, names: &BTreeSet<Box<str>>) -> bool {
+        if self.via_services.contains(name) {
+            return true;
+        }
+        self.current.model.services.get(&**name).is_some_and(|s| {
+            s.vips.iter().any(|vip| {
+                names
+                    .iter()
+                    .any(|n| n.parse::<std::net::IpAddr>() == Ok(*vip))
+            })
+        })
+    }
+
+    /// The maps that decide what a self-selected set of `ty` holds.
+    fn inputs(&self, ty: ResourceType) -> [&Arc<ResourceMap>; 2] {
+        let of = |t| self.current.resources(t);
+        match ty {
+            ResourceType::AuthorizationPolicy => [
+                of(ResourceType::Workload),
+                of(ResourceType::AuthorizationPolicy),
+            ],
+            // Through a VIP, a service's endpoints decide which workloads are sent.
+            ResourceType::Workload => [of(ResourceType::Workload), of(ResourceType::Service)],
+            other => [of(other), of(other)],
         }
     }
 
-    /// The maps that decide which policies the caller sees.
-    fn policy_inputs(&self) -> [&Arc<ResourceMap>; 2] {
-        [
-            self.current.resources(ResourceType::Workload),
-            self.current.resources(ResourceType::AuthorizationPolicy),
-        ]
+    /// True when the held self-selected set of `ty` was selected from the current maps.
+    fn selection_current(&self, ty: ResourceType) -> bool {
+        self.inputs(ty)
+            .iter()
+            .zip(&self.basis[ty.index()])
+            .all(|(map, basis)| std::ptr::eq(Arc::as_ptr(map), basis.as_ptr()))
     }
 
-    /// True when the held policies were selected from the current maps.
-    fn policies_current(&self) -> bool {
-        self.policy_inputs()
-            .iter()
-            .zip(&self.policy_basis)
-            .all(|(map, basis)| std::ptr::eq(Arc::as_ptr(map), basis.as_ptr()))
+    /// True when the stream selects its own set of `ty` (rather than holding the shared map).
+    fn selects_own(&self, ty: ResourceType) -> bool {
+        ty == ResourceType::AuthorizationPolicy || self.demand[ty.index()].is_some()
     }
 
     /// `system_version_info` for `set` of type `ty`.
@@ -489,21 +618,34 @@ impl DeltaStream {
             }
             return Ok(());
         }
-        if request
-            .resource_names_subscribe
-            .iter()
-            .chain(&request.resource_names_unsubscribe)
-            .any(|name| name != "*")
-        {
-            return Err(Ended::Refused(Status::invalid_argument(
-                "only wildcard subscriptions are served: send resource_names_subscribe empty",
-            )));
-        }
         if self.held[ty.index()].is_some() {
-            tracing::debug!(r#type = ty.label(), "repeated subscribe ignored");
-            return Ok(());
+            return self.resubscribe(ty, &request).await;
+        }
+        let subscribe = &request.resource_names_subscribe;
+        // xDS: a first request naming nothing (or naming "*") is a wildcard subscription;
+        // naming resources, or unsubscribing "*", asks for those names only.
+        let wildcard = subscribe.iter().any(|n| n == "*")
+            || (subscribe.is_empty()
+                && !request.resource_names_unsubscribe.iter().any(|n| n == "*"));
+        let mut unknown = Vec::new();
+        if !wildcard {
+            if !ty.on_demand() {
+                return Err(Ended::Refused(Status::invalid_argument(format!(
+                    "{} is served by wildcard only: send resource_names_subscribe empty",
+                    ty.label()
+                ))));
+            }
+            let mut names = BTreeSet::new();
+            add_names(&mut names, subscribe)?;
+            self.metrics
+                .discovery_subscriptions
+                .inc_by(i64::try_from(names.len()).unwrap_or(i64::MAX));
+            self.demand[ty.index()] = Some(names);
         }
         let visible = self.visible(ty);
+        if let Some(names) = &self.demand[ty.index()] {
+            unknown = self.unknown_names(ty, names.iter().map(|n| &**n));
+        }
         let initial = &request.initial_resource_versions;
         let changed: Vec<Arc<VersionedResource>> = visible
             .map()
@@ -511,11 +653,12 @@ impl DeltaStream {
             .filter(|r| initial.get(&*r.name) != Some(&r.version))
             .cloned()
             .collect();
-        let removed = initial
+        let mut removed: Vec<Arc<str>> = initial
             .keys()
             .filter(|name| !visible.map().contains_key(name.as_str()))
             .map(|name| Arc::from(name.as_str()))
             .collect();
+        removed.extend(unknown);
         let version = self.set_version(ty, &visible);
         self.held[ty.index()] = Some(visible);
         if ty == ResourceType::MeshConfig && changed.is_empty() {
@@ -526,12 +669,98 @@ impl DeltaStream {
         self.send(ty, changed, removed, version).await
     }
 
+    /// The names among `names` that stand for nothing of `ty` now: sent in `removed_resources`
+    /// in answer to a subscription, so the proxy knows the mesh has no such destination.
+    fn unknown_names<'a>(
+        &self,
+        ty: ResourceType,
+        names: impl Iterator<Item = &'a str>,
+    ) -> Vec<Arc<str>> {
+        let mut scratch = ResourceMap::new();
+        names
+            .filter(|name| {
+                scratch.clear();
+                !self.current.resolve_into(ty, name, &mut scratch)
+            })
+            .map(Arc::from)
+            .collect()
+    }
+
+    /// A later request of a type already subscribed: on-demand names added or dropped. Every
+    /// such request is answered, even when nothing changed, so the proxy knows its lookup was
+    /// seen: the resources each new name resolves to (sent again when already held) or the
+    /// name in `removed_resources` when it stands for nothing.
+    async fn resubscribe(
+        &mut self,
+        ty: ResourceType,
+        request: &DeltaDiscoveryRequest,
+    ) -> Result<(), Ended> {
+        let Some(names) = self.demand[ty.index()].as_mut() else {
+            if request
+                .resource_names_subscribe
+                .iter()
+                .chain(&request.resource_names_unsubscribe)
+                .any(|name| name != "*")
+            {
+                return Err(Ended::Refused(Status::invalid_argument(format!(
+                    "this stream subscribed to every {} (wildcard); names cannot be added or \
+                     dropped: open a new stream that names them from the start",
+                    ty.label()
+                ))));
+            }
+            tracing::debug!(r#type = ty.label(), "repeated subscribe ignored");
+            return Ok(());
+        };
+        let held_before = names.len();
+        for name in &request.resource_names_unsubscribe {
+            names.remove(name.as_str());
+        }
+        let before = names.len();
+        let added = add_names(names, &request.resource_names_subscribe);
+        let after = names.len();
+        self.metrics.discovery_subscriptions.inc_by(
+            i64::try_from(after).unwrap_or(i64::MAX) - i64::try_from(held_before).unwrap_or(0),
+        );
+        added?;
+        let added = after - before;
+        let visible = self.visible(ty);
+        let Some(held) = &self.held[ty.index()] else {
+            return Ok(());
+        };
+        let (mut changed, mut removed) = diff(held.map(), visible.map());
+        let new_names = &request.resource_names_subscribe;
+        let mut answer = ResourceMap::new();
+        for name in new_names {
+            self.current.resolve_into(ty, name, &mut answer);
+        }
+        for resource in answer.into_values() {
+            if !changed.iter().any(|c| c.name == resource.name) {
+                changed.push(resource);
+            }
+        }
+        removed.extend(self.unknown_names(ty, new_names.iter().map(String::as_str)));
+        tracing::debug!(
+            node = self.node_label(),
+            r#type = ty.label(),
+            added,
+            dropped = request.resource_names_unsubscribe.len(),
+            "on-demand subscriptions changed"
+        );
+        let version = self.set_version(ty, &visible);
+        self.held[ty.index()] = Some(visible);
+        self.send(ty, changed, removed, version).await
+    }
+
     /// Sends every subscribed type's changes since what the proxy holds.
     async fn push(&mut self) -> Result<(), Ended> {
         for ty in ResourceType::ALL {
             if self.held[ty.index()].is_none()
-                || (ty == ResourceType::AuthorizationPolicy && self.policies_current())
+                || (self.selects_own(ty) && self.selection_current(ty))
             {
+                continue;
+            }
+            if self.unaffected(ty) {
+                self.basis[ty.index()] = self.inputs(ty).map(Arc::downgrade);
                 continue;
             }
             let visible = self.visible(ty);
@@ -642,4 +871,26 @@ impl DeltaStream {
             .inc();
         Ok(())
     }
+}
+
+/// Adds the subscription `names` to `into` ("*" is not a name here), within the per-stream
+/// bounds.
+fn add_names(into: &mut BTreeSet<Box<str>>, names: &[String]) -> Result<(), Ended> {
+    for name in names.iter().filter(|n| *n != "*") {
+        if name.is_empty() || name.len() > MAX_SUBSCRIPTION_NAME {
+            return Err(Ended::Refused(Status::invalid_argument(format!(
+                "subscription name of {} bytes: a name is an IP address or <namespace>/<name>, \
+                 1 to {MAX_SUBSCRIPTION_NAME} bytes",
+                name.len()
+            ))));
+        }
+        into.insert(name.as_str().into());
+        if into.len() > MAX_SUBSCRIPTIONS_PER_TYPE {
+            return Err(Ended::Refused(Status::resource_exhausted(format!(
+                "more than {MAX_SUBSCRIPTIONS_PER_TYPE} names subscribed on one stream for one \
+                 type; a proxy unsubscribes the destinations it no longer uses"
+            ))));
+        }
+    }
+    Ok(())
 }

@@ -73,6 +73,8 @@ pub struct Metrics {
     pub ca_expiry: Gauge,
     pub ca_certificate_expiry: Family<CaCertLabel, Gauge>,
     pub discovery_streams: Gauge,
+    /// Names subscribed on demand, all streams and types together.
+    pub discovery_subscriptions: Gauge,
     pub discovery_responses: Family<TypeLabel, Counter>,
     pub discovery_nacks: Family<CallerLabel, Counter>,
     pub config_reloads: Family<ResultLabel, Counter>,
@@ -126,6 +128,12 @@ impl Metrics {
             ca_certificate_expiry.clone(),
         );
         let discovery_streams = Gauge::default();
+        let discovery_subscriptions = Gauge::default();
+        registry.register(
+            "latch_control_discovery_subscriptions",
+            "Resource names subscribed on demand now (addresses or names), all streams and types",
+            discovery_subscriptions.clone(),
+        );
         let discovery_responses = Family::<TypeLabel, Counter>::default();
         let discovery_nacks = Family::<CallerLabel, Counter>::default();
         let config_reloads = Family::<ResultLabel, Counter>::default();
@@ -198,6 +206,7 @@ impl Metrics {
             ca_expiry,
             ca_certificate_expiry,
             discovery_streams,
+            discovery_subscriptions,
             discovery_responses,
             discovery_nacks,
             config_reloads,

@@ -270,6 +270,66 @@ impl Proxy {
         }
     }
 
+    /// Subscribes on demand: MeshConfig and policies with the wildcard, Workload and Service
+    /// by `names` (none: "*" unsubscribed), holding `initial`; checks one answer per type in
+    /// order, ACKs each, and returns them.
+    async fn sync_on_demand(
+        &mut self,
+        names: &[&str],
+        initial: &[Versions; 4],
+    ) -> Vec<DeltaDiscoveryResponse> {
+        for (type_url, held) in ALL.iter().zip(initial) {
+            let mut request = DeltaDiscoveryRequest {
+                node: Some(Node {
+                    id: self.node.clone(),
+                    cluster: String::new(),
+                }),
+                type_url: type_url.to_string(),
+                initial_resource_versions: held.clone(),
+                ..Default::default()
+            };
+            if [WORKLOAD, SERVICE].contains(type_url) {
+                request.resource_names_subscribe = names.iter().map(|n| n.to_string()).collect();
+                if names.is_empty() {
+                    request.resource_names_unsubscribe = vec!["*".into()];
+                }
+            }
+            self.send(request).await;
+        }
+        let mut responses = Vec::new();
+        for type_url in ALL {
+            let response = self.recv().await;
+            assert_eq!(
+                response.type_url, type_url,
+                "one response per type, in order"
+            );
+            self.ack(&response).await;
+            responses.push(response);
+        }
+        responses
+    }
+
+    /// Adds and drops on-demand names of Workload and Service; returns the two answers (ACKed).
+    async fn look_up(&mut self, add: &[&str], drop: &[&str]) -> [DeltaDiscoveryResponse; 2] {
+        let strings = |v: &[&str]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        for type_url in [WORKLOAD, SERVICE] {
+            self.send(DeltaDiscoveryRequest {
+                type_url: type_url.to_string(),
+                resource_names_subscribe: strings(add),
+                resource_names_unsubscribe: strings(drop),
+                ..Default::default()
+            })
+            .await;
+        }
+        let workloads = self.recv().await;
+        assert_eq!(workloads.type_url, WORKLOAD);
+        self.ack(&workloads).await;
+        let services = self.recv().await;
+        assert_eq!(services.type_url, SERVICE);
+        self.ack(&services).await;
+        [workloads, services]
+    }
+
     /// Subscribes to all four types (holding `initial`), checks one answer per type in
     /// order, ACKs each, and returns them.
     async fn sync(&mut self, initial: &[Versions; 4]) -> Vec<DeltaDiscoveryResponse> {
@@ -990,4 +1050,212 @@ async fn a_revoked_proxy_loses_its_stream_and_cannot_open_another() {
         tonic::Code::PermissionDenied,
         "discovery refused: spiffe://cluster.local/ns/demo/sa/web was revoked",
     );
+}
+
+/// MESH with a third workload, db, that web never talks to.
+fn mesh_with_db() -> String {
+    MESH.replace(
+        "services:\n",
+        "  - {name: db, namespace: demo, service_account: db, ips: [10.0.0.4], labels: {app: db}}\nservices:\n",
+    )
+}
+
+#[tokio::test]
+async fn an_on_demand_proxy_learns_its_own_workload_then_each_address_it_looks_up() {
+    let plane = Plane::start(Some(&mesh_with_db())).await;
+    let mut web = plane.proxy("demo", "web", "demo/web").await;
+    let first = web.sync_on_demand(&[], &empty()).await;
+    assert_eq!(names(&first[0]), [latch_proto::MESH_CONFIG_NAME]);
+    assert_eq!(
+        names(&first[1]),
+        ["demo/web"],
+        "only its own workload at start"
+    );
+    assert!(first[2].resources.is_empty(), "no service at start");
+    assert_eq!(names(&first[3]), ["demo/all-demo", "demo/web-from-ops"]);
+
+    // A VIP: the service, and its endpoint workload so the connection can be meshed; the VIP
+    // is no workload's address, which the Workload answer says by naming it as removed.
+    let [workloads, services] = web.look_up(&["10.96.0.10"], &[]).await;
+    assert_eq!(names(&workloads), ["demo/api"]);
+    assert_eq!(workloads.removed_resources, ["10.96.0.10"]);
+    assert_eq!(names(&services), ["demo/api"]);
+    assert!(services.removed_resources.is_empty());
+    // An address the mesh does not know: answered as such on both types.
+    let [workloads, services] = web.look_up(&["10.0.0.99"], &[]).await;
+    assert!(workloads.resources.is_empty() && services.resources.is_empty());
+    assert_eq!(workloads.removed_resources, ["10.0.0.99"]);
+    assert_eq!(services.removed_resources, ["10.0.0.99"]);
+    assert!(
+        !workloads.system_version_info.is_empty(),
+        "a complete answer"
+    );
+    // api's own IP, already held through the VIP: sent again, so the lookup has its answer.
+    let [workloads, services] = web.look_up(&["10.0.0.3"], &[]).await;
+    assert_eq!(names(&workloads), ["demo/api"]);
+    assert_eq!(services.removed_resources, ["10.0.0.3"]);
+    web.expect_quiet().await;
+    assert_eq!(
+        plane.cp.metrics.discovery_subscriptions.get(),
+        6,
+        "three names on each of two types"
+    );
+
+    // db changes: web never looked it up and hears nothing.
+    let db_relabelled = mesh_with_db().replace("labels: {app: db}", "labels: {app: db, v: \"2\"}");
+    plane.edit(&db_relabelled);
+    web.expect_quiet().await;
+    // api changes: web, subscribed to it, gets it.
+    let api_relabelled =
+        db_relabelled.replace("labels: {app: api}", "labels: {app: api, v: \"2\"}");
+    plane.edit(&api_relabelled);
+    let push = web.recv().await;
+    assert_eq!(
+        (push.type_url.as_str(), names(&push)),
+        (WORKLOAD, vec!["demo/api"])
+    );
+    web.ack(&push).await;
+    web.expect_quiet().await;
+    // A workload appears at the unknown address web asked about: it is pushed.
+    let with_newcomer = api_relabelled.replace(
+        "services:\n",
+        "  - {name: newcomer, namespace: demo, service_account: newcomer, ips: [10.0.0.99]}\nservices:\n",
+    );
+    plane.edit(&with_newcomer);
+    let push = web.recv().await;
+    assert_eq!(
+        (push.type_url.as_str(), names(&push)),
+        (WORKLOAD, vec!["demo/newcomer"])
+    );
+    web.ack(&push).await;
+    web.expect_quiet().await;
+
+    // Dropping the VIP keeps api (still subscribed by its IP) but drops the service.
+    let [workloads, services] = web.look_up(&[], &["10.96.0.10"]).await;
+    assert!(workloads.resources.is_empty() && workloads.removed_resources.is_empty());
+    assert_eq!(services.removed_resources, ["demo/api"]);
+    let [workloads, _] = web.look_up(&[], &["10.0.0.3", "10.0.0.99"]).await;
+    assert_eq!(workloads.removed_resources, ["demo/api", "demo/newcomer"]);
+    assert_eq!(plane.cp.metrics.discovery_subscriptions.get(), 0);
+}
+
+#[tokio::test]
+async fn a_policy_change_reaches_only_the_on_demand_proxies_it_selects() {
+    let plane = Plane::start(Some(MESH)).await;
+    let mut web = plane.proxy("demo", "web", "demo/web").await;
+    let mut api = plane.proxy("demo", "api", "demo/api").await;
+    web.sync_on_demand(&[], &empty()).await;
+    api.sync_on_demand(&[], &empty()).await;
+    plane.edit(&MESH.replace("ports: [8080]", "ports: [8081]"));
+    let push = web.recv().await;
+    assert_eq!(
+        (push.type_url.as_str(), names(&push)),
+        (AUTHORIZATION_POLICY, vec!["demo/web-from-ops"])
+    );
+    web.ack(&push).await;
+    api.expect_quiet().await;
+    web.expect_quiet().await;
+}
+
+#[tokio::test]
+async fn an_on_demand_proxy_reconnecting_with_its_names_and_versions_receives_nothing_it_has() {
+    let plane = Plane::start(Some(MESH)).await;
+    let id = plane.id("demo", "web");
+    let mut web = plane.proxy("demo", "web", "demo/web").await;
+    let first = web.sync_on_demand(&["10.96.0.10"], &empty()).await;
+    assert_eq!(names(&first[1]), ["demo/api", "demo/web"]);
+    assert_eq!(names(&first[2]), ["demo/api"]);
+    let held: [Versions; 4] = [0, 1, 2, 3].map(|i| versions(&first[i]));
+    drop(web);
+
+    let plane = plane.restart().await;
+    let svid = plane.svid(&id, None).await;
+    let mut web = Proxy::open(plane.client(Some(svid)).await, "demo/web")
+        .await
+        .unwrap();
+    let again = web.sync_on_demand(&["10.96.0.10"], &held).await;
+    for response in &again {
+        assert!(
+            response.resources.is_empty(),
+            "{} resent",
+            response.type_url
+        );
+    }
+    // The subscription is back: a change to the service's endpoint workload is pushed.
+    plane.edit(&MESH.replace("labels: {app: api}", "labels: {app: api, v: \"2\"}"));
+    let push = web.recv().await;
+    assert_eq!(
+        (push.type_url.as_str(), names(&push)),
+        (WORKLOAD, vec!["demo/api"])
+    );
+}
+
+#[tokio::test]
+async fn on_demand_subscriptions_are_bounded_and_wildcard_only_types_refuse_names() {
+    let plane = Plane::start(Some(MESH)).await;
+    let mut web = plane.proxy("demo", "web", "demo/web").await;
+    web.sync_on_demand(&[], &empty()).await;
+    let too_many: Vec<String> = (0..=latch_control::discovery::MAX_SUBSCRIPTIONS_PER_TYPE)
+        .map(|i| format!("10.{}.{}.{}", i / 65536, (i / 256) % 256, i % 256))
+        .collect();
+    web.send(DeltaDiscoveryRequest {
+        type_url: WORKLOAD.into(),
+        resource_names_subscribe: too_many,
+        ..Default::default()
+    })
+    .await;
+    let status = web.refused().await;
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+
+    let svid = plane.svid(&plane.id("demo", "web"), None).await;
+    let proxy = Proxy::open(plane.client(Some(svid)).await, "demo/web")
+        .await
+        .unwrap();
+    proxy
+        .send(DeltaDiscoveryRequest {
+            type_url: MESH_CONFIG.into(),
+            resource_names_subscribe: vec!["mesh".into()],
+            ..Default::default()
+        })
+        .await;
+    let status = proxy.refused().await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("wildcard"), "{status:?}");
+}
+
+#[tokio::test]
+async fn a_workload_appearing_behind_a_subscribed_vip_is_pushed_and_others_are_not() {
+    // The service lists its endpoint by address; no workload is there yet.
+    let base = "\
+workloads:
+  - {name: web, namespace: demo, service_account: web, ips: [10.0.0.2], labels: {app: web}}
+services:
+  - {name: db, namespace: demo, vips: [10.96.0.20], ports: [{port: 5432}], endpoints: [10.0.0.7]}
+";
+    let plane = Plane::start(Some(base)).await;
+    let mut web = plane.proxy("demo", "web", "demo/web").await;
+    let first = web.sync_on_demand(&["10.96.0.20"], &empty()).await;
+    assert_eq!(names(&first[1]), ["demo/web"]);
+    assert_eq!(names(&first[2]), ["demo/db"]);
+
+    // A workload nobody asked about: nothing is sent.
+    let elsewhere = base.replace(
+        "services:\n",
+        "  - {name: other, namespace: demo, service_account: other, ips: [10.0.0.8]}\nservices:\n",
+    );
+    plane.edit(&elsewhere);
+    web.expect_quiet().await;
+    // The endpoint's workload is created: the service did not change, but web can now mesh
+    // to it, so it is pushed.
+    plane.edit(&elsewhere.replace(
+        "services:\n",
+        "  - {name: db, namespace: demo, service_account: db, ips: [10.0.0.7]}\nservices:\n",
+    ));
+    let push = web.recv().await;
+    assert_eq!(
+        (push.type_url.as_str(), names(&push)),
+        (WORKLOAD, vec!["demo/db"])
+    );
+    web.ack(&push).await;
+    web.expect_quiet().await;
 }

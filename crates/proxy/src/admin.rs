@@ -81,6 +81,8 @@ impl AdminState {
                 "enabled": true,
                 "synced": client.is_synced(),
                 "waiting_for": client.missing_types(),
+                "mode": if self.mesh.demand().is_some() { "on-demand" } else { "wildcard" },
+                "subscribed_addresses": self.mesh.demand().map(|d| d.len()),
             }),
         };
         view["flags"] = self.flags.clone();

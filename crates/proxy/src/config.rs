@@ -143,6 +143,10 @@ pub struct Args {
     /// (`--discovery=false`: only the flags describe the mesh).
     #[arg(long, env = "LATCH_DISCOVERY", default_value_t = true, action = ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub discovery: bool,
+    /// Subscribe to every workload and service in the mesh at start (small meshes,
+    /// debugging), instead of learning the destinations the app connects to on demand.
+    #[arg(long, env = "LATCH_DISCOVERY_WILDCARD")]
+    pub discovery_wildcard: bool,
     /// This proxy's workload as the control plane names it, <namespace>/<name>; sent as the
     /// discovery node id so policies select it even when several workloads share an ID.
     #[arg(long, env = "LATCH_WORKLOAD_NAME", value_parser = parse_workload_name)]

@@ -230,6 +230,36 @@ impl DataPath {
         self
     }
 
+    /// `resolve`, after an on-demand lookup of a destination the snapshot does not know
+    /// (bounded by the lookup timeout; counted by result). The first connection to a
+    /// destination is then routed exactly as the later ones; one whose lookup went unanswered
+    /// (timeout, no stream, table full) is refused instead of passed through.
+    pub async fn resolve_on_demand(&self, destination: SocketAddr) -> (Route, Option<ActiveGuard>) {
+        let Some(result) = self.mesh.wait_for(destination.ip()).await else {
+            return self.resolve(destination);
+        };
+        self.metrics.lookup(result);
+        let (route, guard) = self.resolve(destination);
+        // Not knowing whether a destination is meshed is not knowing it is outside the mesh:
+        // passing it through could send a meshed peer's bytes in clear. Fail closed.
+        if matches!(result, "timeout" | "discovery_down" | "table_full")
+            && route == Route::Passthrough(destination)
+        {
+            tracing::warn!(%destination, result, "refusing a connection to a destination discovery has not answered for (lookup {result})");
+            return (
+                Route::Refused {
+                    reason: "discovery_unanswered",
+                    why: format!(
+                        "{destination}: discovery has not said whether it is in the mesh \
+                         (lookup {result}); refused rather than sent in clear"
+                    ),
+                },
+                guard,
+            );
+        }
+        (route, guard)
+    }
+
     /// Where a connection to `destination` goes under the current snapshot; for a service
     /// endpoint, also the guard that counts the connection against it.
     pub fn resolve(&self, destination: SocketAddr) -> (Route, Option<ActiveGuard>) {

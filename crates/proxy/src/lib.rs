@@ -42,7 +42,7 @@ pub use identity::{AgentConfig, Credential, IdentityAgent};
 pub use latch_mesh::{MtlsMode, OutboundPolicy};
 pub use metrics::Metrics;
 pub use outbound::{ExplicitDestination, ExplicitTarget};
-pub use state::{LocalConfig, MeshPeer, MeshSnapshot, MeshState};
+pub use state::{Demand, DemandConfig, LocalConfig, MeshPeer, MeshSnapshot, MeshState};
 pub use xds::{DiscoveryClient, DiscoveryConfig};
 
 #[derive(Debug, Error)]
@@ -292,6 +292,7 @@ impl Config {
             discovery: args.discovery.then(|| DiscoveryConfig {
                 workload_name: args.workload_name.clone(),
                 address: args.discovery_address.clone(),
+                wildcard: args.discovery_wildcard,
                 ..DiscoveryConfig::default()
             }),
         })
@@ -362,7 +363,17 @@ impl Proxy {
                 );
             }
         }
-        let mesh = Arc::new(MeshState::new(local));
+        let mesh = Arc::new(match &config.discovery {
+            Some(discovery) if !discovery.wildcard => {
+                // What the explicit listeners name is subscribed at start and never dropped.
+                let configured = data.explicit.iter().filter_map(|t| match t.to {
+                    ExplicitDestination::Routed(destination) => Some(destination.ip()),
+                    ExplicitDestination::Fixed { .. } => None,
+                });
+                MeshState::on_demand(local, Demand::new(discovery.demand, configured))
+            }
+            _ => MeshState::new(local),
+        });
         let discovery_address = config.discovery.as_ref().and_then(|d| d.address.clone());
         let discovery = config.discovery.map(|discovery| {
             Arc::new(DiscoveryClient::new(

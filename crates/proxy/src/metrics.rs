@@ -14,6 +14,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConnLabels {
     /// "inbound", "inbound_plaintext", "outbound" or "passthrough".
     pub direction: &'static str,
@@ -89,6 +94,8 @@ pub struct Metrics {
     /// HBONE tunnels (mTLS connections carrying streams), by direction and peer.
     pub tunnels_opened: Family<ConnLabels, Counter>,
     pub tunnels_active: Family<ConnLabels, Gauge>,
+    /// On-demand lookups of destinations, by result.
+    pub discovery_lookups: Family<ResultLabel, Counter>,
 }
 
 impl Metrics {
@@ -235,7 +242,7 @@ impl Metrics {
         let discovery_resources = Family::<TypeLabel, Counter>::default();
         registry.register(
             "latch_proxy_discovery_resources_received",
-            "Resources and removals received in applied discovery responses, by resource type",
+            "Resources received, and held resources removed, in applied discovery responses, by resource type",
             discovery_resources.clone(),
         );
         let discovery_reconnects = Counter::default();
@@ -257,6 +264,16 @@ impl Metrics {
             "HBONE tunnels open now, by direction and peer; their streams are counted in \
              latch_proxy_tcp_connections_active",
             tunnels_active.clone(),
+        );
+        let discovery_lookups = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "latch_proxy_discovery_lookups",
+            "On-demand lookups of a destination the proxy did not know, by result: found, \
+             not_found (the mesh has no such address), timeout (no answer in time), \
+             discovery_down (no stream open to ask), table_full (2,048 addresses subscribed \
+             already: not looked up); after the last three a destination the proxy does not know \
+             is refused, not passed through in clear",
+            discovery_lookups.clone(),
         );
         Self {
             registry,
@@ -285,7 +302,15 @@ impl Metrics {
             discovery_reconnects,
             tunnels_opened,
             tunnels_active,
+            discovery_lookups,
         }
+    }
+
+    /// Counts an on-demand lookup that ended with `result`.
+    pub fn lookup(&self, result: &'static str) {
+        self.discovery_lookups
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     pub fn failed(&self, reason: &'static str) {

@@ -302,7 +302,7 @@ pub async fn explicit(dp: Arc<DataPath>, target: ExplicitTarget, app: TcpStream,
             forward(&dp, app, route).await;
         }
         ExplicitDestination::Routed(destination) => {
-            let (route, _endpoint) = dp.resolve(destination);
+            let (route, _endpoint) = Box::pin(dp.resolve_on_demand(destination)).await;
             let route = match route {
                 Route::Passthrough(addr) if addr == destination => Route::Refused {
                     reason: "not_in_mesh",
@@ -338,8 +338,9 @@ pub async fn transparent(dp: Arc<DataPath>, app: TcpStream, remote: SocketAddr, 
         dp.refuse_proxy_port(DIRECTION, remote, "local app", destination);
         return;
     }
-    // The guard counts the connection against the chosen service endpoint while it lasts.
-    let (route, _endpoint) = dp.resolve(destination);
+    // The guard counts the connection against the chosen service endpoint while it lasts. A
+    // lookup (waiting on discovery) is boxed: the connection holds it only while it waits.
+    let (route, _endpoint) = Box::pin(dp.resolve_on_demand(destination)).await;
     forward(&dp, app, route).await;
 }
 

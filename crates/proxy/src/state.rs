@@ -2,11 +2,15 @@
 //! `MeshState`, read at every new connection. The snapshot is built from what discovery holds
 //! (`Discovered`: resources already converted into `latch_mesh` types) plus the local flags
 //! (`LocalConfig`); the xDS client (`xds.rs`) publishes a new one after every applied
-//! response, the data path only reads. The bottom layer of the proxy: it uses no other module.
+//! response, the data path only reads. With on-demand discovery, `Demand` is where the data
+//! path leaves the destinations it does not know and waits for their answer; the xDS client
+//! subscribes to them and records the answers. The bottom layer of the proxy: it uses no other
+//! module.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, Guard};
 use latch_identity::{SpiffeId, TrustBundle};
@@ -159,6 +163,11 @@ impl MeshSnapshot {
         }
     }
 
+    /// True when `ip` is a workload IP or a service VIP this snapshot routes.
+    pub fn knows(&self, ip: IpAddr) -> bool {
+        self.peers.contains_key(&ip) || self.services.contains_key(&ip)
+    }
+
     /// The route to a meshed workload's IP.
     fn mesh_route(&self, ip: IpAddr, target_port: u16) -> Option<Route> {
         self.peers.get(&ip).map(|peer| Route::Mesh {
@@ -288,6 +297,8 @@ pub struct MeshState {
     local: LocalConfig,
     snapshot: ArcSwap<MeshSnapshot>,
     changes: tokio::sync::watch::Sender<u64>,
+    /// The on-demand lookups, when discovery is on demand (`None`: wildcard or no discovery).
+    demand: Option<Demand>,
 }
 
 impl MeshState {
@@ -298,6 +309,61 @@ impl MeshState {
             local,
             snapshot: ArcSwap::from_pointee(snapshot),
             changes: tokio::sync::watch::Sender::new(0),
+            demand: None,
+        }
+    }
+
+    /// `new`, with discovery on demand: destinations are looked up as the data path meets them.
+    pub fn on_demand(local: LocalConfig, demand: Demand) -> Self {
+        Self {
+            demand: Some(demand),
+            ..Self::new(local)
+        }
+    }
+
+    /// The on-demand lookups, when discovery is on demand.
+    pub fn demand(&self) -> Option<&Demand> {
+        self.demand.as_ref()
+    }
+
+    /// Before routing a new connection to `ip`: with on-demand discovery, a destination the
+    /// snapshot does not know is looked up, waiting for the answer at most the lookup timeout
+    /// (not at all while no discovery stream is open); a known one is marked used. Returns
+    /// the lookup's result ("found", "not_found", "timeout", "discovery_down"), or `None` when
+    /// there was nothing to look up.
+    pub async fn wait_for(&self, ip: IpAddr) -> Option<&'static str> {
+        let demand = self.demand.as_ref()?;
+        if self.load().knows(ip) {
+            demand.touch(ip);
+            return None;
+        }
+        // Receivers first, so an answer recorded after `want` is not missed.
+        let mut answers = demand.answered.subscribe();
+        let mut changes = self.changes.subscribe();
+        match demand.want(ip) {
+            // Answered before: the mesh has no such destination (negative, still fresh).
+            Want::Answered => return None,
+            Want::Full => return Some("table_full"),
+            Want::Waiting => {}
+        }
+        if !demand.is_connected() {
+            // No stream to answer: asked again once one is open; this connection goes on.
+            return Some("discovery_down");
+        }
+        let deadline = tokio::time::sleep(demand.config.lookup_timeout);
+        tokio::pin!(deadline);
+        loop {
+            if self.load().knows(ip) {
+                return Some("found");
+            }
+            if demand.is_answered(ip) {
+                return Some("not_found");
+            }
+            tokio::select! {
+                _ = &mut deadline => return Some("timeout"),
+                changed = answers.changed() => if changed.is_err() { return Some("timeout") },
+                changed = changes.changed() => if changed.is_err() { return Some("timeout") },
+            }
         }
     }
 
@@ -316,6 +382,268 @@ impl MeshState {
     /// A receiver that wakes after every `publish`.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+}
+
+/// How on-demand discovery treats the destinations it looks up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DemandConfig {
+    /// How long the first connection to an unknown destination waits for the answer before it
+    /// follows the outbound policy.
+    pub lookup_timeout: Duration,
+    /// A destination not connected to for this long is unsubscribed.
+    pub idle_timeout: Duration,
+    /// How long an address the mesh does not know stays subscribed (so that connections to it
+    /// pass through or are refused at once) after its answer.
+    pub negative_ttl: Duration,
+}
+
+impl Default for DemandConfig {
+    fn default() -> Self {
+        Self {
+            lookup_timeout: Duration::from_millis(1500),
+            idle_timeout: Duration::from_secs(600),
+            negative_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Addresses a proxy holds subscribed at most (the control plane takes 4,096 per stream).
+/// An app that connects to more distinct unknown addresses within their expiry (a scan)
+/// makes the extra connections follow the outbound policy at once, without a lookup, rather
+/// than growing this table or having the control plane end the stream.
+pub const MAX_LOOKUPS: usize = 2048;
+
+/// What `Demand::want` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// Answered before; the snapshot says the rest.
+    Answered,
+    /// Asked for (now or by an earlier connection); the answer is pending.
+    Waiting,
+    /// The table is full: not looked up.
+    Full,
+}
+
+/// Where a looked-up address stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lookup {
+    /// Asked for by the data path; not yet sent to the control plane.
+    Wanted,
+    /// Subscribed; waiting for the answer of each type (Workload, Service).
+    Sent { workload: bool, service: bool },
+    /// Both types answered, at this time; the snapshot says whether it is in the mesh.
+    Answered(Instant),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct DemandEntry {
+    lookup: Lookup,
+    last_used: Instant,
+    /// Configured destinations (explicit listeners) are never unsubscribed.
+    pinned: bool,
+}
+
+/// The on-demand lookups: every address the proxy subscribed to by name (or is about to),
+/// with when it was last used. The data path adds and touches entries; the xDS client sends
+/// them, records their answers and drops idle ones. Bounded by what the app connects to
+/// within `idle_timeout`.
+#[derive(Debug)]
+pub struct Demand {
+    pub config: DemandConfig,
+    entries: Mutex<HashMap<IpAddr, DemandEntry>>,
+    /// Woken when an address is wanted.
+    wanted: tokio::sync::Notify,
+    /// Bumped when lookups are answered.
+    answered: tokio::sync::watch::Sender<u64>,
+    /// Whether a discovery stream is open (no lookup waits for an answer that cannot come).
+    connected: std::sync::atomic::AtomicBool,
+}
+
+impl Demand {
+    /// A table holding the configured destinations `pinned` (subscribed at start, never
+    /// dropped).
+    pub fn new(config: DemandConfig, pinned: impl IntoIterator<Item = IpAddr>) -> Self {
+        let now = Instant::now();
+        let entries = pinned
+            .into_iter()
+            .map(|ip| {
+                let entry = DemandEntry {
+                    lookup: Lookup::Wanted,
+                    last_used: now,
+                    pinned: true,
+                };
+                (ip, entry)
+            })
+            .collect();
+        Self {
+            config,
+            entries: Mutex::new(entries),
+            wanted: tokio::sync::Notify::new(),
+            answered: tokio::sync::watch::Sender::new(0),
+            connected: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Set by the xDS client when a stream opens or ends.
+    pub fn set_connected(&self, connected: bool) {
+        self.connected
+            .store(connected, std::sync::atomic::Ordering::Release);
+    }
+
+    fn is_connected(&self) -> bool {
+        self.connected.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, DemandEntry>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks `ip` used now, if it is subscribed.
+    pub fn touch(&self, ip: IpAddr) {
+        if let Some(entry) = self.entries().get_mut(&ip) {
+            entry.last_used = Instant::now();
+        }
+    }
+
+    /// Asks for `ip` (marking it used).
+    fn want(&self, ip: IpAddr) -> Want {
+        let now = Instant::now();
+        let mut entries = self.entries();
+        if entries.len() >= MAX_LOOKUPS && !entries.contains_key(&ip) {
+            return Want::Full;
+        }
+        let entry = entries.entry(ip).or_insert(DemandEntry {
+            lookup: Lookup::Wanted,
+            last_used: now,
+            pinned: false,
+        });
+        entry.last_used = now;
+        let answered = matches!(entry.lookup, Lookup::Answered(_));
+        let new = entry.lookup == Lookup::Wanted;
+        drop(entries);
+        if new {
+            self.wanted.notify_one();
+        }
+        if answered {
+            Want::Answered
+        } else {
+            Want::Waiting
+        }
+    }
+
+    fn is_answered(&self, ip: IpAddr) -> bool {
+        self.entries()
+            .get(&ip)
+            .is_some_and(|e| matches!(e.lookup, Lookup::Answered(_)))
+    }
+
+    /// Resolves once an address is wanted (a permit is kept if nobody waits).
+    pub async fn wanted(&self) {
+        self.wanted.notified().await
+    }
+
+    /// The wanted addresses not sent yet, now marked sent.
+    pub fn take_wanted(&self) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        for (ip, entry) in self.entries().iter_mut() {
+            if entry.lookup == Lookup::Wanted {
+                entry.lookup = Lookup::Sent {
+                    workload: false,
+                    service: false,
+                };
+                out.push(*ip);
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Every address, for a new stream's subscriptions; those not answered yet are now
+    /// waiting for that stream's answer.
+    pub fn subscriptions(&self) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        for (ip, entry) in self.entries().iter_mut() {
+            if !matches!(entry.lookup, Lookup::Answered(_)) {
+                entry.lookup = Lookup::Sent {
+                    workload: false,
+                    service: false,
+                };
+            }
+            out.push(*ip);
+        }
+        out.sort();
+        out
+    }
+
+    /// Records a complete response of Workload (`workload`) or Service type: an address
+    /// waiting for it is answered by that type when `covers` says the snapshot now has it
+    /// as that type, or when the control plane named it in `removed` (it has no such one).
+    /// Returns how many lookups are now answered (found or not).
+    pub fn record_answer(
+        &self,
+        workload: bool,
+        removed: &[String],
+        covers: impl Fn(IpAddr) -> bool,
+    ) -> usize {
+        let now = Instant::now();
+        let mut done = 0;
+        for (ip, entry) in self.entries().iter_mut() {
+            let Lookup::Sent {
+                workload: mut w,
+                service: mut s,
+            } = entry.lookup
+            else {
+                continue;
+            };
+            let answered = covers(*ip) || removed.iter().any(|r| r.parse() == Ok(*ip));
+            if workload {
+                w |= answered;
+            } else {
+                s |= answered;
+            }
+            entry.lookup = if w && s {
+                done += 1;
+                Lookup::Answered(now)
+            } else {
+                Lookup::Sent {
+                    workload: w,
+                    service: s,
+                }
+            };
+        }
+        if done > 0 {
+            self.answered.send_modify(|n| *n += 1);
+        }
+        done
+    }
+
+    /// Drops and returns the addresses to unsubscribe at `now`: unused for `idle_timeout`, or
+    /// answered as unknown (`known` false) more than `negative_ttl` ago. Configured ones stay.
+    pub fn expire(&self, now: Instant, known: impl Fn(IpAddr) -> bool) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        self.entries().retain(|ip, entry| {
+            let idle = now.saturating_duration_since(entry.last_used) >= self.config.idle_timeout;
+            let stale_negative = matches!(entry.lookup, Lookup::Answered(at)
+                if now.saturating_duration_since(at) >= self.config.negative_ttl && !known(*ip));
+            let expired = !entry.pinned && (idle || stale_negative);
+            if expired {
+                out.push(*ip);
+            }
+            !expired
+        });
+        out.sort();
+        out
+    }
+
+    /// How many addresses are subscribed (or about to be).
+    pub fn len(&self) -> usize {
+        self.entries().len()
+    }
+
+    /// True when no address is subscribed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -583,6 +911,77 @@ mod tests {
             snapshot.settings.outbound_policy,
             OutboundPolicy::RegistryOnly
         );
+    }
+
+    #[test]
+    fn demand_answers_lookups_only_once_both_types_did_and_drops_idle_and_unknown_ones() {
+        let config = DemandConfig {
+            lookup_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(5),
+        };
+        let pinned = ip("10.96.0.10");
+        let demand = Demand::new(config, [pinned]);
+        assert_eq!(
+            demand.subscriptions(),
+            [pinned],
+            "configured destinations at start"
+        );
+        assert_eq!(
+            demand.want(ip("10.0.0.2")),
+            Want::Waiting,
+            "a new one waits"
+        );
+        assert_eq!(demand.want(ip("10.0.0.9")), Want::Waiting);
+        assert_eq!(demand.take_wanted(), [ip("10.0.0.2"), ip("10.0.0.9")]);
+        assert!(demand.take_wanted().is_empty(), "sent once");
+        // The Workload answer: 10.0.0.2 is a workload, 10.0.0.9 is no workload's address.
+        let workload_ip = |addr: IpAddr| addr == ip("10.0.0.2");
+        let none: [String; 0] = [];
+        assert_eq!(
+            demand.record_answer(true, &["10.0.0.9".to_string()], workload_ip),
+            0,
+            "the Service answers are still missing"
+        );
+        assert!(!demand.is_answered(ip("10.0.0.2")));
+        // The Service answer: the VIP is a service; the other two are no service's.
+        let answered = demand.record_answer(
+            false,
+            &["10.0.0.2".to_string(), "10.0.0.9".to_string()],
+            |addr| addr == pinned,
+        );
+        assert_eq!(answered, 2);
+        assert!(demand.is_answered(ip("10.0.0.9")) && demand.is_answered(ip("10.0.0.2")));
+        assert!(
+            !demand.is_answered(pinned),
+            "its Workload answer is missing"
+        );
+        assert_eq!(demand.record_answer(true, &none, |_| false), 0);
+        assert_eq!(
+            demand.want(ip("10.0.0.9")),
+            Want::Answered,
+            "no second lookup"
+        );
+
+        // The unknown one goes after negative_ttl, the known one after idle_timeout, the
+        // configured one never.
+        let now = Instant::now();
+        let known = |addr: IpAddr| addr != ip("10.0.0.9");
+        assert!(demand.expire(now, known).is_empty());
+        assert_eq!(
+            demand.expire(now + Duration::from_secs(6), known),
+            [ip("10.0.0.9")]
+        );
+        assert_eq!(
+            demand.expire(now + Duration::from_secs(61), known),
+            [ip("10.0.0.2")]
+        );
+        assert!(
+            demand
+                .expire(now + Duration::from_secs(3600), known)
+                .is_empty()
+        );
+        assert_eq!(demand.len(), 1);
     }
 
     #[test]

@@ -1,12 +1,15 @@
 //! The xDS (discovery) client: one delta ADS stream to the control plane over mTLS (the proxy's
 //! SVID), subscribing to MeshConfig, Workload, Service and AuthorizationPolicy; nonces, ACKs and
-//! NACKs (`DiscoveryClient::handle`), reconnects with capped, jittered backoff. Each response is
+//! NACKs (`DiscoveryClient::handle`), reconnects with capped, jittered backoff. On demand (the
+//! default), Workload and Service are subscribed by address: the configured destinations at
+//! start, then each address the data path leaves in `Demand`, dropped again once idle. Each response is
 //! converted into `latch_mesh` types as a whole (`apply`, through `latch_mesh::from_resource`),
 //! then applied (`MeshState` rebuilt and swapped, trust bundle installed, ACK) or rejected (NACK
 //! with every reason, previous state kept). Owned by `Proxy`; the admin server reads its sync.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -26,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::metrics::{Metrics, TypeLabel};
-use crate::state::{CheckedMeshConfig, Discovered, Held, MeshState};
+use crate::state::{CheckedMeshConfig, DemandConfig, Discovered, Held, MeshState};
 
 /// gRPC status code INVALID_ARGUMENT, sent in a NACK's error_detail.
 const INVALID_ARGUMENT: i32 = 3;
@@ -43,6 +46,11 @@ pub struct DiscoveryConfig {
     /// stream that applied a response.
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// Subscribe to every workload and service of the mesh (`--discovery-wildcard`) instead of
+    /// looking destinations up on demand.
+    pub wildcard: bool,
+    /// Timeouts of on-demand lookups.
+    pub demand: DemandConfig,
 }
 
 impl Default for DiscoveryConfig {
@@ -52,9 +60,14 @@ impl Default for DiscoveryConfig {
             address: None,
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(30),
+            wildcard: false,
+            demand: DemandConfig::default(),
         }
     }
 }
+
+/// How often idle on-demand subscriptions are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Error)]
 pub enum DiscoveryError {
@@ -229,7 +242,13 @@ impl DiscoveryClient {
     }
 
     /// The four subscribe requests, in the contract's order, with what is held of each type.
+    /// On demand, Workload and Service name the subscribed addresses (none: "*" unsubscribed,
+    /// which asks for the proxy's own workload only).
     pub fn subscriptions(&self) -> Vec<DeltaDiscoveryRequest> {
+        let names: Option<Vec<String>> = self
+            .mesh
+            .demand()
+            .map(|d| d.subscriptions().iter().map(ToString::to_string).collect());
         let discovered = self.discovered();
         let node = Node {
             id: self.config.workload_name.clone().unwrap_or_default(),
@@ -237,13 +256,33 @@ impl DiscoveryClient {
         };
         type_url::ALL
             .iter()
-            .map(|&url| DeltaDiscoveryRequest {
-                node: Some(node.clone()),
-                type_url: url.to_string(),
-                initial_resource_versions: discovered.versions(url),
-                ..DeltaDiscoveryRequest::default()
+            .map(|&url| {
+                let mut request = DeltaDiscoveryRequest {
+                    node: Some(node.clone()),
+                    type_url: url.to_string(),
+                    initial_resource_versions: discovered.versions(url),
+                    ..DeltaDiscoveryRequest::default()
+                };
+                if let Some(names) = names.as_ref().filter(|_| on_demand_type(url)) {
+                    if names.is_empty() {
+                        request.resource_names_unsubscribe = vec!["*".to_string()];
+                    }
+                    request.resource_names_subscribe = names.clone();
+                }
+                request
             })
             .collect()
+    }
+
+    /// Requests changing the on-demand subscriptions of Workload and Service: `add` and `drop`.
+    fn resubscribe(add: &[IpAddr], drop: &[IpAddr]) -> [DeltaDiscoveryRequest; 2] {
+        let names = |ips: &[IpAddr]| ips.iter().map(ToString::to_string).collect::<Vec<_>>();
+        [type_url::WORKLOAD, type_url::SERVICE].map(|url| DeltaDiscoveryRequest {
+            type_url: url.to_string(),
+            resource_names_subscribe: names(add),
+            resource_names_unsubscribe: names(drop),
+            ..DeltaDiscoveryRequest::default()
+        })
     }
 
     /// Runs one stream on `channel`: subscribe, then apply or reject each response and answer
@@ -269,11 +308,42 @@ impl DiscoveryClient {
             Err(status) => return end(applied, status.into()),
         };
         self.metrics.discovery_connected.set(1);
+        if let Some(demand) = self.mesh.demand() {
+            demand.set_connected(true);
+        }
         tracing::info!("discovery stream open");
+        let demand = self.mesh.demand();
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let error = loop {
             let message = tokio::select! {
                 _ = cancel.cancelled() => break None,
                 message = responses.message() => message,
+                _ = async { if let Some(d) = demand { d.wanted().await } else { std::future::pending().await } } => {
+                    let Some(demand) = demand else { continue };
+                    let add = demand.take_wanted();
+                    if add.is_empty() {
+                        continue;
+                    }
+                    tracing::debug!(addresses = ?add, "looking up destinations on demand");
+                    if !self.send_all(&requests, Self::resubscribe(&add, &[])).await {
+                        break Some(DiscoveryError::Ended);
+                    }
+                    continue;
+                }
+                _ = sweep.tick(), if demand.is_some() => {
+                    let Some(demand) = demand else { continue };
+                    let snapshot = self.mesh.load();
+                    let dropped = demand.expire(std::time::Instant::now(), |ip| snapshot.knows(ip));
+                    if dropped.is_empty() {
+                        continue;
+                    }
+                    tracing::debug!(addresses = ?dropped, "unsubscribing destinations no longer used");
+                    if !self.send_all(&requests, Self::resubscribe(&[], &dropped)).await {
+                        break Some(DiscoveryError::Ended);
+                    }
+                    continue;
+                }
             };
             let response = match message {
                 Ok(Some(response)) => response,
@@ -289,7 +359,24 @@ impl DiscoveryClient {
             }
         };
         self.metrics.discovery_connected.set(0);
+        if let Some(demand) = demand {
+            demand.set_connected(false);
+        }
         StreamEnd { applied, error }
+    }
+
+    /// Queues `batch` on the stream; false when it is gone.
+    async fn send_all(
+        &self,
+        requests: &mpsc::Sender<DeltaDiscoveryRequest>,
+        batch: impl IntoIterator<Item = DeltaDiscoveryRequest>,
+    ) -> bool {
+        for request in batch {
+            if requests.send(request).await.is_err() {
+                return false;
+            }
+        }
+        true
     }
 
     /// Applies one response all or nothing; returns the ACK or NACK to send.
@@ -301,6 +388,12 @@ impl DiscoveryClient {
             ..DeltaDiscoveryRequest::default()
         };
         let mut discovered = self.discovered();
+        // Removals of names not held (an on-demand answer "no such address") change nothing.
+        let removals = response
+            .removed_resources
+            .iter()
+            .filter(|name| discovered.holds(&response.type_url, name))
+            .count();
         let next = apply(&discovered, &response, &self.store, SystemTime::now());
         match next {
             Ok(next) => {
@@ -324,6 +417,20 @@ impl DiscoveryClient {
                 }
                 self.mesh.publish(&discovered);
                 drop(discovered);
+                if let Some(demand) = self.mesh.demand()
+                    && on_demand_type(&response.type_url)
+                    && !response.system_version_info.is_empty()
+                {
+                    let snapshot = self.mesh.load();
+                    let workload = response.type_url == type_url::WORKLOAD;
+                    demand.record_answer(workload, &response.removed_resources, |ip| {
+                        if workload {
+                            snapshot.peers.contains_key(&ip)
+                        } else {
+                            snapshot.services.contains_key(&ip)
+                        }
+                    });
+                }
                 if let Some(bundle) = bundle.filter(|b| b.roots() != self.store.bundle().roots()) {
                     tracing::info!(fingerprints = ?bundle.fingerprints(), "trust bundle from the control plane installed");
                     self.store.set_bundle(bundle);
@@ -341,7 +448,7 @@ impl DiscoveryClient {
                 self.metrics
                     .discovery_resources
                     .get_or_create(&TypeLabel { r#type: kind })
-                    .inc_by((response.resources.len() + response.removed_resources.len()) as u64);
+                    .inc_by((response.resources.len() + removals) as u64);
                 tracing::info!(
                     r#type = kind,
                     version = %response.system_version_info,
@@ -390,7 +497,23 @@ impl DiscoveryClient {
     }
 }
 
+/// Whether resources of `type_url` are subscribed by name when discovery is on demand.
+fn on_demand_type(url: &str) -> bool {
+    url == type_url::WORKLOAD || url == type_url::SERVICE
+}
+
 impl Discovered {
+    /// True when a resource `name` of `type_url` is held.
+    pub fn holds(&self, type_url: &str, name: &str) -> bool {
+        match type_url {
+            type_url::MESH_CONFIG => self.mesh.contains_key(name),
+            type_url::WORKLOAD => self.workloads.contains_key(name),
+            type_url::SERVICE => self.services.contains_key(name),
+            type_url::AUTHORIZATION_POLICY => self.policies.contains_key(name),
+            _ => false,
+        }
+    }
+
     /// name -> version of what is held of `type_url`.
     pub fn versions(&self, type_url: &str) -> BTreeMap<String, String> {
         fn of<T>(held: &BTreeMap<String, Held<T>>) -> BTreeMap<String, String> {

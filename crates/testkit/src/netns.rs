@@ -758,10 +758,16 @@ impl<'n> PodControlPlane<'n> {
     /// The folder of `pod`'s proxy, owned by uid 1337, with the bundle and a join token for
     /// `pod`'s SPIFFE ID (reusable when asked, so that a restarted proxy can join again).
     pub fn proxy_dir(&self, pod: &Pod<'n>, reusable: bool) -> PathBuf {
+        self.proxy_dir_as(pod, &pod.name, reusable)
+    }
+
+    /// `proxy_dir`, with a join token for workload `name`'s SPIFFE ID instead of the pod's
+    /// (a workload that moved to another pod).
+    pub fn proxy_dir_as(&self, pod: &Pod<'n>, name: &str, reusable: bool) -> PathBuf {
         let dir = self.net.dir().join(format!("proxy-{}", pod.name));
         let bundle = dir.join("bundle.pem");
         let token = dir.join("join-token");
-        let token_value = self.join_token(&crate::spiffe_id(&pod.name), reusable);
+        let token_value = self.join_token(&crate::spiffe_id(name), reusable);
         latch_identity::files::ensure_private_dir(&dir).expect("proxy dir");
         std::fs::copy(self.data_dir.join("bundle.pem"), &bundle).expect("copy bundle");
         write_token(&token, &token_value);
@@ -779,6 +785,14 @@ impl<'n> PodControlPlane<'n> {
         self.run_proxy(pod, &dir, peer, extra, "proxy.log")
     }
 
+    /// Starts a transparent latch-proxy in `pod` for workload demo/`name` (its SPIFFE ID and
+    /// workload name, not the pod's: a workload that moved here), with discovery only, and
+    /// waits until it is ready.
+    pub fn start_proxy_as(&self, pod: &Pod<'n>, name: &str, extra: &[&str]) -> PodProcess<'n> {
+        let dir = self.proxy_dir_as(pod, name, false);
+        self.run_proxy_named(pod, &dir, name, None, extra, "proxy.log")
+    }
+
     /// Starts latch-proxy in `pod` from `dir` (made by `proxy_dir`), logging to `dir/<log>`,
     /// and waits until it is ready.
     pub fn run_proxy(
@@ -789,8 +803,21 @@ impl<'n> PodControlPlane<'n> {
         extra: &[&str],
         log: &str,
     ) -> PodProcess<'n> {
+        self.run_proxy_named(pod, dir, &pod.name, peer, extra, log)
+    }
+
+    /// `run_proxy` for workload demo/`name`.
+    pub fn run_proxy_named(
+        &self,
+        pod: &Pod<'n>,
+        dir: &Path,
+        name: &str,
+        peer: Option<&Pod>,
+        extra: &[&str],
+        log: &str,
+    ) -> PodProcess<'n> {
         let (bundle, token) = (dir.join("bundle.pem"), dir.join("join-token"));
-        let workload = format!("demo/{}", pod.name);
+        let workload = format!("demo/{name}");
         // The peer under each of its addresses, so its IPv6 address is meshed as its IPv4 one.
         let peers: Vec<String> = peer
             .map(|peer| {

@@ -1,10 +1,13 @@
 //! Immutable snapshots of the mesh as proxies see it: per resource type, name -> resource
 //! encoded once (`prost_types::Any`) with its content-hash version. A new snapshot reuses the
 //! previous one's `Arc`s for everything unchanged, so discovery streams diff by pointer.
-//! Also answers which policies a caller may see.
+//! Also answers which policies a caller may see, and what an on-demand subscription name (a
+//! workload IP, a service VIP or a resource name) stands for, through indexes by IP, VIP and
+//! namespace built once per snapshot so that no lookup scans the mesh.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
+use std::net::IpAddr;
 use std::sync::{Arc, Weak};
 use std::time::SystemTime;
 
@@ -63,6 +66,13 @@ impl ResourceType {
 
     pub fn index(self) -> usize {
         self as usize
+    }
+
+    /// Whether a proxy may subscribe to resources of this type by name (on demand) instead of
+    /// with the wildcard. MeshConfig is one resource and the policies a caller sees are
+    /// already only those that select it, so both are served by wildcard only.
+    pub fn on_demand(self) -> bool {
+        matches!(self, ResourceType::Workload | ResourceType::Service)
     }
 }
 
@@ -161,6 +171,14 @@ pub struct MeshSnapshot {
     types: [TypeSnapshot; 4],
     /// SPIFFE ID -> names of the workloads that have it.
     workloads_by_id: HashMap<String, Vec<String>>,
+    /// Workload IP -> names of the workloads that have it (the first by name is the one
+    /// proxies route to; the others are sent too, so a proxy sees the clash as it would with
+    /// the wildcard).
+    workloads_by_ip: HashMap<IpAddr, Vec<Arc<str>>>,
+    /// Service VIP -> names of the services that have it.
+    services_by_vip: HashMap<IpAddr, Vec<Arc<str>>>,
+    /// Namespace -> names of its policies (a policy selects workloads of its namespace only).
+    policies_by_namespace: HashMap<String, Vec<String>>,
 }
 
 impl MeshSnapshot {
@@ -247,9 +265,26 @@ impl MeshSnapshot {
                 .as_bytes(),
         );
         let mut workloads_by_id: HashMap<String, Vec<String>> = HashMap::new();
-        for (key, w) in &model.workloads {
+        let mut workloads_by_ip: HashMap<IpAddr, Vec<Arc<str>>> = HashMap::new();
+        for ((key, w), name) in model.workloads.iter().zip(types[1].resources.keys()) {
             workloads_by_id
                 .entry(w.spiffe_id.to_string())
+                .or_default()
+                .push(key.clone());
+            for ip in &w.ips {
+                workloads_by_ip.entry(*ip).or_default().push(name.clone());
+            }
+        }
+        let mut services_by_vip: HashMap<IpAddr, Vec<Arc<str>>> = HashMap::new();
+        for (s, name) in model.services.values().zip(types[2].resources.keys()) {
+            for vip in &s.vips {
+                services_by_vip.entry(*vip).or_default().push(name.clone());
+            }
+        }
+        let mut policies_by_namespace: HashMap<String, Vec<String>> = HashMap::new();
+        for (key, p) in &model.policies {
+            policies_by_namespace
+                .entry(p.namespace.clone())
                 .or_default()
                 .push(key.clone());
         }
@@ -261,6 +296,9 @@ impl MeshSnapshot {
             trust_bundle_sha256: Arc::from(sha256_hex(trust_bundle_pem.as_bytes())),
             types,
             workloads_by_id,
+            workloads_by_ip,
+            services_by_vip,
+            policies_by_namespace,
         }
     }
 
@@ -310,13 +348,79 @@ impl MeshSnapshot {
             return ResourceMap::new();
         }
         let all = self.resources(ResourceType::AuthorizationPolicy);
-        self.model
-            .policies
-            .iter()
-            .filter(|(_, p)| workloads.iter().any(|w| p.selects(w)))
-            .filter_map(|(key, _)| all.get_key_value(key.as_str()))
+        let mut namespaces: Vec<&str> = workloads.iter().map(|w| w.namespace.as_str()).collect();
+        namespaces.sort_unstable();
+        namespaces.dedup();
+        namespaces
+            .into_iter()
+            .filter_map(|ns| self.policies_by_namespace.get(ns))
+            .flatten()
+            .filter(|key| {
+                self.model
+                    .policies
+                    .get(key.as_str())
+                    .is_some_and(|p| workloads.iter().any(|w| p.selects(w)))
+            })
+            .filter_map(|key| all.get_key_value(key.as_str()))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
+    }
+
+    /// The caller's own workloads as resources (what an on-demand proxy receives at start to
+    /// serve its inbound traffic), added to `into`.
+    pub fn own_workloads_into(&self, caller: &SpiffeId, node_id: &str, into: &mut ResourceMap) {
+        let all = self.resources(ResourceType::Workload);
+        for w in self.caller_workloads(caller, node_id) {
+            if let Some((k, v)) = all.get_key_value(w.resource_name().as_str()) {
+                into.insert(k.clone(), v.clone());
+            }
+        }
+    }
+
+    /// Adds to `into` the resources of `ty` that the on-demand subscription `name` brings, and
+    /// returns whether `name` is known as a `ty` at all. Names are an IP address (Workload:
+    /// the workloads with that IP, and the endpoint workloads of a service with that VIP, so
+    /// a proxy can mesh to them; Service: the services with that VIP) or a resource name
+    /// (`<namespace>/<name>`). Index lookups only: nothing here scans the mesh.
+    pub fn resolve_into(&self, ty: ResourceType, name: &str, into: &mut ResourceMap) -> bool {
+        let all = self.resources(ty);
+        let Ok(ip) = name.parse::<IpAddr>() else {
+            return match all.get_key_value(name) {
+                Some((k, v)) => {
+                    into.insert(k.clone(), v.clone());
+                    true
+                }
+                None => false,
+            };
+        };
+        let add = |names: Option<&Vec<Arc<str>>>, into: &mut ResourceMap| {
+            for n in names.into_iter().flatten() {
+                if let Some((k, v)) = all.get_key_value(n) {
+                    into.insert(k.clone(), v.clone());
+                }
+            }
+        };
+        match ty {
+            ResourceType::Workload => {
+                let own = self.workloads_by_ip.get(&ip);
+                add(own, into);
+                for service in self.services_by_vip.get(&ip).into_iter().flatten() {
+                    let Some(service) = self.model.services.get(&**service) else {
+                        continue;
+                    };
+                    for endpoint in &service.endpoints {
+                        add(self.workloads_by_ip.get(endpoint), into);
+                    }
+                }
+                own.is_some()
+            }
+            ResourceType::Service => {
+                let services = self.services_by_vip.get(&ip);
+                add(services, into);
+                services.is_some()
+            }
+            _ => false,
+        }
     }
 }
 
@@ -514,6 +618,44 @@ mod tests {
         assert_eq!(changed.len(), 1, "only api differs between a and c");
         assert_eq!(&*changed[0].name, "demo/api");
         assert!(removed.is_empty());
+    }
+
+    #[test]
+    fn subscription_names_resolve_through_the_indexes() {
+        let s = build(BASE, None);
+        let resolve = |ty: ResourceType, name: &str| {
+            let mut map = ResourceMap::new();
+            let known = s.resolve_into(ty, name, &mut map);
+            (known, map.keys().map(|k| k.to_string()).collect::<Vec<_>>())
+        };
+        let (w, v) = (ResourceType::Workload, ResourceType::Service);
+        let table: [(ResourceType, &str, bool, &[&str]); 9] = [
+            (w, "10.0.0.2", true, &["demo/web"]),
+            // A VIP is no workload, but brings the service's endpoint workloads.
+            (w, "10.96.0.10", false, &["demo/api"]),
+            (v, "10.96.0.10", true, &["demo/api"]),
+            (v, "10.0.0.3", false, &[]),
+            (w, "10.0.0.99", false, &[]),
+            (w, "demo/api", true, &["demo/api"]),
+            (v, "demo/api", true, &["demo/api"]),
+            (v, "demo/nope", false, &[]),
+            (ResourceType::MeshConfig, "10.0.0.2", false, &[]),
+        ];
+        for (ty, name, known, names) in table {
+            assert_eq!(
+                resolve(ty, name),
+                (known, names.iter().map(|n| n.to_string()).collect()),
+                "{ty:?} {name}"
+            );
+        }
+        let td = TrustDomain::new("cluster.local").unwrap();
+        let mut own = ResourceMap::new();
+        s.own_workloads_into(
+            &SpiffeId::workload(&td, "demo", "web").unwrap(),
+            "",
+            &mut own,
+        );
+        assert_eq!(own.keys().map(|k| &**k).collect::<Vec<_>>(), ["demo/web"]);
     }
 
     #[test]
