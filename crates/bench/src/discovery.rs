@@ -293,20 +293,29 @@ async fn issue_svids(control: &Control, proxies: usize) -> Result<Vec<Svid>> {
     let trust_domain = TrustDomain::new("cluster.local")?;
     let clients = 16.min(proxies.max(1));
     let mut tasks = Vec::new();
+    // The control plane closes a join-token caller's connection 30 s after its handshake
+    // (`--max-unauthenticated-connections`): a client opens a new one for every batch, well
+    // within that.
+    const PER_CONNECTION: usize = 100;
     for c in 0..clients {
-        let store = Arc::new(CertStore::new(control.bundle.clone()));
-        let mut client = CaClient::connect(
-            &control.grpc,
-            store,
-            ExpectedPeer::Exactly(control_plane_id(&trust_domain)),
-            false,
-        )
-        .await?;
+        let (grpc, bundle) = (control.grpc.clone(), control.bundle.clone());
+        let control_id = control_plane_id(&trust_domain);
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
-            for i in (c..proxies).step_by(clients) {
-                let (svid, _) = client.fetch_svid(None, None, Some(token(i))).await?;
-                out.push((i, svid));
+            let mine: Vec<usize> = (c..proxies).step_by(clients).collect();
+            for batch in mine.chunks(PER_CONNECTION) {
+                let store = Arc::new(CertStore::new(bundle.clone()));
+                let mut client = CaClient::connect(
+                    &grpc,
+                    store,
+                    ExpectedPeer::Exactly(control_id.clone()),
+                    false,
+                )
+                .await?;
+                for &i in batch {
+                    let (svid, _) = client.fetch_svid(None, None, Some(token(i))).await?;
+                    out.push((i, svid));
+                }
             }
             anyhow::Ok(out)
         }));
@@ -465,7 +474,12 @@ async fn run_one(proxies: usize, mode: Mode, changes: usize) -> Result<Row> {
     let config = dir.path().join("mesh.yaml");
     write_config(&config, &config_yaml(proxies, 0, 0))?;
     let control = start_control(dir.path(), &config)?;
-    let svids = issue_svids(&control, proxies).await?;
+    let svids = issue_svids(&control, proxies).await.with_context(|| {
+        format!(
+            "issuing {proxies} SVIDs; latch-control's log ends:\n{}",
+            log_tail(&dir.path().join("latch-control.log"))
+        )
+    })?;
     // Let the allocator settle after issuance, then take the baseline.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before = control.proc.rss_mib()?;

@@ -332,6 +332,9 @@ pub struct ConfiguredToken {
     pub expires_at: Option<String>,
 }
 
+/// YAML nodes a config file may hold: about 25 per workload, so some 160,000 workloads.
+const MAX_CONFIG_NODES: usize = 4_000_000;
+
 impl FileConfig {
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path)
@@ -344,8 +347,16 @@ impl FileConfig {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        // YAML 1.2 booleans only (`yes`/`on` are not `true`), as with serde_yaml before.
-        let options = serde_saphyr::options! { strict_booleans: true };
+        // YAML 1.2 booleans only (`yes`/`on` are not `true`), as with serde_yaml before. The
+        // parser's budget (nodes, events) stays bounded, but above its defaults (250,000 nodes,
+        // about 10,000 workloads): a mesh file may list tens of thousands of workloads.
+        let options = serde_saphyr::options! {
+            strict_booleans: true,
+            budget: serde_saphyr::budget! {
+                max_nodes: MAX_CONFIG_NODES,
+                max_events: 4 * MAX_CONFIG_NODES,
+            },
+        };
         serde_saphyr::from_str_with_options(text, options).map_err(|e| e.to_string())
     }
 

@@ -307,6 +307,25 @@ mod tests {
     const WEB: &str = "  - {name: web, namespace: demo, service_account: web, ips: [10.0.0.2], labels: {app: web}}\n";
 
     #[test]
+    fn a_mesh_file_of_twenty_thousand_workloads_loads() {
+        // The bench's 10,000 proxies and their workloads breached the YAML parser's default
+        // budget (250,000 nodes).
+        let mut yaml = String::from("workloads:\n");
+        for i in 0..20_000u32 {
+            yaml.push_str(&format!(
+                "  - name: w{i}\n    namespace: bench\n    service_account: w{i}\n    \
+                 ips: [\"10.{}.{}.{}\"]\n    labels: {{app: w{i}, group: g{}, tier: bench}}\n",
+                i >> 16,
+                (i >> 8) & 255,
+                i & 255,
+                i / 10
+            ));
+        }
+        let model = build(&yaml).unwrap();
+        assert_eq!(model.workloads.len(), 20_000);
+    }
+
+    #[test]
     fn refusals_name_the_entry() {
         for (yaml, expected) in [
             (
