@@ -296,6 +296,11 @@ impl Proxy {
             }
             self.send(request).await;
         }
+        self.answers().await
+    }
+
+    /// One response per type, in the order of `ALL`, each ACKed.
+    async fn answers(&mut self) -> Vec<DeltaDiscoveryResponse> {
         let mut responses = Vec::new();
         for type_url in ALL {
             let response = self.recv().await;
@@ -336,17 +341,7 @@ impl Proxy {
         for (type_url, held) in ALL.iter().zip(initial) {
             self.subscribe(type_url, held.clone()).await;
         }
-        let mut responses = Vec::new();
-        for type_url in ALL {
-            let response = self.recv().await;
-            assert_eq!(
-                response.type_url, type_url,
-                "one response per type, in order"
-            );
-            self.ack(&response).await;
-            responses.push(response);
-        }
-        responses
+        self.answers().await
     }
 }
 
